@@ -1,0 +1,2 @@
+//! Paging for KV caches (filled by the foundation work).
+#![warn(missing_docs)]

@@ -1,0 +1,153 @@
+//! The [`BlockAllocator`] trait that schedulers and caches use to get and share blocks,
+//! and the errors of its two operation families (allocation and reference counting).
+
+use thiserror::Error;
+
+use crate::{BlockId, RegionId};
+
+/// Why blocks could not be allocated. Nothing was allocated when this is returned.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum AllocError {
+    /// The region has fewer free blocks than asked for.
+    #[error("out of KV blocks in {region}: requested {requested}, free {free}")]
+    OutOfBlocks {
+        /// The region asked.
+        region: RegionId,
+        /// Blocks asked for.
+        requested: usize,
+        /// Blocks free in that region at the time.
+        free: usize,
+    },
+    /// The pool has no such region.
+    #[error("unknown region {region}")]
+    UnknownRegion {
+        /// The region asked.
+        region: RegionId,
+    },
+}
+
+/// Why a reference-count operation (retain or release) failed. The pool is unchanged.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum RefError {
+    /// The id is outside the pool.
+    #[error("unknown {block}: the pool has {num_blocks} blocks")]
+    UnknownBlock {
+        /// The id given.
+        block: BlockId,
+        /// Blocks in the pool.
+        num_blocks: usize,
+    },
+    /// The block is free: releasing it again (a double release) or retaining it is a bug.
+    #[error("{block} is not allocated (double release, or retain of a free block)")]
+    NotAllocated {
+        /// The id given.
+        block: BlockId,
+    },
+    /// The block already has `u32::MAX` owners.
+    #[error("{block} reference count would overflow")]
+    RefcountOverflow {
+        /// The id given.
+        block: BlockId,
+    },
+}
+
+/// What a release did to the block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use = "a release tells whether the block became free"]
+pub enum Released {
+    /// That was the last reference: the block is back on its region's free list.
+    Freed,
+    /// Other owners remain.
+    Shared {
+        /// References left after this release.
+        remaining: u32,
+    },
+}
+
+impl Released {
+    /// Whether the block became free.
+    #[must_use]
+    pub const fn is_freed(self) -> bool {
+        matches!(self, Released::Freed)
+    }
+}
+
+/// Whether a request for blocks can be served, as an admission controller needs to know it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// Enough free blocks now, leaving the watermark reserve intact.
+    Now,
+    /// Not now, but it would fit if blocks were freed: queue or preempt.
+    Later,
+    /// Never: even with every block of the region free it would not fit. Reject the request.
+    Impossible,
+}
+
+/// A source of KV blocks with reference counting.
+///
+/// Implemented by `kvc_alloc::BlockPool` (single-threaded) and `kvc_alloc::SharedBlockPool`
+/// (thread-safe). Schedulers and caches are written against this trait.
+pub trait BlockAllocator {
+    /// Takes one free block from `region`, with a reference count of one.
+    fn allocate(&mut self, region: RegionId) -> Result<BlockId, AllocError>;
+
+    /// Like [`allocate`](Self::allocate), but prefers the block physically after `prev`, so a
+    /// sequence's blocks form contiguous runs. Falls back to any free block of the region.
+    fn allocate_after(
+        &mut self,
+        region: RegionId,
+        prev: Option<BlockId>,
+    ) -> Result<BlockId, AllocError> {
+        let _ = prev;
+        self.allocate(region)
+    }
+
+    /// Appends `count` blocks from `region` to `out`, all or nothing.
+    fn allocate_many(
+        &mut self,
+        region: RegionId,
+        count: usize,
+        out: &mut Vec<BlockId>,
+    ) -> Result<(), AllocError> {
+        let free = self.free_blocks(region)?;
+        if free < count {
+            return Err(AllocError::OutOfBlocks {
+                region,
+                requested: count,
+                free,
+            });
+        }
+        let start = out.len();
+        for _ in 0..count {
+            let prev = out[start..].last().copied();
+            match self.allocate_after(region, prev) {
+                Ok(block) => out.push(block),
+                Err(err) => {
+                    for block in out.drain(start..) {
+                        // Freshly allocated, single owner: release cannot fail.
+                        let _ = self.release(block);
+                    }
+                    return Err(err);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds an owner to an allocated block (sharing). Returns the new reference count.
+    fn retain(&mut self, block: BlockId) -> Result<u32, RefError>;
+
+    /// Drops one owner of a block; the last release returns it to its region's free list.
+    fn release(&mut self, block: BlockId) -> Result<Released, RefError>;
+
+    /// Free blocks in `region`.
+    fn free_blocks(&self, region: RegionId) -> Result<usize, AllocError>;
+
+    /// Blocks in the whole pool, free or not.
+    fn total_blocks(&self) -> usize;
+
+    /// Whether `count` more blocks from `region` can be admitted now, later, or never.
+    fn can_allocate(&self, region: RegionId, count: usize) -> Result<Admission, AllocError>;
+}

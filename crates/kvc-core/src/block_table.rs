@@ -1,0 +1,172 @@
+//! [`BlockTable`]: the logical-to-physical map of one sequence's KV.
+
+use smallvec::SmallVec;
+
+use crate::{AllocError, BlockAllocator, BlockId, RefError, RegionId};
+
+/// A sequence's block table: token `i` lives in block `blocks[i / block_size]` at offset
+/// `i % block_size`. The table owns one reference on each of its blocks.
+///
+/// Short sequences keep their blocks inline (no heap allocation up to 8 blocks). For very
+/// long sequences that fork (parallel sampling, beam search) see `kvc_alloc::ChunkedBlockTable`,
+/// whose fork is O(chunks).
+///
+/// ```
+/// use kvc_core::{BlockAllocator, BlockTable, RegionId};
+/// # fn demo(pool: &mut impl BlockAllocator) -> Result<(), Box<dyn std::error::Error>> {
+/// let mut table = BlockTable::new(16);
+/// table.append_tokens(pool, RegionId::DYNAMIC, 40)?; // 3 blocks
+/// assert_eq!(table.num_blocks(), 3);
+/// let (block, offset) = table.slot(39).unwrap();
+/// assert_eq!(offset, 7);
+/// # let _ = block;
+/// table.release_all(pool)?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[must_use = "a block table owns blocks; release them with `release_all`"]
+pub struct BlockTable {
+    blocks: SmallVec<[BlockId; 8]>,
+    num_tokens: u64,
+    block_size: u32,
+}
+
+impl BlockTable {
+    /// An empty table for blocks of `block_size` tokens (treated as 1 if 0 is given).
+    pub fn new(block_size: u32) -> Self {
+        Self {
+            blocks: SmallVec::new(),
+            num_tokens: 0,
+            block_size: block_size.max(1),
+        }
+    }
+
+    /// Tokens per block.
+    #[must_use]
+    pub fn block_size(&self) -> u32 {
+        self.block_size
+    }
+
+    /// The physical blocks, in logical order.
+    #[must_use]
+    pub fn blocks(&self) -> &[BlockId] {
+        &self.blocks
+    }
+
+    /// Blocks held.
+    #[must_use]
+    pub fn num_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Tokens written.
+    #[must_use]
+    pub fn num_tokens(&self) -> u64 {
+        self.num_tokens
+    }
+
+    /// Tokens the held blocks can hold.
+    #[must_use]
+    pub fn capacity_tokens(&self) -> u64 {
+        self.blocks.len() as u64 * u64::from(self.block_size)
+    }
+
+    /// Blocks that must be added before `extra` more tokens fit.
+    #[must_use]
+    pub fn blocks_needed(&self, extra: u64) -> usize {
+        let want = (self.num_tokens + extra).div_ceil(u64::from(self.block_size));
+        usize::try_from(want)
+            .unwrap_or(usize::MAX)
+            .saturating_sub(self.blocks.len())
+    }
+
+    /// Where token `pos` lives: its block and its offset in that block.
+    #[must_use]
+    pub fn slot(&self, pos: u64) -> Option<(BlockId, u32)> {
+        if pos >= self.num_tokens {
+            return None;
+        }
+        let bs = u64::from(self.block_size);
+        let block = *self.blocks.get(usize::try_from(pos / bs).ok()?)?;
+        Some((block, (pos % bs) as u32))
+    }
+
+    /// The flat slot index of token `pos` (`block × block_size + offset`), as a kernel's slot
+    /// mapping wants it.
+    #[must_use]
+    pub fn slot_index(&self, pos: u64) -> Option<u64> {
+        self.slot(pos)
+            .map(|(b, off)| u64::from(b.get()) * u64::from(self.block_size) + u64::from(off))
+    }
+
+    /// Adds a block the caller already owns a reference on (for example a prefix-cache hit
+    /// that was retained). The table takes over that reference. Only valid when the table is
+    /// full to a block boundary.
+    pub fn push_block(&mut self, block: BlockId) {
+        self.blocks.push(block);
+    }
+
+    /// Marks `n` more tokens as written into already-held blocks.
+    ///
+    /// Returns the tokens that did not fit (0 on success); nothing changes if any would not fit.
+    pub fn advance(&mut self, n: u64) -> Result<(), u64> {
+        let room = self.capacity_tokens() - self.num_tokens;
+        if n > room {
+            return Err(n - room);
+        }
+        self.num_tokens += n;
+        Ok(())
+    }
+
+    /// Makes room for `n` more tokens, allocating from `region` (preferring blocks physically
+    /// after the last one), and marks them written. All or nothing: on error the table and
+    /// the pool are as before.
+    pub fn append_tokens(
+        &mut self,
+        alloc: &mut impl BlockAllocator,
+        region: RegionId,
+        n: u64,
+    ) -> Result<(), AllocError> {
+        let needed = self.blocks_needed(n);
+        if needed > 0 {
+            let free = alloc.free_blocks(region)?;
+            if free < needed {
+                return Err(AllocError::OutOfBlocks {
+                    region,
+                    requested: needed,
+                    free,
+                });
+            }
+            let start = self.blocks.len();
+            for _ in 0..needed {
+                match alloc.allocate_after(region, self.blocks.last().copied()) {
+                    Ok(block) => self.blocks.push(block),
+                    Err(err) => {
+                        for block in self.blocks.drain(start..) {
+                            // Fresh single-owner blocks: release cannot fail.
+                            let _ = alloc.release(block);
+                        }
+                        return Err(err);
+                    }
+                }
+            }
+        }
+        self.num_tokens += n;
+        Ok(())
+    }
+
+    /// Releases every block reference the table holds and empties it.
+    ///
+    /// On an error (a block already released elsewhere: a bug in the caller) the remaining
+    /// blocks are still released and the first error is returned.
+    pub fn release_all(&mut self, alloc: &mut impl BlockAllocator) -> Result<(), RefError> {
+        let mut first_err = None;
+        for block in self.blocks.drain(..) {
+            if let Err(err) = alloc.release(block) {
+                first_err.get_or_insert(err);
+            }
+        }
+        self.num_tokens = 0;
+        first_err.map_or(Ok(()), Err)
+    }
+}

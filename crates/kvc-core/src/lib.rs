@@ -1,0 +1,32 @@
+//! Shared vocabulary of the kvc KV-cache toolkit.
+//!
+//! Every kvc crate speaks through the types here, so that an inference engine can pick one
+//! crate (an allocator, a prefix cache, a scheduler) and wire it to its own parts:
+//!
+//! - typed ids: [`BlockId`], [`SeqId`], [`SessionId`], [`TenantId`], [`RegionId`];
+//! - [`KvLayout`]: bytes per token and per block of a model's KV cache;
+//! - [`BlockTable`]: one sequence's logical-to-physical block map;
+//! - [`BlockAllocator`]: the small trait every block source implements, with its errors;
+//! - [`sync`]: std or loom synchronisation types, for model-checked concurrent code.
+//!
+//! ```
+//! use kvc_core::{BlockId, DType, KvLayout};
+//!
+//! let layout = KvLayout::new(32, 8, 128, 16, DType::BF16)?; // Llama-3-8B
+//! let blocks = layout.blocks_in_bytes(40 << 30); // 40 GiB of KV memory
+//! assert_eq!(blocks, 20_480);
+//! assert_eq!(BlockId(3).to_string(), "block#3");
+//! # Ok::<(), kvc_core::LayoutError>(())
+//! ```
+#![warn(missing_docs)]
+
+mod alloc;
+mod block_table;
+mod ids;
+mod layout;
+pub mod sync;
+
+pub use alloc::{Admission, AllocError, BlockAllocator, RefError, Released};
+pub use block_table::BlockTable;
+pub use ids::{BlockId, RegionId, SeqId, SessionId, TenantId};
+pub use layout::{DType, KvLayout, LayoutDim, LayoutError};

@@ -1,0 +1,116 @@
+//! Project automation for kvc, run as `cargo xtask <command>`.
+//!
+//! - `test`: every check: format, clippy, the workspace tests, then the loom models.
+//! - `loom`: the loom model checks, built with `--cfg kvc_loom` in `target/loom`.
+//! - `bench`: the criterion benchmarks of every crate.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::env;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+const USAGE: &str = "usage: cargo xtask <command>
+
+commands:
+  test    format check, clippy, workspace tests, loom models (every check)
+  loom    loom model checks of the concurrent code (release, --cfg kvc_loom)
+  bench   criterion benchmarks of every crate [-- criterion args]";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = env::args().skip(1).collect();
+    let Some(command) = args.first() else {
+        eprintln!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    let rest = &args[1..];
+    let result = match command.as_str() {
+        "test" => test(),
+        "loom" => loom(),
+        "bench" => bench(rest),
+        "help" | "-h" | "--help" => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        other => Err(format!("unknown command `{other}`\n{USAGE}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("xtask: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The workspace root (the parent of this crate's folder).
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(root());
+    cmd
+}
+
+/// Runs a command, naming it on the way in and failing with its name on the way out.
+fn run(step: &str, mut cmd: Command) -> Result<(), String> {
+    println!("\n== xtask: {step}");
+    let status = cmd
+        .status()
+        .map_err(|e| format!("{step}: could not start: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{step} failed ({status})"))
+    }
+}
+
+fn test() -> Result<(), String> {
+    let mut fmt = cargo();
+    fmt.args(["fmt", "--all", "--check"]);
+    run("cargo fmt --check", fmt)?;
+
+    let mut clippy = cargo();
+    clippy.args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    run("cargo clippy", clippy)?;
+
+    let mut tests = cargo();
+    tests.args(["test", "--workspace"]);
+    run("cargo test --workspace", tests)?;
+
+    loom()
+}
+
+fn loom() -> Result<(), String> {
+    let mut cmd = cargo();
+    let flags = match env::var("RUSTFLAGS") {
+        Ok(existing) if !existing.is_empty() => format!("{existing} --cfg kvc_loom"),
+        _ => "--cfg kvc_loom".to_string(),
+    };
+    cmd.env("RUSTFLAGS", flags)
+        .env("CARGO_TARGET_DIR", root().join("target").join("loom"));
+    if env::var_os("LOOM_MAX_PREEMPTIONS").is_none() {
+        cmd.env("LOOM_MAX_PREEMPTIONS", "2");
+    }
+    cmd.args(["test", "--release", "-p", "kvc-alloc", "--test", "loom"]);
+    run("loom models (kvc-alloc)", cmd)
+}
+
+fn bench(rest: &[String]) -> Result<(), String> {
+    let mut cmd = cargo();
+    cmd.args(["bench", "--workspace"]);
+    if !rest.is_empty() {
+        cmd.arg("--").args(rest);
+    }
+    run("criterion benches", cmd)
+}
