@@ -85,6 +85,50 @@ pub enum Admission {
     Impossible,
 }
 
+/// Why a block could not be made writable. The block and the pool are unchanged.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum CowError {
+    /// The block is not a valid allocated block.
+    #[error(transparent)]
+    Ref(#[from] RefError),
+    /// The block is shared and no block was free for the private copy.
+    #[error(transparent)]
+    Alloc(#[from] AllocError),
+}
+
+/// A block copy the kernels must perform (copy-on-write, compaction): copy all of `src`'s
+/// K/V, in every layer, into `dst`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BlockCopy {
+    /// The block to read.
+    pub src: BlockId,
+    /// The block to write.
+    pub dst: BlockId,
+}
+
+/// The result of [`BlockAllocator::make_writable`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use = "a copied block must be copied by the kernels and put in the block table"]
+pub enum Writable {
+    /// The caller was the only owner: write in place.
+    Exclusive(BlockId),
+    /// The block was shared: the caller's reference moved to a fresh block, whose contents must
+    /// first be copied from the old one.
+    Copied(BlockCopy),
+}
+
+impl Writable {
+    /// The block the caller may now write into.
+    #[must_use]
+    pub const fn block(self) -> BlockId {
+        match self {
+            Writable::Exclusive(block) => block,
+            Writable::Copied(copy) => copy.dst,
+        }
+    }
+}
+
 /// A source of KV blocks with reference counting.
 ///
 /// Implemented by `kvc_alloc::BlockPool` (single-threaded) and `kvc_alloc::SharedBlockPool`
@@ -141,6 +185,24 @@ pub trait BlockAllocator {
 
     /// Drops one owner of a block; the last release returns it to its region's free list.
     fn release(&mut self, block: BlockId) -> Result<Released, RefError>;
+
+    /// The reference count of an allocated block.
+    fn refcount(&self, block: BlockId) -> Result<u32, RefError>;
+
+    /// Copy-on-write: prepares `block`, which the caller holds one reference on, for writing.
+    ///
+    /// If the caller is its only owner the block is returned as is. Otherwise a block is
+    /// allocated from `region`, the caller's reference moves to it, and the pair to copy is
+    /// returned. On error nothing changes.
+    fn make_writable(&mut self, block: BlockId, region: RegionId) -> Result<Writable, CowError> {
+        if self.refcount(block)? == 1 {
+            return Ok(Writable::Exclusive(block));
+        }
+        let dst = self.allocate(region)?;
+        // Shared (refcount >= 2): this release cannot free the block nor fail.
+        let _ = self.release(block)?;
+        Ok(Writable::Copied(BlockCopy { src: block, dst }))
+    }
 
     /// Free blocks in `region`.
     fn free_blocks(&self, region: RegionId) -> Result<usize, AllocError>;

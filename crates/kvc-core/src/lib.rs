@@ -26,7 +26,9 @@ mod ids;
 mod layout;
 pub mod sync;
 
-pub use alloc::{Admission, AllocError, BlockAllocator, RefError, Released};
+pub use alloc::{
+    Admission, AllocError, BlockAllocator, BlockCopy, CowError, RefError, Released, Writable,
+};
 pub use block_table::BlockTable;
 pub use ids::{BlockId, RegionId, SeqId, SessionId, TenantId};
 pub use layout::{DType, KvLayout, LayoutDim, LayoutError};
