@@ -1,0 +1,693 @@
+//! [`BlockPool`]: the physical block pool.
+//!
+//! One flat array of block metadata; each region threads an intrusive doubly linked free list
+//! through it, so allocate, release, retain and removal from the middle of a free list are
+//! O(1) and never touch the heap.
+
+use smallvec::SmallVec;
+use thiserror::Error;
+
+use kvc_core::{
+    Admission, AllocError, BlockAllocator, BlockId, CowError, RefError, RegionId, Released,
+    Writable,
+};
+
+use crate::config::{ConfigError, PoolConfig};
+use crate::stats::{Fragmentation, PoolStats, RegionStats};
+
+/// End of a free list.
+const NIL: u32 = u32::MAX;
+
+/// Why blocks could not be moved between regions. Nothing moved.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum ResizeError {
+    /// The pool has no such region.
+    #[error("unknown region {region}")]
+    UnknownRegion {
+        /// The region named.
+        region: RegionId,
+    },
+    /// The source region has fewer free blocks than asked to move; in-use blocks never move.
+    #[error("cannot move {requested} blocks out of {region}: only {free} are free")]
+    NotEnoughFree {
+        /// The source region.
+        region: RegionId,
+        /// Blocks asked to move.
+        requested: usize,
+        /// Free blocks there.
+        free: usize,
+    },
+}
+
+/// A pool invariant found broken by [`BlockPool::audit`]. Seeing one is a bug in kvc.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+#[error("block pool invariant broken: {0}")]
+pub struct AuditError(String);
+
+/// Per-block metadata. `prev`/`next` link the block into its region's free list while free.
+#[derive(Clone, Copy, Debug)]
+struct Meta {
+    prev: u32,
+    next: u32,
+    refcount: u32,
+    region: u8,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Region {
+    head: u32,
+    tail: u32,
+    free: u32,
+    capacity: u32,
+}
+
+/// A fixed pool of KV blocks with reference counts, regions and copy-on-write.
+///
+/// ```
+/// use kvc_alloc::{BlockPool, PoolConfig};
+/// use kvc_core::{BlockAllocator, RegionId};
+///
+/// let mut pool = BlockPool::new(PoolConfig::new(8))?;
+/// let a = pool.allocate(RegionId::DYNAMIC)?;
+/// pool.retain(a)?; // shared by a second sequence
+/// assert!(!pool.release(a)?.is_freed());
+/// assert!(pool.release(a)?.is_freed());
+/// assert!(pool.release(a).is_err()); // a double release is an error, not a panic
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct BlockPool {
+    meta: Box<[Meta]>,
+    regions: SmallVec<[Region; 4]>,
+    watermark: u32,
+    allocations: u64,
+    releases: u64,
+    frees: u64,
+    cow_copies: u64,
+}
+
+impl BlockPool {
+    /// Builds a pool; every block starts free, in ascending id order within its region.
+    pub fn new(config: PoolConfig) -> Result<Self, ConfigError> {
+        let sizes = config.region_sizes()?;
+        let total: u32 = sizes.iter().sum();
+        let mut meta = vec![
+            Meta {
+                prev: NIL,
+                next: NIL,
+                refcount: 0,
+                region: 0,
+            };
+            total as usize
+        ]
+        .into_boxed_slice();
+        let mut regions = SmallVec::new();
+        let mut start = 0u32;
+        for (index, &size) in sizes.iter().enumerate() {
+            let end = start + size;
+            for id in start..end {
+                meta[id as usize] = Meta {
+                    prev: if id == start { NIL } else { id - 1 },
+                    next: if id + 1 == end { NIL } else { id + 1 },
+                    refcount: 0,
+                    region: index as u8,
+                };
+            }
+            regions.push(Region {
+                head: if size == 0 { NIL } else { start },
+                tail: if size == 0 { NIL } else { end - 1 },
+                free: size,
+                capacity: size,
+            });
+            start = end;
+        }
+        let watermark = u32::try_from(config.watermark).unwrap_or(u32::MAX);
+        Ok(Self {
+            meta,
+            regions,
+            watermark,
+            allocations: 0,
+            releases: 0,
+            frees: 0,
+            cow_copies: 0,
+        })
+    }
+
+    /// Regions in the pool (ids `0..num_regions`).
+    #[must_use]
+    pub fn num_regions(&self) -> usize {
+        self.regions.len()
+    }
+
+    /// Blocks a region holds, free or in use.
+    pub fn capacity(&self, region: RegionId) -> Result<usize, AllocError> {
+        Ok(self.region(region)?.capacity as usize)
+    }
+
+    /// The region a block currently belongs to.
+    pub fn region_of(&self, block: BlockId) -> Result<RegionId, RefError> {
+        Ok(RegionId(self.meta_of(block)?.region))
+    }
+
+    /// Whether a block is free.
+    pub fn is_free(&self, block: BlockId) -> Result<bool, RefError> {
+        Ok(self.meta_of(block)?.refcount == 0)
+    }
+
+    /// Blocks of the dynamic region kept back from admission.
+    #[must_use]
+    pub fn watermark(&self) -> usize {
+        self.watermark as usize
+    }
+
+    /// Changes the admission reserve of the dynamic region.
+    pub fn set_watermark(&mut self, blocks: usize) {
+        self.watermark = u32::try_from(blocks).unwrap_or(u32::MAX);
+    }
+
+    /// Moves `count` free blocks from region `from` to region `to` (for example to grow or
+    /// shrink the pinned region). Blocks in use never move. All or nothing.
+    pub fn resize(
+        &mut self,
+        from: RegionId,
+        to: RegionId,
+        count: usize,
+    ) -> Result<(), ResizeError> {
+        let src = self
+            .regions
+            .get(from.index())
+            .ok_or(ResizeError::UnknownRegion { region: from })?;
+        if to.index() >= self.regions.len() {
+            return Err(ResizeError::UnknownRegion { region: to });
+        }
+        if (src.free as usize) < count {
+            return Err(ResizeError::NotEnoughFree {
+                region: from,
+                requested: count,
+                free: src.free as usize,
+            });
+        }
+        if from == to {
+            return Ok(());
+        }
+        for _ in 0..count {
+            // Take from the tail: the most recently freed, least likely to extend a run.
+            let id = self.regions[from.index()].tail;
+            self.unlink(id);
+            self.regions[from.index()].capacity -= 1;
+            self.meta[id as usize].region = to.0;
+            self.regions[to.index()].capacity += 1;
+            self.push_tail(id);
+        }
+        Ok(())
+    }
+
+    /// Counters and per-region occupancy.
+    #[must_use]
+    pub fn stats(&self) -> PoolStats {
+        PoolStats {
+            total: self.meta.len(),
+            regions: self
+                .regions
+                .iter()
+                .enumerate()
+                .map(|(i, r)| RegionStats {
+                    region: RegionId(i as u8),
+                    capacity: r.capacity as usize,
+                    free: r.free as usize,
+                    used: (r.capacity - r.free) as usize,
+                })
+                .collect(),
+            allocations: self.allocations,
+            releases: self.releases,
+            frees: self.frees,
+            cow_copies: self.cow_copies,
+        }
+    }
+
+    /// How fragmented a region's free space is: its largest run of physically adjacent free
+    /// blocks against its free blocks. O(pool size): for reports, not the hot path.
+    pub fn fragmentation(&self, region: RegionId) -> Result<Fragmentation, AllocError> {
+        let free = self.region(region)?.free as usize;
+        let (mut largest, mut run) = (0usize, 0usize);
+        for m in self.meta.iter() {
+            if m.refcount == 0 && m.region == region.0 {
+                run += 1;
+                largest = largest.max(run);
+            } else {
+                run = 0;
+            }
+        }
+        Ok(Fragmentation {
+            free_blocks: free,
+            largest_free_run: largest,
+        })
+    }
+
+    /// Walks every free list and checks the pool's invariants: each free block is listed once
+    /// in its own region's list, links are symmetric, counts match, allocated blocks are on no
+    /// list. O(pool size); meant for tests and debugging.
+    pub fn audit(&self) -> Result<(), AuditError> {
+        let fail = |msg: String| Err(AuditError(msg));
+        let mut seen = vec![false; self.meta.len()];
+        let mut capacity_sum = 0usize;
+        for (ri, r) in self.regions.iter().enumerate() {
+            capacity_sum += r.capacity as usize;
+            let (mut count, mut prev, mut cur) = (0u32, NIL, r.head);
+            while cur != NIL {
+                let Some(m) = self.meta.get(cur as usize) else {
+                    return fail(format!("region {ri} lists unknown block {cur}"));
+                };
+                if seen[cur as usize] {
+                    return fail(format!("block {cur} listed twice"));
+                }
+                seen[cur as usize] = true;
+                if m.refcount != 0 {
+                    return fail(format!(
+                        "block {cur} is free-listed with refcount {}",
+                        m.refcount
+                    ));
+                }
+                if m.region as usize != ri || m.prev != prev {
+                    return fail(format!("block {cur} has a broken link or region"));
+                }
+                count += 1;
+                prev = cur;
+                cur = m.next;
+            }
+            if prev != r.tail || count != r.free {
+                return fail(format!(
+                    "region {ri}: list of {count} ends at {prev}, header says {} free ending at {}",
+                    r.free, r.tail
+                ));
+            }
+        }
+        if capacity_sum != self.meta.len() {
+            return fail(format!(
+                "capacities sum to {capacity_sum}, pool has {}",
+                self.meta.len()
+            ));
+        }
+        let mut used = vec![0u32; self.regions.len()];
+        for (i, m) in self.meta.iter().enumerate() {
+            if m.refcount == 0 && !seen[i] {
+                return fail(format!("free block {i} is on no list"));
+            }
+            if m.refcount > 0 {
+                used[m.region as usize] += 1;
+            }
+        }
+        for (ri, r) in self.regions.iter().enumerate() {
+            if r.capacity - r.free != used[ri] {
+                return fail(format!(
+                    "region {ri}: {} used counted, header says {}",
+                    used[ri],
+                    r.capacity - r.free
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn region(&self, region: RegionId) -> Result<&Region, AllocError> {
+        self.regions
+            .get(region.index())
+            .ok_or(AllocError::UnknownRegion { region })
+    }
+
+    fn meta_of(&self, block: BlockId) -> Result<&Meta, RefError> {
+        self.meta.get(block.index()).ok_or(RefError::UnknownBlock {
+            block,
+            num_blocks: self.meta.len(),
+        })
+    }
+
+    /// Removes a free block from its region's free list (O(1), from anywhere in the list).
+    #[inline]
+    fn unlink(&mut self, id: u32) {
+        let Meta {
+            prev, next, region, ..
+        } = self.meta[id as usize];
+        let r = &mut self.regions[region as usize];
+        if prev == NIL {
+            r.head = next;
+        } else {
+            self.meta[prev as usize].next = next;
+        }
+        if next == NIL {
+            r.tail = prev;
+        } else {
+            self.meta[next as usize].prev = prev;
+        }
+        r.free -= 1;
+        let m = &mut self.meta[id as usize];
+        m.prev = NIL;
+        m.next = NIL;
+    }
+
+    /// Appends a block to the tail of its region's free list.
+    #[inline]
+    fn push_tail(&mut self, id: u32) {
+        let region = self.meta[id as usize].region as usize;
+        let r = &mut self.regions[region];
+        let tail = r.tail;
+        r.tail = id;
+        if tail == NIL {
+            r.head = id;
+        } else {
+            self.meta[tail as usize].next = id;
+        }
+        r.free += 1;
+        let m = &mut self.meta[id as usize];
+        m.prev = tail;
+        m.next = NIL;
+    }
+
+    #[inline]
+    fn take(&mut self, id: u32) -> BlockId {
+        self.unlink(id);
+        self.meta[id as usize].refcount = 1;
+        self.allocations += 1;
+        BlockId(id)
+    }
+}
+
+impl BlockAllocator for BlockPool {
+    #[inline]
+    fn allocate(&mut self, region: RegionId) -> Result<BlockId, AllocError> {
+        let head = self.region(region)?.head;
+        if head == NIL {
+            return Err(AllocError::OutOfBlocks {
+                region,
+                requested: 1,
+                free: 0,
+            });
+        }
+        Ok(self.take(head))
+    }
+
+    #[inline]
+    fn allocate_after(
+        &mut self,
+        region: RegionId,
+        prev: Option<BlockId>,
+    ) -> Result<BlockId, AllocError> {
+        if let Some(next) = prev.and_then(|p| p.0.checked_add(1))
+            && let Some(m) = self.meta.get(next as usize)
+            && m.refcount == 0
+            && m.region == region.0
+        {
+            return Ok(self.take(next));
+        }
+        self.allocate(region)
+    }
+
+    #[inline]
+    fn retain(&mut self, block: BlockId) -> Result<u32, RefError> {
+        let num_blocks = self.meta.len();
+        let m = self
+            .meta
+            .get_mut(block.index())
+            .ok_or(RefError::UnknownBlock { block, num_blocks })?;
+        if m.refcount == 0 {
+            return Err(RefError::NotAllocated { block });
+        }
+        m.refcount = m
+            .refcount
+            .checked_add(1)
+            .ok_or(RefError::RefcountOverflow { block })?;
+        Ok(m.refcount)
+    }
+
+    #[inline]
+    fn release(&mut self, block: BlockId) -> Result<Released, RefError> {
+        let num_blocks = self.meta.len();
+        let m = self
+            .meta
+            .get_mut(block.index())
+            .ok_or(RefError::UnknownBlock { block, num_blocks })?;
+        if m.refcount == 0 {
+            return Err(RefError::NotAllocated { block });
+        }
+        m.refcount -= 1;
+        self.releases += 1;
+        if m.refcount > 0 {
+            return Ok(Released::Shared {
+                remaining: m.refcount,
+            });
+        }
+        self.frees += 1;
+        self.push_tail(block.0);
+        Ok(Released::Freed)
+    }
+
+    fn refcount(&self, block: BlockId) -> Result<u32, RefError> {
+        let m = self.meta_of(block)?;
+        if m.refcount == 0 {
+            return Err(RefError::NotAllocated { block });
+        }
+        Ok(m.refcount)
+    }
+
+    fn make_writable(&mut self, block: BlockId, region: RegionId) -> Result<Writable, CowError> {
+        if self.refcount(block)? == 1 {
+            return Ok(Writable::Exclusive(block));
+        }
+        let dst = self.allocate(region)?;
+        self.meta[block.index()].refcount -= 1; // shared: stays allocated
+        self.releases += 1;
+        self.cow_copies += 1;
+        Ok(Writable::Copied(kvc_core::BlockCopy { src: block, dst }))
+    }
+
+    fn free_blocks(&self, region: RegionId) -> Result<usize, AllocError> {
+        Ok(self.region(region)?.free as usize)
+    }
+
+    fn total_blocks(&self) -> usize {
+        self.meta.len()
+    }
+
+    fn can_allocate(&self, region: RegionId, count: usize) -> Result<Admission, AllocError> {
+        let r = self.region(region)?;
+        let reserve = if region == RegionId::DYNAMIC {
+            self.watermark.min(r.capacity) as usize
+        } else {
+            0
+        };
+        Ok(if count > r.capacity as usize - reserve {
+            Admission::Impossible
+        } else if count + reserve <= r.free as usize {
+            Admission::Now
+        } else {
+            Admission::Later
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(n: u64) -> BlockPool {
+        BlockPool::new(PoolConfig::new(n)).unwrap()
+    }
+
+    #[test]
+    fn allocation_order_is_ascending_and_exhaustion_is_typed() {
+        let mut p = pool(3);
+        let got: Vec<_> = (0..3)
+            .map(|_| p.allocate(RegionId::DYNAMIC).unwrap())
+            .collect();
+        assert_eq!(got, [BlockId(0), BlockId(1), BlockId(2)]);
+        assert_eq!(
+            p.allocate(RegionId::DYNAMIC),
+            Err(AllocError::OutOfBlocks {
+                region: RegionId::DYNAMIC,
+                requested: 1,
+                free: 0
+            })
+        );
+        p.audit().unwrap();
+    }
+
+    #[test]
+    fn bad_releases_are_errors_and_change_nothing() {
+        let mut p = pool(4);
+        let a = p.allocate(RegionId::DYNAMIC).unwrap();
+        assert!(p.release(a).unwrap().is_freed());
+        assert_eq!(p.release(a), Err(RefError::NotAllocated { block: a }));
+        assert_eq!(p.retain(a), Err(RefError::NotAllocated { block: a }));
+        assert_eq!(
+            p.release(BlockId(99)),
+            Err(RefError::UnknownBlock {
+                block: BlockId(99),
+                num_blocks: 4
+            })
+        );
+        assert_eq!(p.free_blocks(RegionId::DYNAMIC), Ok(4));
+        assert_eq!(p.stats().frees, 1);
+        p.audit().unwrap();
+    }
+
+    #[test]
+    fn refcount_overflow_is_an_error() {
+        let mut p = pool(1);
+        let a = p.allocate(RegionId::DYNAMIC).unwrap();
+        p.meta[0].refcount = u32::MAX;
+        assert_eq!(p.retain(a), Err(RefError::RefcountOverflow { block: a }));
+        assert_eq!(p.refcount(a), Ok(u32::MAX));
+    }
+
+    #[test]
+    fn allocate_after_prefers_the_next_block_even_from_the_middle_of_the_list() {
+        let mut p = pool(8);
+        let blocks: Vec<_> = (0..8)
+            .map(|_| p.allocate(RegionId::DYNAMIC).unwrap())
+            .collect();
+        // Free 5, 2, 3 in that order: the free list is 5 -> 2 -> 3.
+        for i in [5, 2, 3] {
+            let _ = p.release(blocks[i]).unwrap();
+        }
+        assert_eq!(
+            p.allocate_after(RegionId::DYNAMIC, Some(BlockId(1))),
+            Ok(BlockId(2))
+        );
+        assert_eq!(
+            p.allocate_after(RegionId::DYNAMIC, Some(BlockId(2))),
+            Ok(BlockId(3))
+        );
+        // No free neighbour: falls back to the head.
+        assert_eq!(
+            p.allocate_after(RegionId::DYNAMIC, Some(BlockId(3))),
+            Ok(BlockId(5))
+        );
+        p.audit().unwrap();
+    }
+
+    #[test]
+    fn regions_are_separate_and_resize_moves_only_free_blocks() {
+        let mut p = BlockPool::new(PoolConfig::new(10).pinned(4)).unwrap();
+        let pinned: Vec<_> = (0..4)
+            .map(|_| p.allocate(RegionId::PINNED).unwrap())
+            .collect();
+        assert!(pinned.iter().all(|b| b.0 < 4));
+        assert!(p.allocate(RegionId::PINNED).is_err());
+        assert_eq!(p.free_blocks(RegionId::DYNAMIC), Ok(6));
+        assert_eq!(
+            p.resize(RegionId::PINNED, RegionId::DYNAMIC, 1),
+            Err(ResizeError::NotEnoughFree {
+                region: RegionId::PINNED,
+                requested: 1,
+                free: 0
+            })
+        );
+        p.resize(RegionId::DYNAMIC, RegionId::PINNED, 2).unwrap();
+        assert_eq!(p.capacity(RegionId::PINNED), Ok(6));
+        assert_eq!(p.free_blocks(RegionId::PINNED), Ok(2));
+        let moved = p.allocate(RegionId::PINNED).unwrap();
+        assert_eq!(p.region_of(moved), Ok(RegionId::PINNED));
+        assert_eq!(
+            p.resize(RegionId(7), RegionId::PINNED, 1),
+            Err(ResizeError::UnknownRegion {
+                region: RegionId(7)
+            })
+        );
+        let s = p.stats();
+        assert_eq!(s.regions[0].used, 5);
+        assert_eq!(s.regions[1].capacity, 4);
+        p.audit().unwrap();
+    }
+
+    #[test]
+    fn admission_separates_later_from_impossible() {
+        let mut p = BlockPool::new(PoolConfig::new(10).watermark(2)).unwrap();
+        assert_eq!(p.can_allocate(RegionId::DYNAMIC, 8), Ok(Admission::Now));
+        assert_eq!(
+            p.can_allocate(RegionId::DYNAMIC, 9),
+            Ok(Admission::Impossible)
+        );
+        let a = p.allocate(RegionId::DYNAMIC).unwrap();
+        assert_eq!(p.can_allocate(RegionId::DYNAMIC, 8), Ok(Admission::Later));
+        assert_eq!(p.can_allocate(RegionId::DYNAMIC, 7), Ok(Admission::Now));
+        assert_eq!(
+            p.can_allocate(RegionId::PINNED, 1),
+            Ok(Admission::Impossible)
+        );
+        assert_eq!(
+            p.can_allocate(RegionId(9), 1),
+            Err(AllocError::UnknownRegion {
+                region: RegionId(9)
+            })
+        );
+        let _ = p.release(a).unwrap();
+    }
+
+    #[test]
+    fn copy_on_write_moves_only_the_writers_reference() {
+        let mut p = pool(4);
+        let a = p.allocate(RegionId::DYNAMIC).unwrap();
+        assert_eq!(
+            p.make_writable(a, RegionId::DYNAMIC),
+            Ok(Writable::Exclusive(a))
+        );
+        p.retain(a).unwrap();
+        let Writable::Copied(copy) = p.make_writable(a, RegionId::DYNAMIC).unwrap() else {
+            panic!("shared block must be copied");
+        };
+        assert_eq!(copy.src, a);
+        assert_eq!(p.refcount(a), Ok(1));
+        assert_eq!(p.refcount(copy.dst), Ok(1));
+        assert_eq!(p.stats().cow_copies, 1);
+        // Out of blocks: the shared block keeps both references.
+        let _x = p.allocate(RegionId::DYNAMIC).unwrap();
+        let _y = p.allocate(RegionId::DYNAMIC).unwrap();
+        p.retain(a).unwrap();
+        assert!(matches!(
+            p.make_writable(a, RegionId::DYNAMIC),
+            Err(CowError::Alloc(AllocError::OutOfBlocks { .. }))
+        ));
+        assert_eq!(p.refcount(a), Ok(2));
+        p.audit().unwrap();
+    }
+
+    #[test]
+    fn fragmentation_reports_the_largest_free_run() {
+        let mut p = pool(8);
+        let blocks: Vec<_> = (0..8)
+            .map(|_| p.allocate(RegionId::DYNAMIC).unwrap())
+            .collect();
+        for i in [0, 2, 3, 4, 7] {
+            let _ = p.release(blocks[i]).unwrap();
+        }
+        let f = p.fragmentation(RegionId::DYNAMIC).unwrap();
+        assert_eq!((f.free_blocks, f.largest_free_run), (5, 3));
+        assert!((f.contiguity() - 0.6).abs() < 1e-12);
+    }
+
+    #[test]
+    fn bad_configs_are_rejected() {
+        assert_eq!(
+            BlockPool::new(PoolConfig::new(0)).err(),
+            Some(ConfigError::Empty)
+        );
+        assert!(matches!(
+            BlockPool::new(PoolConfig::new(4).pinned(5)).err(),
+            Some(ConfigError::RegionsExceedPool {
+                carved: 5,
+                total: 4
+            })
+        ));
+        assert!(matches!(
+            BlockPool::new(PoolConfig::new(u64::from(u32::MAX))).err(),
+            Some(ConfigError::TooManyBlocks { .. })
+        ));
+        let cfg = PoolConfig::new(10).pinned(2);
+        let extra = cfg.next_region_id();
+        let p = BlockPool::new(cfg.region(3)).unwrap();
+        assert_eq!(p.capacity(extra), Ok(3));
+        assert_eq!(p.capacity(RegionId::DYNAMIC), Ok(5));
+        p.audit().unwrap();
+    }
+}
