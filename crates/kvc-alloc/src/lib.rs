@@ -17,11 +17,12 @@
 //! - [`ChunkedBlockTable`]: a block table whose fork is O(chunks), for long sequences.
 //! - [`SharedBlockPool`]: the pool for schedulers with several threads, model-checked with loom.
 //!
-//! It knows nothing of hashes, tokens, tenants or CUDA; those live in sibling crates.
+//! The `kvc-core` types a pool user needs are re-exported, so depending on this crate alone
+//! is enough. It knows nothing of hashes, tokens, tenants or CUDA; those live in sibling crates.
 //!
 //! ```
-//! use kvc_alloc::{BlockPool, PoolConfig};
-//! use kvc_core::{Admission, BlockAllocator, BlockTable, RegionId, Writable};
+//! use kvc_alloc::{Admission, BlockAllocator, BlockPool, BlockTable, PoolConfig};
+//! use kvc_alloc::{RegionId, Writable};
 //!
 //! let mut pool = BlockPool::new(PoolConfig::new(1024).pinned(64).watermark(8))?;
 //!
@@ -51,6 +52,11 @@ mod config;
 mod pool;
 mod shared;
 mod stats;
+
+pub use kvc_core::{
+    Admission, AllocError, BlockAllocator, BlockCopy, BlockId, BlockTable, CowError, RefError,
+    RegionId, Released, Writable,
+};
 
 pub use chunked::{AppendOutcome, CHUNK_BLOCKS, ChunkedBlockTable, TableError};
 pub use config::{ConfigError, MAX_REGIONS, PoolConfig};
