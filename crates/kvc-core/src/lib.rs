@@ -24,6 +24,8 @@ mod alloc;
 mod block_table;
 mod ids;
 mod layout;
+mod pin;
+mod qos;
 pub mod sync;
 
 pub use alloc::{
@@ -32,3 +34,8 @@ pub use alloc::{
 pub use block_table::BlockTable;
 pub use ids::{BlockId, RegionId, SeqId, SessionId, TenantId};
 pub use layout::{DType, KvLayout, LayoutDim, LayoutError};
+pub use pin::{
+    ClassBlocks, LoadSample, PinPolicy, PlaceRequest, Placement, PoolView, Refusal, RegionBlocks,
+    ReleaseError, Resize, Retention, RetentionUpdate, Route, WaitReason,
+};
+pub use qos::{QosClass, QosClasses, QosError};
