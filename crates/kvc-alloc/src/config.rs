@@ -45,8 +45,7 @@ pub enum ConfigError {
 /// region the rest, extra regions are carved from the top of the dynamic range.
 ///
 /// ```
-/// use kvc_alloc::{BlockPool, PoolConfig};
-/// use kvc_core::RegionId;
+/// use kvc_alloc::{BlockAllocator, BlockPool, PoolConfig, RegionId};
 ///
 /// let pool = BlockPool::new(PoolConfig::new(1024).pinned(128).watermark(16))?;
 /// assert_eq!(pool.capacity(RegionId::PINNED)?, 128);

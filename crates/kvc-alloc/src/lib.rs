@@ -7,7 +7,7 @@
 //!   release, retain and removal from the middle of a free list are O(1) with no heap
 //!   allocation. Reference counts let sequences share blocks; copy-on-write
 //!   ([`make_writable`](kvc_core::BlockAllocator::make_writable)) hands back the pair to copy.
-//! - Regions ([`PoolConfig::pinned`], [`BlockPool::resize`]): the pinned region for
+//! - Regions ([`PoolConfig::pinned`], [`resize`](kvc_core::BlockAllocator::resize)): the pinned region for
 //!   high-priority traffic and the dynamic region, each with its own free list and quota.
 //! - Admission with a watermark reserve:
 //!   [`can_allocate`](kvc_core::BlockAllocator::can_allocate) answers `Now`, `Later` or
@@ -55,11 +55,11 @@ mod stats;
 
 pub use kvc_core::{
     Admission, AllocError, BlockAllocator, BlockCopy, BlockId, BlockTable, CowError, RefError,
-    RegionId, Released, Writable,
+    RegionId, Released, ResizeError, Writable,
 };
 
 pub use chunked::{AppendOutcome, CHUNK_BLOCKS, ChunkedBlockTable, TableError};
 pub use config::{ConfigError, MAX_REGIONS, PoolConfig};
-pub use pool::{AuditError, BlockPool, ResizeError};
+pub use pool::{AuditError, BlockPool};
 pub use shared::SharedBlockPool;
 pub use stats::{Fragmentation, PoolStats, RegionStats};

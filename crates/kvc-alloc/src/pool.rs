@@ -8,7 +8,7 @@ use thiserror::Error;
 
 use kvc_core::{
     Admission, AllocError, BlockAllocator, BlockId, CowError, RefError, RegionId, Released,
-    Writable,
+    ResizeError, Writable,
 };
 
 use crate::config::{ConfigError, PoolConfig};
@@ -16,28 +16,6 @@ use crate::stats::{Fragmentation, PoolStats, RegionStats};
 
 /// End of a free list.
 const NIL: u32 = u32::MAX;
-
-/// Why blocks could not be moved between regions. Nothing moved.
-#[derive(Clone, Debug, PartialEq, Eq, Error)]
-#[non_exhaustive]
-pub enum ResizeError {
-    /// The pool has no such region.
-    #[error("unknown region {region}")]
-    UnknownRegion {
-        /// The region named.
-        region: RegionId,
-    },
-    /// The source region has fewer free blocks than asked to move; in-use blocks never move.
-    #[error("cannot move {requested} blocks out of {region}: only {free} are free")]
-    NotEnoughFree {
-        /// The source region.
-        region: RegionId,
-        /// Blocks asked to move.
-        requested: usize,
-        /// Free blocks there.
-        free: usize,
-    },
-}
 
 /// A pool invariant found broken by [`BlockPool::audit`]. Seeing one is a bug in kvc.
 #[derive(Clone, Debug, PartialEq, Eq, Error)]
@@ -139,11 +117,6 @@ impl BlockPool {
         self.regions.len()
     }
 
-    /// Blocks a region holds, free or in use.
-    pub fn capacity(&self, region: RegionId) -> Result<usize, AllocError> {
-        Ok(self.region(region)?.capacity as usize)
-    }
-
     /// The region a block currently belongs to.
     pub fn region_of(&self, block: BlockId) -> Result<RegionId, RefError> {
         Ok(RegionId(self.meta_of(block)?.region))
@@ -163,43 +136,6 @@ impl BlockPool {
     /// Changes the admission reserve of the dynamic region.
     pub fn set_watermark(&mut self, blocks: usize) {
         self.watermark = u32::try_from(blocks).unwrap_or(u32::MAX);
-    }
-
-    /// Moves `count` free blocks from region `from` to region `to` (for example to grow or
-    /// shrink the pinned region). Blocks in use never move. All or nothing.
-    pub fn resize(
-        &mut self,
-        from: RegionId,
-        to: RegionId,
-        count: usize,
-    ) -> Result<(), ResizeError> {
-        let src = self
-            .regions
-            .get(from.index())
-            .ok_or(ResizeError::UnknownRegion { region: from })?;
-        if to.index() >= self.regions.len() {
-            return Err(ResizeError::UnknownRegion { region: to });
-        }
-        if (src.free as usize) < count {
-            return Err(ResizeError::NotEnoughFree {
-                region: from,
-                requested: count,
-                free: src.free as usize,
-            });
-        }
-        if from == to {
-            return Ok(());
-        }
-        for _ in 0..count {
-            // Take from the tail: the most recently freed, least likely to extend a run.
-            let id = self.regions[from.index()].tail;
-            self.unlink(id);
-            self.regions[from.index()].capacity -= 1;
-            self.meta[id as usize].region = to.0;
-            self.regions[to.index()].capacity += 1;
-            self.push_tail(id);
-        }
-        Ok(())
     }
 
     /// Counters and per-region occupancy.
@@ -496,6 +432,40 @@ impl BlockAllocator for BlockPool {
 
     fn total_blocks(&self) -> usize {
         self.meta.len()
+    }
+
+    fn capacity(&self, region: RegionId) -> Result<usize, AllocError> {
+        Ok(self.region(region)?.capacity as usize)
+    }
+
+    fn resize(&mut self, from: RegionId, to: RegionId, count: usize) -> Result<(), ResizeError> {
+        let src = self
+            .regions
+            .get(from.index())
+            .ok_or(ResizeError::UnknownRegion { region: from })?;
+        if to.index() >= self.regions.len() {
+            return Err(ResizeError::UnknownRegion { region: to });
+        }
+        if (src.free as usize) < count {
+            return Err(ResizeError::NotEnoughFree {
+                region: from,
+                requested: count,
+                free: src.free as usize,
+            });
+        }
+        if from == to {
+            return Ok(());
+        }
+        for _ in 0..count {
+            // Take from the tail: the most recently freed, least likely to extend a run.
+            let id = self.regions[from.index()].tail;
+            self.unlink(id);
+            self.regions[from.index()].capacity -= 1;
+            self.meta[id as usize].region = to.0;
+            self.regions[to.index()].capacity += 1;
+            self.push_tail(id);
+        }
+        Ok(())
     }
 
     fn can_allocate(&self, region: RegionId, count: usize) -> Result<Admission, AllocError> {

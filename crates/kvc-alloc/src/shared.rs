@@ -2,10 +2,9 @@
 
 use kvc_core::sync::{Mutex, MutexGuard};
 use kvc_core::{Admission, AllocError, BlockAllocator, BlockId, CowError, RefError, RegionId};
-use kvc_core::{Released, Writable};
+use kvc_core::{Released, ResizeError, Writable};
 
 use crate::BlockPool;
-use crate::pool::ResizeError;
 use crate::stats::PoolStats;
 
 /// A thread-safe block pool: a [`BlockPool`] behind a mutex, shared by reference or `Arc`.
@@ -111,7 +110,7 @@ impl SharedBlockPool {
         self.lock().can_allocate(region, count)
     }
 
-    /// See [`BlockPool::resize`].
+    /// See [`BlockAllocator::resize`].
     pub fn resize(&self, from: RegionId, to: RegionId, count: usize) -> Result<(), ResizeError> {
         self.lock().resize(from, to, count)
     }
@@ -170,5 +169,11 @@ impl BlockAllocator for &SharedBlockPool {
     }
     fn can_allocate(&self, region: RegionId, count: usize) -> Result<Admission, AllocError> {
         SharedBlockPool::can_allocate(self, region, count)
+    }
+    fn capacity(&self, region: RegionId) -> Result<usize, AllocError> {
+        self.lock().capacity(region)
+    }
+    fn resize(&mut self, from: RegionId, to: RegionId, count: usize) -> Result<(), ResizeError> {
+        SharedBlockPool::resize(self, from, to, count)
     }
 }

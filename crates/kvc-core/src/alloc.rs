@@ -53,6 +53,28 @@ pub enum RefError {
     },
 }
 
+/// Why blocks could not be moved between regions. Nothing moved.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum ResizeError {
+    /// The pool has no such region.
+    #[error("unknown region {region}")]
+    UnknownRegion {
+        /// The region named.
+        region: RegionId,
+    },
+    /// The source region has fewer free blocks than asked to move; in-use blocks never move.
+    #[error("cannot move {requested} blocks out of {region}: only {free} are free")]
+    NotEnoughFree {
+        /// The source region.
+        region: RegionId,
+        /// Blocks asked to move.
+        requested: usize,
+        /// Free blocks there.
+        free: usize,
+    },
+}
+
 /// What a release did to the block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[must_use = "a release tells whether the block became free"]
@@ -209,6 +231,13 @@ pub trait BlockAllocator {
 
     /// Blocks in the whole pool, free or not.
     fn total_blocks(&self) -> usize;
+
+    /// Blocks `region` holds, free or in use.
+    fn capacity(&self, region: RegionId) -> Result<usize, AllocError>;
+
+    /// Moves `count` free blocks from region `from` to region `to` (to grow or shrink the
+    /// pinned region). Blocks in use never move. All or nothing.
+    fn resize(&mut self, from: RegionId, to: RegionId, count: usize) -> Result<(), ResizeError>;
 
     /// Whether `count` more blocks from `region` can be admitted now, later, or never.
     fn can_allocate(&self, region: RegionId, count: usize) -> Result<Admission, AllocError>;

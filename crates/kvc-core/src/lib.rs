@@ -29,7 +29,8 @@ mod qos;
 pub mod sync;
 
 pub use alloc::{
-    Admission, AllocError, BlockAllocator, BlockCopy, CowError, RefError, Released, Writable,
+    Admission, AllocError, BlockAllocator, BlockCopy, CowError, RefError, Released, ResizeError,
+    Writable,
 };
 pub use block_table::BlockTable;
 pub use ids::{BlockId, RegionId, SeqId, SessionId, TenantId};
