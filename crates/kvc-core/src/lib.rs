@@ -26,6 +26,7 @@ mod ids;
 mod layout;
 mod pin;
 mod qos;
+mod reuse;
 pub mod sync;
 
 pub use alloc::{
@@ -40,3 +41,4 @@ pub use pin::{
     ReleaseError, Resize, Retention, RetentionUpdate, Route, WaitReason,
 };
 pub use qos::{QosClass, QosClasses, QosError};
+pub use reuse::{NoReuse, PrefixHit, ReuseIndex, ReuseScope};
