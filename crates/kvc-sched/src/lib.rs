@@ -1,6 +1,59 @@
-//! Scheduling over paged KV: continuous batching with QoS admission, prefix reuse, paged
-//! allocation, preemption and eviction, composed through the `kvc-core` traits. Its output is a
-//! plain-data step plan that an engine executes.
+//! Scheduling over paged KV: continuous batching that composes a block allocator, a pin
+//! policy and a reuse index through the `kvc-core` traits, and emits plain-data step plans.
 //!
-//! Not built yet: this crate holds only its description until the scheduling work lands.
+//! The scheduler owns no memory layout and launches no kernel. Each [`Scheduler::step`]
+//! admits requests by QoS class (FCFS within a class, with aging), reuses cached prefixes,
+//! allocates blocks on demand from the region the pin policy names, builds a batch of chunked
+//! prefills and decodes under a token budget, and preempts the least important sequence when
+//! memory runs out. The engine executes the [`StepPlan`] and hands the sampled tokens back with
+//! [`Scheduler::complete_step`]. Other threads submit and cancel through a [`Submitter`].
+//!
+//! Not built yet: swapping preempted sequences to a host tier (preemption always recomputes),
+//! and session-aware truncation.
+//!
+//! ```
+//! use kvc_alloc::{BlockPool, PoolConfig};
+//! use kvc_core::{NoReuse, QosClass, SeqId, TenantId};
+//! use kvc_sched::{DynamicOnly, Request, Scheduler, SchedulerConfig};
+//!
+//! let pool = BlockPool::new(PoolConfig::new(64))?;
+//! let cfg = SchedulerConfig { block_size: 16, ..SchedulerConfig::default() };
+//! let mut sched = Scheduler::new(cfg, pool, DynamicOnly::default(), NoReuse { block_size: 16 })?;
+//! sched.submit(Request {
+//!     id: SeqId(1),
+//!     tenant: TenantId(0),
+//!     qos: QosClass::STANDARD,
+//!     session: None,
+//!     prompt: vec![7; 40],
+//!     max_new_tokens: 2,
+//!     arrival_ms: 0,
+//! })?;
+//!
+//! let plan = sched.step(0); // prefill of 40 tokens over 3 blocks
+//! assert_eq!(plan.num_tokens(), 40);
+//! assert_eq!(plan.kv_indptr, [0, 3]);
+//! assert!(plan.seqs[0].samples);
+//! assert!(sched.complete_step(&[(SeqId(1), 11)])?.is_empty());
+//!
+//! let plan = sched.step(1); // one decode token
+//! assert_eq!(plan.seqs[0].positions, 40..41);
+//! let done = sched.complete_step(&[(SeqId(1), 12)])?;
+//! assert_eq!(done[0].output, [11, 12]);
+//! assert!(sched.is_idle());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 #![warn(missing_docs)]
+
+mod plan;
+mod policy;
+mod queue;
+mod request;
+mod scheduler;
+
+pub use plan::{FinishReason, Finished, Rejection, ScheduledSeq, StepPlan};
+pub use policy::DynamicOnly;
+pub use queue::{Command, QueueClosed, SubmitQueue, Submitter};
+pub use request::{Request, SubmitError};
+pub use scheduler::{
+    CancelError, CompleteError, ConfigError, SchedStats, Scheduler, SchedulerConfig,
+};

@@ -1,0 +1,107 @@
+//! [`StepPlan`]: the plain-data output of one scheduling step, which an engine executes.
+
+use std::ops::Range;
+
+use kvc_core::{BlockCopy, QosClass, SeqId};
+
+use crate::request::SubmitError;
+
+/// One sequence's work in a step.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScheduledSeq {
+    /// The sequence.
+    pub seq: SeqId,
+    /// Its class.
+    pub qos: QosClass,
+    /// Token positions computed this step (a prefill chunk, or one decode position).
+    pub positions: Range<u64>,
+    /// Whether this step computes the sequence's last known token, so the engine samples a
+    /// new token for it and returns it through `complete_step`.
+    pub samples: bool,
+}
+
+/// The batch of one step, in the CSR form paged-attention kernels take.
+///
+/// For the `i`-th scheduled sequence: its new tokens' queries are
+/// `qo_indptr[i]..qo_indptr[i + 1]` of the batch, its pages are
+/// `kv_indices[kv_indptr[i]..kv_indptr[i + 1]]`, and it attends to `seq_lens[i]` tokens
+/// (everything up to and including this step's tokens). `slot_mapping[t]` is the flat slot
+/// (`block × block_size + offset`) where new token `t` of the batch writes its K and V.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StepPlan {
+    /// Step number, from 0.
+    pub step: u64,
+    /// Scheduled sequences, in batch order.
+    pub seqs: Vec<ScheduledSeq>,
+    /// Query offsets per sequence (`seqs.len() + 1` entries).
+    pub qo_indptr: Vec<u32>,
+    /// Page offsets per sequence (`seqs.len() + 1` entries).
+    pub kv_indptr: Vec<u32>,
+    /// Physical block ids, concatenated.
+    pub kv_indices: Vec<u32>,
+    /// Context length per sequence after this step.
+    pub seq_lens: Vec<u32>,
+    /// KV write slot of each new token.
+    pub slot_mapping: Vec<i64>,
+    /// Block copies to perform before the batch runs (copy-on-write).
+    pub copies: Vec<BlockCopy>,
+    /// Sequences preempted this step (their KV was dropped; they will be recomputed).
+    pub preempted: Vec<SeqId>,
+    /// Requests refused this step, with the reason.
+    pub rejected: Vec<(SeqId, Rejection)>,
+    /// Sequences cancelled this step.
+    pub cancelled: Vec<SeqId>,
+}
+
+impl StepPlan {
+    /// New tokens in the batch.
+    #[must_use]
+    pub fn num_tokens(&self) -> usize {
+        self.slot_mapping.len()
+    }
+
+    /// Whether the step has nothing to run.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.seqs.is_empty()
+    }
+}
+
+/// Why the scheduler refused a request: one queued through a `Submitter` that failed
+/// validation, or one the pin policy will never place.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Rejection {
+    /// A queued submission was invalid.
+    Invalid(SubmitError),
+    /// The pin policy can never place it (too large for the regions its class may use).
+    Impossible,
+    /// Its tenant is over quota and the policy refuses.
+    TenantOverQuota,
+    /// The pin policy does not know its class.
+    UnknownClass,
+}
+
+/// Why a sequence finished.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// It produced `max_new_tokens` tokens.
+    Length,
+    /// It produced the end-of-sequence token.
+    Eos,
+}
+
+/// A sequence that finished in `complete_step`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Finished {
+    /// The sequence.
+    pub seq: SeqId,
+    /// Why.
+    pub reason: FinishReason,
+    /// The generated tokens.
+    pub output: Vec<u32>,
+    /// Prompt tokens served from the cache at its (last) admission.
+    pub cached_tokens: u64,
+    /// Times it was preempted.
+    pub preemptions: u32,
+}
