@@ -43,7 +43,8 @@ pub trait ReuseIndex {
     /// Offers the computed full blocks of a sequence: `blocks[i]` holds
     /// `tokens[i × block_size..(i + 1) × block_size]`. Appends to `newly_cached` the blocks the
     /// index now keeps; the caller takes one allocator reference on each, on the index's
-    /// behalf. Blocks offered are marked in use by the sequence, like a lookup's.
+    /// behalf. Offering blocks marks nothing in use (only lookups do): evicting a block a
+    /// running sequence still holds drops the index's reference only.
     fn insert(
         &mut self,
         scope: &ReuseScope,
