@@ -117,11 +117,6 @@ impl BlockPool {
         self.regions.len()
     }
 
-    /// The region a block currently belongs to.
-    pub fn region_of(&self, block: BlockId) -> Result<RegionId, RefError> {
-        Ok(RegionId(self.meta_of(block)?.region))
-    }
-
     /// Whether a block is free.
     pub fn is_free(&self, block: BlockId) -> Result<bool, RefError> {
         Ok(self.meta_of(block)?.refcount == 0)
@@ -432,6 +427,10 @@ impl BlockAllocator for BlockPool {
 
     fn total_blocks(&self) -> usize {
         self.meta.len()
+    }
+
+    fn region_of(&self, block: BlockId) -> Result<RegionId, RefError> {
+        Ok(RegionId(self.meta_of(block)?.region))
     }
 
     fn capacity(&self, region: RegionId) -> Result<usize, AllocError> {

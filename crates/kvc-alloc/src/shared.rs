@@ -170,6 +170,9 @@ impl BlockAllocator for &SharedBlockPool {
     fn can_allocate(&self, region: RegionId, count: usize) -> Result<Admission, AllocError> {
         SharedBlockPool::can_allocate(self, region, count)
     }
+    fn region_of(&self, block: BlockId) -> Result<RegionId, RefError> {
+        self.lock().region_of(block)
+    }
     fn capacity(&self, region: RegionId) -> Result<usize, AllocError> {
         self.lock().capacity(region)
     }

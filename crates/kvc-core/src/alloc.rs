@@ -232,6 +232,9 @@ pub trait BlockAllocator {
     /// Blocks in the whole pool, free or not.
     fn total_blocks(&self) -> usize;
 
+    /// The region a block belongs to.
+    fn region_of(&self, block: BlockId) -> Result<RegionId, RefError>;
+
     /// Blocks `region` holds, free or in use.
     fn capacity(&self, region: RegionId) -> Result<usize, AllocError>;
 

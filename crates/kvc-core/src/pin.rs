@@ -283,6 +283,15 @@ pub trait PinPolicy {
 
     /// Drops pins that expired by `now_ms` and appends the retentions that changed.
     fn expire(&mut self, now_ms: u64, changed: &mut Vec<RetentionUpdate>);
+
+    /// Whether sequences of `class` may hold blocks of the pinned region at all, including
+    /// cached blocks they would reuse. A scheduler stops a prefix hit at the first pinned
+    /// block for a class that may not, so the pinned region serves only its classes.
+    /// The default allows every class; policies that reserve the region override it.
+    fn may_hold_pinned(&self, class: QosClass) -> bool {
+        let _ = class;
+        true
+    }
 }
 
 #[cfg(test)]

@@ -488,6 +488,7 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
             if let Some(reason) = done {
                 if let Some(mut s) = self.seqs.remove(&seq) {
                     self.offer(&s);
+                    let cached_tokens = s.cached_tokens;
                     self.drop_memory(&mut s);
                     self.running.retain(|&id| id != seq);
                     self.stats.finished += 1;
@@ -495,7 +496,7 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
                         seq,
                         reason,
                         output: s.tokens[s.req.prompt.len()..].to_vec(),
-                        cached_tokens: s.cached_tokens,
+                        cached_tokens,
                         preemptions: s.preemptions,
                     });
                 }
@@ -624,7 +625,14 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
             let bs = u64::from(self.cfg.block_size);
             // Never the whole context: the last token must be computed to yield logits.
             let usable = ((s.tokens.len() as u64 - 1) / bs) as usize;
-            let keep = hit.blocks.len().min(usable);
+            let mut keep = hit.blocks.len().min(usable);
+            // A class the pin policy keeps out of the pinned region may not reuse its blocks.
+            if !self.pin.may_hold_pinned(s.req.qos) {
+                keep = hit.blocks[..keep]
+                    .iter()
+                    .position(|&b| self.alloc.region_of(b) == Ok(RegionId::PINNED))
+                    .unwrap_or(keep);
+            }
             if keep < hit.blocks.len() {
                 self.reuse.release(&hit.blocks[keep..]);
             }
