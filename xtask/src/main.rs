@@ -102,8 +102,17 @@ fn loom() -> Result<(), String> {
     if env::var_os("LOOM_MAX_PREEMPTIONS").is_none() {
         cmd.env("LOOM_MAX_PREEMPTIONS", "2");
     }
-    cmd.args(["test", "--release", "-p", "kvc-alloc", "--test", "loom"]);
-    run("loom models (kvc-alloc)", cmd)
+    cmd.args([
+        "test",
+        "--release",
+        "-p",
+        "kvc-alloc",
+        "-p",
+        "kvc-sched",
+        "--test",
+        "loom",
+    ]);
+    run("loom models (kvc-alloc, kvc-sched)", cmd)
 }
 
 fn bench(rest: &[String]) -> Result<(), String> {
