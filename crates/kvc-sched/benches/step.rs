@@ -7,7 +7,7 @@ use std::hint::black_box;
 use criterion::{Criterion, criterion_group, criterion_main};
 use kvc_alloc::{BlockPool, PoolConfig};
 use kvc_core::{NoReuse, QosClass, SeqId, TenantId};
-use kvc_sched::{DynamicOnly, Request, Scheduler, SchedulerConfig};
+use kvc_sched::{DynamicOnly, Request, Scheduler, SchedulerConfig, StepPlan};
 
 fn step_256(c: &mut Criterion) {
     let cfg = SchedulerConfig {
@@ -41,8 +41,10 @@ fn step_256(c: &mut Criterion) {
     // Prefill everything once; from then on every step decodes 256 sequences.
     let mut now = 0;
     let mut sampled: Vec<(SeqId, u32)> = Vec::with_capacity(256);
+    let mut plan = StepPlan::default();
     let mut run = |sched: &mut Scheduler<_, _, _>, now: u64| {
-        let plan = sched.step(now);
+        sched.step_into(now, &mut plan);
+        let plan = &plan;
         sampled.clear();
         sampled.extend(plan.seqs.iter().filter(|s| s.samples).map(|s| (s.seq, 5)));
         let done = sched.complete_step(&sampled).unwrap();
@@ -50,7 +52,7 @@ fn step_256(c: &mut Criterion) {
             sched.submit(request(next_id)).unwrap();
             next_id += 1;
         }
-        black_box((plan, done));
+        black_box((plan.num_tokens(), done));
     };
     run(&mut sched, now);
     assert_eq!(sched.num_running(), 256);

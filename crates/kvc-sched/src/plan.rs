@@ -60,6 +60,21 @@ impl StepPlan {
         self.slot_mapping.len()
     }
 
+    /// Empties every list, keeping the buffers' capacity.
+    pub fn clear(&mut self) {
+        self.step = 0;
+        self.seqs.clear();
+        self.qo_indptr.clear();
+        self.kv_indptr.clear();
+        self.kv_indices.clear();
+        self.seq_lens.clear();
+        self.slot_mapping.clear();
+        self.copies.clear();
+        self.preempted.clear();
+        self.rejected.clear();
+        self.cancelled.clear();
+    }
+
     /// Whether the step has nothing to run.
     #[must_use]
     pub fn is_empty(&self) -> bool {

@@ -15,7 +15,7 @@
 //! [`complete_step`](Scheduler::complete_step) takes the sampled tokens back, offers computed
 //! blocks to the reuse index, and finishes sequences, releasing everything they hold.
 
-use std::collections::{HashMap, HashSet};
+use ahash::{AHashMap as HashMap, AHashSet as HashSet};
 
 use kvc_core::{
     BlockAllocator, BlockId, BlockTable, ClassBlocks, LoadSample, PinPolicy, PlaceRequest,
@@ -210,6 +210,7 @@ pub struct Scheduler<A, P, R> {
     stats: SchedStats,
     commands: Vec<Command>,
     scratch: Vec<BlockId>,
+    scheduled: Vec<(SeqId, u64)>,
 }
 
 impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
@@ -256,6 +257,7 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
             stats: SchedStats::default(),
             commands: Vec::new(),
             scratch: Vec::new(),
+            scheduled: Vec::new(),
         })
     }
 
@@ -372,25 +374,29 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
 
     /// Plans one step at time `now_ms` (the caller's clock).
     pub fn step(&mut self, now_ms: u64) -> StepPlan {
+        let mut plan = StepPlan::default();
+        self.step_into(now_ms, &mut plan);
+        plan
+    }
+
+    /// Like [`step`](Self::step), but writes into `plan`, reusing its buffers: an engine that
+    /// keeps one plan across steps allocates nothing for it in steady state.
+    pub fn step_into(&mut self, now_ms: u64, plan: &mut StepPlan) {
+        plan.clear();
         self.now_ms = now_ms;
         self.cancelled_since_plan.clear();
-        let mut plan = StepPlan {
-            step: self.step,
-            ..StepPlan::default()
-        };
+        plan.step = self.step;
         self.step += 1;
         self.stats.steps += 1;
-        self.apply_commands(&mut plan);
+        self.apply_commands(plan);
         self.apply_retention();
         self.apply_resize();
 
         let mut budget = self.cfg.max_batch_tokens;
-        let mut scheduled: Vec<(SeqId, u64)> = Vec::new();
+        let mut scheduled = std::mem::take(&mut self.scheduled);
 
         // Running sequences, most important first.
-        let mut order = self.running.clone();
-        order.sort_by_key(|id| self.rank_key(*id, false));
-        for id in order {
+        for id in self.ordered(&self.running, false) {
             if budget == 0 {
                 break;
             }
@@ -404,21 +410,20 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
             if n == 0 {
                 continue;
             }
-            match self.grow(id, n, &mut scheduled, &mut budget, &mut plan) {
+            match self.grow(id, n, &mut scheduled, &mut budget, plan) {
                 Grow::Done => {
                     scheduled.push((id, n));
                     budget -= n as usize;
                 }
                 Grow::PreemptedSelf | Grow::Wait => {}
-                Grow::Refused(reason) => self.reject(id, reason.into(), &mut plan),
+                Grow::Refused(reason) => self.reject(id, reason.into(), plan),
             }
         }
 
         // Waiting requests, by effective class then arrival. A class whose head cannot be
         // placed admits nothing more this step (FCFS within a class).
         let preempted_now = !plan.preempted.is_empty();
-        let mut order = self.waiting.clone();
-        order.sort_by_key(|id| self.rank_key(*id, true));
+        let order = self.ordered(&self.waiting, true);
         let mut blocked = vec![false; usize::from(self.cfg.num_classes)];
         for id in order {
             if budget == 0 || self.running.len() >= self.cfg.max_running || preempted_now {
@@ -436,7 +441,7 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
                 continue;
             };
             let n = s.pending().min(budget as u64);
-            match self.grow(id, n, &mut scheduled, &mut budget, &mut plan) {
+            match self.grow(id, n, &mut scheduled, &mut budget, plan) {
                 Grow::Done => {
                     self.admit(id);
                     scheduled.push((id, n));
@@ -446,12 +451,13 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
                     self.unlookup(id);
                     blocked[class] = true;
                 }
-                Grow::Refused(reason) => self.reject(id, reason.into(), &mut plan),
+                Grow::Refused(reason) => self.reject(id, reason.into(), plan),
             }
         }
 
-        self.build_plan(&scheduled, &mut plan);
-        plan
+        self.build_plan(&scheduled, plan);
+        scheduled.clear();
+        self.scheduled = scheduled;
     }
 
     /// Takes the tokens sampled for the last plan's sampling sequences, finishes those that
@@ -509,6 +515,13 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
             }
         }
         Ok(finished)
+    }
+
+    /// `ids` by rank key, most important first (keys computed once, not per comparison).
+    fn ordered(&self, ids: &[SeqId], aging: bool) -> Vec<SeqId> {
+        let mut keyed: Vec<_> = ids.iter().map(|&id| self.rank_key(id, aging)).collect();
+        keyed.sort_unstable();
+        keyed.into_iter().map(|(_, _, id)| id).collect()
     }
 
     fn rank_key(&self, id: SeqId, aging: bool) -> (u8, u64, SeqId) {
@@ -900,6 +913,13 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
         let bs = u64::from(self.cfg.block_size);
         plan.qo_indptr.push(0);
         plan.kv_indptr.push(0);
+        let mut pages_total = 0;
+        for (id, n) in scheduled {
+            if let Some(s) = self.seqs.get(id) {
+                pages_total += (s.computed + n).div_ceil(bs) as usize;
+            }
+        }
+        plan.kv_indices.reserve(pages_total);
         for &(id, n) in scheduled {
             let Some(s) = self.seqs.get_mut(&id) else {
                 continue;
@@ -908,10 +928,19 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
             let end = start + n;
             // Blocks are held; mark the tokens written.
             let _ = s.table.advance(end - s.table.num_tokens());
-            for pos in start..end {
-                let (block, off) = s.table.slot(pos).unwrap_or((BlockId(0), 0));
+            let blocks = s.table.blocks();
+            let mut pos = start;
+            while pos < end {
+                // One block at a time: its slots are consecutive.
+                let index = (pos / bs) as usize;
+                let block_end = ((index as u64 + 1) * bs).min(end);
+                let base = blocks
+                    .get(index)
+                    .map_or(0, |b| i64::from(b.get()) * bs as i64);
+                let first = (pos % bs) as i64;
                 plan.slot_mapping
-                    .push(i64::from(block.get()) * bs as i64 + i64::from(off));
+                    .extend((0..(block_end - pos) as i64).map(|k| base + first + k));
+                pos = block_end;
             }
             s.computed = end;
             let samples = end == s.tokens.len() as u64;
