@@ -130,10 +130,9 @@ proptest! {
         };
         // The simulation's own record: seq -> (class, tenant, held).
         let mut held: HashMap<u64, (QosClass, u32, RegionBlocks)> = HashMap::new();
-        let mut now = 0u64;
         let bounds = (s.min.min(TOTAL), (s.min + s.span).min(TOTAL));
-        for op in ops {
-            now += 1;
+        for (step, op) in ops.into_iter().enumerate() {
+            let now = step as u64 + 1;
             match op {
                 Op::Place { seq, tenant, class, blocks } => {
                     let (class, tenant) = held
@@ -315,7 +314,7 @@ proptest! {
                     live.retain(|l| l.4 > now); // pin collects expired pins first
                     match r {
                         Ok(g) => {
-                            prop_assert!(priority <= 100 && ttl >= 1 && ttl <= 30);
+                            prop_assert!(priority <= 100 && (1..=30).contains(&ttl));
                             prop_assert_eq!(g.bytes, len * BLOCK);
                             live.push((g.id, tenant, hashes, priority, g.until, g.bytes));
                         }
