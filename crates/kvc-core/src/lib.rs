@@ -24,6 +24,7 @@ mod alloc;
 mod block_table;
 mod ids;
 mod layout;
+mod paged;
 mod pin;
 mod qos;
 mod reuse;
@@ -36,6 +37,9 @@ pub use alloc::{
 pub use block_table::BlockTable;
 pub use ids::{BlockId, RegionId, SeqId, SessionId, TenantId};
 pub use layout::{DType, KvLayout, LayoutDim, LayoutError};
+pub use paged::{
+    PageTable, PageTableError, PagedLayout, PagedLayoutError, SlotMapping, SlotMappingError,
+};
 pub use pin::{
     ClassBlocks, LoadSample, PinPolicy, PlaceRequest, Placement, PoolView, Refusal, RegionBlocks,
     ReleaseError, Resize, Retention, RetentionUpdate, Route, WaitReason,
