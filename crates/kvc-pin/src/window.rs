@@ -78,11 +78,14 @@ impl PercentileWindow {
         self.add(value, true);
     }
 
-    /// Drops observations older than `window_ms` before `now_ms`.
+    /// Drops observations made `window_ms` or more before `now_ms`: the window is the half-open
+    /// interval `(now_ms - window_ms, now_ms]`.
     pub fn expire(&mut self, now_ms: u64) {
-        let horizon = now_ms.saturating_sub(self.window_ms);
+        let Some(horizon) = now_ms.checked_sub(self.window_ms) else {
+            return;
+        };
         while let Some(&(t, v)) = self.ring.front() {
-            if t >= horizon {
+            if t > horizon {
                 break;
             }
             self.ring.pop_front();
