@@ -1,5 +1,49 @@
-//! The math on paged KV: `write_kv`, paged decode, paged prefill, state merge, block copy
-//! and swap, on the CPU (rayon) always and on CUDA (NVRTC through cudarc) behind feature `cuda`.
+//! The math on paged KV: [`write_kv`], [`paged_decode`], [`paged_prefill`], [`merge_states`],
+//! [`copy_blocks`] and [`swap_blocks`], on the CPU (rayon, f32/f16/bf16 storage with f32
+//! accumulation) always, and on CUDA (`.cu` sources compiled at run time with NVRTC through
+//! cudarc) behind feature `cuda`.
 //!
-//! Not built yet: this crate holds only its description until the kernel work lands.
+//! The crate knows nothing of policies: it takes a [`PagedLayout`](kvc_core::PagedLayout)
+//! (one layer's `[num_blocks, 2, kv_heads, block_size, head_dim]` tensor with explicit
+//! strides), a [`PageTable`](kvc_core::PageTable) (CSR block tables) or a
+//! [`SlotMapping`](kvc_core::SlotMapping), and buffers. Every op validates its arguments
+//! first and returns a [`ShapeError`] instead of touching memory out of bounds.
+//!
+//! ```
+//! use half::f16;
+//! use kvc_core::{BlockId, PageTable, PagedLayout, SlotMapping};
+//! use kvc_kernels::{AttnParams, DecodeOptions, paged_decode, write_kv};
+//!
+//! // A pool of 4 blocks of 16 tokens, 2 KV heads of 64, fp16.
+//! let layout = PagedLayout::hnd(4, 2, 16, 64)?;
+//! let mut cache = vec![f16::ZERO; layout.len() as usize];
+//!
+//! // Write 3 tokens of one sequence into block 2.
+//! let k = vec![f16::from_f32(0.5); 3 * 2 * 64];
+//! let v = vec![f16::from_f32(1.0); 3 * 2 * 64];
+//! let slots = SlotMapping::new(vec![32, 33, 34], &layout)?;
+//! write_kv(&layout, &mut cache, &slots, &k, &v)?;
+//!
+//! // Decode one token with 4 query heads (GQA 2:1).
+//! let table = PageTable::for_decode(vec![0, 1], vec![BlockId(2)], vec![3], &layout)?;
+//! let q = vec![f16::from_f32(0.1); 4 * 64];
+//! let (mut out, mut lse) = (vec![0.0; 4 * 64], vec![0.0; 4]);
+//! let params = AttnParams::new(4, 64);
+//! paged_decode(&layout, &cache, &table, &q, params, DecodeOptions::default(), &mut out, &mut lse)?;
+//! assert!((out[0] - 1.0).abs() < 1e-3); // every V is 1
+//! assert!((lse[0] - (0.1 * 0.5 * 64.0 / 8.0 + 3f32.ln())).abs() < 1e-2);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 #![warn(missing_docs)]
+
+mod attention;
+mod copy;
+mod elem;
+mod error;
+mod write;
+
+pub use attention::{AttnParams, DecodeOptions, merge_states, paged_decode, paged_prefill};
+pub use copy::{copy_blocks, swap_blocks};
+pub use elem::KvElem;
+pub use error::ShapeError;
+pub use write::write_kv;

@@ -1,0 +1,460 @@
+//! Attention over paged KV on the CPU: [`paged_decode`] (split-K with a log-sum-exp merge),
+//! [`paged_prefill`] (ragged, causal, bottom-right aligned) and [`merge_states`].
+//!
+//! One work item serves every query head of a KV head (GQA), so each K/V row is read once per
+//! item and widened to f32 once; scores are kept for a tile of tokens so the running softmax
+//! is rescaled once per tile, not once per token.
+
+use kvc_core::{BlockId, PageTable, PagedLayout};
+use rayon::prelude::*;
+
+use crate::elem::KvElem;
+use crate::error::{ShapeError, check_cache, check_len};
+
+/// Tokens scored together before the running softmax is rescaled.
+const TILE: usize = 32;
+/// Query rows of one prefill work item.
+const PREFILL_ROWS: usize = 16;
+/// The shortest split-K chunk the automatic planner makes, in tokens.
+const MIN_SPLIT_TOKENS: u32 = 256;
+
+/// Heads and scale of an attention call.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttnParams {
+    /// Query heads (a positive multiple of the layout's KV heads).
+    pub q_heads: u32,
+    /// Multiplier of `q·k` before the softmax (usually `1/sqrt(head_dim)`).
+    pub scale: f32,
+}
+
+impl AttnParams {
+    /// `q_heads` query heads with the usual scale `1/sqrt(head_dim)`.
+    #[must_use]
+    pub fn new(q_heads: u32, head_dim: u32) -> Self {
+        Self {
+            q_heads,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+        }
+    }
+}
+
+/// How [`paged_decode`] divides long contexts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DecodeOptions {
+    /// Tokens per split-K chunk. `None` picks chunks so that every core has work
+    /// (no split when the batch has enough (sequence, KV head) pairs); `Some(u32::MAX)` never
+    /// splits.
+    pub split_tokens: Option<u32>,
+}
+
+/// A running softmax state for `rows × group` query heads.
+struct State {
+    m: Vec<f32>,
+    l: Vec<f32>,
+    acc: Vec<f32>,
+}
+
+impl State {
+    fn new(heads: usize, d: usize) -> Self {
+        Self {
+            m: vec![f32::NEG_INFINITY; heads],
+            l: vec![0.0; heads],
+            acc: vec![0.0; heads * d],
+        }
+    }
+
+    /// Normalised output and natural-log LSE of head `i`; zero and −∞ when it saw no token.
+    fn finish(&self, i: usize, d: usize, out: &mut [f32]) -> f32 {
+        let acc = &self.acc[i * d..(i + 1) * d];
+        if self.l[i] > 0.0 {
+            let inv = 1.0 / self.l[i];
+            for (o, a) in out.iter_mut().zip(acc) {
+                *o = a * inv;
+            }
+            self.m[i] + self.l[i].ln()
+        } else {
+            out.fill(0.0);
+            f32::NEG_INFINITY
+        }
+    }
+}
+
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let ca = a.chunks_exact(8);
+    let cb = b.chunks_exact(8);
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s = (acc[0] + acc[4]) + (acc[1] + acc[5]) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+/// The work of one item: query rows (each `group` heads of `d`, pre-scaled), each seeing the
+/// first `limits[r]` tokens of the sequence, over tokens `t0..t1` of KV head `head`.
+struct Job<'a> {
+    pages: &'a [BlockId],
+    head: u32,
+    t0: u32,
+    t1: u32,
+    q: &'a [f32],
+    limits: &'a [u32],
+    group: usize,
+}
+
+fn attend<T: KvElem>(layout: &PagedLayout, cache: &[T], job: &Job<'_>, st: &mut State) {
+    let d = layout.head_dim() as usize;
+    let bs = layout.block_size();
+    let heads = job.limits.len() * job.group;
+    let mut scores = vec![0f32; heads * TILE];
+    let mut koff = [0u64; TILE];
+    let mut voff = [0u64; TILE];
+    let mut kbuf = vec![0f32; d];
+    let mut t = job.t0;
+    while t < job.t1 {
+        let n = (job.t1 - t).min(TILE as u32) as usize;
+        for (i, (ko, vo)) in koff.iter_mut().zip(voff.iter_mut()).take(n).enumerate() {
+            let pos = t + i as u32;
+            let block = job.pages[(pos / bs) as usize].get();
+            *ko = layout.offset(block, 0, job.head, pos % bs);
+            *vo = layout.offset(block, 1, job.head, pos % bs);
+        }
+        // Scores of the tile; masked tokens score −∞.
+        for (i, &ko) in koff.iter().take(n).enumerate() {
+            let pos = t + i as u32;
+            let k = T::as_f32(&cache[ko as usize..ko as usize + d], &mut kbuf);
+            for (r, &limit) in job.limits.iter().enumerate() {
+                for g in 0..job.group {
+                    let h = r * job.group + g;
+                    scores[h * TILE + i] = if pos < limit {
+                        dot(&job.q[h * d..(h + 1) * d], k)
+                    } else {
+                        f32::NEG_INFINITY
+                    };
+                }
+            }
+        }
+        // Rescale once per tile, turn scores into weights.
+        for h in 0..heads {
+            let s = &mut scores[h * TILE..h * TILE + n];
+            let tile_max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let m_new = st.m[h].max(tile_max);
+            if m_new == f32::NEG_INFINITY {
+                continue;
+            }
+            let alpha = (st.m[h] - m_new).exp();
+            if alpha != 1.0 {
+                st.l[h] *= alpha;
+                for a in &mut st.acc[h * d..(h + 1) * d] {
+                    *a *= alpha;
+                }
+            }
+            st.m[h] = m_new;
+            let mut sum = 0.0;
+            for x in s.iter_mut() {
+                *x = (*x - m_new).exp();
+                sum += *x;
+            }
+            st.l[h] += sum;
+        }
+        for (i, &vo) in voff.iter().take(n).enumerate() {
+            let v = T::as_f32(&cache[vo as usize..vo as usize + d], &mut kbuf);
+            for h in 0..heads {
+                let p = scores[h * TILE + i];
+                if p > 0.0 {
+                    for (a, x) in st.acc[h * d..(h + 1) * d].iter_mut().zip(v) {
+                        *a += p * x;
+                    }
+                }
+            }
+        }
+        t += n as u32;
+    }
+}
+
+fn check_common<T>(
+    layout: &PagedLayout,
+    cache: &[T],
+    table: &PageTable,
+    params: AttnParams,
+) -> Result<usize, ShapeError> {
+    check_cache("cache", cache.len(), layout.len())?;
+    if !table.fits(layout) {
+        return Err(ShapeError::TableMismatch {
+            block_size: layout.block_size(),
+            num_blocks: layout.num_blocks(),
+        });
+    }
+    let kvh = layout.kv_heads();
+    if params.q_heads == 0 || !params.q_heads.is_multiple_of(kvh) {
+        return Err(ShapeError::HeadRatio {
+            q_heads: params.q_heads,
+            kv_heads: kvh,
+        });
+    }
+    Ok((params.q_heads / kvh) as usize)
+}
+
+fn scaled_query<T: KvElem>(q: &[T], scale: f32) -> Vec<f32> {
+    q.iter().map(|x| x.to_f32() * scale).collect()
+}
+
+/// Decode attention: one query token per sequence of `table` against its paged KV.
+///
+/// `q` is `[batch, q_heads, head_dim]` in the storage type; `out` (`[batch, q_heads,
+/// head_dim]`) and `lse` (`[batch, q_heads]`, natural log of the softmax denominator of the
+/// scaled scores) are f32. A sequence of length 0 yields zeros and an LSE of −∞.
+///
+/// Work items are (sequence, KV head, chunk of the context): each reads its K/V rows once for
+/// all `q_heads / kv_heads` query heads; chunks of one pair are merged by their LSE.
+#[allow(clippy::too_many_arguments)]
+pub fn paged_decode<T: KvElem>(
+    layout: &PagedLayout,
+    cache: &[T],
+    table: &PageTable,
+    q: &[T],
+    params: AttnParams,
+    options: DecodeOptions,
+    out: &mut [f32],
+    lse: &mut [f32],
+) -> Result<(), ShapeError> {
+    let group = check_common(layout, cache, table, params)?;
+    let batch = table.batch();
+    for seq in 0..batch {
+        let queries = table.queries(seq).len();
+        if queries != 1 {
+            return Err(ShapeError::NotDecode { seq, queries });
+        }
+    }
+    let d = layout.head_dim() as usize;
+    let qh = params.q_heads as usize;
+    let kvh = layout.kv_heads() as usize;
+    let rows = (batch * qh) as u64;
+    check_len("q", q.len(), rows * d as u64)?;
+    check_len("out", out.len(), rows * d as u64)?;
+    check_len("lse", lse.len(), rows)?;
+    if batch == 0 {
+        return Ok(());
+    }
+
+    let max_len = (0..batch).map(|s| table.seq_len(s)).max().unwrap_or(0);
+    let chunk = match options.split_tokens {
+        Some(c) => c.max(1),
+        None => {
+            let pairs = batch * kvh;
+            let target = 4 * rayon::current_num_threads();
+            if pairs >= target {
+                u32::MAX
+            } else {
+                let per_seq = target.div_ceil(pairs) as u32;
+                max_len.div_ceil(per_seq).max(MIN_SPLIT_TOKENS)
+            }
+        }
+    };
+    let q32 = scaled_query(q, params.scale);
+
+    // Items in (seq, head, chunk) order; `first[p]` is pair p's first item.
+    let mut items: Vec<(usize, u32, u32, u32)> = Vec::new();
+    let mut first = Vec::with_capacity(batch * kvh + 1);
+    for seq in 0..batch {
+        let len = table.seq_len(seq);
+        for h in 0..kvh as u32 {
+            first.push(items.len());
+            let mut t0: u32 = 0;
+            loop {
+                let t1 = len.min(t0.saturating_add(chunk));
+                items.push((seq, h, t0, t1));
+                if t1 >= len {
+                    break;
+                }
+                t0 = t1;
+            }
+        }
+    }
+    first.push(items.len());
+
+    let mut part_o = vec![0f32; items.len() * group * d];
+    let mut part_lse = vec![0f32; items.len() * group];
+    part_o
+        .par_chunks_mut(group * d)
+        .zip(part_lse.par_chunks_mut(group))
+        .zip(items.par_iter())
+        .for_each(|((po, pl), &(seq, h, t0, t1))| {
+            let qrow = (seq * qh + h as usize * group) * d;
+            let len = table.seq_len(seq);
+            let job = Job {
+                pages: table.pages(seq),
+                head: h,
+                t0,
+                t1,
+                q: &q32[qrow..qrow + group * d],
+                limits: &[len],
+                group,
+            };
+            let mut st = State::new(group, d);
+            attend(layout, cache, &job, &mut st);
+            for g in 0..group {
+                pl[g] = st.finish(g, d, &mut po[g * d..(g + 1) * d]);
+            }
+        });
+
+    // Every (seq, KV head) pair owns `group` consecutive query heads of `out`.
+    out.par_chunks_mut(group * d)
+        .zip(lse.par_chunks_mut(group))
+        .enumerate()
+        .for_each(|(pair, (o, l))| {
+            let (a, b) = (first[pair], first[pair + 1]);
+            o.copy_from_slice(&part_o[a * group * d..(a + 1) * group * d]);
+            l.copy_from_slice(&part_lse[a * group..(a + 1) * group]);
+            for item in a + 1..b {
+                for g in 0..group {
+                    let lb = part_lse[item * group + g];
+                    let ob = &part_o[(item * group + g) * d..(item * group + g + 1) * d];
+                    l[g] = merge_into(&mut o[g * d..(g + 1) * d], l[g], ob, lb);
+                }
+            }
+        });
+    Ok(())
+}
+
+/// Prefill (or any ragged multi-token) attention over paged KV with a causal mask aligned
+/// bottom-right: query `j` of a sequence with `n` queries and `L` KV tokens sees KV tokens
+/// `0..=L - n + j`, so its last query sees the whole context.
+///
+/// `q` and `out` are `[total_queries, q_heads, head_dim]` (rows ordered by `qo_indptr`);
+/// `lse` is `[total_queries, q_heads]`.
+#[allow(clippy::too_many_arguments)]
+pub fn paged_prefill<T: KvElem>(
+    layout: &PagedLayout,
+    cache: &[T],
+    table: &PageTable,
+    q: &[T],
+    params: AttnParams,
+    out: &mut [f32],
+    lse: &mut [f32],
+) -> Result<(), ShapeError> {
+    let group = check_common(layout, cache, table, params)?;
+    let d = layout.head_dim() as usize;
+    let qh = params.q_heads as usize;
+    let kvh = layout.kv_heads();
+    let rows = (table.total_queries() * qh) as u64;
+    check_len("q", q.len(), rows * d as u64)?;
+    check_len("out", out.len(), rows * d as u64)?;
+    check_len("lse", lse.len(), rows)?;
+    let q32 = scaled_query(q, params.scale);
+
+    // Items: (seq, head, first query row, rows).
+    let mut items = Vec::new();
+    for seq in 0..table.batch() {
+        let qs = table.queries(seq);
+        for h in 0..kvh {
+            let mut r = qs.start;
+            while r < qs.end {
+                let n = (qs.end - r).min(PREFILL_ROWS);
+                items.push((seq, h, r, n));
+                r += n;
+            }
+        }
+    }
+    let results: Vec<(Vec<f32>, Vec<f32>)> = items
+        .par_iter()
+        .map(|&(seq, h, r0, n)| {
+            let qs = table.queries(seq);
+            let len = table.seq_len(seq);
+            let first_visible = len - qs.len() as u32; // validated: queries <= seq_len
+            let limits: Vec<u32> = (r0..r0 + n)
+                .map(|r| first_visible + (r - qs.start) as u32 + 1)
+                .collect();
+            let mut qbuf = Vec::with_capacity(n * group * d);
+            for r in r0..r0 + n {
+                let at = (r * qh + h as usize * group) * d;
+                qbuf.extend_from_slice(&q32[at..at + group * d]);
+            }
+            let job = Job {
+                pages: table.pages(seq),
+                head: h,
+                t0: 0,
+                t1: limits[n - 1],
+                q: &qbuf,
+                limits: &limits,
+                group,
+            };
+            let mut st = State::new(n * group, d);
+            attend(layout, cache, &job, &mut st);
+            let mut o = vec![0f32; n * group * d];
+            let l = (0..n * group)
+                .map(|i| st.finish(i, d, &mut o[i * d..(i + 1) * d]))
+                .collect();
+            (o, l)
+        })
+        .collect();
+    for (&(_, h, r0, n), (o, l)) in items.iter().zip(&results) {
+        for i in 0..n {
+            let row = (r0 + i) * qh + h as usize * group;
+            out[row * d..(row + group) * d].copy_from_slice(&o[i * group * d..(i + 1) * group * d]);
+            lse[row..row + group].copy_from_slice(&l[i * group..(i + 1) * group]);
+        }
+    }
+    Ok(())
+}
+
+/// Merges `(ob, lb)` into `(oa, la)` and returns the merged LSE.
+#[inline]
+fn merge_into(oa: &mut [f32], la: f32, ob: &[f32], lb: f32) -> f32 {
+    let m = la.max(lb);
+    if m == f32::NEG_INFINITY {
+        return m; // Neither saw a token: `oa` stays as it is (zeros).
+    }
+    let (wa, wb) = ((la - m).exp(), (lb - m).exp());
+    let inv = 1.0 / (wa + wb);
+    for (a, b) in oa.iter_mut().zip(ob) {
+        *a = (*a * wa + *b * wb) * inv;
+    }
+    m + (wa + wb).ln()
+}
+
+/// Merges two partial attention results over disjoint sets of KV tokens by their LSE:
+/// `out = (e^la·oa + e^lb·ob) / (e^la + e^lb)`, `lse = ln(e^la + e^lb)`, per head.
+///
+/// `oa`, `ob` and `out` are `[n, head_dim]`; `la`, `lb` and `lse` are `[n]`.
+/// A side with an LSE of −∞ (no tokens) contributes nothing.
+pub fn merge_states(
+    oa: &[f32],
+    la: &[f32],
+    ob: &[f32],
+    lb: &[f32],
+    head_dim: usize,
+    out: &mut [f32],
+    lse: &mut [f32],
+) -> Result<(), ShapeError> {
+    let n = la.len() as u64;
+    let d = head_dim as u64;
+    check_len("lb", lb.len(), n)?;
+    check_len("lse", lse.len(), n)?;
+    check_len("oa", oa.len(), n * d)?;
+    check_len("ob", ob.len(), n * d)?;
+    check_len("out", out.len(), n * d)?;
+    if head_dim == 0 {
+        return Ok(());
+    }
+    out.par_chunks_mut(head_dim)
+        .zip(lse.par_iter_mut())
+        .enumerate()
+        .for_each(|(i, (o, l))| {
+            o.copy_from_slice(&oa[i * head_dim..(i + 1) * head_dim]);
+            if la[i] == f32::NEG_INFINITY {
+                o.copy_from_slice(&ob[i * head_dim..(i + 1) * head_dim]);
+                *l = lb[i];
+            } else {
+                *l = merge_into(o, la[i], &ob[i * head_dim..(i + 1) * head_dim], lb[i]);
+            }
+        });
+    Ok(())
+}
