@@ -1,0 +1,591 @@
+//! [`PrefixCache`]: the prefix tree of cached blocks keyed by chained hashes, with reference
+//! tracking, lazy leaf-first eviction through a pluggable policy, retention priorities,
+//! invalidation and KV events.
+//!
+//! The cache never allocates or frees memory. It records which [`BlockId`] holds each hash;
+//! [`lookup`](PrefixCache::lookup) marks hit blocks in use until
+//! [`release`](PrefixCache::release); [`evict`](PrefixCache::evict) hands back ids for the
+//! caller's allocator to free.
+//!
+//! Eviction order, first to last: blocks whose retention priority is below the default
+//! (lowest priority first, then least recently used); default-priority blocks in the policy's
+//! order; blocks retained above the default (lowest priority first). Only *evictable* blocks
+//! are candidates: cached, in use by no request, with no cached child.
+
+use std::cmp::{Ordering, Reverse};
+use std::collections::{BTreeSet, BinaryHeap};
+
+use ahash::AHashMap;
+use kvc_core::{BlockId, PrefixHit, Retention};
+use slab::Slab;
+use smallvec::SmallVec;
+use thiserror::Error;
+
+use crate::events::{EventLog, EventRecord, KvEvent, Metrics};
+use crate::policy::{BlockInfo, EvictionPolicy, PolicyKind};
+use crate::BlockHash;
+
+/// Why an insert stopped early. The blocks before `index` were inserted (or already cached);
+/// nothing from `index` on was.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum InsertError {
+    /// `hashes` and `blocks` differ in length.
+    #[error("insert of {hashes} hashes with {blocks} blocks: one block per hash is required")]
+    LengthMismatch {
+        /// Hashes given.
+        hashes: usize,
+        /// Blocks given.
+        blocks: usize,
+    },
+    /// The block already holds another cached hash (the caller reused a cached block for new
+    /// tokens without evicting it first).
+    #[error("{block} (position {index}) already caches another hash")]
+    BlockAlreadyCached {
+        /// The block.
+        block: BlockId,
+        /// Its position in the insert.
+        index: usize,
+    },
+}
+
+/// Why a release failed. The other blocks of the same call were still released.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum ReleaseError {
+    /// The cache does not hold this block.
+    #[error("{block} is not in the prefix cache")]
+    UnknownBlock {
+        /// The block.
+        block: BlockId,
+    },
+    /// The block is cached but no lookup holds it (a double release).
+    #[error("{block} is not in use: released more often than looked up")]
+    NotInUse {
+        /// The block.
+        block: BlockId,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Lane {
+    /// Not evictable.
+    None,
+    /// Evictable at the default priority: the policy orders it.
+    Policy,
+    /// Evictable, retained below the default priority.
+    Low,
+    /// Evictable, retained above the default priority.
+    High,
+}
+
+#[derive(Debug)]
+struct Node {
+    hash: BlockHash,
+    block: BlockId,
+    parent: Option<u32>,
+    children: SmallVec<[u32; 2]>,
+    refs: u32,
+    retention: Retention,
+    retention_gen: u64,
+    /// Still reachable by lookups; false once invalidated (kept only while in use).
+    hittable: bool,
+    stamp: u64,
+    depth: u32,
+    lane: Lane,
+    lane_key: (u8, u64),
+}
+
+/// A prefix cache over chained block hashes.
+///
+/// ```
+/// use kvc_core::BlockId;
+/// use kvc_reuse::{BlockHasher, HashExtra, PolicyKind, PrefixCache, Xxh3Hasher};
+///
+/// let mut cache = PrefixCache::new(4, PolicyKind::Lru);
+/// let hasher = Xxh3Hasher;
+/// let root = hasher.root(&HashExtra::new("model", 1));
+/// let prompt: Vec<u32> = (0..10).collect();
+/// let mut hashes = Vec::new();
+/// hasher.hash_blocks(root, &prompt, 4, &mut hashes); // two full blocks
+///
+/// let hit = cache.lookup(&hashes, prompt.len(), 0);
+/// assert_eq!(hit.tokens, 0);
+/// let mut newly = Vec::new();
+/// cache.insert(&hashes, &[BlockId(7), BlockId(8)], 0, &mut newly)?;
+/// assert_eq!(newly, [BlockId(7), BlockId(8)]);
+///
+/// let hit = cache.lookup(&hashes, prompt.len(), 1);
+/// assert_eq!(hit.blocks, [BlockId(7), BlockId(8)]);
+/// cache.release(&hit.blocks)?;
+///
+/// let mut freed = Vec::new();
+/// cache.evict(1, 2, &mut freed);
+/// assert_eq!(freed, [BlockId(8)]); // leaf first
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug)]
+pub struct PrefixCache {
+    block_size: u32,
+    nodes: Slab<Node>,
+    by_hash: AHashMap<BlockHash, u32>,
+    by_block: AHashMap<BlockId, u32>,
+    policy: Box<dyn EvictionPolicy>,
+    low: BTreeSet<(u8, u64, u32)>,
+    high: BTreeSet<(u8, u64, u32)>,
+    expiries: BinaryHeap<Reverse<(u64, u32, u64)>>,
+    retention_gen: u64,
+    orphans: Vec<BlockId>,
+    clock: u64,
+    now_ms: u64,
+    events: EventLog,
+    metrics: Metrics,
+}
+
+impl PrefixCache {
+    /// An empty cache of `block_size`-token blocks evicting with a shipped policy.
+    #[must_use]
+    pub fn new(block_size: u32, policy: PolicyKind) -> Self {
+        Self::with_policy(block_size, policy.build(0))
+    }
+
+    /// An empty cache with any policy.
+    #[must_use]
+    pub fn with_policy(block_size: u32, policy: Box<dyn EvictionPolicy>) -> Self {
+        Self {
+            block_size: block_size.max(1),
+            nodes: Slab::new(),
+            by_hash: AHashMap::new(),
+            by_block: AHashMap::new(),
+            policy,
+            low: BTreeSet::new(),
+            high: BTreeSet::new(),
+            expiries: BinaryHeap::new(),
+            retention_gen: 0,
+            orphans: Vec::new(),
+            clock: 0,
+            now_ms: 0,
+            events: EventLog::default(),
+            metrics: Metrics::default(),
+        }
+    }
+
+    /// Tokens per block.
+    #[must_use]
+    pub fn block_size(&self) -> u32 {
+        self.block_size
+    }
+
+    /// The eviction policy's name.
+    #[must_use]
+    pub fn policy_name(&self) -> &'static str {
+        self.policy.name()
+    }
+
+    /// Blocks the cache holds a reference on: hittable ones, invalidated ones still in use,
+    /// and invalidated ones waiting to be handed back by [`evict`](Self::evict).
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.nodes.len() + self.orphans.len()
+    }
+
+    /// Whether the cache holds no block.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Blocks a lookup can hit.
+    #[must_use]
+    pub fn hittable_blocks(&self) -> usize {
+        self.by_hash.len()
+    }
+
+    /// Whether a lookup can hit `hash` (given its whole chain is cached).
+    #[must_use]
+    pub fn contains(&self, hash: BlockHash) -> bool {
+        self.by_hash.contains_key(&hash)
+    }
+
+    /// The counters so far.
+    #[must_use]
+    pub fn metrics(&self) -> Metrics {
+        self.metrics
+    }
+
+    /// Starts recording [`KvEvent`]s for [`drain_events`](Self::drain_events). Events before
+    /// this call are not recorded.
+    pub fn subscribe(&mut self) {
+        self.events.enable();
+    }
+
+    /// Moves the recorded events, oldest first, to `out`.
+    pub fn drain_events(&mut self, out: &mut Vec<EventRecord>) {
+        self.events.drain(out);
+    }
+
+    fn tick(&mut self) -> u64 {
+        self.clock += 1;
+        self.clock
+    }
+
+    /// The longest cached prefix of a prompt of `prompt_tokens` tokens whose full blocks hash
+    /// to `hashes`. Never covers the last prompt token. The hit blocks are in use until
+    /// [`release`](Self::release)d.
+    pub fn lookup(&mut self, hashes: &[BlockHash], prompt_tokens: usize, now_ms: u64) -> PrefixHit {
+        self.now_ms = now_ms;
+        self.metrics.queries += 1;
+        self.metrics.query_tokens += prompt_tokens as u64;
+        let usable = (prompt_tokens.saturating_sub(1) / self.block_size as usize).min(hashes.len());
+        let mut slots: SmallVec<[u32; 64]> = SmallVec::new();
+        for h in &hashes[..usable] {
+            match self.by_hash.get(h) {
+                Some(&slot) => slots.push(slot),
+                None => break,
+            }
+        }
+        let hit = slots.len() as u32;
+        let mut blocks = Vec::with_capacity(slots.len());
+        for &slot in &slots {
+            let stamp = self.tick();
+            let node = &mut self.nodes[slot as usize];
+            node.refs += 1;
+            node.stamp = stamp;
+            blocks.push(node.block);
+            let info = BlockInfo {
+                hash: node.hash,
+                depth: node.depth,
+                stamp,
+                request_hit_blocks: hit,
+                request_blocks: hashes.len() as u32,
+            };
+            self.refresh(slot);
+            self.policy.on_hit(slot, &info);
+        }
+        let tokens = u64::from(hit) * u64::from(self.block_size);
+        self.metrics.hit_blocks += u64::from(hit);
+        self.metrics.hit_tokens += tokens;
+        PrefixHit { blocks, tokens }
+    }
+
+    /// Caches the full blocks of a prompt: `blocks[i]` holds the tokens hashed by `hashes[i]`,
+    /// which must be a whole chain from the first block. Blocks already cached under their
+    /// hash count as used again; the others are cached, not in use, and appended to
+    /// `newly_cached` (the caller keeps a reference on each for the cache).
+    pub fn insert(
+        &mut self,
+        hashes: &[BlockHash],
+        blocks: &[BlockId],
+        now_ms: u64,
+        newly_cached: &mut Vec<BlockId>,
+    ) -> Result<(), InsertError> {
+        if hashes.len() != blocks.len() {
+            return Err(InsertError::LengthMismatch {
+                hashes: hashes.len(),
+                blocks: blocks.len(),
+            });
+        }
+        self.now_ms = now_ms;
+        let existing = hashes
+            .iter()
+            .take_while(|h| self.by_hash.contains_key(h))
+            .count() as u32;
+        let request_blocks = hashes.len() as u32;
+        let mut parent: Option<u32> = None;
+        let mut stored: Vec<BlockHash> = Vec::new();
+        let mut stored_parent = None;
+        let mut result = Ok(());
+        for (i, (&hash, &block)) in hashes.iter().zip(blocks).enumerate() {
+            let stamp = self.tick();
+            let info = BlockInfo {
+                hash,
+                depth: i as u32,
+                stamp,
+                request_hit_blocks: existing,
+                request_blocks,
+            };
+            if let Some(&slot) = self.by_hash.get(&hash) {
+                self.nodes[slot as usize].stamp = stamp;
+                self.policy.on_hit(slot, &info);
+                self.refresh(slot);
+                parent = Some(slot);
+                continue;
+            }
+            if self.by_block.contains_key(&block) {
+                result = Err(InsertError::BlockAlreadyCached { block, index: i });
+                break;
+            }
+            let slot = self.nodes.insert(Node {
+                hash,
+                block,
+                parent,
+                children: SmallVec::new(),
+                refs: 0,
+                retention: Retention::DEFAULT,
+                retention_gen: 0,
+                hittable: true,
+                stamp,
+                depth: i as u32,
+                lane: Lane::None,
+                lane_key: (0, 0),
+            }) as u32;
+            self.by_hash.insert(hash, slot);
+            self.by_block.insert(block, slot);
+            self.policy.on_insert(slot, &info);
+            if let Some(p) = parent {
+                self.nodes[p as usize].children.push(slot);
+                self.refresh(p);
+            }
+            if self.events.enabled() {
+                if stored.is_empty() {
+                    stored_parent = parent.map(|p| self.nodes[p as usize].hash);
+                }
+                stored.push(hash);
+            }
+            self.metrics.inserted_blocks += 1;
+            newly_cached.push(block);
+            parent = Some(slot);
+        }
+        if let Some(last) = parent {
+            self.refresh(last);
+        }
+        if !stored.is_empty() {
+            self.events.push(KvEvent::BlockStored {
+                parent: stored_parent,
+                hashes: stored,
+            });
+        }
+        result
+    }
+
+    /// A request stopped using blocks a lookup gave it: they may be evicted from now on.
+    /// Every block is processed; the first error is returned.
+    pub fn release(&mut self, blocks: &[BlockId]) -> Result<(), ReleaseError> {
+        let mut result = Ok(());
+        for &block in blocks {
+            let Some(&slot) = self.by_block.get(&block) else {
+                result = result.and(Err(ReleaseError::UnknownBlock { block }));
+                continue;
+            };
+            let node = &mut self.nodes[slot as usize];
+            if node.refs == 0 {
+                result = result.and(Err(ReleaseError::NotInUse { block }));
+                continue;
+            }
+            node.refs -= 1;
+            if node.refs == 0 {
+                if node.hittable {
+                    self.refresh(slot);
+                } else {
+                    let node = self.nodes.remove(slot as usize);
+                    self.by_block.remove(&node.block);
+                    self.orphans.push(node.block);
+                }
+            }
+        }
+        result
+    }
+
+    /// Forgets up to `count` blocks that no request uses, appending their ids to `evicted` for
+    /// the caller to free, and returns how many. Invalidated blocks go first, then leaves in
+    /// retention and policy order (see the module docs).
+    pub fn evict(&mut self, count: usize, now_ms: u64, evicted: &mut Vec<BlockId>) -> usize {
+        self.now_ms = now_ms;
+        let mut n = 0;
+        while n < count {
+            let Some(b) = self.orphans.pop() else { break };
+            evicted.push(b);
+            n += 1;
+        }
+        self.expire(now_ms);
+        let mut removed = Vec::new();
+        while n < count {
+            let slot = if let Some((_, _, s)) = self.low.pop_first() {
+                s
+            } else if let Some(s) = self.policy.pop_victim() {
+                s
+            } else if let Some((_, _, s)) = self.high.pop_first() {
+                s
+            } else {
+                break;
+            };
+            self.nodes[slot as usize].lane = Lane::None;
+            let node = self.remove_hittable(slot);
+            if self.events.enabled() {
+                removed.push(node.hash);
+            }
+            evicted.push(node.block);
+            self.metrics.evicted_capacity += 1;
+            n += 1;
+        }
+        if !removed.is_empty() {
+            self.events.push(KvEvent::BlockRemoved { hashes: removed });
+        }
+        n
+    }
+
+    /// Sets the retention of the cached block `hash` (priority 0–100, decaying to the default
+    /// at `until`). Returns whether the block is cached.
+    pub fn set_retention(&mut self, hash: BlockHash, retention: Retention, now_ms: u64) -> bool {
+        self.now_ms = now_ms;
+        let Some(&slot) = self.by_hash.get(&hash) else {
+            return false;
+        };
+        self.retention_gen += 1;
+        let retention = Retention {
+            priority: retention.priority.min(Retention::MAX_PRIORITY),
+            until: retention.until,
+        };
+        let node = &mut self.nodes[slot as usize];
+        node.retention = retention;
+        node.retention_gen = self.retention_gen;
+        if let Some(until) = retention.until {
+            self.expiries
+                .push(Reverse((until, slot, self.retention_gen)));
+        }
+        self.refresh(slot);
+        true
+    }
+
+    /// Sets the retention of the cached block whose [`BlockHash::short`] is `short`. A linear
+    /// scan: meant for occasional pin updates, not the hot path.
+    pub fn set_retention_short(&mut self, short: u64, retention: Retention, now_ms: u64) -> bool {
+        let found = self.by_hash.keys().copied().find(|h| h.short() == short);
+        found.is_some_and(|h| self.set_retention(h, retention, now_ms))
+    }
+
+    /// Makes `hash` and every chain through it unhittable (an invalidated document prefix),
+    /// and returns how many blocks that was. Blocks no request uses are handed back by the
+    /// next [`evict`](Self::evict); blocks in use are handed back after their release.
+    pub fn invalidate(&mut self, hash: BlockHash) -> usize {
+        let Some(&top) = self.by_hash.get(&hash) else {
+            return 0;
+        };
+        if let Some(p) = self.nodes[top as usize].parent {
+            self.nodes[p as usize].children.retain(|c| *c != top);
+            self.refresh(p);
+        }
+        let mut removed = Vec::new();
+        self.detach_subtree(top, &mut removed);
+        let n = removed.len();
+        self.events.push(KvEvent::BlockRemoved { hashes: removed });
+        n
+    }
+
+    /// Makes every block unhittable (for example on a model switch) and returns how many.
+    pub fn clear(&mut self) -> usize {
+        let tops: Vec<u32> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.hittable && n.parent.is_none())
+            .map(|(s, _)| s as u32)
+            .collect();
+        let mut removed = Vec::new();
+        for top in tops {
+            self.detach_subtree(top, &mut removed);
+        }
+        self.events.push(KvEvent::AllCleared);
+        removed.len()
+    }
+
+    fn detach_subtree(&mut self, top: u32, removed: &mut Vec<BlockHash>) {
+        let mut stack = vec![top];
+        while let Some(slot) = stack.pop() {
+            self.leave_lane(slot);
+            self.policy.on_remove(slot);
+            let node = &mut self.nodes[slot as usize];
+            stack.extend(node.children.drain(..));
+            node.parent = None;
+            node.hittable = false;
+            let (hash, block, refs) = (node.hash, node.block, node.refs);
+            self.by_hash.remove(&hash);
+            removed.push(hash);
+            self.metrics.evicted_invalidated += 1;
+            if refs == 0 {
+                self.nodes.remove(slot as usize);
+                self.by_block.remove(&block);
+                self.orphans.push(block);
+            }
+        }
+    }
+
+    /// Removes an evictable hittable node (already out of its lane) and returns it.
+    fn remove_hittable(&mut self, slot: u32) -> Node {
+        self.policy.on_remove(slot);
+        let node = self.nodes.remove(slot as usize);
+        self.by_hash.remove(&node.hash);
+        self.by_block.remove(&node.block);
+        if let Some(p) = node.parent {
+            self.nodes[p as usize].children.retain(|c| *c != slot);
+            self.refresh(p);
+        }
+        node
+    }
+
+    /// Applies retention expiries due by `now_ms`.
+    fn expire(&mut self, now_ms: u64) {
+        while let Some(&Reverse((until, slot, generation))) = self.expiries.peek() {
+            if until > now_ms {
+                break;
+            }
+            self.expiries.pop();
+            if self
+                .nodes
+                .get(slot as usize)
+                .is_some_and(|n| n.retention_gen == generation && n.hittable)
+            {
+                self.refresh(slot);
+            }
+        }
+    }
+
+    /// Puts a node in the lane its state calls for.
+    fn refresh(&mut self, slot: u32) {
+        let node = &self.nodes[slot as usize];
+        let want = if !node.hittable || node.refs > 0 || !node.children.is_empty() {
+            Lane::None
+        } else {
+            let p = node.retention.priority_at(self.now_ms);
+            match p.cmp(&Retention::DEFAULT_PRIORITY) {
+                Ordering::Less => Lane::Low,
+                Ordering::Equal => Lane::Policy,
+                Ordering::Greater => Lane::High,
+            }
+        };
+        let key = (node.retention.priority_at(self.now_ms), node.stamp);
+        if want == node.lane && (want == Lane::Policy || want == Lane::None || key == node.lane_key)
+        {
+            return;
+        }
+        self.leave_lane(slot);
+        let node = &mut self.nodes[slot as usize];
+        node.lane = want;
+        node.lane_key = key;
+        match want {
+            Lane::None => {}
+            Lane::Policy => self.policy.on_evictable(slot),
+            Lane::Low => {
+                self.low.insert((key.0, key.1, slot));
+            }
+            Lane::High => {
+                self.high.insert((key.0, key.1, slot));
+            }
+        }
+    }
+
+    fn leave_lane(&mut self, slot: u32) {
+        let node = &mut self.nodes[slot as usize];
+        let (lane, key) = (node.lane, node.lane_key);
+        node.lane = Lane::None;
+        match lane {
+            Lane::None => {}
+            Lane::Policy => self.policy.on_unevictable(slot),
+            Lane::Low => {
+                self.low.remove(&(key.0, key.1, slot));
+            }
+            Lane::High => {
+                self.high.remove(&(key.0, key.1, slot));
+            }
+        }
+    }
+}

@@ -1,0 +1,99 @@
+//! KV events (shaped like vLLM's and SGLang's: `BlockStored`, `BlockRemoved`, `AllCleared`)
+//! with increasing event ids, and the cache's counters.
+
+use crate::BlockHash;
+
+/// A change to the set of hittable blocks, for routers and shared tiers that mirror the cache.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum KvEvent {
+    /// A chain of blocks became hittable: `hashes` in chain order, the first one's parent is
+    /// `parent` (`None`: the first block of a prompt).
+    BlockStored {
+        /// Hash of the block before `hashes[0]`, if any.
+        parent: Option<BlockHash>,
+        /// The stored blocks, in chain order.
+        hashes: Vec<BlockHash>,
+    },
+    /// These blocks stopped being hittable (evicted or invalidated).
+    BlockRemoved {
+        /// The removed blocks.
+        hashes: Vec<BlockHash>,
+    },
+    /// Every block stopped being hittable.
+    AllCleared,
+}
+
+/// An event with its id: ids increase by one per event, from 0, for the cache's lifetime.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EventRecord {
+    /// The event id.
+    pub id: u64,
+    /// The event.
+    pub event: KvEvent,
+}
+
+/// The queue a subscriber drains. Off until [`PrefixCache::subscribe`](crate::PrefixCache::subscribe)
+/// (no cost when nobody listens).
+#[derive(Debug, Default)]
+pub(crate) struct EventLog {
+    enabled: bool,
+    next_id: u64,
+    queue: Vec<EventRecord>,
+}
+
+impl EventLog {
+    pub(crate) fn enable(&mut self) {
+        self.enabled = true;
+    }
+
+    pub(crate) fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    pub(crate) fn push(&mut self, event: KvEvent) {
+        if self.enabled {
+            self.queue.push(EventRecord {
+                id: self.next_id,
+                event,
+            });
+            self.next_id += 1;
+        }
+    }
+
+    pub(crate) fn drain(&mut self, out: &mut Vec<EventRecord>) {
+        out.append(&mut self.queue);
+    }
+}
+
+/// The cache's counters since it was created.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Metrics {
+    /// Lookups.
+    pub queries: u64,
+    /// Prompt tokens looked up.
+    pub query_tokens: u64,
+    /// Tokens covered by hits.
+    pub hit_tokens: u64,
+    /// Blocks covered by hits.
+    pub hit_blocks: u64,
+    /// Blocks newly cached by inserts.
+    pub inserted_blocks: u64,
+    /// Blocks evicted to make room (`evict`).
+    pub evicted_capacity: u64,
+    /// Blocks dropped because they were invalidated (document prefix, or `clear`).
+    pub evicted_invalidated: u64,
+}
+
+impl Metrics {
+    /// Hit tokens over queried tokens (0 before any query).
+    #[must_use]
+    pub fn hit_rate(&self) -> f64 {
+        if self.query_tokens == 0 {
+            0.0
+        } else {
+            self.hit_tokens as f64 / self.query_tokens as f64
+        }
+    }
+}
