@@ -18,9 +18,9 @@
 use ahash::{AHashMap as HashMap, AHashSet as HashSet};
 
 use kvc_core::{
-    BlockAllocator, BlockId, BlockTable, ClassBlocks, LoadSample, PinPolicy, PlaceRequest,
-    Placement, PoolView, Refusal, RegionBlocks, RegionId, Resize, RetentionUpdate, ReuseIndex,
-    ReuseScope, SeqId,
+    Admission, BlockAllocator, BlockId, BlockTable, ClassBlocks, LoadSample, PinPolicy,
+    PlaceRequest, Placement, PoolView, Refusal, RegionBlocks, RegionId, Resize, RetentionUpdate,
+    ReuseIndex, ReuseScope, SeqId,
 };
 use thiserror::Error;
 
@@ -298,6 +298,17 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
     #[must_use]
     pub fn num_running(&self) -> usize {
         self.running.len()
+    }
+
+    /// Tokens of KV held by running sequences, counted per sequence (a block shared by two
+    /// sequences counts twice): the memory a cache without paging or sharing would need.
+    #[must_use]
+    pub fn resident_tokens(&self) -> u64 {
+        self.running
+            .iter()
+            .filter_map(|id| self.seqs.get(id))
+            .map(|s| s.table.num_tokens())
+            .sum()
     }
 
     /// Whether no request is waiting or running.
@@ -724,10 +735,19 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
             let placement = self.pin.place(&req, &self.pool_view());
             match placement {
                 Placement::Allocate { blocks, .. } => {
-                    if self.take_blocks(id, blocks) {
+                    // A new admission may not dip into the dynamic region's watermark reserve:
+                    // that is kept for running sequences to grow into.
+                    let admissible = running
+                        || blocks.dynamic == 0
+                        || self.alloc.can_allocate(RegionId::DYNAMIC, blocks.dynamic)
+                            != Ok(Admission::Later);
+                    if !admissible {
+                        let _ = self.pin.release(id, blocks);
+                    } else if self.take_blocks(id, blocks) {
                         return Grow::Done;
                     }
-                    // The policy's view counted cached blocks as used; fall through.
+                    // Not admissible, or the policy's view counted cached blocks as free
+                    // space: fall through to eviction.
                 }
                 Placement::Refuse { reason } => return Grow::Refused(reason),
                 Placement::PreemptLowest { victim } => {
