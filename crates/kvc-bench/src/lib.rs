@@ -3,3 +3,7 @@
 //!
 //! Not built yet: today `cargo xtask bench` runs the per-crate criterion benches.
 #![warn(missing_docs)]
+
+pub mod profiles;
+pub mod sim;
+pub mod size;
