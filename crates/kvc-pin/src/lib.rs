@@ -28,7 +28,9 @@
 //!     SoftPinConfig};
 //!
 //! let pool_blocks = 1_000;
-//! let adaptive = AdaptiveReserve::new(AdaptiveConfig::new(pool_blocks))?;
+//! let mut cfg = AdaptiveConfig::new(pool_blocks); // p99 + 10%, bounds, hysteresis, cool-downs
+//! cfg.min_samples = 1; // follow demand from the first observation (the default waits for 100)
+//! let adaptive = AdaptiveReserve::new(cfg)?;
 //! let soft = SoftPinConfig::new(2 << 20, pool_blocks, 0.05)?;
 //! let mut policy =
 //!     PinningPolicy::new(PolicyConfig::new(Reserve::Adaptive(Box::new(adaptive)), soft))?;

@@ -530,4 +530,9 @@ impl PinPolicy for PinningPolicy {
     fn expire(&mut self, now_ms: u64, changed: &mut Vec<RetentionUpdate>) {
         self.soft.expire(now_ms, changed);
     }
+
+    /// Only the reserved classes: a lower class may not even reuse a cached pinned block.
+    fn may_hold_pinned(&self, class: QosClass) -> bool {
+        self.is_reserved(class)
+    }
 }

@@ -38,6 +38,14 @@ pub enum ReserveError {
     /// The sliding window has no room for an observation.
     #[error("the demand window must span at least 1 ms and 1 sample")]
     EmptyWindow,
+    /// The window can never hold the observations the reserve waits for.
+    #[error("min_samples {min_samples} is above max_samples {max_samples}")]
+    MinSamplesAboveMax {
+        /// Observations needed before the reserve follows demand.
+        min_samples: usize,
+        /// Observations the window holds at most.
+        max_samples: usize,
+    },
 }
 
 /// The step from the pinned capacity `current` towards `target`, limited to free blocks.
@@ -166,6 +174,10 @@ pub struct AdaptiveConfig {
     pub window_ms: u64,
     /// At most this many observations in the window (default 10 000).
     pub max_samples: usize,
+    /// The reserve follows demand only once the window holds this many observations (default
+    /// 100: a p99 of fewer is the maximum of a handful, and a reserve placed on it can sit at
+    /// the edge of the hysteresis band for a long time). Bounds are enforced from the start.
+    pub min_samples: usize,
     /// Observations above this many blocks are recorded as this many (the pool size).
     pub max_demand: usize,
 }
@@ -186,6 +198,7 @@ impl AdaptiveConfig {
             shrink_cooldown_ms: 30_000,
             window_ms: 60_000,
             max_samples: 10_000,
+            min_samples: 100,
             max_demand: pool_blocks,
         }
     }
@@ -204,6 +217,12 @@ impl AdaptiveConfig {
         if self.window_ms == 0 || self.max_samples == 0 {
             return Err(ReserveError::EmptyWindow);
         }
+        if self.min_samples > self.max_samples {
+            return Err(ReserveError::MinSamplesAboveMax {
+                min_samples: self.min_samples,
+                max_samples: self.max_samples,
+            });
+        }
         Ok(())
     }
 }
@@ -212,8 +231,9 @@ impl AdaptiveConfig {
 ///
 /// Each [`decide`](Self::decide) records one demand observation, then aims for
 /// `clamp(pXX(window) × (1 + headroom_fraction) + headroom_blocks, min, max)`. It moves only
-/// when the gap to the current size exceeds the hysteresis band and the cool-down since the last
-/// change has passed; a current size outside the bounds is corrected without hysteresis.
+/// once the window holds `min_samples` observations, when the gap to the current size exceeds
+/// the hysteresis band and the cool-down since the last change has passed; a current size
+/// outside the bounds is corrected at once.
 ///
 /// ```
 /// use kvc_core::{PoolView, Resize};
@@ -221,6 +241,7 @@ impl AdaptiveConfig {
 ///
 /// let mut cfg = AdaptiveConfig::new(1_000);
 /// cfg.headroom_fraction = 0.0;
+/// cfg.min_samples = 1;
 /// let mut reserve = AdaptiveReserve::new(cfg)?;
 /// let pool = PoolView { pinned_capacity: 0, pinned_free: 0, dynamic_capacity: 1_000, dynamic_free: 1_000 };
 /// assert_eq!(reserve.decide(0, 40, &pool), Resize::Grow { blocks: 40, target: 40 });
@@ -281,11 +302,20 @@ impl AdaptiveReserve {
         let c = &self.config;
         let total = pool.total();
         let current = pool.pinned_capacity;
-        let target = self.target(total);
         let hi = c.max_blocks.min(total);
         let lo = c.min_blocks.min(hi);
         let in_bounds = (lo..=hi).contains(&current);
+        let warm = self.window.len() >= c.min_samples;
+        // Out of bounds with too few observations to trust: go to the nearest bound only.
+        let target = if warm {
+            self.target(total)
+        } else {
+            current.clamp(lo, hi)
+        };
         if in_bounds {
+            if !warm {
+                return Resize::Hold;
+            }
             let band = c
                 .hysteresis_blocks
                 .max((current as f64 * c.hysteresis_fraction).ceil() as usize);
@@ -405,6 +435,15 @@ mod tests {
             AdaptiveReserve::new(c).unwrap_err(),
             ReserveError::EmptyWindow
         );
+        let mut c = AdaptiveConfig::new(100);
+        c.max_samples = 50;
+        assert_eq!(
+            AdaptiveReserve::new(c).unwrap_err(),
+            ReserveError::MinSamplesAboveMax {
+                min_samples: 100,
+                max_samples: 50
+            }
+        );
     }
 
     #[test]
@@ -412,6 +451,7 @@ mod tests {
         let mut c = AdaptiveConfig::new(1_000);
         c.headroom_fraction = 0.0;
         c.hysteresis_fraction = 0.10;
+        c.min_samples = 1;
         c.grow_cooldown_ms = 100;
         c.shrink_cooldown_ms = 1_000;
         c.window_ms = 50;
@@ -462,13 +502,14 @@ mod tests {
                 target: 20
             }
         );
-        // Even inside a cool-down, a reserve above the maximum is brought down.
+        // Even inside a cool-down, a reserve above the maximum is brought down: to the nearest
+        // bound while the window holds fewer than `min_samples` observations.
         let d = r.decide(1, 0, &pool(60, 60, 40, 40));
         assert_eq!(
             d,
             Resize::Shrink {
-                blocks: 40,
-                target: 20
+                blocks: 20,
+                target: 40
             }
         );
         assert_eq!(Reserve::Adaptive(Box::new(r)).name(), "adaptive");

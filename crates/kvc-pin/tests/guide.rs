@@ -79,8 +79,8 @@ fn worked_example() {
         dynamic_free: total,
     };
     let mut clock = Clock::default();
-    // First decision: the minimum of 512 blocks at once (out of bounds is fixed immediately),
-    // then growth as the window fills.
+    // First decision: the minimum of 512 blocks at once (out of bounds is fixed immediately);
+    // then nothing until the window holds 100 observations (`min_samples`), at t = 9.9 s.
     for i in 0..1_200usize {
         let _ = clock.tick(&mut policy, &mut pool, 1_000 + 20 * (i % 100));
     }
@@ -118,9 +118,11 @@ fn worked_example() {
         .filter(|w| w[0].1 != w[1].1)
         .collect();
     assert_eq!(changes.last().map(|w| w[1]), Some((182_300, 3_278)));
-    // Growth before: 1,100 at t = 0, then +220 every second (the grow cool-down), 3,256 at
-    // t = 10 s; the burst took it to 5,500 at t = 120.6 s (7 burst observations > 1%).
-    assert_eq!(changes.len(), 12);
+    // Before: 512 at t = 0, 3,256 at t = 9.9 s (the p99 of the first full cycle is 2,960),
+    // then 5,500 at t = 120.6 s (7 burst observations, more than 1% of 600).
+    assert_eq!(clock.history[0], (0, 512));
+    let steps: Vec<(u64, usize)> = changes.iter().map(|w| w[1]).collect();
+    assert_eq!(steps, [(9_900, 3_256), (120_600, 5_500), (182_300, 3_278)]);
 
     // Degradation: the pinned region is nearly full; a critical request borrows.
     pool.pinned_free = 10;
@@ -143,7 +145,7 @@ fn worked_example() {
         }
     );
 
-    // Soft pin: a 2,000-token system prompt = 125 blocks (the last one partial), priority 90,
+    // Soft pin: a 2,000-token system prompt = 125 full blocks, priority 90,
     // 10 minutes.
     let chain: Vec<u64> = (0..125).map(|i| 0x5157_0000 + i).collect();
     let grant = policy

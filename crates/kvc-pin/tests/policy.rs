@@ -73,6 +73,12 @@ fn low_classes_never_take_pinned_blocks_even_when_pinned_is_idle() {
         }
     );
     assert_eq!(p.class_running(STD), 1);
+    // Nor may they reuse cached blocks of the pinned region.
+    assert!(p.may_hold_pinned(CRIT));
+    assert!(!p.may_hold_pinned(STD));
+    assert!(!p.may_hold_pinned(BE));
+    let none = PinningPolicy::new(PolicyConfig::unpinned(soft())).unwrap();
+    assert!(!none.may_hold_pinned(CRIT));
 }
 
 #[test]
@@ -434,6 +440,7 @@ fn the_same_loop_runs_with_no_static_or_adaptive_pinning() {
     .unwrap();
     let mut cfg = AdaptiveConfig::new(100);
     cfg.min_blocks = 2;
+    cfg.min_samples = 5;
     cfg.grow_cooldown_ms = 0;
     let adaptive = Reserve::Adaptive(Box::new(AdaptiveReserve::new(cfg).unwrap()));
     let mut adaptive = PinningPolicy::new(PolicyConfig::new(adaptive, soft())).unwrap();
