@@ -45,6 +45,11 @@ id_type!(
     "block#"
 );
 id_type!(
+    /// A block of the host-side (CPU) KV pool that preempted sequences are swapped out to.
+    HostBlockId(u32),
+    "host-block#"
+);
+id_type!(
     /// A running sequence (one request, or one branch of a forked request).
     SeqId(u64),
     "seq#"

@@ -35,7 +35,7 @@ pub use alloc::{
     Writable,
 };
 pub use block_table::BlockTable;
-pub use ids::{BlockId, RegionId, SeqId, SessionId, TenantId};
+pub use ids::{BlockId, HostBlockId, RegionId, SeqId, SessionId, TenantId};
 pub use layout::{DType, KvLayout, LayoutDim, LayoutError};
 pub use paged::{
     PageTable, PageTableError, PagedLayout, PagedLayoutError, SlotMapping, SlotMappingError,

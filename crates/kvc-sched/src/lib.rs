@@ -8,8 +8,9 @@
 //! memory runs out. The engine executes the [`StepPlan`] and hands the sampled tokens back with
 //! [`Scheduler::complete_step`]. Other threads submit and cancel through a [`Submitter`].
 //!
-//! Not built yet: swapping preempted sequences to a host tier (preemption always recomputes),
-//! and session-aware truncation.
+//! Preemption recomputes by default; with `host_blocks` configured it swaps the KV out to a
+//! host pool and the plan carries the swap-out and swap-in lists. Not built yet: truncating a
+//! session's context by policy when it outgrows the model (such requests are refused).
 //!
 //! ```
 //! use kvc_alloc::{BlockPool, PoolConfig};
@@ -50,7 +51,7 @@ mod queue;
 mod request;
 mod scheduler;
 
-pub use plan::{FinishReason, Finished, Rejection, ScheduledSeq, StepPlan};
+pub use plan::{FinishReason, Finished, Rejection, ScheduledSeq, StepPlan, SwapPair};
 pub use policy::DynamicOnly;
 pub use queue::{Command, QueueClosed, SubmitQueue, Submitter};
 pub use request::{Request, SubmitError};

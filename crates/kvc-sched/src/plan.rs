@@ -2,7 +2,7 @@
 
 use std::ops::Range;
 
-use kvc_core::{BlockCopy, QosClass, SeqId};
+use kvc_core::{BlockCopy, BlockId, HostBlockId, QosClass, SeqId};
 
 use crate::request::SubmitError;
 
@@ -20,7 +20,20 @@ pub struct ScheduledSeq {
     pub samples: bool,
 }
 
+/// A block moved between the device pool and the host pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SwapPair {
+    /// The device block.
+    pub device: BlockId,
+    /// The host block.
+    pub host: HostBlockId,
+}
+
 /// The batch of one step, in the CSR form paged-attention kernels take.
+///
+/// An engine executes it in this order: `swap_out` (device to host), `copies`, `swap_in`
+/// (host to device), then the batch. A device block swapped out may be handed to another
+/// sequence in the same plan, which is safe in that order.
 ///
 /// For the `i`-th scheduled sequence: its new tokens' queries are
 /// `qo_indptr[i]..qo_indptr[i + 1]` of the batch, its pages are
@@ -45,7 +58,11 @@ pub struct StepPlan {
     pub slot_mapping: Vec<i64>,
     /// Block copies to perform before the batch runs (copy-on-write).
     pub copies: Vec<BlockCopy>,
-    /// Sequences preempted this step (their KV was dropped; they will be recomputed).
+    /// Blocks of preempted sequences to copy to the host pool, first of all.
+    pub swap_out: Vec<SwapPair>,
+    /// Blocks of resumed sequences to copy back from the host pool, before the batch.
+    pub swap_in: Vec<SwapPair>,
+    /// Sequences preempted this step (their KV was swapped out, or dropped for recompute).
     pub preempted: Vec<SeqId>,
     /// Requests refused this step, with the reason.
     pub rejected: Vec<(SeqId, Rejection)>,
@@ -70,6 +87,8 @@ impl StepPlan {
         self.seq_lens.clear();
         self.slot_mapping.clear();
         self.copies.clear();
+        self.swap_out.clear();
+        self.swap_in.clear();
         self.preempted.clear();
         self.rejected.clear();
         self.cancelled.clear();

@@ -18,13 +18,13 @@
 use ahash::{AHashMap as HashMap, AHashSet as HashSet};
 
 use kvc_core::{
-    Admission, BlockAllocator, BlockId, BlockTable, ClassBlocks, LoadSample, PinPolicy,
-    PlaceRequest, Placement, PoolView, Refusal, RegionBlocks, RegionId, Resize, RetentionUpdate,
-    ReuseIndex, ReuseScope, SeqId,
+    Admission, BlockAllocator, BlockId, BlockTable, ClassBlocks, HostBlockId, LoadSample,
+    PinPolicy, PlaceRequest, Placement, PoolView, Refusal, RegionBlocks, RegionId, Resize,
+    RetentionUpdate, ReuseIndex, ReuseScope, SeqId,
 };
 use thiserror::Error;
 
-use crate::plan::{FinishReason, Finished, Rejection, ScheduledSeq, StepPlan};
+use crate::plan::{FinishReason, Finished, Rejection, ScheduledSeq, StepPlan, SwapPair};
 use crate::queue::{Command, SubmitQueue, Submitter};
 use crate::request::{Request, SubmitError};
 
@@ -46,6 +46,9 @@ pub struct SchedulerConfig {
     pub aging_ms: Option<u64>,
     /// The end-of-sequence token, if generation stops on one.
     pub eos_token: Option<u32>,
+    /// Blocks of the host-side pool that preempted sequences are swapped out to. 0: no host
+    /// tier, preemption drops the KV and the sequence is recomputed.
+    pub host_blocks: usize,
 }
 
 impl Default for SchedulerConfig {
@@ -58,6 +61,7 @@ impl Default for SchedulerConfig {
             num_classes: 3,
             aging_ms: Some(10_000),
             eos_token: None,
+            host_blocks: 0,
         }
     }
 }
@@ -125,6 +129,10 @@ pub struct SchedStats {
     pub finished: u64,
     /// Preemptions.
     pub preempted: u64,
+    /// Of those, preemptions that swapped the KV out instead of dropping it.
+    pub swapped_out: u64,
+    /// Swapped-out sequences brought back.
+    pub swapped_in: u64,
     /// Requests rejected after acceptance.
     pub rejected: u64,
     /// Requests cancelled.
@@ -161,6 +169,8 @@ struct Seq {
     state: State,
     preemptions: u32,
     awaiting_sample: bool,
+    /// Host blocks holding this sequence's KV while it is swapped out, in table order.
+    swapped: Vec<HostBlockId>,
 }
 
 impl Seq {
@@ -211,6 +221,8 @@ pub struct Scheduler<A, P, R> {
     commands: Vec<Command>,
     scratch: Vec<BlockId>,
     scheduled: Vec<(SeqId, u64)>,
+    /// Free blocks of the host pool.
+    host_free: Vec<HostBlockId>,
 }
 
 impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
@@ -240,6 +252,7 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
             });
         }
         let (queue, submitter) = SubmitQueue::new();
+        let cfg_host_blocks = cfg.host_blocks.min(u32::MAX as usize);
         Ok(Self {
             caps: vec![None; usize::from(cfg.num_classes)],
             cfg,
@@ -258,6 +271,7 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
             commands: Vec::new(),
             scratch: Vec::new(),
             scheduled: Vec::new(),
+            host_free: (0..cfg_host_blocks as u32).rev().map(HostBlockId).collect(),
         })
     }
 
@@ -363,6 +377,7 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
                 state: State::Waiting,
                 preemptions: 0,
                 awaiting_sample: false,
+                swapped: Vec::new(),
             },
         );
         self.waiting.push(seq);
@@ -452,14 +467,22 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
                 continue;
             };
             let n = s.pending().min(budget as u64);
-            match self.grow(id, n, &mut scheduled, &mut budget, plan) {
+            // A swapped-out sequence needs blocks for its whole context again.
+            let swapped = !s.swapped.is_empty();
+            let want = if swapped { s.computed + n } else { n };
+            match self.grow(id, want, &mut scheduled, &mut budget, plan) {
                 Grow::Done => {
+                    if swapped {
+                        self.swap_in(id, plan);
+                    }
                     self.admit(id);
                     scheduled.push((id, n));
                     budget -= n as usize;
                 }
                 Grow::Wait | Grow::PreemptedSelf => {
-                    self.unlookup(id);
+                    if !swapped {
+                        self.unlookup(id);
+                    }
                     blocked[class] = true;
                 }
                 Grow::Refused(reason) => self.reject(id, reason.into(), plan),
@@ -887,7 +910,26 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
             let (_, n) = scheduled.remove(at);
             *budget += n as usize;
         }
-        self.drop_memory(&mut s);
+        let blocks = s.table.num_blocks();
+        if blocks > 0 && self.host_free.len() >= blocks {
+            // Swap out: the KV moves to the host pool and the sequence resumes where it was.
+            for i in 0..blocks {
+                let (Some(host), Some(&device)) = (self.host_free.pop(), s.table.blocks().get(i))
+                else {
+                    break;
+                };
+                plan.swap_out.push(SwapPair { device, host });
+                s.swapped.push(host);
+            }
+            let computed = s.computed.min(s.table.num_tokens());
+            let swapped = std::mem::take(&mut s.swapped);
+            self.drop_memory(&mut s);
+            s.swapped = swapped;
+            s.computed = computed;
+            self.stats.swapped_out += 1;
+        } else {
+            self.drop_memory(&mut s);
+        }
         s.state = State::Waiting;
         s.preemptions += 1;
         self.seqs.insert(id, s);
@@ -897,8 +939,29 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
         self.stats.preempted += 1;
     }
 
-    /// Releases everything a sequence holds: block references, reuse marks, pin accounting.
+    /// Brings a swapped-out sequence's KV back into the blocks just allocated for it.
+    fn swap_in(&mut self, id: SeqId, plan: &mut StepPlan) {
+        let Some(s) = self.seqs.get_mut(&id) else {
+            return;
+        };
+        for (&host, &device) in s.swapped.iter().zip(s.table.blocks()) {
+            plan.swap_in.push(SwapPair { device, host });
+        }
+        self.host_free.append(&mut s.swapped);
+        let _ = s.table.advance(s.computed);
+        self.stats.swapped_in += 1;
+    }
+
+    /// Host-pool blocks free.
+    #[must_use]
+    pub fn host_free_blocks(&self) -> usize {
+        self.host_free.len()
+    }
+
+    /// Releases everything a sequence holds: block references, reuse marks, pin accounting,
+    /// host blocks.
     fn drop_memory(&mut self, s: &mut Seq) {
+        self.host_free.append(&mut s.swapped);
         self.reuse.release(&s.table.blocks()[..s.hit_blocks]);
         let _ = s.table.release_all(&mut self.alloc);
         let _ = self.pin.release(s.req.id, s.placed);
