@@ -31,11 +31,16 @@ pub struct PercentileWindow {
 }
 
 impl PercentileWindow {
+    /// The largest `max_value` honoured (16,777,216 blocks): the counts take 4 bytes per value,
+    /// so this bounds them at 64 MiB.
+    pub const MAX_VALUE: usize = 1 << 24;
+
     /// A window keeping at most `max_samples` observations, none older than `window_ms`, of
-    /// values up to `max_value` (larger values are recorded as `max_value`).
+    /// values up to `max_value` (larger values are recorded as `max_value`; `max_value` itself
+    /// is capped at [`MAX_VALUE`](Self::MAX_VALUE)). Takes `4 × max_value` bytes of counts.
     #[must_use]
     pub fn new(max_value: usize, window_ms: u64, max_samples: usize) -> Self {
-        let max_value = max_value.min(u32::MAX as usize - 1);
+        let max_value = max_value.min(Self::MAX_VALUE);
         Self {
             tree: vec![0; max_value + 2],
             ring: VecDeque::with_capacity(max_samples.clamp(1, 1 << 20)),
@@ -73,7 +78,7 @@ impl PercentileWindow {
             self.add(old as usize, false);
         }
         let value = value.min(self.max_value);
-        // `max_value` fits in u32 (clamped in `new`).
+        // `max_value` fits in u32 (capped in `new`).
         self.ring.push_back((now_ms, value as u32));
         self.add(value, true);
     }
@@ -165,6 +170,14 @@ mod tests {
                 assert_eq!(w.percentile(p), Some(naive(tail, p)), "t={t} p={p}");
             }
         }
+    }
+
+    #[test]
+    fn huge_ranges_are_capped() {
+        let mut w = PercentileWindow::new(usize::MAX, 10, 4);
+        assert_eq!(w.max_value(), PercentileWindow::MAX_VALUE);
+        w.push(0, usize::MAX);
+        assert_eq!(w.percentile(0.5), Some(PercentileWindow::MAX_VALUE));
     }
 
     #[test]
