@@ -296,6 +296,9 @@ pub fn simulate<P: PinPolicy, R: ReuseIndex>(
         0.0
     };
     for (class, (mut a, mut b)) in ttft.into_iter().zip(tbt).enumerate() {
+        if a.is_empty() {
+            continue; // no request of this class
+        }
         a.sort_by(f64::total_cmp);
         b.sort_by(f64::total_cmp);
         result.classes.push(ClassLatency {
