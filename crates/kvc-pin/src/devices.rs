@@ -8,9 +8,11 @@
 //! [`rebalance`] starts from the current plan: every tenant stays where it is while its device
 //! still holds it. On a device that overflows (a demand grew, or the device shrank) it moves as
 //! few tenants as possible: repeatedly the smallest tenant that alone covers the excess, else
-//! the largest (this removes the minimum number of tenants from that device, moving the fewest
-//! blocks among such choices). Moved, new and previously unplaced tenants are then placed best
-//! fit decreasing into the space left.
+//! the largest. This removes the minimum number of tenants from that device (the property tests
+//! check it), and when one tenant suffices, the smallest one. Moved, new and previously
+//! unplaced tenants are then placed best fit decreasing into the space left. It is not a global
+//! optimum: a tenant moved off one device may, for instance, find no room elsewhere while a
+//! different choice would have fitted everyone.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
