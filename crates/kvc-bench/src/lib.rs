@@ -5,5 +5,7 @@
 #![warn(missing_docs)]
 
 pub mod profiles;
+pub mod replay;
 pub mod sim;
 pub mod size;
+pub mod trace;

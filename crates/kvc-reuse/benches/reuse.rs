@@ -1,1 +1,132 @@
-fn main() {}
+//! Criterion benchmarks of the prefix cache: hashing plus lookup of a fully cached 32k-token
+//! prompt (16-token blocks) with each hasher, inserting the same prompt into an empty cache,
+//! and evicting 1,024 blocks.
+
+use std::hint::black_box;
+
+use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+use kvc_core::BlockId;
+use kvc_reuse::{BlockHasher, HashExtra, HasherKind, PolicyKind, PrefixCache};
+
+const TOKENS: usize = 32 * 1024;
+const BS: u32 = 16;
+
+fn prompt() -> Vec<u32> {
+    (0..TOKENS as u32)
+        .map(|i| i.wrapping_mul(2_654_435_761) % 128_000)
+        .collect()
+}
+
+fn filled(hasher: HasherKind, tokens: &[u32]) -> (PrefixCache, Vec<kvc_reuse::BlockHash>) {
+    let root = hasher.root(&HashExtra::new("bench", 1));
+    let mut hashes = Vec::new();
+    hasher.hash_blocks(root, tokens, BS as usize, &mut hashes);
+    let blocks: Vec<BlockId> = (0..hashes.len() as u32).map(BlockId).collect();
+    let mut cache = PrefixCache::new(BS, PolicyKind::Lru);
+    cache
+        .insert(&hashes, &blocks, 0, &mut Vec::new())
+        .expect("fresh blocks");
+    (cache, hashes)
+}
+
+fn lookup(c: &mut Criterion) {
+    let tokens = prompt();
+    for hasher in HasherKind::ALL {
+        let (mut cache, _) = filled(hasher, &tokens);
+        let root = hasher.root(&HashExtra::new("bench", 1));
+        let mut hashes = Vec::with_capacity(TOKENS / BS as usize);
+        c.bench_function(
+            &format!("reuse/hash+lookup 32k-token prompt ({})", hasher.name()),
+            |b| {
+                b.iter(|| {
+                    hashes.clear();
+                    hasher.hash_blocks(root, black_box(&tokens), BS as usize, &mut hashes);
+                    let hit = cache.lookup(&hashes, tokens.len(), 1);
+                    cache.release(&hit.blocks).expect("held by the lookup");
+                    black_box(hit.tokens)
+                })
+            },
+        );
+    }
+    let (mut cache, hashes) = filled(HasherKind::Xxh3, &tokens);
+    c.bench_function("reuse/lookup only, 2048 cached blocks", |b| {
+        b.iter(|| {
+            let hit = cache.lookup(black_box(&hashes), tokens.len(), 1);
+            cache.release(&hit.blocks).expect("held by the lookup");
+            black_box(hit.tokens)
+        })
+    });
+}
+
+fn insert(c: &mut Criterion) {
+    let tokens = prompt();
+    for hasher in HasherKind::ALL {
+        let root = hasher.root(&HashExtra::new("bench", 1));
+        let blocks: Vec<BlockId> = (0..(TOKENS / BS as usize) as u32).map(BlockId).collect();
+        let mut hashes = Vec::with_capacity(blocks.len());
+        let mut newly = Vec::with_capacity(blocks.len());
+        c.bench_function(
+            &format!("reuse/hash+insert 32k-token prompt ({})", hasher.name()),
+            |b| {
+                b.iter_batched(
+                    || PrefixCache::new(BS, PolicyKind::Lru),
+                    |mut cache| {
+                        hashes.clear();
+                        newly.clear();
+                        hasher.hash_blocks(root, black_box(&tokens), BS as usize, &mut hashes);
+                        cache
+                            .insert(&hashes, &blocks, 0, &mut newly)
+                            .expect("fresh blocks");
+                        cache
+                    },
+                    BatchSize::LargeInput,
+                )
+            },
+        );
+    }
+}
+
+fn evict(c: &mut Criterion) {
+    // 64 prompts of 64 blocks sharing their first 16: 3,088 cached blocks, evict 1,024.
+    let hasher = HasherKind::Xxh3;
+    let root = hasher.root(&HashExtra::new("bench", 1));
+    let mut chains = Vec::new();
+    for p in 0..64u32 {
+        let tokens: Vec<u32> = (0..64 * BS)
+            .map(|i| if i < 16 * BS { i } else { p * 100_000 + i })
+            .collect();
+        let mut hashes = Vec::new();
+        hasher.hash_blocks(root, &tokens, BS as usize, &mut hashes);
+        chains.push(hashes);
+    }
+    for policy in PolicyKind::ALL {
+        let mut out = Vec::with_capacity(1024);
+        c.bench_function(
+            &format!("reuse/evict 1024 blocks ({})", policy.name()),
+            |b| {
+                b.iter_batched(
+                    || {
+                        let mut cache = PrefixCache::with_policy(BS, policy.build(4096));
+                        let mut next = 0u32;
+                        for (t, hashes) in chains.iter().enumerate() {
+                            let blocks: Vec<BlockId> =
+                                (next..next + hashes.len() as u32).map(BlockId).collect();
+                            next += hashes.len() as u32;
+                            let _ = cache.insert(hashes, &blocks, t as u64, &mut Vec::new());
+                        }
+                        cache
+                    },
+                    |mut cache| {
+                        out.clear();
+                        black_box(cache.evict(1024, 100, &mut out));
+                        cache
+                    },
+                    BatchSize::LargeInput,
+                )
+            },
+        );
+    }
+}
+
+criterion_group!(benches, lookup, insert, evict);
+criterion_main!(benches);

@@ -21,9 +21,9 @@ use slab::Slab;
 use smallvec::SmallVec;
 use thiserror::Error;
 
+use crate::BlockHash;
 use crate::events::{EventLog, EventRecord, KvEvent, Metrics};
 use crate::policy::{BlockInfo, EvictionPolicy, PolicyKind};
-use crate::BlockHash;
 
 /// Why an insert stopped early. The blocks before `index` were inserted (or already cached);
 /// nothing from `index` on was.

@@ -294,7 +294,7 @@ impl SessionCache {
                 let gone = s.shared.split_off(valid);
                 // Held through lookups: give them back to the prefix cache.
                 let _ = prefix.release(&gone);
-                released.extend(s.private.drain(..));
+                released.append(&mut s.private);
             } else {
                 let keep_private = valid - s.shared.len();
                 if s.private.len() > keep_private {
@@ -368,7 +368,11 @@ impl SessionCache {
                     // Another block already caches this prefix: keep ours private.
                     let _ = prefix.release(&hit.blocks);
                     s.shared = old;
-                    let _ = prefix.lookup(&self.hashes[..s.shared.len()], s.shared.len() * bs + 1, now_ms);
+                    let _ = prefix.lookup(
+                        &self.hashes[..s.shared.len()],
+                        s.shared.len() * bs + 1,
+                        now_ms,
+                    );
                 }
             }
         }

@@ -1,0 +1,382 @@
+//! Trace replay through the real [`PrefixCache`]: requests in trace order, one at a time —
+//! look up, count hit tokens, cache every full prompt block, release, evict down to the
+//! capacity — plus the offline Belady bound and the infinite-cache hit rate on the same trace.
+//!
+//! Token ids are synthesised: token `j` of Mooncake block `i` is a fixed function of
+//! (`hash_ids[i]`, `j`), truncated to `input_length`, so two requests share exactly the
+//! prefixes their `hash_ids` share, at any block size.
+
+use std::collections::BTreeSet;
+use std::time::Instant;
+
+use ahash::AHashMap;
+use kvc_core::BlockId;
+use kvc_reuse::{BlockHasher, HashExtra, HasherKind, PolicyKind, PrefixCache};
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::trace::{MOONCAKE_BLOCK_TOKENS, TraceRequest};
+
+/// What to replay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplayConfig {
+    /// Cache capacity in tokens (cached blocks × block size).
+    pub capacity_tokens: u64,
+    /// Tokens per block.
+    pub block_size: u32,
+    /// The eviction policy.
+    pub policy: PolicyKind,
+    /// The block hasher.
+    pub hasher: HasherKind,
+    /// Also compute the offline optimum and the infinite-cache hit rate.
+    pub optimal: bool,
+}
+
+/// Why a replay cannot run.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum ReplayError {
+    /// The trace holds no request.
+    #[error("the trace holds no request")]
+    EmptyTrace,
+    /// The block size is zero.
+    #[error("the block size must be at least 1 token")]
+    ZeroBlockSize,
+    /// The capacity holds no block.
+    #[error("a capacity of {capacity_tokens} tokens holds no {block_size}-token block")]
+    ZeroCapacity {
+        /// Capacity asked.
+        capacity_tokens: u64,
+        /// Block size.
+        block_size: u32,
+    },
+    /// The trace needs more distinct blocks than a `BlockId` can number.
+    #[error("the trace needs more than {max} block ids")]
+    TooManyBlocks {
+        /// The largest count.
+        max: u64,
+    },
+}
+
+/// The result of a replay; `--json` prints it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ReplayReport {
+    /// Requests replayed.
+    pub requests: u64,
+    /// Prompt tokens of all requests.
+    pub input_tokens: u64,
+    /// Prompt tokens served from the cache.
+    pub hit_tokens: u64,
+    /// `hit_tokens / input_tokens`.
+    pub hit_rate: f64,
+    /// The eviction policy.
+    pub policy: &'static str,
+    /// The block hasher.
+    pub hasher: &'static str,
+    /// Cache capacity in tokens.
+    pub capacity_tokens: u64,
+    /// Tokens per block.
+    pub block_size: u32,
+    /// Blocks evicted.
+    pub evicted_blocks: u64,
+    /// Wall time of the cache replay (not of the optimum), in seconds.
+    pub elapsed_s: f64,
+    /// Offline Belady bound at the same capacity (with `--optimal`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub optimal_hit_rate: Option<f64>,
+    /// Hit rate of an unbounded cache (with `--optimal`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub infinite_hit_rate: Option<f64>,
+}
+
+/// The synthetic token `j` of Mooncake block `hash_id` (splitmix64 of the pair).
+#[inline]
+#[must_use]
+pub fn synth_token(hash_id: u32, j: u32) -> u32 {
+    let mut z = (u64::from(hash_id) << 32 | u64::from(j)).wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    ((z ^ (z >> 31)) >> 32) as u32
+}
+
+/// Appends the synthetic prompt of `req` to `out`.
+pub fn synth_prompt(req: &TraceRequest, out: &mut Vec<u32>) {
+    let len = req.input_length as usize;
+    'blocks: for &id in &req.hash_ids {
+        for j in 0..MOONCAKE_BLOCK_TOKENS {
+            if out.len() == len {
+                break 'blocks;
+            }
+            out.push(synth_token(id, j));
+        }
+    }
+}
+
+fn check(trace: &[TraceRequest], cfg: &ReplayConfig) -> Result<usize, ReplayError> {
+    if trace.is_empty() {
+        return Err(ReplayError::EmptyTrace);
+    }
+    if cfg.block_size == 0 {
+        return Err(ReplayError::ZeroBlockSize);
+    }
+    let cap = cfg.capacity_tokens / u64::from(cfg.block_size);
+    if cap == 0 {
+        return Err(ReplayError::ZeroCapacity {
+            capacity_tokens: cfg.capacity_tokens,
+            block_size: cfg.block_size,
+        });
+    }
+    Ok(usize::try_from(cap).unwrap_or(usize::MAX))
+}
+
+/// Replays `trace` through a [`PrefixCache`] (and, with `optimal`, the offline bounds).
+pub fn replay(trace: &[TraceRequest], cfg: &ReplayConfig) -> Result<ReplayReport, ReplayError> {
+    let cap_blocks = check(trace, cfg)?;
+    let bs = cfg.block_size as usize;
+    let start = Instant::now();
+    let mut cache = PrefixCache::with_policy(cfg.block_size, cfg.policy.build(cap_blocks));
+    let root = cfg.hasher.root(&HashExtra::new("mooncake-replay", 1));
+    let (mut tokens, mut hashes, mut blocks, mut newly, mut freed) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut next_block: u64 = 0;
+    let (mut input_tokens, mut hit_tokens, mut evicted) = (0u64, 0u64, 0u64);
+    for req in trace {
+        tokens.clear();
+        synth_prompt(req, &mut tokens);
+        hashes.clear();
+        cfg.hasher.hash_blocks(root, &tokens, bs, &mut hashes);
+        let now = req.timestamp_ms;
+        let hit = cache.lookup(&hashes, tokens.len(), now);
+        input_tokens += tokens.len() as u64;
+        hit_tokens += hit.tokens;
+        blocks.clear();
+        blocks.extend_from_slice(&hit.blocks);
+        while blocks.len() < hashes.len() {
+            let id = u32::try_from(next_block).map_err(|_| ReplayError::TooManyBlocks {
+                max: u64::from(u32::MAX),
+            })?;
+            blocks.push(BlockId(id));
+            next_block += 1;
+        }
+        newly.clear();
+        // Fresh ids are never cached yet, so the insert cannot fail.
+        let _ = cache.insert(&hashes, &blocks, now, &mut newly);
+        let _ = cache.release(&hit.blocks);
+        if cache.len() > cap_blocks {
+            freed.clear();
+            evicted += cache.evict(cache.len() - cap_blocks, now, &mut freed) as u64;
+        }
+    }
+    let elapsed_s = start.elapsed().as_secs_f64();
+    let rate = |hits: u64| {
+        if input_tokens == 0 {
+            0.0
+        } else {
+            hits as f64 / input_tokens as f64
+        }
+    };
+    let (optimal_hit_rate, infinite_hit_rate) = if cfg.optimal {
+        let index = ChainIndex::new(trace, bs);
+        (
+            Some(rate(index.offline_hits(Some(cap_blocks)))),
+            Some(rate(index.offline_hits(None))),
+        )
+    } else {
+        (None, None)
+    };
+    Ok(ReplayReport {
+        requests: trace.len() as u64,
+        input_tokens,
+        hit_tokens,
+        hit_rate: rate(hit_tokens),
+        policy: cfg.policy.name(),
+        hasher: cfg.hasher.name(),
+        capacity_tokens: cfg.capacity_tokens,
+        block_size: cfg.block_size,
+        evicted_blocks: evicted,
+        elapsed_s,
+        optimal_hit_rate,
+        infinite_hit_rate,
+    })
+}
+
+/// The trace's prefixes as dense chain ids, for the offline simulations: block `k` of a
+/// request is identified by (the id of the Mooncake-block prefix holding its last token, `k`).
+struct ChainIndex {
+    bs: usize,
+    /// Per request: input tokens and, per Mooncake block, (chain id, position of this
+    /// request in that chain's occurrence list).
+    requests: Vec<(usize, Vec<(u32, u32)>)>,
+    /// Per chain id: (request, full blocks of that request) for every request containing it.
+    occurrences: Vec<Vec<(u32, u32)>>,
+}
+
+const NEVER: u32 = u32::MAX;
+
+impl ChainIndex {
+    fn new(trace: &[TraceRequest], bs: usize) -> Self {
+        let mut ids: AHashMap<(u32, u32), u32> = AHashMap::new();
+        let mut occurrences: Vec<Vec<(u32, u32)>> = Vec::new();
+        let mut requests = Vec::with_capacity(trace.len());
+        for (r, req) in trace.iter().enumerate() {
+            let full = (req.input_length as usize / bs) as u32;
+            let mut parent = u32::MAX;
+            let mut chains = Vec::with_capacity(req.hash_ids.len());
+            for &h in &req.hash_ids {
+                let next = ids.len() as u32;
+                let c = *ids.entry((parent, h)).or_insert(next);
+                if c as usize == occurrences.len() {
+                    occurrences.push(Vec::new());
+                }
+                let pos = occurrences[c as usize].len() as u32;
+                occurrences[c as usize].push((r as u32, full));
+                chains.push((c, pos));
+                parent = c;
+            }
+            requests.push((req.input_length as usize, chains));
+        }
+        Self {
+            bs,
+            requests,
+            occurrences,
+        }
+    }
+
+    /// Chain id and occurrence position of block `k` of request `r`.
+    fn chain_of(&self, r: usize, k: usize) -> (u32, u32) {
+        let e = ((k + 1) * self.bs - 1) / MOONCAKE_BLOCK_TOKENS as usize;
+        self.requests[r].1[e]
+    }
+
+    fn key(&self, r: usize, k: usize) -> u64 {
+        u64::from(self.chain_of(r, k).0) << 32 | k as u64
+    }
+
+    /// The next request after `r` that holds block `k` of `r` as a full block.
+    fn next_use(&self, r: usize, k: usize) -> u32 {
+        let (c, pos) = self.chain_of(r, k);
+        self.occurrences[c as usize][pos as usize + 1..]
+            .iter()
+            .find(|&&(_, full)| full as usize > k)
+            .map_or(NEVER, |&(r2, _)| r2)
+    }
+
+    /// Hit tokens of the offline optimum (Belady: evict the block needed furthest in the
+    /// future, deeper first on ties, which keeps eviction leaf-first) with `cap` blocks, or of
+    /// an unbounded cache with `None`.
+    fn offline_hits(&self, cap: Option<usize>) -> u64 {
+        let mut cached: AHashMap<u64, (u32, u32)> = AHashMap::new();
+        let mut order: BTreeSet<(u32, u32, u64)> = BTreeSet::new();
+        let mut hits = 0u64;
+        for (r, (input, _)) in self.requests.iter().enumerate() {
+            let full = input / self.bs;
+            let usable = input.saturating_sub(1) / self.bs;
+            let hit = (0..usable.min(full))
+                .take_while(|&k| cached.contains_key(&self.key(r, k)))
+                .count();
+            hits += (hit * self.bs) as u64;
+            for k in 0..full {
+                let key = self.key(r, k);
+                match cap {
+                    None => {
+                        cached.insert(key, (0, 0));
+                    }
+                    Some(_) => {
+                        let next = self.next_use(r, k);
+                        if let Some(old) = cached.remove(&key) {
+                            order.remove(&(old.0, old.1, key));
+                        }
+                        // A block never used again cannot earn a hit: the optimum keeps none.
+                        if next != NEVER {
+                            cached.insert(key, (next, k as u32));
+                            order.insert((next, k as u32, key));
+                        }
+                    }
+                }
+            }
+            if let Some(cap) = cap {
+                while cached.len() > cap {
+                    if let Some((_, _, key)) = order.pop_last() {
+                        cached.remove(&key);
+                    }
+                }
+            }
+        }
+        hits
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(ts: u64, input: u32, ids: &[u32]) -> TraceRequest {
+        TraceRequest {
+            timestamp_ms: ts,
+            input_length: input,
+            output_length: 1,
+            hash_ids: ids.to_vec(),
+        }
+    }
+
+    fn cfg(capacity_tokens: u64, block_size: u32) -> ReplayConfig {
+        ReplayConfig {
+            capacity_tokens,
+            block_size,
+            policy: PolicyKind::Lru,
+            hasher: HasherKind::Xxh3,
+            optimal: true,
+        }
+    }
+
+    #[test]
+    fn shared_prefix_hits_at_any_block_size() {
+        // Request 2 shares Mooncake block 0 (512 tokens) with request 1.
+        let trace = [req(0, 1000, &[1, 2]), req(1, 1000, &[1, 3])];
+        for bs in [16, 64, 100, 512] {
+            let r = replay(&trace, &cfg(1 << 20, bs)).unwrap();
+            let expected = (512 / bs * bs) as u64;
+            assert_eq!(r.hit_tokens, expected, "block size {bs}");
+            assert_eq!(r.input_tokens, 2000);
+            assert_eq!(r.infinite_hit_rate, Some(expected as f64 / 2000.0));
+        }
+    }
+
+    #[test]
+    fn hit_never_covers_the_last_token() {
+        let trace = [req(0, 512, &[1]), req(1, 512, &[1])];
+        let r = replay(&trace, &cfg(1 << 20, 16)).unwrap();
+        assert_eq!(r.hit_tokens, 512 - 16);
+    }
+
+    #[test]
+    fn capacity_bounds_the_cache_and_optimum_beats_lru() {
+        // A, B, A, B ... with room for one prompt: LRU always misses; the optimum keeps A.
+        let mut trace = Vec::new();
+        for i in 0..6 {
+            trace.push(req(
+                i,
+                1024,
+                &[if i % 2 == 0 { 10 } else { 20 }, 30 + i as u32],
+            ));
+        }
+        let r = replay(&trace, &cfg(1024, 16)).unwrap();
+        assert_eq!(r.hit_tokens, 0);
+        assert!(r.evicted_blocks > 0);
+        let opt = r.optimal_hit_rate.unwrap();
+        assert!(opt > 0.0 && opt <= r.infinite_hit_rate.unwrap());
+    }
+
+    #[test]
+    fn errors_for_empty_trace_and_zero_capacity() {
+        assert_eq!(replay(&[], &cfg(100, 16)), Err(ReplayError::EmptyTrace));
+        assert!(matches!(
+            replay(&[req(0, 10, &[1])], &cfg(15, 16)),
+            Err(ReplayError::ZeroCapacity { .. })
+        ));
+        assert_eq!(
+            replay(&[req(0, 10, &[1])], &cfg(15, 0)),
+            Err(ReplayError::ZeroBlockSize)
+        );
+    }
+}
