@@ -7,7 +7,7 @@ use rayon::prelude::*;
 use crate::elem::KvElem;
 use crate::error::{ShapeError, check_cache};
 
-fn check_pairs(
+pub(crate) fn check_pairs(
     pairs: &[BlockCopy],
     src_blocks: u32,
     dst_blocks: u32,
@@ -127,7 +127,7 @@ pub fn swap_blocks<T: KvElem>(
         .for_each(|(dst_layer, src_layer)| {
             let (mut src, mut dst) = (Vec::new(), Vec::new());
             for c in pairs {
-                src_run_pairs(
+                run_pairs(
                     src_layout,
                     c.src.get(),
                     dst_layout,
@@ -145,7 +145,7 @@ pub fn swap_blocks<T: KvElem>(
 
 /// Runs of a block in two layouts that line up element for element: whole blocks when both
 /// are contiguous, head rows otherwise.
-fn src_run_pairs(
+pub(crate) fn run_pairs(
     a: &PagedLayout,
     block_a: u32,
     b: &PagedLayout,

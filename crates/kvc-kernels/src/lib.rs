@@ -42,6 +42,9 @@ mod elem;
 mod error;
 mod write;
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
+
 pub use attention::{AttnParams, DecodeOptions, merge_states, paged_decode, paged_prefill};
 pub use copy::{copy_blocks, swap_blocks};
 pub use elem::KvElem;

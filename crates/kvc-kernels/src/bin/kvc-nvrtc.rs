@@ -1,0 +1,55 @@
+//! Compiles every CUDA kernel of kvc-kernels with NVRTC (the same sources and options as the
+//! run-time path) and writes the PTX, for `cargo xtask kernels` to assemble with ptxas.
+//!
+//! Usage: `kvc-nvrtc OUT_DIR [ARCH]` (ARCH defaults to `compute_90`). Needs libnvrtc on the
+//! library path; no GPU or driver.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use kvc_kernels::cuda::{
+    MEMORY_KERNELS, all_instances, attend_kernel_name, compile, program_source,
+};
+
+fn main() -> ExitCode {
+    let mut args = std::env::args().skip(1);
+    let Some(out) = args.next().map(PathBuf::from) else {
+        eprintln!("usage: kvc-nvrtc OUT_DIR [ARCH]");
+        return ExitCode::from(2);
+    };
+    let arch = args.next().unwrap_or_else(|| "compute_90".into());
+    let instances = all_instances();
+    let src = program_source(&instances);
+    let ptx = match compile(&src, &arch, "every kvc kernel") {
+        Ok(ptx) => ptx,
+        Err(e) => {
+            eprintln!("kvc-nvrtc: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Err(e) = std::fs::create_dir_all(&out)
+        .and_then(|()| std::fs::write(out.join("kvc_kernels.ptx"), &ptx))
+        .and_then(|()| std::fs::write(out.join("kvc_kernels.cu"), &src))
+    {
+        eprintln!("kvc-nvrtc: cannot write to {}: {e}", out.display());
+        return ExitCode::FAILURE;
+    }
+    // The kernel list, one per line, for the caller to check every kernel was assembled.
+    let mut names: Vec<String> = MEMORY_KERNELS.iter().map(|s| (*s).to_string()).collect();
+    names.extend(
+        instances
+            .iter()
+            .map(|&(dt, d, g)| attend_kernel_name(dt, d, g)),
+    );
+    if let Err(e) = std::fs::write(out.join("kernels.txt"), names.join("\n") + "\n") {
+        eprintln!("kvc-nvrtc: cannot write the kernel list: {e}");
+        return ExitCode::FAILURE;
+    }
+    println!(
+        "kvc-nvrtc: {} kernels compiled for {arch} into {}",
+        names.len(),
+        out.join("kvc_kernels.ptx").display()
+    );
+    ExitCode::SUCCESS
+}
