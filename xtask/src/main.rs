@@ -5,6 +5,9 @@
 //! - `bench`: the criterion benchmarks of every crate.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+mod gpu;
+mod kernels;
+
 use std::env;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -14,7 +17,9 @@ const USAGE: &str = "usage: cargo xtask <command>
 commands:
   test    format check, clippy, workspace tests, loom models (every check)
   loom    loom model checks of the concurrent code (release, --cfg kvc_loom)
-  bench   criterion benchmarks of every crate [-- criterion args]";
+  bench   criterion benchmarks of every crate [-- criterion args]
+  kernels compile every CUDA kernel with NVRTC and ptxas for sm_90 (no GPU needed)
+  gpu     on an NVIDIA GPU: CUDA op tests against the CPU and the kernel benchmark";
 
 fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
@@ -27,6 +32,8 @@ fn main() -> ExitCode {
         "test" => test(),
         "loom" => loom(),
         "bench" => bench(rest),
+        "kernels" => kernels::kernels(),
+        "gpu" => gpu::gpu(rest),
         "help" | "-h" | "--help" => {
             println!("{USAGE}");
             Ok(())
@@ -88,7 +95,8 @@ fn test() -> Result<(), String> {
     tests.args(["test", "--workspace"]);
     run("cargo test --workspace", tests)?;
 
-    loom()
+    loom()?;
+    kernels::kernels()
 }
 
 fn loom() -> Result<(), String> {
