@@ -40,11 +40,13 @@
 mod cache;
 mod events;
 pub mod hash;
+mod index;
 pub mod policy;
 mod session;
 
 pub use cache::{InsertError, PrefixCache, ReleaseError};
 pub use events::{EventRecord, KvEvent, Metrics};
 pub use hash::{Blake3Hasher, BlockHash, BlockHasher, HashExtra, HasherKind, Xxh3Hasher};
+pub use index::ScopedIndex;
 pub use policy::{BlockInfo, EvictionPolicy, Lru, PolicyKind, S3Fifo};
 pub use session::{SessionCache, SessionConfig, SessionError, Truncation, Turn};

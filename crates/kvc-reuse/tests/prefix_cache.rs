@@ -1,0 +1,402 @@
+//! Behaviour of the prefix cache: lookup, insert, reference tracking, lazy leaf-first
+//! eviction, policies, retention priorities, invalidation, isolation, events and metrics.
+
+use kvc_core::{BlockId, Retention};
+use kvc_reuse::{
+    BlockHash, BlockHasher, HashExtra, InsertError, KvEvent, PolicyKind, PrefixCache, ReleaseError,
+    Xxh3Hasher,
+};
+
+const BS: usize = 4;
+
+fn hashes(extra: &HashExtra, tokens: &[u32]) -> Vec<BlockHash> {
+    let mut out = Vec::new();
+    Xxh3Hasher.hash_blocks(Xxh3Hasher.root(extra), tokens, BS, &mut out);
+    out
+}
+
+fn ids(range: std::ops::Range<u32>) -> Vec<BlockId> {
+    range.map(BlockId).collect()
+}
+
+fn extra() -> HashExtra {
+    HashExtra::new("m", 1)
+}
+
+/// A cache holding `prompt` (all of its full blocks) in blocks `first..`.
+fn cache_with(policy: PolicyKind, prompt: &[u32], first: u32) -> (PrefixCache, Vec<BlockHash>) {
+    let mut cache = PrefixCache::new(BS as u32, policy);
+    let h = hashes(&extra(), prompt);
+    let mut newly = Vec::new();
+    cache
+        .insert(&h, &ids(first..first + h.len() as u32), 0, &mut newly)
+        .unwrap();
+    assert_eq!(newly.len(), h.len());
+    (cache, h)
+}
+
+fn evict_all(cache: &mut PrefixCache, now: u64) -> Vec<BlockId> {
+    let mut out = Vec::new();
+    cache.evict(usize::MAX, now, &mut out);
+    out
+}
+
+#[test]
+fn longest_prefix_and_never_the_last_token() {
+    let prompt: Vec<u32> = (0..12).collect();
+    let (mut cache, h) = cache_with(PolicyKind::Lru, &prompt, 0);
+    // 12 tokens = 3 full blocks, but the last token must be computed: 2 blocks hit.
+    let hit = cache.lookup(&h, 12, 1);
+    assert_eq!(hit.blocks, ids(0..2));
+    assert_eq!(hit.tokens, 8);
+    cache.release(&hit.blocks).unwrap();
+    // A longer prompt with the same first 12 tokens hits all 3.
+    let mut longer = prompt.clone();
+    longer.extend([100, 101]);
+    let hit = cache.lookup(&hashes(&extra(), &longer), 14, 2);
+    assert_eq!(hit.blocks, ids(0..3));
+    cache.release(&hit.blocks).unwrap();
+    // A prompt diverging in block 1 hits block 0 only.
+    let mut diverging = longer.clone();
+    diverging[5] = 999;
+    let hit = cache.lookup(&hashes(&extra(), &diverging), 14, 3);
+    assert_eq!(hit.blocks, ids(0..1));
+    cache.release(&hit.blocks).unwrap();
+}
+
+#[test]
+fn blocks_in_use_are_never_evicted_and_release_is_checked() {
+    let prompt: Vec<u32> = (0..13).collect();
+    let (mut cache, h) = cache_with(PolicyKind::Lru, &prompt, 0);
+    let hit = cache.lookup(&h, 13, 1);
+    assert_eq!(hit.blocks.len(), 3);
+    assert!(evict_all(&mut cache, 2).is_empty(), "every block is in use");
+    assert_eq!(cache.hittable_blocks(), 3);
+    cache.release(&hit.blocks).unwrap();
+    assert_eq!(
+        cache.release(&hit.blocks[..1]),
+        Err(ReleaseError::NotInUse { block: BlockId(0) })
+    );
+    assert_eq!(
+        cache.release(&[BlockId(77)]),
+        Err(ReleaseError::UnknownBlock { block: BlockId(77) })
+    );
+    assert_eq!(evict_all(&mut cache, 3).len(), 3);
+    assert!(cache.is_empty());
+}
+
+#[test]
+fn eviction_is_lazy_and_leaf_first() {
+    // Two prompts share block 0: 0 -> 1 -> 2 and 0 -> 3.
+    let a: Vec<u32> = (0..12).collect();
+    let mut b: Vec<u32> = (0..8).collect();
+    b[4] = 50;
+    let mut cache = PrefixCache::new(BS as u32, PolicyKind::Lru);
+    let mut newly = Vec::new();
+    cache
+        .insert(&hashes(&extra(), &a), &ids(0..3), 0, &mut newly)
+        .unwrap();
+    let hb = hashes(&extra(), &b);
+    cache
+        .insert(&hb, &[BlockId(0), BlockId(3)], 1, &mut newly)
+        .unwrap();
+    assert_eq!(newly, ids(0..4), "block 0 was cached once");
+    // Released blocks stay hittable until evicted.
+    let hit = cache.lookup(&hashes(&extra(), &a), 13, 2);
+    assert_eq!(hit.tokens, 12);
+    cache.release(&hit.blocks).unwrap();
+    // Evict one at a time: the order must never take a block before its descendants.
+    let mut order = Vec::new();
+    for t in 0..4 {
+        let mut out = Vec::new();
+        assert_eq!(cache.evict(1, 10 + t, &mut out), 1);
+        order.extend(out);
+    }
+    let pos = |b: u32| order.iter().position(|&x| x == BlockId(b)).unwrap();
+    assert!(
+        pos(2) < pos(1) && pos(1) < pos(0) && pos(3) < pos(0),
+        "{order:?}"
+    );
+    // LRU: chain b (touched at t=1) is older than chain a (touched at t=2).
+    assert_eq!(order[0], BlockId(3));
+}
+
+#[test]
+fn insert_checks_its_input() {
+    let prompt: Vec<u32> = (0..8).collect();
+    let (mut cache, h) = cache_with(PolicyKind::Lru, &prompt, 0);
+    assert_eq!(
+        cache.insert(&h, &ids(0..1), 0, &mut Vec::new()),
+        Err(InsertError::LengthMismatch {
+            hashes: 2,
+            blocks: 1
+        })
+    );
+    let other = hashes(&extra(), &[9, 9, 9, 9]);
+    assert_eq!(
+        cache.insert(&other, &[BlockId(1)], 0, &mut Vec::new()),
+        Err(InsertError::BlockAlreadyCached {
+            block: BlockId(1),
+            index: 0
+        })
+    );
+}
+
+#[test]
+fn s3fifo_resists_a_scan() {
+    // A hot prompt used repeatedly, then a long scan of one-off prompts through a small
+    // cache: S3-FIFO keeps the hot chain, LRU loses it.
+    let hot: Vec<u32> = (0..16).collect();
+    let mut survivors = Vec::new();
+    for policy in [PolicyKind::Lru, PolicyKind::S3Fifo] {
+        let mut cache = PrefixCache::with_policy(BS as u32, policy.build(40));
+        let hh = hashes(&extra(), &hot);
+        let mut next = 0u32;
+        let mut now = 0;
+        for _ in 0..3 {
+            now += 1;
+            let hit = cache.lookup(&hh, 17, now);
+            let mut blocks = hit.blocks.clone();
+            while blocks.len() < hh.len() {
+                blocks.push(BlockId(next));
+                next += 1;
+            }
+            cache.insert(&hh, &blocks, now, &mut Vec::new()).unwrap();
+            cache.release(&hit.blocks).unwrap();
+        }
+        for s in 0..30u32 {
+            now += 1;
+            let scan: Vec<u32> = (0..16).map(|i| 1000 + s * 100 + i).collect();
+            let hs = hashes(&extra(), &scan);
+            let blocks = ids(next..next + hs.len() as u32);
+            next += hs.len() as u32;
+            cache.insert(&hs, &blocks, now, &mut Vec::new()).unwrap();
+            if cache.len() > 40 {
+                let excess = cache.len() - 40;
+                cache.evict(excess, now, &mut Vec::new());
+            }
+        }
+        let hit = cache.lookup(&hh, 17, now + 1);
+        survivors.push(hit.tokens);
+        cache.release(&hit.blocks).unwrap();
+    }
+    assert_eq!(survivors, [0, 16], "LRU, S3-FIFO hot-chain hit tokens");
+}
+
+#[test]
+fn retention_orders_eviction_and_expires_to_the_default() {
+    // Three independent one-block prompts cached in order 0, 1, 2 (LRU order 0 < 1 < 2).
+    let mut cache = PrefixCache::new(BS as u32, PolicyKind::Lru);
+    let mut hs = Vec::new();
+    for i in 0..3u32 {
+        let h = hashes(&extra(), &[i, i, i, i]);
+        cache
+            .insert(&h, &[BlockId(i)], u64::from(i), &mut Vec::new())
+            .unwrap();
+        hs.push(h[0]);
+    }
+    // Block 0 retained high until t=100, block 2 low (evict first).
+    assert!(cache.set_retention(
+        hs[0],
+        Retention {
+            priority: 90,
+            until: Some(100)
+        },
+        5
+    ));
+    assert!(cache.set_retention(
+        hs[2],
+        Retention {
+            priority: 10,
+            until: None
+        },
+        5
+    ));
+    assert!(!cache.set_retention(BlockHash(1), Retention::DEFAULT, 5));
+    let mut out = Vec::new();
+    cache.evict(1, 10, &mut out);
+    cache.evict(1, 10, &mut out);
+    assert_eq!(out, [BlockId(2), BlockId(1)], "low first, then the policy");
+
+    // Expiry: after t=100 block 0 decays to the default and is ordered by the policy again.
+    let h3 = hashes(&extra(), &[3, 3, 3, 3]);
+    cache
+        .insert(&h3, &[BlockId(3)], 50, &mut Vec::new())
+        .unwrap();
+    let mut out = Vec::new();
+    cache.evict(1, 60, &mut out);
+    assert_eq!(out, [BlockId(3)], "block 0 is still retained at t=60");
+    cache
+        .insert(&h3, &[BlockId(3)], 70, &mut Vec::new())
+        .unwrap();
+    let mut out = Vec::new();
+    cache.evict(1, 200, &mut out);
+    assert_eq!(out, [BlockId(0)], "expired: block 0 is older than block 3");
+}
+
+#[test]
+fn short_hash_retention_reaches_the_block() {
+    let prompt: Vec<u32> = (0..4).collect();
+    let (mut cache, h) = cache_with(PolicyKind::Lru, &prompt, 0);
+    assert!(cache.set_retention_short(
+        h[0].short(),
+        Retention {
+            priority: 0,
+            until: None
+        },
+        0
+    ));
+    assert!(!cache.set_retention_short(h[0].short() ^ 1, Retention::DEFAULT, 0));
+}
+
+#[test]
+fn model_version_bump_makes_older_blocks_unhittable() {
+    let prompt: Vec<u32> = (0..9).collect();
+    let (mut cache, _) = cache_with(PolicyKind::Lru, &prompt, 0);
+    let v2 = hashes(&HashExtra::new("m", 2), &prompt);
+    let hit = cache.lookup(&v2, 9, 1);
+    assert_eq!(hit.tokens, 0);
+    let adapter = hashes(&extra().with_adapter(3), &prompt);
+    assert_eq!(cache.lookup(&adapter, 9, 1).tokens, 0);
+}
+
+#[test]
+fn invalidating_a_document_prefix_drops_every_chain_through_it() {
+    // A shared document (blocks 0,1) followed by two questions (2 and 3).
+    let doc: Vec<u32> = (0..8).collect();
+    let mut q1 = doc.clone();
+    q1.extend([100, 101, 102, 103]);
+    let mut q2 = doc.clone();
+    q2.extend([200, 201, 202, 203]);
+    let other: Vec<u32> = (500..508).collect();
+    let mut cache = PrefixCache::new(BS as u32, PolicyKind::Lru);
+    let (h1, h2, ho) = (
+        hashes(&extra(), &q1),
+        hashes(&extra(), &q2),
+        hashes(&extra(), &other),
+    );
+    cache.insert(&h1, &ids(0..3), 0, &mut Vec::new()).unwrap();
+    cache
+        .insert(
+            &h2,
+            &[BlockId(0), BlockId(1), BlockId(3)],
+            0,
+            &mut Vec::new(),
+        )
+        .unwrap();
+    cache.insert(&ho, &ids(10..12), 0, &mut Vec::new()).unwrap();
+    // q1 is running and holds its blocks.
+    let running = cache.lookup(&h1, 13, 1);
+    assert_eq!(running.blocks.len(), 3);
+    cache.subscribe();
+
+    // Invalidate the document's second block: it and every chain through it go.
+    assert_eq!(cache.invalidate(h1[1]), 3);
+    assert_eq!(cache.lookup(&h1, 13, 2).blocks, ids(0..1));
+    let hit = cache.lookup(&h2, 13, 2);
+    assert_eq!(hit.blocks, ids(0..1));
+    cache.release(&hit.blocks).unwrap();
+    cache.release(&ids(0..1)).unwrap();
+    assert!(cache.contains(ho[1]), "unrelated chains stay");
+
+    // The free one (block 3) comes back from evict first; running ones after release.
+    let mut out = Vec::new();
+    cache.evict(1, 3, &mut out);
+    assert_eq!(out, [BlockId(3)]);
+    cache.release(&running.blocks).unwrap();
+    let mut out = evict_all(&mut cache, 4);
+    out.sort();
+    assert_eq!(out, [0, 1, 2, 10, 11].map(BlockId));
+
+    let mut events = Vec::new();
+    cache.drain_events(&mut events);
+    let KvEvent::BlockRemoved { hashes: removed } = &events[0].event else {
+        panic!("{events:?}")
+    };
+    assert_eq!(removed.len(), 3);
+}
+
+#[test]
+fn tenants_never_hit_or_touch_each_others_blocks() {
+    let a = HashExtra::new("m", 1).with_salt(*b"tenant-a");
+    let b = HashExtra::new("m", 1).with_salt(*b"tenant-b");
+    let p1: Vec<u32> = (0..8).collect();
+    let p2: Vec<u32> = (100..108).collect();
+    // Run the same owner history twice, once with tenant b probing in between, and compare
+    // the owner's eviction order, metrics aside.
+    let mut orders = Vec::new();
+    for probe in [false, true] {
+        let mut cache = PrefixCache::new(BS as u32, PolicyKind::Lru);
+        cache
+            .insert(&hashes(&a, &p1), &ids(0..2), 0, &mut Vec::new())
+            .unwrap();
+        cache
+            .insert(&hashes(&a, &p2), &ids(2..4), 1, &mut Vec::new())
+            .unwrap();
+        if probe {
+            // Tenant b looks up and offers the same prompt p1: no hit, and a's p1 chain is
+            // not refreshed (else it would now be evicted after p2).
+            let hb = hashes(&b, &p1);
+            let hit = cache.lookup(&hb, 9, 2);
+            assert_eq!(hit.tokens, 0);
+            let mut newly = Vec::new();
+            cache.insert(&hb, &ids(4..6), 2, &mut newly).unwrap();
+            assert_eq!(newly, ids(4..6), "b gets its own blocks");
+        }
+        let mut order = Vec::new();
+        for _ in 0..4 {
+            cache.evict(1, 3, &mut order);
+        }
+        orders.push(order);
+    }
+    assert_eq!(orders[0], orders[1], "the probe changed the owner's order");
+    assert_eq!(orders[0], [1, 0, 3, 2].map(BlockId));
+}
+
+#[test]
+fn events_have_increasing_ids_and_metrics_count() {
+    let mut cache = PrefixCache::new(BS as u32, PolicyKind::Lru);
+    cache.subscribe();
+    let p: Vec<u32> = (0..12).collect();
+    let h = hashes(&extra(), &p);
+    cache
+        .insert(&h[..2], &ids(0..2), 0, &mut Vec::new())
+        .unwrap();
+    cache.insert(&h, &ids(0..3), 0, &mut Vec::new()).unwrap();
+    let hit = cache.lookup(&h, 13, 1);
+    cache.release(&hit.blocks).unwrap();
+    let mut out = Vec::new();
+    cache.evict(2, 2, &mut out);
+    cache.clear();
+    let mut events = Vec::new();
+    cache.drain_events(&mut events);
+    let ids_seen: Vec<u64> = events.iter().map(|e| e.id).collect();
+    assert_eq!(ids_seen, [0, 1, 2, 3]);
+    assert_eq!(
+        events[0].event,
+        KvEvent::BlockStored {
+            parent: None,
+            hashes: h[..2].to_vec()
+        }
+    );
+    assert_eq!(
+        events[1].event,
+        KvEvent::BlockStored {
+            parent: Some(h[1]),
+            hashes: vec![h[2]]
+        }
+    );
+    assert_eq!(
+        events[2].event,
+        KvEvent::BlockRemoved {
+            hashes: vec![h[2], h[1]]
+        }
+    );
+    assert_eq!(events[3].event, KvEvent::AllCleared);
+    let m = cache.metrics();
+    assert_eq!((m.queries, m.query_tokens, m.hit_tokens), (1, 13, 12));
+    assert_eq!(m.inserted_blocks, 3);
+    assert_eq!((m.evicted_capacity, m.evicted_invalidated), (2, 1));
+    assert!((m.hit_rate() - 12.0 / 13.0).abs() < 1e-12);
+    assert_eq!(evict_all(&mut cache, 3), [BlockId(0)]);
+}
