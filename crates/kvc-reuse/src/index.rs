@@ -1,0 +1,204 @@
+//! [`ScopedIndex`]: a [`PrefixCache`] behind the `kvc_core::ReuseIndex` trait, so a scheduler
+//! written against `kvc-core` reuses prefixes through it.
+//!
+//! The index hashes prompts itself: each tenant's chains are rooted in the deployment's
+//! namespace (model and version, adapter) with the tenant's cache salt mixed in, so tenants
+//! never hit each other's blocks unless they are given the same salt. Multi-turn sessions reuse
+//! their earlier turns through the same chains (a turn's prompt starts with the conversation so
+//! far).
+
+use ahash::AHashMap;
+use kvc_core::{BlockId, PrefixHit, Retention, ReuseIndex, ReuseScope, TenantId};
+
+use crate::{BlockHash, BlockHasher, HashExtra, PrefixCache};
+
+/// A prefix cache that hashes prompts per tenant and implements `kvc_core::ReuseIndex`.
+///
+/// ```
+/// use kvc_core::{BlockId, ReuseIndex, ReuseScope, TenantId};
+/// use kvc_reuse::{HashExtra, PolicyKind, PrefixCache, ScopedIndex, Xxh3Hasher};
+///
+/// let cache = PrefixCache::new(4, PolicyKind::Lru);
+/// let mut index = ScopedIndex::new(cache, Xxh3Hasher, HashExtra::new("llama-3-8b", 1));
+/// let scope = ReuseScope { tenant: TenantId(1), session: None };
+/// let prompt: Vec<u32> = (0..10).collect();
+///
+/// let mut newly = Vec::new();
+/// index.insert(&scope, &prompt[..8], &[BlockId(4), BlockId(5)], 0, &mut newly);
+/// assert_eq!(newly, [BlockId(4), BlockId(5)]); // take a pool reference on each for the index
+///
+/// let hit = index.lookup(&scope, &prompt, 1);
+/// assert_eq!(hit.tokens, 8);
+/// index.release(&hit.blocks);
+///
+/// let stranger = ReuseScope { tenant: TenantId(2), session: None };
+/// assert_eq!(index.lookup(&stranger, &prompt, 2).tokens, 0); // other tenant: no hit
+/// ```
+#[derive(Debug)]
+pub struct ScopedIndex<H> {
+    cache: PrefixCache,
+    hasher: H,
+    namespace: HashExtra,
+    salts: AHashMap<TenantId, Vec<u8>>,
+    roots: AHashMap<TenantId, BlockHash>,
+    hashes: Vec<BlockHash>,
+    now_ms: u64,
+}
+
+impl<H: BlockHasher> ScopedIndex<H> {
+    /// An index over `cache`, hashing with `hasher` under `namespace` (model, version,
+    /// adapter; its salt is replaced by each tenant's).
+    pub fn new(cache: PrefixCache, hasher: H, namespace: HashExtra) -> Self {
+        Self {
+            cache,
+            hasher,
+            namespace,
+            salts: AHashMap::new(),
+            roots: AHashMap::new(),
+            hashes: Vec::new(),
+            now_ms: 0,
+        }
+    }
+
+    /// Gives `tenant` the cache salt `salt`. Tenants with equal salts share cached blocks;
+    /// by default each tenant's salt is its own id, so nothing is shared.
+    pub fn set_salt(&mut self, tenant: TenantId, salt: impl Into<Vec<u8>>) {
+        self.salts.insert(tenant, salt.into());
+        self.roots.remove(&tenant);
+    }
+
+    /// The prefix cache.
+    pub fn cache(&self) -> &PrefixCache {
+        &self.cache
+    }
+
+    /// The prefix cache, for invalidation, events and pins.
+    pub fn cache_mut(&mut self) -> &mut PrefixCache {
+        &mut self.cache
+    }
+
+    fn root(&mut self, tenant: TenantId) -> BlockHash {
+        if let Some(&root) = self.roots.get(&tenant) {
+            return root;
+        }
+        let salt = self
+            .salts
+            .get(&tenant)
+            .cloned()
+            .unwrap_or_else(|| tenant.get().to_le_bytes().to_vec());
+        let root = self.hasher.root(&self.namespace.clone().with_salt(salt));
+        self.roots.insert(tenant, root);
+        root
+    }
+
+    fn hash(&mut self, scope: &ReuseScope, tokens: &[u32]) {
+        let root = self.root(scope.tenant);
+        self.hashes.clear();
+        let bs = self.cache.block_size() as usize;
+        self.hasher.hash_blocks(root, tokens, bs, &mut self.hashes);
+    }
+}
+
+impl<H: BlockHasher> ReuseIndex for ScopedIndex<H> {
+    fn block_size(&self) -> u32 {
+        self.cache.block_size()
+    }
+
+    fn lookup(&mut self, scope: &ReuseScope, prompt: &[u32], now_ms: u64) -> PrefixHit {
+        self.now_ms = now_ms;
+        self.hash(scope, prompt);
+        let hit = self.cache.lookup(&self.hashes, prompt.len(), now_ms);
+        PrefixHit {
+            blocks: hit.blocks,
+            tokens: hit.tokens,
+        }
+    }
+
+    fn insert(
+        &mut self,
+        scope: &ReuseScope,
+        tokens: &[u32],
+        blocks: &[BlockId],
+        now_ms: u64,
+        newly_cached: &mut Vec<BlockId>,
+    ) {
+        self.now_ms = now_ms;
+        self.hash(scope, tokens);
+        let n = self.hashes.len().min(blocks.len());
+        // A block already cached under another hash ends the offer there; what was cached
+        // before it stays cached, and `newly_cached` says exactly what.
+        let _ = self
+            .cache
+            .insert(&self.hashes[..n], &blocks[..n], now_ms, newly_cached);
+    }
+
+    fn release(&mut self, blocks: &[BlockId]) {
+        // Blocks the cache no longer knows (invalidated and handed back) are skipped.
+        let _ = self.cache.release(blocks);
+    }
+
+    fn evict(&mut self, count: usize, now_ms: u64, evicted: &mut Vec<BlockId>) {
+        self.now_ms = now_ms;
+        self.cache.evict(count, now_ms, evicted);
+    }
+
+    fn set_retention(&mut self, block_hash: u64, retention: Retention) {
+        self.cache
+            .set_retention_short(block_hash, retention, self.now_ms);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Blake3Hasher, PolicyKind};
+
+    fn index() -> ScopedIndex<Blake3Hasher> {
+        ScopedIndex::new(
+            PrefixCache::new(2, PolicyKind::Lru),
+            Blake3Hasher,
+            HashExtra::new("m", 1),
+        )
+    }
+
+    #[test]
+    fn shared_salts_share_and_distinct_tenants_do_not() {
+        let mut idx = index();
+        let a = ReuseScope {
+            tenant: TenantId(1),
+            session: None,
+        };
+        let b = ReuseScope {
+            tenant: TenantId(2),
+            session: None,
+        };
+        let mut newly = Vec::new();
+        idx.insert(&a, &[1, 2, 3, 4], &[BlockId(0), BlockId(1)], 0, &mut newly);
+        assert_eq!(newly.len(), 2);
+        assert_eq!(idx.lookup(&b, &[1, 2, 3, 4, 5], 1).tokens, 0);
+        idx.set_salt(TenantId(1), *b"team");
+        idx.set_salt(TenantId(2), *b"team");
+        newly.clear();
+        idx.insert(&a, &[1, 2, 3, 4], &[BlockId(2), BlockId(3)], 2, &mut newly);
+        let hit = idx.lookup(&b, &[1, 2, 3, 4, 5], 3);
+        assert_eq!(hit.blocks, [BlockId(2), BlockId(3)]);
+        idx.release(&hit.blocks);
+        // Leaf first: the chain's last block goes before its parent.
+        let mut evicted = Vec::new();
+        idx.evict(1, 4, &mut evicted);
+        assert_eq!(evicted.len(), 1);
+        assert_ne!(evicted[0], BlockId(2));
+    }
+
+    #[test]
+    fn a_hit_never_covers_the_last_prompt_token() {
+        let mut idx = index();
+        let s = ReuseScope {
+            tenant: TenantId(1),
+            session: None,
+        };
+        let mut newly = Vec::new();
+        idx.insert(&s, &[1, 2, 3, 4], &[BlockId(0), BlockId(1)], 0, &mut newly);
+        assert_eq!(idx.lookup(&s, &[1, 2, 3, 4], 1).tokens, 2);
+    }
+}
