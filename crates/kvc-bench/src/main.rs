@@ -7,6 +7,8 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use kvc_bench::replay::{ReplayConfig, ReplayReport, replay};
+use kvc_bench::sim::scenarios::{self, Size};
+use kvc_bench::size::{SizeQuery, size};
 use kvc_bench::trace::read_trace;
 use kvc_reuse::{HasherKind, PolicyKind};
 
@@ -21,6 +23,46 @@ struct Cli {
 enum Command {
     /// Replay a Mooncake-format trace through the prefix cache and report the hit rate.
     Replay(ReplayArgs),
+    /// Run a serving scenario in the simulator: memory, qos-overload, shared-prefix,
+    /// multi-turn, trace.
+    Scenario(ScenarioArgs),
+    /// KV bytes per token and per block of a model, and how much fits on a GPU.
+    Size(SizeArgs),
+}
+
+#[derive(Args)]
+struct ScenarioArgs {
+    /// The scenario: memory, qos-overload, shared-prefix, multi-turn, trace.
+    name: String,
+    /// Run size: small (seconds), default, or full (long).
+    #[arg(long, default_value = "default")]
+    size: String,
+    /// Mooncake JSONL trace for the `trace` scenario (default:
+    /// ../shared/traces/mooncake-conversation.jsonl).
+    #[arg(long)]
+    trace: Option<PathBuf>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct SizeArgs {
+    /// Model: Llama-3-8B, Llama-2-13B, Llama-3-70B.
+    #[arg(long)]
+    model: String,
+    /// GPU: H200, H100, A100-80GB.
+    #[arg(long)]
+    gpu: String,
+    /// Sequence length to count sequences of.
+    #[arg(long, default_value_t = 1024)]
+    tokens: u64,
+    /// Tokens per block.
+    #[arg(long, default_value_t = 16)]
+    block_size: u32,
+    /// Share of GPU memory the engine may use.
+    #[arg(long, default_value_t = 0.9)]
+    utilisation: f64,
 }
 
 #[derive(Args)]
@@ -52,6 +94,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Replay(args) => run_replay(&args),
+        Command::Scenario(args) => run_scenario(&args),
+        Command::Size(args) => run_size(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -110,4 +154,72 @@ fn print_text(r: &ReplayReport) {
             100.0 * inf
         );
     }
+}
+
+fn run_scenario(args: &ScenarioArgs) -> Result<(), String> {
+    let size = match args.size.as_str() {
+        "small" => Size::Small,
+        "default" => Size::Default,
+        "full" => Size::Full,
+        other => {
+            return Err(format!(
+                "unknown size `{other}` (known: small, default, full)"
+            ));
+        }
+    };
+    let report =
+        scenarios::run(&args.name, size, args.trace.as_deref()).map_err(|e| e.to_string())?;
+    if args.json {
+        let json = serde_json::to_string(&report).map_err(|e| e.to_string())?;
+        println!("{json}");
+        return Ok(());
+    }
+    println!("scenario {}: {}", report.scenario, report.workload);
+    println!("machine: {}", report.machine);
+    for v in &report.variants {
+        let r = &v.result;
+        println!(
+            "\n{} ({} blocks of {} tokens): {}/{} finished, {} rejected, {:.0} tokens/s, \
+             {} preemptions, KV use mean {:.1}% peak {:.1}%, real tokens {:.1}% of allocated \
+             slots, {:.1} running on average, prefix hits {:.1}%",
+            v.name,
+            v.blocks,
+            v.block_size,
+            r.finished,
+            r.requests,
+            r.rejected,
+            r.throughput_tok_s,
+            r.preemptions,
+            100.0 * r.mean_kv_util,
+            100.0 * r.peak_kv_util,
+            100.0 * r.token_util,
+            r.mean_running,
+            100.0 * r.prefix_hit_rate
+        );
+        for c in &r.classes {
+            println!(
+                "  class {}: {} finished, TTFT p50 {:.0} ms p99 {:.0} ms, TBT p50 {:.1} ms p99 {:.1} ms",
+                c.qos, c.finished, c.ttft_p50_ms, c.ttft_p99_ms, c.tbt_p50_ms, c.tbt_p99_ms
+            );
+        }
+    }
+    println!();
+    for g in &report.goals {
+        let verdict = if g.met { "met" } else { "NOT MET" };
+        println!("goal: {} — {} ({verdict})", g.goal, g.measured);
+    }
+    Ok(())
+}
+
+fn run_size(args: &SizeArgs) -> Result<(), String> {
+    let query = SizeQuery {
+        model: args.model.clone(),
+        gpu: args.gpu.clone(),
+        tokens: args.tokens,
+        block_size: args.block_size,
+        utilisation: args.utilisation,
+    };
+    let report = size(&query).map_err(|e| e.to_string())?;
+    println!("{report}");
+    Ok(())
 }
