@@ -6,7 +6,13 @@
 //! - typed ids: [`BlockId`], [`SeqId`], [`SessionId`], [`TenantId`], [`RegionId`];
 //! - [`KvLayout`]: bytes per token and per block of a model's KV cache;
 //! - [`BlockTable`]: one sequence's logical-to-physical block map;
+//! - [`PagedLayout`], [`PageTable`], [`SlotMapping`]: the memory layout with strides, the CSR
+//!   batch page table and the slot mapping that kernels take, validated;
 //! - [`BlockAllocator`]: the small trait every block source implements, with its errors;
+//! - [`QosClass`] and [`QosClasses`]: request priority classes;
+//! - [`PinPolicy`]: how a scheduler asks where blocks come from, how big the pinned region
+//!   should be and how long cached prefixes are retained;
+//! - [`ReuseIndex`]: how a scheduler asks a prefix or session cache for reusable KV;
 //! - [`sync`]: std or loom synchronisation types, for model-checked concurrent code.
 //!
 //! ```
