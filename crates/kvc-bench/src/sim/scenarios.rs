@@ -500,7 +500,7 @@ pub fn shared_prefix(size: Size) -> Result<ScenarioReport, ScenarioError> {
     Ok(ScenarioReport {
         scenario: "shared-prefix".into(),
         workload: format!(
-            "{n} questions ({question} tokens, {output} generated) over {docs} documents of              {doc_len} tokens, Poisson arrivals at {rate}/s, seed 11"
+            "{n} questions ({question} tokens, {output} generated) over {docs} documents of {doc_len} tokens, Poisson arrivals at {rate}/s, seed 11"
         ),
         machine: dep.machine(),
         variants,
@@ -535,7 +535,7 @@ pub fn multi_turn(size: Size) -> Result<ScenarioReport, ScenarioError> {
     Ok(ScenarioReport {
         scenario: "multi-turn".into(),
         workload: format!(
-            "{sessions} sessions of {turns} turns ({message}-token messages, {output}-token              answers, {think} s think time), sessions start at {rate}/s, seed 13"
+            "{sessions} sessions of {turns} turns ({message}-token messages, {output}-token answers, {think} s think time), sessions start at {rate}/s, seed 13"
         ),
         machine: dep.machine(),
         variants,
@@ -616,7 +616,7 @@ pub fn trace_replay(size: Size, trace: Option<&Path>) -> Result<ScenarioReport, 
     Ok(ScenarioReport {
         scenario: "trace".into(),
         workload: format!(
-            "the first {} requests of {} (Mooncake format; prompts synthesised from hash ids),              arrivals at their timestamps stretched {TRACE_TIME_SCALE}x",
+            "the first {} requests of {} (Mooncake format; prompts synthesised from hash ids), arrivals at their timestamps stretched {TRACE_TIME_SCALE}x",
             workload.len(),
             path.display()
         ),
