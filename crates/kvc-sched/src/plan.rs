@@ -2,7 +2,10 @@
 
 use std::ops::Range;
 
-use kvc_core::{BlockCopy, BlockId, HostBlockId, QosClass, SeqId};
+use kvc_core::{
+    BlockCopy, BlockId, HostBlockId, PageTable, PageTableError, PagedLayout, QosClass, SeqId,
+    SlotMapping, SlotMappingError,
+};
 
 use crate::request::SubmitError;
 
@@ -92,6 +95,23 @@ impl StepPlan {
         self.preempted.clear();
         self.rejected.clear();
         self.cancelled.clear();
+    }
+
+    /// The batch page table as the kernels take it, validated against the engine's KV layout
+    /// (every page in range, enough pages for every context).
+    pub fn page_table(&self, layout: &PagedLayout) -> Result<PageTable, PageTableError> {
+        PageTable::new(
+            self.qo_indptr.clone(),
+            self.kv_indptr.clone(),
+            self.kv_indices.iter().map(|&b| BlockId(b)).collect(),
+            self.seq_lens.clone(),
+            layout,
+        )
+    }
+
+    /// The slot mapping as the kernels take it, validated against the engine's KV layout.
+    pub fn slots(&self, layout: &PagedLayout) -> Result<SlotMapping, SlotMappingError> {
+        SlotMapping::new(self.slot_mapping.clone(), layout)
     }
 
     /// Whether the step has nothing to run.

@@ -48,6 +48,12 @@ fn token(seq: SeqId, pos: u64) -> u32 {
 /// Checks the plan's CSR shape, slot mapping and limits, and the pinned region rule.
 fn check_plan(plan: &StepPlan, cfg: &SchedulerConfig, pool: &BlockPool) {
     let n = plan.seqs.len();
+    // The kernels' own validation accepts the plan.
+    let layout =
+        kvc_core::PagedLayout::hnd(pool.total_blocks() as u32, 1, cfg.block_size, 8).unwrap();
+    let table = plan.page_table(&layout).unwrap();
+    assert_eq!(table.batch(), n);
+    assert_eq!(plan.slots(&layout).unwrap().len(), plan.num_tokens());
     assert!(n <= cfg.max_running);
     assert!(plan.num_tokens() <= cfg.max_batch_tokens);
     assert_eq!(plan.qo_indptr.len(), n + 1);
