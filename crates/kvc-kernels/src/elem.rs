@@ -16,7 +16,7 @@ pub trait KvElem: Copy + Send + Sync + Default + PartialEq + std::fmt::Debug + '
     /// `src` and `dst` have equal lengths.
     fn widen(src: &[Self], dst: &mut [f32]);
     /// The row as f32: `src` itself when it already is, else widened into `buf` (same length).
-    #[inline]
+    #[inline(always)]
     fn as_f32<'a>(src: &'a [Self], buf: &'a mut [f32]) -> &'a [f32] {
         Self::widen(src, buf);
         buf
@@ -37,7 +37,7 @@ impl KvElem for f32 {
     fn widen(src: &[Self], dst: &mut [f32]) {
         dst.copy_from_slice(src);
     }
-    #[inline]
+    #[inline(always)]
     fn as_f32<'a>(src: &'a [Self], _buf: &'a mut [f32]) -> &'a [f32] {
         src
     }
@@ -69,7 +69,7 @@ impl KvElem for bf16 {
     fn from_f32(v: f32) -> Self {
         bf16::from_f32(v)
     }
-    #[inline]
+    #[inline(always)]
     fn widen(src: &[Self], dst: &mut [f32]) {
         // bf16 is the top half of an f32: a shift, which the compiler vectorises.
         for (d, s) in dst.iter_mut().zip(src) {
