@@ -117,55 +117,131 @@ fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-/// [`dot`], with explicit 256-bit FMA when `FMA` (only true inside [`attend_avx2`]).
+/// `scores[h * TILE + i] = q[h] · rows[i]` for every head `h` and row `i` of the tile.
 #[inline(always)]
-fn dot_dispatch<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+fn score_tile<const FMA: bool>(
+    q: &[f32],
+    rows: &[f32],
+    d: usize,
+    heads: usize,
+    scores: &mut [f32],
+) {
     #[cfg(target_arch = "x86_64")]
-    if FMA {
-        // SAFETY: `FMA` is true only in code reached through `attend_avx2`, which runs after
-        // the CPU was checked for AVX2 and FMA.
-        return unsafe { dot_avx2(a, b) };
+    if FMA && d.is_multiple_of(8) {
+        // SAFETY: `FMA` is true only in code reached through `attend_avx2` (AVX2 and FMA
+        // checked); slice lengths are checked inside.
+        unsafe { score_tile_avx2(q, rows, d, heads, scores) };
+        return;
     }
-    dot::<FMA>(a, b)
+    for (i, k) in rows.chunks_exact(d).enumerate() {
+        for h in 0..heads {
+            scores[h * TILE + i] = dot::<FMA>(&q[h * d..(h + 1) * d], k);
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-#[inline]
-fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+fn score_tile_avx2(q: &[f32], rows: &[f32], d: usize, heads: usize, scores: &mut [f32]) {
     use std::arch::x86_64::{
-        _mm_add_ps, _mm_cvtss_f32, _mm_hadd_ps, _mm256_add_ps, _mm256_castps256_ps128,
+        __m256, _mm_add_ps, _mm_cvtss_f32, _mm_hadd_ps, _mm256_castps256_ps128,
         _mm256_extractf128_ps, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_setzero_ps,
     };
-    let n = a.len().min(b.len());
-    let full = n / 16 * 16;
-    let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    let mut i = 0;
-    while i < full {
-        // SAFETY: i + 16 <= n, so both 8-lane loads at i and i + 8 are inside both slices.
-        unsafe {
-            s0 = _mm256_fmadd_ps(
-                _mm256_loadu_ps(a.as_ptr().add(i)),
-                _mm256_loadu_ps(b.as_ptr().add(i)),
-                s0,
-            );
-            s1 = _mm256_fmadd_ps(
-                _mm256_loadu_ps(a.as_ptr().add(i + 8)),
-                _mm256_loadu_ps(b.as_ptr().add(i + 8)),
-                s1,
-            );
+    let hsum = |s: __m256| {
+        let q = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
+        let q = _mm_hadd_ps(q, q);
+        _mm_cvtss_f32(_mm_hadd_ps(q, q))
+    };
+    assert!(q.len() >= heads * d && scores.len() >= heads * TILE && d.is_multiple_of(8));
+    for (i, k) in rows.chunks_exact(d).enumerate().take(TILE) {
+        // Up to 4 heads at once: each 8-lane chunk of K is loaded once for all of them.
+        let mut h0 = 0;
+        while h0 < heads {
+            let hb = (heads - h0).min(4);
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut c = 0;
+            while c < d {
+                // SAFETY: c + 8 <= d = k.len(), and (h0 + j) * d + c + 8 <= heads * d <= q.len().
+                unsafe {
+                    let kc = _mm256_loadu_ps(k.as_ptr().add(c));
+                    for (j, a) in acc.iter_mut().enumerate().take(hb) {
+                        let qc = _mm256_loadu_ps(q.as_ptr().add((h0 + j) * d + c));
+                        *a = _mm256_fmadd_ps(qc, kc, *a);
+                    }
+                }
+                c += 8;
+            }
+            for (j, &a) in acc.iter().enumerate().take(hb) {
+                scores[(h0 + j) * TILE + i] = hsum(a);
+            }
+            h0 += hb;
         }
-        i += 16;
     }
-    let s = _mm256_add_ps(s0, s1);
-    let q = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
-    let q = _mm_hadd_ps(q, q);
-    let q = _mm_hadd_ps(q, q);
-    let mut total = _mm_cvtss_f32(q);
-    for j in full..n {
-        total += a[j] * b[j];
+}
+
+/// `acc[h] += Σ_i weights[h * TILE + i] · rows[i]` for every head `h` (zero weights skipped).
+#[inline(always)]
+fn accumulate_tile<const FMA: bool>(
+    acc: &mut [f32],
+    weights: &[f32],
+    rows: &[f32],
+    d: usize,
+    heads: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if FMA && d.is_multiple_of(8) {
+        // SAFETY: as for `score_tile`.
+        unsafe { accumulate_tile_avx2(acc, weights, rows, d, heads) };
+        return;
     }
-    total
+    for h in 0..heads {
+        let a = &mut acc[h * d..(h + 1) * d];
+        for (i, v) in rows.chunks_exact(d).enumerate() {
+            let p = weights[h * TILE + i];
+            if p > 0.0 {
+                for (a, x) in a.iter_mut().zip(v) {
+                    *a = madd::<FMA>(p, *x, *a);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn accumulate_tile_avx2(acc: &mut [f32], weights: &[f32], rows: &[f32], d: usize, heads: usize) {
+    use std::arch::x86_64::{_mm256_fmadd_ps, _mm256_loadu_ps, _mm256_set1_ps, _mm256_storeu_ps};
+    assert!(acc.len() >= heads * d && weights.len() >= heads * TILE && d.is_multiple_of(8));
+    let n = (rows.len() / d).min(TILE);
+    for h in 0..heads {
+        // 64 columns at a time, held in 8 registers across the whole tile.
+        let mut c0 = 0;
+        while c0 < d {
+            let w = ((d - c0) / 8).min(8);
+            let base = h * d + c0;
+            // SAFETY: base + 8w <= h * d + d <= acc.len(); rows hold n rows of d.
+            unsafe {
+                let mut a = [_mm256_set1_ps(0.0); 8];
+                for (k, r) in a.iter_mut().enumerate().take(w) {
+                    *r = _mm256_loadu_ps(acc.as_ptr().add(base + 8 * k));
+                }
+                for i in 0..n {
+                    let p = weights[h * TILE + i];
+                    if p > 0.0 {
+                        let pb = _mm256_set1_ps(p);
+                        let v = rows.as_ptr().add(i * d + c0);
+                        for (k, r) in a.iter_mut().enumerate().take(w) {
+                            *r = _mm256_fmadd_ps(pb, _mm256_loadu_ps(v.add(8 * k)), *r);
+                        }
+                    }
+                }
+                for (k, r) in a.iter().enumerate().take(w) {
+                    _mm256_storeu_ps(acc.as_mut_ptr().add(base + 8 * k), *r);
+                }
+            }
+            c0 += 8 * w;
+        }
+    }
 }
 
 /// Hints the CPU to bring `row` into cache (a no-op off x86_64).
@@ -239,7 +315,7 @@ fn attend_impl<T: KvElem, const FMA: bool>(
     let mut scores = vec![0f32; heads * TILE];
     let mut koff = [0u64; TILE];
     let mut voff = [0u64; TILE];
-    let mut kbuf = vec![0f32; d];
+    let mut rows = vec![0f32; TILE * d];
     let mut t = job.t0;
     while t < job.t1 {
         let n = (job.t1 - t).min(TILE as u32) as usize;
@@ -260,19 +336,19 @@ fn attend_impl<T: KvElem, const FMA: bool>(
                 prefetch(&cache[at..at + d]);
             }
         }
-        // Scores of the tile; masked tokens score −∞.
+        // Widen the tile's K rows once, score them against every query head, then mask.
         for (i, &ko) in koff.iter().take(n).enumerate() {
-            let pos = t + i as u32;
-            let k = T::as_f32(&cache[ko as usize..ko as usize + d], &mut kbuf);
-            for (r, &limit) in job.limits.iter().enumerate() {
-                for g in 0..job.group {
-                    let h = r * job.group + g;
-                    scores[h * TILE + i] = if pos < limit {
-                        dot_dispatch::<FMA>(&job.q[h * d..(h + 1) * d], k)
-                    } else {
-                        f32::NEG_INFINITY
-                    };
-                }
+            T::widen(
+                &cache[ko as usize..ko as usize + d],
+                &mut rows[i * d..(i + 1) * d],
+            );
+        }
+        score_tile::<FMA>(job.q, &rows[..n * d], d, heads, &mut scores);
+        for (r, &limit) in job.limits.iter().enumerate() {
+            let visible = limit.saturating_sub(t).min(n as u32) as usize;
+            for g in 0..job.group {
+                let h = r * job.group + g;
+                scores[h * TILE + visible..h * TILE + n].fill(f32::NEG_INFINITY);
             }
         }
         // Rescale once per tile, turn scores into weights.
@@ -299,16 +375,12 @@ fn attend_impl<T: KvElem, const FMA: bool>(
             st.l[h] += sum;
         }
         for (i, &vo) in voff.iter().take(n).enumerate() {
-            let v = T::as_f32(&cache[vo as usize..vo as usize + d], &mut kbuf);
-            for h in 0..heads {
-                let p = scores[h * TILE + i];
-                if p > 0.0 {
-                    for (a, x) in st.acc[h * d..(h + 1) * d].iter_mut().zip(v) {
-                        *a = madd::<FMA>(p, *x, *a);
-                    }
-                }
-            }
+            T::widen(
+                &cache[vo as usize..vo as usize + d],
+                &mut rows[i * d..(i + 1) * d],
+            );
         }
+        accumulate_tile::<FMA>(&mut st.acc, &scores, &rows[..n * d], d, heads);
         t += n as u32;
     }
 }
