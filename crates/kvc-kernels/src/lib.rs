@@ -45,7 +45,9 @@ mod write;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
-pub use attention::{AttnParams, DecodeOptions, merge_states, paged_decode, paged_prefill};
+pub use attention::{
+    AttnParams, DecodeOptions, merge_states, paged_decode, paged_prefill, set_portable_only,
+};
 pub use copy::{copy_blocks, swap_blocks};
 pub use elem::KvElem;
 pub use error::ShapeError;

@@ -497,3 +497,14 @@ fn bad_arguments_are_typed_errors() {
         })
     );
 }
+
+#[test]
+fn portable_build_matches_the_reference() {
+    // The AVX2 build runs wherever the CPU has it; check the portable one too.
+    kvc_kernels::set_portable_only(true);
+    let mut rng = Rng(10);
+    check_decode::<bf16>(&mut rng, false, (32, 8), 16, 128);
+    check_decode::<f32>(&mut rng, true, (9, 3), 5, 80);
+    check_prefill::<f16>(&mut rng, false, (8, 2), 8, 64);
+    kvc_kernels::set_portable_only(false);
+}
