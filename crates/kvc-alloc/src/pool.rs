@@ -253,6 +253,20 @@ impl BlockPool {
         })
     }
 
+    /// The metadata of an allocated block: unknown ids and free blocks are errors.
+    #[inline]
+    fn allocated_mut(&mut self, block: BlockId) -> Result<&mut Meta, RefError> {
+        let num_blocks = self.meta.len();
+        let m = self
+            .meta
+            .get_mut(block.index())
+            .ok_or(RefError::UnknownBlock { block, num_blocks })?;
+        if m.refcount == 0 {
+            return Err(RefError::NotAllocated { block });
+        }
+        Ok(m)
+    }
+
     /// Removes a free block from its region's free list (O(1), from anywhere in the list).
     #[inline]
     fn unlink(&mut self, id: u32) {
@@ -365,14 +379,7 @@ impl BlockAllocator for BlockPool {
 
     #[inline]
     fn retain(&mut self, block: BlockId) -> Result<u32, RefError> {
-        let num_blocks = self.meta.len();
-        let m = self
-            .meta
-            .get_mut(block.index())
-            .ok_or(RefError::UnknownBlock { block, num_blocks })?;
-        if m.refcount == 0 {
-            return Err(RefError::NotAllocated { block });
-        }
+        let m = self.allocated_mut(block)?;
         m.refcount = m
             .refcount
             .checked_add(1)
@@ -382,20 +389,12 @@ impl BlockAllocator for BlockPool {
 
     #[inline]
     fn release(&mut self, block: BlockId) -> Result<Released, RefError> {
-        let num_blocks = self.meta.len();
-        let m = self
-            .meta
-            .get_mut(block.index())
-            .ok_or(RefError::UnknownBlock { block, num_blocks })?;
-        if m.refcount == 0 {
-            return Err(RefError::NotAllocated { block });
-        }
+        let m = self.allocated_mut(block)?;
         m.refcount -= 1;
+        let remaining = m.refcount;
         self.releases += 1;
-        if m.refcount > 0 {
-            return Ok(Released::Shared {
-                remaining: m.refcount,
-            });
+        if remaining > 0 {
+            return Ok(Released::Shared { remaining });
         }
         self.frees += 1;
         self.push_tail(block.0);

@@ -51,28 +51,73 @@ fn clamp_len(x: f64, lo: u64, hi: u64) -> u64 {
     (x.round() as u64).clamp(lo, hi)
 }
 
+/// One Poisson stream of independent requests with log-normal lengths.
+struct Stream {
+    rate: f64,
+    from_s: f64,
+    to_s: f64,
+    limit: usize,
+    tenant: TenantId,
+    qos: QosClass,
+    /// Mean, shape and minimum of the prompt length.
+    input: (f64, f64, u64),
+    /// Mean, shape and minimum of the output length.
+    output: (f64, f64, u64),
+}
+
+impl Stream {
+    /// Appends the stream's requests (at most `limit`, arriving before `to_s`), prompt plus
+    /// output capped at `max_len` (the prompt at half of it).
+    fn generate(&self, rng: &mut Rng, max_len: u64, out: &mut Vec<SimRequest>) {
+        if self.rate <= 0.0 {
+            return;
+        }
+        let mut t = self.from_s;
+        for _ in 0..self.limit {
+            t += rng.exponential(1.0 / self.rate);
+            if t >= self.to_s {
+                break;
+            }
+            let input = clamp_len(
+                rng.lognormal(self.input.0, self.input.1),
+                self.input.2,
+                max_len / 2,
+            );
+            let output = clamp_len(
+                rng.lognormal(self.output.0, self.output.1),
+                self.output.2,
+                max_len - input,
+            );
+            out.push(SimRequest {
+                arrival_s: t,
+                tenant: self.tenant,
+                qos: self.qos,
+                session: None,
+                prompt: fresh_tokens(rng, input as usize),
+                max_new_tokens: output as u32,
+                after: None,
+            });
+        }
+    }
+}
+
 /// ShareGPT-like chat requests: `n` requests at `rate` per second, lengths capped so prompt
 /// plus output fit in `max_len`.
 #[must_use]
 pub fn sharegpt(n: usize, rate: f64, max_len: u64, seed: u64) -> Vec<SimRequest> {
-    let mut rng = Rng::new(seed);
-    let mut t = 0.0;
-    (0..n)
-        .map(|_| {
-            t += rng.exponential(1.0 / rate);
-            let input = clamp_len(rng.lognormal(161.0, 1.0), 4, max_len / 2);
-            let output = clamp_len(rng.lognormal(338.0, 0.9), 1, max_len - input);
-            SimRequest {
-                arrival_s: t,
-                tenant: TenantId(0),
-                qos: QosClass::STANDARD,
-                session: None,
-                prompt: fresh_tokens(&mut rng, input as usize),
-                max_new_tokens: output as u32,
-                after: None,
-            }
-        })
-        .collect()
+    let mut out = Vec::with_capacity(n);
+    Stream {
+        rate,
+        from_s: 0.0,
+        to_s: f64::INFINITY,
+        limit: n,
+        tenant: TenantId(0),
+        qos: QosClass::STANDARD,
+        input: (161.0, 1.0, 4),
+        output: (338.0, 0.9, 1),
+    }
+    .generate(&mut Rng::new(seed), max_len, &mut out);
+    out
 }
 
 /// A steady critical stream (tenant 1) over `duration_s`, plus a best-effort surge (tenant 2)
@@ -88,44 +133,28 @@ pub fn qos_overload(
 ) -> Vec<SimRequest> {
     let mut rng = Rng::new(seed);
     let mut out = Vec::new();
-    let mut t = 0.0;
-    loop {
-        t += rng.exponential(1.0 / critical_rate);
-        if t >= duration_s {
-            break;
-        }
-        let input = clamp_len(rng.lognormal(400.0, 0.6), 16, max_len / 2);
-        let output = clamp_len(rng.lognormal(150.0, 0.6), 8, max_len - input);
-        out.push(SimRequest {
-            arrival_s: t,
-            tenant: TenantId(1),
-            qos: QosClass::CRITICAL,
-            session: None,
-            prompt: fresh_tokens(&mut rng, input as usize),
-            max_new_tokens: output as u32,
-            after: None,
-        });
-    }
-    let mut t = surge_from_s;
-    if surge_rate > 0.0 {
-        loop {
-            t += rng.exponential(1.0 / surge_rate);
-            if t >= surge_to_s {
-                break;
-            }
-            let input = clamp_len(rng.lognormal(800.0, 0.8), 16, max_len / 2);
-            let output = clamp_len(rng.lognormal(400.0, 0.8), 8, max_len - input);
-            out.push(SimRequest {
-                arrival_s: t,
-                tenant: TenantId(2),
-                qos: QosClass::BEST_EFFORT,
-                session: None,
-                prompt: fresh_tokens(&mut rng, input as usize),
-                max_new_tokens: output as u32,
-                after: None,
-            });
-        }
-    }
+    let critical = Stream {
+        rate: critical_rate,
+        from_s: 0.0,
+        to_s: duration_s,
+        limit: usize::MAX,
+        tenant: TenantId(1),
+        qos: QosClass::CRITICAL,
+        input: (400.0, 0.6, 16),
+        output: (150.0, 0.6, 8),
+    };
+    let surge = Stream {
+        rate: surge_rate,
+        from_s: surge_from_s,
+        to_s: surge_to_s,
+        limit: usize::MAX,
+        tenant: TenantId(2),
+        qos: QosClass::BEST_EFFORT,
+        input: (800.0, 0.8, 16),
+        output: (400.0, 0.8, 8),
+    };
+    critical.generate(&mut rng, max_len, &mut out);
+    surge.generate(&mut rng, max_len, &mut out);
     out.sort_by(|a, b| a.arrival_s.total_cmp(&b.arrival_s));
     out
 }
