@@ -23,7 +23,7 @@ use thiserror::Error;
 
 use crate::BlockHash;
 use crate::events::{EventLog, EventRecord, KvEvent, Metrics};
-use crate::policy::{BlockInfo, EvictionPolicy, PolicyKind};
+use crate::policy::{Access, BlockInfo, EvictionPolicy, PolicyKind};
 
 /// Why an insert stopped early. The blocks before `index` were inserted (or already cached);
 /// nothing from `index` on was.
@@ -258,6 +258,8 @@ impl PrefixCache {
                 stamp,
                 request_hit_blocks: hit,
                 request_blocks: hashes.len() as u32,
+                block_size: self.block_size,
+                access: Access::Lookup,
             };
             self.refresh(slot);
             self.policy.on_hit(slot, &info);
@@ -303,6 +305,8 @@ impl PrefixCache {
                 stamp,
                 request_hit_blocks: existing,
                 request_blocks,
+                block_size: self.block_size,
+                access: Access::Insert,
             };
             if let Some(&slot) = self.by_hash.get(&hash) {
                 self.nodes[slot as usize].stamp = stamp;

@@ -48,5 +48,5 @@ pub use cache::{InsertError, PrefixCache, ReleaseError};
 pub use events::{EventRecord, KvEvent, Metrics};
 pub use hash::{Blake3Hasher, BlockHash, BlockHasher, HashExtra, HasherKind, Xxh3Hasher};
 pub use index::ScopedIndex;
-pub use policy::{BlockInfo, EvictionPolicy, Lru, PolicyKind, S3Fifo};
+pub use policy::{Access, BlockInfo, Conversation, EvictionPolicy, Lru, PolicyKind, S3Fifo};
 pub use session::{SessionCache, SessionConfig, SessionError, Truncation, Turn};

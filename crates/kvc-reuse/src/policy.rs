@@ -28,6 +28,19 @@ pub struct BlockInfo {
     pub request_hit_blocks: u32,
     /// Full blocks of the touching request.
     pub request_blocks: u32,
+    /// Tokens per block of the cache.
+    pub block_size: u32,
+    /// Whether a lookup or an insert touched the block.
+    pub access: Access,
+}
+
+/// What touched a block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Access {
+    /// A lookup hit it (it is now in use).
+    Lookup,
+    /// An insert cached it or offered it again; inserts walk a prompt's blocks in order.
+    Insert,
 }
 
 /// An eviction policy over the cache's evictable blocks.
@@ -56,11 +69,17 @@ pub enum PolicyKind {
     Lru,
     /// [`S3Fifo`].
     S3Fifo,
+    /// [`Conversation`].
+    Conversation,
 }
 
 impl PolicyKind {
     /// Every shipped policy.
-    pub const ALL: &'static [PolicyKind] = &[PolicyKind::Lru, PolicyKind::S3Fifo];
+    pub const ALL: &'static [PolicyKind] = &[
+        PolicyKind::Lru,
+        PolicyKind::S3Fifo,
+        PolicyKind::Conversation,
+    ];
 
     /// The command-line name.
     #[must_use]
@@ -68,6 +87,7 @@ impl PolicyKind {
         match self {
             Self::Lru => "lru",
             Self::S3Fifo => "s3fifo",
+            Self::Conversation => "conversation",
         }
     }
 
@@ -83,6 +103,7 @@ impl PolicyKind {
         match self {
             Self::Lru => Box::new(Lru::default()),
             Self::S3Fifo => Box::new(S3Fifo::new(capacity_blocks)),
+            Self::Conversation => Box::new(Conversation::new(capacity_blocks)),
         }
     }
 }
@@ -327,6 +348,284 @@ impl EvictionPolicy for S3Fifo {
         }
         // Unreachable in practice: fall back to the oldest evictable block anywhere.
         let (_, slot) = self.small.pop_first().or_else(|| self.main.pop_first())?;
+        self.slots[slot as usize].evictable = false;
+        Some(slot)
+    }
+}
+
+/// What the [`Conversation`] policy remembers about a late block of an earlier request (a
+/// checkpoint near its end), kept after the block is evicted (a ghost) so continuations are
+/// recognised even when the cache lost them.
+#[derive(Clone, Copy, Debug)]
+struct Tip {
+    /// The request's sequence number.
+    request: u64,
+    /// Turns before it in its conversation (0: a first turn).
+    turn: u32,
+    /// Its request's class.
+    class: u16,
+    /// Full blocks of its request.
+    blocks: u32,
+    /// Clock at its request's end.
+    stamp: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct ConvSlot {
+    stamp: u64,
+    shift: i64,
+    evictable: bool,
+    /// Evictable but out of the order while its request's walk is in progress.
+    pending: bool,
+}
+
+/// Conversation-aware eviction: LRU order shifted by each request's learned probability of
+/// being continued.
+///
+/// An insert walks a prompt's blocks in order. At the end of each walk the policy remembers a
+/// few checkpoints among the blocks that request newly cached (its last block and those 1, 2,
+/// 4, ..., 64 blocks before it; remembered even after eviction). A later walk that passes a
+/// checkpoint continues that conversation: its turn number is the earlier request's plus one,
+/// and the earlier request's class is credited with a continuation. Each request gets a class
+/// from (turn number capped at 4, log2 of its new tokens in units of 512, capped at 7); the
+/// policy counts, per class, requests and continued requests, and estimates
+/// `p = (continued + 1) / (requests + 2)`. A block's eviction key is its last access stamp plus
+/// `kappa × median continuation gap × logit(p)` of the request that last offered it: requests
+/// unlikely to be continued age faster. Everything is learned from the past only.
+///
+/// On the Mooncake conversation trace the useful signals are the new-token count (long pasted
+/// documents are rarely followed up) and the turn number (deep conversations usually are).
+#[derive(Debug)]
+pub struct Conversation {
+    slots: Vec<ConvSlot>,
+    order: BTreeSet<(i64, u32)>,
+    /// Blocks of the insert walk in progress: (slot, hash, newly cached).
+    walk: Vec<(u32, BlockHash, bool)>,
+    /// Deepest checkpoint the walk passed.
+    walk_src: Option<Tip>,
+    pending: Vec<u32>,
+    tips: ahash::AHashMap<BlockHash, Tip>,
+    tip_order: VecDeque<BlockHash>,
+    tip_cap: usize,
+    credited: AHashSet<u64>,
+    credited_order: VecDeque<u64>,
+    requests: u64,
+    /// Per class: (requests, continued).
+    stats: Vec<(u64, u64)>,
+    gaps: VecDeque<u64>,
+    gaps_since_median: usize,
+    median_gap: u64,
+    kappa: f64,
+}
+
+impl Conversation {
+    const TURN_CLASSES: u32 = 5;
+    const GROWTH_CLASSES: u32 = 8;
+    const GAP_WINDOW: usize = 4096;
+    const CHECKPOINTS: [usize; 8] = [0, 1, 2, 4, 8, 16, 32, 64];
+
+    /// A policy for a cache of about `capacity_blocks` blocks (sizes the ghost checkpoints),
+    /// with the default `kappa` of 3.
+    #[must_use]
+    pub fn new(capacity_blocks: usize) -> Self {
+        Self::with_kappa(capacity_blocks, 3.0)
+    }
+
+    /// A policy whose shift is `kappa` median continuation gaps per unit of logit.
+    #[must_use]
+    pub fn with_kappa(capacity_blocks: usize, kappa: f64) -> Self {
+        Self {
+            slots: Vec::new(),
+            order: BTreeSet::new(),
+            walk: Vec::new(),
+            walk_src: None,
+            pending: Vec::new(),
+            tips: ahash::AHashMap::new(),
+            tip_order: VecDeque::new(),
+            tip_cap: capacity_blocks.max(1 << 16),
+            credited: AHashSet::new(),
+            credited_order: VecDeque::new(),
+            requests: 0,
+            stats: vec![(0, 0); (Self::TURN_CLASSES * Self::GROWTH_CLASSES) as usize],
+            gaps: VecDeque::new(),
+            gaps_since_median: 0,
+            median_gap: 0,
+            kappa,
+        }
+    }
+
+    fn key(&self, slot: u32) -> (i64, u32) {
+        let s = &self.slots[slot as usize];
+        (s.stamp as i64 + s.shift, slot)
+    }
+
+    fn add(&mut self, slot: u32) {
+        let key = self.key(slot);
+        self.order.insert(key);
+    }
+
+    fn remove(&mut self, slot: u32) {
+        let key = self.key(slot);
+        self.order.remove(&key);
+    }
+
+    /// Puts back in order the evictable slots whose keys waited for their walk to end.
+    fn flush_pending(&mut self) {
+        while let Some(slot) = self.pending.pop() {
+            let s = &mut self.slots[slot as usize];
+            if s.pending {
+                s.pending = false;
+                if s.evictable {
+                    self.add(slot);
+                }
+            }
+        }
+    }
+
+    fn record_gap(&mut self, gap: u64) {
+        self.gaps.push_back(gap);
+        if self.gaps.len() > Self::GAP_WINDOW {
+            self.gaps.pop_front();
+        }
+        self.gaps_since_median += 1;
+        if self.median_gap == 0 || self.gaps_since_median * 10 >= self.gaps.len() {
+            let mut sorted: Vec<u64> = self.gaps.iter().copied().collect();
+            sorted.sort_unstable();
+            self.median_gap = sorted[sorted.len() / 2];
+            self.gaps_since_median = 0;
+        }
+    }
+
+    /// The walk reached the request's last block: classify the request, learn, key its
+    /// blocks and leave checkpoints.
+    fn end_walk(&mut self, last: &BlockInfo) {
+        let bs = u64::from(last.block_size.max(1));
+        let blocks = u64::from(last.request_blocks);
+        let (turn, growth_blocks) = match self.walk_src.take() {
+            Some(src) => {
+                if self.credited.insert(src.request) {
+                    self.credited_order.push_back(src.request);
+                    if self.credited_order.len() > self.tip_cap
+                        && let Some(old) = self.credited_order.pop_front()
+                    {
+                        self.credited.remove(&old);
+                    }
+                    self.stats[src.class as usize].1 += 1;
+                    self.record_gap(last.stamp.saturating_sub(src.stamp));
+                }
+                (src.turn + 1, blocks.saturating_sub(u64::from(src.blocks)))
+            }
+            None => (0, blocks),
+        };
+        let growth_tokens = (growth_blocks * bs).max(512);
+        let growth_class = (growth_tokens / 512).ilog2().min(Self::GROWTH_CLASSES - 1);
+        let class = (turn.min(Self::TURN_CLASSES - 1) * Self::GROWTH_CLASSES + growth_class) as u16;
+        let (requests, continued) = self.stats[class as usize];
+        self.stats[class as usize].0 += 1;
+        let p = (continued as f64 + 1.0) / (requests as f64 + 2.0);
+        // Until a continuation has been seen there is nothing to learn from: plain LRU.
+        let tau = self.kappa * self.median_gap as f64;
+        let shift = (tau * (p / (1.0 - p)).ln()) as i64;
+        for &(slot, _, _) in &self.walk {
+            self.slots[slot as usize].shift = shift;
+        }
+        self.flush_pending();
+        self.requests += 1;
+        let tip = Tip {
+            request: self.requests,
+            turn,
+            class,
+            blocks: last.request_blocks,
+            stamp: last.stamp,
+        };
+        let n = self.walk.len();
+        for back in Self::CHECKPOINTS {
+            let Some(&(_, hash, new)) = n.checked_sub(back + 1).map(|i| &self.walk[i]) else {
+                break;
+            };
+            if new && self.tips.insert(hash, tip).is_none() {
+                self.tip_order.push_back(hash);
+            }
+        }
+        while self.tip_order.len() > self.tip_cap {
+            if let Some(old) = self.tip_order.pop_front() {
+                self.tips.remove(&old);
+            }
+        }
+        self.walk.clear();
+    }
+
+    fn walk_step(&mut self, slot: u32, info: &BlockInfo, new: bool) {
+        if info.depth == 0 {
+            // A new walk; one cut short (an insert error) keeps its old keys.
+            self.walk.clear();
+            self.walk_src = None;
+            self.flush_pending();
+        }
+        self.walk.push((slot, info.hash, new));
+        if let Some(&tip) = self.tips.get(&info.hash) {
+            self.walk_src = Some(tip);
+        }
+        if info.depth + 1 == info.request_blocks {
+            self.end_walk(info);
+        }
+    }
+}
+
+impl EvictionPolicy for Conversation {
+    fn name(&self) -> &'static str {
+        "conversation"
+    }
+    fn on_insert(&mut self, slot: u32, info: &BlockInfo) {
+        *grow(&mut self.slots, slot) = ConvSlot {
+            stamp: info.stamp,
+            shift: 0,
+            evictable: false,
+            pending: false,
+        };
+        if info.access == Access::Insert {
+            self.walk_step(slot, info, true);
+        }
+    }
+    fn on_hit(&mut self, slot: u32, info: &BlockInfo) {
+        let s = self.slots[slot as usize];
+        if s.evictable && !s.pending {
+            self.remove(slot);
+            self.slots[slot as usize].pending = true;
+            self.pending.push(slot);
+        }
+        self.slots[slot as usize].stamp = info.stamp;
+        if info.access == Access::Insert {
+            self.walk_step(slot, info, false);
+        } else {
+            self.flush_pending();
+        }
+    }
+    fn on_evictable(&mut self, slot: u32) {
+        let s = &mut self.slots[slot as usize];
+        if !s.evictable {
+            s.evictable = true;
+            if !s.pending {
+                self.add(slot);
+            }
+        }
+    }
+    fn on_unevictable(&mut self, slot: u32) {
+        let s = self.slots[slot as usize];
+        if s.evictable {
+            self.slots[slot as usize].evictable = false;
+            if !s.pending {
+                self.remove(slot);
+            }
+        }
+    }
+    fn on_remove(&mut self, slot: u32) {
+        self.on_unevictable(slot);
+        self.slots[slot as usize].pending = false;
+    }
+    fn pop_victim(&mut self) -> Option<u32> {
+        self.flush_pending();
+        let (_, slot) = self.order.pop_first()?;
         self.slots[slot as usize].evictable = false;
         Some(slot)
     }

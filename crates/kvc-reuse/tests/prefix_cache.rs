@@ -400,3 +400,55 @@ fn events_have_increasing_ids_and_metrics_count() {
     assert!((m.hit_rate() - 12.0 / 13.0).abs() < 1e-12);
     assert_eq!(evict_all(&mut cache, 3), [BlockId(0)]);
 }
+
+/// Looks up and caches `tokens` with fresh block ids (16-token blocks), then releases them.
+fn request(cache: &mut PrefixCache, tokens: &[u32], next: &mut u32, now: u64) -> Vec<BlockId> {
+    let mut h = Vec::new();
+    Xxh3Hasher.hash_blocks(Xxh3Hasher.root(&extra()), tokens, 16, &mut h);
+    let hit = cache.lookup(&h, tokens.len(), now);
+    let mut blocks = hit.blocks.clone();
+    while blocks.len() < h.len() {
+        blocks.push(BlockId(*next));
+        *next += 1;
+    }
+    cache.insert(&h, &blocks, now, &mut Vec::new()).unwrap();
+    cache.release(&hit.blocks).unwrap();
+    blocks
+}
+
+#[test]
+fn conversation_policy_learns_which_requests_get_continued() {
+    // Learning phase: short chats that are always continued, interleaved with long pasted
+    // documents that never are. Then a new short chat and, after it, a new document: LRU
+    // evicts the older chat first; the conversation policy evicts the document.
+    let mut first_victims = Vec::new();
+    for policy in [PolicyKind::Lru, PolicyKind::Conversation] {
+        let mut cache = PrefixCache::with_policy(16, policy.build(1 << 16));
+        let mut next = 0u32;
+        let mut now = 0;
+        let mut fresh = 1_000_000u32;
+        let mut tokens = |n: usize| -> Vec<u32> {
+            fresh += n as u32;
+            (fresh - n as u32..fresh).collect()
+        };
+        for _ in 0..20 {
+            let chat = tokens(320);
+            let _ = request(&mut cache, &chat, &mut next, now);
+            let _ = request(&mut cache, &tokens(8192), &mut next, now + 1);
+            let mut follow_up = chat.clone();
+            follow_up.extend(tokens(200));
+            let _ = request(&mut cache, &follow_up, &mut next, now + 2);
+            now += 3;
+        }
+        let chat = request(&mut cache, &tokens(320), &mut next, now);
+        let doc = request(&mut cache, &tokens(8192), &mut next, now + 1);
+        let order = evict_all(&mut cache, now + 2);
+        let pos = |b: &BlockId| order.iter().position(|x| x == b).unwrap();
+        first_victims.push(pos(chat.last().unwrap()) < pos(doc.last().unwrap()));
+    }
+    assert_eq!(
+        first_victims,
+        [true, false],
+        "LRU evicts the chat first, conversation the document"
+    );
+}

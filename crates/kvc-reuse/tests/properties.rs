@@ -55,7 +55,11 @@ proptest! {
     fn no_leaks_no_double_frees_and_prefix_closed(
         prompts in prompts(),
         ops in proptest::collection::vec(op(), 1..80),
-        policy in prop_oneof![Just(PolicyKind::Lru), Just(PolicyKind::S3Fifo)],
+        policy in prop_oneof![
+            Just(PolicyKind::Lru),
+            Just(PolicyKind::S3Fifo),
+            Just(PolicyKind::Conversation)
+        ],
     ) {
         let root = Xxh3Hasher.root(&HashExtra::new("m", 1));
         let chains: Vec<Vec<BlockHash>> = prompts
