@@ -326,31 +326,33 @@ fn attend_impl<T: KvElem, const FMA: bool>(
     let bs = layout.block_size();
     let heads = job.limits.len() * job.group;
     let mut scores = vec![0f32; heads * TILE];
-    let mut koff = [0u64; TILE];
-    let mut voff = [0u64; TILE];
-    let mut rows = vec![0f32; TILE * d];
-    let mut t = job.t0;
-    while t < job.t1 {
-        let n = (job.t1 - t).min(TILE as u32) as usize;
+    // Row offsets of this tile and the next: the rows of a head are short runs scattered over
+    // the pool (a page's K rows, then its V rows far away), which hardware prefetchers do not
+    // follow, so each row of the next tile is prefetched while the same row of this tile is
+    // widened, spreading the misses over the tile's work.
+    let offsets = |from: u32, koff: &mut [u64; TILE], voff: &mut [u64; TILE]| -> usize {
+        let n = job.t1.saturating_sub(from).min(TILE as u32) as usize;
         for (i, (ko, vo)) in koff.iter_mut().zip(voff.iter_mut()).take(n).enumerate() {
-            let pos = t + i as u32;
+            let pos = from + i as u32;
             let block = job.pages[(pos / bs) as usize].get();
             *ko = layout.offset(block, 0, job.head, pos % bs);
             *vo = layout.offset(block, 1, job.head, pos % bs);
         }
-        // The rows of a head are short runs scattered over the pool (a page's K rows, then
-        // its V rows far away), which hardware prefetchers do not follow: ask for the next
-        // tile's rows now so their misses overlap this tile's arithmetic.
+        n
+    };
+    let (mut koff, mut voff) = ([0u64; TILE], [0u64; TILE]);
+    let (mut nkoff, mut nvoff) = ([0u64; TILE], [0u64; TILE]);
+    let mut n = offsets(job.t0, &mut koff, &mut voff);
+    let mut rows = vec![0f32; TILE * d];
+    let mut t = job.t0;
+    while t < job.t1 {
         let next = t + n as u32;
-        for pos in next..job.t1.min(next + TILE as u32) {
-            let block = job.pages[(pos / bs) as usize].get();
-            for kv in 0..2 {
-                let at = layout.offset(block, kv, job.head, pos % bs) as usize;
-                prefetch(&cache[at..at + d]);
-            }
-        }
+        let nn = offsets(next, &mut nkoff, &mut nvoff);
         // Widen the tile's K rows once, score them against every query head, then mask.
         for (i, &ko) in koff.iter().take(n).enumerate() {
+            if i < nn {
+                prefetch(&cache[nkoff[i] as usize..nkoff[i] as usize + d]);
+            }
             T::widen(
                 &cache[ko as usize..ko as usize + d],
                 &mut rows[i * d..(i + 1) * d],
@@ -388,13 +390,19 @@ fn attend_impl<T: KvElem, const FMA: bool>(
             st.l[h] += sum;
         }
         for (i, &vo) in voff.iter().take(n).enumerate() {
+            if i < nn {
+                prefetch(&cache[nvoff[i] as usize..nvoff[i] as usize + d]);
+            }
             T::widen(
                 &cache[vo as usize..vo as usize + d],
                 &mut rows[i * d..(i + 1) * d],
             );
         }
         accumulate_tile::<FMA>(&mut st.acc, &scores, &rows[..n * d], d, heads);
-        t += n as u32;
+        t = next;
+        koff = nkoff;
+        voff = nvoff;
+        n = nn;
     }
 }
 
