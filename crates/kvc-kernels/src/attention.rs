@@ -251,13 +251,13 @@ fn accumulate_tile_avx2(acc: &mut [f32], weights: &[f32], rows: &[f32], d: usize
 fn prefetch<T>(row: &[T]) {
     #[cfg(target_arch = "x86_64")]
     {
-        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
         let bytes = std::mem::size_of_val(row);
         let base = row.as_ptr().cast::<i8>();
         let mut off = 0;
         while off < bytes {
             // SAFETY: a prefetch never faults, and `base + off` stays inside `row`.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(base.add(off)) };
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(base.add(off)) };
             off += 64;
         }
     }
