@@ -136,8 +136,13 @@ pub fn replay(trace: &[TraceRequest], cfg: &ReplayConfig) -> Result<ReplayReport
     let start = Instant::now();
     let mut cache = PrefixCache::with_policy(cfg.block_size, cfg.policy.build(cap_blocks));
     let root = cfg.hasher.root(&HashExtra::new("mooncake-replay", 1));
-    let (mut tokens, mut hashes, mut blocks, mut newly, mut freed) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut tokens, mut hashes, mut blocks, mut newly, mut free) = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::<BlockId>::new(),
+    );
     let mut next_block: u64 = 0;
     let (mut input_tokens, mut hit_tokens, mut evicted) = (0u64, 0u64, 0u64);
     for req in trace {
@@ -151,20 +156,35 @@ pub fn replay(trace: &[TraceRequest], cfg: &ReplayConfig) -> Result<ReplayReport
         hit_tokens += hit.tokens;
         blocks.clear();
         blocks.extend_from_slice(&hit.blocks);
+        // Fresh blocks come from a free list like a block pool's, so ids stay dense.
         while blocks.len() < hashes.len() {
-            let id = u32::try_from(next_block).map_err(|_| ReplayError::TooManyBlocks {
-                max: u64::from(u32::MAX),
-            })?;
-            blocks.push(BlockId(id));
-            next_block += 1;
+            let id = match free.pop() {
+                Some(id) => id,
+                None => {
+                    let id = u32::try_from(next_block).map_err(|_| ReplayError::TooManyBlocks {
+                        max: u64::from(u32::MAX),
+                    })?;
+                    next_block += 1;
+                    BlockId(id)
+                }
+            };
+            blocks.push(id);
         }
         newly.clear();
         // Fresh ids are never cached yet, so the insert cannot fail.
         let _ = cache.insert(&hashes, &blocks, now, &mut newly);
         let _ = cache.release(&hit.blocks);
+        // Fresh blocks the cache did not keep (their hash was already cached) go back.
+        let mut kept = newly.iter().peekable();
+        for &b in &blocks[hit.blocks.len()..] {
+            if kept.peek() == Some(&&b) {
+                kept.next();
+            } else {
+                free.push(b);
+            }
+        }
         if cache.len() > cap_blocks {
-            freed.clear();
-            evicted += cache.evict(cache.len() - cap_blocks, now, &mut freed) as u64;
+            evicted += cache.evict(cache.len() - cap_blocks, now, &mut free) as u64;
         }
     }
     let elapsed_s = start.elapsed().as_secs_f64();

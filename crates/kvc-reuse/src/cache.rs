@@ -15,7 +15,9 @@
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BTreeSet, BinaryHeap};
 
-use ahash::AHashMap;
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
 use kvc_core::{BlockId, PrefixHit, Retention};
 use slab::Slab;
 use smallvec::SmallVec;
@@ -67,6 +69,31 @@ pub enum ReleaseError {
     },
 }
 
+/// Hashing for keys that are already well mixed (block hashes) or small dense integers (block
+/// ids): a multiply-fold instead of a keyed hash, which showed up in replay profiles. Block
+/// hashes come from a cryptographic or high-quality hash, so no further mixing is needed.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.0 = (self.0 ^ u64::from(n)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+    fn write_u128(&mut self, n: u128) {
+        self.0 ^= (n as u64) ^ ((n >> 64) as u64);
+    }
+}
+
+type KeyHash = BuildHasherDefault<KeyHasher>;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Lane {
     /// Not evictable.
@@ -86,14 +113,73 @@ struct Node {
     parent: Option<u32>,
     children: SmallVec<[u32; 2]>,
     refs: u32,
-    retention: Retention,
-    retention_gen: u64,
+    /// Has an entry in `PrefixCache::retained` (a retention other than the default).
+    retained: bool,
     /// Still reachable by lookups; false once invalidated (kept only while in use).
     hittable: bool,
     stamp: u64,
     depth: u32,
     lane: Lane,
+}
+
+/// Retention state of the few blocks with a caller-set retention (kept apart so the common
+/// node stays one cache line).
+#[derive(Debug)]
+struct Retained {
+    retention: Retention,
+    generation: u64,
+    /// The key the block has in the low or high lane: (priority, stamp).
     lane_key: (u8, u64),
+}
+
+/// Block id to node slot: a dense table for the small ids a block pool hands out, a map for
+/// any others.
+#[derive(Debug, Default)]
+struct BlockIndex {
+    dense: Vec<u32>,
+    sparse: HashMap<BlockId, u32, KeyHash>,
+}
+
+impl BlockIndex {
+    /// Ids below this use the dense table (at most 16 MiB).
+    const DENSE_LIMIT: usize = 1 << 22;
+    const NONE: u32 = u32::MAX;
+
+    fn get(&self, block: BlockId) -> Option<u32> {
+        let i = block.index();
+        if i < Self::DENSE_LIMIT {
+            self.dense.get(i).copied().filter(|&s| s != Self::NONE)
+        } else {
+            self.sparse.get(&block).copied()
+        }
+    }
+
+    fn contains(&self, block: BlockId) -> bool {
+        self.get(block).is_some()
+    }
+
+    fn insert(&mut self, block: BlockId, slot: u32) {
+        let i = block.index();
+        if i < Self::DENSE_LIMIT {
+            if self.dense.len() <= i {
+                self.dense.resize((i + 1).next_power_of_two(), Self::NONE);
+            }
+            self.dense[i] = slot;
+        } else {
+            self.sparse.insert(block, slot);
+        }
+    }
+
+    fn remove(&mut self, block: BlockId) {
+        let i = block.index();
+        if i < Self::DENSE_LIMIT {
+            if let Some(s) = self.dense.get_mut(i) {
+                *s = Self::NONE;
+            }
+        } else {
+            self.sparse.remove(&block);
+        }
+    }
 }
 
 /// A prefix cache over chained block hashes.
@@ -128,8 +214,9 @@ struct Node {
 pub struct PrefixCache {
     block_size: u32,
     nodes: Slab<Node>,
-    by_hash: AHashMap<BlockHash, u32>,
-    by_block: AHashMap<BlockId, u32>,
+    by_hash: HashMap<BlockHash, u32, KeyHash>,
+    by_block: BlockIndex,
+    retained: HashMap<u32, Retained, KeyHash>,
     policy: Box<dyn EvictionPolicy>,
     low: BTreeSet<(u8, u64, u32)>,
     high: BTreeSet<(u8, u64, u32)>,
@@ -155,8 +242,9 @@ impl PrefixCache {
         Self {
             block_size: block_size.max(1),
             nodes: Slab::new(),
-            by_hash: AHashMap::new(),
-            by_block: AHashMap::new(),
+            by_hash: HashMap::default(),
+            by_block: BlockIndex::default(),
+            retained: HashMap::default(),
             policy,
             low: BTreeSet::new(),
             high: BTreeSet::new(),
@@ -315,7 +403,7 @@ impl PrefixCache {
                 parent = Some(slot);
                 continue;
             }
-            if self.by_block.contains_key(&block) {
+            if self.by_block.contains(block) {
                 result = Err(InsertError::BlockAlreadyCached { block, index: i });
                 break;
             }
@@ -325,13 +413,11 @@ impl PrefixCache {
                 parent,
                 children: SmallVec::new(),
                 refs: 0,
-                retention: Retention::DEFAULT,
-                retention_gen: 0,
+                retained: false,
                 hittable: true,
                 stamp,
                 depth: i as u32,
                 lane: Lane::None,
-                lane_key: (0, 0),
             }) as u32;
             self.by_hash.insert(hash, slot);
             self.by_block.insert(block, slot);
@@ -367,7 +453,7 @@ impl PrefixCache {
     pub fn release(&mut self, blocks: &[BlockId]) -> Result<(), ReleaseError> {
         let mut result = Ok(());
         for &block in blocks {
-            let Some(&slot) = self.by_block.get(&block) else {
+            let Some(slot) = self.by_block.get(block) else {
                 result = result.and(Err(ReleaseError::UnknownBlock { block }));
                 continue;
             };
@@ -382,7 +468,8 @@ impl PrefixCache {
                     self.refresh(slot);
                 } else {
                     let node = self.nodes.remove(slot as usize);
-                    self.by_block.remove(&node.block);
+                    self.by_block.remove(node.block);
+                    self.retained.remove(&slot);
                     self.orphans.push(node.block);
                 }
             }
@@ -441,8 +528,16 @@ impl PrefixCache {
             until: retention.until,
         };
         let node = &mut self.nodes[slot as usize];
-        node.retention = retention;
-        node.retention_gen = self.retention_gen;
+        node.retained = true;
+        let lane_key = self.retained.get(&slot).map_or((0, 0), |r| r.lane_key);
+        self.retained.insert(
+            slot,
+            Retained {
+                retention,
+                generation: self.retention_gen,
+                lane_key,
+            },
+        );
         if let Some(until) = retention.until {
             self.expiries
                 .push(Reverse((until, slot, self.retention_gen)));
@@ -507,7 +602,8 @@ impl PrefixCache {
             self.metrics.evicted_invalidated += 1;
             if refs == 0 {
                 self.nodes.remove(slot as usize);
-                self.by_block.remove(&block);
+                self.by_block.remove(block);
+                self.retained.remove(&slot);
                 self.orphans.push(block);
             }
         }
@@ -518,7 +614,8 @@ impl PrefixCache {
         self.policy.on_remove(slot);
         let node = self.nodes.remove(slot as usize);
         self.by_hash.remove(&node.hash);
-        self.by_block.remove(&node.block);
+        self.by_block.remove(node.block);
+        self.retained.remove(&slot);
         if let Some(p) = node.parent {
             self.nodes[p as usize].children.retain(|c| *c != slot);
             self.refresh(p);
@@ -533,10 +630,11 @@ impl PrefixCache {
                 break;
             }
             self.expiries.pop();
-            if self
-                .nodes
-                .get(slot as usize)
-                .is_some_and(|n| n.retention_gen == generation && n.hittable)
+            if self.nodes.get(slot as usize).is_some_and(|n| n.hittable)
+                && self
+                    .retained
+                    .get(&slot)
+                    .is_some_and(|r| r.generation == generation)
             {
                 self.refresh(slot);
             }
@@ -546,49 +644,71 @@ impl PrefixCache {
     /// Puts a node in the lane its state calls for.
     fn refresh(&mut self, slot: u32) {
         let node = &self.nodes[slot as usize];
-        let want = if !node.hittable || node.refs > 0 || !node.children.is_empty() {
+        let evictable = node.hittable && node.refs == 0 && node.children.is_empty();
+        let priority = if node.retained {
+            self.retained
+                .get(&slot)
+                .map_or(Retention::DEFAULT_PRIORITY, |r| {
+                    r.retention.priority_at(self.now_ms)
+                })
+        } else {
+            Retention::DEFAULT_PRIORITY
+        };
+        let want = if !evictable {
             Lane::None
         } else {
-            let p = node.retention.priority_at(self.now_ms);
-            match p.cmp(&Retention::DEFAULT_PRIORITY) {
+            match priority.cmp(&Retention::DEFAULT_PRIORITY) {
                 Ordering::Less => Lane::Low,
                 Ordering::Equal => Lane::Policy,
                 Ordering::Greater => Lane::High,
             }
         };
-        let key = (node.retention.priority_at(self.now_ms), node.stamp);
-        if want == node.lane && (want == Lane::Policy || want == Lane::None || key == node.lane_key)
-        {
-            return;
+        let key = (priority, node.stamp);
+        if want == node.lane {
+            let same_key = match want {
+                Lane::None | Lane::Policy => true,
+                Lane::Low | Lane::High => {
+                    self.retained.get(&slot).is_some_and(|r| r.lane_key == key)
+                }
+            };
+            if same_key {
+                return;
+            }
         }
         self.leave_lane(slot);
-        let node = &mut self.nodes[slot as usize];
-        node.lane = want;
-        node.lane_key = key;
+        self.nodes[slot as usize].lane = want;
         match want {
             Lane::None => {}
             Lane::Policy => self.policy.on_evictable(slot),
-            Lane::Low => {
-                self.low.insert((key.0, key.1, slot));
-            }
-            Lane::High => {
-                self.high.insert((key.0, key.1, slot));
+            Lane::Low | Lane::High => {
+                if let Some(r) = self.retained.get_mut(&slot) {
+                    r.lane_key = key;
+                }
+                let set = if want == Lane::Low {
+                    &mut self.low
+                } else {
+                    &mut self.high
+                };
+                set.insert((key.0, key.1, slot));
             }
         }
     }
 
     fn leave_lane(&mut self, slot: u32) {
         let node = &mut self.nodes[slot as usize];
-        let (lane, key) = (node.lane, node.lane_key);
+        let lane = node.lane;
         node.lane = Lane::None;
+        let key = || self.retained.get(&slot).map_or((0, 0), |r| r.lane_key);
         match lane {
             Lane::None => {}
             Lane::Policy => self.policy.on_unevictable(slot),
             Lane::Low => {
-                self.low.remove(&(key.0, key.1, slot));
+                let k = key();
+                self.low.remove(&(k.0, k.1, slot));
             }
             Lane::High => {
-                self.high.remove(&(key.0, key.1, slot));
+                let k = key();
+                self.high.remove(&(k.0, k.1, slot));
             }
         }
     }
