@@ -4,6 +4,7 @@
 //! Not built yet: today `cargo xtask bench` runs the per-crate criterion benches.
 #![warn(missing_docs)]
 
+pub mod engine;
 pub mod profiles;
 pub mod replay;
 pub mod sim;

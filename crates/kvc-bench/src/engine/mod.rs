@@ -1,0 +1,426 @@
+//! A real CPU engine: a small llama-style transformer ([`model`]) served through the kvc stack
+//! — the scheduler, the block pool, the pin policy, the reuse index — with every plan executed
+//! by the `kvc-kernels` CPU ops (`write_kv`, `paged_prefill`, `copy_blocks`, `swap_blocks`).
+//!
+//! It exists to show the stack end to end and to prove it: the logits of every generated token
+//! equal, within the kernels' tolerance, those of the same model run alone on contiguous K/V,
+//! whether the request ran in a batch, after a prefix hit, as a session's next turn, or after
+//! being preempted (recomputed or swapped).
+
+pub mod model;
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use kvc_alloc::{BlockPool, PoolConfig};
+use kvc_core::{
+    BlockCopy, BlockId, PageTableError, PagedLayout, PagedLayoutError, PinPolicy, QosClass,
+    ReuseIndex, SeqId, SessionId, SlotMappingError, TenantId,
+};
+use kvc_kernels::{AttnParams, ShapeError, copy_blocks, paged_prefill, swap_blocks, write_kv};
+use kvc_sched::{
+    CompleteError, ConfigError, Request, Scheduler, SchedulerConfig, StepPlan, SubmitError,
+    SwapPair,
+};
+use thiserror::Error;
+
+use model::{Model, ModelConfig, Qkv, argmax};
+
+/// Why the engine stopped.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    /// The scheduler configuration was refused.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The pool configuration was refused.
+    #[error(transparent)]
+    Pool(#[from] kvc_alloc::ConfigError),
+    /// The KV layout was refused.
+    #[error(transparent)]
+    Layout(#[from] PagedLayoutError),
+    /// A request was refused.
+    #[error(transparent)]
+    Submit(#[from] SubmitError),
+    /// A plan's page table did not validate (a scheduler bug).
+    #[error(transparent)]
+    PageTable(#[from] PageTableError),
+    /// A plan's slot mapping did not validate (a scheduler bug).
+    #[error(transparent)]
+    Slots(#[from] SlotMappingError),
+    /// A kernel refused its arguments.
+    #[error(transparent)]
+    Kernel(#[from] ShapeError),
+    /// The scheduler refused the sampled tokens (an engine bug).
+    #[error(transparent)]
+    Complete(#[from] CompleteError),
+}
+
+/// The engine's shape: model, KV pool, scheduler limits.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// The model.
+    pub model: ModelConfig,
+    /// KV blocks on the "device".
+    pub blocks: u32,
+    /// Of those, pinned for critical traffic.
+    pub pinned: u32,
+    /// Blocks of the host tier for swapping (0: preemption recomputes).
+    pub host_blocks: u32,
+    /// Tokens per block.
+    pub block_size: u32,
+    /// Scheduler limits (block size and host blocks are taken from above).
+    pub sched: SchedulerConfig,
+    /// Keep every generated token's logits (for checking against the reference).
+    pub record_logits: bool,
+}
+
+impl EngineConfig {
+    /// A config for `model` with `blocks` blocks of 16 tokens.
+    #[must_use]
+    pub fn new(model: ModelConfig, blocks: u32) -> Self {
+        Self {
+            model,
+            blocks,
+            pinned: 0,
+            host_blocks: 0,
+            block_size: 16,
+            sched: SchedulerConfig {
+                max_running: 64,
+                max_batch_tokens: 512,
+                max_model_len: 4096,
+                ..SchedulerConfig::default()
+            },
+            record_logits: false,
+        }
+    }
+}
+
+/// A request to the engine.
+#[derive(Clone, Debug)]
+pub struct EngineRequest {
+    /// Tenant.
+    pub tenant: TenantId,
+    /// QoS class.
+    pub qos: QosClass,
+    /// Session, for multi-turn chat.
+    pub session: Option<SessionId>,
+    /// Prompt tokens.
+    pub prompt: Vec<u32>,
+    /// Tokens to generate.
+    pub max_new_tokens: u32,
+}
+
+/// A finished request.
+#[derive(Clone, Debug)]
+pub struct Completed {
+    /// Its id.
+    pub id: SeqId,
+    /// Its prompt.
+    pub prompt: Vec<u32>,
+    /// The generated tokens (greedy).
+    pub output: Vec<u32>,
+    /// The logits each generated token was sampled from (when recording).
+    pub logits: Vec<Vec<f32>>,
+    /// Prompt tokens served from the cache.
+    pub cached_tokens: u64,
+    /// Times it was preempted.
+    pub preemptions: u32,
+}
+
+/// What a run measured.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct EngineReport {
+    /// Requests finished.
+    pub requests: usize,
+    /// Tokens computed (prefill and decode).
+    pub computed_tokens: u64,
+    /// Tokens generated.
+    pub generated_tokens: u64,
+    /// Wall time, seconds.
+    pub wall_s: f64,
+    /// Computed tokens per second.
+    pub tokens_per_s: f64,
+    /// Generated tokens per second.
+    pub generated_per_s: f64,
+    /// Steps.
+    pub steps: u64,
+    /// Preemptions.
+    pub preemptions: u64,
+    /// Preemptions that swapped to the host tier.
+    pub swapped_out: u64,
+    /// Prompt tokens served from the cache over prompt tokens admitted.
+    pub prefix_hit_rate: f64,
+    /// Peak blocks in use in the pinned region.
+    pub peak_pinned_used: usize,
+}
+
+/// The engine: model weights, per-layer paged KV caches, and the kvc scheduler.
+pub struct Engine<P, R> {
+    model: Model,
+    sched: Scheduler<BlockPool, P, R>,
+    layout: PagedLayout,
+    caches: Vec<Vec<f32>>,
+    host_layout: Option<PagedLayout>,
+    host: Vec<Vec<f32>>,
+    tokens: HashMap<SeqId, Vec<u32>>,
+    prompts: HashMap<SeqId, usize>,
+    logits: HashMap<SeqId, Vec<Vec<f32>>>,
+    record_logits: bool,
+    next_id: u64,
+    plan: StepPlan,
+    computed: u64,
+    generated: u64,
+    peak_pinned_used: usize,
+}
+
+impl<P: PinPolicy, R: ReuseIndex> Engine<P, R> {
+    /// Builds the engine: random weights, zeroed caches, a pool of `cfg.blocks`.
+    pub fn new(cfg: &EngineConfig, pin: P, reuse: R) -> Result<Self, EngineError> {
+        let m = cfg.model;
+        let layout = PagedLayout::hnd(
+            cfg.blocks,
+            m.kv_heads as u32,
+            cfg.block_size,
+            m.head_dim as u32,
+        )?;
+        let pool = BlockPool::new(
+            PoolConfig::new(u64::from(cfg.blocks))
+                .pinned(u64::from(cfg.pinned))
+                .watermark(u64::from(cfg.blocks) / 100),
+        )?;
+        let sched_cfg = SchedulerConfig {
+            block_size: cfg.block_size,
+            host_blocks: cfg.host_blocks as usize,
+            ..cfg.sched.clone()
+        };
+        let host_layout = (cfg.host_blocks > 0)
+            .then(|| {
+                PagedLayout::hnd(
+                    cfg.host_blocks,
+                    m.kv_heads as u32,
+                    cfg.block_size,
+                    m.head_dim as u32,
+                )
+            })
+            .transpose()?;
+        Ok(Self {
+            caches: vec![vec![0.0; layout.len() as usize]; m.layers],
+            host: host_layout
+                .map_or_else(Vec::new, |h| vec![vec![0.0; h.len() as usize]; m.layers]),
+            host_layout,
+            layout,
+            model: Model::new(m),
+            sched: Scheduler::new(sched_cfg, pool, pin, reuse)?,
+            tokens: HashMap::new(),
+            prompts: HashMap::new(),
+            logits: HashMap::new(),
+            record_logits: cfg.record_logits,
+            next_id: 0,
+            plan: StepPlan::default(),
+            computed: 0,
+            generated: 0,
+            peak_pinned_used: 0,
+        })
+    }
+
+    /// The model.
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// The scheduler.
+    pub fn scheduler(&self) -> &Scheduler<BlockPool, P, R> {
+        &self.sched
+    }
+
+    /// Queues a request; it starts at the next step.
+    pub fn submit(&mut self, req: EngineRequest) -> Result<SeqId, EngineError> {
+        let id = SeqId(self.next_id);
+        self.next_id += 1;
+        self.sched.submit(Request {
+            id,
+            tenant: req.tenant,
+            qos: req.qos,
+            session: req.session,
+            prompt: req.prompt.clone(),
+            max_new_tokens: req.max_new_tokens,
+            arrival_ms: self.sched.stats().steps,
+        })?;
+        self.prompts.insert(id, req.prompt.len());
+        self.tokens.insert(id, req.prompt);
+        Ok(id)
+    }
+
+    /// Whether nothing is waiting or running.
+    #[must_use]
+    pub fn is_idle(&self) -> bool {
+        self.sched.is_idle()
+    }
+
+    /// Runs one step: plans it, moves blocks, runs the model over the batch, samples greedily.
+    pub fn step(&mut self) -> Result<Vec<Completed>, EngineError> {
+        let now = self.sched.stats().steps;
+        let mut plan = std::mem::take(&mut self.plan);
+        self.sched.step_into(now, &mut plan);
+        let result = self.execute(&plan);
+        self.plan = plan;
+        result
+    }
+
+    fn swap(&mut self, pairs: &[SwapPair], out: bool) -> Result<(), EngineError> {
+        let Some(host_layout) = self.host_layout else {
+            return Ok(());
+        };
+        if pairs.is_empty() {
+            return Ok(());
+        }
+        let copies: Vec<BlockCopy> = pairs
+            .iter()
+            .map(|p| {
+                let host = BlockId(p.host.get());
+                if out {
+                    BlockCopy {
+                        src: p.device,
+                        dst: host,
+                    }
+                } else {
+                    BlockCopy {
+                        src: host,
+                        dst: p.device,
+                    }
+                }
+            })
+            .collect();
+        if out {
+            let src: Vec<&[f32]> = self.caches.iter().map(Vec::as_slice).collect();
+            let mut dst: Vec<&mut [f32]> = self.host.iter_mut().map(Vec::as_mut_slice).collect();
+            swap_blocks(&self.layout, &src, &host_layout, &mut dst, &copies)?;
+        } else {
+            let src: Vec<&[f32]> = self.host.iter().map(Vec::as_slice).collect();
+            let mut dst: Vec<&mut [f32]> = self.caches.iter_mut().map(Vec::as_mut_slice).collect();
+            swap_blocks(&host_layout, &src, &self.layout, &mut dst, &copies)?;
+        }
+        Ok(())
+    }
+
+    fn execute(&mut self, plan: &StepPlan) -> Result<Vec<Completed>, EngineError> {
+        self.swap(&plan.swap_out, true)?;
+        if !plan.copies.is_empty() {
+            let mut layers: Vec<&mut [f32]> =
+                self.caches.iter_mut().map(Vec::as_mut_slice).collect();
+            copy_blocks(&self.layout, &mut layers, &plan.copies)?;
+        }
+        self.swap(&plan.swap_in, false)?;
+        if plan.is_empty() {
+            return Ok(Vec::new());
+        }
+        let table = plan.page_table(&self.layout)?;
+        let slots = plan.slots(&self.layout)?;
+        let mut tokens = Vec::with_capacity(plan.num_tokens());
+        let mut positions = Vec::with_capacity(plan.num_tokens());
+        for s in &plan.seqs {
+            let seq_tokens = &self.tokens[&s.seq];
+            for pos in s.positions.clone() {
+                tokens.push(seq_tokens[pos as usize]);
+                positions.push(pos);
+            }
+        }
+        let c = self.model.cfg;
+        let params = AttnParams::new(c.q_heads as u32, c.head_dim as u32);
+        let mut x = self.model.embed(&tokens);
+        let mut out = vec![0.0f32; tokens.len() * c.q_heads * c.head_dim];
+        let mut lse = vec![0.0f32; tokens.len() * c.q_heads];
+        for l in 0..c.layers {
+            let Qkv { q, k, v } = self.model.qkv(l, &x, &positions);
+            write_kv(&self.layout, &mut self.caches[l], &slots, &k, &v)?;
+            paged_prefill(
+                &self.layout,
+                &self.caches[l],
+                &table,
+                &q,
+                params,
+                &mut out,
+                &mut lse,
+            )?;
+            self.model.finish(l, &mut x, &out);
+        }
+        self.computed += tokens.len() as u64;
+        let mut sampled = Vec::new();
+        for (i, s) in plan.seqs.iter().enumerate().filter(|(_, s)| s.samples) {
+            let row = plan.qo_indptr[i + 1] as usize - 1;
+            let logits = self
+                .model
+                .logits(&x[row * c.d_model..(row + 1) * c.d_model]);
+            let token = argmax(&logits);
+            if self.record_logits {
+                self.logits.entry(s.seq).or_default().push(logits);
+            }
+            if let Some(t) = self.tokens.get_mut(&s.seq) {
+                t.push(token);
+            }
+            sampled.push((s.seq, token));
+        }
+        self.generated += sampled.len() as u64;
+        let pinned = self.sched.allocator().stats().regions[0].used;
+        self.peak_pinned_used = self.peak_pinned_used.max(pinned);
+        let mut done = Vec::new();
+        for f in self.sched.complete_step(&sampled)? {
+            let mut tokens = self.tokens.remove(&f.seq).unwrap_or_default();
+            let prompt_len = self.prompts.remove(&f.seq).unwrap_or(0);
+            tokens.truncate(prompt_len);
+            done.push(Completed {
+                id: f.seq,
+                prompt: tokens,
+                output: f.output,
+                logits: self.logits.remove(&f.seq).unwrap_or_default(),
+                cached_tokens: f.cached_tokens,
+                preemptions: f.preemptions,
+            });
+        }
+        Ok(done)
+    }
+
+    /// Steps until every request has finished; returns them in finishing order.
+    pub fn run_until_idle(&mut self, max_steps: u64) -> Result<Vec<Completed>, EngineError> {
+        let mut done = Vec::new();
+        for _ in 0..max_steps {
+            if self.is_idle() {
+                break;
+            }
+            done.extend(self.step()?);
+        }
+        Ok(done)
+    }
+
+    /// Runs `requests` to completion and reports real throughput and the stack's statistics.
+    pub fn serve(&mut self, requests: Vec<EngineRequest>) -> Result<EngineReport, EngineError> {
+        let start = Instant::now();
+        let (c0, g0) = (self.computed, self.generated);
+        for r in requests {
+            self.submit(r)?;
+        }
+        let done = self.run_until_idle(u64::MAX)?;
+        let wall_s = start.elapsed().as_secs_f64();
+        let s = self.sched.stats();
+        let computed = self.computed - c0;
+        let generated = self.generated - g0;
+        Ok(EngineReport {
+            requests: done.len(),
+            computed_tokens: computed,
+            generated_tokens: generated,
+            wall_s,
+            tokens_per_s: computed as f64 / wall_s.max(1e-9),
+            generated_per_s: generated as f64 / wall_s.max(1e-9),
+            steps: s.steps,
+            preemptions: s.preempted,
+            swapped_out: s.swapped_out,
+            prefix_hit_rate: if s.prompt_tokens == 0 {
+                0.0
+            } else {
+                s.cached_tokens as f64 / s.prompt_tokens as f64
+            },
+            peak_pinned_used: self.peak_pinned_used,
+        })
+    }
+}

@@ -1,0 +1,197 @@
+//! End-to-end equality: the logits of every token the engine generates equal (within the
+//! kernels' tolerance) those of the same model run alone on contiguous K/V, however the kvc
+//! stack served the request: batched on the paged cache, after a prefix hit, as a session's
+//! next turn, after a recompute preemption, after a swap to the host tier, pinned or not.
+
+use kvc_bench::engine::model::ModelConfig;
+use kvc_bench::engine::{Completed, Engine, EngineConfig, EngineRequest};
+use kvc_core::{NoReuse, PinPolicy, QosClass, ReuseIndex, SessionId, TenantId};
+use kvc_pin::{PinningPolicy, PolicyConfig, Reserve, SoftPinConfig, StaticReserve};
+use kvc_reuse::{HashExtra, PolicyKind, PrefixCache, ScopedIndex, Xxh3Hasher};
+use kvc_sched::DynamicOnly;
+
+const TOL: f32 = 2e-3;
+
+fn config(blocks: u32) -> EngineConfig {
+    let mut cfg = EngineConfig::new(ModelConfig::tiny(), blocks);
+    cfg.block_size = 4;
+    cfg.record_logits = true;
+    cfg.sched.max_batch_tokens = 48;
+    cfg
+}
+
+fn index() -> ScopedIndex<Xxh3Hasher> {
+    ScopedIndex::new(
+        PrefixCache::new(4, PolicyKind::Lru),
+        Xxh3Hasher,
+        HashExtra::new("tiny", 1),
+    )
+}
+
+fn request(prompt: Vec<u32>, new: u32) -> EngineRequest {
+    EngineRequest {
+        tenant: TenantId(0),
+        qos: QosClass::STANDARD,
+        session: None,
+        prompt,
+        max_new_tokens: new,
+    }
+}
+
+fn prompt(seed: u32, len: usize) -> Vec<u32> {
+    (0..len as u32)
+        .map(|i| (i * 37 + seed * 101) % 256)
+        .collect()
+}
+
+/// Checks every generated token's logits against the contiguous reference.
+fn check<P: PinPolicy, R: ReuseIndex>(engine: &Engine<P, R>, done: &[Completed]) {
+    for c in done {
+        assert_eq!(c.logits.len(), c.output.len(), "{}", c.id);
+        let mut tokens = c.prompt.clone();
+        tokens.extend(&c.output[..c.output.len() - 1]);
+        let reference = engine.model().reference_logits(&tokens);
+        for (i, got) in c.logits.iter().enumerate() {
+            let want = &reference[c.prompt.len() - 1 + i];
+            let diff = got
+                .iter()
+                .zip(want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(diff < TOL, "{}: token {i} differs by {diff}", c.id);
+        }
+    }
+}
+
+#[test]
+fn batched_paged_requests_match_the_contiguous_reference() {
+    let mut e = Engine::new(
+        &config(64),
+        DynamicOnly::default(),
+        NoReuse { block_size: 4 },
+    )
+    .unwrap();
+    for i in 0..5 {
+        e.submit(request(prompt(i, 9 + i as usize * 5), 6)).unwrap();
+    }
+    let done = e.run_until_idle(1_000).unwrap();
+    assert_eq!(done.len(), 5);
+    check(&e, &done);
+}
+
+#[test]
+fn a_prefix_hit_gives_the_same_logits() {
+    let mut e = Engine::new(&config(64), DynamicOnly::default(), index()).unwrap();
+    let shared = prompt(3, 21);
+    e.submit(request(shared.clone(), 4)).unwrap();
+    let first = e.run_until_idle(1_000).unwrap();
+    let mut p = shared.clone();
+    p.extend([9, 8, 7]);
+    e.submit(request(p, 5)).unwrap();
+    let second = e.run_until_idle(1_000).unwrap();
+    assert_eq!(
+        second[0].cached_tokens, 20,
+        "the shared 21 tokens give 5 full blocks"
+    );
+    check(&e, &first);
+    check(&e, &second);
+}
+
+#[test]
+fn a_session_continuation_gives_the_same_logits() {
+    let mut e = Engine::new(&config(64), DynamicOnly::default(), index()).unwrap();
+    let mut turn = request(prompt(5, 14), 5);
+    turn.session = Some(SessionId(1));
+    e.submit(turn.clone()).unwrap();
+    let first = e.run_until_idle(1_000).unwrap();
+    let mut next = turn;
+    next.prompt.extend(&first[0].output);
+    next.prompt.extend([3, 1, 4, 1, 5]);
+    e.submit(next).unwrap();
+    let second = e.run_until_idle(1_000).unwrap();
+    assert!(
+        second[0].cached_tokens >= 16,
+        "cached {}",
+        second[0].cached_tokens
+    );
+    check(&e, &first);
+    check(&e, &second);
+}
+
+#[test]
+fn preempted_and_recomputed_requests_give_the_same_logits() {
+    // 14 blocks of 4 tokens for four requests growing to 6 blocks each: preemption is forced.
+    let mut e = Engine::new(
+        &config(14),
+        DynamicOnly::default(),
+        NoReuse { block_size: 4 },
+    )
+    .unwrap();
+    for i in 0..4 {
+        let mut r = request(prompt(10 + i, 10), 12);
+        r.qos = QosClass((i % 3) as u8);
+        e.submit(r).unwrap();
+    }
+    let done = e.run_until_idle(5_000).unwrap();
+    assert_eq!(done.len(), 4);
+    assert!(
+        e.scheduler().stats().preempted > 0,
+        "the pool was meant to force preemption"
+    );
+    check(&e, &done);
+}
+
+#[test]
+fn swapped_out_and_back_requests_give_the_same_logits() {
+    let mut cfg = config(14);
+    cfg.host_blocks = 32;
+    let mut e = Engine::new(&cfg, DynamicOnly::default(), NoReuse { block_size: 4 }).unwrap();
+    for i in 0..4 {
+        let mut r = request(prompt(20 + i, 10), 12);
+        r.qos = QosClass((i % 3) as u8);
+        e.submit(r).unwrap();
+    }
+    let done = e.run_until_idle(5_000).unwrap();
+    assert_eq!(done.len(), 4);
+    assert!(
+        e.scheduler().stats().swapped_out > 0,
+        "the pool was meant to force a swap"
+    );
+    check(&e, &done);
+}
+
+#[test]
+fn pinned_critical_traffic_gives_the_same_logits() {
+    let mut cfg = config(48);
+    cfg.pinned = 16;
+    let soft = SoftPinConfig::new(1024, 48, 0.05).unwrap();
+    let pin = PinningPolicy::new(PolicyConfig::new(
+        Reserve::Static(StaticReserve::blocks(16)),
+        soft,
+    ))
+    .unwrap();
+    let mut e = Engine::new(&cfg, pin, index()).unwrap();
+    for i in 0..6 {
+        let mut r = request(prompt(30 + i, 12), 6);
+        r.qos = if i % 2 == 0 {
+            QosClass::CRITICAL
+        } else {
+            QosClass::BEST_EFFORT
+        };
+        e.submit(r).unwrap();
+    }
+    let report_done = e.run_until_idle(5_000).unwrap();
+    assert_eq!(report_done.len(), 6);
+    check(&e, &report_done);
+}
+
+#[test]
+fn serve_reports_real_throughput() {
+    let mut e = Engine::new(&config(64), DynamicOnly::default(), index()).unwrap();
+    let reqs = (0..4).map(|i| request(prompt(40 + i, 8), 4)).collect();
+    let report = e.serve(reqs).unwrap();
+    assert_eq!(report.requests, 4);
+    assert_eq!(report.generated_tokens, 16);
+    assert_eq!(report.computed_tokens, 4 * 8 + 4 * 3);
+    assert!(report.tokens_per_s > 0.0);
+}
