@@ -1,0 +1,191 @@
+//! The `replay` subcommand end to end: JSON output on small inline traces, one-line errors
+//! with non-zero exit codes, and (when the shared trace is present) the Mooncake trace.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use kvc_bench::replay::{ReplayConfig, replay};
+use kvc_bench::trace::read_trace;
+use kvc_reuse::{HasherKind, PolicyKind};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_kvc-bench"))
+}
+
+/// Writes `text` to a fresh file under the target directory and returns its path.
+fn trace_file(name: &str, text: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("replay-cli");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn run(trace: &Path, extra: &[&str]) -> Output {
+    bin()
+        .args(["replay", "--trace"])
+        .arg(trace)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+const TWO_TURNS: &str = "\
+{\"timestamp\": 0, \"input_length\": 1000, \"output_length\": 10, \"hash_ids\": [1, 2]}
+{\"timestamp\": 5, \"input_length\": 1500, \"output_length\": 10, \"hash_ids\": [1, 3, 4]}
+";
+
+#[test]
+fn json_output_has_every_field() {
+    let path = trace_file("two-turns.jsonl", TWO_TURNS);
+    let out = run(
+        &path,
+        &[
+            "--capacity-tokens",
+            "100000",
+            "--policy",
+            "lru",
+            "--optimal",
+            "--json",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["requests"], 2);
+    assert_eq!(v["input_tokens"], 2500);
+    assert_eq!(
+        v["hit_tokens"], 512,
+        "the second request shares Mooncake block 0"
+    );
+    assert_eq!(v["policy"], "lru");
+    assert_eq!(v["capacity_tokens"], 100000);
+    assert_eq!(v["block_size"], 16);
+    assert_eq!(v["evicted_blocks"], 0);
+    let rate = v["hit_rate"].as_f64().unwrap();
+    assert!((rate - 512.0 / 2500.0).abs() < 1e-12);
+    assert!(v["elapsed_s"].as_f64().unwrap() >= 0.0);
+    assert_eq!(v["optimal_hit_rate"].as_f64(), Some(rate));
+    assert_eq!(v["infinite_hit_rate"].as_f64(), Some(rate));
+}
+
+#[test]
+fn every_policy_and_hasher_runs() {
+    let path = trace_file("two-turns-all.jsonl", TWO_TURNS);
+    for policy in PolicyKind::ALL {
+        for hasher in ["xxh3", "blake3"] {
+            let out = run(
+                &path,
+                &[
+                    "--capacity-tokens",
+                    "100000",
+                    "--policy",
+                    policy.name(),
+                    "--hasher",
+                    hasher,
+                    "--block-size",
+                    "32",
+                ],
+            );
+            assert!(out.status.success(), "{policy:?} {hasher}");
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(text.contains("hit rate 20.48%"), "{text}");
+        }
+    }
+}
+
+fn assert_fails(out: &Output, needles: &[&str]) {
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    for n in needles {
+        assert!(err.contains(n), "`{err}` should mention `{n}`");
+    }
+}
+
+#[test]
+fn malformed_lines_name_the_line_and_field() {
+    let path = trace_file(
+        "malformed.jsonl",
+        "{\"timestamp\": 0, \"input_length\": 10, \"output_length\": 1, \"hash_ids\": [0]}\n\
+         {\"timestamp\": 1, \"input_length\": \"many\", \"output_length\": 1, \"hash_ids\": [0]}\n",
+    );
+    let out = run(&path, &["--capacity-tokens", "1000"]);
+    assert_fails(&out, &["line 2", "input_length"]);
+    let path = trace_file("missing.jsonl", "{\"timestamp\": 1, \"input_length\": 3}\n");
+    assert_fails(
+        &run(&path, &["--capacity-tokens", "1000"]),
+        &["line 1", "output_length"],
+    );
+}
+
+#[test]
+fn empty_trace_zero_capacity_and_unknown_names_are_errors() {
+    let empty = trace_file("empty.jsonl", "\n");
+    assert_fails(
+        &run(&empty, &["--capacity-tokens", "1000"]),
+        &["no request"],
+    );
+    let path = trace_file("ok.jsonl", TWO_TURNS);
+    assert_fails(&run(&path, &["--capacity-tokens", "0"]), &["capacity"]);
+    assert_fails(
+        &run(&path, &["--capacity-tokens", "10", "--block-size", "16"]),
+        &["capacity of 10 tokens"],
+    );
+    assert_fails(
+        &run(&path, &["--capacity-tokens", "1000", "--policy", "mru"]),
+        &["unknown policy `mru`", "lru"],
+    );
+    let missing = Path::new(env!("CARGO_TARGET_TMPDIR")).join("no-such-trace.jsonl");
+    assert_fails(
+        &run(&missing, &["--capacity-tokens", "1000"]),
+        &["cannot read trace"],
+    );
+}
+
+/// The shared Mooncake trace: from the repository root it is `../shared/traces/...`.
+fn shared_trace() -> Option<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let path = root.join("../shared/traces/mooncake-conversation.jsonl");
+    path.exists().then_some(path)
+}
+
+#[test]
+fn mooncake_trace_prefix_orders_lru_optimum_and_infinite() {
+    let Some(path) = shared_trace() else {
+        eprintln!(
+            "skipped: ../shared/traces/mooncake-conversation.jsonl is absent (the inline traces \
+             above still test the replay)"
+        );
+        return;
+    };
+    let trace = read_trace(&path).unwrap();
+    assert_eq!(trace.len(), 12_031);
+    // The first 3,000 requests keep the test quick; the full figures are in docs/benchmarks.md.
+    let head = &trace[..3_000];
+    let mut rates = Vec::new();
+    for policy in [PolicyKind::Lru, PolicyKind::Conversation] {
+        let cfg = ReplayConfig {
+            capacity_tokens: 1_000_000,
+            block_size: 16,
+            policy,
+            hasher: HasherKind::Xxh3,
+            optimal: policy == PolicyKind::Lru,
+        };
+        let r = replay(head, &cfg).unwrap();
+        assert!(r.evicted_blocks > 0);
+        if let (Some(opt), Some(inf)) = (r.optimal_hit_rate, r.infinite_hit_rate) {
+            assert!(r.hit_rate < opt && opt <= inf && inf < 1.0, "{r:?}");
+        }
+        rates.push(r.hit_rate);
+    }
+    assert!(
+        rates[1] > rates[0],
+        "conversation {} vs LRU {}",
+        rates[1],
+        rates[0]
+    );
+}
