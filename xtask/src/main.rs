@@ -2,7 +2,9 @@
 //!
 //! - `test`: every check: format, clippy, the workspace tests, then the loom models.
 //! - `loom`: the loom model checks, built with `--cfg kvc_loom` in `target/loom`.
-//! - `bench`: the criterion benchmarks of every crate.
+//! - `bench`: the benchmark report (`kvc-bench report`: scenarios, hit rate against
+//!   capacity, kernel bandwidth, quick micro-benchmarks) into `target/kvc-report/`;
+//!   `bench --criterion` runs the criterion benchmarks of every crate instead.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 mod gpu;
@@ -17,7 +19,9 @@ const USAGE: &str = "usage: cargo xtask <command>
 commands:
   test    format check, clippy, workspace tests, loom models (every check)
   loom    loom model checks of the concurrent code (release, --cfg kvc_loom)
-  bench   criterion benchmarks of every crate [-- criterion args]
+  bench   benchmark report into target/kvc-report/index.md (+ SVG plots)
+          [--quick | --full] [--trace PATH] [--out DIR]
+          --criterion [criterion args]: the criterion benches of every crate instead
   kernels compile every CUDA kernel with NVRTC and ptxas for sm_90 (no GPU needed)
   gpu     on an NVIDIA GPU: CUDA op tests against the CPU and the kernel benchmark";
 
@@ -124,10 +128,50 @@ fn loom() -> Result<(), String> {
 }
 
 fn bench(rest: &[String]) -> Result<(), String> {
-    let mut cmd = cargo();
-    cmd.args(["bench", "--workspace"]);
-    if !rest.is_empty() {
-        cmd.arg("--").args(rest);
+    if rest.first().is_some_and(|a| a == "--criterion") {
+        let mut cmd = cargo();
+        cmd.args(["bench", "--workspace"]);
+        if rest.len() > 1 {
+            cmd.arg("--").args(&rest[1..]);
+        }
+        return run("criterion benches", cmd);
     }
-    run("criterion benches", cmd)
+    // Paths are taken relative to where xtask was started; cargo runs from the root.
+    let here = env::current_dir().map_err(|e| format!("bench: no working directory: {e}"))?;
+    let mut out = root().join("target").join("kvc-report");
+    let mut forwarded: Vec<String> = Vec::new();
+    let mut shown = String::from("cargo xtask bench");
+    let mut args = rest.iter();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--quick" | "--full" => {
+                forwarded.push(arg.clone());
+                shown.push_str(&format!(" {arg}"));
+            }
+            "--trace" | "--out" => {
+                let value = args
+                    .next()
+                    .ok_or_else(|| format!("bench: {arg} needs a path\n{USAGE}"))?;
+                let path = here.join(value);
+                if arg == "--out" {
+                    out = path;
+                } else {
+                    forwarded.push(arg.clone());
+                    forwarded.push(path.display().to_string());
+                }
+                shown.push_str(&format!(" {arg} {value}"));
+            }
+            other => return Err(format!("bench: unknown argument `{other}`\n{USAGE}")),
+        }
+    }
+    let mut cmd = cargo();
+    cmd.args(["run", "--release", "-p", "kvc-bench", "--", "report"])
+        .args(&forwarded)
+        .arg("--out")
+        .arg(&out)
+        .arg("--command")
+        .arg(&shown);
+    run("benchmark report (kvc-bench report)", cmd)?;
+    println!("\nreport: {}", out.join("index.md").display());
+    Ok(())
 }

@@ -7,6 +7,7 @@
 pub mod engine;
 pub mod profiles;
 pub mod replay;
+pub mod report;
 pub mod sim;
 pub mod size;
 pub mod trace;

@@ -4,9 +4,11 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
 use kvc_bench::replay::{ReplayConfig, ReplayReport, replay};
+use kvc_bench::report::{self, Mode, ReportConfig};
 use kvc_bench::sim::scenarios::{self, Size};
 use kvc_bench::size::{SizeQuery, size};
 use kvc_bench::trace::read_trace;
@@ -28,6 +30,33 @@ enum Command {
     Scenario(ScenarioArgs),
     /// KV bytes per token and per block of a model, and how much fits on a GPU.
     Size(SizeArgs),
+    /// Run every benchmark and write a markdown report with SVG plots (what `cargo xtask
+    /// bench` runs).
+    Report(ReportArgs),
+}
+
+#[derive(Args)]
+struct ReportArgs {
+    /// Smoke run: under a minute.
+    #[arg(long, conflicts_with_all = ["full", "tiny"])]
+    quick: bool,
+    /// The long versions of everything.
+    #[arg(long, conflicts_with = "tiny")]
+    full: bool,
+    /// The smallest sizes, for the test suite.
+    #[arg(long, hide = true)]
+    tiny: bool,
+    /// Mooncake JSONL trace for the hit-rate section (default:
+    /// ../shared/traces/mooncake-conversation.jsonl; skipped when absent).
+    #[arg(long)]
+    trace: Option<PathBuf>,
+    /// Folder to write index.md, the SVG plots and report.json into.
+    #[arg(long, default_value = "target/kvc-report")]
+    out: PathBuf,
+    /// The command to print as the way to reproduce the report (default: the `cargo xtask
+    /// bench` line of these options).
+    #[arg(long, hide = true)]
+    command: Option<String>,
 }
 
 #[derive(Args)]
@@ -96,6 +125,7 @@ fn main() -> ExitCode {
         Command::Replay(args) => run_replay(&args),
         Command::Scenario(args) => run_scenario(&args),
         Command::Size(args) => run_size(&args),
+        Command::Report(args) => run_report(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -221,5 +251,36 @@ fn run_size(args: &SizeArgs) -> Result<(), String> {
     };
     let report = size(&query).map_err(|e| e.to_string())?;
     println!("{report}");
+    Ok(())
+}
+
+fn run_report(args: ReportArgs) -> Result<(), String> {
+    let mode = if args.tiny {
+        Mode::Tiny
+    } else if args.quick {
+        Mode::Quick
+    } else if args.full {
+        Mode::Full
+    } else {
+        Mode::Default
+    };
+    let mut cfg = ReportConfig::new(mode, args.out);
+    cfg.trace = args.trace;
+    cfg.command = args.command.unwrap_or_else(|| cfg.default_command());
+    let start = Instant::now();
+    let written = report::run(&cfg, &mut |line| {
+        eprintln!(
+            "[kvc-bench report {:>6.1} s] {line}",
+            start.elapsed().as_secs_f64()
+        );
+    })
+    .map_err(|e| e.to_string())?;
+    println!(
+        "report written in {:.1} s: {} ({} plots, data in {})",
+        written.elapsed_s,
+        written.index.display(),
+        written.plots.len(),
+        written.json.display()
+    );
     Ok(())
 }
