@@ -282,9 +282,24 @@ pub(crate) fn kernels() -> Result<(), String> {
             spilling.join(", ")
         ));
     }
+    // The CUBIN NVRTC built directly (what the run-time path loads) must hold every kernel.
+    let cubin = std::fs::read(out.join("kvc_kernels.nvrtc.cubin"))
+        .map_err(|e| format!("cannot read the NVRTC CUBIN: {e}"))?;
+    if !cubin.starts_with(b"\x7fELF") {
+        return Err("the NVRTC CUBIN is not an ELF image".into());
+    }
+    let absent: Vec<&str> = expected
+        .lines()
+        .filter(|n| !cubin.windows(n.len()).any(|w| w == n.as_bytes()))
+        .collect();
+    if !absent.is_empty() {
+        return Err(format!("the NVRTC CUBIN lacks: {}", absent.join(", ")));
+    }
     println!(
-        "kernels: {} kernels assembled for sm_90, no spills in the attention kernels",
-        figures.len()
+        "kernels: {} kernels assembled for sm_90, no spills in the attention kernels; the \
+         run-time CUBIN ({} KiB) holds every kernel",
+        figures.len(),
+        cubin.len() / 1024
     );
     Ok(())
 }

@@ -1,5 +1,5 @@
 //! The CUDA ops (feature `cuda`): the `.cu` sources in `kernels/`, compiled at run time with
-//! NVRTC for the device's architecture and launched through cudarc.
+//! NVRTC to a CUBIN for the device's architecture and launched through cudarc.
 //!
 //! cudarc loads `libcuda` and `libnvrtc` when first used (`dynamic-loading`), so this module
 //! builds with no CUDA installed; [`CudaKernels::new`] probes for both libraries and a device
@@ -167,18 +167,23 @@ pub fn all_instances() -> Vec<(u32, u32, u32)> {
     v
 }
 
-/// Compiles `src` with NVRTC for `arch` (e.g. `compute_90`) and returns the PTX text.
-/// `kernels` names the program in errors.
+fn nvrtc_options(arch: &str) -> Vec<String> {
+    vec![
+        format!("--gpu-architecture={arch}"),
+        "--std=c++17".into(),
+        "-default-device".into(),
+    ]
+}
+
+/// Compiles `src` with NVRTC for the virtual architecture `arch` (e.g. `compute_90`) and
+/// returns the PTX text (what `cargo xtask kernels` assembles with ptxas). `kernels` names the
+/// program in errors.
 pub fn compile(src: &str, arch: &str, kernels: &str) -> Result<String, CudaError> {
     if !nvrtc_present() {
         return Err(CudaError::NoNvrtc);
     }
     let opts = CompileOptions {
-        options: vec![
-            format!("--gpu-architecture={arch}"),
-            "--std=c++17".into(),
-            "-default-device".into(),
-        ],
+        options: nvrtc_options(arch),
         ..CompileOptions::default()
     };
     cudarc::nvrtc::compile_ptx_with_opts(src, opts)
@@ -192,6 +197,58 @@ pub fn compile(src: &str, arch: &str, kernels: &str) -> Result<String, CudaError
                 other => format!("{other:?}"),
             },
         })
+}
+
+fn c_text(chars: &[std::ffi::c_char]) -> String {
+    let bytes: Vec<u8> = chars
+        .iter()
+        .map(|&c| c as u8)
+        .take_while(|&b| b != 0)
+        .collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// Compiles `src` with NVRTC straight to a CUBIN for the real architecture `arch` (e.g.
+/// `sm_90`). The run-time path loads CUBINs rather than PTX: a driver JIT-compiles only PTX no
+/// newer than itself, while a CUBIN from any CUDA 12 NVRTC loads on any CUDA 12 driver.
+pub fn compile_cubin(src: &str, arch: &str, kernels: &str) -> Result<Vec<u8>, CudaError> {
+    use cudarc::nvrtc::{result, sys};
+    if !nvrtc_present() {
+        return Err(CudaError::NoNvrtc);
+    }
+    let fail = |log: String| CudaError::Compile {
+        kernels: kernels.into(),
+        log,
+    };
+    let csrc =
+        std::ffi::CString::new(src).map_err(|_| fail("the source contains a NUL byte".into()))?;
+    let prog = result::create_program(&csrc, None).map_err(|e| fail(format!("{e:?}")))?;
+    // SAFETY: `prog` was created just above from `csrc`, which outlives it; it is destroyed
+    // exactly once, at the end; the CUBIN buffer is sized by nvrtcGetCUBINSize first.
+    let out = unsafe {
+        match result::compile_program(prog, &nvrtc_options(arch)) {
+            Err(e) => Err(fail(match result::get_program_log(prog) {
+                Ok(log) => c_text(&log),
+                Err(_) => format!("{e:?}"),
+            })),
+            Ok(()) => {
+                let mut size = 0usize;
+                match sys::nvrtcGetCUBINSize(prog, &mut size).result() {
+                    Err(e) => Err(fail(format!("nvrtcGetCUBINSize: {e:?}"))),
+                    Ok(()) => {
+                        let mut cubin = vec![0u8; size];
+                        sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr().cast())
+                            .result()
+                            .map(|()| cubin)
+                            .map_err(|e| fail(format!("nvrtcGetCUBIN: {e:?}")))
+                    }
+                }
+            }
+        }
+    };
+    // SAFETY: `prog` is live and destroyed only here.
+    let _ = unsafe { result::destroy_program(prog) };
+    out
 }
 
 /// A device pool layer's worth of arguments: strides and sizes as the kernels take them.
@@ -265,10 +322,10 @@ impl CudaKernels {
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
             )
             .map_err(driver("reading the SM count"))?;
-        let arch = format!("compute_{major}{minor}");
-        let ptx = compile(&program_source(&[]), &arch, "memory kernels")?;
+        let arch = format!("sm_{major}{minor}");
+        let cubin = compile_cubin(&program_source(&[]), &arch, "memory kernels")?;
         let memory = ctx
-            .load_module(Ptx::from_src(ptx))
+            .load_module(Ptx::from_binary(cubin))
             .map_err(driver("loading the memory kernels"))?;
         let stream = ctx.default_stream();
         Ok(Self {
@@ -310,10 +367,10 @@ impl CudaKernels {
             return Ok(f.clone());
         }
         let name = attend_kernel_name(dt, d, g);
-        let ptx = compile(&program_source(&[(dt, d, g)]), &self.arch, &name)?;
+        let cubin = compile_cubin(&program_source(&[(dt, d, g)]), &self.arch, &name)?;
         let module = self
             .ctx
-            .load_module(Ptx::from_src(ptx))
+            .load_module(Ptx::from_binary(cubin))
             .map_err(driver("loading an attention kernel"))?;
         let f = module
             .load_function(&name)

@@ -1,5 +1,6 @@
 //! Compiles every CUDA kernel of kvc-kernels with NVRTC (the same sources and options as the
-//! run-time path) and writes the PTX, for `cargo xtask kernels` to assemble with ptxas.
+//! run-time path) and writes the PTX, for `cargo xtask kernels` to assemble with ptxas, and the
+//! CUBIN the run-time path would load (`kvc_kernels.nvrtc.cubin`).
 //!
 //! Usage: `kvc-nvrtc OUT_DIR [ARCH]` (ARCH defaults to `compute_90`). Needs libnvrtc on the
 //! library path; no GPU or driver.
@@ -9,7 +10,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use kvc_kernels::cuda::{
-    MEMORY_KERNELS, all_instances, attend_kernel_name, compile, program_source,
+    MEMORY_KERNELS, all_instances, attend_kernel_name, compile, compile_cubin, program_source,
 };
 
 fn main() -> ExitCode {
@@ -28,7 +29,18 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // The run-time path compiles to a CUBIN for the device's real architecture; build that
+    // too, from the same source, so it is exercised without a GPU.
+    let real = arch.replace("compute_", "sm_");
+    let cubin = match compile_cubin(&src, &real, "every kvc kernel") {
+        Ok(cubin) => cubin,
+        Err(e) => {
+            eprintln!("kvc-nvrtc: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     if let Err(e) = std::fs::create_dir_all(&out)
+        .and_then(|()| std::fs::write(out.join("kvc_kernels.nvrtc.cubin"), &cubin))
         .and_then(|()| std::fs::write(out.join("kvc_kernels.ptx"), &ptx))
         .and_then(|()| std::fs::write(out.join("kvc_kernels.cu"), &src))
     {
@@ -47,9 +59,10 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     println!(
-        "kvc-nvrtc: {} kernels compiled for {arch} into {}",
+        "kvc-nvrtc: {} kernels compiled to PTX for {arch} ({}) and to a {} KiB CUBIN for {real}",
         names.len(),
-        out.join("kvc_kernels.ptx").display()
+        out.join("kvc_kernels.ptx").display(),
+        cubin.len() / 1024
     );
     ExitCode::SUCCESS
 }
