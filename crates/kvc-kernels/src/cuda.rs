@@ -210,7 +210,8 @@ fn c_text(chars: &[std::ffi::c_char]) -> String {
 
 /// Compiles `src` with NVRTC straight to a CUBIN for the real architecture `arch` (e.g.
 /// `sm_90`). The run-time path loads CUBINs rather than PTX: a driver JIT-compiles only PTX no
-/// newer than itself, while a CUBIN from any CUDA 12 NVRTC loads on any CUDA 12 driver.
+/// newer than itself, while a CUBIN from a newer CUDA 12 NVRTC loads on an older CUDA 12
+/// driver (CUDA minor-version compatibility).
 pub fn compile_cubin(src: &str, arch: &str, kernels: &str) -> Result<Vec<u8>, CudaError> {
     use cudarc::nvrtc::{result, sys};
     if !nvrtc_present() {
