@@ -65,8 +65,33 @@ struct Setup<T> {
     params: AttnParams,
 }
 
+/// `len` values of `f(i)` in a buffer that asks for transparent huge pages first when `huge`
+/// (as an engine would for its KV pool): decode reads 4 KiB runs scattered over the pool, and
+/// on 4 KiB pages each run is also a TLB miss.
+fn filled<T>(len: usize, huge: bool, f: impl Fn(usize) -> T) -> Vec<T> {
+    let mut v: Vec<T> = Vec::with_capacity(len);
+    #[cfg(target_os = "linux")]
+    if huge {
+        const HUGE: usize = 2 << 20;
+        let start = v.as_ptr() as usize;
+        let (a, b) = (
+            start.next_multiple_of(HUGE),
+            (start + len * std::mem::size_of::<T>()) / HUGE * HUGE,
+        );
+        if b > a {
+            // SAFETY: [a, b) lies inside `v`'s untouched allocation; madvise only changes how
+            // the kernel backs it. A refusal (THP off) leaves ordinary pages, which is fine.
+            let _ = unsafe { libc::madvise(a as *mut libc::c_void, b - a, libc::MADV_HUGEPAGE) };
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = huge;
+    v.extend((0..len).map(f));
+    v
+}
+
 impl<T: KvElem> Setup<T> {
-    fn new(c: &Case, contiguous: bool) -> Self {
+    fn new(c: &Case, contiguous: bool, huge: bool) -> Self {
         let (bs, d) = (16u32, 128u32);
         let pages = c.len.div_ceil(bs);
         let num_blocks = c.batch * pages;
@@ -89,9 +114,9 @@ impl<T: KvElem> Setup<T> {
             &layout,
         )
         .expect("table");
-        let cache: Vec<T> = (0..layout.len())
-            .map(|i| T::from_f32(((i % 61) as f32 - 30.0) / 32.0))
-            .collect();
+        let cache: Vec<T> = filled(layout.len() as usize, huge, |i| {
+            T::from_f32(((i % 61) as f32 - 30.0) / 32.0)
+        });
         let q: Vec<T> = (0..c.batch * c.q_heads * d)
             .map(|i| T::from_f32((i % 7) as f32 / 7.0))
             .collect();
@@ -128,19 +153,20 @@ impl<T: KvElem> Setup<T> {
 }
 
 fn case<T: KvElem>(name: &str, c: &Case, words: &[u64]) {
-    let mut paged = Setup::<T>::new(c, false);
-    let mut contiguous = Setup::<T>::new(c, true);
+    let mut paged = Setup::<T>::new(c, false, true);
+    let mut contiguous = Setup::<T>::new(c, true, true);
+    let mut small_pages = Setup::<T>::new(c, false, false);
     let bytes = paged.bytes();
-    let [tp, tc, tr] =
-        interleaved(
-            &mut [&mut || paged.run(), &mut || contiguous.run(), &mut || {
-                sum(words)
-            }],
-        );
+    let [tp, tc, ts, tr] = interleaved(&mut [
+        &mut || paged.run(),
+        &mut || contiguous.run(),
+        &mut || small_pages.run(),
+        &mut || sum(words),
+    ]);
     let read = (words.len() * 8) as f64 / tr;
-    let (p, q) = (bytes / tp, bytes / tc);
+    let (p, q, sp) = (bytes / tp, bytes / tc, bytes / ts);
     println!(
-        "decode {name} b={} L={} {}q/{}kv d=128, {:.0} MiB KV: read {:.2} GB/s | paged {:.2} GB/s = {:.0}% of read | contiguous {:.2} GB/s = {:.0}% of read | paged/contiguous {:.2}",
+        "decode {name} b={} L={} {}q/{}kv d=128, {:.0} MiB KV: read {:.2} GB/s | paged {:.2} GB/s = {:.0}% of read | contiguous {:.2} GB/s = {:.0}% of read | paged/contiguous {:.2} | paged on 4 KiB pages {:.2} GB/s = {:.0}% of read",
         c.batch,
         c.len,
         c.q_heads,
@@ -151,15 +177,17 @@ fn case<T: KvElem>(name: &str, c: &Case, words: &[u64]) {
         100.0 * p / read,
         q / 1e9,
         100.0 * q / read,
-        p / q
+        p / q,
+        sp / 1e9,
+        100.0 * sp / read
     );
 }
 
 fn main() {
     let threads = rayon::current_num_threads();
-    let words: Vec<u64> = (0..(512usize << 20) / 8).map(|i| i as u64).collect();
+    let words: Vec<u64> = filled((512usize << 20) / 8, true, |i| i as u64);
     println!(
-        "CPU decode, {threads} threads; medians of {RUNS} runs, paged, contiguous and a rayon sum of 512 MiB (the read bandwidth) taking turns"
+        "CPU decode, {threads} threads; medians of {RUNS} runs of paged, contiguous, paged on 4 KiB pages and a rayon sum of 512 MiB (the read bandwidth) taking turns; KV and sum buffers on transparent huge pages unless said"
     );
     case::<bf16>(
         "bf16",
