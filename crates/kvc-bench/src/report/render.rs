@@ -470,7 +470,68 @@ fn how(md: &mut String, d: &ReportData) {
 
 #[cfg(test)]
 mod tests {
+    use super::super::{BandwidthResult, DecodeShape, Host, MicroResult, Mode};
     use super::*;
+
+    fn data() -> ReportData {
+        ReportData {
+            mode: Mode::Quick,
+            date: "2026-01-02 03:04 UTC".into(),
+            host: Host {
+                cpu: "Test CPU".into(),
+                cores: 2,
+                threads: 2,
+            },
+            command: "cargo xtask bench --quick".into(),
+            scenarios: Vec::new(),
+            hit_rate: None,
+            hit_rate_skipped: Some("no trace here".into()),
+            bandwidth: BandwidthResult {
+                shape: DecodeShape {
+                    batch: 1,
+                    len: 16,
+                    q_heads: 8,
+                    kv_heads: 8,
+                    head_dim: 64,
+                    block_size: 16,
+                },
+                kv_bytes: 1 << 20,
+                threads: 2,
+                runs: 3,
+                read_bytes_per_s: 10e9,
+                paged_bytes_per_s: 8e9,
+                contiguous_bytes_per_s: 8.5e9,
+            },
+            micro: vec![MicroResult {
+                name: "pair | with a pipe".into(),
+                median_ns: 7.25,
+                min_ns: 7.0,
+                batches: 3,
+                iters: 1000,
+            }],
+            section_seconds: vec![("micro-benchmarks".into(), 0.5)],
+        }
+    }
+
+    #[test]
+    fn a_missing_trace_is_said_and_the_rest_is_rendered() {
+        let (md, plots) = render(&data());
+        assert!(md.contains("Skipped: no trace here."));
+        assert!(!md.contains("hit-rate.svg"));
+        for heading in SECTION_HEADINGS {
+            assert!(md.contains(heading), "{heading}");
+        }
+        // Figures come from the data: 8 of 10 GB/s is 80% of the read bandwidth, which meets
+        // the 70% goal; 8 / 8.5 is within 10%.
+        assert!(md.contains("| 8.00 GB/s | 80.0% |"), "{md}");
+        assert!(md.contains("(met), paged within 10% of contiguous (met)"));
+        assert!(
+            md.contains("| pair \\| with a pipe | 7.2 ns | 7.0 ns | 3 × 1,000 |"),
+            "{md}"
+        );
+        assert_eq!(plots.len(), 1);
+        assert_eq!(plots[0].0, "kernel-bandwidth.svg");
+    }
 
     #[test]
     fn numbers_are_grouped() {
