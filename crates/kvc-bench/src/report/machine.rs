@@ -62,6 +62,20 @@ pub fn parse_cpuinfo(text: &str) -> (Option<String>, usize) {
     (model, processors)
 }
 
+/// The kernel's transparent huge page mode: the bracketed word of
+/// `/sys/kernel/mm/transparent_hugepage/enabled`, or `unknown`.
+#[must_use]
+pub fn transparent_huge_pages() -> String {
+    std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .ok()
+        .and_then(|text| {
+            let (_, rest) = text.split_once('[')?;
+            let (mode, _) = rest.split_once(']')?;
+            Some(mode.to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
 /// The current UTC time as `YYYY-MM-DD HH:MM UTC`.
 #[must_use]
 pub fn utc_now() -> String {

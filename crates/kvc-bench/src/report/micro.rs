@@ -32,7 +32,7 @@ pub struct MicroResult {
 
 /// Times `batches` batches of `iters` calls of `f` (after one warm-up batch) and returns the
 /// median and minimum time per call, in nanoseconds.
-pub(crate) fn time_batches<E>(
+fn time_batches<E>(
     batches: usize,
     iters: usize,
     mut f: impl FnMut() -> Result<(), E>,

@@ -361,8 +361,9 @@ fn bandwidth(md: &mut String, plots: &mut Vec<Plot>, d: &ReportData) {
     let _ = writeln!(md, "{}\n", SECTION_HEADINGS[2]);
     let workload = format!(
         "`kvc_kernels::paged_decode`, bf16 KV, batch {} × {} tokens, {} query / {} KV heads of \
-         {}, {}-token blocks: {:.0} MiB of KV; read probe: a rayon streaming sum over the same \
-         number of bytes; median of {} runs each, {} threads",
+         {}, {}-token blocks: {:.0} MiB of KV in an ordinary allocation (transparent huge pages: \
+         {}); read probe: a rayon streaming sum over the same number of bytes; the three take \
+         turns, median of {} runs each, {} threads",
         s.batch,
         int(u64::from(s.len)),
         s.q_heads,
@@ -370,6 +371,7 @@ fn bandwidth(md: &mut String, plots: &mut Vec<Plot>, d: &ReportData) {
         s.head_dim,
         s.block_size,
         b.kv_bytes as f64 / f64::from(1u32 << 20),
+        b.huge_pages,
         b.runs,
         b.threads
     );
@@ -498,6 +500,7 @@ mod tests {
                 kv_bytes: 1 << 20,
                 threads: 2,
                 runs: 3,
+                huge_pages: "madvise".into(),
                 read_bytes_per_s: 10e9,
                 paged_bytes_per_s: 8e9,
                 contiguous_bytes_per_s: 8.5e9,
