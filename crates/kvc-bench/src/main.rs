@@ -30,9 +30,28 @@ enum Command {
     Scenario(ScenarioArgs),
     /// KV bytes per token and per block of a model, and how much fits on a GPU.
     Size(SizeArgs),
+    /// Serve requests with the real CPU engine (a small llama-style model with random
+    /// weights) through the whole kvc stack, and report real throughput.
+    Engine(EngineArgs),
     /// Run every benchmark and write a markdown report with SVG plots (what `cargo xtask
     /// bench` runs).
     Report(ReportArgs),
+}
+
+#[derive(Args)]
+struct EngineArgs {
+    /// Requests to serve (they share a system prompt; every third is critical).
+    #[arg(long, default_value_t = 32)]
+    requests: usize,
+    /// Tokens generated per request.
+    #[arg(long, default_value_t = 32)]
+    new_tokens: u32,
+    /// Serve without the prefix cache.
+    #[arg(long)]
+    no_reuse: bool,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -125,6 +144,7 @@ fn main() -> ExitCode {
         Command::Replay(args) => run_replay(&args),
         Command::Scenario(args) => run_scenario(&args),
         Command::Size(args) => run_size(&args),
+        Command::Engine(args) => run_engine(&args),
         Command::Report(args) => run_report(args),
     };
     match result {
@@ -282,5 +302,85 @@ fn run_report(args: ReportArgs) -> Result<(), String> {
         written.plots.len(),
         written.json.display()
     );
+    Ok(())
+}
+
+fn run_engine(args: &EngineArgs) -> Result<(), String> {
+    use kvc_bench::engine::model::ModelConfig;
+    use kvc_bench::engine::{Engine, EngineConfig, EngineReport, EngineRequest};
+    use kvc_core::{NoReuse, QosClass, TenantId};
+    use kvc_pin::{PinningPolicy, PolicyConfig, Reserve, SoftPinConfig, StaticReserve};
+    use kvc_reuse::{HashExtra, PrefixCache, ScopedIndex, Xxh3Hasher};
+
+    if args.requests == 0 || args.new_tokens == 0 {
+        return Err("--requests and --new-tokens must be at least 1".into());
+    }
+    let mut cfg = EngineConfig::new(ModelConfig::small(), 2_048);
+    cfg.pinned = 256;
+    let pin = || -> Result<PinningPolicy, String> {
+        let soft = SoftPinConfig::new(1 << 16, 2_048, 0.05).map_err(|e| e.to_string())?;
+        PinningPolicy::new(PolicyConfig::new(
+            Reserve::Static(StaticReserve::blocks(256)),
+            soft,
+        ))
+        .map_err(|e| e.to_string())
+    };
+    let system: Vec<u32> = (0..256).map(|i| (i * 7 + 3) % 1024).collect();
+    let requests: Vec<EngineRequest> = (0..args.requests as u32)
+        .map(|i| {
+            let mut prompt = system.clone();
+            prompt.extend((0..64).map(|j| (i * 131 + j * 17) % 1024));
+            EngineRequest {
+                tenant: TenantId(0),
+                qos: if i % 3 == 0 {
+                    QosClass::CRITICAL
+                } else {
+                    QosClass::STANDARD
+                },
+                session: None,
+                prompt,
+                max_new_tokens: args.new_tokens,
+            }
+        })
+        .collect();
+    let report: EngineReport = if args.no_reuse {
+        let mut e = Engine::new(
+            &cfg,
+            pin()?,
+            NoReuse {
+                block_size: cfg.block_size,
+            },
+        )
+        .map_err(|e| e.to_string())?;
+        e.serve(requests).map_err(|e| e.to_string())?
+    } else {
+        let index = ScopedIndex::new(
+            PrefixCache::new(cfg.block_size, kvc_reuse::PolicyKind::Lru),
+            Xxh3Hasher,
+            HashExtra::new("kvc-engine-small", 1),
+        );
+        let mut e = Engine::new(&cfg, pin()?, index).map_err(|e| e.to_string())?;
+        e.serve(requests).map_err(|e| e.to_string())?
+    };
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string(&report).map_err(|e| e.to_string())?
+        );
+    } else {
+        println!(
+            "{} requests in {:.2} s: {:.0} tokens/s computed ({} tokens), {:.0} generated/s; \
+             {} steps, {} preemptions, prefix hits {:.1}% of prompt tokens, peak {} pinned blocks",
+            report.requests,
+            report.wall_s,
+            report.tokens_per_s,
+            report.computed_tokens,
+            report.generated_per_s,
+            report.steps,
+            report.preemptions,
+            100.0 * report.prefix_hit_rate,
+            report.peak_pinned_used
+        );
+    }
     Ok(())
 }
