@@ -14,6 +14,11 @@ type Plot = (String, String);
 /// A figure of one variant's result, for a bar chart.
 type Metric = fn(&SimResult) -> f64;
 
+/// The footnote of a measured plot: date, machine, command.
+fn measured_note(d: &ReportData) -> String {
+    format!("{} · {} · {}", d.date, d.host.describe(), d.command)
+}
+
 fn pct(x: f64) -> String {
     format!("{:.1}%", 100.0 * x)
 }
@@ -153,15 +158,23 @@ fn scenario(md: &mut String, plots: &mut Vec<Plot>, d: &ReportData, s: &Scenario
         let _ = writeln!(md, "- {} — {} ({verdict})", g.goal, g.measured);
     }
     md.push('\n');
-    for (file, svg) in scenario_plots(s) {
+    let note = format!("{} · {} · {}", s.machine, d.date, d.command);
+    for (file, svg) in scenario_plots(s, &note) {
         let _ = writeln!(md, "![{}]({file})\n", s.scenario);
         plots.push((file, svg));
     }
 }
 
-fn bars(title: &str, y_label: &str, s: &ScenarioReport, series: &[(&str, Metric)]) -> String {
+fn bars(
+    note: &str,
+    title: &str,
+    y_label: &str,
+    s: &ScenarioReport,
+    series: &[(&str, Metric)],
+) -> String {
     BarChart {
         title: title.to_string(),
+        note: note.to_string(),
         y_label: y_label.to_string(),
         categories: s.variants.iter().map(|v| v.name.clone()).collect(),
         series: series
@@ -177,7 +190,7 @@ fn bars(title: &str, y_label: &str, s: &ScenarioReport, series: &[(&str, Metric)
     .to_svg()
 }
 
-fn scenario_plots(s: &ScenarioReport) -> Vec<Plot> {
+fn scenario_plots(s: &ScenarioReport, note: &str) -> Vec<Plot> {
     let name = s.scenario.as_str();
     let mut out = Vec::new();
     match name {
@@ -185,6 +198,7 @@ fn scenario_plots(s: &ScenarioReport) -> Vec<Plot> {
             out.push((
                 "memory-kv-utilisation.svg".to_string(),
                 bars(
+                    note,
                     "memory: KV utilisation per variant",
                     "percent",
                     s,
@@ -197,6 +211,7 @@ fn scenario_plots(s: &ScenarioReport) -> Vec<Plot> {
             out.push((
                 "memory-concurrency.svg".to_string(),
                 bars(
+                    note,
                     "memory: admitted concurrency",
                     "mean running requests",
                     s,
@@ -207,6 +222,7 @@ fn scenario_plots(s: &ScenarioReport) -> Vec<Plot> {
         "qos-overload" => out.push((
             "qos-overload-ttft.svg".to_string(),
             bars(
+                note,
                 "qos-overload: TTFT of the most important class",
                 "ms",
                 s,
@@ -223,6 +239,7 @@ fn scenario_plots(s: &ScenarioReport) -> Vec<Plot> {
         "shared-prefix" => out.push((
             "shared-prefix-prefill.svg".to_string(),
             bars(
+                note,
                 "shared-prefix: prompt tokens computed",
                 "prompt tokens",
                 s,
@@ -232,6 +249,7 @@ fn scenario_plots(s: &ScenarioReport) -> Vec<Plot> {
         "multi-turn" => out.push((
             "multi-turn-latency.svg".to_string(),
             bars(
+                note,
                 "multi-turn: mean turn latency",
                 "ms",
                 s,
@@ -243,6 +261,7 @@ fn scenario_plots(s: &ScenarioReport) -> Vec<Plot> {
     out.push((
         format!("{name}-throughput.svg"),
         bars(
+            note,
             &format!("{name}: throughput"),
             "generated tokens/s (simulated)",
             s,
@@ -340,6 +359,7 @@ fn hit_rate(md: &mut String, plots: &mut Vec<Plot>, d: &ReportData) {
     ));
     let svg = LineChart {
         title: "Prefix hit rate against cache capacity".into(),
+        note: measured_note(d),
         x_label: "cache capacity (tokens, log scale)".into(),
         y_label: "% of prompt tokens served from cache".into(),
         log_x: true,
@@ -407,6 +427,7 @@ fn bandwidth(md: &mut String, plots: &mut Vec<Plot>, d: &ReportData) {
     );
     let svg = BarChart {
         title: "CPU decode bandwidth against read bandwidth".into(),
+        note: measured_note(d),
         y_label: "GB/s".into(),
         categories: vec![
             "read probe".into(),

@@ -24,6 +24,8 @@ const PALETTE: &[&str] = &[
 pub struct BarChart {
     /// Title drawn above the plot.
     pub title: String,
+    /// A small line at the bottom (where and when it was measured); empty for none.
+    pub note: String,
     /// Label of the value axis.
     pub y_label: String,
     /// The category names along the x axis.
@@ -37,6 +39,8 @@ pub struct BarChart {
 pub struct LineChart {
     /// Title drawn above the plot.
     pub title: String,
+    /// A small line at the bottom (where and when it was measured); empty for none.
+    pub note: String,
     /// Label of the x axis.
     pub x_label: String,
     /// Label of the y axis.
@@ -108,6 +112,17 @@ fn trim(v: f64) -> String {
     let s = format!("{v:.3}");
     let s = s.trim_end_matches('0').trim_end_matches('.');
     if s == "-0" { "0".into() } else { s.into() }
+}
+
+fn note(svg: &mut String, note: &str) {
+    if !note.is_empty() {
+        let _ = writeln!(
+            svg,
+            "<text x=\"8\" y=\"{:.1}\" font-size=\"9\" fill=\"#666\">{}</text>",
+            HEIGHT - 5.0,
+            escape(note)
+        );
+    }
 }
 
 fn open(svg: &mut String, title: &str) {
@@ -253,6 +268,7 @@ impl BarChart {
             let names: Vec<&str> = self.series.iter().map(|(n, _)| n.as_str()).collect();
             legend(&mut svg, &names);
         }
+        note(&mut svg, &self.note);
         svg.push_str("</svg>\n");
         svg
     }
@@ -353,6 +369,7 @@ impl LineChart {
         }
         let names: Vec<&str> = self.series.iter().map(|(n, _)| n.as_str()).collect();
         legend(&mut svg, &names);
+        note(&mut svg, &self.note);
         svg.push_str("</svg>\n");
         svg
     }
@@ -391,6 +408,7 @@ mod tests {
     fn non_finite_values_never_reach_the_document() {
         let bars = BarChart {
             title: "t".into(),
+            note: "n".into(),
             y_label: "y".into(),
             categories: vec!["a".into(), "b".into()],
             series: vec![("s".into(), vec![f64::NAN, f64::INFINITY])],
@@ -398,6 +416,7 @@ mod tests {
         .to_svg();
         let lines = LineChart {
             title: "t".into(),
+            note: "n".into(),
             x_label: "x".into(),
             y_label: "y".into(),
             log_x: true,
