@@ -393,6 +393,12 @@ struct ConvSlot {
 /// `kappa × median continuation gap × logit(p)` of the request that last offered it: requests
 /// unlikely to be continued age faster. Everything is learned from the past only.
 ///
+/// A continuation rarely shares the very end of the request it continues (the chat template
+/// re-renders the last message; in Mooncake traces the last partial 512-token block is
+/// re-hashed). The policy learns that unshared tail (the median, over recent continuations
+/// whose source was still cached, of source blocks minus shared blocks) and evicts the newly
+/// cached blocks in each request's last `tail` positions before anything else.
+///
 /// On the Mooncake conversation trace the useful signals are the new-token count (long pasted
 /// documents are rarely followed up) and the turn number (deep conversations usually are).
 #[derive(Debug)]
@@ -403,6 +409,13 @@ pub struct Conversation {
     walk: Vec<(u32, BlockHash, bool)>,
     /// Deepest checkpoint the walk passed.
     walk_src: Option<Tip>,
+    /// Whether the walk passed that checkpoint while it was still cached.
+    walk_src_cached: bool,
+    /// Recent tails: blocks at the end of a continued request that its continuation did not
+    /// share (a chat template re-rendering the last message, or re-chunked tokens).
+    tails: VecDeque<u32>,
+    tail_estimate: u32,
+    tail_samples: u64,
     pending: Vec<u32>,
     tips: ahash::AHashMap<BlockHash, Tip>,
     tip_order: VecDeque<BlockHash>,
@@ -423,6 +436,9 @@ impl Conversation {
     const GROWTH_CLASSES: u32 = 8;
     const GAP_WINDOW: usize = 4096;
     const CHECKPOINTS: [usize; 8] = [0, 1, 2, 4, 8, 16, 32, 64];
+    const TAIL_WINDOW: usize = 1024;
+    /// Key shift of blocks in a request's expected unshared tail: evicted before the rest.
+    const TAIL_SHIFT: i64 = -(1 << 50);
 
     /// A policy for a cache of about `capacity_blocks` blocks (sizes the ghost checkpoints),
     /// with the default `kappa` of 3.
@@ -439,6 +455,10 @@ impl Conversation {
             order: BTreeSet::new(),
             walk: Vec::new(),
             walk_src: None,
+            walk_src_cached: false,
+            tails: VecDeque::new(),
+            tail_estimate: 0,
+            tail_samples: 0,
             pending: Vec::new(),
             tips: ahash::AHashMap::new(),
             tip_order: VecDeque::new(),
@@ -482,6 +502,21 @@ impl Conversation {
         }
     }
 
+    /// Learns the unshared tail of a continued request; the estimate is the median of recent
+    /// tails (a tenth or a quarter scored lower on the Mooncake trace).
+    fn record_tail(&mut self, tail: u32) {
+        self.tails.push_back(tail);
+        if self.tails.len() > Self::TAIL_WINDOW {
+            self.tails.pop_front();
+        }
+        self.tail_samples += 1;
+        if self.tail_samples.is_multiple_of(32) {
+            let mut sorted: Vec<u32> = self.tails.iter().copied().collect();
+            sorted.sort_unstable();
+            self.tail_estimate = sorted[sorted.len() / 2];
+        }
+    }
+
     fn record_gap(&mut self, gap: u64) {
         self.gaps.push_back(gap);
         if self.gaps.len() > Self::GAP_WINDOW {
@@ -513,6 +548,10 @@ impl Conversation {
                     self.stats[src.class as usize].1 += 1;
                     self.record_gap(last.stamp.saturating_sub(src.stamp));
                 }
+                if self.walk_src_cached {
+                    let shared = self.walk.iter().take_while(|w| !w.2).count() as u32;
+                    self.record_tail(src.blocks.saturating_sub(shared));
+                }
                 (src.turn + 1, blocks.saturating_sub(u64::from(src.blocks)))
             }
             None => (0, blocks),
@@ -526,8 +565,13 @@ impl Conversation {
         // Until a continuation has been seen there is nothing to learn from: plain LRU.
         let tau = self.kappa * self.median_gap as f64;
         let shift = (tau * (p / (1.0 - p)).ln()) as i64;
-        for &(slot, _, _) in &self.walk {
-            self.slots[slot as usize].shift = shift;
+        let tail_from = self.walk.len().saturating_sub(self.tail_estimate as usize);
+        for (i, &(slot, _, new)) in self.walk.iter().enumerate() {
+            self.slots[slot as usize].shift = if new && i >= tail_from {
+                Self::TAIL_SHIFT
+            } else {
+                shift
+            };
         }
         self.flush_pending();
         self.requests += 1;
@@ -560,11 +604,13 @@ impl Conversation {
             // A new walk; one cut short (an insert error) keeps its old keys.
             self.walk.clear();
             self.walk_src = None;
+            self.walk_src_cached = false;
             self.flush_pending();
         }
         self.walk.push((slot, info.hash, new));
         if let Some(&tip) = self.tips.get(&info.hash) {
             self.walk_src = Some(tip);
+            self.walk_src_cached = !new;
         }
         if info.depth + 1 == info.request_blocks {
             self.end_walk(info);

@@ -452,3 +452,34 @@ fn conversation_policy_learns_which_requests_get_continued() {
         "LRU evicts the chat first, conversation the document"
     );
 }
+
+#[test]
+fn conversation_policy_evicts_the_unshared_tail_first() {
+    // Every follow-up shares all but the last two blocks of the chat it continues (as when a
+    // chat template re-renders the last message). Once learned, a new chat's last two blocks
+    // go before older chats' blocks; under LRU the older chats go first.
+    let mut tail_first = Vec::new();
+    for policy in [PolicyKind::Lru, PolicyKind::Conversation] {
+        let mut cache = PrefixCache::with_policy(16, policy.build(1 << 16));
+        let mut next = 0u32;
+        let mut fresh = 1_000_000u32;
+        let mut tokens = |n: usize| -> Vec<u32> {
+            fresh += n as u32;
+            (fresh - n as u32..fresh).collect()
+        };
+        let mut oldest = None;
+        for t in 0..40 {
+            let chat = tokens(160);
+            let blocks = request(&mut cache, &chat, &mut next, t);
+            oldest.get_or_insert(blocks[0]);
+            let mut follow_up = chat[..128].to_vec();
+            follow_up.extend(tokens(100));
+            let _ = request(&mut cache, &follow_up, &mut next, t);
+        }
+        let chat = request(&mut cache, &tokens(160), &mut next, 50);
+        let order = evict_all(&mut cache, 51);
+        let pos = |b: &BlockId| order.iter().position(|x| x == b).unwrap();
+        tail_first.push(pos(&chat[8]) < pos(&oldest.unwrap()));
+    }
+    assert_eq!(tail_first, [false, true]);
+}
