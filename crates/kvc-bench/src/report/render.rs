@@ -68,8 +68,7 @@ pub(crate) fn render(d: &ReportData) -> (String, Vec<Plot>) {
     let _ = writeln!(
         md,
         "Mode `{}`, measured {} on {}. Reproduce with `{}`. Every figure below was computed by \
-         this run; see [reading the report](../../docs/reading-the-report.md) for what each \
-         one means.\n",
+         this run; `docs/reading-the-report.md` in the kvc repository explains each one.\n",
         d.mode.name(),
         d.date,
         d.host.describe(),
