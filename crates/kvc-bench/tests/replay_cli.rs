@@ -1,5 +1,7 @@
 //! The `replay` subcommand end to end: JSON output on small inline traces, one-line errors
 //! with non-zero exit codes, and (when the shared trace is present) the Mooncake trace.
+// The Mooncake test prints why it skips when the shared trace is absent.
+#![allow(clippy::print_stderr)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
