@@ -1,10 +1,14 @@
 //! Project automation for kvc, run as `cargo xtask <command>`.
 //!
-//! - `test`: every check: format, clippy, the workspace tests, then the loom models.
+//! - `test`: every check: format, clippy, the workspace tests, a smoke run of the benchmark
+//!   report, the loom models, then the CUDA kernels' NVRTC and ptxas build (`kernels`).
 //! - `loom`: the loom model checks, built with `--cfg kvc_loom` in `target/loom`.
 //! - `bench`: the benchmark report (`kvc-bench report`: scenarios, hit rate against
 //!   capacity, kernel bandwidth, quick micro-benchmarks) into `target/kvc-report/`;
 //!   `bench --criterion` runs the criterion benchmarks of every crate instead.
+//! - `kernels`: compiles every CUDA kernel with NVRTC for `compute_90` and assembles it with
+//!   `ptxas -arch=sm_90 -v` (no GPU needed; installs the CUDA wheels when no toolkit is found).
+//! - `gpu`: on a machine with an NVIDIA GPU, the CUDA op tests and the kernel benchmark.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 mod gpu;
@@ -17,7 +21,7 @@ use std::process::{Command, ExitCode};
 const USAGE: &str = "usage: cargo xtask <command>
 
 commands:
-  test    format check, clippy, workspace tests, loom models (every check)
+  test    every check: fmt, clippy, workspace tests, report smoke run, loom, kernels
   loom    loom model checks of the concurrent code (release, --cfg kvc_loom)
   bench   benchmark report into target/kvc-report/index.md (+ SVG plots)
           [--quick | --full] [--trace PATH] [--out DIR]
@@ -98,6 +102,23 @@ fn test() -> Result<(), String> {
     let mut tests = cargo();
     tests.args(["test", "--workspace"]);
     run("cargo test --workspace", tests)?;
+
+    // The main job must keep working: a smoke run of the report, reusing the test build.
+    let mut smoke = cargo();
+    smoke
+        .args([
+            "run",
+            "--profile",
+            "test",
+            "-p",
+            "kvc-bench",
+            "--",
+            "report",
+            "--quick",
+            "--out",
+        ])
+        .arg(root().join("target").join("kvc-report-smoke"));
+    run("benchmark report smoke run (report --quick)", smoke)?;
 
     loom()?;
     kernels::kernels()
