@@ -1,7 +1,28 @@
 //! The kvc workbench: workload generators and trace replay, a serving simulator with a cost
-//! model, baselines and reports. `cargo xtask bench` drives it.
+//! model, a real CPU engine, and the benchmark report that `cargo xtask bench` writes.
 //!
-//! Not built yet: today `cargo xtask bench` runs the per-crate criterion benches.
+//! - [`sim`]: the serving simulator and its scenarios (`kvc-bench scenario NAME`);
+//! - [`engine`]: a small llama-style model served through the whole kvc stack on the CPU
+//!   kernels (`kvc-bench engine`);
+//! - [`replay`] and [`trace`]: Mooncake-format trace replay through the prefix cache
+//!   (`kvc-bench replay`);
+//! - [`report`]: the report of `cargo xtask bench` (`kvc-bench report`);
+//! - [`profiles`] and [`size`]: GPU and model profiles and the capacity calculator
+//!   (`kvc-bench size`).
+//!
+//! ```
+//! use kvc_bench::size::{SizeQuery, size};
+//!
+//! let r = size(&SizeQuery {
+//!     model: "Llama-2-13B".into(),
+//!     gpu: "A100-80GB".into(),
+//!     tokens: 1024,
+//!     block_size: 16,
+//!     utilisation: 0.9,
+//! })?;
+//! assert_eq!(r.layout.bytes_per_token(), 800 * 1024); // 1K tokens ≈ 0.8 GB
+//! # Ok::<(), kvc_bench::size::SizeError>(())
+//! ```
 #![warn(missing_docs)]
 
 pub mod engine;
