@@ -37,6 +37,7 @@
 #![warn(missing_docs)]
 
 mod attention;
+pub mod bench;
 mod copy;
 mod elem;
 mod error;

@@ -4,13 +4,10 @@
 //! and in order (contiguous), on buffers that ask for transparent huge pages as an engine's
 //! KV pool would, plus paged on ordinary pages; all four take turns run by run.
 
-use std::hint::black_box;
 use std::time::Instant;
 
 use half::bf16;
-use kvc_core::{BlockId, PageTable, PagedLayout};
-use kvc_kernels::{AttnParams, DecodeOptions, KvElem, paged_decode};
-use rayon::prelude::*;
+use kvc_kernels::bench::{self, DecodeBatch, PageOrder, filled, read_probe};
 use serde::Serialize;
 
 use super::{ReportError, machine};
@@ -56,121 +53,8 @@ pub struct BandwidthResult {
     pub paged_small_pages_bytes_per_s: f64,
 }
 
-/// A parallel sum over `words`: the machine's streaming read bandwidth.
-fn sum(words: &[u64]) {
-    let s: u64 = words
-        .par_chunks(1 << 16)
-        .map(|c| c.iter().fold(0u64, |a, &x| a.wrapping_add(x)))
-        .reduce(|| 0, u64::wrapping_add);
-    black_box(s);
-}
-
-/// Block ids in a fixed pseudo-random order (xorshift Fisher–Yates), or in order.
-fn block_ids(n: u32, shuffled: bool) -> Vec<BlockId> {
-    let mut ids: Vec<u32> = (0..n).collect();
-    if shuffled {
-        let mut x = 0x2545_F491_4F6C_DD1Du64;
-        for i in (1..ids.len()).rev() {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            ids.swap(i, (x % (i as u64 + 1)) as usize);
-        }
-    }
-    ids.into_iter().map(BlockId).collect()
-}
-
-/// `len` values of `f(i)` in a buffer that first asks the kernel for transparent huge pages
-/// when `huge` (as an engine would for its KV pool: decode reads 4 KiB runs scattered over the
-/// pool, and on 4 KiB pages each run is also a TLB miss).
-fn filled<T>(len: usize, huge: bool, f: impl Fn(usize) -> T) -> Vec<T> {
-    let mut v: Vec<T> = Vec::with_capacity(len);
-    #[cfg(target_os = "linux")]
-    if huge {
-        const HUGE: usize = 2 << 20;
-        let start = v.as_ptr() as usize;
-        let end = start + len * std::mem::size_of::<T>();
-        let (a, b) = (start.next_multiple_of(HUGE), end / HUGE * HUGE);
-        if b > a {
-            // SAFETY: [a, b) lies inside `v`'s allocation, which nothing has touched yet;
-            // madvise only changes how the kernel backs those pages. A refusal (huge pages
-            // off) leaves ordinary pages, which is fine.
-            let _ = unsafe { libc::madvise(a as *mut libc::c_void, b - a, libc::MADV_HUGEPAGE) };
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = huge;
-    v.extend((0..len).map(f));
-    v
-}
-
 fn kernel_err(e: impl std::fmt::Display) -> ReportError {
     ReportError::Kernel(e.to_string())
-}
-
-/// One decode over `shape`, ready to run again and again.
-struct Decode {
-    layout: PagedLayout,
-    table: PageTable,
-    cache: Vec<bf16>,
-    q: Vec<bf16>,
-    out: Vec<f32>,
-    lse: Vec<f32>,
-    params: AttnParams,
-}
-
-impl Decode {
-    fn new(shape: DecodeShape, shuffled: bool, huge: bool) -> Result<Self, ReportError> {
-        let pages = shape.len.div_ceil(shape.block_size);
-        let num_blocks = shape.batch * pages;
-        let layout = PagedLayout::hnd(num_blocks, shape.kv_heads, shape.block_size, shape.head_dim)
-            .map_err(kernel_err)?;
-        let indptr: Vec<u32> = (0..=shape.batch).map(|s| s * pages).collect();
-        let table = PageTable::for_decode(
-            indptr,
-            block_ids(num_blocks, shuffled),
-            vec![shape.len; shape.batch as usize],
-            &layout,
-        )
-        .map_err(kernel_err)?;
-        let len = usize::try_from(layout.len()).map_err(kernel_err)?;
-        let cache: Vec<bf16> = filled(len, huge, |i| {
-            bf16::from_f32(((i % 61) as f32 - 30.0) / 32.0)
-        });
-        let q: Vec<bf16> = (0..shape.batch * shape.q_heads * shape.head_dim)
-            .map(|i| bf16::from_f32((i % 7) as f32 / 7.0))
-            .collect();
-        let rows = (shape.batch * shape.q_heads) as usize;
-        Ok(Self {
-            layout,
-            table,
-            cache,
-            q,
-            out: vec![0f32; rows * shape.head_dim as usize],
-            lse: vec![0f32; rows],
-            params: AttnParams::new(shape.q_heads, shape.head_dim),
-        })
-    }
-
-    fn bytes(&self) -> u64 {
-        self.layout.len() * <bf16 as KvElem>::DTYPE.size_bytes()
-    }
-
-    fn run(&mut self) -> Result<(), ReportError> {
-        paged_decode(
-            &self.layout,
-            &self.cache,
-            &self.table,
-            &self.q,
-            self.params,
-            DecodeOptions::default(),
-            &mut self.out,
-            &mut self.lse,
-        )
-        .map_err(kernel_err)?;
-        black_box(&self.out);
-        Ok(())
-    }
 }
 
 /// Measures paged decode and contiguous decode on KV that asked for huge pages, paged decode
@@ -179,9 +63,18 @@ impl Decode {
 /// median.
 pub(crate) fn run(shape: DecodeShape, runs: usize) -> Result<BandwidthResult, ReportError> {
     let runs = runs.max(1);
-    let mut paged = Decode::new(shape, true, true)?;
-    let mut contiguous = Decode::new(shape, false, true)?;
-    let mut small_pages = Decode::new(shape, true, false)?;
+    let kernel_shape = bench::DecodeShape {
+        batch: shape.batch,
+        len: shape.len,
+        q_heads: shape.q_heads,
+        kv_heads: shape.kv_heads,
+        head_dim: shape.head_dim,
+        block_size: shape.block_size,
+    };
+    let batch = |order, huge| DecodeBatch::<bf16>::new(kernel_shape, order, huge);
+    let mut paged = batch(PageOrder::Shuffled, true).map_err(kernel_err)?;
+    let mut contiguous = batch(PageOrder::InOrder, true).map_err(kernel_err)?;
+    let mut small_pages = batch(PageOrder::Shuffled, false).map_err(kernel_err)?;
     let kv_bytes = paged.bytes();
     let words: Vec<u64> = filled(
         usize::try_from(kv_bytes / 8).map_err(kernel_err)?,
@@ -196,13 +89,13 @@ pub(crate) fn run(shape: DecodeShape, runs: usize) -> Result<BandwidthResult, Re
             .enumerate()
         {
             let start = Instant::now();
-            d.run()?;
+            d.run().map_err(kernel_err)?;
             if r > 0 {
                 t[i].push(start.elapsed().as_secs_f64());
             }
         }
         let start = Instant::now();
-        sum(&words);
+        read_probe(&words);
         if r > 0 {
             t[3].push(start.elapsed().as_secs_f64());
         }
