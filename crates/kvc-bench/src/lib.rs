@@ -5,7 +5,8 @@
 //! - [`engine`]: a small llama-style model served through the whole kvc stack on the CPU
 //!   kernels (`kvc-bench engine`);
 //! - [`replay`] and [`trace`]: Mooncake-format trace replay through the prefix cache
-//!   (`kvc-bench replay`);
+//!   (`kvc-bench replay`), and [`block_replay`], the engine-like replay of an engine's whole
+//!   block management (`kvc-bench replay --engine-like`);
 //! - [`report`]: the report of `cargo xtask bench` (`kvc-bench report`);
 //! - [`profiles`] and [`size`]: GPU and model profiles and the capacity calculator
 //!   (`kvc-bench size`).
@@ -25,6 +26,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod block_replay;
 pub mod engine;
 pub mod profiles;
 pub mod replay;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
+use kvc_bench::block_replay::{BlockReplayConfig, block_replay};
 use kvc_bench::replay::{ReplayConfig, ReplayReport, replay};
 use kvc_bench::report::{self, Mode, ReportConfig};
 use kvc_bench::sim::scenarios::{self, Size};
@@ -133,6 +134,14 @@ struct ReplayArgs {
     /// Also compute the offline optimum (Belady) and the infinite-cache hit rate.
     #[arg(long)]
     optimal: bool,
+    /// Replay as an engine's block manager instead: `--alive` requests at once, each hashing,
+    /// looking up, allocating from a block pool of `--capacity-tokens`, caching its prompt
+    /// blocks and appending its output one token at a time; reports microseconds per request.
+    #[arg(long, conflicts_with = "optimal")]
+    engine_like: bool,
+    /// Requests alive at once, with `--engine-like`.
+    #[arg(long, default_value_t = 64)]
+    alive: usize,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -168,6 +177,37 @@ fn run_replay(args: &ReplayArgs) -> Result<(), String> {
     let hasher = HasherKind::from_name(&args.hasher)
         .ok_or_else(|| format!("unknown hasher `{}` (known: blake3, xxh3)", args.hasher))?;
     let trace = read_trace(&args.trace).map_err(|e| format!("{}: {e}", args.trace.display()))?;
+    if args.engine_like {
+        let cfg = BlockReplayConfig {
+            capacity_tokens: args.capacity_tokens,
+            block_size: args.block_size,
+            alive: args.alive,
+            policy,
+            hasher,
+        };
+        let r = block_replay(&trace, &cfg).map_err(|e| e.to_string())?;
+        if args.json {
+            println!("{}", serde_json::to_string(&r).map_err(|e| e.to_string())?);
+        } else {
+            println!(
+                "{} requests, {} alive at once, pool {} tokens ({}-token blocks), policy {}, \
+                 hasher {}: {:.1} us of block management per request ({:.2} s), hit rate \
+                 {:.2}%, {} decode tokens, {} blocks evicted",
+                r.requests,
+                r.alive,
+                r.capacity_tokens,
+                r.block_size,
+                r.policy,
+                r.hasher,
+                r.us_per_request,
+                r.management_s,
+                100.0 * r.hit_rate,
+                r.decode_tokens,
+                r.evicted_blocks
+            );
+        }
+        return Ok(());
+    }
     let cfg = ReplayConfig {
         capacity_tokens: args.capacity_tokens,
         block_size: args.block_size,
