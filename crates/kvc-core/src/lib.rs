@@ -47,8 +47,8 @@ pub use paged::{
     PageTable, PageTableError, PagedLayout, PagedLayoutError, SlotMapping, SlotMappingError,
 };
 pub use pin::{
-    ClassBlocks, LoadSample, PinPolicy, PlaceRequest, Placement, PoolView, Refusal, RegionBlocks,
-    ReleaseError, Resize, Retention, RetentionUpdate, Route, WaitReason,
+    ClassBlocks, LoadSample, PinPolicy, PinReleaseError, PlaceRequest, Placement, PoolView,
+    Refusal, RegionBlocks, Resize, Retention, RetentionUpdate, Route, WaitReason,
 };
 pub use qos::{QosClass, QosClasses, QosError};
 pub use reuse::{NoReuse, PrefixHit, ReuseIndex, ReuseScope};

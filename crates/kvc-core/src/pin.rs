@@ -242,7 +242,7 @@ pub struct RetentionUpdate {
 /// Why [`PinPolicy::release`] failed. The policy's accounting is unchanged.
 #[derive(Clone, Debug, PartialEq, Eq, Error)]
 #[non_exhaustive]
-pub enum ReleaseError {
+pub enum PinReleaseError {
     /// The policy holds nothing for this sequence.
     #[error("{seq} holds no blocks in the pin policy's accounting")]
     UnknownSeq {
@@ -273,7 +273,7 @@ pub trait PinPolicy {
 
     /// The sequence gave back blocks (finished, preempted, or the allocation failed). When it
     /// holds nothing more, the policy forgets it.
-    fn release(&mut self, seq: SeqId, blocks: RegionBlocks) -> Result<(), ReleaseError>;
+    fn release(&mut self, seq: SeqId, blocks: RegionBlocks) -> Result<(), PinReleaseError>;
 
     /// Observes one tick of load and decides whether to resize the pinned region.
     fn tick(&mut self, sample: &LoadSample<'_>) -> Resize;

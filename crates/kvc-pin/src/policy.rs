@@ -5,8 +5,8 @@
 use std::collections::HashMap;
 
 use kvc_core::{
-    LoadSample, PinPolicy, PlaceRequest, Placement, PoolView, QosClass, QosClasses, Refusal,
-    RegionBlocks, ReleaseError, Resize, Retention, RetentionUpdate, Route, SeqId, TenantId,
+    LoadSample, PinPolicy, PinReleaseError, PlaceRequest, Placement, PoolView, QosClass,
+    QosClasses, Refusal, RegionBlocks, Resize, Retention, RetentionUpdate, Route, SeqId, TenantId,
     WaitReason,
 };
 use thiserror::Error;
@@ -476,13 +476,13 @@ impl PinPolicy for PinningPolicy {
         }
     }
 
-    fn release(&mut self, seq: SeqId, blocks: RegionBlocks) -> Result<(), ReleaseError> {
+    fn release(&mut self, seq: SeqId, blocks: RegionBlocks) -> Result<(), PinReleaseError> {
         let hold = self
             .seqs
             .get_mut(&seq)
-            .ok_or(ReleaseError::UnknownSeq { seq })?;
+            .ok_or(PinReleaseError::UnknownSeq { seq })?;
         if blocks.pinned > hold.held.pinned || blocks.dynamic > hold.held.dynamic {
-            return Err(ReleaseError::MoreThanHeld {
+            return Err(PinReleaseError::MoreThanHeld {
                 seq,
                 returned: blocks,
                 held: hold.held,

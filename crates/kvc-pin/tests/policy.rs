@@ -2,8 +2,9 @@
 //! `PinPolicy` trait, on hand-built pool views.
 
 use kvc_core::{
-    ClassBlocks, LoadSample, PinPolicy, PlaceRequest, Placement, PoolView, QosClass, QosClasses,
-    Refusal, RegionBlocks, ReleaseError, Resize, Retention, Route, SeqId, TenantId, WaitReason,
+    ClassBlocks, LoadSample, PinPolicy, PinReleaseError, PlaceRequest, Placement, PoolView,
+    QosClass, QosClasses, Refusal, RegionBlocks, Resize, Retention, Route, SeqId, TenantId,
+    WaitReason,
 };
 use kvc_pin::{
     AdaptiveConfig, AdaptiveReserve, OnExhausted, OverQuota, PinRequest, PinTarget, PinningPolicy,
@@ -304,7 +305,7 @@ fn release_is_checked_against_what_was_placed() {
                 dynamic: 0
             }
         ),
-        Err(ReleaseError::MoreThanHeld {
+        Err(PinReleaseError::MoreThanHeld {
             seq: SeqId(1),
             returned: RegionBlocks {
                 pinned: 11,
@@ -337,7 +338,7 @@ fn release_is_checked_against_what_was_placed() {
     assert_eq!(p.class_running(CRIT), 0);
     assert_eq!(
         p.release(SeqId(1), RegionBlocks::default()),
-        Err(ReleaseError::UnknownSeq { seq: SeqId(1) })
+        Err(PinReleaseError::UnknownSeq { seq: SeqId(1) })
     );
 }
 

@@ -3,8 +3,8 @@
 use std::collections::HashMap;
 
 use kvc_core::{
-    LoadSample, PinPolicy, PlaceRequest, Placement, PoolView, Refusal, RegionBlocks, ReleaseError,
-    Resize, Retention, RetentionUpdate, Route, SeqId, WaitReason,
+    LoadSample, PinPolicy, PinReleaseError, PlaceRequest, Placement, PoolView, Refusal,
+    RegionBlocks, Resize, Retention, RetentionUpdate, Route, SeqId, WaitReason,
 };
 
 /// Every class allocates from the dynamic region, first come first served; a request larger
@@ -39,16 +39,16 @@ impl PinPolicy for DynamicOnly {
         }
     }
 
-    fn release(&mut self, seq: SeqId, blocks: RegionBlocks) -> Result<(), ReleaseError> {
+    fn release(&mut self, seq: SeqId, blocks: RegionBlocks) -> Result<(), PinReleaseError> {
         let Some(held) = self.held.get_mut(&seq) else {
             return if blocks.total() == 0 {
                 Ok(())
             } else {
-                Err(ReleaseError::UnknownSeq { seq })
+                Err(PinReleaseError::UnknownSeq { seq })
             };
         };
         if blocks.pinned > 0 || blocks.dynamic > *held {
-            return Err(ReleaseError::MoreThanHeld {
+            return Err(PinReleaseError::MoreThanHeld {
                 seq,
                 returned: blocks,
                 held: RegionBlocks {

@@ -8,9 +8,9 @@ use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 
 use kvc_core::{
-    BlockId, LoadSample, PinPolicy, PlaceRequest, Placement, PoolView, PrefixHit, QosClass,
-    Refusal, RegionBlocks, ReleaseError, Resize, Retention, RetentionUpdate, ReuseIndex,
-    ReuseScope, Route, SeqId, WaitReason,
+    BlockId, LoadSample, PinPolicy, PinReleaseError, PlaceRequest, Placement, PoolView, PrefixHit,
+    QosClass, Refusal, RegionBlocks, Resize, Retention, RetentionUpdate, ReuseIndex, ReuseScope,
+    Route, SeqId, WaitReason,
 };
 
 struct Entry {
@@ -202,16 +202,16 @@ impl PinPolicy for CriticalPinned {
         }
     }
 
-    fn release(&mut self, seq: SeqId, blocks: RegionBlocks) -> Result<(), ReleaseError> {
+    fn release(&mut self, seq: SeqId, blocks: RegionBlocks) -> Result<(), PinReleaseError> {
         if blocks.total() == 0 {
             return Ok(());
         }
         let h = self
             .held
             .get_mut(&seq)
-            .ok_or(ReleaseError::UnknownSeq { seq })?;
+            .ok_or(PinReleaseError::UnknownSeq { seq })?;
         if blocks.pinned > h.pinned || blocks.dynamic > h.dynamic {
-            return Err(ReleaseError::MoreThanHeld {
+            return Err(PinReleaseError::MoreThanHeld {
                 seq,
                 returned: blocks,
                 held: *h,
