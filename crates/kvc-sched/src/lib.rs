@@ -9,8 +9,9 @@
 //! [`Scheduler::complete_step`]. Other threads submit and cancel through a [`Submitter`].
 //!
 //! Preemption recomputes by default; with `host_blocks` configured it swaps the KV out to a
-//! host pool and the plan carries the swap-out and swap-in lists. Not built yet: truncating a
-//! session's context by policy when it outgrows the model (such requests are refused).
+//! host pool and the plan carries the swap-out and swap-in lists. A session's request that
+//! has outgrown the model is refused, or truncated when `session_truncation` is set (keep the
+//! system prefix and the latest tokens).
 //!
 //! ```
 //! use kvc_alloc::{BlockPool, PoolConfig};
@@ -57,4 +58,5 @@ pub use queue::{Command, QueueClosed, SubmitQueue, Submitter};
 pub use request::{Request, SubmitError};
 pub use scheduler::{
     CancelError, CompleteError, ConfigError, SchedStats, Scheduler, SchedulerConfig,
+    SessionTruncation,
 };

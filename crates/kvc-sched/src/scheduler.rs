@@ -49,6 +49,19 @@ pub struct SchedulerConfig {
     /// Blocks of the host-side pool that preempted sequences are swapped out to. 0: no host
     /// tier, preemption drops the KV and the sequence is recomputed.
     pub host_blocks: usize,
+    /// What to do with a session's request whose conversation has outgrown the model:
+    /// `None` refuses it (`SubmitError::TooLong`); `Some(t)` truncates its prompt.
+    pub session_truncation: Option<SessionTruncation>,
+}
+
+/// How a session's prompt is cut to fit the model: keep its first `keep_prefix_tokens`
+/// (the system prompt) and as many of its latest tokens as fit, dropping the oldest turns in
+/// between. Cutting the middle of the context means the kept tail no longer matches cached
+/// blocks after the prefix, so a truncated turn recomputes its tail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionTruncation {
+    /// Leading prompt tokens always kept.
+    pub keep_prefix_tokens: u32,
 }
 
 impl Default for SchedulerConfig {
@@ -62,6 +75,7 @@ impl Default for SchedulerConfig {
             aging_ms: Some(10_000),
             eos_token: None,
             host_blocks: 0,
+            session_truncation: None,
         }
     }
 }
@@ -145,6 +159,8 @@ pub struct SchedStats {
     pub evicted_blocks: u64,
     /// Pin-policy resize decisions the allocator could not apply.
     pub resize_failures: u64,
+    /// Prompt tokens dropped by session truncation.
+    pub truncated_tokens: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -332,7 +348,7 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
     }
 
     /// Accepts a request; it is considered from the next step on.
-    pub fn submit(&mut self, req: Request) -> Result<(), SubmitError> {
+    pub fn submit(&mut self, mut req: Request) -> Result<(), SubmitError> {
         let seq = req.id;
         if req.prompt.is_empty() {
             return Err(SubmitError::EmptyPrompt { seq });
@@ -346,7 +362,25 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
                 class: req.qos,
             });
         }
-        let tokens = req.prompt.len() as u64 + u64::from(req.max_new_tokens);
+        let mut tokens = req.prompt.len() as u64 + u64::from(req.max_new_tokens);
+        if let (Some(cut), Some(_)) = (self.cfg.session_truncation, req.session)
+            && tokens > self.cfg.max_model_len
+        {
+            // Room for the prompt: the context less the new tokens; keep the prefix and the
+            // latest tokens, at least one of them.
+            let room = self
+                .cfg
+                .max_model_len
+                .saturating_sub(u64::from(req.max_new_tokens)) as usize;
+            let keep = (cut.keep_prefix_tokens as usize).min(room.saturating_sub(1));
+            if room > keep {
+                let tail = room - keep;
+                let dropped = req.prompt.len() - keep - tail;
+                req.prompt.drain(keep..keep + dropped);
+                self.stats.truncated_tokens += dropped as u64;
+                tokens = req.prompt.len() as u64 + u64::from(req.max_new_tokens);
+            }
+        }
         if tokens > self.cfg.max_model_len {
             return Err(SubmitError::TooLong {
                 seq,

@@ -25,6 +25,7 @@ fn cfg() -> SchedulerConfig {
         aging_ms: None,
         eos_token: None,
         host_blocks: 0,
+        session_truncation: None,
     }
 }
 
@@ -358,6 +359,57 @@ fn a_request_as_large_as_the_pool_runs_alone_without_livelock() {
     let done = drive(&mut s, &c, 1_000, &mut plans);
     assert_eq!(done.len(), 3, "not every request finished in 1,000 steps");
     assert_eq!(s.allocator().stats().free(), 6);
+}
+
+#[test]
+fn an_outgrown_session_is_refused_or_truncated_to_its_prefix_and_latest_tokens() {
+    let mut c = cfg();
+    let long = |session| {
+        let mut r = req(1, QosClass::STANDARD, 300, 10, 0);
+        r.session = session;
+        r
+    };
+    let mut s = sched_with(
+        c.clone(),
+        PoolConfig::new(128),
+        DynamicOnly::default(),
+        NoReuse { block_size: BS },
+    );
+    assert!(matches!(
+        s.submit(long(Some(SessionId(1)))),
+        Err(SubmitError::TooLong { .. })
+    ));
+    c.session_truncation = Some(kvc_sched::SessionTruncation {
+        keep_prefix_tokens: 20,
+    });
+    let mut s = sched_with(
+        c.clone(),
+        PoolConfig::new(128),
+        DynamicOnly::default(),
+        NoReuse { block_size: BS },
+    );
+    // Without a session there is nothing to truncate by policy.
+    assert!(matches!(
+        s.submit(long(None)),
+        Err(SubmitError::TooLong { .. })
+    ));
+    let original = long(Some(SessionId(1))).prompt;
+    s.submit(long(Some(SessionId(1)))).unwrap();
+    assert_eq!(s.stats().truncated_tokens, 300 + 10 - 256);
+    let mut plans = Vec::new();
+    let done = drive(&mut s, &c, 200, &mut plans);
+    assert_eq!(done.len(), 1);
+    // The prompt that ran: the first 20 tokens, then the latest 226.
+    assert_eq!(plans[0].seqs[0].positions.start, 0);
+    let prompt_len: u64 = plans
+        .iter()
+        .flat_map(|p| p.seqs.iter())
+        .filter(|x| !x.samples || x.positions.end - x.positions.start > 1)
+        .map(|x| x.positions.end - x.positions.start)
+        .sum();
+    assert_eq!(prompt_len, 246);
+    assert_eq!(done[0].output[0], token(SeqId(1), 246));
+    assert_eq!(original.len(), 300);
 }
 
 #[test]

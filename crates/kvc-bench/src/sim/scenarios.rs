@@ -179,6 +179,7 @@ fn sched_config(block_size: u32, max_model_len: u64, max_batch_tokens: usize) ->
         aging_ms: Some(30_000),
         eos_token: None,
         host_blocks: 0,
+        session_truncation: None,
     }
 }
 
