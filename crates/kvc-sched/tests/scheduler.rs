@@ -146,15 +146,27 @@ fn sched_with<P: kvc_core::PinPolicy, R: ReuseIndex>(
     Scheduler::new(cfg, BlockPool::new(pool).unwrap(), pin, reuse).unwrap()
 }
 
+/// A scheduler without pinning or reuse over a pool of `blocks` blocks.
+fn plain(cfg: SchedulerConfig, blocks: u64) -> Scheduler<BlockPool, DynamicOnly, NoReuse> {
+    sched_with(
+        cfg,
+        PoolConfig::new(blocks),
+        DynamicOnly::default(),
+        NoReuse { block_size: BS },
+    )
+}
+
+/// Submits three requests of 8 prompt and 10 new tokens, one per class, lowest first.
+fn submit_one_per_class<P: kvc_core::PinPolicy, R: ReuseIndex>(s: &mut Scheduler<BlockPool, P, R>) {
+    s.submit(req(1, QosClass::BEST_EFFORT, 8, 10, 0)).unwrap();
+    s.submit(req(2, QosClass::STANDARD, 8, 10, 1)).unwrap();
+    s.submit(req(3, QosClass::CRITICAL, 8, 10, 2)).unwrap();
+}
+
 #[test]
 fn long_prompts_are_prefilled_in_chunks_under_the_budget() {
     let c = cfg();
-    let mut s = sched_with(
-        c.clone(),
-        PoolConfig::new(64),
-        DynamicOnly::default(),
-        NoReuse { block_size: BS },
-    );
+    let mut s = plain(c.clone(), 64);
     s.submit(req(1, QosClass::STANDARD, 70, 3, 0)).unwrap();
     let mut plans = Vec::new();
     let done = drive(&mut s, &c, 100, &mut plans);
@@ -177,12 +189,7 @@ fn long_prompts_are_prefilled_in_chunks_under_the_budget() {
 fn critical_requests_are_admitted_first_and_fcfs_within_a_class() {
     let mut c = cfg();
     c.max_running = 1;
-    let mut s = sched_with(
-        c.clone(),
-        PoolConfig::new(64),
-        DynamicOnly::default(),
-        NoReuse { block_size: BS },
-    );
+    let mut s = plain(c.clone(), 64);
     s.submit(req(1, QosClass::BEST_EFFORT, 4, 1, 0)).unwrap();
     s.submit(req(2, QosClass::STANDARD, 4, 1, 1)).unwrap();
     s.submit(req(3, QosClass::CRITICAL, 4, 1, 2)).unwrap();
@@ -198,12 +205,7 @@ fn aging_lets_best_effort_overtake_newer_critical_traffic() {
     let mut c = cfg();
     c.max_running = 1;
     c.aging_ms = Some(10);
-    let mut s = sched_with(
-        c.clone(),
-        PoolConfig::new(64),
-        DynamicOnly::default(),
-        NoReuse { block_size: BS },
-    );
+    let mut s = plain(c.clone(), 64);
     s.submit(req(1, QosClass::BEST_EFFORT, 4, 1, 0)).unwrap();
     s.submit(req(2, QosClass::CRITICAL, 4, 1, 25)).unwrap();
     // At t=30 the best-effort request has waited 30 ms: lifted two classes, to critical,
@@ -217,15 +219,8 @@ fn aging_lets_best_effort_overtake_newer_critical_traffic() {
 fn memory_pressure_preempts_the_lowest_class_and_everything_still_finishes() {
     let c = cfg();
     // 12 blocks of 4 tokens: three sequences growing to 4 blocks each cannot all fit.
-    let mut s = sched_with(
-        c.clone(),
-        PoolConfig::new(12),
-        DynamicOnly::default(),
-        NoReuse { block_size: BS },
-    );
-    s.submit(req(1, QosClass::BEST_EFFORT, 8, 10, 0)).unwrap();
-    s.submit(req(2, QosClass::STANDARD, 8, 10, 1)).unwrap();
-    s.submit(req(3, QosClass::CRITICAL, 8, 10, 2)).unwrap();
+    let mut s = plain(c.clone(), 12);
+    submit_one_per_class(&mut s);
     let mut plans = Vec::new();
     let done = drive(&mut s, &c, 500, &mut plans);
     assert_eq!(done.len(), 3);
@@ -250,15 +245,8 @@ fn memory_pressure_preempts_the_lowest_class_and_everything_still_finishes() {
 fn with_a_host_tier_preempted_sequences_are_swapped_out_and_resume_without_recompute() {
     let mut c = cfg();
     c.host_blocks = 16;
-    let mut s = sched_with(
-        c.clone(),
-        PoolConfig::new(12),
-        DynamicOnly::default(),
-        NoReuse { block_size: BS },
-    );
-    s.submit(req(1, QosClass::BEST_EFFORT, 8, 10, 0)).unwrap();
-    s.submit(req(2, QosClass::STANDARD, 8, 10, 1)).unwrap();
-    s.submit(req(3, QosClass::CRITICAL, 8, 10, 2)).unwrap();
+    let mut s = plain(c.clone(), 12);
+    submit_one_per_class(&mut s);
     let mut plans = Vec::new();
     let done = drive(&mut s, &c, 500, &mut plans);
     assert_eq!(done.len(), 3);
@@ -291,12 +279,7 @@ fn with_a_host_tier_preempted_sequences_are_swapped_out_and_resume_without_recom
 #[test]
 fn requests_that_can_never_fit_are_refused_not_requeued() {
     let c = cfg();
-    let mut s = sched_with(
-        c.clone(),
-        PoolConfig::new(4),
-        DynamicOnly::default(),
-        NoReuse { block_size: BS },
-    );
+    let mut s = plain(c.clone(), 4);
     assert_eq!(
         s.submit(req(1, QosClass::STANDARD, 16, 2, 0)),
         Err(SubmitError::Impossible {
@@ -346,12 +329,7 @@ fn requests_that_can_never_fit_are_refused_not_requeued() {
 #[test]
 fn a_request_as_large_as_the_pool_runs_alone_without_livelock() {
     let c = cfg();
-    let mut s = sched_with(
-        c.clone(),
-        PoolConfig::new(6),
-        DynamicOnly::default(),
-        NoReuse { block_size: BS },
-    );
+    let mut s = plain(c.clone(), 6);
     s.submit(req(1, QosClass::STANDARD, 12, 12, 0)).unwrap(); // 23 KV tokens: 6 blocks
     s.submit(req(2, QosClass::STANDARD, 8, 4, 1)).unwrap();
     s.submit(req(3, QosClass::CRITICAL, 8, 4, 2)).unwrap();
@@ -369,12 +347,7 @@ fn an_outgrown_session_is_refused_or_truncated_to_its_prefix_and_latest_tokens()
         r.session = session;
         r
     };
-    let mut s = sched_with(
-        c.clone(),
-        PoolConfig::new(128),
-        DynamicOnly::default(),
-        NoReuse { block_size: BS },
-    );
+    let mut s = plain(c.clone(), 128);
     assert!(matches!(
         s.submit(long(Some(SessionId(1)))),
         Err(SubmitError::TooLong { .. })
@@ -382,12 +355,7 @@ fn an_outgrown_session_is_refused_or_truncated_to_its_prefix_and_latest_tokens()
     c.session_truncation = Some(kvc_sched::SessionTruncation {
         keep_prefix_tokens: 20,
     });
-    let mut s = sched_with(
-        c.clone(),
-        PoolConfig::new(128),
-        DynamicOnly::default(),
-        NoReuse { block_size: BS },
-    );
+    let mut s = plain(c.clone(), 128);
     // Without a session there is nothing to truncate by policy.
     assert!(matches!(
         s.submit(long(None)),
@@ -415,12 +383,7 @@ fn an_outgrown_session_is_refused_or_truncated_to_its_prefix_and_latest_tokens()
 #[test]
 fn cancellation_releases_everything() {
     let c = cfg();
-    let mut s = sched_with(
-        c.clone(),
-        PoolConfig::new(16),
-        DynamicOnly::default(),
-        NoReuse { block_size: BS },
-    );
+    let mut s = plain(c.clone(), 16);
     s.submit(req(1, QosClass::STANDARD, 10, 50, 0)).unwrap();
     s.submit(req(2, QosClass::STANDARD, 10, 50, 0)).unwrap();
     let plan = s.step(0);
@@ -552,12 +515,7 @@ fn pinned_blocks_go_to_critical_traffic_which_borrows_when_they_run_out() {
 #[test]
 fn submissions_from_other_threads_arrive_at_the_next_step() {
     let c = cfg();
-    let mut s = sched_with(
-        c.clone(),
-        PoolConfig::new(64),
-        DynamicOnly::default(),
-        NoReuse { block_size: BS },
-    );
+    let mut s = plain(c.clone(), 64);
     let handles: Vec<_> = (0..2)
         .map(|t| {
             let sub = s.submitter();
