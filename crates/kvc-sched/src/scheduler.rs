@@ -19,8 +19,8 @@ use ahash::{AHashMap as HashMap, AHashSet as HashSet};
 
 use kvc_core::{
     Admission, BlockAllocator, BlockId, BlockTable, ClassBlocks, HostBlockId, LoadSample,
-    PinPolicy, PlaceRequest, Placement, PoolView, Refusal, RegionBlocks, RegionId, Resize,
-    RetentionUpdate, ReuseIndex, ReuseScope, SeqId,
+    PinPolicy, PlaceRequest, Placement, PoolView, QosClass, Refusal, RegionBlocks, RegionId,
+    Resize, RetentionUpdate, ReuseIndex, ReuseScope, SeqId,
 };
 use thiserror::Error;
 
@@ -492,8 +492,9 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
             let Some(s) = self.seqs.get(&id) else {
                 continue;
             };
-            let class = s.req.qos.index();
-            if blocked[class] || self.at_cap(class) {
+            let qos = s.req.qos;
+            let class = qos.index();
+            if blocked[class] || self.at_cap(qos) {
                 continue;
             }
             self.lookup(id);
@@ -604,20 +605,13 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
         (rank, s.req.arrival_ms, id)
     }
 
-    fn at_cap(&self, class: usize) -> bool {
-        let Some(Some(cap)) = self.caps.get(class) else {
-            return false;
-        };
-        let running = self
-            .running
-            .iter()
-            .filter(|id| {
-                self.seqs
-                    .get(id)
-                    .is_some_and(|s| s.req.qos.index() == class)
-            })
-            .count();
-        running >= *cap
+    /// Whether `class` runs as many sequences as a `Downgrade` cap allows.
+    fn at_cap(&self, class: QosClass) -> bool {
+        self.caps
+            .get(class.index())
+            .copied()
+            .flatten()
+            .is_some_and(|cap| self.count_running(class) >= cap)
     }
 
     fn apply_commands(&mut self, plan: &mut StepPlan) {
@@ -855,7 +849,7 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
         }
     }
 
-    fn count_running(&self, class: kvc_core::QosClass) -> usize {
+    fn count_running(&self, class: QosClass) -> usize {
         self.running
             .iter()
             .filter(|id| self.seqs.get(id).is_some_and(|s| s.req.qos == class))
@@ -863,7 +857,7 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
     }
 
     /// The least important, latest running sequence (of `class`, if given), other than `not`.
-    fn victim(&self, class: Option<kvc_core::QosClass>, not: SeqId) -> Option<SeqId> {
+    fn victim(&self, class: Option<QosClass>, not: SeqId) -> Option<SeqId> {
         self.running
             .iter()
             .copied()
