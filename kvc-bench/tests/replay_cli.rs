@@ -150,7 +150,7 @@ fn empty_trace_zero_capacity_and_unknown_names_are_errors() {
 
 /// The shared Mooncake trace: from the repository root it is `../shared/traces/...`.
 fn shared_trace() -> Option<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let path = root.join("../shared/traces/mooncake-conversation.jsonl");
     path.exists().then_some(path)
 }

@@ -53,7 +53,7 @@ pub fn locate_trace(given: Option<&Path>, default: &str) -> Option<PathBuf> {
     if let Some(path) = given {
         return Some(path.to_path_buf());
     }
-    let repo_root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let repo_root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     [Path::new(".").join(default), repo_root.join(default)]
         .into_iter()
         .find(|p| p.is_file())

@@ -550,7 +550,7 @@ fn locate_trace(given: Option<&Path>) -> Result<std::path::PathBuf, ScenarioErro
     if let Some(path) = given {
         return Ok(path.to_path_buf());
     }
-    let repo_root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let repo_root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     [
         Path::new(".").join(DEFAULT_TRACE),
         repo_root.join(DEFAULT_TRACE),
