@@ -54,6 +54,8 @@ struct State {
     m: Vec<f32>,
     l: Vec<f32>,
     acc: Vec<f32>,
+    /// The head met a NaN or +∞ logit: its result is NaN whatever follows.
+    nan: Vec<bool>,
 }
 
 impl State {
@@ -62,13 +64,18 @@ impl State {
             m: vec![f32::NEG_INFINITY; heads],
             l: vec![0.0; heads],
             acc: vec![0.0; heads * d],
+            nan: vec![false; heads],
         }
     }
 
-    /// Normalised output and natural-log LSE of head `i`; zero and −∞ when it saw no token.
+    /// Normalised output and natural-log LSE of head `i`: NaN when it met a NaN or +∞ logit,
+    /// zeros and −∞ when every logit it saw was −∞.
     fn finish(&self, i: usize, d: usize, out: &mut [f32]) -> f32 {
         let acc = &self.acc[i * d..(i + 1) * d];
-        if self.l[i] > 0.0 {
+        if self.nan[i] {
+            out.fill(f32::NAN);
+            f32::NAN
+        } else if self.l[i] > 0.0 {
             let inv = 1.0 / self.l[i];
             for (o, a) in out.iter_mut().zip(acc) {
                 *o = a * inv;
@@ -120,8 +127,13 @@ fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// `scores[h * TILE + i] = q[h] · rows[i]` for every head `h` and row `i` of the tile.
+///
+/// # Safety
+///
+/// `FMA` may be true only where the CPU has AVX2 and FMA (the caller checked them at run
+/// time: it is reached through [`attend_avx2`]).
 #[inline(always)]
-fn score_tile<const FMA: bool>(
+unsafe fn score_tile<const FMA: bool>(
     q: &[f32],
     rows: &[f32],
     d: usize,
@@ -130,8 +142,8 @@ fn score_tile<const FMA: bool>(
 ) {
     #[cfg(target_arch = "x86_64")]
     if FMA && d.is_multiple_of(8) {
-        // SAFETY: `FMA` is true only in code reached through `attend_avx2` (AVX2 and FMA
-        // checked); slice lengths are checked inside.
+        // SAFETY: the caller's rule: `FMA` means AVX2 and FMA are present; slice lengths are
+        // checked inside.
         unsafe { score_tile_avx2(q, rows, d, heads, scores) };
         return;
     }
@@ -181,29 +193,35 @@ fn score_tile_avx2(q: &[f32], rows: &[f32], d: usize, heads: usize, scores: &mut
     }
 }
 
-/// `acc[h] += Σ_i weights[h * TILE + i] · rows[i]` for every head `h` (zero weights skipped).
+/// `acc[h] += Σ_{i < counts[h]} weights[h * TILE + i] · rows[i]` for every head `h`.
+///
+/// Every counted row is added, zero weights included, so a NaN or infinite V element of a
+/// token the head sees reaches its output (`0 · NaN` is NaN) as it does in the textbook
+/// formula; rows past `counts[h]` (masked, or a head with nothing to add) are not read.
+///
+/// # Safety
+///
+/// As for [`score_tile`]: `FMA` only where the CPU has AVX2 and FMA.
 #[inline(always)]
-fn accumulate_tile<const FMA: bool>(
+unsafe fn accumulate_tile<const FMA: bool>(
     acc: &mut [f32],
     weights: &[f32],
     rows: &[f32],
     d: usize,
-    heads: usize,
+    counts: &[usize],
 ) {
     #[cfg(target_arch = "x86_64")]
     if FMA && d.is_multiple_of(8) {
-        // SAFETY: as for `score_tile`.
-        unsafe { accumulate_tile_avx2(acc, weights, rows, d, heads) };
+        // SAFETY: the caller's rule, as for `score_tile`.
+        unsafe { accumulate_tile_avx2(acc, weights, rows, d, counts) };
         return;
     }
-    for h in 0..heads {
+    for (h, &count) in counts.iter().enumerate() {
         let a = &mut acc[h * d..(h + 1) * d];
-        for (i, v) in rows.chunks_exact(d).enumerate() {
+        for (i, v) in rows.chunks_exact(d).enumerate().take(count) {
             let p = weights[h * TILE + i];
-            if p > 0.0 {
-                for (a, x) in a.iter_mut().zip(v) {
-                    *a = madd::<FMA>(p, *x, *a);
-                }
+            for (a, x) in a.iter_mut().zip(v) {
+                *a = madd::<FMA>(p, *x, *a);
             }
         }
     }
@@ -211,30 +229,38 @@ fn accumulate_tile<const FMA: bool>(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn accumulate_tile_avx2(acc: &mut [f32], weights: &[f32], rows: &[f32], d: usize, heads: usize) {
+fn accumulate_tile_avx2(
+    acc: &mut [f32],
+    weights: &[f32],
+    rows: &[f32],
+    d: usize,
+    counts: &[usize],
+) {
     use std::arch::x86_64::{_mm256_fmadd_ps, _mm256_loadu_ps, _mm256_set1_ps, _mm256_storeu_ps};
+    let heads = counts.len();
     assert!(acc.len() >= heads * d && weights.len() >= heads * TILE && d.is_multiple_of(8));
-    let n = (rows.len() / d).min(TILE);
-    for h in 0..heads {
+    let rows_in = (rows.len() / d).min(TILE);
+    for (h, &count) in counts.iter().enumerate() {
+        let n = count.min(rows_in);
+        if n == 0 {
+            continue;
+        }
         // 64 columns at a time, held in 8 registers across the whole tile.
         let mut c0 = 0;
         while c0 < d {
             let w = ((d - c0) / 8).min(8);
             let base = h * d + c0;
-            // SAFETY: base + 8w <= h * d + d <= acc.len(); rows hold n rows of d.
+            // SAFETY: base + 8w <= h * d + d <= acc.len(); rows hold at least n rows of d.
             unsafe {
                 let mut a = [_mm256_set1_ps(0.0); 8];
                 for (k, r) in a.iter_mut().enumerate().take(w) {
                     *r = _mm256_loadu_ps(acc.as_ptr().add(base + 8 * k));
                 }
                 for i in 0..n {
-                    let p = weights[h * TILE + i];
-                    if p > 0.0 {
-                        let pb = _mm256_set1_ps(p);
-                        let v = rows.as_ptr().add(i * d + c0);
-                        for (k, r) in a.iter_mut().enumerate().take(w) {
-                            *r = _mm256_fmadd_ps(pb, _mm256_loadu_ps(v.add(8 * k)), *r);
-                        }
+                    let pb = _mm256_set1_ps(weights[h * TILE + i]);
+                    let v = rows.as_ptr().add(i * d + c0);
+                    for (k, r) in a.iter_mut().enumerate().take(w) {
+                        *r = _mm256_fmadd_ps(pb, _mm256_loadu_ps(v.add(8 * k)), *r);
                     }
                 }
                 for (k, r) in a.iter().enumerate().take(w) {
@@ -286,27 +312,37 @@ pub fn set_portable_only(on: bool) {
     PORTABLE_ONLY.store(on, Ordering::Relaxed);
 }
 
+/// Whether the AVX2 and FMA build may run (the CPU has both, and tests did not ask for the
+/// portable build).
+fn use_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        !PORTABLE_ONLY.load(Ordering::Relaxed)
+            && std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// Runs [`attend_impl`] compiled for AVX2 and FMA where the CPU has them (chosen at run
 /// time), else for the baseline target.
 fn attend<T: KvElem>(layout: &PagedLayout, cache: &[T], job: &Job<'_>, st: &mut State) {
     #[cfg(target_arch = "x86_64")]
-    {
-        if !PORTABLE_ONLY.load(Ordering::Relaxed)
-            && std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-            unsafe { attend_avx2(layout, cache, job, st) };
-            return;
-        }
+    if use_avx2() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+        unsafe { attend_avx2(layout, cache, job, st) };
+        return;
     }
-    attend_impl::<T, false>(layout, cache, job, st);
+    // SAFETY: `FMA = false` needs nothing of the CPU.
+    unsafe { attend_impl::<T, false>(layout, cache, job, st) };
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn attend_avx2<T: KvElem>(layout: &PagedLayout, cache: &[T], job: &Job<'_>, st: &mut State) {
-    attend_impl::<T, true>(layout, cache, job, st);
+    // SAFETY: this function is compiled for, and only called on, CPUs with AVX2 and FMA.
+    unsafe { attend_impl::<T, true>(layout, cache, job, st) };
 }
 
 /// `a * b + c`, fused where the CPU has FMA (`FMA` is only true in code compiled for it).
@@ -315,8 +351,51 @@ fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     if FMA { a.mul_add(b, c) } else { a * b + c }
 }
 
+/// Folds a tile's `scores` (the `n` visible logits of one head) into the head's running
+/// softmax and turns them into weights; returns how many rows the head adds to its output
+/// (0 when it has nothing to add: no finite logit yet, or already NaN).
 #[inline(always)]
-fn attend_impl<T: KvElem, const FMA: bool>(
+fn softmax_tile(st: &mut State, h: usize, d: usize, s: &mut [f32]) -> usize {
+    if st.nan[h] || s.is_empty() {
+        return 0;
+    }
+    let mut tile_max = f32::NEG_INFINITY;
+    let mut nan = false;
+    for &x in s.iter() {
+        tile_max = tile_max.max(x);
+        nan |= x.is_nan();
+    }
+    // A NaN logit, or a +∞ one (whose weight is e^(∞ − ∞)), makes the head NaN.
+    if nan || tile_max == f32::INFINITY {
+        st.nan[h] = true;
+        return 0;
+    }
+    let m_new = st.m[h].max(tile_max);
+    if m_new == f32::NEG_INFINITY {
+        return 0; // every logit so far is −∞: nothing to add yet
+    }
+    let alpha = exp_neg(st.m[h] - m_new);
+    if alpha != 1.0 {
+        st.l[h] *= alpha;
+        for a in &mut st.acc[h * d..(h + 1) * d] {
+            *a *= alpha;
+        }
+    }
+    st.m[h] = m_new;
+    let mut sum = 0.0;
+    for x in s.iter_mut() {
+        *x = exp_neg(*x - m_new);
+        sum += *x;
+    }
+    st.l[h] += sum;
+    s.len()
+}
+
+/// # Safety
+///
+/// `FMA` may be true only where the CPU has AVX2 and FMA.
+#[inline(always)]
+unsafe fn attend_impl<T: KvElem, const FMA: bool>(
     layout: &PagedLayout,
     cache: &[T],
     job: &Job<'_>,
@@ -326,6 +405,7 @@ fn attend_impl<T: KvElem, const FMA: bool>(
     let bs = layout.block_size();
     let heads = job.limits.len() * job.group;
     let mut scores = vec![0f32; heads * TILE];
+    let mut counts = vec![0usize; heads];
     // Row offsets of this tile and the next: the rows of a head are short runs scattered over
     // the pool (a page's K rows, then its V rows far away), which hardware prefetchers do not
     // follow, so each row of the next tile is prefetched while the same row of this tile is
@@ -348,7 +428,7 @@ fn attend_impl<T: KvElem, const FMA: bool>(
     while t < job.t1 {
         let next = t + n as u32;
         let nn = offsets(next, &mut nkoff, &mut nvoff);
-        // Widen the tile's K rows once, score them against every query head, then mask.
+        // Widen the tile's K rows once, score them against every query head.
         for (i, &ko) in koff.iter().take(n).enumerate() {
             if i < nn {
                 prefetch(&cache[nkoff[i] as usize..nkoff[i] as usize + d]);
@@ -358,36 +438,17 @@ fn attend_impl<T: KvElem, const FMA: bool>(
                 &mut rows[i * d..(i + 1) * d],
             );
         }
-        score_tile::<FMA>(job.q, &rows[..n * d], d, heads, &mut scores);
+        // SAFETY: the caller's rule on `FMA`.
+        unsafe { score_tile::<FMA>(job.q, &rows[..n * d], d, heads, &mut scores) };
+        // Rescale once per tile over the rows each query row may see, turn scores into
+        // weights.
         for (r, &limit) in job.limits.iter().enumerate() {
             let visible = limit.saturating_sub(t).min(n as u32) as usize;
             for g in 0..job.group {
                 let h = r * job.group + g;
-                scores[h * TILE + visible..h * TILE + n].fill(f32::NEG_INFINITY);
+                let s = &mut scores[h * TILE..h * TILE + visible];
+                counts[h] = softmax_tile(st, h, d, s);
             }
-        }
-        // Rescale once per tile, turn scores into weights.
-        for h in 0..heads {
-            let s = &mut scores[h * TILE..h * TILE + n];
-            let tile_max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let m_new = st.m[h].max(tile_max);
-            if m_new == f32::NEG_INFINITY {
-                continue;
-            }
-            let alpha = exp_neg(st.m[h] - m_new);
-            if alpha != 1.0 {
-                st.l[h] *= alpha;
-                for a in &mut st.acc[h * d..(h + 1) * d] {
-                    *a *= alpha;
-                }
-            }
-            st.m[h] = m_new;
-            let mut sum = 0.0;
-            for x in s.iter_mut() {
-                *x = exp_neg(*x - m_new);
-                sum += *x;
-            }
-            st.l[h] += sum;
         }
         for (i, &vo) in voff.iter().take(n).enumerate() {
             if i < nn {
@@ -398,7 +459,8 @@ fn attend_impl<T: KvElem, const FMA: bool>(
                 &mut rows[i * d..(i + 1) * d],
             );
         }
-        accumulate_tile::<FMA>(&mut st.acc, &scores, &rows[..n * d], d, heads);
+        // SAFETY: the caller's rule on `FMA`.
+        unsafe { accumulate_tile::<FMA>(&mut st.acc, &scores, &rows[..n * d], d, &counts) };
         t = next;
         koff = nkoff;
         voff = nvoff;
@@ -433,25 +495,79 @@ fn scaled_query<T: KvElem>(q: &[T], scale: f32) -> Vec<f32> {
     q.iter().map(|x| x.to_f32() * scale).collect()
 }
 
-/// Decode attention: one query token per sequence of `table` against its paged KV.
+/// The inputs of [`paged_decode`] (and, with device buffers and a
+/// [`DevicePageTable`](crate::cuda::DevicePageTable), of the CUDA decode): `B` is the buffer
+/// type of the cache and the queries, `P` the page table's.
 ///
-/// `q` is `[batch, q_heads, head_dim]` in the storage type; `out` (`[batch, q_heads,
-/// head_dim]`) and `lse` (`[batch, q_heads]`, natural log of the softmax denominator of the
-/// scaled scores) are f32. A sequence of length 0 yields zeros and an LSE of −∞.
+/// ```
+/// # use kvc_core::{BlockId, PageTable, PagedLayout};
+/// # use kvc_kernels::{AttnParams, DecodeArgs, DecodeOptions};
+/// # let layout = PagedLayout::hnd(1, 1, 4, 8)?;
+/// # let table = PageTable::for_decode(vec![0, 1], vec![BlockId(0)], vec![2], &layout)?;
+/// let (cache, q) = (vec![0f32; layout.len() as usize], vec![0f32; 8]);
+/// let args = DecodeArgs {
+///     layout: &layout,
+///     cache: cache.as_slice(),
+///     table: &table,
+///     q: q.as_slice(),
+///     params: AttnParams::new(1, 8),
+///     options: DecodeOptions::default(),
+/// };
+/// # let _ = args;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug)]
+pub struct DecodeArgs<'a, B: ?Sized, P = PageTable> {
+    /// The cache's layout (one layer).
+    pub layout: &'a PagedLayout,
+    /// The layer's KV cache, at least `layout.len()` elements.
+    pub cache: &'a B,
+    /// One query token per sequence, validated against `layout`.
+    pub table: &'a P,
+    /// Queries, `[batch, q_heads, head_dim]`, in the storage type.
+    pub q: &'a B,
+    /// Query heads and scale.
+    pub params: AttnParams,
+    /// How long contexts are split.
+    pub options: DecodeOptions,
+}
+
+impl<B: ?Sized, P> Clone for DecodeArgs<'_, B, P> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: ?Sized, P> Copy for DecodeArgs<'_, B, P> {}
+
+/// Decode attention: one query token per sequence of `args.table` against its paged KV.
+///
+/// `out` (`[batch, q_heads, head_dim]`) and `lse` (`[batch, q_heads]`, natural log of the
+/// softmax denominator of the scaled logits) are f32. Every sequence holds at least one token
+/// (its query's own, which the [`PageTable`] guarantees).
+///
+/// Non-finite values follow the textbook formula in IEEE arithmetic, as PyTorch's
+/// `scaled_dot_product_attention` does: a NaN in the query or in a K row the head sees, a
+/// logit of +∞, or a scale that is not finite makes that head's output and LSE NaN; a NaN or
+/// ±∞ in a V row the head sees reaches its output (a weight that underflowed to 0 times NaN
+/// or ∞ is NaN); a head whose every logit is −∞ returns zeros and an LSE of −∞. Large finite
+/// logits are exact: the softmax subtracts the running maximum before exponentiating.
 ///
 /// Work items are (sequence, KV head, chunk of the context): each reads its K/V rows once for
-/// all `q_heads / kv_heads` query heads; chunks of one pair are merged by their LSE.
-#[allow(clippy::too_many_arguments)]
+/// all `q_heads / kv_heads` query heads; the chunks of one pair are merged in f64 by their
+/// LSE, so the result does not drift with the number of chunks.
 pub fn paged_decode<T: KvElem>(
-    layout: &PagedLayout,
-    cache: &[T],
-    table: &PageTable,
-    q: &[T],
-    params: AttnParams,
-    options: DecodeOptions,
+    args: &DecodeArgs<'_, [T]>,
     out: &mut [f32],
     lse: &mut [f32],
 ) -> Result<(), ShapeError> {
+    let &DecodeArgs {
+        layout,
+        cache,
+        table,
+        q,
+        params,
+        options,
+    } = args;
     let group = check_common(layout, cache, table, params)?;
     let batch = table.batch();
     for seq in 0..batch {
@@ -468,6 +584,11 @@ pub fn paged_decode<T: KvElem>(
     check_len("out", out.len(), rows * d as u64)?;
     check_len("lse", lse.len(), rows)?;
     if batch == 0 {
+        return Ok(());
+    }
+    if !params.scale.is_finite() {
+        out.fill(f32::NAN);
+        lse.fill(f32::NAN);
         return Ok(());
     }
 
@@ -538,14 +659,18 @@ pub fn paged_decode<T: KvElem>(
         .enumerate()
         .for_each(|(pair, (o, l))| {
             let (a, b) = (first[pair], first[pair + 1]);
-            o.copy_from_slice(&part_o[a * group * d..(a + 1) * group * d]);
-            l.copy_from_slice(&part_lse[a * group..(a + 1) * group]);
-            for item in a + 1..b {
-                for g in 0..group {
-                    let lb = part_lse[item * group + g];
-                    let ob = &part_o[(item * group + g) * d..(item * group + g + 1) * d];
-                    l[g] = merge_into(&mut o[g * d..(g + 1) * d], l[g], ob, lb);
-                }
+            if b - a == 1 {
+                o.copy_from_slice(&part_o[a * group * d..(a + 1) * group * d]);
+                l.copy_from_slice(&part_lse[a * group..(a + 1) * group]);
+                return;
+            }
+            let mut acc = vec![0f64; d];
+            for g in 0..group {
+                let part = |item: usize| {
+                    let at = item * group + g;
+                    (part_lse[at], &part_o[at * d..(at + 1) * d])
+                };
+                l[g] = merge_parts((a..b).map(part), &mut o[g * d..(g + 1) * d], &mut acc);
             }
         });
     Ok(())
@@ -556,7 +681,8 @@ pub fn paged_decode<T: KvElem>(
 /// `0..=L - n + j`, so its last query sees the whole context.
 ///
 /// `q` and `out` are `[total_queries, q_heads, head_dim]` (rows ordered by `qo_indptr`);
-/// `lse` is `[total_queries, q_heads]`.
+/// `lse` is `[total_queries, q_heads]`. Tokens a query may not see are never read for it;
+/// non-finite values among those it sees behave as in [`paged_decode`].
 #[allow(clippy::too_many_arguments)]
 pub fn paged_prefill<T: KvElem>(
     layout: &PagedLayout,
@@ -575,6 +701,11 @@ pub fn paged_prefill<T: KvElem>(
     check_len("q", q.len(), rows * d as u64)?;
     check_len("out", out.len(), rows * d as u64)?;
     check_len("lse", lse.len(), rows)?;
+    if !params.scale.is_finite() {
+        out.fill(f32::NAN);
+        lse.fill(f32::NAN);
+        return Ok(());
+    }
     let q32 = scaled_query(q, params.scale);
 
     // Items: (seq, head, first query row, rows).
@@ -632,56 +763,83 @@ pub fn paged_prefill<T: KvElem>(
     Ok(())
 }
 
-/// Merges `(ob, lb)` into `(oa, la)` and returns the merged LSE.
-#[inline]
-fn merge_into(oa: &mut [f32], la: f32, ob: &[f32], lb: f32) -> f32 {
-    let m = la.max(lb);
+/// Merges partial results `(lse_i, o_i)` over disjoint sets of tokens into `out` and returns
+/// the merged LSE: `out = Σ e^(lse_i − M)·o_i / Σ e^(lse_i − M)` with `M` the largest LSE,
+/// summed in f64 so that the error does not grow with the number of parts. A part with an
+/// LSE of −∞ (no tokens) contributes nothing (its output is not read); a NaN or +∞ LSE makes
+/// the result NaN; when every part is empty the result is zeros and −∞.
+fn merge_parts<'a>(
+    parts: impl Iterator<Item = (f32, &'a [f32])> + Clone,
+    out: &mut [f32],
+    acc: &mut [f64],
+) -> f32 {
+    let mut m = f32::NEG_INFINITY;
+    for (l, _) in parts.clone() {
+        if l.is_nan() || l == f32::INFINITY {
+            out.fill(f32::NAN);
+            return f32::NAN;
+        }
+        m = m.max(l);
+    }
     if m == f32::NEG_INFINITY {
-        return m; // Neither saw a token: `oa` stays as it is (zeros).
+        out.fill(0.0);
+        return m;
     }
-    let (wa, wb) = ((la - m).exp(), (lb - m).exp());
-    let inv = 1.0 / (wa + wb);
-    for (a, b) in oa.iter_mut().zip(ob) {
-        *a = (*a * wa + *b * wb) * inv;
+    acc.fill(0.0);
+    let mut sum = 0f64;
+    for (l, o) in parts {
+        if l == f32::NEG_INFINITY {
+            continue;
+        }
+        let w = (f64::from(l) - f64::from(m)).exp();
+        sum += w;
+        for (a, &x) in acc.iter_mut().zip(o) {
+            *a += w * f64::from(x);
+        }
     }
-    m + (wa + wb).ln()
+    for (o, a) in out.iter_mut().zip(acc.iter()) {
+        *o = (a / sum) as f32;
+    }
+    (f64::from(m) + sum.ln()) as f32
 }
 
 /// Merges two partial attention results over disjoint sets of KV tokens by their LSE:
-/// `out = (e^la·oa + e^lb·ob) / (e^la + e^lb)`, `lse = ln(e^la + e^lb)`, per head.
+/// `out = (e^la·oa + e^lb·ob) / (e^la + e^lb)`, `lse = ln(e^la + e^lb)`, per head, in f64.
 ///
-/// `oa`, `ob` and `out` are `[n, head_dim]`; `la`, `lb` and `lse` are `[n]`.
-/// A side with an LSE of −∞ (no tokens) contributes nothing.
+/// `oa`, `ob` and `out` are `[n, head_dim]`; `la`, `lb` and `lse` are `[n]`. A side with an
+/// LSE of −∞ (no tokens) contributes nothing (its output is not read); a NaN or +∞ LSE on
+/// either side makes that head's output and LSE NaN; two empty sides give zeros and −∞.
+/// `head_dim` must be at least 1 ([`ShapeError::ZeroHeadDim`]).
 pub fn merge_states(
     oa: &[f32],
     la: &[f32],
     ob: &[f32],
     lb: &[f32],
-    head_dim: usize,
+    head_dim: u32,
     out: &mut [f32],
     lse: &mut [f32],
 ) -> Result<(), ShapeError> {
+    if head_dim == 0 {
+        return Err(ShapeError::ZeroHeadDim);
+    }
     let n = la.len() as u64;
-    let d = head_dim as u64;
+    let d = u64::from(head_dim);
     check_len("lb", lb.len(), n)?;
     check_len("lse", lse.len(), n)?;
     check_len("oa", oa.len(), n * d)?;
     check_len("ob", ob.len(), n * d)?;
     check_len("out", out.len(), n * d)?;
-    if head_dim == 0 {
-        return Ok(());
-    }
-    out.par_chunks_mut(head_dim)
+    let d = head_dim as usize;
+    out.par_chunks_mut(d)
         .zip(lse.par_iter_mut())
         .enumerate()
         .for_each(|(i, (o, l))| {
-            o.copy_from_slice(&oa[i * head_dim..(i + 1) * head_dim]);
-            if la[i] == f32::NEG_INFINITY {
-                o.copy_from_slice(&ob[i * head_dim..(i + 1) * head_dim]);
-                *l = lb[i];
-            } else {
-                *l = merge_into(o, la[i], &ob[i * head_dim..(i + 1) * head_dim], lb[i]);
-            }
+            let mut acc = vec![0f64; d];
+            let parts = [
+                (la[i], &oa[i * d..(i + 1) * d]),
+                (lb[i], &ob[i * d..(i + 1) * d]),
+            ];
+            *l = merge_parts(parts.into_iter(), o, &mut acc);
         });
     Ok(())
 }

@@ -9,7 +9,7 @@ use kvc_core::{BlockId, PageTable, PageTableError, PagedLayout, PagedLayoutError
 use rayon::prelude::*;
 use thiserror::Error;
 
-use crate::{AttnParams, DecodeOptions, KvElem, ShapeError, paged_decode};
+use crate::{AttnParams, DecodeArgs, DecodeOptions, KvElem, ShapeError, paged_decode};
 
 /// The shape of a decode batch: `batch` sequences of `len` tokens each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -164,16 +164,15 @@ impl<T: KvElem> DecodeBatch<T> {
 
     /// Runs the decode once.
     pub fn run(&mut self) -> Result<(), ShapeError> {
-        paged_decode(
-            &self.layout,
-            &self.cache,
-            &self.table,
-            &self.q,
-            self.params,
-            DecodeOptions::default(),
-            &mut self.out,
-            &mut self.lse,
-        )?;
+        let args = DecodeArgs {
+            layout: &self.layout,
+            cache: self.cache.as_slice(),
+            table: &self.table,
+            q: self.q.as_slice(),
+            params: self.params,
+            options: DecodeOptions::default(),
+        };
+        paged_decode(&args, &mut self.out, &mut self.lse)?;
         black_box(&self.out);
         Ok(())
     }

@@ -73,6 +73,9 @@ pub enum ShapeError {
         /// Its query tokens.
         queries: usize,
     },
+    /// A head dimension of 0 was given (attention states have at least one element a head).
+    #[error("head_dim must be at least 1")]
+    ZeroHeadDim,
     /// Two layouts that must share a block shape do not (heads, block size, head size).
     #[error("source and destination layouts differ in block shape")]
     BlockShapeMismatch,

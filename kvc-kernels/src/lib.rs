@@ -12,7 +12,7 @@
 //! ```
 //! use half::f16;
 //! use kvc_core::{BlockId, PageTable, PagedLayout, SlotMapping};
-//! use kvc_kernels::{AttnParams, DecodeOptions, paged_decode, write_kv};
+//! use kvc_kernels::{AttnParams, DecodeArgs, DecodeOptions, paged_decode, write_kv};
 //!
 //! // A pool of 4 blocks of 16 tokens, 2 KV heads of 64, fp16.
 //! let layout = PagedLayout::hnd(4, 2, 16, 64)?;
@@ -28,8 +28,15 @@
 //! let table = PageTable::for_decode(vec![0, 1], vec![BlockId(2)], vec![3], &layout)?;
 //! let q = vec![f16::from_f32(0.1); 4 * 64];
 //! let (mut out, mut lse) = (vec![0.0; 4 * 64], vec![0.0; 4]);
-//! let params = AttnParams::new(4, 64);
-//! paged_decode(&layout, &cache, &table, &q, params, DecodeOptions::default(), &mut out, &mut lse)?;
+//! let args = DecodeArgs {
+//!     layout: &layout,
+//!     cache: cache.as_slice(),
+//!     table: &table,
+//!     q: q.as_slice(),
+//!     params: AttnParams::new(4, 64),
+//!     options: DecodeOptions::default(),
+//! };
+//! paged_decode(&args, &mut out, &mut lse)?;
 //! assert!((out[0] - 1.0).abs() < 1e-3); // every V is 1
 //! assert!((lse[0] - (0.1 * 0.5 * 64.0 / 8.0 + 3f32.ln())).abs() < 1e-2);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
@@ -47,7 +54,8 @@ mod write;
 pub mod cuda;
 
 pub use attention::{
-    AttnParams, DecodeOptions, merge_states, paged_decode, paged_prefill, set_portable_only,
+    AttnParams, DecodeArgs, DecodeOptions, merge_states, paged_decode, paged_prefill,
+    set_portable_only,
 };
 pub use copy::{copy_blocks, swap_blocks};
 pub use elem::KvElem;

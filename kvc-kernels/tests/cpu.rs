@@ -9,8 +9,8 @@ use common::{Rng, Scenario, max_err, queries, reference, scenario};
 use half::{bf16, f16};
 use kvc_core::{BlockCopy, BlockId, PageTable, PagedLayout, SlotMapping};
 use kvc_kernels::{
-    AttnParams, DecodeOptions, KvElem, ShapeError, copy_blocks, merge_states, paged_decode,
-    paged_prefill, swap_blocks, write_kv,
+    AttnParams, DecodeArgs, DecodeOptions, KvElem, ShapeError, copy_blocks, merge_states,
+    paged_decode, paged_prefill, swap_blocks, write_kv,
 };
 
 const HEAD_DIMS: [u32; 5] = [64, 80, 96, 128, 256];
@@ -22,6 +22,29 @@ fn tolerance<T: KvElem>() -> f64 {
         kvc_core::DType::F32 => 1e-3,
         _ => 1.5e-2,
     }
+}
+
+/// `paged_decode` with its inputs spelled out.
+#[allow(clippy::too_many_arguments)]
+fn decode_into<T: KvElem>(
+    layout: &PagedLayout,
+    cache: &[T],
+    table: &PageTable,
+    q: &[T],
+    params: AttnParams,
+    options: DecodeOptions,
+    out: &mut [f32],
+    lse: &mut [f32],
+) -> Result<(), ShapeError> {
+    let args = DecodeArgs {
+        layout,
+        cache,
+        table,
+        q,
+        params,
+        options,
+    };
+    paged_decode(&args, out, lse)
 }
 
 fn decode<T: KvElem>(
@@ -36,7 +59,7 @@ fn decode<T: KvElem>(
     let opts = DecodeOptions {
         split_tokens: split,
     };
-    paged_decode(
+    decode_into(
         &s.layout, &s.cache, &s.table, q, p, opts, &mut out, &mut lse,
     )
     .unwrap();
@@ -196,7 +219,7 @@ fn merging_two_halves_gives_the_whole() {
     let (ao, al) = part(&pages[..2]);
     let (bo, bl) = part(&pages[2..]);
     let (mut o, mut l) = (vec![0.0; ao.len()], vec![0.0; al.len()]);
-    merge_states(&ao, &al, &bo, &bl, d as usize, &mut o, &mut l).unwrap();
+    merge_states(&ao, &al, &bo, &bl, d, &mut o, &mut l).unwrap();
     let w64: Vec<f64> = whole_o.iter().map(|&x| f64::from(x)).collect();
     let wl64: Vec<f64> = whole_l.iter().map(|&x| f64::from(x)).collect();
     assert!(max_err(&o, &w64) < 1e-5);
@@ -205,12 +228,9 @@ fn merging_two_halves_gives_the_whole() {
     // A side that saw no token contributes nothing.
     let empty_l = vec![f32::NEG_INFINITY; al.len()];
     let zeros = vec![0.0; ao.len()];
-    merge_states(&ao, &al, &zeros, &empty_l, d as usize, &mut o, &mut l).unwrap();
+    merge_states(&ao, &al, &zeros, &empty_l, d, &mut o, &mut l).unwrap();
     assert_eq!((o.as_slice(), l.as_slice()), (ao.as_slice(), al.as_slice()));
-    merge_states(
-        &zeros, &empty_l, &zeros, &empty_l, d as usize, &mut o, &mut l,
-    )
-    .unwrap();
+    merge_states(&zeros, &empty_l, &zeros, &empty_l, d, &mut o, &mut l).unwrap();
     assert!(l.iter().all(|&x| x == f32::NEG_INFINITY));
     assert!(o.iter().all(|&x| x == 0.0));
 }
@@ -405,7 +425,7 @@ fn bad_arguments_are_typed_errors() {
     let (mut o, mut l) = (vec![0.0; 4 * 64], vec![0.0; 4]);
     let opts = DecodeOptions::default();
     assert_eq!(
-        paged_decode(
+        decode_into(
             &s.layout,
             &s.cache,
             &s.table,
@@ -421,7 +441,7 @@ fn bad_arguments_are_typed_errors() {
         })
     );
     assert_eq!(
-        paged_decode(
+        decode_into(
             &s.layout,
             &s.cache,
             &s.table,
@@ -438,7 +458,7 @@ fn bad_arguments_are_typed_errors() {
         })
     );
     assert!(matches!(
-        paged_decode(
+        decode_into(
             &s.layout,
             &s.cache[1..],
             &s.table,
@@ -452,7 +472,7 @@ fn bad_arguments_are_typed_errors() {
     ));
     let smaller = PagedLayout::hnd(2, 2, 4, 64).unwrap();
     assert!(matches!(
-        paged_decode(
+        decode_into(
             &smaller,
             &s.cache,
             &s.table,
@@ -473,7 +493,7 @@ fn bad_arguments_are_typed_errors() {
     )
     .unwrap();
     assert_eq!(
-        paged_decode(
+        decode_into(
             &s.layout,
             &s.cache,
             &prefill,
