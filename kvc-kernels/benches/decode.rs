@@ -86,7 +86,7 @@ fn case<T: KvElem>(name: &str, c: &Case, words: &[u64]) {
 
 fn main() {
     let threads = rayon::current_num_threads();
-    let words: Vec<u64> = filled((512usize << 20) / 8, true, |i| i as u64);
+    let words = filled((512usize << 20) / 8, true, |i| i as u64);
     println!(
         "CPU decode, {threads} threads; medians of {RUNS} runs of paged, contiguous, paged on 4 KiB pages and a rayon sum of 512 MiB (the read bandwidth) taking turns; KV and sum buffers on transparent huge pages unless said"
     );

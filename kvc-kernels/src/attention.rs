@@ -14,7 +14,7 @@ use crate::elem::KvElem;
 use crate::error::{ShapeError, check_cache, check_len};
 
 /// Tokens scored together before the running softmax is rescaled.
-const TILE: usize = 32;
+pub(crate) const TILE: usize = 32;
 /// Query rows of one prefill work item.
 const PREFILL_ROWS: usize = 16;
 /// The shortest split-K chunk the automatic planner makes, in tokens.
@@ -50,10 +50,10 @@ pub struct DecodeOptions {
 }
 
 /// A running softmax state for `rows × group` query heads.
-struct State {
+pub(crate) struct State {
     m: Vec<f32>,
     l: Vec<f32>,
-    acc: Vec<f32>,
+    pub(crate) acc: Vec<f32>,
     /// The head met a NaN or +∞ logit: its result is NaN whatever follows.
     nan: Vec<bool>,
 }
@@ -94,7 +94,7 @@ impl State {
 #[inline(always)]
 fn exp_neg(x: f32) -> f32 {
     let t = x.max(-87.0) * std::f32::consts::LOG2_E;
-    let n = t.round();
+    let n = t.round_ties_even();
     let f = t - n;
     // 2^f = e^(f ln 2), Taylor terms of ln 2 powers.
     let p = 1.0
@@ -274,7 +274,7 @@ fn accumulate_tile_avx2(
 
 /// Hints the CPU to bring `row` into cache (a no-op off x86_64).
 #[inline(always)]
-fn prefetch<T>(row: &[T]) {
+pub(crate) fn prefetch<T>(row: &[T]) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
@@ -293,17 +293,29 @@ fn prefetch<T>(row: &[T]) {
 
 /// The work of one item: query rows (each `group` heads of `d`, pre-scaled), each seeing the
 /// first `limits[r]` tokens of the sequence, over tokens `t0..t1` of KV head `head`.
-struct Job<'a> {
-    pages: &'a [BlockId],
-    head: u32,
-    t0: u32,
-    t1: u32,
-    q: &'a [f32],
-    limits: &'a [u32],
-    group: usize,
+pub(crate) struct Job<'a> {
+    pub(crate) pages: &'a [BlockId],
+    pub(crate) head: u32,
+    pub(crate) t0: u32,
+    pub(crate) t1: u32,
+    pub(crate) q: &'a [f32],
+    pub(crate) limits: &'a [u32],
+    pub(crate) group: usize,
+    /// The same queries unscaled in bf16, when the cache is bf16 (for the AVX-512 BF16 path).
+    pub(crate) raw_q: Option<&'a [half::bf16]>,
+    /// The scale `q` was multiplied by.
+    pub(crate) scale: f32,
 }
 
 static PORTABLE_ONLY: AtomicBool = AtomicBool::new(false);
+static NO_AVX512: AtomicBool = AtomicBool::new(false);
+
+/// Makes the CPU attention skip its AVX-512 BF16 decode path (using the AVX2 or portable
+/// build) even where the CPU has it, so tests can compare the paths on one machine.
+#[doc(hidden)]
+pub fn set_avx512_disabled(on: bool) {
+    NO_AVX512.store(on, Ordering::Relaxed);
+}
 
 /// Makes the CPU attention use its portable build even where AVX2 and FMA are present, so
 /// tests can check that path on any machine. Both builds compute the same thing.
@@ -328,6 +340,20 @@ fn use_avx2() -> bool {
 /// Runs [`attend_impl`] compiled for AVX2 and FMA where the CPU has them (chosen at run
 /// time), else for the baseline target.
 fn attend<T: KvElem>(layout: &PagedLayout, cache: &[T], job: &Job<'_>, st: &mut State) {
+    #[cfg(target_arch = "x86_64")]
+    if let (Some(cache16), Some(q16)) = (T::as_bf16(cache), job.raw_q)
+        && layout.head_dim().is_multiple_of(32)
+        && job.limits.iter().all(|&l| l >= job.t1)
+        && !PORTABLE_ONLY.load(Ordering::Relaxed)
+        && !NO_AVX512.load(Ordering::Relaxed)
+        && crate::decode_avx512::available()
+    {
+        // SAFETY: the CPU has AVX-512 F, BW and BF16 (checked just above), the head size is
+        // a multiple of 32, every query row sees the whole job, `paged_decode` validated
+        // the cache and the table, and `raw_q` holds the job's `group` heads.
+        unsafe { crate::decode_avx512::attend_bf16(layout, cache16, job, q16, job.scale, st) };
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if use_avx2() {
         // SAFETY: the CPU supports AVX2 and FMA (checked just above).
@@ -355,7 +381,7 @@ fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
 /// softmax and turns them into weights; returns how many rows the head adds to its output
 /// (0 when it has nothing to add: no finite logit yet, or already NaN).
 #[inline(always)]
-fn softmax_tile(st: &mut State, h: usize, d: usize, s: &mut [f32]) -> usize {
+pub(crate) fn softmax_tile(st: &mut State, h: usize, d: usize, s: &mut [f32]) -> usize {
     if st.nan[h] || s.is_empty() {
         return 0;
     }
@@ -382,12 +408,11 @@ fn softmax_tile(st: &mut State, h: usize, d: usize, s: &mut [f32]) -> usize {
         }
     }
     st.m[h] = m_new;
-    let mut sum = 0.0;
+    // Two loops: the exponentials vectorise, the (ordered) sum does not.
     for x in s.iter_mut() {
         *x = exp_neg(*x - m_new);
-        sum += *x;
     }
-    st.l[h] += sum;
+    st.l[h] += s.iter().sum::<f32>();
     s.len()
 }
 
@@ -607,6 +632,7 @@ pub fn paged_decode<T: KvElem>(
         }
     };
     let q32 = scaled_query(q, params.scale);
+    let raw_q = T::as_bf16(q);
 
     // Items in (seq, head, chunk) order; `first[p]` is pair p's first item.
     let mut items: Vec<(usize, u32, u32, u32)> = Vec::new();
@@ -645,6 +671,8 @@ pub fn paged_decode<T: KvElem>(
                 q: &q32[qrow..qrow + group * d],
                 limits: &[len],
                 group,
+                raw_q: raw_q.map(|q| &q[qrow..qrow + group * d]),
+                scale: params.scale,
             };
             let mut st = State::new(group, d);
             attend(layout, cache, &job, &mut st);
@@ -743,6 +771,8 @@ pub fn paged_prefill<T: KvElem>(
                 q: &qbuf,
                 limits: &limits,
                 group,
+                raw_q: None,
+                scale: params.scale,
             };
             let mut st = State::new(n * group, d);
             attend(layout, cache, &job, &mut st);

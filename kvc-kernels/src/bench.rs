@@ -55,27 +55,87 @@ pub enum BenchError {
     },
 }
 
-/// `len` values of `f(i)` in a buffer that first asks the kernel for transparent huge pages
-/// when `huge` (as an engine would for its KV pool: decode reads runs scattered over the pool,
-/// and on 4 KiB pages each run is also a TLB miss). A refusal leaves ordinary pages.
-pub fn filled<T>(len: usize, huge: bool, f: impl Fn(usize) -> T) -> Vec<T> {
-    let mut v: Vec<T> = Vec::with_capacity(len);
-    #[cfg(target_os = "linux")]
-    if huge {
-        const HUGE: usize = 2 << 20;
-        let start = v.as_ptr() as usize;
-        let end = start + len * std::mem::size_of::<T>();
-        let (a, b) = (start.next_multiple_of(HUGE), end / HUGE * HUGE);
-        if b > a {
-            // SAFETY: [a, b) lies inside `v`'s allocation, which nothing has touched yet;
-            // madvise only changes how the kernel backs those pages.
-            let _ = unsafe { libc::madvise(a as *mut libc::c_void, b - a, libc::MADV_HUGEPAGE) };
+/// A buffer of plain values aligned to 2 MiB (a KV pool's alignment: every block, and every
+/// head's run of K or V rows, starts where the layout says relative to a page boundary).
+pub struct Pool<T> {
+    ptr: std::ptr::NonNull<T>,
+    len: usize,
+    layout: std::alloc::Layout,
+}
+
+// SAFETY: `Pool` owns its elements like a `Vec<T>`.
+unsafe impl<T: Send> Send for Pool<T> {}
+// SAFETY: shared access only hands out `&[T]`.
+unsafe impl<T: Sync> Sync for Pool<T> {}
+
+impl<T> std::ops::Deref for Pool<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        // SAFETY: `ptr` holds `len` initialised values (see `filled`).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl<T> std::ops::DerefMut for Pool<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        // SAFETY: as for `deref`, and `&mut self` is unique.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl<T> Drop for Pool<T> {
+    fn drop(&mut self) {
+        // SAFETY: the values were initialised, and the allocation was made with `layout`.
+        unsafe {
+            std::ptr::drop_in_place(std::ptr::slice_from_raw_parts_mut(
+                self.ptr.as_ptr(),
+                self.len,
+            ));
+            if self.layout.size() > 0 {
+                std::alloc::dealloc(self.ptr.as_ptr().cast(), self.layout);
+            }
         }
+    }
+}
+
+/// `len` values of `f(i)` in a 2 MiB-aligned buffer that first asks the kernel for
+/// transparent huge pages when `huge` (as an engine would for its KV pool: decode reads runs
+/// scattered over the pool, and on 4 KiB pages each run is also a TLB miss). A refusal
+/// leaves ordinary pages. Panics only if the allocator fails, as `Vec` does.
+pub fn filled<T>(len: usize, huge: bool, f: impl Fn(usize) -> T) -> Pool<T> {
+    const ALIGN: usize = 2 << 20;
+    let bytes = len
+        .checked_mul(std::mem::size_of::<T>())
+        .expect("pool size overflows");
+    let layout = std::alloc::Layout::from_size_align(bytes, ALIGN.max(std::mem::align_of::<T>()))
+        .expect("pool layout");
+    let ptr = if bytes == 0 {
+        std::ptr::NonNull::<T>::dangling()
+    } else {
+        // SAFETY: the layout has a non-zero size.
+        let raw = unsafe { std::alloc::alloc(layout) };
+        std::ptr::NonNull::new(raw.cast::<T>())
+            .unwrap_or_else(|| std::alloc::handle_alloc_error(layout))
+    };
+    #[cfg(target_os = "linux")]
+    if huge && bytes >= ALIGN {
+        // SAFETY: the range lies inside the fresh allocation, which nothing has touched yet;
+        // madvise only changes how the kernel backs those pages.
+        let _ = unsafe {
+            libc::madvise(
+                ptr.as_ptr().cast(),
+                bytes / ALIGN * ALIGN,
+                libc::MADV_HUGEPAGE,
+            )
+        };
     }
     #[cfg(not(target_os = "linux"))]
     let _ = huge;
-    v.extend((0..len).map(f));
-    v
+    for i in 0..len {
+        // SAFETY: `i < len` is inside the allocation; each slot is written once.
+        unsafe { ptr.as_ptr().add(i).write(f(i)) };
+    }
+    Pool { ptr, len, layout }
 }
 
 /// A parallel sum over `words`: timed, it gives the machine's streaming read bandwidth.
@@ -116,7 +176,7 @@ fn block_ids(n: u32, order: PageOrder) -> Vec<BlockId> {
 pub struct DecodeBatch<T> {
     layout: PagedLayout,
     table: PageTable,
-    cache: Vec<T>,
+    cache: Pool<T>,
     q: Vec<T>,
     out: Vec<f32>,
     lse: Vec<f32>,
@@ -166,7 +226,7 @@ impl<T: KvElem> DecodeBatch<T> {
     pub fn run(&mut self) -> Result<(), ShapeError> {
         let args = DecodeArgs {
             layout: &self.layout,
-            cache: self.cache.as_slice(),
+            cache: &self.cache[..],
             table: &self.table,
             q: self.q.as_slice(),
             params: self.params,

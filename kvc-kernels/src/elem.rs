@@ -21,6 +21,12 @@ pub trait KvElem: Copy + Send + Sync + Default + PartialEq + std::fmt::Debug + '
         Self::widen(src, buf);
         buf
     }
+    /// The slice as bf16 when `Self` is bf16 (the kernels' bf16 fast paths use it).
+    #[doc(hidden)]
+    #[inline(always)]
+    fn as_bf16(_src: &[Self]) -> Option<&[bf16]> {
+        None
+    }
 }
 
 impl KvElem for f32 {
@@ -68,6 +74,10 @@ impl KvElem for bf16 {
     #[inline]
     fn from_f32(v: f32) -> Self {
         bf16::from_f32(v)
+    }
+    #[inline(always)]
+    fn as_bf16(src: &[Self]) -> Option<&[bf16]> {
+        Some(src)
     }
     #[inline(always)]
     fn widen(src: &[Self], dst: &mut [f32]) {

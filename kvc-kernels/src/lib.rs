@@ -46,6 +46,8 @@
 mod attention;
 pub mod bench;
 mod copy;
+#[cfg(target_arch = "x86_64")]
+mod decode_avx512;
 mod elem;
 mod error;
 mod write;
@@ -55,7 +57,7 @@ pub mod cuda;
 
 pub use attention::{
     AttnParams, DecodeArgs, DecodeOptions, merge_states, paged_decode, paged_prefill,
-    set_portable_only,
+    set_avx512_disabled, set_portable_only,
 };
 pub use copy::{copy_blocks, swap_blocks};
 pub use elem::KvElem;

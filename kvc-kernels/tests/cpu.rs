@@ -528,3 +528,14 @@ fn portable_build_matches_the_reference() {
     check_prefill::<f16>(&mut rng, false, (8, 2), 8, 64);
     kvc_kernels::set_portable_only(false);
 }
+
+#[test]
+fn avx2_build_matches_the_reference_where_avx512_bf16_would_run() {
+    // bf16 decode with a head size that is a multiple of 32 takes the AVX-512 BF16 path on
+    // CPUs that have it; check the AVX2 build of the same shapes too.
+    kvc_kernels::set_avx512_disabled(true);
+    let mut rng = Rng(11);
+    check_decode::<bf16>(&mut rng, false, (32, 8), 16, 128);
+    check_decode::<bf16>(&mut rng, true, (9, 3), 5, 96);
+    kvc_kernels::set_avx512_disabled(false);
+}

@@ -47,7 +47,8 @@ fn diff(a: &[f32], b: &[f32]) -> f64 {
 
 fn check_split_precision<T: KvElem>(len: u32, chunks: &[u32], seed: u64) {
     let mut rng = Rng(seed);
-    let (kvh, qh, bs, d) = (1, 2, 16, 16);
+    // Head size 32: bf16 takes the AVX-512 BF16 path where the CPU has it.
+    let (kvh, qh, bs, d) = (1, 2, 16, 32);
     let s = scenario::<T>(&mut rng, false, kvh, bs, d, &[len], &[1], None);
     let q = queries::<T>(&mut rng, 1, qh, d);
     let p = AttnParams::new(qh, d);
@@ -71,17 +72,18 @@ fn split_and_unsplit_agree_for_every_chunk_size() {
     check_split_precision::<f32>(32_768, &[1, 13, 4096], 13);
 }
 
-/// One sequence of `len` tokens over pages 0.. of a pool of `kv_heads` heads of 8, with
-/// K and V rows of token `t` set to `kv(t)`.
-struct Small {
+/// One sequence of `len` tokens over pages 0.. of a pool of `kv_heads` heads of `D`, with
+/// random K and V rows.
+struct Small<T> {
     layout: PagedLayout,
-    cache: Vec<f32>,
+    cache: Vec<T>,
     table: PageTable,
 }
 
-const D: usize = 8;
+/// Head size: a multiple of 32, so that bf16 runs the AVX-512 BF16 path where the CPU has it.
+const D: usize = 32;
 
-impl Small {
+impl<T: KvElem> Small<T> {
     fn new(len: u32, kv_heads: u32) -> Self {
         let bs = 4;
         let pages = len.div_ceil(bs);
@@ -93,14 +95,14 @@ impl Small {
             &layout,
         )
         .unwrap();
-        let mut cache = vec![f32::NAN; layout.len() as usize];
+        let mut cache = vec![T::from_f32(f32::NAN); layout.len() as usize];
         let mut rng = Rng(u64::from(len));
         for t in 0..len {
             for h in 0..kv_heads {
                 for kv in 0..2 {
                     let at = layout.offset(t / bs, kv, h, t % bs) as usize;
                     for x in &mut cache[at..at + D] {
-                        *x = rng.unit();
+                        *x = T::from_f32(rng.unit());
                     }
                 }
             }
@@ -116,13 +118,15 @@ impl Small {
     fn set(&mut self, kv: u32, h: u32, t: u32, i: usize, value: f32) {
         let bs = self.layout.block_size();
         let at = self.layout.offset(t / bs, kv, h, t % bs) as usize + i;
-        self.cache[at] = value;
+        self.cache[at] = T::from_f32(value);
     }
 
     /// Decode under every split: unsplit, one token a chunk, 7, automatic; all must agree
     /// bit for bit on which values are NaN and otherwise to 1e-5. Returns the unsplit result.
     fn decode(&self, q: &[f32], params: AttnParams) -> (Vec<f32>, Vec<f32>) {
         let (lay, c, t) = (&self.layout, &self.cache, &self.table);
+        let q: Vec<T> = q.iter().map(|&x| T::from_f32(x)).collect();
+        let q = q.as_slice();
         let whole = decode(lay, c, t, q, params, Some(u32::MAX));
         for split in [Some(1), Some(7), None] {
             let (o, l) = decode(lay, c, t, q, params, split);
@@ -155,8 +159,13 @@ fn all_finite(v: &[f32]) -> bool {
 
 #[test]
 fn nan_in_a_live_key_makes_its_heads_nan() {
+    nan_in_a_live_key_makes_its_heads_nan_in::<f32>();
+    nan_in_a_live_key_makes_its_heads_nan_in::<bf16>();
+}
+
+fn nan_in_a_live_key_makes_its_heads_nan_in<T: KvElem>() {
     // 2 KV heads, 2 query heads each; token 40 of KV head 0 (a later tile) has a NaN in K.
-    let mut s = Small::new(70, 2);
+    let mut s = Small::<T>::new(70, 2);
     s.set(0, 0, 40, 3, f32::NAN);
     let (o, l) = s.decode(&query(4), AttnParams::new(4, D as u32));
     assert!(all_nan(&o[..2 * D]) && all_nan(&l[..2]), "{o:?} {l:?}");
@@ -165,7 +174,12 @@ fn nan_in_a_live_key_makes_its_heads_nan() {
 
 #[test]
 fn nan_in_the_query_makes_that_head_nan() {
-    let s = Small::new(50, 1);
+    nan_in_the_query_makes_that_head_nan_in::<f32>();
+    nan_in_the_query_makes_that_head_nan_in::<bf16>();
+}
+
+fn nan_in_the_query_makes_that_head_nan_in<T: KvElem>() {
+    let s = Small::<T>::new(50, 1);
     let mut q = query(2);
     q[D + 5] = f32::NAN;
     let (o, l) = s.decode(&q, AttnParams::new(2, D as u32));
@@ -175,7 +189,12 @@ fn nan_in_the_query_makes_that_head_nan() {
 
 #[test]
 fn a_non_finite_scale_makes_every_head_nan() {
-    let s = Small::new(20, 1);
+    a_non_finite_scale_makes_every_head_nan_in::<f32>();
+    a_non_finite_scale_makes_every_head_nan_in::<bf16>();
+}
+
+fn a_non_finite_scale_makes_every_head_nan_in<T: KvElem>() {
+    let s = Small::<T>::new(20, 1);
     for scale in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
         let (o, l) = s.decode(&query(2), AttnParams { q_heads: 2, scale });
         assert!(all_nan(&o) && all_nan(&l), "scale {scale}");
@@ -184,9 +203,14 @@ fn a_non_finite_scale_makes_every_head_nan() {
 
 #[test]
 fn a_plus_infinite_logit_is_nan_even_when_later_tiles_follow() {
+    a_plus_infinite_logit_is_nan_even_when_later_tiles_follow_in::<f32>();
+    a_plus_infinite_logit_is_nan_even_when_later_tiles_follow_in::<bf16>();
+}
+
+fn a_plus_infinite_logit_is_nan_even_when_later_tiles_follow_in<T: KvElem>() {
     // Token 3's K is +∞ in element 0 and the query's element 0 is positive: logit +∞, in the
     // first tile of a 100-token sequence.
-    let mut s = Small::new(100, 1);
+    let mut s = Small::<T>::new(100, 1);
     s.set(0, 0, 3, 0, f32::INFINITY);
     let mut q = query(1);
     q[0] = 0.5;
@@ -196,8 +220,13 @@ fn a_plus_infinite_logit_is_nan_even_when_later_tiles_follow() {
 
 #[test]
 fn large_finite_logits_are_exact_and_overflow_is_nan() {
+    large_finite_logits_are_exact_and_overflow_is_nan_in::<f32>();
+    large_finite_logits_are_exact_and_overflow_is_nan_in::<bf16>();
+}
+
+fn large_finite_logits_are_exact_and_overflow_is_nan_in<T: KvElem>() {
     // Two tokens with logits 1e38 and 3e38 (scale 1, q = e0): the second takes all the weight.
-    let mut s = Small::new(2, 1);
+    let mut s = Small::<T>::new(2, 1);
     for t in 0..2 {
         for i in 0..D {
             s.set(0, 0, t, i, 0.0);
@@ -214,12 +243,12 @@ fn large_finite_logits_are_exact_and_overflow_is_nan() {
     };
     let (o, l) = s.decode(&q, p);
     assert!(o.iter().all(|&x| x == 2.0), "{o:?}");
-    assert_eq!(l[0], 3e38);
+    assert_eq!(l[0], T::from_f32(3e38).to_f32());
     // Logits −3e38 and 3e38: their difference overflows to −∞, a weight of exactly 0.
     s.set(0, 0, 0, 0, -3e38);
     let (o, l) = s.decode(&q, p);
     assert!(o.iter().all(|&x| x == 2.0), "{o:?}");
-    assert_eq!(l[0], 3e38);
+    assert_eq!(l[0], T::from_f32(3e38).to_f32());
     // A logit past the f32 range is +∞ in f32 arithmetic (as in PyTorch): NaN.
     q[0] = 10.0;
     let (o, l) = s.decode(&q, p);
@@ -228,7 +257,12 @@ fn large_finite_logits_are_exact_and_overflow_is_nan() {
 
 #[test]
 fn nan_or_infinity_in_a_visible_value_reaches_the_output() {
-    let mut s = Small::new(60, 1);
+    nan_or_infinity_in_a_visible_value_reaches_the_output_in::<f32>();
+    nan_or_infinity_in_a_visible_value_reaches_the_output_in::<bf16>();
+}
+
+fn nan_or_infinity_in_a_visible_value_reaches_the_output_in<T: KvElem>() {
+    let mut s = Small::<T>::new(60, 1);
     s.set(1, 0, 45, 2, f32::NAN);
     s.set(1, 0, 10, 6, f32::INFINITY);
     let (o, l) = s.decode(&query(2), AttnParams::new(2, D as u32));
@@ -242,7 +276,7 @@ fn nan_or_infinity_in_a_visible_value_reaches_the_output() {
     }
     // A weight that underflows to 0 still multiplies: 0 · NaN is NaN. Token 0's logit is far
     // below token 1's, so its weight is e^-200 = 0 in f32.
-    let mut s = Small::new(2, 1);
+    let mut s = Small::<T>::new(2, 1);
     for t in 0..2 {
         for i in 0..D {
             s.set(0, 0, t, i, 0.0);
@@ -263,8 +297,13 @@ fn nan_or_infinity_in_a_visible_value_reaches_the_output() {
 
 #[test]
 fn every_logit_minus_infinity_gives_zeros_and_minus_infinity() {
+    every_logit_minus_infinity_gives_zeros_and_minus_infinity_in::<f32>();
+    every_logit_minus_infinity_gives_zeros_and_minus_infinity_in::<bf16>();
+}
+
+fn every_logit_minus_infinity_gives_zeros_and_minus_infinity_in<T: KvElem>() {
     // Every K row is −∞ in element 0 and the query's element 0 is positive.
-    let mut s = Small::new(40, 1);
+    let mut s = Small::<T>::new(40, 1);
     for t in 0..40 {
         s.set(0, 0, t, 0, f32::NEG_INFINITY);
     }
@@ -277,9 +316,14 @@ fn every_logit_minus_infinity_gives_zeros_and_minus_infinity() {
 
 #[test]
 fn prefill_never_reads_tokens_a_query_may_not_see() {
+    prefill_never_reads_tokens_a_query_may_not_see_in::<f32>();
+    prefill_never_reads_tokens_a_query_may_not_see_in::<bf16>();
+}
+
+fn prefill_never_reads_tokens_a_query_may_not_see_in<T: KvElem>() {
     // 3 queries over 10 tokens: query 0 sees tokens 0..=7. Token 9 is NaN in K and V, so only
     // the last query (which sees it) is NaN.
-    let mut s = Small::new(10, 1);
+    let mut s = Small::<T>::new(10, 1);
     for i in 0..D {
         s.set(0, 0, 9, i, f32::NAN);
         s.set(1, 0, 9, i, f32::NAN);
@@ -292,7 +336,7 @@ fn prefill_never_reads_tokens_a_query_may_not_see() {
         &s.layout,
     )
     .unwrap();
-    let q = query(3);
+    let q: Vec<T> = query(3).into_iter().map(T::from_f32).collect();
     let (mut o, mut l) = (vec![0.0; 3 * D], vec![0.0; 3]);
     let p = AttnParams::new(1, D as u32);
     paged_prefill(&s.layout, &s.cache, &table, &q, p, &mut o, &mut l).unwrap();

@@ -76,7 +76,7 @@ pub(crate) fn run(shape: DecodeShape, runs: usize) -> Result<BandwidthResult, Re
     let mut contiguous = batch(PageOrder::InOrder, true).map_err(kernel_err)?;
     let mut small_pages = batch(PageOrder::Shuffled, false).map_err(kernel_err)?;
     let kv_bytes = paged.bytes();
-    let words: Vec<u64> = filled(
+    let words = filled(
         usize::try_from(kv_bytes / 8).map_err(kernel_err)?,
         true,
         |i| i as u64,
