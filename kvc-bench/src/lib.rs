@@ -7,6 +7,8 @@
 //! - [`replay`] and [`trace`]: Mooncake-format trace replay through the prefix cache
 //!   (`kvc-bench replay`), and [`block_replay`], the engine-like replay of an engine's whole
 //!   block management (`kvc-bench replay --engine-like`);
+//! - [`kernel_kit`]: ready-made decode batches and a read-bandwidth probe for measuring the
+//!   `kvc-kernels` CPU decode against the machine;
 //! - [`report`]: the report of `cargo xtask bench` (`kvc-bench report`);
 //! - [`profiles`] and [`size`]: GPU and model profiles and the capacity calculator
 //!   (`kvc-bench size`).
@@ -28,6 +30,7 @@
 
 pub mod block_replay;
 pub mod engine;
+pub mod kernel_kit;
 pub mod profiles;
 pub mod replay;
 pub mod report;

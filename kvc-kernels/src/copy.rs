@@ -1,7 +1,8 @@
 //! Block movement: [`copy_blocks`] (copy-on-write pairs within a pool, all layers in one call)
-//! and [`swap_blocks`] (gather/scatter between two pools, e.g. device and host).
+//! and [`swap_out`] / [`swap_in`] (gather/scatter between the device pool and the host pool,
+//! whose blocks are [`HostBlockId`]s).
 
-use kvc_core::{BlockCopy, BlockId, PagedLayout};
+use kvc_core::{BlockCopy, BlockId, HostBlockId, PagedLayout};
 use rayon::prelude::*;
 
 use crate::elem::KvElem;
@@ -89,16 +90,70 @@ pub fn copy_blocks<T: KvElem>(
     Ok(())
 }
 
-/// Copies blocks from one pool to another (swap-out: device pool to host pool; swap-in: the
-/// reverse), in every layer: block `src` of `src_layers[l]` goes to block `dst` of
-/// `dst_layers[l]`. The two layouts must share a block shape; their strides and pool sizes
-/// may differ. Destinations must be distinct. The copy is exact.
-pub fn swap_blocks<T: KvElem>(
+/// One block moved between the device pool and the host pool (out: device to host; in: host
+/// to device).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BlockSwap {
+    /// The block of the device pool.
+    pub device: BlockId,
+    /// The block of the host pool.
+    pub host: HostBlockId,
+}
+
+/// Checks swap pairs against both pools; destinations (host blocks when `out`, device blocks
+/// otherwise) must be distinct.
+pub(crate) fn check_swaps(
+    pairs: &[BlockSwap],
+    device_blocks: u32,
+    host_blocks: u32,
+    out: bool,
+) -> Result<(), ShapeError> {
+    for (pair, p) in pairs.iter().enumerate() {
+        if p.device.get() >= device_blocks {
+            return Err(ShapeError::BlockOutOfRange {
+                pair,
+                block: p.device,
+                num_blocks: device_blocks,
+            });
+        }
+        if p.host.get() >= host_blocks {
+            return Err(ShapeError::HostBlockOutOfRange {
+                pair,
+                block: p.host,
+                num_blocks: host_blocks,
+            });
+        }
+    }
+    let mut dsts: Vec<(u32, usize)> = pairs
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (if out { p.host.get() } else { p.device.get() }, i))
+        .collect();
+    dsts.sort_unstable();
+    if let Some(w) = dsts.windows(2).find(|w| w[0].0 == w[1].0) {
+        let pair = w[1].1;
+        return Err(if out {
+            ShapeError::HostBlockConflict {
+                pair,
+                block: pairs[pair].host,
+            }
+        } else {
+            ShapeError::CopyConflict {
+                pair,
+                block: pairs[pair].device,
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Checks the two sides of a swap: the same block shape, the same number of layers, and
+/// layers that span their layouts.
+pub(crate) fn check_swap_sides(
     src_layout: &PagedLayout,
-    src_layers: &[&[T]],
+    src_layers: &[usize],
     dst_layout: &PagedLayout,
-    dst_layers: &mut [&mut [T]],
-    pairs: &[BlockCopy],
+    dst_layers: &[usize],
 ) -> Result<(), ShapeError> {
     if !src_layout.same_block_shape(dst_layout) {
         return Err(ShapeError::BlockShapeMismatch);
@@ -109,37 +164,101 @@ pub fn swap_blocks<T: KvElem>(
             dst: dst_layers.len(),
         });
     }
-    for layer in src_layers {
-        check_cache("src_layers", layer.len(), src_layout.len())?;
+    for &len in src_layers {
+        check_cache("src_layers", len, src_layout.len())?;
     }
-    for layer in dst_layers.iter() {
-        check_cache("dst_layers", layer.len(), dst_layout.len())?;
+    for &len in dst_layers {
+        check_cache("dst_layers", len, dst_layout.len())?;
     }
-    check_pairs(
-        pairs,
-        src_layout.num_blocks(),
-        dst_layout.num_blocks(),
-        false,
-    )?;
+    Ok(())
+}
+
+/// Copies block `src` of every `src_layers[l]` to block `dst` of `dst_layers[l]`, per pair.
+fn swap_copy<T: KvElem>(
+    src_layout: &PagedLayout,
+    src_layers: &[&[T]],
+    dst_layout: &PagedLayout,
+    dst_layers: &mut [&mut [T]],
+    blocks: &[(u32, u32)],
+) {
     dst_layers
         .par_iter_mut()
         .zip(src_layers.par_iter())
         .for_each(|(dst_layer, src_layer)| {
             let (mut src, mut dst) = (Vec::new(), Vec::new());
-            for c in pairs {
-                run_pairs(
-                    src_layout,
-                    c.src.get(),
-                    dst_layout,
-                    c.dst.get(),
-                    &mut src,
-                    &mut dst,
-                );
+            for &(s_block, d_block) in blocks {
+                run_pairs(src_layout, s_block, dst_layout, d_block, &mut src, &mut dst);
                 for (&(s, n), &(t, _)) in src.iter().zip(&dst) {
                     dst_layer[t..t + n].copy_from_slice(&src_layer[s..s + n]);
                 }
             }
         });
+}
+
+/// Swap-out: copies device blocks to host blocks in every layer (`pairs[i].device` of
+/// `device_layers[l]` to `pairs[i].host` of `host_layers[l]`). The two layouts must share a
+/// block shape; their strides and pool sizes may differ. Host blocks must be distinct. The
+/// copy is exact; nothing is written when an error is returned.
+pub fn swap_out<T: KvElem>(
+    device_layout: &PagedLayout,
+    device_layers: &[&[T]],
+    host_layout: &PagedLayout,
+    host_layers: &mut [&mut [T]],
+    pairs: &[BlockSwap],
+) -> Result<(), ShapeError> {
+    let src: Vec<usize> = device_layers.iter().map(|l| l.len()).collect();
+    let dst: Vec<usize> = host_layers.iter().map(|l| l.len()).collect();
+    check_swap_sides(device_layout, &src, host_layout, &dst)?;
+    check_swaps(
+        pairs,
+        device_layout.num_blocks(),
+        host_layout.num_blocks(),
+        true,
+    )?;
+    let blocks: Vec<(u32, u32)> = pairs
+        .iter()
+        .map(|p| (p.device.get(), p.host.get()))
+        .collect();
+    swap_copy(
+        device_layout,
+        device_layers,
+        host_layout,
+        host_layers,
+        &blocks,
+    );
+    Ok(())
+}
+
+/// Swap-in: copies host blocks into device blocks in every layer (`pairs[i].host` of
+/// `host_layers[l]` to `pairs[i].device` of `device_layers[l]`). Device blocks must be
+/// distinct; otherwise as [`swap_out`].
+pub fn swap_in<T: KvElem>(
+    host_layout: &PagedLayout,
+    host_layers: &[&[T]],
+    device_layout: &PagedLayout,
+    device_layers: &mut [&mut [T]],
+    pairs: &[BlockSwap],
+) -> Result<(), ShapeError> {
+    let src: Vec<usize> = host_layers.iter().map(|l| l.len()).collect();
+    let dst: Vec<usize> = device_layers.iter().map(|l| l.len()).collect();
+    check_swap_sides(host_layout, &src, device_layout, &dst)?;
+    check_swaps(
+        pairs,
+        device_layout.num_blocks(),
+        host_layout.num_blocks(),
+        false,
+    )?;
+    let blocks: Vec<(u32, u32)> = pairs
+        .iter()
+        .map(|p| (p.host.get(), p.device.get()))
+        .collect();
+    swap_copy(
+        host_layout,
+        host_layers,
+        device_layout,
+        device_layers,
+        &blocks,
+    );
     Ok(())
 }
 

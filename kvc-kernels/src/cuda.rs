@@ -12,14 +12,15 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtrMut, DeviceRepr,
     DriverError, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 use cudarc::nvrtc::{CompileOptions, Ptx};
 use kvc_core::{BlockCopy, DType, PageTable, PagedLayout, SlotMapping};
 use thiserror::Error;
 
-use crate::attention::{AttnParams, DecodeOptions};
+use crate::attention::{AttnParams, DecodeArgs};
+use crate::copy::BlockSwap;
 use crate::elem::KvElem;
 use crate::error::{ShapeError, check_cache, check_len};
 
@@ -593,19 +594,14 @@ impl CudaKernels {
     }
 
     /// [`paged_decode`](crate::paged_decode) on the device (split-K planned for the device's
-    /// SM count unless `options` fixes the split).
-    #[allow(clippy::too_many_arguments)]
+    /// SM count unless `args.options` fixes the split).
     pub fn paged_decode<T: KvElem + DeviceRepr>(
         &self,
-        layout: &PagedLayout,
-        cache: &CudaSlice<T>,
-        table: &DevicePageTable,
-        q: &CudaSlice<T>,
-        params: AttnParams,
-        options: DecodeOptions,
+        args: &DecodeArgs<'_, CudaSlice<T>, DevicePageTable>,
         out: &mut CudaSlice<f32>,
         lse: &mut CudaSlice<f32>,
     ) -> Result<(), CudaError> {
+        let table = args.table;
         for seq in 0..table.host.batch() {
             let queries = table.host.queries(seq).len();
             if queries != 1 {
@@ -613,12 +609,12 @@ impl CudaKernels {
             }
         }
         self.attention(
-            layout,
-            cache,
+            args.layout,
+            args.cache,
             table,
-            q,
-            params,
-            options.split_tokens,
+            args.q,
+            args.params,
+            args.options.split_tokens,
             out,
             lse,
         )
@@ -651,6 +647,9 @@ impl CudaKernels {
         out: &mut CudaSlice<f32>,
         lse: &mut CudaSlice<f32>,
     ) -> Result<(), CudaError> {
+        if head_dim == 0 {
+            return Err(ShapeError::ZeroHeadDim.into());
+        }
         let n = la.len() as u64;
         let d = u64::from(head_dim);
         check_len("lb", lb.len(), n)?;
@@ -658,7 +657,7 @@ impl CudaKernels {
         check_len("oa", oa.len(), n * d)?;
         check_len("ob", ob.len(), n * d)?;
         check_len("out", out.len(), n * d)?;
-        if n == 0 || head_dim == 0 {
+        if n == 0 {
             return Ok(());
         }
         let f = self.memory_fn("merge_states")?;
@@ -698,13 +697,15 @@ impl CudaKernels {
         let esize = T::DTYPE.size_bytes();
         let g = Geometry::of(layout);
         let vec16 = i32::from(g.aligned16(esize));
-        let ptrs: Vec<u64> = layers
-            .iter()
-            .map(|l| {
-                let (p, _sync) = l.device_ptr(&self.stream);
-                p
-            })
-            .collect();
+        // Write pointers (the kernel writes every layer), with their guards held until the
+        // launch is queued: taking them makes this stream wait for earlier reads and writes
+        // of each layer on other streams, and dropping them afterwards records this launch
+        // as the layers' latest write.
+        let num_layers = layers.len() as u32;
+        let (ptrs, guards): (Vec<u64>, Vec<_>) = layers
+            .iter_mut()
+            .map(|l| l.device_ptr_mut(&self.stream))
+            .unzip();
         let dptrs = self
             .stream
             .clone_htod(&ptrs)
@@ -721,7 +722,7 @@ impl CudaKernels {
         let [sb, skv, sh, st] = g.strides;
         let esize = esize as u32;
         let cfg = LaunchConfig {
-            grid_dim: (pairs.len() as u32, layers.len() as u32, 1),
+            grid_dim: (pairs.len() as u32, num_layers, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -734,40 +735,43 @@ impl CudaKernels {
             .arg(&st)
             .arg(&esize)
             .arg(&vec16);
-        // SAFETY: matches copy_blocks in memory.cu; every block is inside each layer (checked)
-        // and the layers stay alive (borrowed) until the stream is synchronised by the caller.
-        unsafe { b.launch(cfg) }.map_err(driver("launching copy_blocks"))?;
+        // SAFETY: matches copy_blocks in memory.cu; every block is inside each layer (checked);
+        // the pointers are write pointers whose guards are still held, so the launch is
+        // ordered after earlier work on the layers, on any stream.
+        let launched = unsafe { b.launch(cfg) }.map_err(driver("launching copy_blocks"));
+        drop(guards);
+        launched?;
         Ok(())
     }
 
-    /// Swap-out: copies device blocks to a host pool, every layer (`pairs[i].src` is a device
-    /// block, `.dst` a host block). Synchronous.
+    /// [`swap_out`](crate::swap_out) on the device: copies device blocks to host blocks, every
+    /// layer. Synchronous.
     pub fn swap_out<T: KvElem + DeviceRepr>(
         &self,
         device_layout: &PagedLayout,
         device: &[CudaSlice<T>],
         host_layout: &PagedLayout,
         host: &mut [&mut [T]],
-        pairs: &[BlockCopy],
+        pairs: &[BlockSwap],
     ) -> Result<(), CudaError> {
-        self.check_swap(device_layout, device, host_layout, host.len(), pairs)?;
+        self.check_swap(device_layout, device, host_layout, host.len())?;
         for layer in host.iter() {
             check_cache("host", layer.len(), host_layout.len())?;
         }
-        crate::copy::check_pairs(
+        crate::copy::check_swaps(
             pairs,
             device_layout.num_blocks(),
             host_layout.num_blocks(),
-            false,
+            true,
         )?;
         let (mut a, mut b) = (Vec::new(), Vec::new());
         for (dev, hst) in device.iter().zip(host.iter_mut()) {
             for c in pairs {
                 crate::copy::run_pairs(
                     device_layout,
-                    c.src.get(),
+                    c.device.get(),
                     host_layout,
-                    c.dst.get(),
+                    c.host.get(),
                     &mut a,
                     &mut b,
                 );
@@ -781,24 +785,24 @@ impl CudaKernels {
         self.synchronize()
     }
 
-    /// Swap-in: copies host blocks into device blocks, every layer (`pairs[i].src` is a host
-    /// block, `.dst` a device block). Synchronous.
+    /// [`swap_in`](crate::swap_in) on the device: copies host blocks into device blocks, every
+    /// layer. Synchronous.
     pub fn swap_in<T: KvElem + DeviceRepr>(
         &self,
         host_layout: &PagedLayout,
         host: &[&[T]],
         device_layout: &PagedLayout,
         device: &mut [CudaSlice<T>],
-        pairs: &[BlockCopy],
+        pairs: &[BlockSwap],
     ) -> Result<(), CudaError> {
-        self.check_swap(device_layout, device, host_layout, host.len(), pairs)?;
+        self.check_swap(device_layout, device, host_layout, host.len())?;
         for layer in host {
             check_cache("host", layer.len(), host_layout.len())?;
         }
-        crate::copy::check_pairs(
+        crate::copy::check_swaps(
             pairs,
-            host_layout.num_blocks(),
             device_layout.num_blocks(),
+            host_layout.num_blocks(),
             false,
         )?;
         let (mut a, mut b) = (Vec::new(), Vec::new());
@@ -806,9 +810,9 @@ impl CudaKernels {
             for c in pairs {
                 crate::copy::run_pairs(
                     host_layout,
-                    c.src.get(),
+                    c.host.get(),
                     device_layout,
-                    c.dst.get(),
+                    c.device.get(),
                     &mut a,
                     &mut b,
                 );
@@ -828,7 +832,6 @@ impl CudaKernels {
         device: &[CudaSlice<T>],
         host_layout: &PagedLayout,
         host_layers: usize,
-        _pairs: &[BlockCopy],
     ) -> Result<(), CudaError> {
         if !device_layout.same_block_shape(host_layout) {
             return Err(ShapeError::BlockShapeMismatch.into());

@@ -1,6 +1,6 @@
 //! [`ShapeError`]: why a kernel call was rejected before touching memory.
 
-use kvc_core::BlockId;
+use kvc_core::{BlockId, HostBlockId};
 use thiserror::Error;
 
 /// Why a kernel's arguments were rejected. Every op checks its arguments against the layout
@@ -96,6 +96,24 @@ pub enum ShapeError {
         block: BlockId,
         /// Blocks in that pool.
         num_blocks: u32,
+    },
+    /// A swap names a host block outside the host pool.
+    #[error("swap {pair} names {block}, outside a host pool of {num_blocks} blocks")]
+    HostBlockOutOfRange {
+        /// Index of the swap pair.
+        pair: usize,
+        /// The host block named.
+        block: HostBlockId,
+        /// Blocks in the host pool.
+        num_blocks: u32,
+    },
+    /// Two swap-outs write the same host block.
+    #[error("swap {pair} writes {block}, which another swap also writes")]
+    HostBlockConflict {
+        /// Index of the swap pair.
+        pair: usize,
+        /// The host block.
+        block: HostBlockId,
     },
     /// Two copies write the same block, or a copy writes a block another copy reads, so the
     /// result would depend on the order of the copies.

@@ -1,5 +1,5 @@
 //! The math on paged KV: [`write_kv`], [`paged_decode`], [`paged_prefill`], [`merge_states`],
-//! [`copy_blocks`] and [`swap_blocks`], on the CPU (rayon, f32/f16/bf16 storage with f32
+//! [`copy_blocks`], [`swap_out`] and [`swap_in`], on the CPU (rayon, f32/f16/bf16 storage with f32
 //! accumulation) always, and on CUDA (`.cu` sources compiled at run time with NVRTC through
 //! cudarc) behind feature `cuda`.
 //!
@@ -44,7 +44,6 @@
 #![warn(missing_docs)]
 
 mod attention;
-pub mod bench;
 mod copy;
 #[cfg(target_arch = "x86_64")]
 mod decode_avx512;
@@ -59,7 +58,7 @@ pub use attention::{
     AttnParams, DecodeArgs, DecodeOptions, merge_states, paged_decode, paged_prefill,
     set_avx512_disabled, set_portable_only,
 };
-pub use copy::{copy_blocks, swap_blocks};
+pub use copy::{BlockSwap, copy_blocks, swap_in, swap_out};
 pub use elem::KvElem;
 pub use error::ShapeError;
 pub use write::write_kv;

@@ -7,10 +7,10 @@ mod common;
 
 use common::{Rng, Scenario, max_err, queries, reference, scenario};
 use half::{bf16, f16};
-use kvc_core::{BlockCopy, BlockId, PageTable, PagedLayout, SlotMapping};
+use kvc_core::{BlockCopy, BlockId, HostBlockId, PageTable, PagedLayout, SlotMapping};
 use kvc_kernels::{
-    AttnParams, DecodeArgs, DecodeOptions, KvElem, ShapeError, copy_blocks, merge_states,
-    paged_decode, paged_prefill, swap_blocks, write_kv,
+    AttnParams, BlockSwap, DecodeArgs, DecodeOptions, KvElem, ShapeError, copy_blocks,
+    merge_states, paged_decode, paged_prefill, swap_in, swap_out, write_kv,
 };
 
 const HEAD_DIMS: [u32; 5] = [64, 80, 96, 128, 256];
@@ -367,34 +367,34 @@ fn swap_out_and_in_round_trips_exactly() {
         .collect();
     let mut hst: Vec<Vec<bf16>> = vec![vec![bf16::ZERO; host.len() as usize]; 2];
     let out = [
-        BlockCopy {
-            src: BlockId(3),
-            dst: BlockId(0),
+        BlockSwap {
+            device: BlockId(3),
+            host: HostBlockId(0),
         },
-        BlockCopy {
-            src: BlockId(15),
-            dst: BlockId(5),
+        BlockSwap {
+            device: BlockId(15),
+            host: HostBlockId(5),
         },
     ];
     let src: Vec<&[bf16]> = dev.iter().map(Vec::as_slice).collect();
     let mut dst: Vec<&mut [bf16]> = hst.iter_mut().map(Vec::as_mut_slice).collect();
-    swap_blocks(&device, &src, &host, &mut dst, &out).unwrap();
+    swap_out(&device, &src, &host, &mut dst, &out).unwrap();
 
     // Back into other device blocks, then compare element by element.
     let mut dev2 = dev.clone();
     let back = [
-        BlockCopy {
-            src: BlockId(0),
-            dst: BlockId(7),
+        BlockSwap {
+            device: BlockId(7),
+            host: HostBlockId(0),
         },
-        BlockCopy {
-            src: BlockId(5),
-            dst: BlockId(8),
+        BlockSwap {
+            device: BlockId(8),
+            host: HostBlockId(5),
         },
     ];
     let src: Vec<&[bf16]> = hst.iter().map(Vec::as_slice).collect();
     let mut dst: Vec<&mut [bf16]> = dev2.iter_mut().map(Vec::as_mut_slice).collect();
-    swap_blocks(&host, &src, &device, &mut dst, &back).unwrap();
+    swap_in(&host, &src, &device, &mut dst, &back).unwrap();
     for (layer, (a, b)) in dev.iter().zip(&dev2).enumerate() {
         for (from, to) in [(3, 7), (15, 8)] {
             for kv in 0..2 {
@@ -412,8 +412,51 @@ fn swap_out_and_in_round_trips_exactly() {
     let src: Vec<&[bf16]> = dev.iter().map(Vec::as_slice).collect();
     let mut dst: Vec<&mut [bf16]> = hst.iter_mut().map(Vec::as_mut_slice).collect();
     assert_eq!(
-        swap_blocks(&other, &src, &host, &mut dst, &out),
+        swap_out(&other, &src, &host, &mut dst, &out),
         Err(ShapeError::BlockShapeMismatch)
+    );
+    // Host blocks are checked against the host pool, and swap-outs may not share one.
+    let outside = [BlockSwap {
+        device: BlockId(1),
+        host: HostBlockId(6),
+    }];
+    assert_eq!(
+        swap_out(&device, &src, &host, &mut dst, &outside),
+        Err(ShapeError::HostBlockOutOfRange {
+            pair: 0,
+            block: HostBlockId(6),
+            num_blocks: 6
+        })
+    );
+    let shared = [
+        out[0],
+        BlockSwap {
+            device: BlockId(4),
+            ..out[0]
+        },
+    ];
+    assert_eq!(
+        swap_out(&device, &src, &host, &mut dst, &shared),
+        Err(ShapeError::HostBlockConflict {
+            pair: 1,
+            block: HostBlockId(0)
+        })
+    );
+    let src: Vec<&[bf16]> = hst.iter().map(Vec::as_slice).collect();
+    let mut dst: Vec<&mut [bf16]> = dev2.iter_mut().map(Vec::as_mut_slice).collect();
+    let twice = [
+        back[0],
+        BlockSwap {
+            host: HostBlockId(1),
+            ..back[0]
+        },
+    ];
+    assert_eq!(
+        swap_in(&host, &src, &device, &mut dst, &twice),
+        Err(ShapeError::CopyConflict {
+            pair: 1,
+            block: BlockId(7)
+        })
     );
 }
 

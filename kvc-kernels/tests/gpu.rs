@@ -9,9 +9,11 @@ mod common;
 use common::{Rng, max_err, queries, reference, scenario};
 use cudarc::driver::CudaSlice;
 use half::{bf16, f16};
-use kvc_core::{BlockCopy, BlockId, PagedLayout, SlotMapping};
+use kvc_core::{BlockCopy, BlockId, HostBlockId, PagedLayout, SlotMapping};
 use kvc_kernels::cuda::{CudaElem, CudaError, CudaKernels};
-use kvc_kernels::{AttnParams, DecodeOptions, KvElem, copy_blocks, paged_prefill, write_kv};
+use kvc_kernels::{
+    AttnParams, BlockSwap, DecodeArgs, DecodeOptions, KvElem, copy_blocks, paged_prefill, write_kv,
+};
 
 fn device() -> Option<CudaKernels> {
     match CudaKernels::new(0) {
@@ -64,8 +66,15 @@ fn check_decode<T: CudaElem>(
         let opts = DecodeOptions {
             split_tokens: split,
         };
-        k.paged_decode(&s.layout, &cache, &table, &dq, p, opts, &mut out, &mut lse)
-            .unwrap();
+        let args = DecodeArgs {
+            layout: &s.layout,
+            cache: &cache,
+            table: &table,
+            q: &dq,
+            params: p,
+            options: opts,
+        };
+        k.paged_decode(&args, &mut out, &mut lse).unwrap();
         let (o, l) = (down(k, &out), down(k, &lse));
         let what = format!(
             "{:?} heads=({qh},{kvh}) bs={bs} d={d} split={split:?}",
@@ -153,7 +162,7 @@ fn merge_states_matches_the_cpu() {
     let lb: Vec<f32> = (0..n).map(|_| rng.unit() * 5.0).collect();
     la[3] = f32::NEG_INFINITY;
     let (mut co, mut cl) = (vec![0.0; n * d], vec![0.0; n]);
-    kvc_kernels::merge_states(&oa, &la, &ob, &lb, d, &mut co, &mut cl).unwrap();
+    kvc_kernels::merge_states(&oa, &la, &ob, &lb, d as u32, &mut co, &mut cl).unwrap();
     let mut out = k.stream().alloc_zeros::<f32>(n * d).unwrap();
     let mut lse = k.stream().alloc_zeros::<f32>(n).unwrap();
     k.merge_states(
@@ -235,26 +244,26 @@ fn write_copy_and_swap_match_the_cpu_exactly() {
             PagedLayout::hnd(4, layout.kv_heads(), layout.block_size(), layout.head_dim()).unwrap();
         let mut host = vec![vec![f16::ZERO; host_layout.len() as usize]; 2];
         let out = [
-            BlockCopy {
-                src: BlockId(5),
-                dst: BlockId(1),
+            BlockSwap {
+                device: BlockId(5),
+                host: HostBlockId(1),
             },
-            BlockCopy {
-                src: BlockId(6),
-                dst: BlockId(3),
+            BlockSwap {
+                device: BlockId(6),
+                host: HostBlockId(3),
             },
         ];
         let mut hv: Vec<&mut [f16]> = host.iter_mut().map(Vec::as_mut_slice).collect();
         k.swap_out(&layout, &dev_layers, &host_layout, &mut hv, &out)
             .unwrap();
         let back = [
-            BlockCopy {
-                src: BlockId(1),
-                dst: BlockId(20),
+            BlockSwap {
+                device: BlockId(20),
+                host: HostBlockId(1),
             },
-            BlockCopy {
-                src: BlockId(3),
-                dst: BlockId(21),
+            BlockSwap {
+                device: BlockId(21),
+                host: HostBlockId(3),
             },
         ];
         let hv: Vec<&[f16]> = host.iter().map(Vec::as_slice).collect();

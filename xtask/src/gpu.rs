@@ -56,7 +56,7 @@ pub(crate) fn gpu(rest: &[String]) -> Result<(), String> {
             "kvc-kernels",
             "--features",
             "cuda",
-            "--bin",
+            "--example",
             "kvc-gpu-bench",
             "--",
         ])

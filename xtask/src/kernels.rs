@@ -221,7 +221,7 @@ pub(crate) fn kernels() -> Result<(), String> {
             "kvc-kernels",
             "--features",
             "cuda",
-            "--bin",
+            "--example",
             "kvc-nvrtc",
             "--",
         ])

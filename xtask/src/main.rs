@@ -1,7 +1,10 @@
 //! Project automation for kvc, run as `cargo xtask <command>`.
 //!
-//! - `test`: every check: format, clippy, the workspace tests, a smoke run of the benchmark
-//!   report, the loom models, then the CUDA kernels' NVRTC and ptxas build (`kernels`).
+//! - `test`: every check: format, clippy of the workspace with `kvc-kernels/cuda` (no GPU
+//!   needed: cudarc loads the driver at run time), the workspace tests, the build of
+//!   kvc-kernels with `--features cuda` and its GPU tests (which skip without a driver), a
+//!   smoke run of the benchmark report, the loom models, then the CUDA kernels' NVRTC and
+//!   ptxas build (`kernels`).
 //! - `loom`: the loom model checks, built with `--cfg kvc_loom` in `target/loom`.
 //! - `bench`: the benchmark report (`kvc-bench report`: scenarios, hit rate against
 //!   capacity, kernel bandwidth, quick micro-benchmarks) into `target/kvc-report/`;
@@ -21,7 +24,8 @@ use std::process::{Command, ExitCode};
 const USAGE: &str = "usage: cargo xtask <command>
 
 commands:
-  test    every check: fmt, clippy, workspace tests, report smoke run, loom, kernels
+  test    every check: fmt, clippy (with CUDA), workspace tests, CUDA build, report smoke run,
+          loom, kernels
   loom    loom model checks of the concurrent code (release, --cfg kvc_loom)
   bench   benchmark report into target/kvc-report/index.md (+ SVG plots)
           [--quick | --full] [--trace PATH] [--out DIR]
@@ -88,20 +92,40 @@ fn test() -> Result<(), String> {
     fmt.args(["fmt", "--all", "--check"]);
     run("cargo fmt --check", fmt)?;
 
+    // With the CUDA ops: cudarc loads the driver and NVRTC at run time, so this needs no GPU
+    // and no CUDA toolkit, and the CUDA code is checked with everything else.
     let mut clippy = cargo();
     clippy.args([
         "clippy",
         "--workspace",
         "--all-targets",
+        "--features",
+        "kvc-kernels/cuda",
         "--",
         "-D",
         "warnings",
     ]);
-    run("cargo clippy", clippy)?;
+    run("cargo clippy (with kvc-kernels/cuda)", clippy)?;
 
     let mut tests = cargo();
     tests.args(["test", "--workspace"]);
     run("cargo test --workspace", tests)?;
+
+    // The CUDA build of kvc-kernels: its GPU tests compile and, with no driver here, skip.
+    let mut cuda = cargo();
+    cuda.args([
+        "test",
+        "-p",
+        "kvc-kernels",
+        "--features",
+        "cuda",
+        "--test",
+        "gpu",
+    ]);
+    run(
+        "kvc-kernels --features cuda: build and GPU tests (skip without a driver)",
+        cuda,
+    )?;
 
     // The main job must keep working: a smoke run of the report, reusing the test build.
     let mut smoke = cargo();

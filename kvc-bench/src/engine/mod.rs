@@ -1,6 +1,6 @@
 //! A real CPU engine: a small llama-style transformer ([`model`]) served through the kvc stack
 //! — the scheduler, the block pool, the pin policy, the reuse index — with every plan executed
-//! by the `kvc-kernels` CPU ops (`write_kv`, `paged_prefill`, `copy_blocks`, `swap_blocks`).
+//! by the `kvc-kernels` CPU ops (`write_kv`, `paged_prefill`, `copy_blocks`, `swap_out`, `swap_in`).
 //!
 //! It exists to show the stack end to end and to prove it: the logits of every generated token
 //! equal, within the kernels' tolerance, those of the same model run alone on contiguous K/V,
@@ -14,10 +14,12 @@ use std::time::Instant;
 
 use kvc_alloc::{BlockPool, PoolConfig};
 use kvc_core::{
-    BlockCopy, BlockId, PageTableError, PagedLayout, PagedLayoutError, PinPolicy, QosClass,
-    ReuseIndex, SeqId, SessionId, SlotMappingError, TenantId,
+    PageTableError, PagedLayout, PagedLayoutError, PinPolicy, QosClass, ReuseIndex, SeqId,
+    SessionId, SlotMappingError, TenantId,
 };
-use kvc_kernels::{AttnParams, ShapeError, copy_blocks, paged_prefill, swap_blocks, write_kv};
+use kvc_kernels::{
+    AttnParams, BlockSwap, ShapeError, copy_blocks, paged_prefill, swap_in, swap_out, write_kv,
+};
 use kvc_sched::{
     CompleteError, ConfigError, Request, Scheduler, SchedulerConfig, StepPlan, SubmitError,
     SwapPair,
@@ -275,31 +277,21 @@ impl<P: PinPolicy, R: ReuseIndex> Engine<P, R> {
         if pairs.is_empty() {
             return Ok(());
         }
-        let copies: Vec<BlockCopy> = pairs
+        let swaps: Vec<BlockSwap> = pairs
             .iter()
-            .map(|p| {
-                let host = BlockId(p.host.get());
-                if out {
-                    BlockCopy {
-                        src: p.device,
-                        dst: host,
-                    }
-                } else {
-                    BlockCopy {
-                        src: host,
-                        dst: p.device,
-                    }
-                }
+            .map(|p| BlockSwap {
+                device: p.device,
+                host: p.host,
             })
             .collect();
         if out {
             let src: Vec<&[f32]> = self.caches.iter().map(Vec::as_slice).collect();
             let mut dst: Vec<&mut [f32]> = self.host.iter_mut().map(Vec::as_mut_slice).collect();
-            swap_blocks(&self.layout, &src, &host_layout, &mut dst, &copies)?;
+            swap_out(&self.layout, &src, &host_layout, &mut dst, &swaps)?;
         } else {
             let src: Vec<&[f32]> = self.host.iter().map(Vec::as_slice).collect();
             let mut dst: Vec<&mut [f32]> = self.caches.iter_mut().map(Vec::as_mut_slice).collect();
-            swap_blocks(&host_layout, &src, &self.layout, &mut dst, &copies)?;
+            swap_in(&host_layout, &src, &self.layout, &mut dst, &swaps)?;
         }
         Ok(())
     }

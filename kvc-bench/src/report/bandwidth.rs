@@ -6,8 +6,8 @@
 
 use std::time::Instant;
 
+use crate::kernel_kit::{self as bench, DecodeBatch, PageOrder, filled, read_probe};
 use half::bf16;
-use kvc_kernels::bench::{self, DecodeBatch, PageOrder, filled, read_probe};
 use serde::Serialize;
 
 use super::{ReportError, machine};

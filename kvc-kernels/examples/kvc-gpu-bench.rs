@@ -12,7 +12,7 @@ use cudarc::driver::sys::CUevent_flags;
 use half::bf16;
 use kvc_core::{BlockCopy, BlockId, PageTable, PagedLayout, SlotMapping};
 use kvc_kernels::cuda::{CudaError, CudaKernels};
-use kvc_kernels::{AttnParams, DecodeOptions};
+use kvc_kernels::{AttnParams, DecodeArgs, DecodeOptions};
 
 /// Timed runs per measurement (the median is reported).
 const RUNS: usize = 7;
@@ -129,16 +129,15 @@ fn decode(b: &mut Bench, pool_gib: f64, c: &Decode) -> Result<()> {
     let mut lse = b.k.stream().alloc_zeros::<f32>(rows).map_err(err)?;
     let p = AttnParams::new(c.q_heads, d);
     let secs = b.time(|k| {
-        k.paged_decode(
-            &layout,
-            &cache,
-            &dt,
-            &dq,
-            p,
-            DecodeOptions::default(),
-            &mut out,
-            &mut lse,
-        )
+        let args = DecodeArgs {
+            layout: &layout,
+            cache: &cache,
+            table: &dt,
+            q: &dq,
+            params: p,
+            options: DecodeOptions::default(),
+        };
+        k.paged_decode(&args, &mut out, &mut lse)
     })?;
     let bytes = f64::from(batch) * f64::from(c.len) * f64::from(c.kv_heads * d) * 2.0 * 2.0;
     let name = format!(

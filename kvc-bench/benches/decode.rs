@@ -2,15 +2,15 @@
 //! layout (the paged-overhead ratio), and the machine's read bandwidth measured in the same
 //! run (a rayon streaming sum over 512 MiB, timed in turn with the decodes), one line a case.
 //!
-//! Run: `cargo bench -p kvc-kernels --bench decode` (arguments, such as the criterion ones
+//! Run: `cargo bench -p kvc-bench --bench decode` (arguments, such as the criterion ones
 //! `cargo xtask bench` passes, are ignored).
 #![allow(clippy::print_stdout)]
 
 use std::time::Instant;
 
 use half::bf16;
+use kvc_bench::kernel_kit::{DecodeBatch, DecodeShape, PageOrder, filled, read_probe};
 use kvc_kernels::KvElem;
-use kvc_kernels::bench::{DecodeBatch, DecodeShape, PageOrder, filled, read_probe};
 
 const RUNS: usize = 9;
 

@@ -1,7 +1,8 @@
 //! Measuring decode against the machine: a ready-made decode batch over a pool of its own
-//! ([`DecodeBatch`]), a streaming read-bandwidth probe ([`read_probe`]) and buffers that ask
-//! for transparent huge pages ([`filled`]). The crate's decode benchmark and the kvc report
-//! both measure with these, so their figures mean the same thing.
+//! ([`DecodeBatch`]), a streaming read-bandwidth probe ([`read_probe`]) and 2 MiB-aligned
+//! buffers that ask for transparent huge pages ([`filled`]). The decode benchmark
+//! (`cargo bench -p kvc-bench --bench decode`) and the report's bandwidth section both measure
+//! with these, so their figures mean the same thing.
 
 use std::hint::black_box;
 
@@ -9,7 +10,7 @@ use kvc_core::{BlockId, PageTable, PageTableError, PagedLayout, PagedLayoutError
 use rayon::prelude::*;
 use thiserror::Error;
 
-use crate::{AttnParams, DecodeArgs, DecodeOptions, KvElem, ShapeError, paged_decode};
+use kvc_kernels::{AttnParams, DecodeArgs, DecodeOptions, KvElem, ShapeError, paged_decode};
 
 /// The shape of a decode batch: `batch` sequences of `len` tokens each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -165,7 +166,7 @@ fn block_ids(n: u32, order: PageOrder) -> Vec<BlockId> {
 /// One decode batch over a pool of its own, ready to run again and again.
 ///
 /// ```
-/// use kvc_kernels::bench::{DecodeBatch, DecodeShape, PageOrder};
+/// use kvc_bench::kernel_kit::{DecodeBatch, DecodeShape, PageOrder};
 ///
 /// let shape = DecodeShape { batch: 2, len: 40, q_heads: 4, kv_heads: 2, head_dim: 64, block_size: 16 };
 /// let mut decode = DecodeBatch::<f32>::new(shape, PageOrder::Shuffled, false)?;
