@@ -9,9 +9,13 @@
 //! are f32 sums of exact products.
 
 use std::arch::x86_64::{
-    __m512, __m512bh, _mm256_loadu_si256, _mm512_castsi512_ps, _mm512_cvtepu16_epi32,
-    _mm512_dpbf16_ps, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_loadu_si512, _mm512_reduce_add_ps,
-    _mm512_set1_ps, _mm512_setzero_ps, _mm512_slli_epi32, _mm512_storeu_ps,
+    __m512bh, _mm_add_ps, _mm_storeu_ps, _mm256_add_ps, _mm256_castpd_ps, _mm256_castps256_ps128,
+    _mm256_extractf128_ps, _mm512_add_ps, _mm512_castpd_ps, _mm512_castpd512_pd256,
+    _mm512_castps_pd, _mm512_castsi512_ps, _mm512_dpbf16_ps, _mm512_extractf64x4_pd,
+    _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_loadu_si512, _mm512_reduce_add_ps, _mm512_set1_ps,
+    _mm512_setzero_ps, _mm512_setzero_si512, _mm512_storeu_ps, _mm512_unpackhi_epi16,
+    _mm512_unpackhi_pd, _mm512_unpackhi_ps, _mm512_unpacklo_epi16, _mm512_unpacklo_pd,
+    _mm512_unpacklo_ps,
 };
 
 use half::bf16;
@@ -37,18 +41,35 @@ unsafe fn load_bh(p: *const bf16) -> __m512bh {
     unsafe { std::mem::transmute(_mm512_loadu_si512(p.cast())) }
 }
 
-/// 16 bf16 values at `p`, widened to f32 (a bf16 is the top half of an f32).
-///
-/// # Safety
-///
-/// `p..p + 16` must be readable.
-#[inline(always)]
-unsafe fn load_widened(p: *const bf16) -> __m512 {
-    // SAFETY: the caller's rule.
-    unsafe {
-        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
-            _mm256_loadu_si256(p.cast()),
-        )))
+/// Where the columns of a 32-column chunk of V sit in the accumulators: widening 32 bf16 with
+/// `vpunpck{l,h}wd` against zero gives, per 128-bit lane `L`, columns `8L..8L + 4` in the
+/// first register and `8L + 4..8L + 8` in the second. Position `p` of a chunk's accumulators
+/// holds column `CHUNK_COLUMN[p]`.
+const CHUNK_COLUMN: [usize; 32] = {
+    let mut t = [0usize; 32];
+    let mut p = 0;
+    while p < 32 {
+        let (half, j) = (p / 16, p % 16);
+        t[p] = 8 * (j / 4) + 4 * half + j % 4;
+        p += 1;
+    }
+    t
+};
+
+/// Reorders every head's accumulator from column order to the order `v_block` keeps
+/// (`to_chunks`), or back.
+fn permute_acc(acc: &mut [f32], to_chunks: bool) {
+    let mut tmp = [0f32; 32];
+    // Each head's `d` columns are a whole number of 32-column chunks.
+    for chunk in acc.chunks_exact_mut(32) {
+        tmp.copy_from_slice(chunk);
+        for (p, &c) in CHUNK_COLUMN.iter().enumerate() {
+            if to_chunks {
+                chunk[p] = tmp[c];
+            } else {
+                chunk[c] = tmp[p];
+            }
+        }
     }
 }
 
@@ -92,6 +113,7 @@ pub(crate) unsafe fn attend_bf16(
     let (mut nkoff, mut nvoff) = ([0usize; TILE], [0usize; TILE]);
     let mut n = offsets(job.t0, &mut koff, &mut voff);
     let base = cache.as_ptr();
+    permute_acc(&mut st.acc, true);
     let mut t = job.t0;
     while t < job.t1 {
         let next = t + n as u32;
@@ -165,6 +187,7 @@ pub(crate) unsafe fn attend_bf16(
         voff = nvoff;
         n = nn;
     }
+    permute_acc(&mut st.acc, false);
 }
 
 /// `q[j] · k` for the `HB` heads of `q` (each `k.len()` long).
@@ -189,8 +212,33 @@ unsafe fn score_row<const HB: usize>(q: &[bf16], k: &[bf16]) -> [f32; 4] {
         c += 32;
     }
     let mut out = [0f32; 4];
-    for (o, a) in out.iter_mut().zip(acc) {
-        *o = _mm512_reduce_add_ps(a);
+    if HB == 4 {
+        // Four horizontal sums at once: interleave pairs, then halves, then fold the lanes.
+        let x01 = _mm512_add_ps(
+            _mm512_unpacklo_ps(acc[0], acc[1]),
+            _mm512_unpackhi_ps(acc[0], acc[1]),
+        );
+        let x23 = _mm512_add_ps(
+            _mm512_unpacklo_ps(acc[2], acc[3]),
+            _mm512_unpackhi_ps(acc[2], acc[3]),
+        );
+        let (p01, p23) = (_mm512_castps_pd(x01), _mm512_castps_pd(x23));
+        let y = _mm512_add_ps(
+            _mm512_castpd_ps(_mm512_unpacklo_pd(p01, p23)),
+            _mm512_castpd_ps(_mm512_unpackhi_pd(p01, p23)),
+        );
+        let yd = _mm512_castps_pd(y);
+        let z = _mm256_add_ps(
+            _mm256_castpd_ps(_mm512_castpd512_pd256(yd)),
+            _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(yd)),
+        );
+        let w = _mm_add_ps(_mm256_castps256_ps128(z), _mm256_extractf128_ps::<1>(z));
+        // SAFETY: `out` holds 4 floats.
+        unsafe { _mm_storeu_ps(out.as_mut_ptr(), w) };
+    } else {
+        for (o, a) in out.iter_mut().zip(acc) {
+            *o = _mm512_reduce_add_ps(a);
+        }
     }
     out
 }
@@ -222,11 +270,15 @@ unsafe fn v_block<const HB: usize, const W: usize>(
             *r = unsafe { _mm512_loadu_ps(st.acc.as_ptr().add(hs[j] * d + c0 + 16 * k)) };
         }
     }
+    let zero = _mm512_setzero_si512();
     for (i, &vo) in rows.iter().enumerate() {
+        // Each 64-byte load of 32 bf16 gives two registers of f32, in `CHUNK_COLUMN` order.
         let mut v = [_mm512_setzero_ps(); W];
-        for (k, x) in v.iter_mut().enumerate() {
+        for (k2, pair) in v.chunks_exact_mut(2).enumerate() {
             // SAFETY: the caller's rule on the rows.
-            *x = unsafe { load_widened(base.add(vo + c0 + 16 * k)) };
+            let x = unsafe { _mm512_loadu_si512(base.add(vo + c0 + 32 * k2).cast()) };
+            pair[0] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, x));
+            pair[1] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, x));
         }
         for (j, aj) in a.iter_mut().enumerate() {
             let p = _mm512_set1_ps(scores[hs[j] * TILE + i]);
