@@ -385,12 +385,23 @@ pub(crate) fn softmax_tile(st: &mut State, h: usize, d: usize, s: &mut [f32]) ->
     if st.nan[h] || s.is_empty() {
         return 0;
     }
-    let mut tile_max = f32::NEG_INFINITY;
-    let mut nan = false;
-    for &x in s.iter() {
-        tile_max = tile_max.max(x);
-        nan |= x.is_nan();
+    // 16 independent lanes, so the compiler keeps them in one vector register; `x > m` is
+    // false for NaN, which is caught separately.
+    let (mut lanes, mut nans) = ([f32::NEG_INFINITY; 16], [false; 16]);
+    let chunks = s.chunks_exact(16);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..16 {
+            lanes[i] = if c[i] > lanes[i] { c[i] } else { lanes[i] };
+            nans[i] |= c[i].is_nan();
+        }
     }
+    for (i, &x) in rest.iter().enumerate() {
+        lanes[i] = if x > lanes[i] { x } else { lanes[i] };
+        nans[i] |= x.is_nan();
+    }
+    let tile_max = lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let nan = nans.iter().any(|&b| b);
     // A NaN logit, or a +∞ one (whose weight is e^(∞ − ∞)), makes the head NaN.
     if nan || tile_max == f32::INFINITY {
         st.nan[h] = true;
@@ -408,11 +419,17 @@ pub(crate) fn softmax_tile(st: &mut State, h: usize, d: usize, s: &mut [f32]) ->
         }
     }
     st.m[h] = m_new;
-    // Two loops: the exponentials vectorise, the (ordered) sum does not.
+    // The exponentials, then their sum in 16 lanes: both vectorise.
     for x in s.iter_mut() {
         *x = exp_neg(*x - m_new);
     }
-    st.l[h] += s.iter().sum::<f32>();
+    let mut sums = [0f32; 16];
+    for c in s.chunks(16) {
+        for (a, &x) in sums.iter_mut().zip(c) {
+            *a += x;
+        }
+    }
+    st.l[h] += sums.iter().sum::<f32>();
     s.len()
 }
 
