@@ -102,7 +102,12 @@ impl<T> Drop for Pool<T> {
 /// `len` values of `f(i)` in a 2 MiB-aligned buffer that first asks the kernel for
 /// transparent huge pages when `huge` (as an engine would for its KV pool: decode reads runs
 /// scattered over the pool, and on 4 KiB pages each run is also a TLB miss). A refusal
-/// leaves ordinary pages. Panics only if the allocator fails, as `Vec` does.
+/// leaves ordinary pages.
+///
+/// # Panics
+///
+/// As `Vec::with_capacity` does: when `len` values of `T` exceed `isize::MAX` bytes, or the
+/// allocator fails.
 pub fn filled<T>(len: usize, huge: bool, f: impl Fn(usize) -> T) -> Pool<T> {
     const ALIGN: usize = 2 << 20;
     let bytes = len

@@ -537,9 +537,9 @@ fn scaled_query<T: KvElem>(q: &[T], scale: f32) -> Vec<f32> {
     q.iter().map(|x| x.to_f32() * scale).collect()
 }
 
-/// The inputs of [`paged_decode`] (and, with device buffers and a
-/// [`DevicePageTable`](crate::cuda::DevicePageTable), of the CUDA decode): `B` is the buffer
-/// type of the cache and the queries, `P` the page table's.
+/// The inputs of [`paged_decode`] (and, with `CudaSlice` buffers and a `DevicePageTable`, of
+/// `CudaKernels::paged_decode` under feature `cuda`): `B` is the buffer type of the cache and
+/// the queries, `P` the page table's.
 ///
 /// ```
 /// # use kvc_core::{BlockId, PageTable, PagedLayout};
