@@ -11,17 +11,15 @@
 //! - [`profiles`] and [`size`]: GPU and model profiles and the capacity calculator
 //!   (`kvc-bench size`).
 //!
+//! - [`units`]: human sizes on the command line (`32k`, `3M`, `80GiB`).
+//!
 //! ```
 //! use kvc_bench::size::{SizeQuery, size};
 //!
-//! let r = size(&SizeQuery {
-//!     model: "Llama-2-13B".into(),
-//!     gpu: "A100-80GB".into(),
-//!     tokens: 1024,
-//!     block_size: 16,
-//!     utilisation: 0.9,
-//! })?;
-//! assert_eq!(r.layout.bytes_per_token(), 800 * 1024); // 1K tokens ≈ 0.8 GB
+//! // How many 1,024-token sequences of Llama-2-13B fit on an A100-80GB?
+//! let r = size(&SizeQuery::new("Llama-2-13B", "A100-80GB"))?;
+//! assert_eq!(r.kv_bytes_per_token, 800 * 1024); // 1K tokens ≈ 0.8 GB
+//! assert!(r.sequences > 50);
 //! # Ok::<(), kvc_bench::size::SizeError>(())
 //! ```
 #![warn(missing_docs)]
@@ -34,3 +32,4 @@ pub mod report;
 pub mod sim;
 pub mod size;
 pub mod trace;
+pub mod units;
