@@ -33,3 +33,27 @@ pub mod sim;
 pub mod size;
 pub mod trace;
 pub mod units;
+
+/// The guides' code blocks, compiled and run as doctests (`cargo test -p kvc-bench --doc`), so
+/// the docs cannot drift from the API: a Rust block that no longer compiles fails the tests.
+#[cfg(doctest)]
+mod guides {
+    #[doc = include_str!("../../README.md")]
+    struct Readme;
+    #[doc = include_str!("../../docs/getting-started.md")]
+    struct GettingStarted;
+    #[doc = include_str!("../../docs/architecture.md")]
+    struct Architecture;
+    #[doc = include_str!("../../docs/benchmarks.md")]
+    struct Benchmarks;
+    #[doc = include_str!("../../docs/choosing-a-block-size.md")]
+    struct ChoosingABlockSize;
+    #[doc = include_str!("../../docs/kernels.md")]
+    struct Kernels;
+    #[doc = include_str!("../../docs/pinning.md")]
+    struct Pinning;
+    #[doc = include_str!("../../docs/reading-the-report.md")]
+    struct ReadingTheReport;
+    #[doc = include_str!("../../docs/reuse.md")]
+    struct Reuse;
+}

@@ -306,7 +306,8 @@ fn hit_rate(md: &mut String, plots: &mut Vec<Plot>, d: &ReportData) {
     let workload = format!(
         "{} requests of {} ({} in the file), {} prompt tokens; each request looks up its \
          longest cached prefix, then caches its full prompt blocks ({}-token blocks, {} \
-         hashes), evicting down to the capacity",
+         hashes: a hit rate does not depend on the hasher, and the fast one keeps the replay \
+         short), evicting down to the capacity",
         int(h.requests),
         h.trace.display(),
         int(h.requests_in_file as u64),
