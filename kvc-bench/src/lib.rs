@@ -23,6 +23,7 @@
 //! # Ok::<(), kvc_bench::size::SizeError>(())
 //! ```
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod block_replay;
 pub mod engine;

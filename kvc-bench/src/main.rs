@@ -1,6 +1,7 @@
 //! `kvc-bench`: the workbench's command line. One subcommand per tool; each prints its
 //! result and exits non-zero with a one-line error on failure.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
+#![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -13,6 +13,7 @@ use crate::{AttnParams, DecodeOptions, KvElem, ShapeError, paged_decode};
 
 /// The shape of a decode batch: `batch` sequences of `len` tokens each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct DecodeShape {
     /// Sequences in the batch.
     pub batch: u32,

@@ -172,6 +172,15 @@ pub struct Progress {
     pub elapsed_s: f64,
 }
 
+/// Which way blocks move between the device pool and the host tier.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Swap {
+    /// Device to host (preemption by swapping).
+    Out,
+    /// Host to device (resumption).
+    In,
+}
+
 /// Per-request timing for the latency figures.
 #[derive(Clone, Copy, Debug)]
 struct Timing {
@@ -306,7 +315,8 @@ impl<P: PinPolicy, R: ReuseIndex> Engine<P, R> {
         result
     }
 
-    fn swap(&mut self, pairs: &[SwapPair], out: bool) -> Result<(), EngineError> {
+    fn swap(&mut self, pairs: &[SwapPair], direction: Swap) -> Result<(), EngineError> {
+        let out = direction == Swap::Out;
         let Some(host_layout) = self.host_layout else {
             return Ok(());
         };
@@ -343,13 +353,13 @@ impl<P: PinPolicy, R: ReuseIndex> Engine<P, R> {
     }
 
     fn execute(&mut self, plan: &StepPlan) -> Result<Vec<Completed>, EngineError> {
-        self.swap(&plan.swap_out, true)?;
+        self.swap(&plan.swap_out, Swap::Out)?;
         if !plan.copies.is_empty() {
             let mut layers: Vec<&mut [f32]> =
                 self.caches.iter_mut().map(Vec::as_mut_slice).collect();
             copy_blocks(&self.layout, &mut layers, &plan.copies)?;
         }
-        self.swap(&plan.swap_in, false)?;
+        self.swap(&plan.swap_in, Swap::In)?;
         if plan.is_empty() {
             return Ok(Vec::new());
         }

@@ -7,27 +7,14 @@
 use std::time::Instant;
 
 use half::bf16;
-use kvc_kernels::bench::{self, DecodeBatch, PageOrder, filled, read_probe};
+use kvc_kernels::bench::{DecodeBatch, PageOrder, filled, read_probe};
 use serde::Serialize;
 
 use super::{ReportError, machine};
 
-/// The decode shape measured.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-pub struct DecodeShape {
-    /// Sequences in the batch.
-    pub batch: u32,
-    /// Context length of each sequence, in tokens.
-    pub len: u32,
-    /// Query heads.
-    pub q_heads: u32,
-    /// KV heads.
-    pub kv_heads: u32,
-    /// Head dimension.
-    pub head_dim: u32,
-    /// Tokens per block.
-    pub block_size: u32,
-}
+/// The decode shape measured (the kernels crate's own type; its `serde` feature makes it
+/// serialisable).
+pub use kvc_kernels::bench::DecodeShape;
 
 /// What the bandwidth section measured.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -63,15 +50,7 @@ fn kernel_err(e: impl std::fmt::Display) -> ReportError {
 /// median.
 pub(crate) fn run(shape: DecodeShape, runs: usize) -> Result<BandwidthResult, ReportError> {
     let runs = runs.max(1);
-    let kernel_shape = bench::DecodeShape {
-        batch: shape.batch,
-        len: shape.len,
-        q_heads: shape.q_heads,
-        kv_heads: shape.kv_heads,
-        head_dim: shape.head_dim,
-        block_size: shape.block_size,
-    };
-    let batch = |order, huge| DecodeBatch::<bf16>::new(kernel_shape, order, huge);
+    let batch = |order, huge| DecodeBatch::<bf16>::new(shape, order, huge);
     let mut paged = batch(PageOrder::Shuffled, true).map_err(kernel_err)?;
     let mut contiguous = batch(PageOrder::InOrder, true).map_err(kernel_err)?;
     let mut small_pages = batch(PageOrder::Shuffled, false).map_err(kernel_err)?;
