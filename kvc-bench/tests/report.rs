@@ -63,7 +63,7 @@ fn check_svg(svg: &str) -> Result<usize, String> {
     Ok(elements)
 }
 
-/// Every number inside an attribute value parses and is finite.
+/// Every number inside an attribute value parses and is finite (units such as `em` allowed).
 fn check_attributes(tag: &str) -> Result<(), String> {
     let mut parts = tag.split('"');
     parts.next();
@@ -72,7 +72,9 @@ fn check_attributes(tag: &str) -> Result<(), String> {
             let numeric = piece.starts_with(|c: char| c.is_ascii_digit() || c == '-' || c == '.')
                 || piece.eq_ignore_ascii_case("nan")
                 || piece.eq_ignore_ascii_case("inf");
-            if numeric && !piece.parse::<f64>().is_ok_and(f64::is_finite) {
+            // A length may carry a CSS unit (`0.76em`, `12px`, `50%`).
+            let number = piece.trim_end_matches(|c: char| c.is_ascii_alphabetic() || c == '%');
+            if numeric && !number.parse::<f64>().is_ok_and(f64::is_finite) {
                 return Err(format!("attribute value `{value}` holds `{piece}`"));
             }
         }
@@ -90,6 +92,8 @@ fn svg_checker_rejects_broken_documents() {
     assert!(check_svg("<svg><g></svg>").is_err());
     assert!(check_svg("<svg></svg><svg></svg>").is_err());
     assert!(check_svg("<rect/>").is_err());
+    assert!(check_svg("<svg><text dy=\"0.76em\">a</text></svg>").is_ok());
+    assert!(check_svg("<svg><text dy=\"-infem\">a</text></svg>").is_err());
 }
 
 #[test]
