@@ -117,6 +117,22 @@ fn smallest_report_writes_every_section_and_valid_plots() {
             "missing {scenario}"
         );
     }
+    // "vs baseline" compares only rows of one workload: in qos-overload, critical traffic
+    // alone and the surge are two workloads, each its own baseline.
+    let row = |name: &str| {
+        index
+            .lines()
+            .find(|l| l.starts_with(&format!("| {name} |")))
+            .unwrap_or_else(|| panic!("no row `{name}`"))
+            .to_owned()
+    };
+    assert!(row("critical alone (no surge)").contains("| baseline |"));
+    assert!(row("surge, no pinning").contains("| baseline |"));
+    assert!(row("surge, adaptive reserve").contains("x |"));
+    assert!(!row("surge, adaptive reserve").contains("| baseline |"));
+    // QoS classes by name, and the one definition of the utilisation column under its table.
+    assert!(index.contains("| critical |") && index.contains("| standard |"));
+    assert!(index.contains("*Running tokens / slots in use:*"));
     // Every figure says where, when and how: the host's CPU, a date, the command.
     assert!(index.contains("**Machine:**") && index.contains("logical cores"));
     assert!(index.contains("**Measured:** 20") && index.contains(" UTC"));
