@@ -1052,6 +1052,19 @@ mod tests {
         // The estimate counts embeddings, attention, gated MLP and norms: it is the
         // checkpoint's parameter count exactly.
         assert_eq!(m.params, 70_553_706_496);
+        // deepseek-ai/DeepSeek-V3 config.json (MLA and mixture of experts): the estimate
+        // lands on the model card's 671B (main model, without the multi-token-prediction
+        // module) within 0.5%.
+        let v3 = r#"{"hidden_size": 7168, "intermediate_size": 18432,
+            "moe_intermediate_size": 2048, "n_routed_experts": 256, "n_shared_experts": 1,
+            "first_k_dense_replace": 3, "vocab_size": 129280, "q_lora_rank": 1536,
+            "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+            "v_head_dim": 128, "num_attention_heads": 128, "num_key_value_heads": 128,
+            "num_hidden_layers": 61, "tie_word_embeddings": false}"#;
+        let m = ModelShape::from_hf_config("v3", v3, None).unwrap();
+        assert_eq!(m.kind(), "MLA");
+        let off = (m.params as f64 - 671e9).abs() / 671e9;
+        assert!(off < 0.005, "{} parameters", m.params);
         // Falcon's multi_query; DeepSeek's MLA; Mistral's window; Gemma 2's alternation.
         let falcon = r#"{"hidden_size": 4544, "n_head": 71, "n_layer": 32, "multi_query": true}"#;
         let m = ModelShape::from_hf_config("falcon", falcon, Some(7_000_000_000)).unwrap();
