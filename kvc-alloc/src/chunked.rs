@@ -7,7 +7,7 @@
 //! write into a shared chunk copies that chunk alone (retaining its blocks), and a write into a
 //! shared partly filled block goes through copy-on-write.
 
-use std::sync::Arc;
+use kvc_core::sync::Arc;
 
 use thiserror::Error;
 
@@ -228,27 +228,21 @@ impl ChunkedBlockTable {
                 }
             }
         }
-        // 3. Fresh blocks.
-        let mut fresh = Vec::with_capacity(needed);
-        let mut hint = copy.map(|c| c.dst).or(last_block);
-        for _ in 0..needed {
-            match alloc.allocate_after(region, hint) {
-                Ok(b) => {
-                    fresh.push(b);
-                    hint = Some(b);
-                }
-                Err(err) => {
-                    release_quietly(alloc, &fresh);
-                    if let Some(pair) = copy {
-                        release_quietly(alloc, &[pair.dst]);
-                        // Give the writer its reference on the source back.
-                        let _ = alloc.retain(pair.src);
-                    }
-                    release_quietly(alloc, private.as_deref().unwrap_or_default());
-                    return Err(err.into());
-                }
+        // 3. Fresh blocks, all or nothing, continuing the run after the (copied) last block:
+        // the hint heads the list `allocate_many` appends to and is dropped after.
+        let hint = copy.map(|c| c.dst).or(last_block);
+        let mut fresh: Vec<BlockId> = Vec::with_capacity(needed + 1);
+        fresh.extend(hint);
+        if let Err(err) = alloc.allocate_many(region, needed, &mut fresh) {
+            if let Some(pair) = copy {
+                release_quietly(alloc, &[pair.dst]);
+                // Give the writer its reference on the source back.
+                let _ = alloc.retain(pair.src);
             }
+            release_quietly(alloc, private.as_deref().unwrap_or_default());
+            return Err(err.into());
         }
+        fresh.drain(..usize::from(hint.is_some()));
 
         // Commit: nothing below can fail.
         if let (Some(blocks), Some(last)) = (private, self.chunks.last_mut()) {

@@ -348,7 +348,8 @@ impl BlockAllocator for BlockPool {
     }
 
     /// Pops blocks in one pass over the free list, still preferring each block's physical
-    /// successor, without the per-call overhead of the trait's default.
+    /// successor (the first, that of `out`'s last block), without the per-call overhead of
+    /// the trait's default.
     fn allocate_many(
         &mut self,
         region: RegionId,
@@ -364,7 +365,7 @@ impl BlockAllocator for BlockPool {
             });
         }
         out.reserve(count);
-        let mut prev = NIL;
+        let mut prev = out.last().map_or(NIL, |b| b.0);
         for _ in 0..count {
             let next = prev.wrapping_add(1);
             let id = match self.meta.get(next as usize) {

@@ -158,7 +158,16 @@ pub fn block_replay(
             return Err(BlockReplayError::Zero { name });
         }
     }
-    let blocks = cfg.capacity_tokens / u64::from(cfg.block_size);
+    // Every block the replay could ever hold at once: a larger pool behaves the same, and
+    // sizing the pool's bookkeeping by it keeps a typo like 2^40 tokens from exhausting memory.
+    let demand: u64 = trace
+        .iter()
+        .map(|t| {
+            (u64::from(t.input_length) + u64::from(t.output_length.max(1)))
+                .div_ceil(u64::from(cfg.block_size))
+        })
+        .sum();
+    let blocks = (cfg.capacity_tokens / u64::from(cfg.block_size)).min(demand);
     let bs = cfg.block_size as usize;
     let mut r = Replay {
         pool: BlockPool::new(PoolConfig::new(blocks))?,
@@ -168,7 +177,7 @@ pub fn block_replay(
     };
     let root = cfg.hasher.root(&HashExtra::new("mooncake-replay", 1));
     let (mut tokens, mut hashes, mut newly) = (Vec::new(), Vec::new(), Vec::new());
-    let mut alive: VecDeque<Live> = VecDeque::with_capacity(cfg.alive);
+    let mut alive: VecDeque<Live> = VecDeque::with_capacity(cfg.alive.min(trace.len()));
     let (mut input_tokens, mut hit_tokens, mut decode_tokens) = (0u64, 0u64, 0u64);
     let mut synth_s = 0.0;
     let start = Instant::now();
@@ -319,5 +328,18 @@ mod tests {
             block_replay(&trace, &cfg(5_000, 0)),
             Err(BlockReplayError::Zero { .. })
         ));
+    }
+
+    #[test]
+    fn huge_settings_run_as_an_unbounded_engine_would() {
+        let trace: Vec<_> = (0..4)
+            .map(|i| req(i, &[1, 2 + i as u32], 1000, 4))
+            .collect();
+        let big = block_replay(&trace, &cfg(u64::MAX, usize::MAX)).unwrap();
+        let ample = block_replay(&trace, &cfg(1_000_000, 4)).unwrap();
+        assert_eq!(big.hit_tokens, ample.hit_tokens);
+        assert_eq!(big.decode_tokens, ample.decode_tokens);
+        assert_eq!(big.evicted_blocks, 0);
+        assert_eq!(big.capacity_tokens, u64::MAX);
     }
 }

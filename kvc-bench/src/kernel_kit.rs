@@ -13,7 +13,7 @@ use thiserror::Error;
 use kvc_kernels::{AttnParams, DecodeArgs, DecodeOptions, KvElem, ShapeError, paged_decode};
 
 /// The shape of a decode batch: `batch` sequences of `len` tokens each.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct DecodeShape {
     /// Sequences in the batch.
     pub batch: u32,

@@ -13,23 +13,24 @@
 //! - [`profiles`] and [`size`]: GPU and model profiles and the capacity calculator
 //!   (`kvc-bench size`).
 //!
+//! - [`units`]: human sizes on the command line (`32k`, `3M`, `80GiB`).
+//!
 //! ```
 //! use kvc_bench::size::{SizeQuery, size};
 //!
-//! let r = size(&SizeQuery {
-//!     model: "Llama-2-13B".into(),
-//!     gpu: "A100-80GB".into(),
-//!     tokens: 1024,
-//!     block_size: 16,
-//!     utilisation: 0.9,
-//! })?;
-//! assert_eq!(r.layout.bytes_per_token(), 800 * 1024); // 1K tokens ≈ 0.8 GB
+//! // How many 1,024-token sequences of Llama-2-13B fit on an A100-80GB?
+//! let r = size(&SizeQuery::new("Llama-2-13B", "A100-80GB"))?;
+//! assert_eq!(r.kv_bytes_per_token, 800 * 1024); // 1K tokens ≈ 0.8 GB
+//! assert!(r.sequences > 50);
 //! # Ok::<(), kvc_bench::size::SizeError>(())
 //! ```
 #![warn(missing_docs)]
+// Only `kernel_kit` needs `unsafe` (2 MiB-aligned measurement buffers); everything else is safe.
+#![deny(unsafe_code)]
 
 pub mod block_replay;
 pub mod engine;
+#[allow(unsafe_code)]
 pub mod kernel_kit;
 pub mod profiles;
 pub mod replay;
@@ -37,3 +38,28 @@ pub mod report;
 pub mod sim;
 pub mod size;
 pub mod trace;
+pub mod units;
+
+/// The guides' code blocks, compiled and run as doctests (`cargo test -p kvc-bench --doc`), so
+/// the docs cannot drift from the API: a Rust block that no longer compiles fails the tests.
+#[cfg(doctest)]
+mod guides {
+    #[doc = include_str!("../../README.md")]
+    struct Readme;
+    #[doc = include_str!("../../docs/getting-started.md")]
+    struct GettingStarted;
+    #[doc = include_str!("../../docs/architecture.md")]
+    struct Architecture;
+    #[doc = include_str!("../../docs/benchmarks.md")]
+    struct Benchmarks;
+    #[doc = include_str!("../../docs/choosing-a-block-size.md")]
+    struct ChoosingABlockSize;
+    #[doc = include_str!("../../docs/kernels.md")]
+    struct Kernels;
+    #[doc = include_str!("../../docs/pinning.md")]
+    struct Pinning;
+    #[doc = include_str!("../../docs/reading-the-report.md")]
+    struct ReadingTheReport;
+    #[doc = include_str!("../../docs/reuse.md")]
+    struct Reuse;
+}

@@ -1,19 +1,22 @@
 //! `kvc-bench`: the workbench's command line. One subcommand per tool; each prints its
 //! result and exits non-zero with a one-line error on failure.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
+#![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::{Args, Parser, Subcommand};
 use kvc_bench::block_replay::{BlockReplayConfig, block_replay};
 use kvc_bench::replay::{ReplayConfig, ReplayReport, replay};
 use kvc_bench::report::{self, Mode, ReportConfig};
 use kvc_bench::sim::scenarios::{self, Size};
-use kvc_bench::size::{SizeQuery, size};
+use kvc_bench::size::{self, GpuChoice, KvDtype, ModelShape, SizeQuery};
 use kvc_bench::trace::read_trace;
-use kvc_reuse::{HasherKind, PolicyKind};
+use kvc_bench::units::{parse_bytes, parse_count};
+use kvc_reuse::{BlockHasher, HasherKind, PolicyKind};
 
 #[derive(Parser)]
 #[command(name = "kvc-bench", about = "The kvc workbench", version)]
@@ -41,12 +44,14 @@ enum Command {
 
 #[derive(Args)]
 struct EngineArgs {
-    /// Requests to serve (they share a system prompt; every third is critical).
-    #[arg(long, default_value_t = 32)]
-    requests: usize,
-    /// Tokens generated per request.
-    #[arg(long, default_value_t = 32)]
-    new_tokens: u32,
+    /// Requests to serve (they share a system prompt; every third is critical); at most
+    /// 10k (about 15 minutes on 2 cores). Accepts `200`, `1k`.
+    #[arg(long, default_value = "32", value_parser = count)]
+    requests: u64,
+    /// Tokens generated per request; the prompt (320 tokens) and these must fit the
+    /// engine's 4,096-token context.
+    #[arg(long, default_value = "32", value_parser = count)]
+    new_tokens: u64,
     /// Serve without the prefix cache.
     #[arg(long)]
     no_reuse: bool,
@@ -97,18 +102,43 @@ struct ScenarioArgs {
 
 #[derive(Args)]
 struct SizeArgs {
-    /// Model: Llama-3-8B, Llama-2-13B, Llama-3-70B.
-    #[arg(long)]
-    model: String,
-    /// GPU: H200, H100, A100-80GB.
-    #[arg(long)]
-    gpu: String,
-    /// Sequence length to count sequences of.
-    #[arg(long, default_value_t = 1024)]
+    /// A built-in model: Llama-3-8B, Llama-2-13B, Llama-3-70B, Mistral-7B, Gemma-2-9B,
+    /// Falcon-7B, DeepSeek-V3.
+    #[arg(
+        long,
+        required_unless_present = "model_config",
+        conflicts_with = "model_config"
+    )]
+    model: Option<String>,
+    /// A Hugging Face `config.json` to read the model's shape from instead (layers, heads,
+    /// KV heads, head size, MLA latent, sliding window).
+    #[arg(long, value_name = "PATH")]
+    model_config: Option<PathBuf>,
+    /// The model's parameter count (`70.6G`, `8B`), when it should not be estimated from
+    /// the config.
+    #[arg(long, value_parser = params)]
+    params: Option<u64>,
+    /// GPU: H200, H100, A100-80GB (or give --gpu-memory).
+    #[arg(long, required_unless_present = "gpu_memory")]
+    gpu: Option<String>,
+    /// Memory of one GPU (`80GiB`, `141GB`), for a GPU not in the list.
+    #[arg(long, value_parser = bytes, conflicts_with = "gpu")]
+    gpu_memory: Option<u64>,
+    /// GPUs in tensor parallelism: weights split evenly, KV heads split across them.
+    #[arg(long, default_value = "1", value_parser = count)]
+    gpus: u64,
+    /// Sequence length to count sequences of (`32k` = 32,000, `32Ki` = 32,768, `1M`).
+    #[arg(long, default_value = "1024", value_parser = count)]
     tokens: u64,
+    /// KV element type: fp16, bf16, fp8, int8.
+    #[arg(long, default_value = "bf16", value_parser = kv_dtype)]
+    kv_dtype: KvDtype,
+    /// Weight element type: fp16, bf16, fp8, int8 (DeepSeek-V3's checkpoint is fp8).
+    #[arg(long, default_value = "bf16", value_parser = kv_dtype)]
+    weight_dtype: KvDtype,
     /// Tokens per block.
-    #[arg(long, default_value_t = 16)]
-    block_size: u32,
+    #[arg(long, default_value = "16", value_parser = count)]
+    block_size: u64,
     /// Share of GPU memory the engine may use.
     #[arg(long, default_value_t = 0.9)]
     utilisation: f64,
@@ -119,18 +149,20 @@ struct ReplayArgs {
     /// Mooncake JSONL trace (`timestamp`, `input_length`, `output_length`, `hash_ids`).
     #[arg(long)]
     trace: PathBuf,
-    /// Cache capacity in tokens (cached blocks × block size).
-    #[arg(long)]
+    /// Cache capacity in tokens (cached blocks × block size): `3M`, `250k`, `3000000`.
+    #[arg(long, value_parser = count)]
     capacity_tokens: u64,
-    /// Eviction policy (see `PolicyKind` in kvc-reuse).
-    #[arg(long, default_value = "lru")]
-    policy: String,
+    /// Eviction policy of the prefix cache.
+    #[arg(long, default_value = "lru", value_parser = policy_parser())]
+    policy: PolicyKind,
     /// Tokens per block.
-    #[arg(long, default_value_t = 16)]
-    block_size: u32,
-    /// Block hasher: `xxh3` (fast) or `blake3` (collision resistant).
-    #[arg(long, default_value = "xxh3")]
-    hasher: String,
+    #[arg(long, default_value = "16", value_parser = count)]
+    block_size: u64,
+    /// Block hasher. The default is BLAKE3, as in the library: block identity decides whose
+    /// KV a request reads, and only a cryptographic hash keeps tenants from crafting
+    /// collisions; pick xxh3 for speed when every tenant is trusted.
+    #[arg(long, default_value = "blake3", value_parser = hasher_parser())]
+    hasher: HasherKind,
     /// Also compute the offline optimum (Belady) and the infinite-cache hit rate.
     #[arg(long)]
     optimal: bool,
@@ -139,16 +171,98 @@ struct ReplayArgs {
     /// blocks and appending its output one token at a time; reports microseconds per request.
     #[arg(long, conflicts_with = "optimal")]
     engine_like: bool,
-    /// Requests alive at once, with `--engine-like`.
-    #[arg(long, default_value_t = 64)]
-    alive: usize,
+    /// Requests alive at once, with `--engine-like` (more than the trace holds means all).
+    #[arg(long, default_value = "64", value_parser = count)]
+    alive: u64,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
 }
 
+fn count(text: &str) -> Result<u64, String> {
+    parse_count(text).map_err(|e| e.to_string())
+}
+
+fn bytes(text: &str) -> Result<u64, String> {
+    parse_bytes(text).map_err(|e| e.to_string())
+}
+
+/// A parameter count: a count, where a trailing `B` means billions (`8B`, `70.6B`).
+fn params(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    match t.strip_suffix('B') {
+        Some(n) if !n.ends_with(['K', 'M', 'G', 'T', 'i', 'k']) => count(&format!("{n}G")),
+        _ => count(t),
+    }
+}
+
+fn kv_dtype(text: &str) -> Result<KvDtype, String> {
+    KvDtype::from_name(text).map_err(|e| e.to_string())
+}
+
+fn policy_parser() -> impl TypedValueParser<Value = PolicyKind> {
+    let values = PolicyKind::ALL.iter().map(|&k| {
+        let help = match k {
+            PolicyKind::Lru => "least recently used",
+            PolicyKind::S3Fifo => "S3-FIFO: a small probation queue before the main one",
+            PolicyKind::Conversation => {
+                "keeps the blocks a conversation's next turn is likely to reuse"
+            }
+            _ => "",
+        };
+        PossibleValue::new(k.name()).help(help)
+    });
+    PossibleValuesParser::new(values.collect::<Vec<_>>())
+        .map(|name| PolicyKind::from_name(&name).unwrap_or(PolicyKind::Lru))
+}
+
+fn hasher_parser() -> impl TypedValueParser<Value = HasherKind> {
+    let values = HasherKind::ALL.iter().map(|&k| {
+        let help = match k {
+            HasherKind::Blake3 => "collision resistant: safe across tenants (default)",
+            HasherKind::Xxh3 => "fast: for a single tenant or tenants that trust each other",
+            _ => "",
+        };
+        PossibleValue::new(k.name()).help(help)
+    });
+    PossibleValuesParser::new(values.collect::<Vec<_>>())
+        .map(|name| HasherKind::from_name(&name).unwrap_or_default())
+}
+
+/// Bounds a setting, naming the flag, the limit and why (`why` may be empty).
+fn at_most(name: &str, value: u64, max: u64, why: &str) -> Result<u64, String> {
+    if value > max {
+        Err(format!("{name} {value} is over the limit of {max}{why}"))
+    } else {
+        Ok(value)
+    }
+}
+
+/// clap's error as one line: its message, then its hints, without the usage block.
+fn one_line(err: &clap::Error) -> String {
+    let text = err.to_string();
+    let parts: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more"))
+        .map(|l| l.strip_prefix("error: ").unwrap_or(l))
+        .collect();
+    format!("{} (see --help)", parts.join("; "))
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("kvc-bench: {}", one_line(&e));
+            return ExitCode::from(2);
+        }
+    };
     let result = match cli.command {
         Command::Replay(args) => run_replay(&args),
         Command::Scenario(args) => run_scenario(&args),
@@ -166,22 +280,15 @@ fn main() -> ExitCode {
 }
 
 fn run_replay(args: &ReplayArgs) -> Result<(), String> {
-    let policy = PolicyKind::from_name(&args.policy).ok_or_else(|| {
-        let known: Vec<&str> = PolicyKind::ALL.iter().map(|k| k.name()).collect();
-        format!(
-            "unknown policy `{}` (known: {})",
-            args.policy,
-            known.join(", ")
-        )
-    })?;
-    let hasher = HasherKind::from_name(&args.hasher)
-        .ok_or_else(|| format!("unknown hasher `{}` (known: blake3, xxh3)", args.hasher))?;
+    let (policy, hasher) = (args.policy, args.hasher);
+    let block_size = at_most("--block-size", args.block_size, 1 << 16, "")? as u32;
     let trace = read_trace(&args.trace).map_err(|e| format!("{}: {e}", args.trace.display()))?;
     if args.engine_like {
         let cfg = BlockReplayConfig {
             capacity_tokens: args.capacity_tokens,
-            block_size: args.block_size,
-            alive: args.alive,
+            block_size,
+            // More alive requests than the trace holds is the same as all of them.
+            alive: usize::try_from(args.alive.min(trace.len() as u64)).unwrap_or(usize::MAX),
             policy,
             hasher,
         };
@@ -210,7 +317,7 @@ fn run_replay(args: &ReplayArgs) -> Result<(), String> {
     }
     let cfg = ReplayConfig {
         capacity_tokens: args.capacity_tokens,
-        block_size: args.block_size,
+        block_size,
         policy,
         hasher,
         optimal: args.optimal,
@@ -270,8 +377,8 @@ fn run_scenario(args: &ScenarioArgs) -> Result<(), String> {
         let r = &v.result;
         println!(
             "\n{} ({} blocks of {} tokens): {}/{} finished, {} rejected, {:.0} tokens/s, \
-             {} preemptions, KV use mean {:.1}% peak {:.1}%, real tokens {:.1}% of allocated \
-             slots, {:.1} running on average, prefix hits {:.1}%",
+             {} preemptions, KV use mean {:.1}% peak {:.1}%, running tokens / slots in use {:.1}%, \
+             {:.1} running on average, prefix hits {:.1}%",
             v.name,
             v.blocks,
             v.block_size,
@@ -286,12 +393,7 @@ fn run_scenario(args: &ScenarioArgs) -> Result<(), String> {
             r.mean_running,
             100.0 * r.prefix_hit_rate
         );
-        for c in &r.classes {
-            println!(
-                "  class {}: {} finished, TTFT p50 {:.0} ms p99 {:.0} ms, TBT p50 {:.1} ms p99 {:.1} ms",
-                c.qos, c.finished, c.ttft_p50_ms, c.ttft_p99_ms, c.tbt_p50_ms, c.tbt_p99_ms
-            );
-        }
+        print_classes(&r.classes);
     }
     println!();
     for g in &report.goals {
@@ -301,15 +403,64 @@ fn run_scenario(args: &ScenarioArgs) -> Result<(), String> {
     Ok(())
 }
 
+fn print_classes(classes: &[kvc_bench::sim::engine::ClassLatency]) {
+    for c in classes {
+        println!(
+            "  {}: {} finished, TTFT p50 {:.0} ms p99 {:.0} ms, TBT p50 {:.1} ms p99 {:.1} ms",
+            c.name, c.finished, c.ttft_p50_ms, c.ttft_p99_ms, c.tbt_p50_ms, c.tbt_p99_ms
+        );
+    }
+}
+
+/// The largest `config.json` read (they are a few kilobytes).
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
 fn run_size(args: &SizeArgs) -> Result<(), String> {
+    let model = match (&args.model, &args.model_config) {
+        (_, Some(path)) => {
+            use std::io::Read;
+            let mut text = String::new();
+            std::fs::File::open(path)
+                .and_then(|f| f.take(MAX_CONFIG_BYTES + 1).read_to_string(&mut text))
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            if text.len() as u64 > MAX_CONFIG_BYTES {
+                return Err(format!(
+                    "{}: over the limit of {MAX_CONFIG_BYTES} bytes for a config.json",
+                    path.display()
+                ));
+            }
+            let name = path
+                .parent()
+                .and_then(|p| p.file_name())
+                .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned());
+            ModelShape::from_hf_config(&name, &text, args.params)
+                .map_err(|e| format!("{}: {e}", path.display()))?
+        }
+        (Some(name), None) => {
+            let mut m = size::model(name).map_err(|e| e.to_string())?;
+            if let Some(p) = args.params {
+                m.params = p;
+            }
+            m
+        }
+        (None, None) => return Err("give --model NAME or --model-config config.json".into()),
+    };
+    let gpu = match (&args.gpu, args.gpu_memory) {
+        (_, Some(bytes)) => GpuChoice::Memory(bytes),
+        (Some(name), None) => GpuChoice::Named(name.clone()),
+        (None, None) => return Err("give --gpu NAME or --gpu-memory SIZE".into()),
+    };
     let query = SizeQuery {
-        model: args.model.clone(),
-        gpu: args.gpu.clone(),
+        model,
+        gpu,
+        gpus: u32::try_from(args.gpus).unwrap_or(u32::MAX),
         tokens: args.tokens,
-        block_size: args.block_size,
+        block_size: u32::try_from(args.block_size).unwrap_or(u32::MAX),
+        dtype: args.kv_dtype,
+        weight_dtype: args.weight_dtype,
         utilisation: args.utilisation,
     };
-    let report = size(&query).map_err(|e| e.to_string())?;
+    let report = size::size(&query).map_err(|e| e.to_string())?;
     println!("{report}");
     Ok(())
 }
@@ -350,12 +501,28 @@ fn run_engine(args: &EngineArgs) -> Result<(), String> {
     use kvc_bench::engine::{Engine, EngineConfig, EngineReport, EngineRequest};
     use kvc_core::{NoReuse, QosClass, TenantId};
     use kvc_pin::{PinningPolicy, PolicyConfig, Reserve, SoftPinConfig, StaticReserve};
-    use kvc_reuse::{HashExtra, PrefixCache, ScopedIndex, Xxh3Hasher};
+    use kvc_reuse::{HashExtra, PrefixCache, ScopedIndex};
 
     if args.requests == 0 || args.new_tokens == 0 {
         return Err("--requests and --new-tokens must be at least 1".into());
     }
     let mut cfg = EngineConfig::new(ModelConfig::small(), 2_048);
+    const PROMPT: u64 = 256 + 64;
+    let n = at_most(
+        "--requests",
+        args.requests,
+        MAX_ENGINE_REQUESTS,
+        " (about a quarter of an hour on 2 cores)",
+    )? as u32;
+    let new_tokens = at_most(
+        "--new-tokens",
+        args.new_tokens,
+        cfg.sched.max_model_len.saturating_sub(PROMPT),
+        &format!(
+            " (the engine's {}-token context less the {PROMPT}-token prompt)",
+            cfg.sched.max_model_len
+        ),
+    )? as u32;
     cfg.pinned = 256;
     let pin = || -> Result<PinningPolicy, String> {
         let soft = SoftPinConfig::new(1 << 16, 2_048, 0.05).map_err(|e| e.to_string())?;
@@ -366,7 +533,7 @@ fn run_engine(args: &EngineArgs) -> Result<(), String> {
         .map_err(|e| e.to_string())
     };
     let system: Vec<u32> = (0..256).map(|i| (i * 7 + 3) % 1024).collect();
-    let requests: Vec<EngineRequest> = (0..args.requests as u32)
+    let requests: Vec<EngineRequest> = (0..n)
         .map(|i| {
             let mut prompt = system.clone();
             prompt.extend((0..64).map(|j| (i * 131 + j * 17) % 1024));
@@ -379,10 +546,40 @@ fn run_engine(args: &EngineArgs) -> Result<(), String> {
                 },
                 session: None,
                 prompt,
-                max_new_tokens: args.new_tokens,
+                max_new_tokens: new_tokens,
             }
         })
         .collect();
+    let m = cfg.model;
+    if !args.json {
+        println!(
+            "model: {} layers, d_model {}, {} query / {} KV heads of {}, vocabulary {} (random \
+             weights, f32, CPU kernels)",
+            m.layers, m.d_model, m.q_heads, m.kv_heads, m.head_dim, m.vocab
+        );
+        println!(
+            "pool: {} blocks of {} tokens ({} pinned for critical traffic), {}; {n} requests \
+             of {PROMPT} prompt tokens (256 shared) + {new_tokens} new, every third critical",
+            cfg.blocks,
+            cfg.block_size,
+            cfg.pinned,
+            if args.no_reuse {
+                "no prefix cache".to_owned()
+            } else {
+                format!("prefix cache LRU, {} hashes", HasherKind::default().name())
+            }
+        );
+    }
+    let start = Instant::now();
+    let mut progress = |p: kvc_bench::engine::Progress| {
+        eprintln!(
+            "[kvc-bench engine {:>6.1} s] {}/{} requests finished, {} tokens generated",
+            start.elapsed().as_secs_f64(),
+            p.finished,
+            p.total,
+            p.generated
+        );
+    };
     let report: EngineReport = if args.no_reuse {
         let mut e = Engine::new(
             &cfg,
@@ -392,15 +589,17 @@ fn run_engine(args: &EngineArgs) -> Result<(), String> {
             },
         )
         .map_err(|e| e.to_string())?;
-        e.serve(requests).map_err(|e| e.to_string())?
+        e.serve_with_progress(requests, 2.0, &mut progress)
+            .map_err(|e| e.to_string())?
     } else {
         let index = ScopedIndex::new(
             PrefixCache::new(cfg.block_size, kvc_reuse::PolicyKind::Lru),
-            Xxh3Hasher,
+            HasherKind::default(),
             HashExtra::new("kvc-engine-small", 1),
         );
         let mut e = Engine::new(&cfg, pin()?, index).map_err(|e| e.to_string())?;
-        e.serve(requests).map_err(|e| e.to_string())?
+        e.serve_with_progress(requests, 2.0, &mut progress)
+            .map_err(|e| e.to_string())?
     };
     if args.json {
         println!(
@@ -421,6 +620,11 @@ fn run_engine(args: &EngineArgs) -> Result<(), String> {
             100.0 * report.prefix_hit_rate,
             report.peak_pinned_used
         );
+        print_classes(&report.classes);
     }
     Ok(())
 }
+
+/// The most requests `kvc-bench engine` serves in one run: 10,000 (200 take about 17 s on
+/// 2 cores, so this is about a quarter of an hour).
+const MAX_ENGINE_REQUESTS: u64 = 10_000;

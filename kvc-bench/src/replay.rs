@@ -89,14 +89,13 @@ pub struct ReplayReport {
     pub infinite_hit_rate: Option<f64>,
 }
 
-/// The synthetic token `j` of Mooncake block `hash_id` (splitmix64 of the pair).
+/// The synthetic token `j` of Mooncake block `hash_id`: the high half of the first
+/// [`SplitMix64`](kvc_core::rng::SplitMix64) output seeded with the pair.
 #[inline]
 #[must_use]
 pub fn synth_token(hash_id: u32, j: u32) -> u32 {
-    let mut z = (u64::from(hash_id) << 32 | u64::from(j)).wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    ((z ^ (z >> 31)) >> 32) as u32
+    let seed = u64::from(hash_id) << 32 | u64::from(j);
+    (kvc_core::rng::SplitMix64::new(seed).next_u64() >> 32) as u32
 }
 
 /// Appends the synthetic prompt of `req` to `out`.

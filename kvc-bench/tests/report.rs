@@ -63,7 +63,7 @@ fn check_svg(svg: &str) -> Result<usize, String> {
     Ok(elements)
 }
 
-/// Every number inside an attribute value parses and is finite.
+/// Every number inside an attribute value parses and is finite (units such as `em` allowed).
 fn check_attributes(tag: &str) -> Result<(), String> {
     let mut parts = tag.split('"');
     parts.next();
@@ -72,7 +72,9 @@ fn check_attributes(tag: &str) -> Result<(), String> {
             let numeric = piece.starts_with(|c: char| c.is_ascii_digit() || c == '-' || c == '.')
                 || piece.eq_ignore_ascii_case("nan")
                 || piece.eq_ignore_ascii_case("inf");
-            if numeric && !piece.parse::<f64>().is_ok_and(f64::is_finite) {
+            // A length may carry a CSS unit (`0.76em`, `12px`, `50%`).
+            let number = piece.trim_end_matches(|c: char| c.is_ascii_alphabetic() || c == '%');
+            if numeric && !number.parse::<f64>().is_ok_and(f64::is_finite) {
                 return Err(format!("attribute value `{value}` holds `{piece}`"));
             }
         }
@@ -90,6 +92,8 @@ fn svg_checker_rejects_broken_documents() {
     assert!(check_svg("<svg><g></svg>").is_err());
     assert!(check_svg("<svg></svg><svg></svg>").is_err());
     assert!(check_svg("<rect/>").is_err());
+    assert!(check_svg("<svg><text dy=\"0.76em\">a</text></svg>").is_ok());
+    assert!(check_svg("<svg><text dy=\"-infem\">a</text></svg>").is_err());
 }
 
 #[test]
@@ -113,11 +117,34 @@ fn smallest_report_writes_every_section_and_valid_plots() {
             "missing {scenario}"
         );
     }
+    // "vs baseline" compares only rows of one workload: in qos-overload, critical traffic
+    // alone and the surge are two workloads, each its own baseline.
+    let row = |name: &str| {
+        index
+            .lines()
+            .find(|l| l.starts_with(&format!("| {name} |")))
+            .unwrap_or_else(|| panic!("no row `{name}`"))
+            .to_owned()
+    };
+    assert!(row("critical alone (no surge)").contains("| baseline |"));
+    assert!(row("surge, no pinning").contains("| baseline |"));
+    assert!(row("surge, adaptive reserve").contains("x |"));
+    assert!(!row("surge, adaptive reserve").contains("| baseline |"));
+    // QoS classes by name, and the one definition of the utilisation column under its table.
+    assert!(index.contains("| critical |") && index.contains("| standard |"));
+    assert!(index.contains("*Running tokens / slots in use:*"));
     // Every figure says where, when and how: the host's CPU, a date, the command.
     assert!(index.contains("**Machine:**") && index.contains("logical cores"));
     assert!(index.contains("**Measured:** 20") && index.contains(" UTC"));
     assert!(index.contains("**Reproduce:** `cargo run -p kvc-bench -- report --tiny`"));
-    // The hit-rate section either has its curve or says why it was skipped.
+    // The hit-rate section either has its curve or says why it was skipped; under CI=true a
+    // missing trace fails, since a skipped section there would never be tested.
+    if std::env::var("CI").as_deref() == Ok("true") {
+        assert!(
+            index.contains("hit-rate.svg"),
+            "CI=true but no trace was found"
+        );
+    }
     assert!(index.contains("hit-rate.svg") || index.contains("Skipped: no trace"));
 
     // Every linked plot exists and is a well-formed SVG with finite numbers.

@@ -170,7 +170,11 @@ pub trait BlockAllocator {
         self.allocate(region)
     }
 
-    /// Appends `count` blocks from `region` to `out`, all or nothing.
+    /// Appends `count` blocks from `region` to `out`, all or nothing: on error the blocks
+    /// this call took are released and `out` is as before. Each block prefers the physical
+    /// successor of the block before it in `out` (so appending to a sequence's block list
+    /// continues its run). The one allocate-with-rollback loop: callers that need several
+    /// blocks call this rather than looping over [`allocate_after`](Self::allocate_after).
     fn allocate_many(
         &mut self,
         region: RegionId,
@@ -185,21 +189,7 @@ pub trait BlockAllocator {
                 free,
             });
         }
-        let start = out.len();
-        for _ in 0..count {
-            let prev = out[start..].last().copied();
-            match self.allocate_after(region, prev) {
-                Ok(block) => out.push(block),
-                Err(err) => {
-                    for block in out.drain(start..) {
-                        // Freshly allocated, single owner: release cannot fail.
-                        let _ = self.release(block);
-                    }
-                    return Err(err);
-                }
-            }
-        }
-        Ok(())
+        allocate_into(self, region, count, out)
     }
 
     /// Adds an owner to an allocated block (sharing). Returns the new reference count.
@@ -244,4 +234,70 @@ pub trait BlockAllocator {
 
     /// Whether `count` more blocks from `region` can be admitted now, later, or never.
     fn can_allocate(&self, region: RegionId, count: usize) -> Result<Admission, AllocError>;
+}
+
+/// A list blocks can be appended to and taken back from: `Vec` and the `SmallVec` of
+/// [`BlockTable`](crate::BlockTable).
+pub(crate) trait BlockList {
+    fn len(&self) -> usize;
+    fn last(&self) -> Option<BlockId>;
+    fn push(&mut self, block: BlockId);
+    fn pop(&mut self) -> Option<BlockId>;
+}
+
+impl BlockList for Vec<BlockId> {
+    fn len(&self) -> usize {
+        Vec::len(self)
+    }
+    fn last(&self) -> Option<BlockId> {
+        self.as_slice().last().copied()
+    }
+    fn push(&mut self, block: BlockId) {
+        Vec::push(self, block);
+    }
+    fn pop(&mut self) -> Option<BlockId> {
+        Vec::pop(self)
+    }
+}
+
+impl<const N: usize> BlockList for smallvec::SmallVec<[BlockId; N]> {
+    fn len(&self) -> usize {
+        smallvec::SmallVec::len(self)
+    }
+    fn last(&self) -> Option<BlockId> {
+        self.as_slice().last().copied()
+    }
+    fn push(&mut self, block: BlockId) {
+        smallvec::SmallVec::push(self, block);
+    }
+    fn pop(&mut self) -> Option<BlockId> {
+        smallvec::SmallVec::pop(self)
+    }
+}
+
+/// The one allocate-with-rollback loop: appends `count` blocks from `region` to `out`, each
+/// preferring the physical successor of the block before it; on an error releases the blocks
+/// it took, leaving `out` as it was. The caller has checked that `count` blocks are free.
+pub(crate) fn allocate_into<A: BlockAllocator + ?Sized>(
+    alloc: &mut A,
+    region: RegionId,
+    count: usize,
+    out: &mut impl BlockList,
+) -> Result<(), AllocError> {
+    let start = out.len();
+    for _ in 0..count {
+        match alloc.allocate_after(region, out.last()) {
+            Ok(block) => out.push(block),
+            Err(err) => {
+                while out.len() > start {
+                    if let Some(block) = out.pop() {
+                        // Freshly allocated, single owner: release cannot fail.
+                        let _ = alloc.release(block);
+                    }
+                }
+                return Err(err);
+            }
+        }
+    }
+    Ok(())
 }

@@ -137,19 +137,8 @@ impl BlockTable {
                     free,
                 });
             }
-            let start = self.blocks.len();
-            for _ in 0..needed {
-                match alloc.allocate_after(region, self.blocks.last().copied()) {
-                    Ok(block) => self.blocks.push(block),
-                    Err(err) => {
-                        for block in self.blocks.drain(start..) {
-                            // Fresh single-owner blocks: release cannot fail.
-                            let _ = alloc.release(block);
-                        }
-                        return Err(err);
-                    }
-                }
-            }
+            // All or nothing, continuing the run after the table's last block.
+            crate::alloc::allocate_into(alloc, region, needed, &mut self.blocks)?;
         }
         self.num_tokens += n;
         Ok(())

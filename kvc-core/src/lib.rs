@@ -13,7 +13,8 @@
 //! - [`PinPolicy`]: how a scheduler asks where blocks come from, how big the pinned region
 //!   should be and how long cached prefixes are retained;
 //! - [`ReuseIndex`]: how a scheduler asks a prefix or session cache for reusable KV;
-//! - [`sync`]: std or loom synchronisation types, for model-checked concurrent code.
+//! - [`sync`]: std or loom synchronisation types, for model-checked concurrent code;
+//! - [`rng`]: [`rng::SplitMix64`], the seeded generator every crate's tests and workloads use.
 //!
 //! ```
 //! use kvc_core::{BlockId, DType, KvLayout};
@@ -25,6 +26,7 @@
 //! # Ok::<(), kvc_core::LayoutError>(())
 //! ```
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
 
 mod alloc;
 mod block_table;
@@ -34,6 +36,7 @@ mod paged;
 mod pin;
 mod qos;
 mod reuse;
+pub mod rng;
 pub mod sync;
 
 pub use alloc::{

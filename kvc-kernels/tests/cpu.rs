@@ -561,15 +561,31 @@ fn bad_arguments_are_typed_errors() {
     );
 }
 
+/// Forces the portable build while alive; dropping it (also when the test panics) restores
+/// the process-wide switch, so no later test runs on the wrong build.
+struct PortableOnly;
+
+impl PortableOnly {
+    fn on() -> Self {
+        kvc_kernels::set_portable_only(true);
+        Self
+    }
+}
+
+impl Drop for PortableOnly {
+    fn drop(&mut self) {
+        kvc_kernels::set_portable_only(false);
+    }
+}
+
 #[test]
 fn portable_build_matches_the_reference() {
     // The AVX2 build runs wherever the CPU has it; check the portable one too.
-    kvc_kernels::set_portable_only(true);
+    let _portable = PortableOnly::on();
     let mut rng = Rng(10);
     check_decode::<bf16>(&mut rng, false, (32, 8), 16, 128);
     check_decode::<f32>(&mut rng, true, (9, 3), 5, 80);
     check_prefill::<f16>(&mut rng, false, (8, 2), 8, 64);
-    kvc_kernels::set_portable_only(false);
 }
 
 #[test]

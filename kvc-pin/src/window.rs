@@ -75,12 +75,12 @@ impl PercentileWindow {
         if self.ring.len() == self.max_samples
             && let Some((_, old)) = self.ring.pop_front()
         {
-            self.add(old as usize, false);
+            self.add(old as usize, Count::Remove);
         }
         let value = value.min(self.max_value);
         // `max_value` fits in u32 (capped in `new`).
         self.ring.push_back((now_ms, value as u32));
-        self.add(value, true);
+        self.add(value, Count::Insert);
     }
 
     /// Drops observations made `window_ms` or more before `now_ms`: the window is the half-open
@@ -94,7 +94,7 @@ impl PercentileWindow {
                 break;
             }
             self.ring.pop_front();
-            self.add(v as usize, false);
+            self.add(v as usize, Count::Remove);
         }
     }
 
@@ -112,13 +112,12 @@ impl PercentileWindow {
         Some(self.lower_bound(rank as u32))
     }
 
-    fn add(&mut self, value: usize, insert: bool) {
+    fn add(&mut self, value: usize, change: Count) {
         let mut i = value + 1;
         while i < self.tree.len() {
-            if insert {
-                self.tree[i] += 1;
-            } else {
-                self.tree[i] -= 1;
+            match change {
+                Count::Insert => self.tree[i] += 1,
+                Count::Remove => self.tree[i] -= 1,
             }
             i += i & i.wrapping_neg();
         }
@@ -140,6 +139,13 @@ impl PercentileWindow {
         // `pos` is the count of values strictly below the answer, i.e. the answer's value.
         pos.min(self.max_value)
     }
+}
+
+/// Whether a value enters or leaves the counting tree.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Count {
+    Insert,
+    Remove,
 }
 
 #[cfg(test)]

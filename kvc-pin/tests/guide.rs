@@ -107,22 +107,57 @@ fn worked_example() {
             shrunk_at = Some(i);
         }
     }
-    // It shrinks in one step, 59.7 s after the burst began, when fewer than 7 of the burst's
-    // 30 observations (1% of 600) remain in the window; the target then is p99 2,980 + 10% =
-    // 3,278. The steady target 3,256 is within the 5% hysteresis band of that: no more moves.
-    assert_eq!(shrunk_at, Some(593));
-    assert_eq!(pool.pinned_capacity, 3_278);
+    // The expected times, derived from the configuration rather than read off a run. The
+    // window holds the observations of the last 60 s (`t > now - 60,000`): 600 at one per
+    // 100 ms, of which p99 lets 1% (6) lie above it. Burst observation k is at
+    // `burst_start + 100 k`, k < 30.
+    let tick_ms = 100u64;
+    let window = (60_000 / tick_ms) as usize;
+    let above = window / 100;
+    let burst_start = 1_200 * tick_ms;
+    let burst_len = 30usize;
+    // It follows the burst at the 7th burst observation (more than 1% of the window)...
+    let follow_t = burst_start + above as u64 * tick_ms;
+    // ...and shrinks back, in one step, once no more than 6 burst observations are in the
+    // window: when observation `burst_len - above - 1` (the 24th) leaves it, 60 s later.
+    let shrink_t = burst_start + (burst_len - above - 1) as u64 * tick_ms + 60_000;
+    let after_burst = burst_start + burst_len as u64 * tick_ms;
+    let shrink_i = ((shrink_t - after_burst) / tick_ms) as usize;
+    assert_eq!((follow_t, shrink_t, shrink_i), (120_600, 182_300, 593));
+    // The target then is p99 of the cycle alone: the cycle's top value 2,980 sits at rank
+    // 595..600 of 600 once the last burst values count among the top 1%, so + 10% = 3,278.
+    // The steady target 3,256 is within the 5% hysteresis band of that: no more moves.
+    let p99 = |values: &mut Vec<usize>| {
+        values.sort_unstable();
+        values[(values.len() * 99).div_ceil(100) - 1]
+    };
+    let cycle: Vec<usize> = (0..window).map(|i| 1_000 + 20 * (i % 100)).collect();
+    let steady = p99(&mut cycle.clone()) * 11 / 10;
+    let mut after: Vec<usize> = cycle.clone();
+    // At the shrink, `above` burst observations are still in the window beside 594 cycle
+    // ones; which cycle values they displace does not move the rank that p99 reads.
+    after[..above].fill(5_000);
+    let shrunk = p99(&mut after) * 11 / 10;
+    assert_eq!(shrunk_at, Some(shrink_i));
+    assert_eq!(pool.pinned_capacity, shrunk);
     let changes: Vec<_> = clock
         .history
         .windows(2)
         .filter(|w| w[0].1 != w[1].1)
         .collect();
-    assert_eq!(changes.last().map(|w| w[1]), Some((182_300, 3_278)));
-    // Before: 512 at t = 0, 3,256 at t = 9.9 s (the p99 of the first full cycle is 2,960),
-    // then 5,500 at t = 120.6 s (7 burst observations, more than 1% of 600).
+    assert_eq!(changes.last().map(|w| w[1]), Some((shrink_t, shrunk)));
+    // Before: 512 (the minimum) at t = 0, the steady target once the window holds
+    // `min_samples` = 100 observations (t = 9.9 s), then 5,000 + 10% when it follows.
     assert_eq!(clock.history[0], (0, 512));
     let steps: Vec<(u64, usize)> = changes.iter().map(|w| w[1]).collect();
-    assert_eq!(steps, [(9_900, 3_256), (120_600, 5_500), (182_300, 3_278)]);
+    assert_eq!(
+        steps,
+        [
+            (99 * tick_ms, steady),
+            (follow_t, 5_000 * 11 / 10),
+            (shrink_t, shrunk)
+        ]
+    );
 
     // Degradation: the pinned region is nearly full; a critical request borrows.
     pool.pinned_free = 10;

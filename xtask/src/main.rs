@@ -13,6 +13,7 @@
 //!   `ptxas -arch=sm_90 -v` (no GPU needed; installs the CUDA wheels when no toolkit is found).
 //! - `gpu`: on a machine with an NVIDIA GPU, the CUDA op tests and the kernel benchmark.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
+#![forbid(unsafe_code)]
 
 mod gpu;
 mod kernels;

@@ -26,6 +26,7 @@ use kvc_sched::{
 };
 use thiserror::Error;
 
+use crate::sim::engine::{ClassLatency, class_name, percentile};
 use model::{Model, ModelConfig, Qkv, argmax};
 
 /// Why the engine stopped.
@@ -155,6 +156,39 @@ pub struct EngineReport {
     pub prefix_hit_rate: f64,
     /// Peak blocks in use in the pinned region.
     pub peak_pinned_used: usize,
+    /// Wall-clock latency per QoS class, most important first: time to first token from
+    /// submission, and time between tokens.
+    pub classes: Vec<ClassLatency>,
+}
+
+/// Where a [`Engine::serve_with_progress`] run stands, for a progress line.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Progress {
+    /// Requests finished so far.
+    pub finished: usize,
+    /// Requests submitted.
+    pub total: usize,
+    /// Tokens generated so far.
+    pub generated: u64,
+    /// Seconds since the run started.
+    pub elapsed_s: f64,
+}
+
+/// Which way blocks move between the device pool and the host tier.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Swap {
+    /// Device to host (preemption by swapping).
+    Out,
+    /// Host to device (resumption).
+    In,
+}
+
+/// Per-request timing for the latency figures.
+#[derive(Clone, Copy, Debug)]
+struct Timing {
+    qos: QosClass,
+    submitted: Instant,
+    last_token: Option<Instant>,
 }
 
 /// The engine: model weights, per-layer paged KV caches, and the kvc scheduler.
@@ -174,6 +208,9 @@ pub struct Engine<P, R> {
     computed: u64,
     generated: u64,
     peak_pinned_used: usize,
+    timing: HashMap<SeqId, Timing>,
+    /// Per class rank: time to first token and time between tokens, in milliseconds.
+    latencies: Vec<(Vec<f64>, Vec<f64>)>,
 }
 
 impl<P: PinPolicy, R: ReuseIndex> Engine<P, R> {
@@ -223,6 +260,8 @@ impl<P: PinPolicy, R: ReuseIndex> Engine<P, R> {
             computed: 0,
             generated: 0,
             peak_pinned_used: 0,
+            timing: HashMap::new(),
+            latencies: Vec::new(),
         })
     }
 
@@ -249,6 +288,14 @@ impl<P: PinPolicy, R: ReuseIndex> Engine<P, R> {
             max_new_tokens: req.max_new_tokens,
             arrival_ms: self.sched.stats().steps,
         })?;
+        self.timing.insert(
+            id,
+            Timing {
+                qos: req.qos,
+                submitted: Instant::now(),
+                last_token: None,
+            },
+        );
         self.prompts.insert(id, req.prompt.len());
         self.tokens.insert(id, req.prompt);
         Ok(id)
@@ -270,7 +317,8 @@ impl<P: PinPolicy, R: ReuseIndex> Engine<P, R> {
         result
     }
 
-    fn swap(&mut self, pairs: &[SwapPair], out: bool) -> Result<(), EngineError> {
+    fn swap(&mut self, pairs: &[SwapPair], direction: Swap) -> Result<(), EngineError> {
+        let out = direction == Swap::Out;
         let Some(host_layout) = self.host_layout else {
             return Ok(());
         };
@@ -297,13 +345,13 @@ impl<P: PinPolicy, R: ReuseIndex> Engine<P, R> {
     }
 
     fn execute(&mut self, plan: &StepPlan) -> Result<Vec<Completed>, EngineError> {
-        self.swap(&plan.swap_out, true)?;
+        self.swap(&plan.swap_out, Swap::Out)?;
         if !plan.copies.is_empty() {
             let mut layers: Vec<&mut [f32]> =
                 self.caches.iter_mut().map(Vec::as_mut_slice).collect();
             copy_blocks(&self.layout, &mut layers, &plan.copies)?;
         }
-        self.swap(&plan.swap_in, false)?;
+        self.swap(&plan.swap_in, Swap::In)?;
         if plan.is_empty() {
             return Ok(Vec::new());
         }
@@ -354,10 +402,29 @@ impl<P: PinPolicy, R: ReuseIndex> Engine<P, R> {
             sampled.push((s.seq, token));
         }
         self.generated += sampled.len() as u64;
+        let now = Instant::now();
+        for (seq, _) in &sampled {
+            if let Some(t) = self.timing.get_mut(seq) {
+                let class = t.qos.index();
+                if self.latencies.len() <= class {
+                    self.latencies.resize_with(class + 1, Default::default);
+                }
+                let (ttft, tbt) = &mut self.latencies[class];
+                let since = t.last_token.unwrap_or(t.submitted);
+                let ms = now.duration_since(since).as_secs_f64() * 1e3;
+                if t.last_token.is_some() {
+                    tbt.push(ms)
+                } else {
+                    ttft.push(ms)
+                }
+                t.last_token = Some(now);
+            }
+        }
         let pinned = self.sched.allocator().stats().regions[0].used;
         self.peak_pinned_used = self.peak_pinned_used.max(pinned);
         let mut done = Vec::new();
         for f in self.sched.complete_step(&sampled)? {
+            self.timing.remove(&f.seq);
             let mut tokens = self.tokens.remove(&f.seq).unwrap_or_default();
             let prompt_len = self.prompts.remove(&f.seq).unwrap_or(0);
             tokens.truncate(prompt_len);
@@ -387,18 +454,63 @@ impl<P: PinPolicy, R: ReuseIndex> Engine<P, R> {
 
     /// Runs `requests` to completion and reports real throughput and the stack's statistics.
     pub fn serve(&mut self, requests: Vec<EngineRequest>) -> Result<EngineReport, EngineError> {
+        self.serve_with_progress(requests, f64::INFINITY, &mut |_| {})
+    }
+
+    /// [`serve`](Self::serve), calling `progress` about every `every_s` seconds of the run.
+    pub fn serve_with_progress(
+        &mut self,
+        requests: Vec<EngineRequest>,
+        every_s: f64,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<EngineReport, EngineError> {
         let start = Instant::now();
         let (c0, g0) = (self.computed, self.generated);
+        let total = requests.len();
+        self.latencies.clear();
         for r in requests {
             self.submit(r)?;
         }
-        let done = self.run_until_idle(u64::MAX)?;
+        let mut finished = 0;
+        let mut next_report = every_s;
+        while !self.is_idle() {
+            finished += self.step()?.len();
+            let elapsed_s = start.elapsed().as_secs_f64();
+            if elapsed_s >= next_report {
+                next_report = elapsed_s + every_s;
+                progress(Progress {
+                    finished,
+                    total,
+                    generated: self.generated - g0,
+                    elapsed_s,
+                });
+            }
+        }
         let wall_s = start.elapsed().as_secs_f64();
+        let mut classes = Vec::new();
+        for (rank, (ttft, tbt)) in std::mem::take(&mut self.latencies).into_iter().enumerate() {
+            if ttft.is_empty() {
+                continue;
+            }
+            let (mut ttft, mut tbt) = (ttft, tbt);
+            ttft.sort_by(f64::total_cmp);
+            tbt.sort_by(f64::total_cmp);
+            let class = QosClass(rank as u8);
+            classes.push(ClassLatency {
+                qos: class.get(),
+                name: class_name(class),
+                finished: ttft.len(),
+                ttft_p50_ms: percentile(&ttft, 50.0),
+                ttft_p99_ms: percentile(&ttft, 99.0),
+                tbt_p50_ms: percentile(&tbt, 50.0),
+                tbt_p99_ms: percentile(&tbt, 99.0),
+            });
+        }
         let s = self.sched.stats();
         let computed = self.computed - c0;
         let generated = self.generated - g0;
         Ok(EngineReport {
-            requests: done.len(),
+            requests: finished,
             computed_tokens: computed,
             generated_tokens: generated,
             wall_s,
@@ -413,6 +525,7 @@ impl<P: PinPolicy, R: ReuseIndex> Engine<P, R> {
                 s.cached_tokens as f64 / s.prompt_tokens as f64
             },
             peak_pinned_used: self.peak_pinned_used,
+            classes,
         })
     }
 }

@@ -6,28 +6,14 @@
 
 use std::time::Instant;
 
-use crate::kernel_kit::{self as bench, DecodeBatch, PageOrder, filled, read_probe};
+use crate::kernel_kit::{DecodeBatch, PageOrder, filled, read_probe};
 use half::bf16;
 use serde::Serialize;
 
 use super::{ReportError, machine};
 
 /// The decode shape measured.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-pub struct DecodeShape {
-    /// Sequences in the batch.
-    pub batch: u32,
-    /// Context length of each sequence, in tokens.
-    pub len: u32,
-    /// Query heads.
-    pub q_heads: u32,
-    /// KV heads.
-    pub kv_heads: u32,
-    /// Head dimension.
-    pub head_dim: u32,
-    /// Tokens per block.
-    pub block_size: u32,
-}
+pub use crate::kernel_kit::DecodeShape;
 
 /// What the bandwidth section measured.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -63,15 +49,7 @@ fn kernel_err(e: impl std::fmt::Display) -> ReportError {
 /// median.
 pub(crate) fn run(shape: DecodeShape, runs: usize) -> Result<BandwidthResult, ReportError> {
     let runs = runs.max(1);
-    let kernel_shape = bench::DecodeShape {
-        batch: shape.batch,
-        len: shape.len,
-        q_heads: shape.q_heads,
-        kv_heads: shape.kv_heads,
-        head_dim: shape.head_dim,
-        block_size: shape.block_size,
-    };
-    let batch = |order, huge| DecodeBatch::<bf16>::new(kernel_shape, order, huge);
+    let batch = |order, huge| DecodeBatch::<bf16>::new(shape, order, huge);
     let mut paged = batch(PageOrder::Shuffled, true).map_err(kernel_err)?;
     let mut contiguous = batch(PageOrder::InOrder, true).map_err(kernel_err)?;
     let mut small_pages = batch(PageOrder::Shuffled, false).map_err(kernel_err)?;

@@ -53,10 +53,14 @@ pub fn locate_trace(given: Option<&Path>, default: &str) -> Option<PathBuf> {
     if let Some(path) = given {
         return Some(path.to_path_buf());
     }
+    if default == crate::trace::DEFAULT_TRACE {
+        return crate::trace::find_default_trace();
+    }
     let repo_root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     [Path::new(".").join(default), repo_root.join(default)]
         .into_iter()
         .find(|p| p.is_file())
+        .map(|p| std::fs::canonicalize(&p).unwrap_or(p))
 }
 
 /// Reads the trace at `path`.

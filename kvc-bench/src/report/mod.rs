@@ -55,9 +55,9 @@ pub const SECTION_HEADINGS: &[&str] = &[
 pub enum Mode {
     /// Seconds even unoptimised: the smallest sizes, for the test suite.
     Tiny,
-    /// Under a minute in release: smoke runs.
+    /// Smoke runs: 7-9 s in release on 2 cores.
     Quick,
-    /// The default: a few minutes on a 2-core machine.
+    /// The default: about 75 s in release on 2 cores (docs/benchmarks.md).
     Default,
     /// The long versions of everything.
     Full,

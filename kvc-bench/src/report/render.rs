@@ -99,21 +99,28 @@ fn scenario(md: &mut String, plots: &mut Vec<Plot>, d: &ReportData, s: &Scenario
     let _ = writeln!(md, "### {}\n", s.scenario);
     let machine = format!("{} — simulated on {}", s.machine, d.host.describe());
     provenance(md, d, &s.workload, &machine);
-    let base_tput = s
-        .variants
-        .first()
-        .map_or(0.0, |v| v.result.throughput_tok_s);
     let _ = writeln!(
         md,
         "| variant | pool | finished | rejected | tokens/s | vs baseline | preemptions | KV \
-         blocks in use (mean / peak) | real tokens / allocated slots | mean running | prefix \
+         blocks in use (mean / peak) | {TOKEN_UTIL} | mean running | prefix \
          hits | mean latency |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
-    for v in &s.variants {
+    for (i, v) in s.variants.iter().enumerate() {
         let r = &v.result;
+        // The baseline of a row is the first row that ran the same workload.
+        let base = s.variants[..i]
+            .iter()
+            .find(|b| b.workload_id == v.workload_id);
+        let vs = match base {
+            Some(b) => format!(
+                "{:.2}x",
+                r.throughput_tok_s / b.result.throughput_tok_s.max(1e-9)
+            ),
+            None => "baseline".into(),
+        };
         let _ = writeln!(
             md,
-            "| {} | {} × {} | {}/{} | {} | {:.0} | {:.2}x | {} | {} / {} | {} | {:.1} | {} | {:.0} ms |",
+            "| {} | {} × {} | {}/{} | {} | {:.0} | {} | {} | {} / {} | {} | {:.1} | {} | {:.0} ms |",
             table_cell(&v.name),
             int(v.blocks as u64),
             v.block_size,
@@ -121,7 +128,7 @@ fn scenario(md: &mut String, plots: &mut Vec<Plot>, d: &ReportData, s: &Scenario
             r.requests,
             r.rejected,
             r.throughput_tok_s,
-            r.throughput_tok_s / base_tput.max(1e-9),
+            vs,
             r.preemptions,
             pct(r.mean_kv_util),
             pct(r.peak_kv_util),
@@ -131,6 +138,7 @@ fn scenario(md: &mut String, plots: &mut Vec<Plot>, d: &ReportData, s: &Scenario
             r.mean_latency_ms
         );
     }
+    let _ = writeln!(md, "\n{TOKEN_UTIL_DEFINITION} {VS_BASELINE_DEFINITION}");
     let _ = writeln!(
         md,
         "\n| variant | QoS class | finished | TTFT p50 | TTFT p99 | TBT p50 | TBT p99 |\n\
@@ -142,7 +150,7 @@ fn scenario(md: &mut String, plots: &mut Vec<Plot>, d: &ReportData, s: &Scenario
                 md,
                 "| {} | {} | {} | {:.0} ms | {:.0} ms | {:.1} ms | {:.1} ms |",
                 table_cell(&v.name),
-                c.qos,
+                c.name,
                 c.finished,
                 c.ttft_p50_ms,
                 c.ttft_p99_ms,
@@ -163,6 +171,21 @@ fn scenario(md: &mut String, plots: &mut Vec<Plot>, d: &ReportData, s: &Scenario
         plots.push((file, svg));
     }
 }
+
+/// The column of [`crate::sim::engine::SimResult::token_util`], and its one definition,
+/// stated under every scenario table and in `docs/reading-the-report.md`.
+pub(crate) const TOKEN_UTIL: &str = "running tokens / slots in use";
+
+/// The definition printed under each scenario table.
+pub(crate) const TOKEN_UTIL_DEFINITION: &str = "*Running tokens / slots in use:* the tokens \
+    of the running sequences over the token slots of every allocated block (block size × \
+    blocks in use), time-weighted. Blocks the prefix cache keeps for later requests count as \
+    in use and hold no running token, so with reuse on this share falls by design.";
+
+/// How "vs baseline" reads, printed under each scenario table.
+pub(crate) const VS_BASELINE_DEFINITION: &str = "*vs baseline:* throughput over that of the \
+    first row that ran the same workload (a row that is the first of its workload says \
+    `baseline`).";
 
 fn bars(
     note: &str,
@@ -202,7 +225,7 @@ fn scenario_plots(s: &ScenarioReport, note: &str) -> Vec<Plot> {
                     "percent",
                     s,
                     &[
-                        ("real tokens / allocated slots", |r| 100.0 * r.token_util),
+                        (TOKEN_UTIL, |r| 100.0 * r.token_util),
                         ("KV blocks in use (mean)", |r| 100.0 * r.mean_kv_util),
                     ],
                 ),
@@ -283,7 +306,8 @@ fn hit_rate(md: &mut String, plots: &mut Vec<Plot>, d: &ReportData) {
     let workload = format!(
         "{} requests of {} ({} in the file), {} prompt tokens; each request looks up its \
          longest cached prefix, then caches its full prompt blocks ({}-token blocks, {} \
-         hashes), evicting down to the capacity",
+         hashes: a hit rate does not depend on the hasher, and the fast one keeps the replay \
+         short), evicting down to the capacity",
         int(h.requests),
         h.trace.display(),
         int(h.requests_in_file as u64),

@@ -1,23 +1,35 @@
-//! A small hand-written SVG chart writer: grouped bar charts and line charts with axes, ticks,
-//! a legend and escaped labels. No plotting dependency; the output is plain SVG 1.1 that any
-//! browser or markdown viewer renders.
+//! The report's charts, drawn with `plotters` through its SVG backend only: grouped bar charts
+//! and line charts with axes, ticks, a legend and a provenance note. The output is plain SVG
+//! that any browser or markdown viewer renders; text is left to the viewer's fonts (no font
+//! library is linked).
 //!
 //! Values that are not finite are drawn as zero (bars) or skipped (line points), so a chart is
-//! always well-formed and every number in it is finite.
+//! always well-formed and every number in it is finite. If drawing fails, the document still
+//! parses: it holds the title and the error.
 
-use std::fmt::Write as _;
+use plotters::coord::Shift;
+use plotters::prelude::*;
 
-const WIDTH: f64 = 720.0;
-const HEIGHT: f64 = 400.0;
-const LEFT: f64 = 80.0;
-const RIGHT: f64 = 20.0;
-const TOP: f64 = 40.0;
-const BOTTOM: f64 = 110.0;
-/// Dash patterns of line series, so lines that coincide stay distinguishable.
-const DASHES: &[&str] = &["none", "7 4", "2 3", "10 3 2 3", "4 2", "1 5"];
-const PALETTE: &[&str] = &[
-    "#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#9c755f",
+const WIDTH: u32 = 720;
+const HEIGHT: u32 = 400;
+/// Room below the plot for the legend and the provenance note.
+const FOOTER: u32 = 44;
+/// Dash patterns (dash, gap in pixels) of line series after the first, so lines that
+/// coincide stay distinguishable.
+const DASHES: &[(u32, u32)] = &[(7, 4), (2, 3), (10, 3), (4, 2), (1, 5)];
+const PALETTE: &[RGBColor] = &[
+    RGBColor(0x4e, 0x79, 0xa7),
+    RGBColor(0xf2, 0x8e, 0x2b),
+    RGBColor(0x59, 0xa1, 0x4f),
+    RGBColor(0xe1, 0x57, 0x59),
+    RGBColor(0x76, 0xb7, 0xb2),
+    RGBColor(0xed, 0xc9, 0x48),
+    RGBColor(0xb0, 0x7a, 0xa1),
+    RGBColor(0x9c, 0x75, 0x5f),
 ];
+const FONT: &str = "sans-serif";
+
+type DrawResult = Result<(), Box<dyn std::error::Error>>;
 
 /// A bar chart: one group of bars per category, one bar per series in each group.
 #[derive(Clone, Debug, Default)]
@@ -72,28 +84,6 @@ fn finite_or(x: f64, default: f64) -> f64 {
     if x.is_finite() { x } else { default }
 }
 
-/// A "nice" step (1, 2 or 5 times a power of ten) giving about `target` intervals over `span`.
-fn nice_step(span: f64, target: f64) -> f64 {
-    let span = if span.is_finite() && span > 0.0 {
-        span
-    } else {
-        1.0
-    };
-    let raw = span / target;
-    let mag = 10f64.powf(raw.log10().floor());
-    let norm = raw / mag;
-    let nice = if norm <= 1.0 {
-        1.0
-    } else if norm <= 2.0 {
-        2.0
-    } else if norm <= 5.0 {
-        5.0
-    } else {
-        10.0
-    };
-    nice * mag
-}
-
 /// A tick label: compact, with thousands as `k` and millions as `M`.
 fn tick_label(v: f64) -> String {
     let a = v.abs();
@@ -114,66 +104,6 @@ fn trim(v: f64) -> String {
     if s == "-0" { "0".into() } else { s.into() }
 }
 
-fn note(svg: &mut String, note: &str) {
-    if !note.is_empty() {
-        let _ = writeln!(
-            svg,
-            "<text x=\"8\" y=\"{:.1}\" font-size=\"9\" fill=\"#666\">{}</text>",
-            HEIGHT - 5.0,
-            escape(note)
-        );
-    }
-}
-
-fn open(svg: &mut String, title: &str) {
-    let _ = write!(
-        svg,
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"{HEIGHT}\" \
-         viewBox=\"0 0 {WIDTH} {HEIGHT}\" font-family=\"sans-serif\" font-size=\"12\">\n\
-         <rect x=\"0\" y=\"0\" width=\"{WIDTH}\" height=\"{HEIGHT}\" fill=\"white\"/>\n\
-         <text x=\"{}\" y=\"22\" text-anchor=\"middle\" font-size=\"15\" font-weight=\"bold\">{}</text>\n",
-        WIDTH / 2.0,
-        escape(title)
-    );
-}
-
-/// The y axis from 0 (or the data minimum when negative) to a nice maximum: gridlines, tick
-/// labels and the axis label. Returns the value → pixel mapping's `(lo, hi)`.
-fn y_axis(svg: &mut String, lo: f64, hi: f64, label: &str) -> (f64, f64) {
-    let step = nice_step(hi - lo, 5.0);
-    let lo = (lo / step).floor() * step;
-    let hi = ((hi / step).ceil() * step).max(lo + step);
-    let plot_h = HEIGHT - TOP - BOTTOM;
-    let mut v = lo;
-    while v <= hi + step * 1e-6 {
-        let y = TOP + plot_h * (1.0 - (v - lo) / (hi - lo));
-        let _ = writeln!(
-            svg,
-            "<line x1=\"{LEFT}\" y1=\"{y:.1}\" x2=\"{:.1}\" y2=\"{y:.1}\" stroke=\"#ddd\"/>\n\
-             <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>",
-            WIDTH - RIGHT,
-            LEFT - 6.0,
-            y + 4.0,
-            escape(&tick_label(v))
-        );
-        v += step;
-    }
-    let _ = writeln!(
-        svg,
-        "<text x=\"16\" y=\"{:.1}\" text-anchor=\"middle\" transform=\"rotate(-90 16 {:.1})\">{}</text>\n\
-         <line x1=\"{LEFT}\" y1=\"{TOP}\" x2=\"{LEFT}\" y2=\"{:.1}\" stroke=\"black\"/>\n\
-         <line x1=\"{LEFT}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"black\"/>",
-        TOP + plot_h / 2.0,
-        TOP + plot_h / 2.0,
-        escape(label),
-        TOP + plot_h,
-        TOP + plot_h,
-        WIDTH - RIGHT,
-        TOP + plot_h,
-    );
-    (lo, hi)
-}
-
 /// Splits `text` at spaces into lines of at most `width` characters (a longer word stays
 /// whole).
 fn wrap(text: &str, width: usize) -> Vec<String> {
@@ -190,21 +120,42 @@ fn wrap(text: &str, width: usize) -> Vec<String> {
     lines
 }
 
-fn legend(svg: &mut String, names: &[&str]) {
-    let y = HEIGHT - 22.0;
-    let mut x = LEFT;
+/// The top of a value axis: a little above the largest finite value, 1 when there is none.
+fn axis_top(values: impl Iterator<Item = f64>) -> f64 {
+    let max = values.filter(|v| v.is_finite()).fold(0.0, f64::max);
+    if max > 0.0 { max * 1.1 } else { 1.0 }
+}
+
+fn color(i: usize) -> RGBColor {
+    PALETTE[i % PALETTE.len()]
+}
+
+/// Draws the legend (one swatch and name per series) and the note in the footer.
+fn footer(area: &DrawingArea<SVGBackend<'_>, Shift>, names: &[&str], note: &str) -> DrawResult {
+    let mut x = 80i32;
     for (i, name) in names.iter().enumerate() {
-        let color = PALETTE[i % PALETTE.len()];
-        let _ = writeln!(
-            svg,
-            "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"12\" height=\"12\" fill=\"{color}\"/>\n\
-             <text x=\"{:.1}\" y=\"{y:.1}\">{}</text>",
-            y - 10.0,
-            x + 16.0,
-            escape(name)
-        );
-        x += 28.0 + 6.5 * name.chars().count() as f64;
+        area.draw(&Rectangle::new([(x, 4), (x + 12, 16)], color(i).filled()))?;
+        area.draw(&Text::new((*name).to_string(), (x + 16, 4), (FONT, 13)))?;
+        x += 28 + (6.5 * name.chars().count() as f64) as i32;
     }
+    if !note.is_empty() {
+        area.draw(&Text::new(
+            note.to_string(),
+            (8, 28),
+            (FONT, 9).into_font().color(&RGBColor(0x66, 0x66, 0x66)),
+        ))?;
+    }
+    Ok(())
+}
+
+/// A valid document holding only `title` and why the chart could not be drawn.
+fn fallback(title: &str, err: &dyn std::fmt::Display) -> String {
+    format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"{HEIGHT}\">\
+         <text x=\"20\" y=\"30\">{}</text><text x=\"20\" y=\"60\">{}</text></svg>\n",
+        escape(title),
+        escape(&err.to_string())
+    )
 }
 
 impl BarChart {
@@ -212,65 +163,62 @@ impl BarChart {
     #[must_use]
     pub fn to_svg(&self) -> String {
         let mut svg = String::new();
-        open(&mut svg, &self.title);
-        let values = self
-            .series
-            .iter()
-            .flat_map(|(_, v)| v.iter().map(|&x| finite_or(x, 0.0)));
-        let (min, max) = values.fold((0f64, 0f64), |(lo, hi), x| (lo.min(x), hi.max(x)));
-        let (lo, hi) = y_axis(
-            &mut svg,
-            min,
-            if max > min { max } else { min + 1.0 },
-            &self.y_label,
-        );
-        let plot_w = WIDTH - LEFT - RIGHT;
-        let plot_h = HEIGHT - TOP - BOTTOM;
-        let groups = self.categories.len().max(1) as f64;
-        let group_w = plot_w / groups;
-        let bars = self.series.len().max(1) as f64;
-        let bar_w = group_w * 0.8 / bars;
-        let to_y = |v: f64| TOP + plot_h * (1.0 - (v - lo) / (hi - lo));
+        let drawn = self.draw(&mut svg);
+        match drawn {
+            Ok(()) => svg,
+            Err(e) => fallback(&self.title, &e),
+        }
+    }
+
+    fn draw(&self, out: &mut String) -> DrawResult {
+        let root = SVGBackend::with_string(out, (WIDTH, HEIGHT)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let (plot, foot) = root.split_vertically(HEIGHT - FOOTER);
+        let n = self.categories.len().max(1);
+        let top = axis_top(self.series.iter().flat_map(|(_, v)| v.iter().copied()));
+        let mut chart = ChartBuilder::on(&plot)
+            .caption(&self.title, (FONT, 16))
+            .margin(10)
+            .x_label_area_size(48)
+            .y_label_area_size(64)
+            .build_cartesian_2d(0f64..n as f64, 0f64..top)?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .disable_x_axis()
+            .max_light_lines(1)
+            .x_labels(0)
+            .y_desc(&self.y_label)
+            .y_label_formatter(&|v| tick_label(*v))
+            .draw()?;
+        // Each category's group takes 80% of its slot, split evenly among the series.
+        let k = self.series.len().max(1) as f64;
+        let width = 0.8 / k;
         for (s, (_, values)) in self.series.iter().enumerate() {
-            let color = PALETTE[s % PALETTE.len()];
-            for (c, &v) in values.iter().enumerate().take(self.categories.len()) {
-                let v = finite_or(v, 0.0);
-                let x = LEFT + group_w * c as f64 + group_w * 0.1 + bar_w * s as f64;
-                let (y0, y1) = (to_y(v.max(0.0)), to_y(v.min(0.0)));
-                let _ = writeln!(
-                    svg,
-                    "<rect x=\"{x:.1}\" y=\"{y0:.1}\" width=\"{bar_w:.1}\" height=\"{:.1}\" fill=\"{color}\"><title>{}</title></rect>",
-                    (y1 - y0).max(0.0),
-                    escape(&tick_label(v))
-                );
-            }
+            let fill = color(s).filled();
+            chart.draw_series(values.iter().enumerate().map(|(c, &v)| {
+                let x0 = c as f64 + 0.1 + width * s as f64;
+                Rectangle::new([(x0, 0.0), (x0 + width, finite_or(v, 0.0).max(0.0))], fill)
+            }))?;
         }
-        // Category names wrapped onto up to four lines under their group.
-        let max_chars = ((group_w / 6.2) as usize).max(6);
+        // Category names under their groups, wrapped at spaces.
+        let area = chart.plotting_area();
         for (c, name) in self.categories.iter().enumerate() {
-            let x = LEFT + group_w * (c as f64 + 0.5);
-            let y = TOP + plot_h + 15.0;
-            let _ = write!(
-                svg,
-                "<text x=\"{x:.1}\" y=\"{y:.1}\" text-anchor=\"middle\" font-size=\"11\">"
-            );
-            for (i, line) in wrap(name, max_chars).iter().take(4).enumerate() {
-                let _ = write!(
-                    svg,
-                    "<tspan x=\"{x:.1}\" dy=\"{}\">{}</tspan>",
-                    if i == 0 { "0" } else { "13" },
-                    escape(line)
+            let (x, y) = area.map_coordinate(&(c as f64 + 0.5, 0.0));
+            for (line, text) in wrap(name, 18).into_iter().enumerate() {
+                let style = TextStyle::from((FONT, 12).into_font()).pos(
+                    plotters::style::text_anchor::Pos::new(
+                        plotters::style::text_anchor::HPos::Center,
+                        plotters::style::text_anchor::VPos::Top,
+                    ),
                 );
+                plot.draw(&Text::new(text, (x, y + 6 + 14 * line as i32), style))?;
             }
-            svg.push_str("</text>\n");
         }
-        if self.series.len() > 1 {
-            let names: Vec<&str> = self.series.iter().map(|(n, _)| n.as_str()).collect();
-            legend(&mut svg, &names);
-        }
-        note(&mut svg, &self.note);
-        svg.push_str("</svg>\n");
-        svg
+        let names: Vec<&str> = self.series.iter().map(|(n, _)| n.as_str()).collect();
+        footer(&foot, &names, &self.note)?;
+        root.present()?;
+        Ok(())
     }
 }
 
@@ -279,99 +227,92 @@ impl LineChart {
     #[must_use]
     pub fn to_svg(&self) -> String {
         let mut svg = String::new();
-        open(&mut svg, &self.title);
-        let tx = |x: f64| if self.log_x { x.log10() } else { x };
-        let points: Vec<(f64, f64)> = self
-            .series
-            .iter()
-            .flat_map(|(_, p)| p.iter().copied())
-            .filter(|&(x, y)| x.is_finite() && y.is_finite() && (!self.log_x || x > 0.0))
-            .collect();
-        let (xmin, xmax) = points
-            .iter()
-            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &(x, _)| {
-                (lo.min(tx(x)), hi.max(tx(x)))
-            });
-        let (xmin, xmax) = if xmin.is_finite() && xmax > xmin {
-            (xmin, xmax)
-        } else if xmin.is_finite() {
-            (xmin - 1.0, xmin + 1.0)
-        } else {
-            (0.0, 1.0)
-        };
-        let ymax = points.iter().fold(0f64, |hi, &(_, y)| hi.max(y));
-        let ymin = points.iter().fold(0f64, |lo, &(_, y)| lo.min(y));
-        let (lo, hi) = y_axis(
-            &mut svg,
-            ymin,
-            if ymax > ymin { ymax } else { ymin + 1.0 },
-            &self.y_label,
-        );
-        let plot_w = WIDTH - LEFT - RIGHT;
-        let plot_h = HEIGHT - TOP - BOTTOM;
-        // A little margin so points at the ends are not on the axis.
-        let pad = (xmax - xmin) * 0.04;
-        let (xa, xb) = (xmin - pad, xmax + pad);
-        let to_x = |x: f64| LEFT + plot_w * (tx(x) - xa) / (xb - xa);
-        let to_y = |y: f64| TOP + plot_h * (1.0 - (y - lo) / (hi - lo));
-        // X ticks at the distinct x values of the data (a handful of capacities, say).
-        let mut xs: Vec<f64> = points.iter().map(|&(x, _)| x).collect();
-        xs.sort_by(f64::total_cmp);
-        xs.dedup();
-        for &x in &xs {
-            let px = to_x(x);
-            let _ = writeln!(
-                svg,
-                "<line x1=\"{px:.1}\" y1=\"{:.1}\" x2=\"{px:.1}\" y2=\"{:.1}\" stroke=\"black\"/>\n\
-                 <text x=\"{px:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>",
-                TOP + plot_h,
-                TOP + plot_h + 5.0,
-                TOP + plot_h + 18.0,
-                escape(&tick_label(x))
-            );
+        let drawn = self.draw(&mut svg);
+        match drawn {
+            Ok(()) => svg,
+            Err(e) => fallback(&self.title, &e),
         }
-        let _ = writeln!(
-            svg,
-            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>",
-            LEFT + plot_w / 2.0,
-            TOP + plot_h + 40.0,
-            escape(&self.x_label)
+    }
+
+    /// The points that can be drawn: finite, and with a positive x on a log axis.
+    fn points(&self, s: usize) -> Vec<(f64, f64)> {
+        self.series[s]
+            .1
+            .iter()
+            .copied()
+            .filter(|&(x, y)| x.is_finite() && y.is_finite() && (!self.log_x || x > 0.0))
+            .collect()
+    }
+
+    fn draw(&self, out: &mut String) -> DrawResult {
+        let root = SVGBackend::with_string(out, (WIDTH, HEIGHT)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let (plot, foot) = root.split_vertically(HEIGHT - FOOTER);
+        let all: Vec<Vec<(f64, f64)>> = (0..self.series.len()).map(|s| self.points(s)).collect();
+        let xs = || all.iter().flatten().map(|p| p.0);
+        let (mut lo, mut hi) = (
+            xs().fold(f64::INFINITY, f64::min),
+            xs().fold(f64::NEG_INFINITY, f64::max),
         );
-        for (s, (_, pts)) in self.series.iter().enumerate() {
-            let color = PALETTE[s % PALETTE.len()];
-            let mut path = String::new();
-            for &(x, y) in pts
-                .iter()
-                .filter(|&&(x, y)| x.is_finite() && y.is_finite() && (!self.log_x || x > 0.0))
-            {
-                let _ = write!(
-                    path,
-                    "{}{:.1},{:.1}",
-                    if path.is_empty() { "M" } else { " L" },
-                    to_x(x),
-                    to_y(y)
-                );
-                let _ = writeln!(
-                    svg,
-                    "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{color}\"><title>{}</title></circle>",
-                    to_x(x),
-                    to_y(y),
-                    escape(&tick_label(y))
-                );
-            }
-            if !path.is_empty() {
-                let _ = writeln!(
-                    svg,
-                    "<path d=\"{path}\" fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" stroke-dasharray=\"{}\"/>",
-                    DASHES[s % DASHES.len()]
-                );
-            }
+        if !(lo.is_finite() && hi.is_finite()) {
+            (lo, hi) = if self.log_x { (1.0, 10.0) } else { (0.0, 1.0) };
+        }
+        if hi <= lo {
+            (lo, hi) = if self.log_x {
+                (lo / 2.0, hi * 2.0)
+            } else {
+                (lo - 1.0, hi + 1.0)
+            };
+        }
+        let top = axis_top(all.iter().flatten().map(|p| p.1));
+        let builder = || {
+            let mut b = ChartBuilder::on(&plot);
+            b.caption(&self.title, (FONT, 16))
+                .margin(10)
+                .x_label_area_size(40)
+                .y_label_area_size(64);
+            b
+        };
+        // The two axis kinds have different types; the drawing is the same.
+        macro_rules! draw_on {
+            ($chart:expr) => {{
+                let mut chart = $chart;
+                chart
+                    .configure_mesh()
+                    .max_light_lines(1)
+                    .x_desc(&self.x_label)
+                    .y_desc(&self.y_label)
+                    .x_label_formatter(&|v| tick_label(*v))
+                    .y_label_formatter(&|v| tick_label(*v))
+                    .draw()?;
+                for (s, points) in all.iter().enumerate() {
+                    let style = color(s).stroke_width(2);
+                    if s == 0 {
+                        chart.draw_series(LineSeries::new(points.iter().copied(), style))?;
+                    } else {
+                        let (dash, gap) = DASHES[(s - 1) % DASHES.len()];
+                        chart.draw_series(DashedLineSeries::new(
+                            points.iter().copied(),
+                            dash,
+                            gap,
+                            style,
+                        ))?;
+                    }
+                    chart.draw_series(
+                        points.iter().map(|&p| Circle::new(p, 3, color(s).filled())),
+                    )?;
+                }
+            }};
+        }
+        if self.log_x {
+            draw_on!(builder().build_cartesian_2d((lo..hi).log_scale(), 0f64..top)?);
+        } else {
+            draw_on!(builder().build_cartesian_2d(lo..hi, 0f64..top)?);
         }
         let names: Vec<&str> = self.series.iter().map(|(n, _)| n.as_str()).collect();
-        legend(&mut svg, &names);
-        note(&mut svg, &self.note);
-        svg.push_str("</svg>\n");
-        svg
+        footer(&foot, &names, &self.note)?;
+        root.present()?;
+        Ok(())
     }
 }
 
@@ -395,13 +336,42 @@ mod tests {
     }
 
     #[test]
-    fn nice_steps_are_one_two_or_five() {
-        assert_eq!(nice_step(100.0, 5.0), 20.0);
-        assert_eq!(nice_step(0.9, 5.0), 0.2);
-        assert_eq!(nice_step(0.0, 5.0), 0.2);
+    fn tick_labels_are_compact() {
         assert_eq!(tick_label(3_000_000.0), "3M");
         assert_eq!(tick_label(250_000.0), "250k");
         assert_eq!(tick_label(0.25), "0.25");
+    }
+
+    #[test]
+    fn charts_draw_their_text_and_shapes() {
+        let bars = BarChart {
+            title: "memory: admitted <concurrency>".into(),
+            note: "2026-11-30".into(),
+            y_label: "requests".into(),
+            categories: vec!["contiguous max-length reservation".into(), "paged".into()],
+            series: vec![("mean running".into(), vec![25.6, 104.3])],
+        }
+        .to_svg();
+        assert!(bars.contains("admitted &lt;concurrency&gt;"), "{bars}");
+        assert!(bars.contains("reservation") && bars.contains("mean running"));
+        assert!(
+            bars.matches("<rect").count() >= 3,
+            "two bars and a swatch: {bars}"
+        );
+        let lines = LineChart {
+            title: "hit rate".into(),
+            note: String::new(),
+            x_label: "capacity (tokens)".into(),
+            y_label: "percent".into(),
+            log_x: true,
+            series: vec![
+                ("lru".into(), vec![(1e5, 4.3), (1e6, 5.5), (1e7, 29.4)]),
+                ("optimum".into(), vec![(1e5, 9.2), (1e6, 25.8), (1e7, 37.4)]),
+            ],
+        }
+        .to_svg();
+        assert!(lines.contains("capacity (tokens)") && lines.contains("optimum"));
+        assert_eq!(lines.matches("<circle").count(), 6, "{lines}");
     }
 
     #[test]
@@ -423,8 +393,9 @@ mod tests {
             series: vec![("s".into(), vec![(0.0, 1.0), (10.0, f64::NAN), (100.0, 2.0)])],
         }
         .to_svg();
-        for svg in [bars, lines] {
-            assert!(svg.starts_with("<svg"));
+        let empty = LineChart::default().to_svg();
+        for svg in [bars, lines, empty] {
+            assert!(svg.starts_with("<svg"), "{svg}");
             assert!(svg.trim_end().ends_with("</svg>"));
             assert!(!svg.contains("NaN") && !svg.contains("inf"), "{svg}");
         }

@@ -18,8 +18,11 @@ use super::workload::{SimRequest, generated_token};
 /// Latency percentiles of one QoS class, in milliseconds.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
 pub struct ClassLatency {
-    /// The class.
+    /// The class's rank (0 = most important).
     pub qos: u8,
+    /// The class's name in [`kvc_core::QosClasses::default`]: `critical`, `standard`,
+    /// `best-effort` (or `qos#N` beyond them).
+    pub name: String,
     /// Requests of the class that finished.
     pub finished: usize,
     /// Time to first token, p50.
@@ -53,7 +56,8 @@ pub struct SimResult {
     pub peak_kv_util: f64,
     /// Time-weighted mean share of KV blocks in use.
     pub mean_kv_util: f64,
-    /// Time-weighted share of allocated KV slots that hold a real token.
+    /// Running tokens / slots in use: the tokens of the running sequences over the token slots
+    /// of every allocated block (cached blocks included), time-weighted.
     pub token_util: f64,
     /// Time-weighted mean of running sequences (admitted concurrency).
     pub mean_running: f64,
@@ -67,6 +71,15 @@ pub struct SimResult {
     pub classes: Vec<ClassLatency>,
     /// Scheduler steps.
     pub steps: u64,
+}
+
+/// The name of `class` in the default set of classes (`critical`, `standard`,
+/// `best-effort`), or its rank as `qos#N` beyond them.
+#[must_use]
+pub fn class_name(class: QosClass) -> String {
+    kvc_core::QosClasses::default()
+        .name(class)
+        .map_or_else(|| class.to_string(), str::to_owned)
 }
 
 /// Nearest-rank percentile of sorted values (0 for none).
@@ -303,6 +316,7 @@ pub fn simulate<P: PinPolicy, R: ReuseIndex>(
         b.sort_by(f64::total_cmp);
         result.classes.push(ClassLatency {
             qos: QosClass(class as u8).get(),
+            name: class_name(QosClass(class as u8)),
             finished: finished_by_class.get(class).copied().unwrap_or(0),
             ttft_p50_ms: percentile(&a, 50.0),
             ttft_p99_ms: percentile(&a, 99.0),

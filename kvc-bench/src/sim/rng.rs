@@ -1,29 +1,25 @@
 //! A small seeded random number generator (SplitMix64) and the distributions the workload
 //! generators draw from. Deterministic across platforms, so a seed names a workload.
 
-/// SplitMix64: fast, statistically sound for simulation, and reproducible everywhere.
+/// [`SplitMix64`](kvc_core::rng::SplitMix64) with the distributions the workloads draw from.
 #[derive(Clone, Debug)]
-pub struct Rng(u64);
+pub struct Rng(kvc_core::rng::SplitMix64);
 
 impl Rng {
     /// A generator from a seed.
     #[must_use]
     pub fn new(seed: u64) -> Self {
-        Self(seed)
+        Self(kvc_core::rng::SplitMix64::new(seed))
     }
 
     /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
 
     /// Uniform in [0, 1).
     pub fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+        self.0.next_f64()
     }
 
     /// Uniform integer in `[lo, hi)`; `lo` when the range is empty.

@@ -5,16 +5,13 @@
 use kvc_core::{BlockId, PageTable, PagedLayout};
 use kvc_kernels::KvElem;
 
-/// SplitMix64: small, seeded, good enough for test data.
+/// kvc's SplitMix64 ([`kvc_core::rng`]) over a visible state, with the draws the tests need.
 pub struct Rng(pub u64);
 
 impl Rng {
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0 = self.0.wrapping_add(kvc_core::rng::GAMMA);
+        kvc_core::rng::mix(self.0)
     }
     /// Uniform in `0..n`.
     pub fn below(&mut self, n: u64) -> u64 {
