@@ -8,6 +8,10 @@
 //!   (`kvc-bench replay`), and [`block_replay`], the engine-like replay of an engine's whole
 //!   block management (`kvc-bench replay --engine-like`);
 //! - [`report`]: the report of `cargo xtask bench` (`kvc-bench report`);
+//! - [`metrics_export`]: the Prometheus endpoint of `kvc-bench engine --metrics-addr`;
+//! - [`cluster`]: N simulated engines behind the KV-aware router (`kvc-bench scenario
+//!   cluster`);
+//! - [`analyze`]: the workload analyzer (`kvc-bench analyze`);
 //! - [`profiles`] and [`size`]: GPU and model profiles and the capacity calculator
 //!   (`kvc-bench size`).
 //!
@@ -26,8 +30,11 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod analyze;
 pub mod block_replay;
+pub mod cluster;
 pub mod engine;
+pub mod metrics_export;
 pub mod profiles;
 pub mod replay;
 pub mod report;

@@ -84,8 +84,22 @@ impl Ingest {
         self.last.get(&engine).copied()
     }
 
-    /// Decodes one frame and applies it in order.
+    /// Decodes one frame and applies it in order; counts the outcome in
+    /// `kvc_route_events_total{outcome}` through the `metrics` facade.
     pub fn offer(&mut self, index: &mut KvIndex, frame: &[u8], now_ms: u64) -> Offer {
+        let offer = self.offer_inner(index, frame, now_ms);
+        let outcome = match &offer {
+            Offer::Applied(_) => "applied",
+            Offer::Duplicate(_) => "duplicate",
+            Offer::Gap { .. } => "gap",
+            Offer::Malformed(_) => "malformed",
+            Offer::Refused(_) => "refused",
+        };
+        metrics::counter!("kvc_route_events_total", "outcome" => outcome).increment(1);
+        offer
+    }
+
+    fn offer_inner(&mut self, index: &mut KvIndex, frame: &[u8], now_ms: u64) -> Offer {
         let event = match decode_event(frame) {
             Ok(e) => e,
             Err(e) => {
@@ -135,6 +149,7 @@ impl Ingest {
         index.load_snapshot(snap, now_ms)?;
         self.last.insert(snap.engine, snap.seq);
         self.stats.resyncs += 1;
+        metrics::counter!("kvc_route_events_total", "outcome" => "resync").increment(1);
         Ok(true)
     }
 

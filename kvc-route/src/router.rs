@@ -13,6 +13,9 @@
 //! still copies over PCIe, a shared hit over the network). With temperature 0 the cheapest
 //! engine wins (ties to the lower load, then the lower id); with temperature `t > 0` engine
 //! `e` is drawn with probability ∝ exp(−cost(e) / t), from a seeded generator, so runs repeat.
+//!
+//! Each decision is counted through the `metrics` facade: `kvc_route_decisions_total{engine}`
+//! and `kvc_route_cached_blocks_total{tier}` (the chosen engine's overlap).
 
 use thiserror::Error;
 
@@ -187,6 +190,16 @@ impl Router {
             best
         };
         self.index.note_routed(chosen.engine);
+        metrics::counter!("kvc_route_decisions_total", "engine" => chosen.engine.0.to_string())
+            .increment(1);
+        for (tier, blocks) in [
+            ("device", chosen.overlap.device),
+            ("host", chosen.overlap.host),
+            ("shared", chosen.overlap.shared),
+        ] {
+            metrics::counter!("kvc_route_cached_blocks_total", "tier" => tier)
+                .increment(u64::from(blocks));
+        }
         Ok(RouteDecision {
             chosen,
             engines: self.scores.len(),

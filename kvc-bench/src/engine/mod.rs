@@ -7,6 +7,7 @@
 //! whether the request ran in a batch, after a prefix hit, as a session's next turn, or after
 //! being preempted (recomputed or swapped).
 
+mod metrics;
 pub mod model;
 
 use std::collections::HashMap;
@@ -24,6 +25,7 @@ use kvc_sched::{
 };
 use thiserror::Error;
 
+use metrics::EngineMetrics;
 use model::{Model, ModelConfig, Qkv, argmax};
 
 /// Why the engine stopped.
@@ -172,6 +174,7 @@ pub struct Engine<P, R> {
     computed: u64,
     generated: u64,
     peak_pinned_used: usize,
+    metrics: EngineMetrics,
 }
 
 impl<P: PinPolicy, R: ReuseIndex> Engine<P, R> {
@@ -221,6 +224,10 @@ impl<P: PinPolicy, R: ReuseIndex> Engine<P, R> {
             computed: 0,
             generated: 0,
             peak_pinned_used: 0,
+            // f32 keys and values of every layer.
+            metrics: EngineMetrics::new(
+                2 * (m.kv_heads * m.head_dim * m.layers) as u64 * u64::from(cfg.block_size) * 4,
+            ),
         })
     }
 
@@ -247,6 +254,7 @@ impl<P: PinPolicy, R: ReuseIndex> Engine<P, R> {
             max_new_tokens: req.max_new_tokens,
             arrival_ms: self.sched.stats().steps,
         })?;
+        self.metrics.submitted(id, req.qos);
         self.prompts.insert(id, req.prompt.len());
         self.tokens.insert(id, req.prompt);
         Ok(id)
@@ -275,6 +283,7 @@ impl<P: PinPolicy, R: ReuseIndex> Engine<P, R> {
         if pairs.is_empty() {
             return Ok(());
         }
+        self.metrics.swapped(pairs.len(), out);
         let copies: Vec<BlockCopy> = pairs
             .iter()
             .map(|p| {
@@ -359,13 +368,18 @@ impl<P: PinPolicy, R: ReuseIndex> Engine<P, R> {
             if let Some(t) = self.tokens.get_mut(&s.seq) {
                 t.push(token);
             }
+            self.metrics.sampled(s.seq);
             sampled.push((s.seq, token));
         }
         self.generated += sampled.len() as u64;
         let pinned = self.sched.allocator().stats().regions[0].used;
         self.peak_pinned_used = self.peak_pinned_used.max(pinned);
         let mut done = Vec::new();
-        for f in self.sched.complete_step(&sampled)? {
+        let finished = self.sched.complete_step(&sampled)?;
+        self.metrics
+            .step(&self.sched.stats(), &self.sched.allocator().stats());
+        for f in finished {
+            self.metrics.finished(f.seq, f.cached_tokens);
             let mut tokens = self.tokens.remove(&f.seq).unwrap_or_default();
             let prompt_len = self.prompts.remove(&f.seq).unwrap_or(0);
             tokens.truncate(prompt_len);
