@@ -19,11 +19,29 @@ use thiserror::Error;
 
 use crate::event::{ChainHash, EngineId, Event, EventBody, LoadReport, Scope, Snapshot, Tier};
 
-/// A block's key in the index: blocks only match within one scope.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// A block's key in the index: its hash and its interned scope (blocks only match within one
+/// scope). 24 bytes, hashed by one multiply: chained hashes are already uniform.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Key {
-    scope: Scope,
-    hash: ChainHash,
+    lo: u64,
+    hi: u64,
+    scope: u32,
+}
+
+impl Key {
+    fn new(scope: u32, hash: ChainHash) -> Self {
+        Self {
+            lo: hash.0 as u64,
+            hi: (hash.0 >> 64) as u64,
+            scope,
+        }
+    }
+}
+
+impl std::hash::Hash for Key {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.lo ^ u64::from(self.scope).wrapping_mul(0xD6E8_FEB8_6659_FD93));
+    }
 }
 
 /// A hasher for keys that are already uniformly distributed (chained hashes): it mixes the
@@ -132,6 +150,7 @@ pub struct KvIndex {
     block_size: u32,
     words: usize,
     map: Map<Key, Bits>,
+    scopes: Map<Scope, u32>,
     slots: Vec<Option<EngineInfo>>,
     by_id: Map<EngineId, usize>,
 }
@@ -144,6 +163,7 @@ impl KvIndex {
             block_size,
             words: 1,
             map: Map::default(),
+            scopes: Map::default(),
             slots: Vec::new(),
             by_id: Map::default(),
         }
@@ -214,27 +234,16 @@ impl KvIndex {
         let slot = self.by_id[&event.engine];
         match &event.body {
             EventBody::Stored(s) => {
+                let scope = self.intern(s.scope);
                 for &hash in &s.hashes {
-                    self.set(
-                        slot,
-                        s.tier,
-                        Key {
-                            scope: s.scope,
-                            hash,
-                        },
-                    );
+                    self.set(slot, s.tier, Key::new(scope, hash));
                 }
             }
             EventBody::Removed(r) => {
-                for &hash in &r.hashes {
-                    self.clear(
-                        slot,
-                        r.tier,
-                        Key {
-                            scope: r.scope,
-                            hash,
-                        },
-                    );
+                if let Some(&scope) = self.scopes.get(&r.scope) {
+                    for &hash in &r.hashes {
+                        self.clear(slot, r.tier, Key::new(scope, hash));
+                    }
                 }
             }
             EventBody::Cleared { tier } => self.clear_engine(slot, *tier),
@@ -264,15 +273,9 @@ impl KvIndex {
         let slot = self.by_id[&snap.engine];
         self.clear_engine(slot, None);
         for g in &snap.groups {
+            let scope = self.intern(g.scope);
             for &hash in &g.hashes {
-                self.set(
-                    slot,
-                    g.tier,
-                    Key {
-                        scope: g.scope,
-                        hash,
-                    },
-                );
+                self.set(slot, g.tier, Key::new(scope, hash));
             }
         }
         Ok(())
@@ -321,29 +324,25 @@ impl KvIndex {
         }
         scratch.planes.clear();
         scratch.planes.resize(words * 3 * PLANES, 0);
-        for &hash in hashes {
-            let Some(bits) = self.map.get(&Key { scope, hash }) else {
-                break;
-            };
-            let shared_any = bits[2 * words..3 * words].iter().any(|&w| w != 0);
-            let mut any = 0;
-            for w in 0..words {
-                let active = scratch.active[w];
-                let dev = active & bits[w];
-                let host = active & bits[words + w] & !dev;
-                let shared = if shared_any { active & !dev & !host } else { 0 };
-                let base = w * 3 * PLANES;
-                add_sliced(&mut scratch.planes[base..base + PLANES], dev);
-                add_sliced(&mut scratch.planes[base + PLANES..base + 2 * PLANES], host);
-                add_sliced(
-                    &mut scratch.planes[base + 2 * PLANES..base + 3 * PLANES],
-                    shared,
-                );
-                scratch.active[w] = dev | host | shared;
-                any |= scratch.active[w];
+        // Lookups go in chunks, so the memory accesses of a chunk overlap (the index is far
+        // larger than the caches); the bitset work follows per chunk.
+        const CHUNK: usize = 32;
+        // A scope nothing was stored under matches nothing.
+        let scope_id = self.scopes.get(&scope).copied();
+        let hashes = if scope_id.is_some() { hashes } else { &[] };
+        let scope_id = scope_id.unwrap_or(0);
+        'walk: for chunk in hashes.chunks(CHUNK) {
+            let mut found: [Option<&Bits>; CHUNK] = [None; CHUNK];
+            for (slot, &hash) in found.iter_mut().zip(chunk) {
+                *slot = self.map.get(&Key::new(scope_id, hash));
             }
-            if any == 0 {
-                break;
+            for bits in &found[..chunk.len()] {
+                let Some(bits) = bits else {
+                    break 'walk;
+                };
+                if !self.step(bits, scratch) {
+                    break 'walk;
+                }
             }
         }
         for (slot, e) in self.slots.iter().enumerate() {
@@ -367,6 +366,37 @@ impl KvIndex {
                 },
             ));
         }
+    }
+
+    /// Advances the walk by one block held somewhere; returns whether any engine still
+    /// matches.
+    #[inline]
+    fn step(&self, bits: &Bits, scratch: &mut OverlapScratch) -> bool {
+        let words = self.words;
+        let shared_any = bits[2 * words..3 * words].iter().any(|&w| w != 0);
+        let mut any = 0;
+        for w in 0..words {
+            let active = scratch.active[w];
+            let dev = active & bits[w];
+            let host = active & bits[words + w] & !dev;
+            let shared = if shared_any { active & !dev & !host } else { 0 };
+            let base = w * 3 * PLANES;
+            add_sliced(&mut scratch.planes[base..base + PLANES], dev);
+            add_sliced(&mut scratch.planes[base + PLANES..base + 2 * PLANES], host);
+            add_sliced(
+                &mut scratch.planes[base + 2 * PLANES..base + 3 * PLANES],
+                shared,
+            );
+            scratch.active[w] = dev | host | shared;
+            any |= scratch.active[w];
+        }
+        any != 0
+    }
+
+    /// The scope's id, assigned on first use (scopes are few and never forgotten).
+    fn intern(&mut self, scope: Scope) -> u32 {
+        let next = self.scopes.len() as u32;
+        *self.scopes.entry(scope).or_insert(next)
     }
 
     /// The engine's slot, registering it if new.
