@@ -96,6 +96,14 @@ wire_id!(
     "adapter#"
 );
 
+impl From<kvc_core::TenantId> for SaltId {
+    /// A tenant's salt id is its tenant id unless the deployment sets another (as kvc-reuse's
+    /// scoped index does).
+    fn from(t: kvc_core::TenantId) -> Self {
+        SaltId(u64::from(t.0))
+    }
+}
+
 /// The chained hash of one block, as the engine's prefix cache computes it (kvc-reuse's
 /// `BlockHash`): it covers the block's tokens and every token before them, so equal hashes
 /// mean equal prefixes.
