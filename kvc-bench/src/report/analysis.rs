@@ -16,7 +16,7 @@ pub(crate) fn measure(trace: &[TraceRequest], mode: Mode) -> Result<Analysis, Re
     let mut cfg = AnalyzeConfig::new();
     let (limit, block, points) = match mode {
         Mode::Tiny => (300, 512, 3),
-        Mode::Quick => (usize::MAX, 512, 6),
+        Mode::Quick => (3_000, 512, 5),
         Mode::Default => (usize::MAX, 64, 8),
         Mode::Full => (usize::MAX, 16, 10),
     };
