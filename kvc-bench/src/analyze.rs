@@ -419,14 +419,15 @@ fn recommend(
             what: "block size",
             value: u64::from(b.block_size),
             unit: "tokens per block",
-            bytes: Some(u64::from(b.block_size) * per_token),
+            bytes: None,
             because: format!(
                 "largest of 16-256 within 1% of the unbounded hit rate at 16 ({} vs {}) and \
-                 at most 1% of KV in partial last blocks ({}); the trace resolves prefixes to \
-                 {MOONCAKE_BLOCK_TOKENS} tokens",
+                 at most 1% of KV in partial last blocks ({}); {:.1} MiB per block; the trace \
+                 resolves prefixes to {MOONCAKE_BLOCK_TOKENS} tokens",
                 pct(b.infinite_hit_rate),
                 pct(base),
-                pct(b.partial_block_waste)
+                pct(b.partial_block_waste),
+                (u64::from(b.block_size) * per_token) as f64 / f64::from(1u32 << 20)
             ),
         });
     }
