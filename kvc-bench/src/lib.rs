@@ -10,6 +10,10 @@
 //! - [`kernel_kit`]: ready-made decode batches and a read-bandwidth probe for measuring the
 //!   `kvc-kernels` CPU decode against the machine;
 //! - [`report`]: the report of `cargo xtask bench` (`kvc-bench report`);
+//! - [`metrics_export`]: the Prometheus endpoint of `kvc-bench engine --metrics-addr`;
+//! - [`cluster`]: N simulated engines behind the KV-aware router (`kvc-bench scenario
+//!   cluster`);
+//! - [`analyze`]: the workload analyzer (`kvc-bench analyze`);
 //! - [`profiles`] and [`size`]: GPU and model profiles and the capacity calculator
 //!   (`kvc-bench size`).
 //!
@@ -28,10 +32,13 @@
 // Only `kernel_kit` needs `unsafe` (2 MiB-aligned measurement buffers); everything else is safe.
 #![deny(unsafe_code)]
 
+pub mod analyze;
 pub mod block_replay;
+pub mod cluster;
 pub mod engine;
 #[allow(unsafe_code)]
 pub mod kernel_kit;
+pub mod metrics_export;
 pub mod profiles;
 pub mod replay;
 pub mod report;

@@ -30,7 +30,7 @@ enum Command {
     /// Replay a Mooncake-format trace through the prefix cache and report the hit rate.
     Replay(ReplayArgs),
     /// Run a serving scenario in the simulator: memory, qos-overload, shared-prefix,
-    /// multi-turn, trace.
+    /// multi-turn, trace, cluster.
     Scenario(ScenarioArgs),
     /// KV bytes per token and per block of a model, and how much fits on a GPU.
     Size(SizeArgs),
@@ -40,6 +40,31 @@ enum Command {
     /// Run every benchmark and write a markdown report with SVG plots (what `cargo xtask
     /// bench` runs).
     Report(ReportArgs),
+    /// Analyse a trace: length distributions, prefix repetition, conversations, hit rate
+    /// against capacity, and recommended cache sizes for a model and GPU.
+    Analyze(AnalyzeArgs),
+}
+
+#[derive(Args)]
+struct AnalyzeArgs {
+    /// Mooncake JSONL trace (`timestamp`, `input_length`, `output_length`, `hash_ids`).
+    #[arg(long)]
+    trace: PathBuf,
+    /// Model: Llama-3-8B, Llama-2-13B, Llama-3-70B.
+    #[arg(long, default_value = "Llama-3-8B")]
+    model: String,
+    /// GPU: H200, H100, A100-80GB.
+    #[arg(long, default_value = "H200")]
+    gpu: String,
+    /// Tokens per block of the hit-rate replays.
+    #[arg(long, default_value_t = 16)]
+    block_size: u32,
+    /// Capacities on the hit-rate curve.
+    #[arg(long, default_value_t = 8)]
+    points: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -55,6 +80,14 @@ struct EngineArgs {
     /// Serve without the prefix cache.
     #[arg(long)]
     no_reuse: bool,
+    /// Serve Prometheus metrics on this address (`127.0.0.1:9100`; port 0 picks a free one,
+    /// printed on stderr) while the engine runs.
+    #[arg(long)]
+    metrics_addr: Option<String>,
+    /// With `--metrics-addr`: keep the endpoint up this many seconds after the run (for a
+    /// last scrape).
+    #[arg(long, default_value_t = 0)]
+    metrics_linger_s: u64,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -86,7 +119,7 @@ struct ReportArgs {
 
 #[derive(Args)]
 struct ScenarioArgs {
-    /// The scenario: memory, qos-overload, shared-prefix, multi-turn, trace.
+    /// The scenario: memory, qos-overload, shared-prefix, multi-turn, trace, cluster.
     name: String,
     /// Run size: small (seconds), default, or full (long).
     #[arg(long, default_value = "default")]
@@ -95,6 +128,9 @@ struct ScenarioArgs {
     /// ../shared/traces/mooncake-conversation.jsonl).
     #[arg(long)]
     trace: Option<PathBuf>,
+    /// Engines of the `cluster` scenario.
+    #[arg(long, default_value_t = 8)]
+    engines: usize,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -269,6 +305,7 @@ fn main() -> ExitCode {
         Command::Size(args) => run_size(&args),
         Command::Engine(args) => run_engine(&args),
         Command::Report(args) => run_report(args),
+        Command::Analyze(args) => run_analyze(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -364,6 +401,9 @@ fn run_scenario(args: &ScenarioArgs) -> Result<(), String> {
             ));
         }
     };
+    if args.name == "cluster" {
+        return run_cluster(args, size);
+    }
     let report =
         scenarios::run(&args.name, size, args.trace.as_deref()).map_err(|e| e.to_string())?;
     if args.json {
@@ -506,6 +546,15 @@ fn run_engine(args: &EngineArgs) -> Result<(), String> {
     if args.requests == 0 || args.new_tokens == 0 {
         return Err("--requests and --new-tokens must be at least 1".into());
     }
+    let endpoint = match &args.metrics_addr {
+        Some(addr) => {
+            let e = kvc_bench::metrics_export::MetricsEndpoint::serve(addr)
+                .map_err(|e| e.to_string())?;
+            eprintln!("metrics: http://{}/metrics", e.local_addr());
+            Some(e)
+        }
+        None => None,
+    };
     let mut cfg = EngineConfig::new(ModelConfig::small(), 2_048);
     const PROMPT: u64 = 256 + 64;
     let n = at_most(
@@ -621,6 +670,155 @@ fn run_engine(args: &EngineArgs) -> Result<(), String> {
             report.peak_pinned_used
         );
         print_classes(&report.classes);
+    }
+    if let Some(e) = endpoint {
+        if args.metrics_linger_s > 0 {
+            eprintln!(
+                "metrics: serving {} for {} s more",
+                e.local_addr(),
+                args.metrics_linger_s
+            );
+            std::thread::sleep(std::time::Duration::from_secs(args.metrics_linger_s));
+        }
+        drop(e);
+    }
+    Ok(())
+}
+
+fn run_analyze(args: &AnalyzeArgs) -> Result<(), String> {
+    use kvc_bench::analyze::{AnalyzeConfig, Distribution, analyze};
+
+    let trace = read_trace(&args.trace).map_err(|e| format!("{}: {e}", args.trace.display()))?;
+    let mut cfg = AnalyzeConfig::new();
+    cfg.model.clone_from(&args.model);
+    cfg.gpu.clone_from(&args.gpu);
+    cfg.block_size = args.block_size;
+    cfg.capacity_points = args.points;
+    let a = analyze(&trace, &cfg).map_err(|e| e.to_string())?;
+    if args.json {
+        println!("{}", serde_json::to_string(&a).map_err(|e| e.to_string())?);
+        return Ok(());
+    }
+    let dist = |name: &str, d: &Distribution| {
+        println!(
+            "{name}: mean {:.0}, min {}, p50 {}, p90 {}, p99 {}, max {}",
+            d.mean, d.min, d.p50, d.p90, d.p99, d.max
+        );
+    };
+    println!(
+        "{}: {} requests over {:.0} s ({:.2} requests/s)",
+        args.trace.display(),
+        a.requests,
+        a.duration_s,
+        a.arrival_rate
+    );
+    dist("input tokens", &a.input);
+    dist("output tokens", &a.output);
+    println!(
+        "prefix repetition: an unbounded cache serves {:.1}% of input tokens; {:.1}% of \
+         requests reuse an earlier request's first block",
+        100.0 * a.prefix_repetition,
+        100.0 * a.requests_reusing
+    );
+    println!(
+        "conversations (inferred): {} ({} multi-turn), {:.1}% of requests continue one",
+        a.sessions.sessions,
+        a.sessions.multi_turn,
+        100.0 * a.sessions.continuation_share
+    );
+    dist("turns per conversation", &a.sessions.turns);
+    dist("gap between turns (ms)", &a.sessions.gap_ms);
+    println!(
+        "\nhit rate against capacity ({}-token blocks; footprint {} tokens):",
+        a.block_size, a.footprint_tokens
+    );
+    for r in &a.capacity {
+        println!(
+            "  {:>12} tokens: LRU {:5.1}%  optimum {:5.1}%",
+            r.capacity_tokens,
+            100.0 * r.lru,
+            100.0 * r.optimal
+        );
+    }
+    println!(
+        "\nrecommendations for {} on {} ({} KV bytes per token, {} KV tokens on the device):",
+        a.model, a.gpu, a.kv_bytes_per_token, a.device_kv_tokens
+    );
+    for r in &a.recommendations {
+        let bytes = r
+            .bytes
+            .map(|b| format!(" ({:.2} GiB)", b as f64 / f64::from(1u32 << 30)))
+            .unwrap_or_default();
+        println!(
+            "  {}: {} {}{bytes} — {}",
+            r.what, r.value, r.unit, r.because
+        );
+    }
+    Ok(())
+}
+
+fn run_cluster(args: &ScenarioArgs, size: Size) -> Result<(), String> {
+    use kvc_bench::cluster::{ClusterConfig, run};
+    use kvc_bench::report::locate_trace;
+
+    let path = locate_trace(args.trace.as_deref(), scenarios::DEFAULT_TRACE).ok_or_else(|| {
+        format!(
+            "no trace at {} and none given with --trace PATH",
+            scenarios::DEFAULT_TRACE
+        )
+    })?;
+    let trace = read_trace(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut cfg = ClusterConfig::new();
+    cfg.engines = args.engines;
+    cfg.limit = match size {
+        Size::Small => 2_000,
+        _ => usize::MAX,
+    };
+    let r = run(&trace, &cfg).map_err(|e| e.to_string())?;
+    if args.json {
+        println!("{}", serde_json::to_string(&r).map_err(|e| e.to_string())?);
+        return Ok(());
+    }
+    println!(
+        "scenario cluster: {} requests of {} on {} engines ({} on {}), arrivals x{:.2} for \
+         {:.0}% offered load; one engine prefills {:.0} tokens/s",
+        r.requests,
+        path.display(),
+        cfg.engines,
+        cfg.model,
+        cfg.gpu,
+        r.time_scale,
+        100.0 * cfg.target_utilisation,
+        r.engine_prefill_tok_s
+    );
+    println!(
+        "caches: {} device tokens and {} host tokens per engine; an unbounded cache would hit \
+         {:.1}%",
+        cfg.device_tokens,
+        cfg.host_tokens,
+        100.0 * r.infinite_hit_rate
+    );
+    for v in &r.variants {
+        println!(
+            "{:>13} {:<14} hit {:5.1}% (device {:.1}, host {:.1}, shared {:.1}), TTFT p50 \
+             {:.0} ms p99 {:.0} ms, busiest engine {:.2}x the mean",
+            v.policy,
+            if v.shared_tier {
+                "shared tier"
+            } else {
+                "local tiers"
+            },
+            100.0 * v.hit_rate,
+            100.0 * v.hit_device,
+            100.0 * v.hit_host,
+            100.0 * v.hit_shared,
+            v.ttft_p50_ms,
+            v.ttft_p99_ms,
+            v.busy_max_over_mean
+        );
+    }
+    for (p, x) in &r.global_over_local {
+        println!("global (shared tier) over local hit rate, {p}: {x:.2}x (Mooncake: up to 2.36x)");
     }
     Ok(())
 }

@@ -219,6 +219,36 @@ pub fn replay(trace: &[TraceRequest], cfg: &ReplayConfig) -> Result<ReplayReport
     })
 }
 
+/// Hit tokens over input tokens of the offline optimum (Belady) with `cap_blocks` blocks of
+/// `block_size` tokens, or of an unbounded cache with `None`, for the requests in order. No
+/// hashing: prefixes are compared through the trace's ids.
+#[must_use]
+pub fn offline_hit_rate(trace: &[TraceRequest], block_size: u32, cap_blocks: Option<usize>) -> f64 {
+    let input: u64 = trace.iter().map(|r| u64::from(r.input_length)).sum();
+    if input == 0 || block_size == 0 {
+        return 0.0;
+    }
+    let index = ChainIndex::new(trace, block_size as usize);
+    index.offline_hits(cap_blocks) as f64 / input as f64
+}
+
+/// Distinct full blocks of `block_size` tokens over the whole trace: what an unbounded cache
+/// ends up holding.
+#[must_use]
+pub fn distinct_blocks(trace: &[TraceRequest], block_size: u32) -> u64 {
+    if block_size == 0 {
+        return 0;
+    }
+    let index = ChainIndex::new(trace, block_size as usize);
+    let mut seen = ahash::AHashSet::new();
+    for (r, (input, _)) in index.requests.iter().enumerate() {
+        for k in 0..input / index.bs {
+            seen.insert(index.key(r, k));
+        }
+    }
+    seen.len() as u64
+}
+
 /// The trace's prefixes as dense chain ids, for the offline simulations: block `k` of a
 /// request is identified by (the id of the Mooncake-block prefix holding its last token, `k`).
 struct ChainIndex {

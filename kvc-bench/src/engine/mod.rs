@@ -7,6 +7,7 @@
 //! whether the request ran in a batch, after a prefix hit, as a session's next turn, or after
 //! being preempted (recomputed or swapped).
 
+mod metrics;
 pub mod model;
 
 use std::collections::HashMap;
@@ -27,6 +28,7 @@ use kvc_sched::{
 use thiserror::Error;
 
 use crate::sim::engine::{ClassLatency, class_name, percentile};
+use metrics::EngineMetrics;
 use model::{Model, ModelConfig, Qkv, argmax};
 
 /// Why the engine stopped.
@@ -211,6 +213,7 @@ pub struct Engine<P, R> {
     timing: HashMap<SeqId, Timing>,
     /// Per class rank: time to first token and time between tokens, in milliseconds.
     latencies: Vec<(Vec<f64>, Vec<f64>)>,
+    metrics: EngineMetrics,
 }
 
 impl<P: PinPolicy, R: ReuseIndex> Engine<P, R> {
@@ -262,6 +265,10 @@ impl<P: PinPolicy, R: ReuseIndex> Engine<P, R> {
             peak_pinned_used: 0,
             timing: HashMap::new(),
             latencies: Vec::new(),
+            // f32 keys and values of every layer.
+            metrics: EngineMetrics::new(
+                2 * (m.kv_heads * m.head_dim * m.layers) as u64 * u64::from(cfg.block_size) * 4,
+            ),
         })
     }
 
@@ -296,6 +303,7 @@ impl<P: PinPolicy, R: ReuseIndex> Engine<P, R> {
                 last_token: None,
             },
         );
+        self.metrics.submitted(id, req.qos);
         self.prompts.insert(id, req.prompt.len());
         self.tokens.insert(id, req.prompt);
         Ok(id)
@@ -325,6 +333,7 @@ impl<P: PinPolicy, R: ReuseIndex> Engine<P, R> {
         if pairs.is_empty() {
             return Ok(());
         }
+        self.metrics.swapped(pairs.len(), out);
         let swaps: Vec<BlockSwap> = pairs
             .iter()
             .map(|p| BlockSwap {
@@ -399,6 +408,7 @@ impl<P: PinPolicy, R: ReuseIndex> Engine<P, R> {
             if let Some(t) = self.tokens.get_mut(&s.seq) {
                 t.push(token);
             }
+            self.metrics.sampled(s.seq);
             sampled.push((s.seq, token));
         }
         self.generated += sampled.len() as u64;
@@ -423,8 +433,12 @@ impl<P: PinPolicy, R: ReuseIndex> Engine<P, R> {
         let pinned = self.sched.allocator().stats().regions[0].used;
         self.peak_pinned_used = self.peak_pinned_used.max(pinned);
         let mut done = Vec::new();
-        for f in self.sched.complete_step(&sampled)? {
+        let finished = self.sched.complete_step(&sampled)?;
+        self.metrics
+            .step(&self.sched.stats(), &self.sched.allocator().stats());
+        for f in finished {
             self.timing.remove(&f.seq);
+            self.metrics.finished(f.seq, f.cached_tokens);
             let mut tokens = self.tokens.remove(&f.seq).unwrap_or_default();
             let prompt_len = self.prompts.remove(&f.seq).unwrap_or(0);
             tokens.truncate(prompt_len);

@@ -16,7 +16,9 @@
 //! # Ok::<(), kvc_bench::report::ReportError>(())
 //! ```
 
+mod analysis;
 mod bandwidth;
+mod cluster;
 mod hitrate;
 pub mod machine;
 mod micro;
@@ -40,13 +42,16 @@ use crate::sim::scenarios::{self, DEFAULT_TRACE, ScenarioError, ScenarioReport, 
 /// The scenarios the report runs, in order.
 pub const REPORT_SCENARIOS: &[&str] = &["memory", "qos-overload", "shared-prefix", "multi-turn"];
 
-/// The section headings of `index.md`, in order (tests check for each).
+/// The section headings of `index.md` (tests check for each); the cluster and analysis
+/// sections are rendered before "How this report was made".
 pub const SECTION_HEADINGS: &[&str] = &[
     "## Serving scenarios",
     "## Prefix hit rate against cache capacity",
     "## CPU kernel bandwidth",
     "## Micro-benchmarks (quick measurements)",
     "## How this report was made",
+    cluster::HEADING,
+    analysis::HEADING,
 ];
 
 /// How long a report runs.
@@ -230,6 +235,14 @@ pub enum ReportError {
         /// Why.
         message: String,
     },
+    /// The cluster or analysis section failed.
+    #[error("{section}: {message}")]
+    Section {
+        /// The section.
+        section: &'static str,
+        /// Why.
+        message: String,
+    },
     /// The JSON dump could not be encoded.
     #[error("cannot encode report.json: {0}")]
     Json(String),
@@ -258,6 +271,12 @@ pub struct ReportData {
     pub micro: Vec<MicroResult>,
     /// Wall time of each section, in seconds.
     pub section_seconds: Vec<(String, f64)>,
+    /// The cluster scenario on the trace, when a trace was found.
+    pub cluster: Option<crate::cluster::ClusterReport>,
+    /// The workload analysis of the trace, when a trace was found.
+    pub analysis: Option<crate::analyze::Analysis>,
+    /// The trace file, when one was found.
+    pub trace: Option<PathBuf>,
 }
 
 /// What a report wrote.
@@ -351,6 +370,24 @@ fn measure(
     timed("serving scenarios", t);
 
     let t = Instant::now();
+    let (cluster, analysis) = match &trace {
+        Some((_, requests)) => {
+            progress(
+                "cluster: engines behind the KV-aware router, round-robin, least-loaded".into(),
+            );
+            let c = cluster::measure(requests, cfg.mode)?;
+            timed("cluster", t);
+            let t = Instant::now();
+            progress("analysis: lengths, repetition, conversations, hit rate, sizes".into());
+            let a = analysis::measure(requests, cfg.mode)?;
+            timed("workload analysis", t);
+            (Some(c), Some(a))
+        }
+        None => (None, None),
+    };
+    let trace_path = trace.as_ref().map(|(p, _)| p.clone());
+
+    let t = Instant::now();
     let (hit_rate, hit_rate_skipped) = match trace {
         Some((path, trace)) => {
             let (limit, block_size, capacities) = cfg.mode.hit_rate_plan();
@@ -394,5 +431,8 @@ fn measure(
         bandwidth,
         micro,
         section_seconds,
+        cluster,
+        analysis,
+        trace: trace_path,
     })
 }

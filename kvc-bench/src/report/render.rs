@@ -78,6 +78,8 @@ pub(crate) fn render(d: &ReportData) -> (String, Vec<Plot>) {
     hit_rate(&mut md, &mut plots, d);
     bandwidth(&mut md, &mut plots, d);
     micro(&mut md, d);
+    super::cluster::render(&mut md, &mut plots, d, d.trace.as_deref());
+    super::analysis::render(&mut md, &mut plots, d);
     how(&mut md, d);
     (md, plots)
 }
@@ -563,6 +565,9 @@ mod tests {
                 iters: 1000,
             }],
             section_seconds: vec![("micro-benchmarks".into(), 0.5)],
+            cluster: None,
+            analysis: None,
+            trace: None,
         }
     }
 

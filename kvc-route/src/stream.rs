@@ -1,0 +1,520 @@
+//! KV events over Redis Streams (or Valkey): [`Publisher`] on each engine, [`Subscriber`] on
+//! each router.
+//!
+//! Keys, under a prefix (default `kvc`):
+//!
+//! - `{prefix}:engines`: a set of the engine ids that publish;
+//! - `{prefix}:events:{engine}`: the engine's stream; each entry has one field `e`, one event
+//!   frame (see [`crate::event`]); trimmed to about `max_len` entries (`XADD MAXLEN ~`);
+//! - `{prefix}:snapshot:{engine}`: a string, the engine's latest snapshot frame, written every
+//!   `snapshot_every` events. `max_len ≥ 2 × snapshot_every`, so the events after the latest
+//!   snapshot are always still in the stream.
+//!
+//! A subscriber reads every engine's stream with `XREAD`. On a sequence gap (it fell behind
+//! the trimming, joined late, or the engine was dropped and came back) it loads the engine's
+//! snapshot and reads that stream again from its start, skipping what the snapshot covers.
+//! A restarted publisher continues its engine's sequence and first publishes `Cleared`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use redis::{Connection, Value};
+use thiserror::Error;
+
+use crate::event::{
+    ChainHash, EngineId, Event, EventBody, Scope, Snapshot, SnapshotGroup, Tier, decode_event,
+    decode_snapshot, encode_event, encode_snapshot,
+};
+use crate::index::KvIndex;
+use crate::ingest::{Ingest, IngestStats, Offer};
+
+/// Why a publish or a poll failed.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum StreamError {
+    /// The Redis server refused or the connection failed.
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// The server answered something this client does not understand.
+    #[error("unexpected reply to {command}")]
+    Reply {
+        /// The command.
+        command: &'static str,
+    },
+    /// A configuration value is impossible.
+    #[error("bad stream configuration: {reason}")]
+    Config {
+        /// What is wrong.
+        reason: &'static str,
+    },
+}
+
+/// Where and how an engine publishes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PublisherConfig {
+    /// Key prefix.
+    pub prefix: String,
+    /// Tokens per block of the engine's hashes.
+    pub block_size: u32,
+    /// Approximate stream length kept.
+    pub max_len: u64,
+    /// Events between snapshots.
+    pub snapshot_every: u64,
+}
+
+impl PublisherConfig {
+    /// Defaults: prefix `kvc`, 10,000 entries kept, a snapshot every 1,000 events.
+    #[must_use]
+    pub fn new(block_size: u32) -> Self {
+        Self {
+            prefix: "kvc".into(),
+            block_size,
+            max_len: 10_000,
+            snapshot_every: 1_000,
+        }
+    }
+}
+
+/// Publishes one engine's events.
+pub struct Publisher {
+    con: Connection,
+    engine: EngineId,
+    cfg: PublisherConfig,
+    seq: u64,
+    mirror: HashMap<(Tier, Scope), HashSet<ChainHash>>,
+}
+
+impl std::fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Publisher")
+            .field("engine", &self.engine)
+            .field("seq", &self.seq)
+            .finish_non_exhaustive()
+    }
+}
+
+fn events_key(prefix: &str, engine: EngineId) -> String {
+    format!("{prefix}:events:{}", engine.0)
+}
+fn snapshot_key(prefix: &str, engine: EngineId) -> String {
+    format!("{prefix}:snapshot:{}", engine.0)
+}
+fn engines_key(prefix: &str) -> String {
+    format!("{prefix}:engines")
+}
+
+fn bytes(v: &Value) -> Option<&[u8]> {
+    match v {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.as_bytes()),
+        _ => None,
+    }
+}
+
+/// The elements of an array reply, or the key/value pairs of a map reply, flattened.
+fn items(v: &Value) -> Option<Vec<&Value>> {
+    match v {
+        Value::Array(a) | Value::Set(a) => Some(a.iter().collect()),
+        Value::Map(m) => Some(m.iter().flat_map(|(k, v)| [k, v]).collect()),
+        _ => None,
+    }
+}
+
+impl Publisher {
+    /// Connects to `url` (`redis://host:port/`), registers the engine, continues its sequence
+    /// after whatever an earlier incarnation published, and publishes `Cleared` (a new
+    /// process starts with an empty cache) and an empty snapshot.
+    ///
+    /// # Errors
+    /// A connection or server error, or an impossible configuration.
+    pub fn connect(url: &str, engine: EngineId, cfg: PublisherConfig) -> Result<Self, StreamError> {
+        if cfg.snapshot_every == 0 || cfg.max_len < 2 * cfg.snapshot_every {
+            return Err(StreamError::Config {
+                reason: "max_len must be at least twice snapshot_every, which must be positive",
+            });
+        }
+        if cfg.block_size == 0 {
+            return Err(StreamError::Config {
+                reason: "block_size must be positive",
+            });
+        }
+        let mut con = redis::Client::open(url)?.get_connection()?;
+        let last: Value = redis::cmd("XREVRANGE")
+            .arg(events_key(&cfg.prefix, engine))
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query(&mut con)?;
+        let mut seq = 0;
+        if let Some(entries) = items(&last) {
+            for entry in entries {
+                if let Some(frame) = entry_frame(entry)
+                    && let Ok(e) = decode_event(frame)
+                {
+                    seq = seq.max(e.seq);
+                }
+            }
+        }
+        let snap: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(snapshot_key(&cfg.prefix, engine))
+            .query(&mut con)?;
+        if let Some(s) = snap.and_then(|b| decode_snapshot(&b).ok()) {
+            seq = seq.max(s.seq);
+        }
+        let _: Value = redis::cmd("SADD")
+            .arg(engines_key(&cfg.prefix))
+            .arg(engine.0)
+            .query(&mut con)?;
+        let mut p = Self {
+            con,
+            engine,
+            cfg,
+            seq,
+            mirror: HashMap::new(),
+        };
+        p.publish(EventBody::Cleared { tier: None }, 0)?;
+        p.write_snapshot(0)?;
+        Ok(p)
+    }
+
+    /// The engine.
+    #[must_use]
+    pub fn engine(&self) -> EngineId {
+        self.engine
+    }
+
+    /// The sequence number of the last event published.
+    #[must_use]
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Publishes one event; returns its sequence number. Every `snapshot_every` events the
+    /// snapshot is rewritten.
+    ///
+    /// # Errors
+    /// A server error; the sequence number is then not used, so the next publish reuses it.
+    pub fn publish(&mut self, body: EventBody, now_ms: u64) -> Result<u64, StreamError> {
+        let event = Event {
+            engine: self.engine,
+            seq: self.seq + 1,
+            time_ms: now_ms,
+            body,
+        };
+        self.xadd(&encode_event(&event))?;
+        self.seq = event.seq;
+        self.mirror_apply(&event.body);
+        if self.seq.is_multiple_of(self.cfg.snapshot_every) {
+            self.write_snapshot(now_ms)?;
+        }
+        Ok(self.seq)
+    }
+
+    /// Adds a raw frame to the engine's stream without taking a sequence number (for tests of
+    /// subscribers against malformed input, and for relays).
+    ///
+    /// # Errors
+    /// A server error.
+    pub fn publish_raw(&mut self, frame: &[u8]) -> Result<(), StreamError> {
+        self.xadd(frame)
+    }
+
+    fn xadd(&mut self, frame: &[u8]) -> Result<(), StreamError> {
+        let _: Value = redis::cmd("XADD")
+            .arg(events_key(&self.cfg.prefix, self.engine))
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(self.cfg.max_len)
+            .arg("*")
+            .arg("e")
+            .arg(frame)
+            .query(&mut self.con)?;
+        Ok(())
+    }
+
+    /// Everything the engine has published as held, at the current sequence number.
+    #[must_use]
+    pub fn snapshot(&self, now_ms: u64) -> Snapshot {
+        let mut groups: Vec<SnapshotGroup> = self
+            .mirror
+            .iter()
+            .filter(|(_, set)| !set.is_empty())
+            .map(|(&(tier, scope), set)| {
+                let mut hashes: Vec<ChainHash> = set.iter().copied().collect();
+                hashes.sort_unstable();
+                SnapshotGroup {
+                    tier,
+                    scope,
+                    hashes,
+                }
+            })
+            .collect();
+        groups.sort_by_key(|g| (g.tier, g.scope));
+        Snapshot {
+            engine: self.engine,
+            seq: self.seq,
+            time_ms: now_ms,
+            block_size: self.cfg.block_size,
+            groups,
+        }
+    }
+
+    /// Writes the snapshot now.
+    ///
+    /// # Errors
+    /// A server error.
+    pub fn write_snapshot(&mut self, now_ms: u64) -> Result<(), StreamError> {
+        let frame = encode_snapshot(&self.snapshot(now_ms));
+        let _: Value = redis::cmd("SET")
+            .arg(snapshot_key(&self.cfg.prefix, self.engine))
+            .arg(frame)
+            .query(&mut self.con)?;
+        Ok(())
+    }
+
+    fn mirror_apply(&mut self, body: &EventBody) {
+        match body {
+            EventBody::Stored(s) => {
+                self.mirror
+                    .entry((s.tier, s.scope))
+                    .or_default()
+                    .extend(s.hashes.iter().copied());
+            }
+            EventBody::Removed(r) => {
+                if let Some(set) = self.mirror.get_mut(&(r.tier, r.scope)) {
+                    for h in &r.hashes {
+                        set.remove(h);
+                    }
+                }
+            }
+            EventBody::Cleared { tier } => {
+                self.mirror
+                    .retain(|(t, _), _| tier.is_some_and(|x| x != *t));
+            }
+            EventBody::Load(_) => {}
+        }
+    }
+}
+
+fn entry_frame(entry: &Value) -> Option<&[u8]> {
+    // [id, [field, value, ...]]
+    let parts = items(entry)?;
+    let fields = items(parts.get(1)?)?;
+    let mut it = fields.chunks_exact(2);
+    it.find(|kv| bytes(kv[0]) == Some(b"e"))
+        .and_then(|kv| bytes(kv[1]))
+}
+
+/// Where and how a router subscribes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubscriberConfig {
+    /// Key prefix.
+    pub prefix: String,
+    /// Entries read per stream per poll.
+    pub count: usize,
+    /// How long one poll waits for new entries (0: not at all).
+    pub block_ms: u64,
+    /// Engines not heard from (events or load reports) for this long are dropped.
+    pub engine_timeout_ms: u64,
+}
+
+impl SubscriberConfig {
+    /// Defaults: prefix `kvc`, 1,000 entries per poll, no waiting, engines dropped after 10 s.
+    #[must_use]
+    pub fn new() -> Self {
+        Self {
+            prefix: "kvc".into(),
+            count: 1_000,
+            block_ms: 0,
+            engine_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl Default for SubscriberConfig {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What one poll did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PollReport {
+    /// Frames read.
+    pub frames: usize,
+    /// Engines dropped for silence.
+    pub dropped: Vec<EngineId>,
+    /// Engines still waiting for a usable snapshot.
+    pub awaiting_snapshot: usize,
+}
+
+/// Reads every engine's stream into an index.
+pub struct Subscriber {
+    con: Connection,
+    cfg: SubscriberConfig,
+    cursors: BTreeMap<EngineId, String>,
+    ingest: Ingest,
+    resync: BTreeSet<EngineId>,
+}
+
+impl std::fmt::Debug for Subscriber {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscriber")
+            .field("engines", &self.cursors.len())
+            .field("stats", &self.ingest.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Subscriber {
+    /// Connects to `url`.
+    ///
+    /// # Errors
+    /// A connection error, or a zero `count`.
+    pub fn connect(url: &str, cfg: SubscriberConfig) -> Result<Self, StreamError> {
+        if cfg.count == 0 {
+            return Err(StreamError::Config {
+                reason: "count must be positive",
+            });
+        }
+        let con = redis::Client::open(url)?.get_connection()?;
+        Ok(Self {
+            con,
+            cfg,
+            cursors: BTreeMap::new(),
+            ingest: Ingest::new(),
+            resync: BTreeSet::new(),
+        })
+    }
+
+    /// The ingest counters (applied, duplicates, gaps, resyncs, malformed, refused).
+    #[must_use]
+    pub fn stats(&self) -> IngestStats {
+        self.ingest.stats()
+    }
+
+    /// Reads what is new on every engine's stream into `index`, resynchronises engines with
+    /// gaps from their snapshots, and drops silent engines.
+    ///
+    /// # Errors
+    /// A server error or a reply of the wrong shape; what was applied before it stays applied.
+    pub fn poll(&mut self, index: &mut KvIndex, now_ms: u64) -> Result<PollReport, StreamError> {
+        let mut report = PollReport::default();
+        let members: Value = redis::cmd("SMEMBERS")
+            .arg(engines_key(&self.cfg.prefix))
+            .query(&mut self.con)?;
+        for m in items(&members).ok_or(StreamError::Reply {
+            command: "SMEMBERS",
+        })? {
+            let id = bytes(m)
+                .and_then(|b| std::str::from_utf8(b).ok())
+                .and_then(|s| s.parse::<u32>().ok());
+            if let Some(id) = id {
+                self.cursors
+                    .entry(EngineId(id))
+                    .or_insert_with(|| "0".into());
+            }
+        }
+        self.resync_pending(index, now_ms)?;
+        if !self.cursors.is_empty() {
+            let mut cmd = redis::cmd("XREAD");
+            cmd.arg("COUNT").arg(self.cfg.count);
+            if self.cfg.block_ms > 0 {
+                cmd.arg("BLOCK").arg(self.cfg.block_ms);
+            }
+            cmd.arg("STREAMS");
+            for &e in self.cursors.keys() {
+                cmd.arg(events_key(&self.cfg.prefix, e));
+            }
+            for c in self.cursors.values() {
+                cmd.arg(c);
+            }
+            let reply: Value = cmd.query(&mut self.con)?;
+            if reply != Value::Nil {
+                self.apply_reply(&reply, index, now_ms, &mut report)?;
+            }
+        }
+        self.resync_pending(index, now_ms)?;
+        index.expire(now_ms, self.cfg.engine_timeout_ms, &mut report.dropped);
+        for &e in &report.dropped {
+            self.ingest.forget(e);
+        }
+        report.awaiting_snapshot = self.resync.len();
+        Ok(report)
+    }
+
+    fn apply_reply(
+        &mut self,
+        reply: &Value,
+        index: &mut KvIndex,
+        now_ms: u64,
+        report: &mut PollReport,
+    ) -> Result<(), StreamError> {
+        let bad = StreamError::Reply { command: "XREAD" };
+        let streams = items(reply).ok_or(StreamError::Reply { command: "XREAD" })?;
+        // RESP2: [[key, entries], ...]; RESP3: {key: entries} (flattened to key, entries).
+        let pairs: Vec<(&Value, &Value)> = if matches!(reply, Value::Map(_)) {
+            streams.chunks_exact(2).map(|kv| (kv[0], kv[1])).collect()
+        } else {
+            let mut v = Vec::new();
+            for s in streams {
+                let kv = items(s).ok_or(StreamError::Reply { command: "XREAD" })?;
+                if kv.len() != 2 {
+                    return Err(bad);
+                }
+                v.push((kv[0], kv[1]));
+            }
+            v
+        };
+        for (key, entries) in pairs {
+            let engine = bytes(key)
+                .and_then(|k| std::str::from_utf8(k).ok())
+                .and_then(|k| k.rsplit(':').next())
+                .and_then(|id| id.parse::<u32>().ok())
+                .map(EngineId)
+                .ok_or(StreamError::Reply { command: "XREAD" })?;
+            for entry in items(entries).ok_or(StreamError::Reply { command: "XREAD" })? {
+                let id = items(entry)
+                    .and_then(|p| p.first().and_then(|v| bytes(v)))
+                    .and_then(|b| std::str::from_utf8(b).ok())
+                    .ok_or(StreamError::Reply { command: "XREAD" })?
+                    .to_owned();
+                report.frames += 1;
+                let offer = match entry_frame(entry) {
+                    Some(frame) => self.ingest.offer(index, frame, now_ms),
+                    None => self.ingest.offer(index, &[], now_ms),
+                };
+                if let Offer::Gap { .. } = offer {
+                    // Leave the cursor before the gap; the snapshot decides where to go on.
+                    self.resync.insert(engine);
+                    break;
+                }
+                self.cursors.insert(engine, id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Loads the snapshot of every engine with a gap; on success its stream is read again
+    /// from the start, the events the snapshot covers being skipped as duplicates.
+    fn resync_pending(&mut self, index: &mut KvIndex, now_ms: u64) -> Result<(), StreamError> {
+        let pending: Vec<EngineId> = self.resync.iter().copied().collect();
+        for engine in pending {
+            let frame: Option<Vec<u8>> = redis::cmd("GET")
+                .arg(snapshot_key(&self.cfg.prefix, engine))
+                .query(&mut self.con)?;
+            let Some(snap) = frame.and_then(|f| decode_snapshot(&f).ok()) else {
+                continue;
+            };
+            if snap.engine != engine {
+                continue;
+            }
+            // An older snapshot than what is applied leaves the engine waiting for the next.
+            if let Ok(true) = self.ingest.resync(index, &snap, now_ms) {
+                self.resync.remove(&engine);
+                self.cursors.insert(engine, "0".into());
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,233 @@
+//! The event stream over a real Redis server: publish, subscribe, gaps resynchronised from a
+//! snapshot, replays and malformed frames, publisher restarts and silent engines.
+//!
+//! The server's address comes from `KVC_REDIS_URL` (`cargo xtask test` starts one). Without
+//! it the tests are skipped with one line, except under `CI=true`, where they fail.
+#![allow(clippy::print_stderr)]
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use kvc_route::{
+    ChainHash, EngineId, EventBody, KvIndex, LoadReport, OverlapScratch, Publisher,
+    PublisherConfig, Removed, Scope, Stored, Subscriber, SubscriberConfig, Tier,
+};
+
+fn redis_url() -> Option<String> {
+    match std::env::var("KVC_REDIS_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("KVC_REDIS_URL is not set: the Redis tests need a server under CI")
+        }
+        _ => {
+            eprintln!("skipped: KVC_REDIS_URL is not set (no Redis server to test against)");
+            None
+        }
+    }
+}
+
+/// A key prefix of its own per test, so tests share one server.
+fn prefix(test: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "kvc-test-{}-{}-{test}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn stored(tier: Tier, range: std::ops::Range<u128>) -> EventBody {
+    let hashes: Vec<ChainHash> = range.map(ChainHash).collect();
+    EventBody::Stored(Stored {
+        tier,
+        scope: Scope::default(),
+        parent: None,
+        block_size: 16,
+        token_count: 16 * hashes.len() as u32,
+        hashes,
+    })
+}
+
+fn publisher(url: &str, prefix: &str, engine: u32, max_len: u64, every: u64) -> Publisher {
+    let mut cfg = PublisherConfig::new(16);
+    cfg.prefix = prefix.into();
+    cfg.max_len = max_len;
+    cfg.snapshot_every = every;
+    Publisher::connect(url, EngineId(engine), cfg).expect("publisher connects")
+}
+
+fn subscriber(url: &str, prefix: &str) -> Subscriber {
+    let mut cfg = SubscriberConfig::new();
+    cfg.prefix = prefix.into();
+    cfg.count = 50;
+    Subscriber::connect(url, cfg).expect("subscriber connects")
+}
+
+fn poll_until_quiet(sub: &mut Subscriber, index: &mut KvIndex, now_ms: u64) {
+    for _ in 0..100 {
+        let r = sub.poll(index, now_ms).expect("poll");
+        if r.frames == 0 && r.awaiting_snapshot == 0 {
+            return;
+        }
+    }
+    panic!("the subscriber did not catch up in 100 polls");
+}
+
+fn device_prefix(index: &KvIndex, engine: u32, request: std::ops::Range<u128>) -> u32 {
+    let hashes: Vec<ChainHash> = request.map(ChainHash).collect();
+    let mut out = Vec::new();
+    index.overlaps(
+        Scope::default(),
+        &hashes,
+        &mut OverlapScratch::default(),
+        &mut out,
+    );
+    out.iter()
+        .find(|(e, _)| *e == EngineId(engine))
+        .map_or(0, |(_, o)| o.device)
+}
+
+#[test]
+fn events_reach_the_index_in_order() {
+    let Some(url) = redis_url() else { return };
+    let p = prefix("order");
+    let mut pubs: Vec<Publisher> = (0..3).map(|e| publisher(&url, &p, e, 1_000, 100)).collect();
+    for (e, publ) in pubs.iter_mut().enumerate() {
+        publ.publish(stored(Tier::Device, 0..(4 + e as u128)), 1)
+            .unwrap();
+        publ.publish(stored(Tier::Host, 100..110), 1).unwrap();
+        publ.publish(
+            EventBody::Load(LoadReport {
+                queued: e as u32,
+                running: 1,
+                kv_used_blocks: 10,
+                kv_total_blocks: 100,
+            }),
+            1,
+        )
+        .unwrap();
+    }
+    pubs[2]
+        .publish(
+            EventBody::Removed(Removed {
+                tier: Tier::Device,
+                scope: Scope::default(),
+                hashes: vec![ChainHash(3)],
+            }),
+            2,
+        )
+        .unwrap();
+    let mut index = KvIndex::new(16);
+    let mut sub = subscriber(&url, &p);
+    poll_until_quiet(&mut sub, &mut index, 10);
+    assert_eq!(index.engines().count(), 3);
+    assert_eq!(device_prefix(&index, 0, 0..10), 4);
+    assert_eq!(device_prefix(&index, 1, 0..10), 5);
+    assert_eq!(device_prefix(&index, 2, 0..10), 3, "block 3 was removed");
+    let info = index.engine(EngineId(1)).unwrap();
+    assert_eq!(info.blocks, [5, 10, 0]);
+    assert_eq!(info.load.queued, 1);
+    let s = sub.stats();
+    assert_eq!((s.applied, s.gaps, s.malformed), (3 * 4 + 1, 0, 0));
+}
+
+#[test]
+fn a_gap_is_resynchronised_from_the_snapshot() {
+    let Some(url) = redis_url() else { return };
+    let p = prefix("gap");
+    // A short stream: early entries are trimmed before the subscriber first reads.
+    let mut publ = publisher(&url, &p, 7, 20, 10);
+    for i in 0..600u128 {
+        publ.publish(stored(Tier::Device, i..i + 1), 1).unwrap();
+        if i % 3 == 0 {
+            publ.publish(
+                EventBody::Removed(Removed {
+                    tier: Tier::Device,
+                    scope: Scope::default(),
+                    hashes: vec![ChainHash(i)],
+                }),
+                1,
+            )
+            .unwrap();
+        }
+    }
+    let mut index = KvIndex::new(16);
+    let mut sub = subscriber(&url, &p);
+    poll_until_quiet(&mut sub, &mut index, 10);
+    let s = sub.stats();
+    assert!(s.gaps >= 1, "the trimmed stream shows a gap: {s:?}");
+    assert!(s.resyncs >= 1, "{s:?}");
+    let expected = publ.snapshot(0);
+    let held: usize = expected.groups.iter().map(|g| g.hashes.len()).sum();
+    assert_eq!(held, 400);
+    assert_eq!(index.engine(EngineId(7)).unwrap().blocks, [400, 0, 0]);
+    assert_eq!(index.len(), 400);
+    // Later events apply on top of the snapshot.
+    publ.publish(EventBody::Cleared { tier: None }, 2).unwrap();
+    poll_until_quiet(&mut sub, &mut index, 20);
+    assert!(index.is_empty());
+}
+
+#[test]
+fn replays_and_malformed_frames_change_nothing() {
+    let Some(url) = redis_url() else { return };
+    let p = prefix("malformed");
+    let mut publ = publisher(&url, &p, 1, 1_000, 100);
+    publ.publish(stored(Tier::Device, 0..8), 1).unwrap();
+    let frame = kvc_route::encode_event(&kvc_route::Event {
+        engine: EngineId(1),
+        seq: publ.seq(),
+        time_ms: 1,
+        body: stored(Tier::Device, 50..60),
+    });
+    publ.publish_raw(&frame).unwrap(); // a replay of sequence 2 with other content
+    publ.publish_raw(&frame[..frame.len() - 3]).unwrap(); // truncated
+    publ.publish_raw(b"not an event").unwrap();
+    let mut flipped = frame.clone();
+    flipped[40] ^= 1;
+    publ.publish_raw(&flipped).unwrap();
+    publ.publish(stored(Tier::Host, 8..12), 2).unwrap();
+    let mut index = KvIndex::new(16);
+    let mut sub = subscriber(&url, &p);
+    poll_until_quiet(&mut sub, &mut index, 10);
+    let s = sub.stats();
+    assert_eq!(s.malformed, 3);
+    assert_eq!(s.duplicates, 1);
+    assert_eq!(s.gaps, 0);
+    assert_eq!(index.engine(EngineId(1)).unwrap().blocks, [8, 4, 0]);
+    assert_eq!(device_prefix(&index, 1, 50..60), 0);
+}
+
+#[test]
+fn a_restarted_engine_continues_its_sequence_and_a_silent_one_is_dropped() {
+    let Some(url) = redis_url() else { return };
+    let p = prefix("restart");
+    let mut a = publisher(&url, &p, 1, 1_000, 100);
+    a.publish(stored(Tier::Device, 0..8), 1).unwrap();
+    let mut b = publisher(&url, &p, 2, 1_000, 100);
+    b.publish(stored(Tier::Device, 0..4), 1).unwrap();
+    let mut index = KvIndex::new(16);
+    let mut sub = subscriber(&url, &p);
+    poll_until_quiet(&mut sub, &mut index, 1_000);
+    assert_eq!(device_prefix(&index, 1, 0..8), 8);
+    let before = a.seq();
+    drop(a);
+    let mut a = publisher(&url, &p, 1, 1_000, 100);
+    assert!(a.seq() > before, "the sequence goes on after a restart");
+    a.publish(stored(Tier::Device, 0..2), 2).unwrap();
+    poll_until_quiet(&mut sub, &mut index, 2_000);
+    assert_eq!(
+        device_prefix(&index, 1, 0..8),
+        2,
+        "the restart cleared the old blocks"
+    );
+    // Engine 2 says nothing more; engine 1 keeps reporting load.
+    a.publish(EventBody::Load(LoadReport::default()), 3)
+        .unwrap();
+    poll_until_quiet(&mut sub, &mut index, 11_500);
+    assert!(
+        index.engine(EngineId(2)).is_none(),
+        "the silent engine is dropped"
+    );
+    assert!(index.engine(EngineId(1)).is_some());
+    assert_eq!(device_prefix(&index, 2, 0..4), 0);
+}
