@@ -279,7 +279,8 @@ pub trait BlockStore {
     fn contains(&self, keys: &[StoreKey], found: &mut Vec<bool>) -> Result<usize, StoreError>;
 
     /// Copies the held blocks of `keys` into their slots of `dst`; returns how many were found.
-    /// Slots of blocks not found are left as they were.
+    /// Use only the slots `found` marks: the slot of a block not found may hold partial data
+    /// (a disk page found corrupt halfway through its read, say).
     fn get(
         &self,
         keys: &[StoreKey],
