@@ -195,17 +195,37 @@ impl SharedTier {
     }
 
     /// Runs `f` on a live connection; `None` (counted) when the server is out of reach or the
-    /// call failed. Never waits longer than the timeout per round trip.
+    /// call failed. A connection that fails at once when reused (the server restarted since
+    /// its last call) is replaced and the call tried once more on the new one; so a call waits
+    /// at most one connect and two read timeouts.
     fn call<T>(
         &self,
         c: &mut Conn,
-        f: impl FnOnce(&mut Connection) -> redis::RedisResult<T>,
+        mut f: impl FnMut(&mut Connection) -> redis::RedisResult<T>,
     ) -> Option<T> {
+        let reused = c.con.is_some();
+        match self.try_call(c, &mut f) {
+            Ok(v) => Some(v),
+            Err(true) if reused => {
+                c.down_until = None;
+                self.try_call(c, &mut f).ok()
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// One attempt: `Err(true)` when the connection was lost (and dropped), `Err(false)` for
+    /// any other failure.
+    fn try_call<T>(
+        &self,
+        c: &mut Conn,
+        f: &mut impl FnMut(&mut Connection) -> redis::RedisResult<T>,
+    ) -> Result<T, bool> {
         let now = Instant::now();
         if c.con.is_none() {
             if c.down_until.is_some_and(|t| now < t) {
                 c.stats.unavailable_calls += 1;
-                return None;
+                return Err(false);
             }
             let opened = self
                 .client
@@ -224,26 +244,31 @@ impl SharedTier {
                 Err(_) => {
                     c.down_until = Some(now + self.cfg.retry_after);
                     c.stats.unavailable_calls += 1;
-                    return None;
+                    return Err(false);
                 }
             }
         }
-        let con = c.con.as_mut()?;
+        let Some(con) = c.con.as_mut() else {
+            return Err(false);
+        };
         match f(con) {
-            Ok(v) => Some(v),
+            Ok(v) => Ok(v),
             Err(e) => {
                 // A server error reply leaves the connection usable; anything else may have
                 // left a reply unread or the socket dead: drop it and back off.
-                let server_reply = !(e.is_io_error()
+                let lost = e.is_io_error()
                     || e.is_timeout()
                     || e.is_connection_dropped()
-                    || e.is_unrecoverable_error());
-                if !server_reply {
-                    c.con = None;
-                    c.down_until = Some(Instant::now() + self.cfg.retry_after);
-                }
+                    || e.is_unrecoverable_error();
                 c.stats.unavailable_calls += 1;
-                None
+                if lost {
+                    c.con = None;
+                    // A timeout means the server is slow or gone: do not try again at once.
+                    c.down_until = Some(Instant::now() + self.cfg.retry_after);
+                    Err(!e.is_timeout())
+                } else {
+                    Err(false)
+                }
             }
         }
     }
