@@ -1,7 +1,10 @@
 //! Project automation for kvc, run as `cargo xtask <command>`.
 //!
 //! - `test`: every check: format, clippy, the workspace tests, a smoke run of the benchmark
-//!   report, the loom models, then the CUDA kernels' NVRTC and ptxas build (`kernels`).
+//!   report, the loom models, then the CUDA kernels' NVRTC and ptxas build (`kernels`). The
+//!   tests and the smoke run get a throwaway `redis-server` on a free loopback port
+//!   (`KVC_REDIS_URL`), started from PATH (installed with apt-get where missing and possible)
+//!   and stopped at the end; a `KVC_REDIS_URL` already set is used instead.
 //! - `loom`: the loom model checks, built with `--cfg kvc_loom` in `target/loom`.
 //! - `bench`: the benchmark report (`kvc-bench report`: scenarios, hit rate against
 //!   capacity, kernel bandwidth, quick micro-benchmarks) into `target/kvc-report/`;
@@ -13,6 +16,7 @@
 
 mod gpu;
 mod kernels;
+mod redis;
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -21,7 +25,8 @@ use std::process::{Command, ExitCode};
 const USAGE: &str = "usage: cargo xtask <command>
 
 commands:
-  test    every check: fmt, clippy, workspace tests, report smoke run, loom, kernels
+  test    every check: fmt, clippy, workspace tests (with a throwaway redis-server),
+          report smoke run, loom, kernels
   loom    loom model checks of the concurrent code (release, --cfg kvc_loom)
   bench   benchmark report into target/kvc-report/index.md (+ SVG plots)
           [--quick | --full] [--trace PATH] [--out DIR]
@@ -99,8 +104,27 @@ fn test() -> Result<(), String> {
     ]);
     run("cargo clippy", clippy)?;
 
+    // The shared-tier tests need a Redis server: one of the caller's, or a throwaway one
+    // that lives until the end of this function.
+    let (_server, redis_url) = match env::var(redis::URL_ENV) {
+        Ok(url) if !url.is_empty() => {
+            println!(
+                "\n== xtask: using the redis server at {url} ({})",
+                redis::URL_ENV
+            );
+            (None, url)
+        }
+        _ => {
+            let server = redis::start()?;
+            let url = server.url.clone();
+            (Some(server), url)
+        }
+    };
+
     let mut tests = cargo();
-    tests.args(["test", "--workspace"]);
+    tests
+        .args(["test", "--workspace"])
+        .env(redis::URL_ENV, &redis_url);
     run("cargo test --workspace", tests)?;
 
     // The main job must keep working: a smoke run of the report, reusing the test build.
@@ -117,7 +141,8 @@ fn test() -> Result<(), String> {
             "--quick",
             "--out",
         ])
-        .arg(root().join("target").join("kvc-report-smoke"));
+        .arg(root().join("target").join("kvc-report-smoke"))
+        .env(redis::URL_ENV, &redis_url);
     run("benchmark report smoke run (report --quick)", smoke)?;
 
     loom()?;
