@@ -7,6 +7,8 @@
 //! - [`replay`] and [`trace`]: Mooncake-format trace replay through the prefix cache
 //!   (`kvc-bench replay`), and [`block_replay`], the engine-like replay of an engine's whole
 //!   block management (`kvc-bench replay --engine-like`);
+//! - [`tiers`]: the trace replayed through a device prefix cache with the host, disk and
+//!   shared tiers of `kvc-tier` below it (`kvc-bench scenario tiers`);
 //! - [`report`]: the report of `cargo xtask bench` (`kvc-bench report`);
 //! - [`profiles`] and [`size`]: GPU and model profiles and the capacity calculator
 //!   (`kvc-bench size`).
@@ -33,4 +35,5 @@ pub mod replay;
 pub mod report;
 pub mod sim;
 pub mod size;
+pub mod tiers;
 pub mod trace;
