@@ -115,6 +115,9 @@ struct ScenarioArgs {
     /// `tiers`: copy blocks to the host tier when the device caches them, not when it evicts.
     #[arg(long)]
     write_through: bool,
+    /// `tiers`: replay only the first N requests (default: 500 with --size small, else all).
+    #[arg(long)]
+    requests: Option<usize>,
 }
 
 #[derive(Args)]
@@ -476,7 +479,9 @@ fn run_tiers(args: &ScenarioArgs, size: Size) -> Result<(), String> {
         } else {
             OffloadMode::WriteBack
         },
-        limit: if size == Size::Small { 500 } else { usize::MAX },
+        limit: args
+            .requests
+            .unwrap_or(if size == Size::Small { 500 } else { usize::MAX }),
         gpu: *gpu("H200").ok_or("no H200 profile")?,
         model: *model("Llama-3-8B").ok_or("no Llama-3-8B profile")?,
         links: Links::default(),
