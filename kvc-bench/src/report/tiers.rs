@@ -1,5 +1,5 @@
-//! The report's tiers section: the trace through a 3M-token device cache with host tiers of
-//! several sizes below it ([`crate::tiers`]), plotting hit rate and time to first token against
+//! The report's tiers section: the trace through a device cache (3M tokens; less in the
+//! short modes, which replay a prefix of the trace) with host tiers of several sizes below it ([`crate::tiers`]), plotting hit rate and time to first token against
 //! the host tier's size, plus a disk tier and (when a Redis server is at `KVC_REDIS_URL`) a
 //! shared tier below a small host tier.
 
@@ -52,14 +52,26 @@ pub struct TiersResult {
     pub shared_skipped: Option<String>,
 }
 
-/// (requests of the sweep, host sizes, requests of the disk and shared runs).
-fn plan(mode: Mode) -> (usize, &'static [u64], usize) {
+/// (requests of the sweep, device tokens, host sizes, requests of the disk and shared runs).
+/// Shorter runs shrink the device cache with the trace prefix, so that it still evicts.
+fn plan(mode: Mode) -> (usize, u64, &'static [u64], usize) {
     match mode {
-        Mode::Tiny => (200, &[0, 1_000_000, 3_000_000], 100),
-        Mode::Quick => (1_500, &[0, 3_000_000, 10_000_000, 30_000_000], 500),
-        Mode::Default => (usize::MAX, &[0, 3_000_000, 10_000_000, 30_000_000], 1_000),
+        Mode::Tiny => (200, 200_000, &[0, 200_000, 1_000_000], 100),
+        Mode::Quick => (
+            1_500,
+            1_000_000,
+            &[0, 1_000_000, 3_000_000, 10_000_000],
+            500,
+        ),
+        Mode::Default => (
+            usize::MAX,
+            tiers::DEFAULT_DEVICE_TOKENS,
+            &[0, 3_000_000, 10_000_000, 30_000_000],
+            1_000,
+        ),
         Mode::Full => (
             usize::MAX,
+            tiers::DEFAULT_DEVICE_TOKENS,
             &[0, 1_000_000, 3_000_000, 10_000_000, 30_000_000, 100_000_000],
             usize::MAX,
         ),
@@ -80,12 +92,12 @@ pub(crate) fn run(
     mode: Mode,
     progress: &mut dyn FnMut(String),
 ) -> Result<TiersResult, ReportError> {
-    let (limit, hosts, lower_limit) = plan(mode);
+    let (limit, device_tokens, hosts, lower_limit) = plan(mode);
     let (Some(gpu), Some(model)) = (profiles::gpu("H200"), profiles::model("Llama-3-8B")) else {
         return Err(ReportError::Tiers("no H200 or Llama-3-8B profile".into()));
     };
     let base = TiersConfig {
-        device_tokens: tiers::DEFAULT_DEVICE_TOKENS,
+        device_tokens,
         host_tokens: 0,
         disk_tokens: None,
         disk_dir: None,
@@ -117,20 +129,23 @@ pub(crate) fn run(
         };
         sweep.push(tiers::run(trace, &cfg, &name).map_err(err)?);
     }
-    // Below a host tier as large as the device: a disk tier of 27M tokens, then a shared one.
+    // Below a host tier as large as the device: a disk tier of nine times that, then a
+    // shared one.
     let small = TiersConfig {
-        host_tokens: 3_000_000,
+        host_tokens: device_tokens,
         limit: lower_limit,
         ..base.clone()
     };
+    let host = tiers::tokens(device_tokens);
     let mut lower = Vec::new();
-    progress("tiers: disk tier below a 3M-token host tier".into());
-    lower.push(tiers::run(trace, &small, "host 3M").map_err(err)?);
+    progress(format!("tiers: disk tier below a {host}-token host tier"));
+    lower.push(tiers::run(trace, &small, &format!("host {host}")).map_err(err)?);
     let disk = TiersConfig {
-        disk_tokens: Some(27_000_000),
+        disk_tokens: Some(9 * device_tokens),
         ..small.clone()
     };
-    lower.push(tiers::run(trace, &disk, "host 3M + disk 27M").map_err(err)?);
+    let name = format!("host {host} + disk {}", tiers::tokens(9 * device_tokens));
+    lower.push(tiers::run(trace, &disk, &name).map_err(err)?);
     let shared_skipped = match std::env::var(kvc_tier::REDIS_URL_ENV) {
         Ok(url) if !url.is_empty() => {
             progress(format!("tiers: shared tier on {url}"));
@@ -138,7 +153,8 @@ pub(crate) fn run(
                 shared_url: Some(url),
                 ..small
             };
-            lower.push(tiers::run(trace, &shared, "host 3M + shared").map_err(err)?);
+            let name = format!("host {host} + shared");
+            lower.push(tiers::run(trace, &shared, &name).map_err(err)?);
             None
         }
         _ => Some(format!(
@@ -260,7 +276,10 @@ pub(crate) fn render(md: &mut String, plots: &mut Vec<(String, String)>, d: &Rep
         )
     };
     let hit = LineChart {
-        title: "Prefix hit rate against host-tier size (device 3M tokens)".into(),
+        title: format!(
+            "Prefix hit rate against host-tier size (device {} tokens)",
+            tiers::tokens(t.device_tokens)
+        ),
         note: note.clone(),
         x_label: "host tier (million tokens)".into(),
         y_label: "% of prompt tokens served from cache".into(),
