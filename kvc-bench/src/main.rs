@@ -30,7 +30,8 @@ enum Command {
     /// Replay a Mooncake-format trace through the prefix cache and report the hit rate.
     Replay(ReplayArgs),
     /// Run a serving scenario in the simulator: memory, qos-overload, shared-prefix,
-    /// multi-turn, trace, cluster.
+    /// multi-turn, trace, cluster; or `tiers`, the trace through a device cache with the host,
+    /// disk and shared tiers below it.
     Scenario(ScenarioArgs),
     /// KV bytes per token and per block of a model, and how much fits on a GPU.
     Size(SizeArgs),
@@ -119,12 +120,12 @@ struct ReportArgs {
 
 #[derive(Args)]
 struct ScenarioArgs {
-    /// The scenario: memory, qos-overload, shared-prefix, multi-turn, trace, cluster.
+    /// The scenario: memory, qos-overload, shared-prefix, multi-turn, trace, cluster, tiers.
     name: String,
     /// Run size: small (seconds), default, or full (long).
     #[arg(long, default_value = "default")]
     size: String,
-    /// Mooncake JSONL trace for the `trace` scenario (default:
+    /// Mooncake JSONL trace for the `trace` and `tiers` scenarios (default:
     /// ../shared/traces/mooncake-conversation.jsonl).
     #[arg(long)]
     trace: Option<PathBuf>,
@@ -134,6 +135,30 @@ struct ScenarioArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// `tiers`: device prefix-cache capacity in tokens.
+    #[arg(long, default_value_t = kvc_bench::tiers::DEFAULT_DEVICE_TOKENS)]
+    device_tokens: u64,
+    /// `tiers`: host tier capacity in tokens.
+    #[arg(long, default_value_t = kvc_bench::tiers::DEFAULT_HOST_TOKENS)]
+    host_tokens: u64,
+    /// `tiers`: add a disk tier of this many tokens (in a temporary folder, or --disk-dir).
+    #[arg(long)]
+    disk_tokens: Option<u64>,
+    /// `tiers`: folder for the disk tier.
+    #[arg(long)]
+    disk_dir: Option<PathBuf>,
+    /// `tiers`: add a shared tier on this Redis server (for example redis://127.0.0.1:6379/).
+    #[arg(long)]
+    shared_url: Option<String>,
+    /// `tiers`: device blocks per host and disk page.
+    #[arg(long, default_value_t = 16)]
+    blocks_per_page: u32,
+    /// `tiers`: copy blocks to the host tier when the device caches them, not when it evicts.
+    #[arg(long)]
+    write_through: bool,
+    /// `tiers`: replay only the first N requests (default: 500 with --size small, else all).
+    #[arg(long)]
+    requests: Option<usize>,
 }
 
 #[derive(Args)]
@@ -403,6 +428,9 @@ fn run_scenario(args: &ScenarioArgs) -> Result<(), String> {
     };
     if args.name == "cluster" {
         return run_cluster(args, size);
+    }
+    if args.name == "tiers" {
+        return run_tiers(args, size);
     }
     let report =
         scenarios::run(&args.name, size, args.trace.as_deref()).map_err(|e| e.to_string())?;
@@ -826,3 +854,75 @@ fn run_cluster(args: &ScenarioArgs, size: Size) -> Result<(), String> {
 /// The most requests `kvc-bench engine` serves in one run: 10,000 (200 take about 17 s on
 /// 2 cores, so this is about a quarter of an hour).
 const MAX_ENGINE_REQUESTS: u64 = 10_000;
+
+fn run_tiers(args: &ScenarioArgs, size: Size) -> Result<(), String> {
+    use kvc_bench::profiles::{gpu, model};
+    use kvc_bench::tiers::{Links, TiersConfig, scenario};
+    use kvc_tier::OffloadMode;
+
+    let path = kvc_bench::report::locate_trace(args.trace.as_deref(), scenarios::DEFAULT_TRACE)
+        .ok_or_else(|| {
+            format!(
+                "no trace at {} and none given with --trace PATH",
+                scenarios::DEFAULT_TRACE
+            )
+        })?;
+    let trace = read_trace(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let cfg = TiersConfig {
+        device_tokens: args.device_tokens,
+        host_tokens: args.host_tokens,
+        disk_tokens: args.disk_tokens,
+        disk_dir: args.disk_dir.clone(),
+        shared_url: args.shared_url.clone(),
+        block_size: 16,
+        blocks_per_page: args.blocks_per_page,
+        mode: if args.write_through {
+            OffloadMode::WriteThrough
+        } else {
+            OffloadMode::WriteBack
+        },
+        limit: args
+            .requests
+            .unwrap_or(if size == Size::Small { 500 } else { usize::MAX }),
+        gpu: *gpu("H200").ok_or("no H200 profile")?,
+        model: *model("Llama-3-8B").ok_or("no Llama-3-8B profile")?,
+        links: Links::default(),
+    };
+    let report = scenario(&trace, &cfg).map_err(|e| e.to_string())?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string(&report).map_err(|e| e.to_string())?
+        );
+        return Ok(());
+    }
+    println!("scenario tiers: {}", report.workload);
+    println!("cost model: {}", report.machine);
+    for r in &report.runs {
+        let p = &r.hit_rate_per_tier;
+        println!(
+            "\n{}: prefix hits {:.2}% (device {:.2}%, host {:.2}%, disk {:.2}%, shared {:.2}%), \
+             {} prefill tokens saved, {:.1} GB loaded, PCIe {:.1} s, disk {:.1} s, network \
+             {:.1} s, prefill saved {:.0} s, mean TTFT {:.0} ms, replay {:.1} s",
+            r.name,
+            100.0 * r.hit_rate,
+            100.0 * p.device,
+            100.0 * p.host,
+            100.0 * p.disk,
+            100.0 * p.shared,
+            r.hit_tokens,
+            (r.bytes_loaded.host + r.bytes_loaded.disk + r.bytes_loaded.shared) / 1e9,
+            r.pcie_s,
+            r.disk_s,
+            r.network_s,
+            r.prefill_s_saved,
+            r.mean_ttft_ms,
+            r.elapsed_s
+        );
+    }
+    for g in &report.goals {
+        let verdict = if g.met { "met" } else { "NOT MET" };
+        println!("\ngoal: {} — {} ({verdict})", g.goal, g.measured);
+    }
+    Ok(())
+}

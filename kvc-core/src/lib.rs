@@ -13,6 +13,8 @@
 //! - [`PinPolicy`]: how a scheduler asks where blocks come from, how big the pinned region
 //!   should be and how long cached prefixes are retained;
 //! - [`ReuseIndex`]: how a scheduler asks a prefix or session cache for reusable KV;
+//! - [`BlockStore`]: a store of KV blocks below device memory (host, disk, shared), keyed by
+//!   [`StoreKey`] within a [`StoreNamespace`];
 //! - [`sync`]: std or loom synchronisation types, for model-checked concurrent code;
 //! - [`rng`]: [`rng::SplitMix64`], the seeded generator every crate's tests and workloads use.
 //!
@@ -37,6 +39,7 @@ mod pin;
 mod qos;
 mod reuse;
 pub mod rng;
+mod store;
 pub mod sync;
 
 pub use alloc::{
@@ -55,3 +58,7 @@ pub use pin::{
 };
 pub use qos::{QosClass, QosClasses, QosError};
 pub use reuse::{NoReuse, PrefixHit, ReuseIndex, ReuseScope};
+pub use store::{
+    BlockStore, NamespaceError, PutOutcome, StoreError, StoreKey, StoreNamespace, StoreUsage,
+    check_buffer,
+};

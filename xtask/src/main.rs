@@ -4,7 +4,10 @@
 //!   needed: cudarc loads the driver at run time), the workspace tests, the build of
 //!   kvc-kernels with `--features cuda` and its GPU tests (which skip without a driver), a
 //!   smoke run of the benchmark report, the loom models, then the CUDA kernels' NVRTC and
-//!   ptxas build (`kernels`).
+//!   ptxas build (`kernels`). The tests and the smoke run get a throwaway `redis-server` on a
+//!   free loopback port (`KVC_REDIS_URL`), started from PATH (installed with apt-get where
+//!   missing and possible) and stopped at the end; a `KVC_REDIS_URL` already set is used
+//!   instead.
 //! - `loom`: the loom model checks, built with `--cfg kvc_loom` in `target/loom`.
 //! - `bench`: the benchmark report (`kvc-bench report`: scenarios, hit rate against
 //!   capacity, kernel bandwidth, quick micro-benchmarks) into `target/kvc-report/`;
@@ -17,6 +20,7 @@
 
 mod gpu;
 mod kernels;
+mod redis;
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -25,8 +29,8 @@ use std::process::{Command, ExitCode};
 const USAGE: &str = "usage: cargo xtask <command>
 
 commands:
-  test    every check: fmt, clippy (with CUDA), workspace tests, CUDA build, report smoke run,
-          loom, kernels
+  test    every check: fmt, clippy (with CUDA), workspace tests (with a throwaway
+          redis-server), CUDA build, report smoke run, loom, kernels
   loom    loom model checks of the concurrent code (release, --cfg kvc_loom)
   bench   benchmark report into target/kvc-report/index.md (+ SVG plots)
           [--quick | --full] [--trace PATH] [--out DIR]
@@ -108,8 +112,27 @@ fn test() -> Result<(), String> {
     ]);
     run("cargo clippy (with kvc-kernels/cuda)", clippy)?;
 
+    // The shared-tier tests need a Redis server: one of the caller's, or a throwaway one
+    // that lives until the end of this function.
+    let (_server, redis_url) = match env::var(redis::URL_ENV) {
+        Ok(url) if !url.is_empty() => {
+            println!(
+                "\n== xtask: using the redis server at {url} ({})",
+                redis::URL_ENV
+            );
+            (None, url)
+        }
+        _ => {
+            let server = redis::start()?;
+            let url = server.url.clone();
+            (Some(server), url)
+        }
+    };
+
     let mut tests = cargo();
-    tests.args(["test", "--workspace"]);
+    tests
+        .args(["test", "--workspace"])
+        .env(redis::URL_ENV, &redis_url);
     run("cargo test --workspace", tests)?;
 
     // The CUDA build of kvc-kernels: its GPU tests compile and, with no driver here, skip.
@@ -142,7 +165,8 @@ fn test() -> Result<(), String> {
             "--quick",
             "--out",
         ])
-        .arg(root().join("target").join("kvc-report-smoke"));
+        .arg(root().join("target").join("kvc-report-smoke"))
+        .env(redis::URL_ENV, &redis_url);
     run("benchmark report smoke run (report --quick)", smoke)?;
 
     loom()?;

@@ -1,6 +1,7 @@
 //! The benchmark report of `cargo xtask bench`: runs the serving scenarios, the prefix hit
 //! rate against cache capacity on a trace, CPU kernel bandwidth against the machine's read
-//! bandwidth, and quick micro-benchmarks, then writes `index.md`, SVG plots and `report.json`
+//! bandwidth, quick micro-benchmarks, and the trace through the tiers below device memory,
+//! then writes `index.md`, SVG plots and `report.json`
 //! into one folder. Every figure is computed by this run; each section states its workload,
 //! the machine, the date and the command that reproduces it.
 //!
@@ -24,6 +25,7 @@ pub mod machine;
 mod micro;
 mod render;
 pub mod svg;
+mod tiers;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -35,6 +37,7 @@ pub use bandwidth::{BandwidthResult, DecodeShape};
 pub use hitrate::{CapacityPoint, HitRateResult, locate_trace};
 pub use machine::Host;
 pub use micro::MicroResult;
+pub use tiers::{TIERS_HEADING, TiersResult, TiersSection};
 
 use crate::replay::ReplayError;
 use crate::sim::scenarios::{self, DEFAULT_TRACE, ScenarioError, ScenarioReport, Size};
@@ -49,6 +52,7 @@ pub const SECTION_HEADINGS: &[&str] = &[
     "## Prefix hit rate against cache capacity",
     "## CPU kernel bandwidth",
     "## Micro-benchmarks (quick measurements)",
+    TIERS_HEADING,
     "## How this report was made",
     cluster::HEADING,
     analysis::HEADING,
@@ -269,6 +273,8 @@ pub struct ReportData {
     pub bandwidth: BandwidthResult,
     /// Quick micro-benchmarks.
     pub micro: Vec<MicroResult>,
+    /// The trace through the tiers below device memory.
+    pub tiers: TiersSection,
     /// Wall time of each section, in seconds.
     pub section_seconds: Vec<(String, f64)>,
     /// The cluster scenario on the trace, when a trace was found.
@@ -388,11 +394,10 @@ fn measure(
     let trace_path = trace.as_ref().map(|(p, _)| p.clone());
 
     let t = Instant::now();
-    let (hit_rate, hit_rate_skipped) = match trace {
+    let (hit_rate, hit_rate_skipped) = match &trace {
         Some((path, trace)) => {
             let (limit, block_size, capacities) = cfg.mode.hit_rate_plan();
-            let result =
-                hitrate::run(&path, &trace, limit, block_size, capacities, &mut *progress)?;
+            let result = hitrate::run(path, trace, limit, block_size, capacities, &mut *progress)?;
             (Some(result), None)
         }
         None => {
@@ -420,6 +425,16 @@ fn measure(
     let micro = micro::run(cfg.mode.micro_budget())?;
     timed("micro-benchmarks", t);
 
+    let t = Instant::now();
+    let tiers = match &trace {
+        Some((path, trace)) => TiersSection {
+            result: Some(tiers::run(path, trace, cfg.mode, &mut *progress)?),
+            skipped: None,
+        },
+        None => TiersSection::skipped(format!("no trace at {DEFAULT_TRACE}")),
+    };
+    timed("tiers below device memory", t);
+
     Ok(ReportData {
         mode: cfg.mode,
         date,
@@ -430,6 +445,7 @@ fn measure(
         hit_rate_skipped,
         bandwidth,
         micro,
+        tiers,
         section_seconds,
         cluster,
         analysis,

@@ -78,6 +78,7 @@ pub(crate) fn render(d: &ReportData) -> (String, Vec<Plot>) {
     hit_rate(&mut md, &mut plots, d);
     bandwidth(&mut md, &mut plots, d);
     micro(&mut md, d);
+    super::tiers::render(&mut md, &mut plots, d);
     super::cluster::render(&mut md, &mut plots, d, d.trace.as_deref());
     super::analysis::render(&mut md, &mut plots, d);
     how(&mut md, d);
@@ -504,7 +505,7 @@ fn micro(md: &mut String, d: &ReportData) {
 }
 
 fn how(md: &mut String, d: &ReportData) {
-    let _ = writeln!(md, "{}\n", SECTION_HEADINGS[4]);
+    let _ = writeln!(md, "{}\n", SECTION_HEADINGS[SECTION_HEADINGS.len() - 1]);
     let _ = writeln!(
         md,
         "- Command: `{}` (mode `{}`)\n- Date: {}\n- Machine: {}\n- Files: `index.md`, one SVG \
@@ -564,6 +565,7 @@ mod tests {
                 batches: 3,
                 iters: 1000,
             }],
+            tiers: super::super::TiersSection::skipped("no trace here"),
             section_seconds: vec![("micro-benchmarks".into(), 0.5)],
             cluster: None,
             analysis: None,

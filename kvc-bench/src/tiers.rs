@@ -1,0 +1,578 @@
+//! The `tiers` scenario: a Mooncake-format trace replayed through a device prefix cache (the
+//! real [`PrefixCache`], LRU) with the real [`TierStack`] below it (host, and optionally disk
+//! and a shared Redis server), against the device cache alone.
+//!
+//! Per request, in trace order: hash the prompt, look up the device cache, continue the lookup
+//! into the tiers for the blocks after the device hit (the longest prefix across host, disk and
+//! shared), load those blocks (checking every loaded byte), cache every full prompt block on the
+//! device, and evict the device cache down to its capacity; evicted blocks are offloaded to the
+//! host tier (write-back; write-through offloads at caching time instead), whose evictions go
+//! to disk.
+//!
+//! The tiers move real bytes, but a small stand-in payload per block (32 bytes: the block's key,
+//! twice), so that 30M tokens of host tier fit in 60 MB on a laptop; loads are checked against
+//! it. Bytes and times are then charged at the real model's size in the cost model: each block
+//! loaded is `bytes_per_block` of the model (Llama-3-8B bf16 by default: 2 MiB per 16 tokens),
+//! moved over PCIe from host memory, plus the disk read or the network transfer for lower
+//! tiers, and each token hit saves its share of the prefill compute of the cost model.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use kvc_core::{BlockId, DType, KvLayout, StoreKey, StoreNamespace};
+use kvc_reuse::{BlockHasher, HashExtra, HasherKind, PolicyKind, PrefixCache};
+use kvc_tier::{
+    DeviceEvent, DiskConfig, DiskTier, HostConfig, HostTier, OffloadMode, SharedConfig, SharedTier,
+    TierStack,
+};
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::profiles::{GpuProfile, ModelProfile};
+use crate::replay::synth_prompt;
+use crate::sim::cost::CostModel;
+use crate::trace::TraceRequest;
+
+/// Bytes of the stand-in payload of one block in the tiers.
+const STAND_IN_BYTES: usize = 32;
+
+/// Link speeds of the cost model, in bytes per second.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Links {
+    /// Host memory to GPU (PCIe Gen5 x16: 64 GB/s peak, about 50 GB/s reached by DMA).
+    pub pcie: f64,
+    /// Disk reads (one datacenter NVMe Gen4 drive: about 6 GB/s sequential).
+    pub disk: f64,
+    /// The shared tier's network (100 Gb/s Ethernet: about 11 GB/s of payload).
+    pub network: f64,
+}
+
+impl Default for Links {
+    fn default() -> Self {
+        Self {
+            pcie: 50e9,
+            disk: 6e9,
+            network: 11e9,
+        }
+    }
+}
+
+/// What to replay.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TiersConfig {
+    /// Device prefix-cache capacity in tokens.
+    pub device_tokens: u64,
+    /// Host tier capacity in tokens (0: device only).
+    pub host_tokens: u64,
+    /// Disk tier budget in tokens, under `disk_dir` (a fresh subfolder per run).
+    pub disk_tokens: Option<u64>,
+    /// Folder for the disk tier (default: the system's temporary folder).
+    pub disk_dir: Option<PathBuf>,
+    /// Shared tier server URL.
+    pub shared_url: Option<String>,
+    /// Tokens per block.
+    pub block_size: u32,
+    /// Device blocks per host (and disk) page.
+    pub blocks_per_page: u32,
+    /// When blocks are copied down.
+    pub mode: OffloadMode,
+    /// Replay at most this many requests of the trace.
+    pub limit: usize,
+    /// The GPU of the cost model.
+    pub gpu: GpuProfile,
+    /// The model of the cost model.
+    pub model: ModelProfile,
+    /// Link speeds.
+    pub links: Links,
+}
+
+/// Why the scenario could not run.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum TiersError {
+    /// The trace holds no request.
+    #[error("the trace holds no request")]
+    EmptyTrace,
+    /// A tier or cache refused its configuration.
+    #[error("tiers setup: {0}")]
+    Setup(String),
+    /// A tier failed during the replay.
+    #[error("tier failed during the replay: {0}")]
+    Tier(String),
+    /// A loaded block did not hold the bytes stored for its key.
+    #[error("block {key} loaded from the {tier} tier holds other bytes")]
+    WrongBytes {
+        /// The key.
+        key: String,
+        /// The tier.
+        tier: &'static str,
+    },
+}
+
+fn setup<E: std::fmt::Display>(e: E) -> TiersError {
+    TiersError::Setup(e.to_string())
+}
+
+fn tier_err<E: std::fmt::Display>(e: E) -> TiersError {
+    TiersError::Tier(e.to_string())
+}
+
+/// Tokens served by each place.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct PerTier {
+    /// Device memory.
+    pub device: f64,
+    /// Host tier.
+    pub host: f64,
+    /// Disk tier.
+    pub disk: f64,
+    /// Shared tier.
+    pub shared: f64,
+}
+
+/// One replay's results.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TiersRun {
+    /// What ran, in words.
+    pub name: String,
+    /// Host tier capacity in tokens.
+    pub host_tokens: u64,
+    /// Requests replayed.
+    pub requests: u64,
+    /// Prompt tokens.
+    pub input_tokens: u64,
+    /// Prompt tokens served from some cache (prefill tokens saved).
+    pub hit_tokens: u64,
+    /// `hit_tokens / input_tokens`.
+    pub hit_rate: f64,
+    /// Hit rate by where the tokens came from.
+    pub hit_rate_per_tier: PerTier,
+    /// Bytes loaded from each tier, at the model's block size.
+    pub bytes_loaded: PerTier,
+    /// Seconds of transfers in the cost model: PCIe (every tier's blocks cross it), disk reads
+    /// and network.
+    pub pcie_s: f64,
+    /// Disk read time.
+    pub disk_s: f64,
+    /// Network time.
+    pub network_s: f64,
+    /// Prefill compute saved by the hits, in the cost model's seconds.
+    pub prefill_s_saved: f64,
+    /// Mean time to first token in the cost model (prefill of the missed tokens plus the loads,
+    /// one request at a time, no queueing), in milliseconds.
+    pub mean_ttft_ms: f64,
+    /// Blocks offloaded to the host tier, demoted to disk and promoted back.
+    pub offloaded_blocks: u64,
+    /// Blocks demoted from host to disk.
+    pub demoted_blocks: u64,
+    /// Blocks promoted from disk or shared into host.
+    pub promoted_blocks: u64,
+    /// Shared-tier calls answered as misses because the server was out of reach.
+    pub shared_unavailable_calls: u64,
+    /// Wall time of the replay, in seconds.
+    pub elapsed_s: f64,
+}
+
+fn stand_in(key: StoreKey) -> [u8; STAND_IN_BYTES] {
+    let b = key.to_le_bytes();
+    let mut out = [0; STAND_IN_BYTES];
+    out[..16].copy_from_slice(&b);
+    out[16..].copy_from_slice(&b);
+    out
+}
+
+fn build_stack(cfg: &TiersConfig, run_id: &str) -> Result<Option<TierStack>, TiersError> {
+    if cfg.host_tokens == 0 {
+        return Ok(None);
+    }
+    let bs = u64::from(cfg.block_size);
+    // The stand-in layout has 16-token blocks of 2 bytes per token; a namespace per block size.
+    let stand_in = KvLayout::new(1, 1, 1, cfg.block_size, DType::Fp8E4M3).map_err(setup)?;
+    let per_block = stand_in.bytes_per_block();
+    if per_block != STAND_IN_BYTES as u64 {
+        return Err(TiersError::Setup(format!(
+            "the stand-in payload needs 16-token blocks, not {}",
+            cfg.block_size
+        )));
+    }
+    let ns = StoreNamespace::new("tiers-scenario", stand_in, 0, 1).map_err(setup)?;
+    let host_blocks = cfg.host_tokens / bs;
+    let host = HostTier::new(
+        ns.clone(),
+        HostConfig::new(host_blocks * per_block, cfg.blocks_per_page),
+    )
+    .map_err(setup)?;
+    let disk = match cfg.disk_tokens {
+        Some(tokens) => {
+            let dir = cfg
+                .disk_dir
+                .clone()
+                .unwrap_or_else(std::env::temp_dir)
+                .join(format!("kvc-tiers-{run_id}"));
+            // Page files carry 24 bytes of key and checksum per block and a small header.
+            let pages = (tokens / bs).div_ceil(u64::from(cfg.blocks_per_page));
+            let budget = (tokens / bs) * (per_block + 24) + pages * 128;
+            Some(
+                DiskTier::open(
+                    ns.clone(),
+                    &DiskConfig::new(dir, budget, cfg.blocks_per_page),
+                )
+                .map_err(setup)?,
+            )
+        }
+        None => None,
+    };
+    let shared = match &cfg.shared_url {
+        Some(url) => {
+            let mut sc = SharedConfig::new(url.clone());
+            sc.prefix = format!("kvc-tiers-{run_id}");
+            sc.ttl = Duration::from_secs(600);
+            Some(SharedTier::new(ns, sc).map_err(setup)?)
+        }
+        None => None,
+    };
+    Ok(Some(TierStack::new(host, disk, shared, cfg.mode)))
+}
+
+/// Replays `trace` with the tiers of `cfg` (`host_tokens == 0`: the device cache alone).
+pub fn run(trace: &[TraceRequest], cfg: &TiersConfig, name: &str) -> Result<TiersRun, TiersError> {
+    let trace = &trace[..cfg.limit.min(trace.len())];
+    if trace.is_empty() {
+        return Err(TiersError::EmptyTrace);
+    }
+    let bs = cfg.block_size as usize;
+    let cap_blocks = usize::try_from(cfg.device_tokens / u64::from(cfg.block_size))
+        .map_err(setup)?
+        .max(1);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let run_id = format!("{}-{nanos:x}", std::process::id());
+    let stack = build_stack(cfg, &run_id)?;
+    let cost = CostModel::new(cfg.gpu, cfg.model, cfg.block_size).map_err(setup)?;
+    let model_block = cost.layout.bytes_per_block() as f64;
+
+    let start = Instant::now();
+    let hasher = HasherKind::Xxh3;
+    let mut cache = PrefixCache::with_policy(cfg.block_size, PolicyKind::Lru.build(cap_blocks));
+    let root = hasher.root(&HashExtra::new("mooncake-replay", 1));
+    let (mut tokens, mut hashes, mut blocks, mut newly, mut evicted) = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::<BlockId>::new(),
+    );
+    let mut free: Vec<BlockId> = Vec::new();
+    let mut key_of: Vec<StoreKey> = Vec::new();
+    let (mut keys, mut buf, mut offload) = (Vec::new(), Vec::new(), Vec::new());
+    let mut input_tokens = 0u64;
+    let mut hit = [0u64; 4];
+    let (mut pcie_s, mut disk_s, mut network_s, mut saved_s, mut ttft_s) =
+        (0.0, 0.0, 0.0, 0.0, 0.0);
+    for req in trace {
+        tokens.clear();
+        synth_prompt(req, &mut tokens);
+        hashes.clear();
+        hasher.hash_blocks(root, &tokens, bs, &mut hashes);
+        let now = req.timestamp_ms;
+        let dev = cache.lookup(&hashes, tokens.len(), now);
+        let k = dev.blocks.len();
+        input_tokens += tokens.len() as u64;
+        hit[0] += dev.tokens;
+        // Continue into the tiers, never covering the last prompt token.
+        let usable = tokens.len().saturating_sub(1) / bs;
+        let mut per = [0usize; 3];
+        if let Some(stack) = &stack
+            && usable > k
+        {
+            keys.clear();
+            keys.extend(hashes[k..usable].iter().map(|h| StoreKey(h.0)));
+            let tiers = stack.lookup(&keys).map_err(tier_err)?;
+            buf.clear();
+            buf.resize(tiers.len() * STAND_IN_BYTES, 0);
+            let out = stack.load(&keys, &tiers, &mut buf).map_err(tier_err)?;
+            for (i, t) in tiers[..out.blocks].iter().enumerate() {
+                if buf[i * STAND_IN_BYTES..(i + 1) * STAND_IN_BYTES] != stand_in(keys[i]) {
+                    return Err(TiersError::WrongBytes {
+                        key: keys[i].to_string(),
+                        tier: t.name(),
+                    });
+                }
+            }
+            per = out.per_tier;
+        }
+        let tier_blocks: usize = per.iter().sum();
+        for (t, &n) in per.iter().enumerate() {
+            hit[t + 1] += (n * bs) as u64;
+        }
+        // The cost model: loads over the links, then the prefill of what is left.
+        let bytes = |n: usize| n as f64 * model_block;
+        let req_pcie = bytes(tier_blocks) / cfg.links.pcie;
+        let req_disk = bytes(per[1]) / cfg.links.disk;
+        let req_net = bytes(per[2]) / cfg.links.network;
+        pcie_s += req_pcie;
+        disk_s += req_disk;
+        network_s += req_net;
+        let cached = ((k + tier_blocks) * bs) as u32;
+        let len = tokens.len() as u32;
+        let full = cost.step_seconds(&[len], &[len]);
+        let rest = cost.step_seconds(&[len - cached.min(len)], &[len]);
+        saved_s += full - rest;
+        ttft_s += rest + req_pcie + req_disk + req_net;
+
+        // Cache every full prompt block on the device.
+        blocks.clear();
+        blocks.extend_from_slice(&dev.blocks);
+        while blocks.len() < hashes.len() {
+            let id = free.pop().unwrap_or_else(|| {
+                key_of.push(StoreKey(0));
+                BlockId((key_of.len() - 1) as u32)
+            });
+            blocks.push(id);
+        }
+        newly.clear();
+        let _ = cache.insert(&hashes, &blocks, now, &mut newly);
+        let _ = cache.release(&dev.blocks);
+        let mut kept = newly.iter().peekable();
+        offload.clear();
+        keys.clear();
+        for (i, &b) in blocks.iter().enumerate().skip(k) {
+            if kept.peek() == Some(&&b) {
+                kept.next();
+                key_of[b.index()] = StoreKey(hashes[i].0);
+                keys.push(key_of[b.index()]);
+                offload.extend_from_slice(&stand_in(key_of[b.index()]));
+            } else {
+                free.push(b);
+            }
+        }
+        if let Some(stack) = &stack {
+            let _ = stack
+                .offload(DeviceEvent::Cached, &keys, &offload, 0)
+                .map_err(tier_err)?;
+        }
+        if cache.len() > cap_blocks {
+            evicted.clear();
+            cache.evict(cache.len() - cap_blocks, now, &mut evicted);
+            if let Some(stack) = &stack {
+                keys.clear();
+                offload.clear();
+                for b in &evicted {
+                    keys.push(key_of[b.index()]);
+                    offload.extend_from_slice(&stand_in(key_of[b.index()]));
+                }
+                let _ = stack
+                    .offload(DeviceEvent::Evicted, &keys, &offload, 0)
+                    .map_err(tier_err)?;
+            }
+            free.extend_from_slice(&evicted);
+        }
+    }
+    let elapsed_s = start.elapsed().as_secs_f64();
+    let stats = stack.as_ref().map(TierStack::stats).unwrap_or_default();
+    let unavailable = stack
+        .as_ref()
+        .and_then(|s| s.shared().map(|t| t.stats().unavailable_calls))
+        .unwrap_or(0);
+    if let Some(dir) = stack
+        .as_ref()
+        .and_then(|s| s.disk().map(|d| d.dir().to_path_buf()))
+    {
+        drop(stack);
+        // The run's folder: the namespace folder's parent.
+        if let Some(parent) = dir.parent() {
+            let _ = std::fs::remove_dir_all(parent);
+        }
+    }
+    let input = input_tokens.max(1) as f64;
+    let hit_tokens: u64 = hit.iter().sum();
+    let tier_bytes = |t: usize| stats.loaded[t] as f64 * model_block;
+    Ok(TiersRun {
+        name: name.to_string(),
+        host_tokens: cfg.host_tokens,
+        requests: trace.len() as u64,
+        input_tokens,
+        hit_tokens,
+        hit_rate: hit_tokens as f64 / input,
+        hit_rate_per_tier: PerTier {
+            device: hit[0] as f64 / input,
+            host: hit[1] as f64 / input,
+            disk: hit[2] as f64 / input,
+            shared: hit[3] as f64 / input,
+        },
+        bytes_loaded: PerTier {
+            device: 0.0,
+            host: tier_bytes(0),
+            disk: tier_bytes(1),
+            shared: tier_bytes(2),
+        },
+        pcie_s,
+        disk_s,
+        network_s,
+        prefill_s_saved: saved_s,
+        mean_ttft_ms: 1e3 * ttft_s / trace.len() as f64,
+        offloaded_blocks: stats.offloaded,
+        demoted_blocks: stats.demoted,
+        promoted_blocks: stats.promoted,
+        shared_unavailable_calls: unavailable,
+        elapsed_s,
+    })
+}
+
+/// The `tiers` scenario's report: the device cache alone, then with the tiers.
+#[derive(Clone, Debug, Serialize)]
+pub struct TiersScenario {
+    /// `"tiers"`.
+    pub scenario: &'static str,
+    /// The workload, in words.
+    pub workload: String,
+    /// The cost model's machine and model.
+    pub machine: String,
+    /// Device-only first, then the tiered configuration.
+    pub runs: Vec<TiersRun>,
+    /// The goal and whether this run met it (only judged on the whole trace at the default
+    /// sizes).
+    pub goals: Vec<crate::sim::scenarios::Goal>,
+}
+
+/// The default sizes of the scenario: device 3M tokens, host 30M.
+pub const DEFAULT_DEVICE_TOKENS: u64 = 3_000_000;
+/// Host tier of the default run.
+pub const DEFAULT_HOST_TOKENS: u64 = 30_000_000;
+/// The hit rate the default run must reach.
+pub const TARGET_HIT_RATE: f64 = 0.36;
+
+/// Runs the device-only replay and the tiered one of `cfg`, side by side.
+pub fn scenario(trace: &[TraceRequest], cfg: &TiersConfig) -> Result<TiersScenario, TiersError> {
+    let mut device_only = cfg.clone();
+    device_only.host_tokens = 0;
+    device_only.disk_tokens = None;
+    device_only.shared_url = None;
+    let base = run(trace, &device_only, "device only (LRU)")?;
+    let mut name = format!("device + host {}", tokens(cfg.host_tokens));
+    if let Some(d) = cfg.disk_tokens {
+        name.push_str(&format!(" + disk {}", tokens(d)));
+    }
+    if cfg.shared_url.is_some() {
+        name.push_str(" + shared (Redis)");
+    }
+    let tiered = run(trace, cfg, &name)?;
+    let mut goals = Vec::new();
+    let whole = tiered.requests as usize == trace.len();
+    if whole && cfg.device_tokens == DEFAULT_DEVICE_TOKENS && cfg.host_tokens == DEFAULT_HOST_TOKENS
+    {
+        goals.push(crate::sim::scenarios::Goal {
+            goal: format!(
+                "prefix hits >= {:.0}% with device 3M + host 30M tokens (device only: {:.1}%)",
+                100.0 * TARGET_HIT_RATE,
+                100.0 * base.hit_rate
+            ),
+            measured: format!("{:.2}%", 100.0 * tiered.hit_rate),
+            met: tiered.hit_rate >= TARGET_HIT_RATE,
+        });
+    }
+    Ok(TiersScenario {
+        scenario: "tiers",
+        workload: format!(
+            "{} requests of the trace, {}-token blocks, device {} tokens (LRU), host pages of \
+             {} blocks, {:?}",
+            tiered.requests,
+            cfg.block_size,
+            tokens(cfg.device_tokens),
+            cfg.blocks_per_page,
+            cfg.mode
+        ),
+        machine: format!(
+            "{} serving {} (bf16 KV), PCIe {:.0} GB/s, disk {:.0} GB/s, network {:.0} GB/s",
+            cfg.gpu.name,
+            cfg.model.name,
+            cfg.links.pcie / 1e9,
+            cfg.links.disk / 1e9,
+            cfg.links.network / 1e9
+        ),
+        runs: vec![base, tiered],
+        goals,
+    })
+}
+
+/// `3M`, `30M`, `250k`.
+#[must_use]
+pub fn tokens(n: u64) -> String {
+    if n >= 1_000_000 && n.is_multiple_of(1_000_000) {
+        format!("{}M", n / 1_000_000)
+    } else if n >= 1_000 && n.is_multiple_of(1_000) {
+        format!("{}k", n / 1_000)
+    } else {
+        n.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::profiles::{gpu, model};
+
+    fn req(ts: u64, input: u32, ids: &[u32]) -> TraceRequest {
+        TraceRequest {
+            timestamp_ms: ts,
+            input_length: input,
+            output_length: 1,
+            hash_ids: ids.to_vec(),
+        }
+    }
+
+    fn cfg(device: u64, host: u64) -> TiersConfig {
+        TiersConfig {
+            device_tokens: device,
+            host_tokens: host,
+            disk_tokens: None,
+            disk_dir: None,
+            shared_url: None,
+            block_size: 16,
+            blocks_per_page: 4,
+            mode: OffloadMode::WriteBack,
+            limit: usize::MAX,
+            gpu: *gpu("H200").unwrap(),
+            model: *model("Llama-3-8B").unwrap(),
+            links: Links::default(),
+        }
+    }
+
+    #[test]
+    fn blocks_evicted_from_the_device_hit_in_the_host_tier() {
+        // A, B, A with room for one prompt on the device: the second A misses on the device
+        // and hits in the host tier.
+        let trace = [
+            req(0, 1024, &[1, 2]),
+            req(1, 1024, &[3, 4]),
+            req(2, 1024, &[1, 2]),
+        ];
+        let s = scenario(&trace, &cfg(1024, 1 << 20)).unwrap();
+        let (base, tiered) = (&s.runs[0], &s.runs[1]);
+        assert_eq!(base.hit_tokens, 0);
+        assert_eq!(tiered.hit_tokens, 1024 - 16);
+        assert_eq!(tiered.hit_rate_per_tier.device, 0.0);
+        assert!(tiered.hit_rate_per_tier.host > 0.0);
+        assert!(tiered.pcie_s > 0.0 && tiered.prefill_s_saved > 0.0);
+        assert!(tiered.mean_ttft_ms < base.mean_ttft_ms);
+        assert_eq!(tiered.bytes_loaded.host, 63.0 * 2_097_152.0);
+        assert!(s.goals.is_empty(), "no goal is judged on a toy trace");
+    }
+
+    #[test]
+    fn host_evictions_reach_the_disk_and_hit_there() {
+        let trace = [
+            req(0, 1024, &[1, 2]),
+            req(1, 1024, &[3, 4]),
+            req(2, 1024, &[5, 6]),
+            req(3, 1024, &[1, 2]),
+        ];
+        let mut c = cfg(1024, 1024);
+        c.disk_tokens = Some(1 << 20);
+        let r = run(&trace, &c, "disk").unwrap();
+        assert!(r.hit_rate_per_tier.disk > 0.0, "{r:?}");
+        assert!(r.demoted_blocks > 0 && r.promoted_blocks > 0);
+        assert!(r.disk_s > 0.0);
+    }
+}

@@ -1,0 +1,582 @@
+//! The disk tier: one file per page under a configured folder, bounded by a byte budget,
+//! found again after a restart.
+//!
+//! **Why one file per page** (rather than segment files with an index): a page is written to a
+//! temporary name and renamed into place, so a crash never leaves a half-written page under a
+//! page name; eviction is one `unlink`, which gives the space back at once with no compaction
+//! or garbage collection of segments; and the index is nothing but the page headers, read
+//! again at start-up. Pages are large (several device blocks: 8–32 MiB for an 8B model), so the
+//! per-file cost (one open, one inode) is small next to the transfer. Segment files would win
+//! for many tiny pages (thousands of files per GiB); pick more blocks per page then.
+//!
+//! A page file holds a header (the namespace encoding, the block size, the keys, one XXH3-64
+//! checksum per block and a checksum of the header) and the blocks back to back. Each namespace
+//! has its own subfolder (named by its fingerprint), and headers are compared byte for byte, so
+//! a block of another model, layout, dtype or rank is never read back. At start-up a page whose
+//! header is damaged or whose length is not what the header says (a truncated write) is
+//! deleted; a block whose checksum does not match when it is read is a miss, and its whole page
+//! is deleted. A read that races the eviction of its page finds the file gone: a miss.
+//!
+//! Eviction is by page, least recently used first (a hit touches the page); pages found at
+//! start-up count as used in the order they were written.
+
+use std::collections::BTreeSet;
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use ahash::{AHashMap, AHashSet};
+use kvc_core::{
+    BlockStore, PutOutcome, StoreError, StoreKey, StoreNamespace, StoreUsage, check_buffer,
+};
+use thiserror::Error;
+
+use crate::codec::{PageHeader, checksum};
+
+/// Where a [`DiskTier`] keeps its pages and how much it may use.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// The folder (created if needed); each namespace gets a subfolder.
+    pub dir: PathBuf,
+    /// Bytes of page files (headers included) the tier may keep.
+    pub budget_bytes: u64,
+    /// Device blocks per page file.
+    pub blocks_per_page: u32,
+    /// `fsync` each page before it is renamed into place (durable across power loss; slower).
+    /// Without it a page lost in the page cache by a crash is caught by its checksums.
+    pub sync: bool,
+}
+
+impl DiskConfig {
+    /// Pages of `blocks_per_page` blocks under `dir`, at most `budget_bytes`, without fsync.
+    #[must_use]
+    pub fn new(dir: impl Into<PathBuf>, budget_bytes: u64, blocks_per_page: u32) -> Self {
+        Self {
+            dir: dir.into(),
+            budget_bytes,
+            blocks_per_page,
+            sync: false,
+        }
+    }
+}
+
+/// Why a [`DiskTier`] could not be opened.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum DiskOpenError {
+    /// `blocks_per_page` was zero.
+    #[error("disk tier: blocks per page must be at least 1")]
+    ZeroBlocksPerPage,
+    /// The folder could not be created or listed.
+    #[error("disk tier: cannot use {path}: {source}")]
+    Dir {
+        /// The folder.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Counters of a [`DiskTier`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DiskStats {
+    /// Blocks found by `get`.
+    pub hits: u64,
+    /// Blocks asked of `get` and not found (including corrupt and raced ones).
+    pub misses: u64,
+    /// Page files written.
+    pub pages_written: u64,
+    /// Pages evicted for the budget.
+    pub evicted_pages: u64,
+    /// Pages dropped because a block failed its checksum or the file was short on read.
+    pub corrupt_pages: u64,
+    /// Reads that found their page evicted in between (a miss).
+    pub raced_reads: u64,
+    /// Pages found intact at start-up.
+    pub recovered_pages: u64,
+    /// Files deleted at start-up: damaged, truncated or unfinished pages.
+    pub dropped_at_open: u64,
+    /// Blocks not stored because one page of them exceeds the whole budget.
+    pub over_budget: u64,
+}
+
+#[derive(Clone, Debug)]
+struct Page {
+    keys: Vec<Option<StoreKey>>,
+    sums: Vec<u64>,
+    header_len: u64,
+    file_bytes: u64,
+    live: u32,
+    tick: u64,
+}
+
+struct Inner {
+    pages: AHashMap<u64, Page>,
+    map: AHashMap<StoreKey, (u64, u32)>,
+    lru: BTreeSet<(u64, u64)>,
+    used: u64,
+    next_id: u64,
+    tick: u64,
+    stats: DiskStats,
+}
+
+/// A disk tier: see the [module docs](self).
+pub struct DiskTier {
+    ns: StoreNamespace,
+    ns_bytes: Vec<u8>,
+    dir: PathBuf,
+    block_bytes: u64,
+    blocks_per_page: u32,
+    budget: u64,
+    sync: bool,
+    inner: Mutex<Inner>,
+}
+
+impl std::fmt::Debug for DiskTier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiskTier")
+            .field("dir", &self.dir)
+            .field("budget", &self.budget)
+            .finish_non_exhaustive()
+    }
+}
+
+const PAGE_EXT: &str = "kvcpage";
+const TMP_EXT: &str = "tmp";
+
+fn io_err(op: &'static str, e: &io::Error) -> StoreError {
+    StoreError::Io {
+        op,
+        message: e.to_string(),
+    }
+}
+
+impl DiskTier {
+    /// Opens (or creates) the tier for `ns` under `cfg.dir`, indexing the pages already there.
+    pub fn open(ns: StoreNamespace, cfg: &DiskConfig) -> Result<Self, DiskOpenError> {
+        if cfg.blocks_per_page == 0 {
+            return Err(DiskOpenError::ZeroBlocksPerPage);
+        }
+        let dir = cfg.dir.join(format!("ns-{:016x}", ns.fingerprint()));
+        let dir_err = |source| DiskOpenError::Dir {
+            path: dir.clone(),
+            source,
+        };
+        fs::create_dir_all(&dir).map_err(dir_err)?;
+        let tier = Self {
+            ns_bytes: ns.encode(),
+            block_bytes: ns.block_bytes(),
+            ns,
+            dir: dir.clone(),
+            blocks_per_page: cfg.blocks_per_page,
+            budget: cfg.budget_bytes,
+            sync: cfg.sync,
+            inner: Mutex::new(Inner {
+                pages: AHashMap::new(),
+                map: AHashMap::new(),
+                lru: BTreeSet::new(),
+                used: 0,
+                next_id: 0,
+                tick: 0,
+                stats: DiskStats::default(),
+            }),
+        };
+        let mut ids = Vec::new();
+        for entry in fs::read_dir(&dir).map_err(dir_err)? {
+            let path = entry.map_err(dir_err)?.path();
+            let id = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .and_then(|s| u64::from_str_radix(s, 16).ok());
+            match (path.extension().and_then(|e| e.to_str()), id) {
+                (Some(PAGE_EXT), Some(id)) => ids.push(id),
+                (Some(TMP_EXT), _) => {
+                    // An unfinished write from before a crash.
+                    let _ = fs::remove_file(&path);
+                    tier.lock().stats.dropped_at_open += 1;
+                }
+                _ => {}
+            }
+        }
+        ids.sort_unstable();
+        let mut g = tier.lock();
+        for id in ids {
+            g.next_id = g.next_id.max(id + 1);
+            let path = tier.page_path(id);
+            match tier.read_header(&path) {
+                Some(page) => {
+                    let bytes = page.file_bytes;
+                    if tier.index_page(&mut g, id, page) {
+                        g.used += bytes;
+                        g.stats.recovered_pages += 1;
+                    }
+                }
+                None => {
+                    let _ = fs::remove_file(&path);
+                    g.stats.dropped_at_open += 1;
+                }
+            }
+        }
+        // The budget may have shrunk since the pages were written.
+        while g.used > tier.budget {
+            if !tier.evict_lru(&mut g) {
+                break;
+            }
+        }
+        drop(g);
+        Ok(tier)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // The index is updated only after each file operation, so it stays consistent.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The folder holding this namespace's pages.
+    #[must_use]
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The counters so far.
+    #[must_use]
+    pub fn stats(&self) -> DiskStats {
+        self.lock().stats
+    }
+
+    fn page_path(&self, id: u64) -> PathBuf {
+        self.dir.join(format!("{id:016x}.{PAGE_EXT}"))
+    }
+
+    /// The header of the page at `path`, if intact, of this namespace and as long as it says.
+    fn read_header(&self, path: &Path) -> Option<Page> {
+        let mut f = File::open(path).ok()?;
+        let file_bytes = f.metadata().ok()?.len();
+        let fixed = PageHeader::encoded_len(self.ns_bytes.len(), 0);
+        let mut head = vec![0; fixed];
+        f.read_exact(&mut head).ok()?;
+        let count_at = fixed - 12;
+        let count = u32::from_le_bytes(head[count_at..count_at + 4].try_into().ok()?) as usize;
+        let header_len = PageHeader::encoded_len(self.ns_bytes.len(), count);
+        if (header_len as u64) > file_bytes {
+            return None;
+        }
+        head.resize(header_len, 0);
+        f.read_exact(&mut head[fixed..]).ok()?;
+        let (h, len) = PageHeader::decode(&head, &self.ns_bytes)?;
+        let expected = (len as u64).checked_add((count as u64).checked_mul(h.block_bytes)?)?;
+        if h.block_bytes != self.block_bytes || expected != file_bytes {
+            return None;
+        }
+        Some(Page {
+            keys: h.keys.into_iter().map(Some).collect(),
+            sums: h.sums,
+            header_len: len as u64,
+            file_bytes,
+            live: 0,
+            tick: 0,
+        })
+    }
+
+    /// Indexes page `id`; false (and the file deleted) when every block of it is held by
+    /// another page already. The caller accounts for the file's bytes.
+    fn index_page(&self, inner: &mut Inner, id: u64, mut page: Page) -> bool {
+        for (s, slot) in page.keys.iter_mut().enumerate() {
+            match slot {
+                Some(key) if !inner.map.contains_key(key) => {
+                    inner.map.insert(*key, (id, s as u32));
+                    page.live += 1;
+                }
+                // Held by another page already: this copy is dead.
+                _ => *slot = None,
+            }
+        }
+        if page.live == 0 {
+            let _ = fs::remove_file(self.page_path(id));
+            return false;
+        }
+        inner.tick += 1;
+        page.tick = inner.tick;
+        inner.lru.insert((page.tick, id));
+        inner.pages.insert(id, page);
+        true
+    }
+
+    /// Deletes page `id` and forgets its blocks.
+    fn drop_page(&self, inner: &mut Inner, id: u64) {
+        if let Some(page) = inner.pages.remove(&id) {
+            inner.lru.remove(&(page.tick, id));
+            for key in page.keys.iter().flatten() {
+                inner.map.remove(key);
+            }
+            inner.used -= page.file_bytes;
+            let _ = fs::remove_file(self.page_path(id));
+        }
+    }
+
+    /// Evicts the least recently used page; false when there is none.
+    fn evict_lru(&self, inner: &mut Inner) -> bool {
+        let Some(&(_, id)) = inner.lru.iter().next() else {
+            return false;
+        };
+        self.drop_page(inner, id);
+        inner.stats.evicted_pages += 1;
+        true
+    }
+
+    fn write_page(&self, id: u64, header: &[u8], blocks: &[&[u8]]) -> io::Result<()> {
+        let tmp = self.dir.join(format!("{id:016x}.{TMP_EXT}"));
+        let result = (|| {
+            let mut w = BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
+            w.write_all(header)?;
+            for b in blocks {
+                w.write_all(b)?;
+            }
+            let f = w.into_inner().map_err(io::IntoInnerError::into_error)?;
+            if self.sync {
+                f.sync_all()?;
+            }
+            drop(f);
+            fs::rename(&tmp, self.page_path(id))
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    /// Reads `run` slots from `slot` of page `id` into `dst`.
+    fn read_slots(&self, id: u64, offset: u64, dst: &mut [u8]) -> io::Result<()> {
+        let mut f = File::open(self.page_path(id))?;
+        f.seek(SeekFrom::Start(offset))?;
+        f.read_exact(dst)
+    }
+}
+
+impl BlockStore for DiskTier {
+    fn namespace(&self) -> &StoreNamespace {
+        &self.ns
+    }
+
+    fn contains(&self, keys: &[StoreKey], found: &mut Vec<bool>) -> Result<usize, StoreError> {
+        let g = self.lock();
+        found.clear();
+        found.extend(keys.iter().map(|k| g.map.contains_key(k)));
+        Ok(found.iter().filter(|&&f| f).count())
+    }
+
+    fn get(
+        &self,
+        keys: &[StoreKey],
+        dst: &mut [u8],
+        found: &mut Vec<bool>,
+    ) -> Result<usize, StoreError> {
+        check_buffer(keys.len(), self.block_bytes, dst.len())?;
+        let bb = self.block_bytes as usize;
+        // Where each key lies, taken under the lock; the reads happen without it.
+        struct Want {
+            id: u64,
+            slot: u32,
+            sum: u64,
+            offset: u64,
+        }
+        let wants: Vec<Option<Want>> = {
+            let g = self.lock();
+            keys.iter()
+                .map(|k| {
+                    let &(id, slot) = g.map.get(k)?;
+                    let page = g.pages.get(&id)?;
+                    Some(Want {
+                        id,
+                        slot,
+                        sum: page.sums[slot as usize],
+                        offset: page.header_len + u64::from(slot) * self.block_bytes,
+                    })
+                })
+                .collect()
+        };
+        found.clear();
+        found.resize(keys.len(), false);
+        let (mut corrupt, mut raced, mut touched) = (Vec::new(), 0u64, Vec::new());
+        let mut i = 0;
+        while i < keys.len() {
+            let Some(w) = &wants[i] else {
+                i += 1;
+                continue;
+            };
+            // One read for a run of consecutive slots of one page.
+            let mut run = 1;
+            while let Some(Some(next)) = wants.get(i + run) {
+                if next.id != w.id || next.slot != w.slot + run as u32 {
+                    break;
+                }
+                run += 1;
+            }
+            let out = &mut dst[i * bb..(i + run) * bb];
+            match self.read_slots(w.id, w.offset, out) {
+                Ok(()) => {
+                    let mut intact = true;
+                    for r in 0..run {
+                        let want = wants[i + r].as_ref().map_or(0, |w| w.sum);
+                        if checksum(&out[r * bb..(r + 1) * bb]) == want {
+                            found[i + r] = true;
+                        } else {
+                            intact = false;
+                        }
+                    }
+                    if intact {
+                        touched.push(w.id);
+                    } else {
+                        corrupt.push(w.id);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => raced += 1,
+                // Short (truncated) or unreadable: never trust this page again.
+                Err(_) => corrupt.push(w.id),
+            }
+            i += run;
+        }
+        let mut g = self.lock();
+        let inner = &mut *g;
+        let corrupt: AHashSet<u64> = corrupt.into_iter().collect();
+        for &id in &corrupt {
+            if inner.pages.contains_key(&id) {
+                inner.stats.corrupt_pages += 1;
+                self.drop_page(inner, id);
+            }
+        }
+        // A page found corrupt drops every block of it, even those read intact just now.
+        for (i, w) in wants.iter().enumerate() {
+            if let Some(w) = w
+                && corrupt.contains(&w.id)
+            {
+                found[i] = false;
+            }
+        }
+        let hits = found.iter().filter(|&&f| f).count();
+        for id in touched {
+            if let Some(page) = inner.pages.get_mut(&id) {
+                inner.lru.remove(&(page.tick, id));
+                inner.tick += 1;
+                page.tick = inner.tick;
+                inner.lru.insert((inner.tick, id));
+            }
+        }
+        inner.stats.raced_reads += raced;
+        inner.stats.hits += hits as u64;
+        inner.stats.misses += (keys.len() - hits) as u64;
+        Ok(hits)
+    }
+
+    fn put(&self, keys: &[StoreKey], src: &[u8], _priority: u8) -> Result<PutOutcome, StoreError> {
+        check_buffer(keys.len(), self.block_bytes, src.len())?;
+        let bb = self.block_bytes as usize;
+        let mut out = PutOutcome::default();
+        // The blocks not held yet, each once.
+        let mut fresh: Vec<usize> = Vec::with_capacity(keys.len());
+        {
+            let g = self.lock();
+            let mut seen = AHashSet::new();
+            for (i, k) in keys.iter().enumerate() {
+                if g.map.contains_key(k) || !seen.insert(*k) {
+                    out.present += 1;
+                } else {
+                    fresh.push(i);
+                }
+            }
+        }
+        let ns_len = self.ns_bytes.len();
+        let mut header = Vec::new();
+        for chunk in fresh.chunks(self.blocks_per_page as usize) {
+            let header_len = PageHeader::encoded_len(ns_len, chunk.len()) as u64;
+            let file_bytes = header_len + chunk.len() as u64 * self.block_bytes;
+            if file_bytes > self.budget {
+                out.skipped += chunk.len();
+                self.lock().stats.over_budget += chunk.len() as u64;
+                continue;
+            }
+            // Reserve the space and an id under the lock, evicting as needed.
+            let id = {
+                let mut g = self.lock();
+                while g.used + file_bytes > self.budget {
+                    let before = g.map.len();
+                    if !self.evict_lru(&mut g) {
+                        break;
+                    }
+                    out.evicted += before - g.map.len();
+                }
+                g.used += file_bytes;
+                g.next_id += 1;
+                g.next_id - 1
+            };
+            let blocks: Vec<&[u8]> = chunk.iter().map(|&i| &src[i * bb..(i + 1) * bb]).collect();
+            let h = PageHeader {
+                keys: chunk.iter().map(|&i| keys[i]).collect(),
+                sums: blocks.iter().map(|b| checksum(b)).collect(),
+                block_bytes: self.block_bytes,
+            };
+            header.clear();
+            h.encode(&self.ns_bytes, &mut header);
+            let written = self.write_page(id, &header, &blocks);
+            let mut g = self.lock();
+            if let Err(e) = written {
+                g.used -= file_bytes;
+                return Err(io_err("disk page write", &e));
+            }
+            g.stats.pages_written += 1;
+            let before = g.map.len();
+            let kept = self.index_page(
+                &mut g,
+                id,
+                Page {
+                    keys: h.keys.into_iter().map(Some).collect(),
+                    sums: h.sums,
+                    header_len,
+                    file_bytes,
+                    live: 0,
+                    tick: 0,
+                },
+            );
+            if !kept {
+                g.used -= file_bytes;
+            }
+            let added = g.map.len() - before;
+            out.stored += added;
+            // Blocks another writer stored meanwhile.
+            out.present += chunk.len() - added;
+        }
+        Ok(out)
+    }
+
+    fn remove(&self, keys: &[StoreKey]) -> Result<usize, StoreError> {
+        let mut g = self.lock();
+        let inner = &mut *g;
+        let mut removed = 0;
+        for key in keys {
+            let Some((id, slot)) = inner.map.remove(key) else {
+                continue;
+            };
+            removed += 1;
+            let empty = inner.pages.get_mut(&id).is_some_and(|p| {
+                p.keys[slot as usize] = None;
+                p.live -= 1;
+                p.live == 0
+            });
+            if empty {
+                self.drop_page(inner, id);
+            }
+        }
+        Ok(removed)
+    }
+
+    fn usage(&self) -> StoreUsage {
+        let g = self.lock();
+        StoreUsage {
+            blocks: g.map.len() as u64,
+            bytes: g.used,
+            capacity_bytes: Some(self.budget),
+        }
+    }
+}

@@ -1,0 +1,56 @@
+//! Tiers of KV memory below the GPU, behind [`kvc_core::BlockStore`]:
+//!
+//! - [`HostTier`]: a host memory pool whose pages hold several device blocks, with its own
+//!   least-recently-used page eviction and a minimum retention priority for offloading;
+//! - [`DiskTier`]: one checksummed file per page under a folder, bounded by a byte budget and
+//!   found again after a restart;
+//! - [`SharedTier`]: blocks on a Redis or Valkey server shared by many engines, with soft
+//!   retention, upload leases, pipelined batches, and a lost server answered as misses;
+//! - [`TierStack`]: the three wired together: offload (write-back or write-through), lookup of
+//!   the longest prefix across tiers, load with promotion, demotion of host evictions to disk.
+//!
+//! Every store is opened for one [`StoreNamespace`](kvc_core::StoreNamespace) (model, layout,
+//! dtype, tensor-parallel rank, block size), and persisted blocks carry it, so a block of
+//! another model or layout is never read back. The guide is `docs/tiers.md`.
+//!
+//! ```
+//! use kvc_core::{BlockStore, DType, KvLayout, StoreKey, StoreNamespace};
+//! use kvc_tier::{DeviceEvent, HostConfig, HostTier, OffloadMode, TierKind, TierStack};
+//!
+//! let layout = KvLayout::new(2, 2, 8, 16, DType::F16)?; // 2 KiB blocks
+//! let ns = StoreNamespace::new("demo-model", layout, 0, 1)?;
+//! let host = HostTier::new(ns, HostConfig::new(1 << 20, 4))?;
+//! let tiers = TierStack::new(host, None, None, OffloadMode::WriteBack);
+//!
+//! // The device evicts two cached blocks: they go to the host tier.
+//! let keys = [StoreKey(11), StoreKey(12)];
+//! let bytes = vec![7u8; 2 * 2048];
+//! let stored = tiers.offload(DeviceEvent::Evicted, &keys, &bytes, 50)?;
+//! assert_eq!(stored.stored, 2);
+//!
+//! // A later prompt with the same first two blocks finds them and loads them back.
+//! let prompt = [StoreKey(11), StoreKey(12), StoreKey(13)];
+//! let found = tiers.lookup(&prompt)?;
+//! assert_eq!(found, [TierKind::Host, TierKind::Host]);
+//! let mut dst = vec![0u8; found.len() * 2048];
+//! let loaded = tiers.load(&prompt, &found, &mut dst)?;
+//! assert_eq!(loaded.blocks, 2);
+//! assert_eq!(dst, bytes);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+#![warn(missing_docs)]
+
+mod codec;
+pub mod disk;
+pub mod host;
+pub mod shared;
+pub mod stack;
+
+pub use disk::{DiskConfig, DiskOpenError, DiskStats, DiskTier};
+pub use host::{HostConfig, HostConfigError, HostStats, HostTier, Spill};
+pub use shared::{SharedConfig, SharedConfigError, SharedStats, SharedTier};
+pub use stack::{DeviceEvent, LoadOutcome, OffloadMode, StackStats, TierKind, TierStack};
+
+/// The environment variable naming the Redis server of the shared-tier tests and benches
+/// (`cargo xtask test` starts one and sets it).
+pub const REDIS_URL_ENV: &str = "KVC_REDIS_URL";

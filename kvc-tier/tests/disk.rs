@@ -1,0 +1,246 @@
+//! The disk tier against real files: restart, corruption, truncation, the byte budget, other
+//! namespaces, and reads racing evictions.
+
+mod common;
+
+use std::fs::{self, OpenOptions};
+use std::io::{Seek, SeekFrom, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use common::{BLOCK, TempDir, blocks, ns, payload};
+use kvc_core::{BlockStore, StoreKey};
+use kvc_tier::{DiskConfig, DiskTier};
+
+fn pages(tier: &DiskTier) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = fs::read_dir(tier.dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "kvcpage"))
+        .collect();
+    v.sort();
+    v
+}
+
+fn get_all(tier: &DiskTier, keys: &[StoreKey]) -> (usize, Vec<bool>, Vec<u8>) {
+    let mut dst = vec![0; keys.len() * BLOCK];
+    let mut found = Vec::new();
+    let n = tier.get(keys, &mut dst, &mut found).unwrap();
+    (n, found, dst)
+}
+
+#[test]
+fn pages_round_trip_and_are_found_again_after_a_restart() {
+    let tmp = TempDir::new("restart");
+    let cfg = DiskConfig::new(&tmp.0, 1 << 20, 4);
+    let (keys, src) = blocks(1..=10);
+    {
+        let disk = DiskTier::open(ns("m"), &cfg).unwrap();
+        let out = disk.put(&keys, &src, 0).unwrap();
+        assert_eq!((out.stored, out.present), (10, 0));
+        assert_eq!(pages(&disk).len(), 3, "10 blocks in pages of 4");
+        assert_eq!(
+            disk.put(&keys[..3], &src[..3 * BLOCK], 0).unwrap().present,
+            3
+        );
+        let (n, _, dst) = get_all(&disk, &keys);
+        assert_eq!(n, 10);
+        assert_eq!(dst, src);
+    }
+    let disk = DiskTier::open(ns("m"), &cfg).unwrap();
+    assert_eq!(disk.stats().recovered_pages, 3);
+    assert_eq!(disk.usage().blocks, 10);
+    let (n, _, dst) = get_all(&disk, &keys);
+    assert_eq!(n, 10);
+    assert_eq!(dst, src);
+    // Removing every block of a page deletes its file.
+    assert_eq!(disk.remove(&keys[..4]).unwrap(), 4);
+    assert_eq!(pages(&disk).len(), 2);
+}
+
+#[test]
+fn a_corrupt_page_is_dropped_and_never_read_as_kv() {
+    let tmp = TempDir::new("corrupt");
+    let cfg = DiskConfig::new(&tmp.0, 1 << 20, 2);
+    let disk = DiskTier::open(ns("m"), &cfg).unwrap();
+    let (keys, src) = blocks(1..=4);
+    let _ = disk.put(&keys, &src, 0).unwrap();
+    let files = pages(&disk);
+    assert_eq!(files.len(), 2);
+    // Flip one byte of the last block's payload in the second page.
+    let len = fs::metadata(&files[1]).unwrap().len();
+    let mut f = OpenOptions::new().write(true).open(&files[1]).unwrap();
+    f.seek(SeekFrom::Start(len - 10)).unwrap();
+    f.write_all(&[0xFF ^ payload(4)[BLOCK - 10]]).unwrap();
+    drop(f);
+    let (n, found, dst) = get_all(&disk, &keys);
+    assert_eq!(n, 2);
+    assert_eq!(
+        found,
+        [true, true, false, false],
+        "the whole page is dropped"
+    );
+    assert_eq!(dst[..2 * BLOCK], src[..2 * BLOCK]);
+    assert_eq!(disk.stats().corrupt_pages, 1);
+    assert!(!files[1].exists(), "the corrupt page file is deleted");
+    assert_eq!(disk.contains_prefix(&keys).unwrap(), 2);
+}
+
+#[test]
+fn truncated_and_damaged_pages_are_dropped_at_open_and_on_read() {
+    let tmp = TempDir::new("truncated");
+    let cfg = DiskConfig::new(&tmp.0, 1 << 20, 2);
+    let (keys, src) = blocks(1..=6);
+    let files = {
+        let disk = DiskTier::open(ns("m"), &cfg).unwrap();
+        let _ = disk.put(&keys, &src, 0).unwrap();
+        pages(&disk)
+    };
+    // A page cut short (a crash mid-write), a page with a damaged header, an unfinished write.
+    let len = fs::metadata(&files[0]).unwrap().len();
+    OpenOptions::new()
+        .write(true)
+        .open(&files[0])
+        .unwrap()
+        .set_len(len - 1)
+        .unwrap();
+    let mut bytes = fs::read(&files[1]).unwrap();
+    bytes[20] ^= 1;
+    fs::write(&files[1], bytes).unwrap();
+    fs::write(files[2].with_extension("tmp"), b"half").unwrap();
+    let disk = DiskTier::open(ns("m"), &cfg).unwrap();
+    let s = disk.stats();
+    assert_eq!((s.recovered_pages, s.dropped_at_open), (1, 3));
+    let (n, found, dst) = get_all(&disk, &keys);
+    assert_eq!(n, 2);
+    assert_eq!(found, [false, false, false, false, true, true]);
+    assert_eq!(dst[4 * BLOCK..], src[4 * BLOCK..]);
+    // Truncated after it was indexed: the read comes up short, a miss, and the page goes.
+    OpenOptions::new()
+        .write(true)
+        .open(&files[2])
+        .unwrap()
+        .set_len(100)
+        .unwrap();
+    let (n, _, _) = get_all(&disk, &keys);
+    assert_eq!(n, 0);
+    assert_eq!(disk.stats().corrupt_pages, 1);
+}
+
+#[test]
+fn the_budget_is_never_exceeded_and_old_pages_go_first() {
+    let tmp = TempDir::new("budget");
+    let probe = DiskTier::open(ns("probe"), &DiskConfig::new(&tmp.0, 1 << 20, 2)).unwrap();
+    let (k, s) = blocks([1, 2]);
+    let _ = probe.put(&k, &s, 0).unwrap();
+    let page_bytes = probe.usage().bytes;
+    // Room for three pages.
+    let cfg = DiskConfig::new(&tmp.0, 3 * page_bytes + page_bytes / 2, 2);
+    let disk = DiskTier::open(ns("m"), &cfg).unwrap();
+    let mut evicted = 0;
+    for p in 0..10u128 {
+        let (keys, src) = blocks([2 * p + 1, 2 * p + 2]);
+        let out = disk.put(&keys, &src, 0).unwrap();
+        assert_eq!(out.stored, 2);
+        evicted += out.evicted;
+        let u = disk.usage();
+        assert!(u.bytes <= u.capacity_bytes.unwrap(), "{u:?}");
+    }
+    assert_eq!(evicted, 14);
+    assert_eq!(pages(&disk).len(), 3);
+    let (old, _) = blocks([1, 2]);
+    assert_eq!(disk.contains_prefix(&old).unwrap(), 0);
+    let (new, src) = blocks([19, 20]);
+    let (n, _, dst) = get_all(&disk, &new);
+    assert_eq!((n, dst), (2, src));
+    // A page larger than the whole budget is declined, not an error.
+    let tiny = DiskTier::open(ns("tiny"), &DiskConfig::new(&tmp.0, 100, 2)).unwrap();
+    let out = tiny.put(&new, &blocks([19, 20]).1, 0).unwrap();
+    assert_eq!((out.stored, out.skipped), (0, 2));
+    assert_eq!(tiny.usage().bytes, 0);
+}
+
+#[test]
+fn a_block_of_another_namespace_is_never_read_back() {
+    let tmp = TempDir::new("namespace");
+    let cfg = DiskConfig::new(&tmp.0, 1 << 20, 2);
+    let a = DiskTier::open(ns("model-a"), &cfg).unwrap();
+    let b = DiskTier::open(ns("model-b"), &cfg).unwrap();
+    let (keys, src) = blocks([1, 2]);
+    let _ = a.put(&keys, &src, 0).unwrap();
+    assert_eq!(b.contains_prefix(&keys).unwrap(), 0);
+    assert_eq!(get_all(&b, &keys).0, 0);
+    // Even a page file copied into the other namespace's folder is refused by its header.
+    for f in pages(&a) {
+        fs::copy(&f, b.dir().join(f.file_name().unwrap())).unwrap();
+    }
+    drop(b);
+    let b = DiskTier::open(ns("model-b"), &cfg).unwrap();
+    assert_eq!(b.stats().dropped_at_open, 1);
+    assert_eq!(get_all(&b, &keys).0, 0);
+}
+
+#[test]
+fn reads_racing_evictions_see_whole_blocks_or_misses() {
+    let tmp = TempDir::new("race");
+    // Room for about eight pages of two blocks: writers keep evicting what readers read.
+    let probe = DiskTier::open(ns("probe"), &DiskConfig::new(&tmp.0, 1 << 20, 2)).unwrap();
+    let _ = probe.put(&blocks([1, 2]).0, &blocks([1, 2]).1, 0).unwrap();
+    let page = probe.usage().bytes;
+    let disk = Arc::new(DiskTier::open(ns("m"), &DiskConfig::new(&tmp.0, 8 * page, 2)).unwrap());
+    let writers: Vec<_> = (0..2u128)
+        .map(|w| {
+            let disk = Arc::clone(&disk);
+            std::thread::spawn(move || {
+                for p in 0..150u128 {
+                    let base = 10_000 * (w + 1) + 2 * p;
+                    let (keys, src) = blocks([base, base + 1]);
+                    let _ = disk.put(&keys, &src, 0).unwrap();
+                }
+            })
+        })
+        .collect();
+    let readers: Vec<_> = (0..2u128)
+        .map(|r| {
+            let disk = Arc::clone(&disk);
+            std::thread::spawn(move || {
+                let (mut hits, mut misses) = (0, 0);
+                for i in 0..300u128 {
+                    let base = 10_000 * (r % 2 + 1) + 2 * (i / 2);
+                    let (keys, src) = blocks([base, base + 1]);
+                    let mut dst = vec![0; 2 * BLOCK];
+                    let mut found = Vec::new();
+                    let _ = disk.get(&keys, &mut dst, &mut found).unwrap();
+                    for (j, &f) in found.iter().enumerate() {
+                        if f {
+                            assert_eq!(
+                                dst[j * BLOCK..(j + 1) * BLOCK],
+                                src[j * BLOCK..(j + 1) * BLOCK]
+                            );
+                            hits += 1;
+                        } else {
+                            misses += 1;
+                        }
+                    }
+                }
+                (hits, misses)
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    let mut total = 0;
+    for r in readers {
+        let (h, m) = r.join().unwrap();
+        total += h + m;
+    }
+    assert_eq!(total, 2 * 300 * 2);
+    let u = disk.usage();
+    assert!(u.bytes <= 8 * page);
+    assert_eq!(
+        disk.stats().corrupt_pages,
+        0,
+        "a race is a miss, not corruption"
+    );
+}

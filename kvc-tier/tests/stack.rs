@@ -1,0 +1,180 @@
+//! The tier stack: offload modes, demotion from host to disk and promotion back, and two
+//! engines sharing blocks through a Redis server that dies and comes back.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{BLOCK, OwnRedis, TempDir, blocks, ns, redis_url};
+use kvc_core::{BlockStore, StoreKey};
+use kvc_tier::{
+    DeviceEvent, DiskConfig, DiskTier, HostConfig, HostTier, OffloadMode, SharedConfig, SharedTier,
+    TierKind, TierStack,
+};
+
+fn host(pages: u64) -> HostTier {
+    HostTier::new(ns("m"), HostConfig::new(pages * 2 * BLOCK as u64, 2)).unwrap()
+}
+
+fn shared(url: &str, prefix: &str) -> SharedTier {
+    let mut cfg = SharedConfig::new(url);
+    cfg.prefix = prefix.to_string();
+    cfg.timeout = Duration::from_millis(500);
+    cfg.retry_after = Duration::from_millis(100);
+    SharedTier::new(ns("m"), cfg).unwrap()
+}
+
+fn load(stack: &TierStack, keys: &[StoreKey]) -> (Vec<TierKind>, usize, Vec<u8>) {
+    let tiers = stack.lookup(keys).unwrap();
+    let mut dst = vec![0; tiers.len() * BLOCK];
+    let out = stack.load(keys, &tiers, &mut dst).unwrap();
+    dst.truncate(out.blocks * BLOCK);
+    (tiers, out.blocks, dst)
+}
+
+fn unique(test: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("kvc-test-{test}-{}-{nanos:x}", std::process::id())
+}
+
+#[test]
+fn write_back_copies_on_eviction_and_write_through_on_caching() {
+    let (keys, src) = blocks([1, 2]);
+    let back = TierStack::new(host(4), None, None, OffloadMode::WriteBack);
+    assert_eq!(
+        back.offload(DeviceEvent::Cached, &keys, &src, 0)
+            .unwrap()
+            .stored,
+        0
+    );
+    assert_eq!(
+        back.offload(DeviceEvent::Evicted, &keys, &src, 0)
+            .unwrap()
+            .stored,
+        2
+    );
+    let through = TierStack::new(host(4), None, None, OffloadMode::WriteThrough);
+    assert_eq!(
+        through
+            .offload(DeviceEvent::Cached, &keys, &src, 0)
+            .unwrap()
+            .stored,
+        2
+    );
+    assert_eq!(
+        through
+            .offload(DeviceEvent::Evicted, &keys, &src, 0)
+            .unwrap()
+            .stored,
+        0
+    );
+    for s in [&back, &through] {
+        let (tiers, n, dst) = load(s, &keys);
+        assert_eq!((tiers, n), (vec![TierKind::Host; 2], 2));
+        assert_eq!(dst, src);
+    }
+}
+
+#[test]
+fn host_evictions_go_to_disk_and_come_back_through_the_host() {
+    let tmp = TempDir::new("stack");
+    let disk = DiskTier::open(ns("m"), &DiskConfig::new(&tmp.0, 1 << 20, 2)).unwrap();
+    // Two host pages of two blocks.
+    let stack = TierStack::new(host(2), Some(disk), None, OffloadMode::WriteBack);
+    let (chain, src) = blocks(1..=8);
+    for i in 0..4 {
+        let r = 2 * i..2 * i + 2;
+        let _ = stack
+            .offload(
+                DeviceEvent::Evicted,
+                &chain[r.clone()],
+                &src[r.start * BLOCK..r.end * BLOCK],
+                0,
+            )
+            .unwrap();
+    }
+    // The first four blocks were demoted to disk, the last four are in host memory.
+    assert_eq!(stack.stats().demoted, 4);
+    let (tiers, n, dst) = load(&stack, &chain);
+    assert_eq!(n, 8);
+    assert_eq!(dst, src);
+    assert_eq!(&tiers[..4], &[TierKind::Disk; 4]);
+    assert_eq!(&tiers[4..], &[TierKind::Host; 4]);
+    let s = stack.stats();
+    assert_eq!(s.loaded, [4, 4, 0]);
+    assert_eq!(s.promoted, 4);
+    // Promoted blocks are in host memory now.
+    assert_eq!(stack.host().contains_prefix(&chain[..4]).unwrap(), 4);
+    // A chain with a gap loads its prefix only.
+    let gap = [chain[0], StoreKey(999), chain[2]];
+    assert_eq!(stack.lookup(&gap).unwrap().len(), 1);
+}
+
+#[test]
+fn a_second_engine_loads_blocks_the_first_uploaded() {
+    let Some(url) = redis_url("a_second_engine_loads_blocks_the_first_uploaded") else {
+        return;
+    };
+    let prefix = unique("engines");
+    let a = TierStack::new(
+        host(8),
+        None,
+        Some(shared(&url, &prefix)),
+        OffloadMode::WriteThrough,
+    );
+    let b = TierStack::new(
+        host(8),
+        None,
+        Some(shared(&url, &prefix)),
+        OffloadMode::WriteThrough,
+    );
+    let (chain, src) = blocks(100..110);
+    let _ = a.offload(DeviceEvent::Cached, &chain, &src, 50).unwrap();
+    assert_eq!(a.stats().uploaded, 10);
+    let (tiers, n, dst) = load(&b, &chain);
+    assert_eq!(tiers, vec![TierKind::Shared; 10]);
+    assert_eq!((n, dst), (10, src));
+    // Loaded once, b keeps them in its host tier.
+    assert_eq!(b.lookup(&chain).unwrap(), vec![TierKind::Host; 10]);
+}
+
+#[test]
+fn serving_goes_on_while_the_shared_server_is_down_and_recovers() {
+    let test = "serving_goes_on_while_the_shared_server_is_down_and_recovers";
+    let Some(mut server) = OwnRedis::start(test) else {
+        return;
+    };
+    let prefix = unique("down");
+    let a = TierStack::new(
+        host(16),
+        None,
+        Some(shared(&server.url(), &prefix)),
+        OffloadMode::WriteThrough,
+    );
+    let b = TierStack::new(
+        host(16),
+        None,
+        Some(shared(&server.url(), &prefix)),
+        OffloadMode::WriteThrough,
+    );
+    let (first, src1) = blocks(1..=4);
+    let _ = a.offload(DeviceEvent::Cached, &first, &src1, 0).unwrap();
+    server.kill();
+    // b misses the shared blocks but its own host tier goes on serving.
+    let (own, src_own) = blocks(50..=53);
+    let _ = b.offload(DeviceEvent::Cached, &own, &src_own, 0).unwrap();
+    assert_eq!(load(&b, &first).1, 0);
+    let (_, n, dst) = load(&b, &own);
+    assert_eq!((n, dst), (4, src_own));
+    // The server returns, empty: new uploads are shared again.
+    server.restart().unwrap();
+    std::thread::sleep(Duration::from_millis(150));
+    let (second, src2) = blocks(20..=23);
+    let _ = a.offload(DeviceEvent::Cached, &second, &src2, 0).unwrap();
+    let (tiers, n, dst) = load(&b, &second);
+    assert_eq!(tiers, vec![TierKind::Shared; 4]);
+    assert_eq!((n, dst), (4, src2));
+}
