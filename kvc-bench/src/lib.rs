@@ -9,7 +9,9 @@
 //!   block management (`kvc-bench replay --engine-like`);
 //! - [`report`]: the report of `cargo xtask bench` (`kvc-bench report`);
 //! - [`profiles`] and [`size`]: GPU and model profiles and the capacity calculator
-//!   (`kvc-bench size`).
+//!   (`kvc-bench size`);
+//! - [`workload`]: seeded generators of workload shapes the shipped trace lacks, and a fast
+//!   block-level hit-rate replay to compare eviction policies on them.
 //!
 //! ```
 //! use kvc_bench::size::{SizeQuery, size};
@@ -34,3 +36,4 @@ pub mod report;
 pub mod sim;
 pub mod size;
 pub mod trace;
+pub mod workload;

@@ -34,6 +34,9 @@ enum Command {
     /// Serve requests with the real CPU engine (a small llama-style model with random
     /// weights) through the whole kvc stack, and report real throughput.
     Engine(EngineArgs),
+    /// Hit rates of every eviction policy on the generated workload shapes (doc-qa, agents,
+    /// one-shot, scan, long-think) at three cache sizes.
+    Shapes(ShapesArgs),
     /// Run every benchmark and write a markdown report with SVG plots (what `cargo xtask
     /// bench` runs).
     Report(ReportArgs),
@@ -51,6 +54,19 @@ struct EngineArgs {
     #[arg(long)]
     no_reuse: bool,
     /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ShapesArgs {
+    /// Requests generated per shape.
+    #[arg(long, default_value_t = 3000)]
+    requests: usize,
+    /// Generator seed.
+    #[arg(long, default_value_t = 2026)]
+    seed: u64,
+    /// Print one JSON array instead of text.
     #[arg(long)]
     json: bool,
 }
@@ -154,6 +170,7 @@ fn main() -> ExitCode {
         Command::Scenario(args) => run_scenario(&args),
         Command::Size(args) => run_size(&args),
         Command::Engine(args) => run_engine(&args),
+        Command::Shapes(args) => run_shapes(&args),
         Command::Report(args) => run_report(args),
     };
     match result {
@@ -221,6 +238,33 @@ fn run_replay(args: &ReplayArgs) -> Result<(), String> {
         println!("{json}");
     } else {
         print_text(&report);
+    }
+    Ok(())
+}
+
+fn run_shapes(args: &ShapesArgs) -> Result<(), String> {
+    let rows = kvc_bench::workload::compare(args.requests, args.seed, &[0.05, 0.15, 0.4]);
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string(&rows).map_err(|e| e.to_string())?
+        );
+        return Ok(());
+    }
+    for row in &rows {
+        let rates: Vec<String> = row
+            .hit_rates
+            .iter()
+            .map(|(p, r)| format!("{p} {:.2}%", 100.0 * r))
+            .collect();
+        println!(
+            "{:<10} {:>6} blocks ({:>2.0}% of infinite): {}; infinite {:.2}%",
+            row.shape,
+            row.capacity_blocks,
+            100.0 * row.fraction,
+            rates.join(", "),
+            100.0 * row.infinite
+        );
     }
     Ok(())
 }

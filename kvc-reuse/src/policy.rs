@@ -71,6 +71,8 @@ pub enum PolicyKind {
     S3Fifo,
     /// [`Conversation`].
     Conversation,
+    /// [`Adaptive`](crate::Adaptive).
+    Adaptive,
 }
 
 impl PolicyKind {
@@ -79,6 +81,7 @@ impl PolicyKind {
         PolicyKind::Lru,
         PolicyKind::S3Fifo,
         PolicyKind::Conversation,
+        PolicyKind::Adaptive,
     ];
 
     /// The command-line name.
@@ -88,6 +91,7 @@ impl PolicyKind {
             Self::Lru => "lru",
             Self::S3Fifo => "s3fifo",
             Self::Conversation => "conversation",
+            Self::Adaptive => "adaptive",
         }
     }
 
@@ -104,6 +108,7 @@ impl PolicyKind {
             Self::Lru => Box::new(Lru::default()),
             Self::S3Fifo => Box::new(S3Fifo::new(capacity_blocks)),
             Self::Conversation => Box::new(Conversation::new(capacity_blocks)),
+            Self::Adaptive => Box::new(crate::Adaptive::new(capacity_blocks)),
         }
     }
 }

@@ -58,7 +58,8 @@ proptest! {
         policy in prop_oneof![
             Just(PolicyKind::Lru),
             Just(PolicyKind::S3Fifo),
-            Just(PolicyKind::Conversation)
+            Just(PolicyKind::Conversation),
+            Just(PolicyKind::Adaptive)
         ],
     ) {
         let root = Xxh3Hasher.root(&HashExtra::new("m", 1));
