@@ -566,12 +566,24 @@ impl Conversation {
         let tau = self.kappa * self.median_gap as f64;
         let shift = (tau * (p / (1.0 - p)).ln()) as i64;
         let tail_from = self.walk.len().saturating_sub(self.tail_estimate as usize);
-        for (i, &(slot, _, new)) in self.walk.iter().enumerate() {
-            self.slots[slot as usize].shift = if new && i >= tail_from {
+        for i in 0..self.walk.len() {
+            let (slot, _, new) = self.walk[i];
+            let shift = if new && i >= tail_from {
                 Self::TAIL_SHIFT
             } else {
                 shift
             };
+            // The shift is part of the order's key: a slot in the order leaves it around the
+            // change, or the order keeps a stale key it can never remove.
+            let s = self.slots[slot as usize];
+            let ordered = s.evictable && !s.pending;
+            if ordered {
+                self.remove(slot);
+            }
+            self.slots[slot as usize].shift = shift;
+            if ordered {
+                self.add(slot);
+            }
         }
         self.flush_pending();
         self.requests += 1;
