@@ -40,7 +40,7 @@ fn a_session_commit_never_leaves_a_freed_block_cached() {
         idle_ms: 1_000,
     };
     let mut prefix = PrefixCache::new(4, PolicyKind::Lru);
-    let mut sessions = SessionCache::new(cfg, 4);
+    let mut sessions = SessionCache::new(cfg, 4).unwrap();
     let root = Xxh3Hasher.root(&HashExtra::new("m", 1));
     let mut refs = Refs::default();
     let system: Vec<u32> = (0..12).collect();
@@ -196,4 +196,29 @@ fn conversation_policy_never_evicts_a_block_in_use() {
             );
         }
     }
+}
+
+#[test]
+fn a_session_cache_without_room_for_a_token_is_refused() {
+    let cfg = SessionConfig {
+        max_tokens: 0,
+        truncation: Truncation::LastTokens { tokens: 0 },
+        idle_ms: 1_000,
+    };
+    assert_eq!(
+        SessionCache::new(cfg, 4).unwrap_err(),
+        kvc_reuse::SessionConfigError::ZeroMaxTokens
+    );
+}
+
+#[test]
+fn metric_counters_saturate_instead_of_overflowing() {
+    let mut cache = PrefixCache::new(4, PolicyKind::Lru);
+    for now in 0..2 {
+        let hit = cache.lookup(&[], usize::MAX, now);
+        assert_eq!(hit.tokens, 0);
+    }
+    let m = cache.metrics();
+    assert_eq!((m.queries, m.query_tokens), (2, u64::MAX));
+    assert_eq!(m.hit_rate(), 0.0);
 }
