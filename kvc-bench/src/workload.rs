@@ -328,8 +328,10 @@ pub fn block_hit_rate(
             }));
         }
         newly.clear();
+        // The request finishes at once: it stops using its hit blocks and those it cached.
         let _ = cache.insert(&hashes, &blocks, req.timestamp_ms, &mut newly);
         let _ = cache.release(&hit.blocks);
+        let _ = cache.release(&newly);
         let mut kept = newly.iter().peekable();
         for &b in &blocks[hit.blocks.len()..] {
             if kept.peek() == Some(&&b) {

@@ -72,6 +72,18 @@ impl EvictionPolicy for Frequency {
             self.order.insert(key);
         }
     }
+    fn on_release(&mut self, slot: u32, stamp: u64) {
+        let evictable = self.slots[slot as usize].2;
+        if evictable {
+            let key = self.key(slot);
+            self.order.remove(&key);
+        }
+        self.slots[slot as usize].1 = stamp;
+        if evictable {
+            let key = self.key(slot);
+            self.order.insert(key);
+        }
+    }
     fn on_evictable(&mut self, slot: u32) {
         if !self.slots[slot as usize].2 {
             self.slots[slot as usize].2 = true;
@@ -230,6 +242,11 @@ impl EvictionPolicy for Adaptive {
     fn on_hit(&mut self, slot: u32, info: &BlockInfo) {
         for e in &mut self.experts {
             e.on_hit(slot, info);
+        }
+    }
+    fn on_release(&mut self, slot: u32, stamp: u64) {
+        for e in &mut self.experts {
+            e.on_release(slot, stamp);
         }
     }
     fn on_evictable(&mut self, slot: u32) {
