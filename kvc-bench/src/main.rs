@@ -208,8 +208,8 @@ fn run_replay(args: &ReplayArgs) -> Result<(), String> {
         } else {
             println!(
                 "{} requests, {} alive at once, pool {} tokens ({}-token blocks), policy {}, \
-                 hasher {}: {:.1} us of block management per request ({:.2} s), hit rate \
-                 {:.2}%, {} decode tokens, {} blocks evicted",
+                 hasher {}: {:.1} us of block management per request ({:.2} s; CPU time {:.1} \
+                 us per request), hit rate {:.2}%, {} decode tokens, {} blocks evicted",
                 r.requests,
                 r.alive,
                 r.capacity_tokens,
@@ -218,6 +218,7 @@ fn run_replay(args: &ReplayArgs) -> Result<(), String> {
                 r.hasher,
                 r.us_per_request,
                 r.management_s,
+                r.cpu_us_per_request,
                 100.0 * r.hit_rate,
                 r.decode_tokens,
                 r.evicted_blocks

@@ -29,6 +29,7 @@ use smallvec::SmallVec;
 use crate::BlockHash;
 use crate::events::{EventLog, EventRecord, KvEvent, Metrics};
 use crate::policy::{Access, BlockInfo, EvictionPolicy, PolicyKind};
+use crate::table::HashIndex;
 
 /// Hashing for keys that are already well mixed (block hashes) or small dense integers (block
 /// ids): a multiply-fold instead of a keyed hash, which showed up in replay profiles. Block
@@ -178,7 +179,7 @@ impl BlockIndex {
 pub struct PrefixCache {
     block_size: u32,
     nodes: Slab<Node>,
-    by_hash: HashMap<BlockHash, u32, KeyHash>,
+    by_hash: HashIndex,
     by_block: BlockIndex,
     retained: HashMap<u32, Retained, KeyHash>,
     policy: Box<dyn EvictionPolicy>,
@@ -208,7 +209,7 @@ impl PrefixCache {
         Self {
             block_size: block_size.max(1),
             nodes: Slab::new(),
-            by_hash: HashMap::default(),
+            by_hash: HashIndex::default(),
             by_block: BlockIndex::default(),
             retained: HashMap::default(),
             policy,
@@ -259,7 +260,7 @@ impl PrefixCache {
     /// Whether a lookup can hit `hash` (given its whole chain is cached).
     #[must_use]
     pub fn contains(&self, hash: BlockHash) -> bool {
-        self.by_hash.contains_key(&hash)
+        self.find(hash).is_some()
     }
 
     /// The counters so far.
@@ -277,6 +278,15 @@ impl PrefixCache {
     /// Moves the recorded events, oldest first, to `out`.
     pub fn drain_events(&mut self, out: &mut Vec<EventRecord>) {
         self.events.drain(out);
+    }
+
+    /// The slot of the hittable node cached under `hash`.
+    #[inline]
+    fn find(&self, hash: BlockHash) -> Option<u32> {
+        let nodes = &self.nodes;
+        self.by_hash.get(hash, |slot| {
+            nodes.get(slot as usize).is_some_and(|n| n.hash == hash)
+        })
     }
 
     fn tick(&mut self) -> u64 {
@@ -341,9 +351,9 @@ impl PrefixCache {
         let usable = (prompt_tokens.saturating_sub(1) / self.block_size as usize).min(hashes.len());
         let mut slots: SmallVec<[u32; 64]> = SmallVec::new();
         for h in &hashes[..usable] {
-            match self.by_hash.get(h) {
+            match self.find(*h) {
                 // A block with `u32::MAX` holders ends the hit (a shorter hit is always safe).
-                Some(&slot) if self.nodes[slot as usize].refs < u32::MAX => slots.push(slot),
+                Some(slot) if self.nodes[slot as usize].refs < u32::MAX => slots.push(slot),
                 _ => break,
             }
         }
@@ -405,9 +415,8 @@ impl PrefixCache {
             .iter()
             .zip(blocks)
             .take_while(|&(h, &b)| {
-                self.by_hash
-                    .get(h)
-                    .is_some_and(|&s| self.nodes[s as usize].block == b)
+                self.find(*h)
+                    .is_some_and(|s| self.nodes[s as usize].block == b)
             })
             .count() as u32;
         let request_blocks = hashes.len() as u32;
@@ -416,7 +425,7 @@ impl PrefixCache {
         let mut stored_parent = None;
         let mut result = Ok(());
         for (i, (&hash, &block)) in hashes.iter().zip(blocks).enumerate() {
-            if let Some(&slot) = self.by_hash.get(&hash) {
+            if let Some(slot) = self.find(hash) {
                 if self.nodes[slot as usize].block != block {
                     // Computed twice: the cached copy stays, the request's block stays private.
                     break;
@@ -609,7 +618,7 @@ impl PrefixCache {
     /// at `until`). Returns whether the block is cached.
     pub fn set_retention(&mut self, hash: BlockHash, retention: Retention, now_ms: u64) -> bool {
         self.now_ms = now_ms;
-        let Some(&slot) = self.by_hash.get(&hash) else {
+        let Some(slot) = self.find(hash) else {
             return false;
         };
         self.retention_gen += 1;
@@ -639,7 +648,11 @@ impl PrefixCache {
     /// Sets the retention of the cached block whose [`BlockHash::short`] is `short`. A linear
     /// scan: meant for occasional pin updates, not the hot path.
     pub fn set_retention_short(&mut self, short: u64, retention: Retention, now_ms: u64) -> bool {
-        let found = self.by_hash.keys().copied().find(|h| h.short() == short);
+        let found = self
+            .nodes
+            .iter()
+            .find(|(_, n)| n.hittable && n.hash.short() == short)
+            .map(|(_, n)| n.hash);
         found.is_some_and(|h| self.set_retention(h, retention, now_ms))
     }
 
@@ -647,7 +660,7 @@ impl PrefixCache {
     /// and returns how many blocks that was. Blocks no request uses are handed back by the
     /// next [`evict`](Self::evict); blocks in use are handed back after their release.
     pub fn invalidate(&mut self, hash: BlockHash) -> usize {
-        let Some(&top) = self.by_hash.get(&hash) else {
+        let Some(top) = self.find(hash) else {
             return 0;
         };
         if let Some(p) = self.nodes[top as usize].parent {
@@ -697,7 +710,7 @@ impl PrefixCache {
             node.parent = None;
             node.hittable = false;
             let (hash, block, refs) = (node.hash, node.block, node.refs);
-            self.by_hash.remove(&hash);
+            self.by_hash.remove(hash, slot);
             removed.push(hash);
             self.metrics.evicted_invalidated = self.metrics.evicted_invalidated.saturating_add(1);
             if refs == 0 {
@@ -714,7 +727,7 @@ impl PrefixCache {
     fn remove_hittable(&mut self, slot: u32) -> Node {
         self.policy.on_remove(slot);
         let node = self.nodes.remove(slot as usize);
-        self.by_hash.remove(&node.hash);
+        self.by_hash.remove(node.hash, slot);
         self.by_block.remove(node.block);
         self.retained.remove(&slot);
         if let Some(p) = node.parent {

@@ -53,6 +53,7 @@ pub mod hash;
 mod index;
 pub mod policy;
 mod session;
+mod table;
 
 pub use adaptive::Adaptive;
 pub use cache::PrefixCache;

@@ -17,6 +17,7 @@
 //! ```
 
 mod bandwidth;
+mod engine_replay;
 mod hitrate;
 pub mod machine;
 mod micro;
@@ -30,6 +31,7 @@ use serde::Serialize;
 use thiserror::Error;
 
 pub use bandwidth::{BandwidthResult, DecodeShape};
+pub use engine_replay::EngineReplayResult;
 pub use hitrate::{CapacityPoint, HitRateResult, locate_trace};
 pub use machine::Host;
 pub use micro::MicroResult;
@@ -44,6 +46,7 @@ pub const REPORT_SCENARIOS: &[&str] = &["memory", "qos-overload", "shared-prefix
 pub const SECTION_HEADINGS: &[&str] = &[
     "## Serving scenarios",
     "## Prefix hit rate against cache capacity",
+    engine_replay::HEADING,
     "## CPU kernel bandwidth",
     "## Micro-benchmarks (quick measurements)",
     "## How this report was made",
@@ -252,6 +255,8 @@ pub struct ReportData {
     pub hit_rate: Option<HitRateResult>,
     /// Why the hit-rate section was skipped, when it was.
     pub hit_rate_skipped: Option<String>,
+    /// The engine-like replay with each hasher, when a trace was found.
+    pub engine_replay: Option<EngineReplayResult>,
     /// CPU decode and read bandwidth.
     pub bandwidth: BandwidthResult,
     /// Quick micro-benchmarks.
@@ -351,11 +356,10 @@ fn measure(
     timed("serving scenarios", t);
 
     let t = Instant::now();
-    let (hit_rate, hit_rate_skipped) = match trace {
+    let (hit_rate, hit_rate_skipped) = match &trace {
         Some((path, trace)) => {
             let (limit, block_size, capacities) = cfg.mode.hit_rate_plan();
-            let result =
-                hitrate::run(&path, &trace, limit, block_size, capacities, &mut *progress)?;
+            let result = hitrate::run(path, trace, limit, block_size, capacities, &mut *progress)?;
             (Some(result), None)
         }
         None => {
@@ -368,6 +372,13 @@ fn measure(
         }
     };
     timed("prefix hit rate", t);
+
+    let t = Instant::now();
+    let engine_replay = match &trace {
+        Some((path, trace)) => Some(engine_replay::run(path, trace, cfg.mode, &mut *progress)?),
+        None => None,
+    };
+    timed("engine-like replay", t);
 
     let t = Instant::now();
     let (shape, runs) = cfg.mode.decode_plan();
@@ -391,6 +402,7 @@ fn measure(
         scenarios: scenario_reports,
         hit_rate,
         hit_rate_skipped,
+        engine_replay,
         bandwidth,
         micro,
         section_seconds,
