@@ -280,6 +280,13 @@ impl EvictionPolicy for Adaptive {
         self.remember(hash, expert);
         Some(slot)
     }
+    fn peek_victims(&self, n: usize, out: &mut Vec<u32>) {
+        // The heaviest expert's next victims are the likeliest ones.
+        let heaviest = (0..self.weights.len())
+            .max_by(|&a, &b| self.weights[a].total_cmp(&self.weights[b]))
+            .unwrap_or(0);
+        self.experts[heaviest].peek_victims(n, out);
+    }
 }
 
 #[cfg(test)]

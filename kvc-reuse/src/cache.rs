@@ -188,6 +188,8 @@ pub struct PrefixCache {
     expiries: BinaryHeap<Reverse<(u64, u32, u64)>>,
     retention_gen: u64,
     orphans: Vec<BlockId>,
+    /// Scratch for [`Self::prefetch_victims`].
+    peeked: Vec<u32>,
     /// Hittable nodes with use count 0 (evictable, possibly after their unused descendants).
     unused: usize,
     clock: u64,
@@ -218,6 +220,7 @@ impl PrefixCache {
             expiries: BinaryHeap::new(),
             retention_gen: 0,
             orphans: Vec::new(),
+            peeked: Vec::new(),
             unused: 0,
             clock: 0,
             now_ms: 0,
@@ -411,6 +414,7 @@ impl PrefixCache {
             });
         }
         self.now_ms = now_ms;
+        self.by_hash.touch(hashes.iter().copied());
         let existing = hashes
             .iter()
             .zip(blocks)
@@ -576,7 +580,13 @@ impl PrefixCache {
         }
         self.expire(now_ms);
         let mut removed = Vec::new();
+        let mut ahead = 0;
         while n < count {
+            if ahead == 0 && count - n > 1 {
+                self.prefetch_victims(count - n);
+                ahead = Self::PREFETCH;
+            }
+            ahead = ahead.saturating_sub(1);
             let (slot, lane) = if let Some((_, _, s)) = self.low.pop_first() {
                 (s, Lane::Low)
             } else if let Some(s) = self.policy.pop_victim() {
@@ -612,6 +622,24 @@ impl PrefixCache {
             self.events.push(KvEvent::BlockRemoved { hashes: removed });
         }
         n
+    }
+
+    /// Victims fetched ahead of a batch eviction.
+    const PREFETCH: usize = 16;
+
+    /// Reads the nodes and hash-index buckets of the next victims the policy names, so their
+    /// cache misses overlap (evicting them one by one would wait for each in turn).
+    fn prefetch_victims(&mut self, want: usize) {
+        let mut next = std::mem::take(&mut self.peeked);
+        next.clear();
+        self.policy
+            .peek_victims(want.min(Self::PREFETCH), &mut next);
+        let nodes = &self.nodes;
+        self.by_hash.touch(
+            next.iter()
+                .filter_map(|&s| nodes.get(s as usize).map(|n| n.hash)),
+        );
+        self.peeked = next;
     }
 
     /// Sets the retention of the cached block `hash` (priority 0–100, decaying to the default

@@ -66,6 +66,11 @@ pub trait EvictionPolicy: Send + std::fmt::Debug {
     fn on_remove(&mut self, slot: u32);
     /// Removes and returns the evictable block to evict next, if any.
     fn pop_victim(&mut self) -> Option<u32>;
+    /// Appends up to `n` blocks likely to be evicted next, in order, without removing them:
+    /// a hint the cache uses to fetch their memory ahead of time. The default gives none.
+    fn peek_victims(&self, n: usize, out: &mut Vec<u32>) {
+        let _ = (n, out);
+    }
 }
 
 /// The policies this crate ships, by name.
@@ -184,6 +189,9 @@ impl EvictionPolicy for Lru {
         let (_, slot) = self.order.pop_first()?;
         self.evictable[slot as usize] = false;
         Some(slot)
+    }
+    fn peek_victims(&self, n: usize, out: &mut Vec<u32>) {
+        out.extend(self.order.iter().take(n).map(|&(_, slot)| slot));
     }
 }
 
