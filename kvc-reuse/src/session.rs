@@ -132,7 +132,10 @@ pub struct Turn {
     pub context_tokens: usize,
     /// The first `cached_tokens` tokens already have KV in `blocks`; compute the rest.
     pub cached_tokens: usize,
-    /// Blocks holding the cached tokens, in context order.
+    /// Blocks holding the cached tokens, in context order. From
+    /// [`open`](SessionCache::open) they are prefix-cache hits: take one pool reference on
+    /// each for the session. From [`turn`](SessionCache::turn) they are the blocks the session
+    /// already holds.
     pub blocks: Vec<BlockId>,
     /// Blocks the session dropped (truncation): drop the session's pool reference on each.
     pub released: Vec<BlockId>,
