@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use kvc_alloc::{AllocError, BlockAllocator, BlockPool, BlockTable, PoolConfig, RegionId};
 use kvc_core::BlockId;
-use kvc_reuse::{BlockHasher, HashExtra, HasherKind, PolicyKind, PrefixCache};
+use kvc_reuse::{BlockHash, BlockHasher, HashExtra, HasherKind, PolicyKind, PrefixCache};
 use serde::Serialize;
 use thiserror::Error;
 
@@ -33,6 +33,11 @@ pub struct BlockReplayConfig {
     pub policy: PolicyKind,
     /// The block hasher.
     pub hasher: HasherKind,
+    /// Admission control: cache a block only when its hash was already seen once, among the
+    /// last `2 × pool blocks` hashes offered (a doorkeeper, as in TinyLFU). Blocks of prompts
+    /// never repeated are then never cached, so they are never evicted either; the first
+    /// reuse of every block is lost.
+    pub admission: bool,
 }
 
 /// Why the replay could not run.
@@ -110,6 +115,8 @@ pub struct BlockReplayReport {
     pub policy: &'static str,
     /// Hasher name.
     pub hasher: &'static str,
+    /// Whether admission control was on.
+    pub admission: bool,
 }
 
 struct Live {
@@ -174,6 +181,38 @@ impl Replay {
     }
 }
 
+/// The hashes offered recently, for admission control: a bounded FIFO set.
+struct Doorkeeper {
+    set: ahash::AHashSet<BlockHash>,
+    order: VecDeque<BlockHash>,
+    cap: usize,
+}
+
+impl Doorkeeper {
+    fn new(cap: usize) -> Self {
+        Self {
+            set: ahash::AHashSet::new(),
+            order: VecDeque::new(),
+            cap: cap.max(1),
+        }
+    }
+
+    fn contains(&self, h: &BlockHash) -> bool {
+        self.set.contains(h)
+    }
+
+    fn remember(&mut self, h: BlockHash) {
+        if self.set.insert(h) {
+            self.order.push_back(h);
+            if self.order.len() > self.cap
+                && let Some(old) = self.order.pop_front()
+            {
+                self.set.remove(&old);
+            }
+        }
+    }
+}
+
 /// CPU time of the calling thread, in seconds (0 where the clock is unavailable).
 fn thread_cpu_s() -> f64 {
     let mut ts = libc::timespec {
@@ -214,6 +253,9 @@ pub fn block_replay(
         broken: None,
     };
     let root = cfg.hasher.root(&HashExtra::new("mooncake-replay", 1));
+    let mut door = cfg
+        .admission
+        .then(|| Doorkeeper::new(2 * usize::try_from(blocks).unwrap_or(usize::MAX >> 1)));
     let (mut tokens, mut hashes, mut newly) = (Vec::new(), Vec::new(), Vec::new());
     let mut alive: VecDeque<Live> = VecDeque::with_capacity(cfg.alive);
     let (mut input_tokens, mut hit_tokens, mut decode_tokens) = (0u64, 0u64, 0u64);
@@ -268,7 +310,18 @@ pub fn block_replay(
             return Err(BlockReplayError::DoesNotFit { index, source });
         }
         r.check(index)?;
-        let full = tokens.len() / bs;
+        let mut full = tokens.len() / bs;
+        if let Some(door) = door.as_mut() {
+            // The longest prefix whose hashes were all seen before; the rest is remembered.
+            let seen = hashes[..full]
+                .iter()
+                .take_while(|h| door.contains(h))
+                .count();
+            for &h in &hashes[seen..full] {
+                door.remember(h);
+            }
+            full = seen;
+        }
         newly.clear();
         r.cache
             .insert(&hashes[..full], &table.blocks()[..full], now, &mut newly)
@@ -317,6 +370,7 @@ pub fn block_replay(
         alive: cfg.alive,
         policy: cfg.policy.name(),
         hasher: cfg.hasher.name(),
+        admission: cfg.admission,
     })
 }
 
@@ -340,6 +394,7 @@ mod tests {
             alive,
             policy: PolicyKind::Lru,
             hasher: HasherKind::Xxh3,
+            admission: false,
         }
     }
 
@@ -358,6 +413,23 @@ mod tests {
         assert_eq!(r.requests, 3);
         assert_eq!(r.blocks_in_use_at_end, r.cached_blocks_at_end);
         assert!(r.cached_blocks_at_end > 0);
+    }
+
+    #[test]
+    fn admission_caches_a_block_only_the_second_time_it_is_seen() {
+        let trace = vec![
+            req(0, &[1, 2], 1000, 20),
+            req(1, &[1, 2], 1000, 20),
+            req(2, &[1, 3], 1000, 20),
+        ];
+        let mut c = cfg(100_000, 2);
+        c.admission = true;
+        let r = block_replay(&trace, &c).unwrap();
+        // The first request's blocks are only remembered, so the second one misses; it is
+        // cached then, and the third request hits block 1's 512 tokens.
+        assert_eq!(r.hit_tokens, 512);
+        assert!(r.admission);
+        assert_eq!(r.blocks_in_use_at_end, r.cached_blocks_at_end);
     }
 
     #[test]

@@ -155,6 +155,10 @@ struct ReplayArgs {
     /// blocks and appending its output one token at a time; reports microseconds per request.
     #[arg(long, conflicts_with = "optimal")]
     engine_like: bool,
+    /// With `--engine-like`: cache a block only once its hash has been seen before
+    /// (admission control; reports its hit rate beside LRU's).
+    #[arg(long, requires = "engine_like")]
+    admission: bool,
     /// Requests alive at once, with `--engine-like`.
     #[arg(long, default_value_t = 64)]
     alive: usize,
@@ -201,6 +205,7 @@ fn run_replay(args: &ReplayArgs) -> Result<(), String> {
             alive: args.alive,
             policy,
             hasher,
+            admission: args.admission,
         };
         let r = block_replay(&trace, &cfg).map_err(|e| e.to_string())?;
         if args.json {
@@ -208,7 +213,7 @@ fn run_replay(args: &ReplayArgs) -> Result<(), String> {
         } else {
             println!(
                 "{} requests, {} alive at once, pool {} tokens ({}-token blocks), policy {}, \
-                 hasher {}: {:.1} us of block management per request ({:.2} s; CPU time {:.1} \
+                 hasher {}{}: {:.1} us of block management per request ({:.2} s; CPU time {:.1} \
                  us per request), hit rate {:.2}%, {} decode tokens, {} blocks evicted",
                 r.requests,
                 r.alive,
@@ -216,6 +221,7 @@ fn run_replay(args: &ReplayArgs) -> Result<(), String> {
                 r.block_size,
                 r.policy,
                 r.hasher,
+                if r.admission { ", admission" } else { "" },
                 r.us_per_request,
                 r.management_s,
                 r.cpu_us_per_request,

@@ -56,6 +56,7 @@ pub(crate) fn run(
             alive,
             policy: PolicyKind::Lru,
             hasher,
+            admission: false,
         };
         let r = block_replay(requests, &cfg).map_err(|e| ReportError::Micro {
             bench: "engine-like replay",
