@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use kvc_alloc::{AllocError, BlockAllocator, BlockPool, BlockTable, PoolConfig, RegionId};
 use kvc_core::BlockId;
-use kvc_reuse::{BlockHasher, HashExtra, HasherKind, PolicyKind, PrefixCache};
+use kvc_reuse::{BlockHash, BlockHasher, HashExtra, HasherKind, PolicyKind, PrefixCache};
 use serde::Serialize;
 use thiserror::Error;
 
@@ -33,6 +33,11 @@ pub struct BlockReplayConfig {
     pub policy: PolicyKind,
     /// The block hasher.
     pub hasher: HasherKind,
+    /// Admission control: cache a block only when its hash was already seen once, among the
+    /// last `2 × pool blocks` hashes offered (a doorkeeper, as in TinyLFU). Blocks of prompts
+    /// never repeated are then never cached, so they are never evicted either; the first
+    /// reuse of every block is lost.
+    pub admission: bool,
 }
 
 /// Why the replay could not run.
@@ -58,6 +63,15 @@ pub enum BlockReplayError {
         index: usize,
         /// The allocation failure.
         source: AllocError,
+    },
+    /// The pool or the prefix cache refused a reference change: the replay and the cache
+    /// disagree on who holds a block (a broken ownership invariant).
+    #[error("request {index}: {what}")]
+    Ownership {
+        /// The request's index in the trace.
+        index: usize,
+        /// What was refused.
+        what: String,
     },
 }
 
@@ -86,6 +100,11 @@ pub struct BlockReplayReport {
     pub us_per_request: f64,
     /// Wall time of prompt token synthesis, excluded from the above.
     pub synth_s: f64,
+    /// CPU time this thread spent on block management (synthesis excluded): unlike the wall
+    /// time, it does not count time the thread waited for a core on a busy machine.
+    pub management_cpu_s: f64,
+    /// Block management CPU time per request, in microseconds.
+    pub cpu_us_per_request: f64,
     /// The settings.
     pub capacity_tokens: u64,
     /// Tokens per block.
@@ -96,11 +115,12 @@ pub struct BlockReplayReport {
     pub policy: &'static str,
     /// Hasher name.
     pub hasher: &'static str,
+    /// Whether admission control was on.
+    pub admission: bool,
 }
 
 struct Live {
     table: BlockTable,
-    hit: Vec<BlockId>,
     remaining: u32,
 }
 
@@ -109,6 +129,8 @@ struct Replay {
     cache: PrefixCache,
     evicted: Vec<BlockId>,
     evicted_blocks: u64,
+    /// The first reference change the pool or the cache refused.
+    broken: Option<String>,
 }
 
 impl Replay {
@@ -125,21 +147,92 @@ impl Replay {
         }
     }
 
-    /// Evicts up to `count` cached blocks, dropping the cache's reference on each.
+    /// Evicts up to `count` cached blocks, dropping the cache's reference on each (which
+    /// frees it: the cache only evicts blocks no request uses).
     fn evict(&mut self, count: usize, now: u64) -> usize {
         self.evicted.clear();
         let n = self.cache.evict(count, now, &mut self.evicted);
         for &b in &self.evicted {
-            let _ = self.pool.release(b);
+            if let Err(e) = self.pool.release(b) {
+                self.broken.get_or_insert(format!("evicted {b}: {e}"));
+            }
         }
         self.evicted_blocks += n as u64;
         n
     }
 
+    /// A request is done: it stops using every block of its table in the cache (its hit
+    /// blocks and those it cached) and drops its pool references.
     fn retire(&mut self, mut live: Live) {
-        let _ = self.cache.release(&live.hit);
-        let _ = live.table.release_all(&mut self.pool);
+        if let Err(e) = self.cache.release(live.table.blocks()) {
+            self.broken.get_or_insert(format!("release: {e}"));
+        }
+        if let Err(e) = live.table.release_all(&mut self.pool) {
+            self.broken.get_or_insert(format!("release_all: {e}"));
+        }
     }
+
+    /// The first ownership failure seen, as an error for request `index`.
+    fn check(&mut self, index: usize) -> Result<(), BlockReplayError> {
+        match self.broken.take() {
+            Some(what) => Err(BlockReplayError::Ownership { index, what }),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The hashes offered recently, for admission control: a bounded FIFO set.
+struct Doorkeeper {
+    set: ahash::AHashSet<BlockHash>,
+    order: VecDeque<BlockHash>,
+    cap: usize,
+}
+
+impl Doorkeeper {
+    fn new(cap: usize) -> Self {
+        Self {
+            set: ahash::AHashSet::new(),
+            order: VecDeque::new(),
+            cap: cap.max(1),
+        }
+    }
+
+    fn contains(&self, h: &BlockHash) -> bool {
+        self.set.contains(h)
+    }
+
+    fn remember(&mut self, h: BlockHash) {
+        if self.set.insert(h) {
+            self.order.push_back(h);
+            if self.order.len() > self.cap
+                && let Some(old) = self.order.pop_front()
+            {
+                self.set.remove(&old);
+            }
+        }
+    }
+}
+
+/// CPU time of the calling thread, in seconds (0 where the clock is unavailable).
+#[cfg(unix)]
+#[allow(unsafe_code)]
+fn thread_cpu_s() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; the call only writes to it.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return 0.0;
+    }
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
+/// CPU time of the calling thread: not measured off Unix.
+#[cfg(not(unix))]
+fn thread_cpu_s() -> f64 {
+    0.0
 }
 
 /// Replays `trace` as an engine's block manager would; see the module docs.
@@ -174,13 +267,18 @@ pub fn block_replay(
         cache: PrefixCache::with_policy(cfg.block_size, cfg.policy.build(blocks as usize)),
         evicted: Vec::new(),
         evicted_blocks: 0,
+        broken: None,
     };
     let root = cfg.hasher.root(&HashExtra::new("mooncake-replay", 1));
+    let mut door = cfg
+        .admission
+        .then(|| Doorkeeper::new(2 * usize::try_from(blocks).unwrap_or(usize::MAX >> 1)));
     let (mut tokens, mut hashes, mut newly) = (Vec::new(), Vec::new(), Vec::new());
     let mut alive: VecDeque<Live> = VecDeque::with_capacity(cfg.alive.min(trace.len()));
     let (mut input_tokens, mut hit_tokens, mut decode_tokens) = (0u64, 0u64, 0u64);
-    let mut synth_s = 0.0;
+    let (mut synth_s, mut synth_cpu_s) = (0.0, 0.0);
     let start = Instant::now();
+    let start_cpu = thread_cpu_s();
     for (index, req) in trace.iter().enumerate() {
         let now = req.timestamp_ms;
         // A full engine: every alive request decodes one token per step until one finishes.
@@ -196,11 +294,14 @@ pub fn block_replay(
                     r.retire(done);
                 }
             }
+            r.check(index)?;
         }
         let synth = Instant::now();
+        let synth_cpu = thread_cpu_s();
         tokens.clear();
         synth_prompt(req, &mut tokens);
         synth_s += synth.elapsed().as_secs_f64();
+        synth_cpu_s += thread_cpu_s() - synth_cpu;
         if tokens.is_empty() {
             continue;
         }
@@ -210,29 +311,46 @@ pub fn block_replay(
         input_tokens += tokens.len() as u64;
         hit_tokens += hit.tokens;
         let mut table = BlockTable::new(cfg.block_size);
+        let ownership = |what: String| BlockReplayError::Ownership { index, what };
         for &b in &hit.blocks {
-            // The cache holds a reference on every block it returns.
-            let _ = r.pool.retain(b);
+            // The request's own reference on each hit block (the cache holds another).
+            r.pool
+                .retain(b)
+                .map_err(|e| ownership(format!("retain {b}: {e}")))?;
             table.push_block(b);
         }
-        let _ = table.advance(hit.tokens);
+        table
+            .advance(hit.tokens)
+            .map_err(|e| ownership(format!("advance: {e}")))?;
         let rest = tokens.len() as u64 - hit.tokens;
         if let Err(source) = r.append(&mut table, rest, now) {
-            let _ = r.cache.release(&hit.blocks);
-            let _ = table.release_all(&mut r.pool);
             return Err(BlockReplayError::DoesNotFit { index, source });
         }
-        let full = tokens.len() / bs;
+        r.check(index)?;
+        let mut full = tokens.len() / bs;
+        if let Some(door) = door.as_mut() {
+            // The longest prefix whose hashes were all seen before; the rest is remembered.
+            let seen = hashes[..full]
+                .iter()
+                .take_while(|h| door.contains(h))
+                .count();
+            for &h in &hashes[seen..full] {
+                door.remember(h);
+            }
+            full = seen;
+        }
         newly.clear();
-        let _ = r
-            .cache
-            .insert(&hashes[..full], &table.blocks()[..full], now, &mut newly);
+        r.cache
+            .insert(&hashes[..full], &table.blocks()[..full], now, &mut newly)
+            .map_err(|e| ownership(format!("insert: {e}")))?;
         for &b in &newly {
-            let _ = r.pool.retain(b); // the cache's reference
+            // The cache's reference.
+            r.pool
+                .retain(b)
+                .map_err(|e| ownership(format!("retain {b}: {e}")))?;
         }
         alive.push_back(Live {
             table,
-            hit: hit.blocks,
             remaining: req.output_length.max(1),
         });
     }
@@ -246,8 +364,10 @@ pub fn block_replay(
             })?;
         decode_tokens += n;
         r.retire(live);
+        r.check(trace.len() - 1)?;
     }
     let management_s = start.elapsed().as_secs_f64() - synth_s;
+    let management_cpu_s = thread_cpu_s() - start_cpu - synth_cpu_s;
     Ok(BlockReplayReport {
         requests: trace.len(),
         input_tokens,
@@ -260,11 +380,14 @@ pub fn block_replay(
         management_s,
         us_per_request: management_s * 1e6 / trace.len() as f64,
         synth_s,
+        management_cpu_s,
+        cpu_us_per_request: management_cpu_s * 1e6 / trace.len() as f64,
         capacity_tokens: cfg.capacity_tokens,
         block_size: cfg.block_size,
         alive: cfg.alive,
         policy: cfg.policy.name(),
         hasher: cfg.hasher.name(),
+        admission: cfg.admission,
     })
 }
 
@@ -288,6 +411,7 @@ mod tests {
             alive,
             policy: PolicyKind::Lru,
             hasher: HasherKind::Xxh3,
+            admission: false,
         }
     }
 
@@ -306,6 +430,23 @@ mod tests {
         assert_eq!(r.requests, 3);
         assert_eq!(r.blocks_in_use_at_end, r.cached_blocks_at_end);
         assert!(r.cached_blocks_at_end > 0);
+    }
+
+    #[test]
+    fn admission_caches_a_block_only_the_second_time_it_is_seen() {
+        let trace = vec![
+            req(0, &[1, 2], 1000, 20),
+            req(1, &[1, 2], 1000, 20),
+            req(2, &[1, 3], 1000, 20),
+        ];
+        let mut c = cfg(100_000, 2);
+        c.admission = true;
+        let r = block_replay(&trace, &c).unwrap();
+        // The first request's blocks are only remembered, so the second one misses; it is
+        // cached then, and the third request hits block 1's 512 tokens.
+        assert_eq!(r.hit_tokens, 512);
+        assert!(r.admission);
+        assert_eq!(r.blocks_in_use_at_end, r.cached_blocks_at_end);
     }
 
     #[test]

@@ -17,7 +17,9 @@
 //!   cluster`);
 //! - [`analyze`]: the workload analyzer (`kvc-bench analyze`);
 //! - [`profiles`] and [`size`]: GPU and model profiles and the capacity calculator
-//!   (`kvc-bench size`).
+//!   (`kvc-bench size`);
+//! - [`workload`]: seeded generators of workload shapes the shipped trace lacks, and a fast
+//!   block-level hit-rate replay to compare eviction policies on them.
 //!
 //! - [`units`]: human sizes on the command line (`32k`, `3M`, `80GiB`).
 //!
@@ -31,7 +33,8 @@
 //! # Ok::<(), kvc_bench::size::SizeError>(())
 //! ```
 #![warn(missing_docs)]
-// Only `kernel_kit` needs `unsafe` (2 MiB-aligned measurement buffers); everything else is safe.
+// Only measurement code needs `unsafe`: `kernel_kit`'s 2 MiB-aligned buffers and the replay's
+// thread CPU clock; everything else is safe.
 #![deny(unsafe_code)]
 
 pub mod analyze;
@@ -49,6 +52,7 @@ pub mod size;
 pub mod tiers;
 pub mod trace;
 pub mod units;
+pub mod workload;
 
 /// The guides' code blocks, compiled and run as doctests (`cargo test -p kvc-bench --doc`), so
 /// the docs cannot drift from the API: a Rust block that no longer compiles fails the tests.

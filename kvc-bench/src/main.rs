@@ -38,6 +38,9 @@ enum Command {
     /// Serve requests with the real CPU engine (a small llama-style model with random
     /// weights) through the whole kvc stack, and report real throughput.
     Engine(EngineArgs),
+    /// Hit rates of every eviction policy on the generated workload shapes (doc-qa, agents,
+    /// one-shot, scan, long-think) at three cache sizes.
+    Shapes(ShapesArgs),
     /// Run every benchmark and write a markdown report with SVG plots (what `cargo xtask
     /// bench` runs).
     Report(ReportArgs),
@@ -90,6 +93,19 @@ struct EngineArgs {
     #[arg(long, default_value_t = 0)]
     metrics_linger_s: u64,
     /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ShapesArgs {
+    /// Requests generated per shape.
+    #[arg(long, default_value_t = 3000)]
+    requests: usize,
+    /// Generator seed.
+    #[arg(long, default_value_t = 2026)]
+    seed: u64,
+    /// Print one JSON array instead of text.
     #[arg(long)]
     json: bool,
 }
@@ -232,6 +248,10 @@ struct ReplayArgs {
     /// blocks and appending its output one token at a time; reports microseconds per request.
     #[arg(long, conflicts_with = "optimal")]
     engine_like: bool,
+    /// With `--engine-like`: cache a block only once its hash has been seen before
+    /// (admission control; reports its hit rate beside LRU's).
+    #[arg(long, requires = "engine_like")]
+    admission: bool,
     /// Requests alive at once, with `--engine-like` (more than the trace holds means all).
     #[arg(long, default_value = "64", value_parser = count)]
     alive: u64,
@@ -329,6 +349,7 @@ fn main() -> ExitCode {
         Command::Scenario(args) => run_scenario(&args),
         Command::Size(args) => run_size(&args),
         Command::Engine(args) => run_engine(&args),
+        Command::Shapes(args) => run_shapes(&args),
         Command::Report(args) => run_report(args),
         Command::Analyze(args) => run_analyze(&args),
     };
@@ -353,6 +374,7 @@ fn run_replay(args: &ReplayArgs) -> Result<(), String> {
             alive: usize::try_from(args.alive.min(trace.len() as u64)).unwrap_or(usize::MAX),
             policy,
             hasher,
+            admission: args.admission,
         };
         let r = block_replay(&trace, &cfg).map_err(|e| e.to_string())?;
         if args.json {
@@ -360,16 +382,18 @@ fn run_replay(args: &ReplayArgs) -> Result<(), String> {
         } else {
             println!(
                 "{} requests, {} alive at once, pool {} tokens ({}-token blocks), policy {}, \
-                 hasher {}: {:.1} us of block management per request ({:.2} s), hit rate \
-                 {:.2}%, {} decode tokens, {} blocks evicted",
+                 hasher {}{}: {:.1} us of block management per request ({:.2} s; CPU time {:.1} \
+                 us per request), hit rate {:.2}%, {} decode tokens, {} blocks evicted",
                 r.requests,
                 r.alive,
                 r.capacity_tokens,
                 r.block_size,
                 r.policy,
                 r.hasher,
+                if r.admission { ", admission" } else { "" },
                 r.us_per_request,
                 r.management_s,
+                r.cpu_us_per_request,
                 100.0 * r.hit_rate,
                 r.decode_tokens,
                 r.evicted_blocks
@@ -390,6 +414,33 @@ fn run_replay(args: &ReplayArgs) -> Result<(), String> {
         println!("{json}");
     } else {
         print_text(&report);
+    }
+    Ok(())
+}
+
+fn run_shapes(args: &ShapesArgs) -> Result<(), String> {
+    let rows = kvc_bench::workload::compare(args.requests, args.seed, &[0.05, 0.15, 0.4]);
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string(&rows).map_err(|e| e.to_string())?
+        );
+        return Ok(());
+    }
+    for row in &rows {
+        let rates: Vec<String> = row
+            .hit_rates
+            .iter()
+            .map(|(p, r)| format!("{p} {:.2}%", 100.0 * r))
+            .collect();
+        println!(
+            "{:<10} {:>6} blocks ({:>2.0}% of infinite): {}; infinite {:.2}%",
+            row.shape,
+            row.capacity_blocks,
+            100.0 * row.fraction,
+            rates.join(", "),
+            100.0 * row.infinite
+        );
     }
     Ok(())
 }

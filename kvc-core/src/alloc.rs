@@ -25,6 +25,14 @@ pub enum AllocError {
         /// The region asked.
         region: RegionId,
     },
+    /// A sequence would hold more than `u64::MAX` tokens.
+    #[error("{tokens} tokens plus {extra} more overflow a token count")]
+    TooManyTokens {
+        /// Tokens already written.
+        tokens: u64,
+        /// Tokens asked to append.
+        extra: u64,
+    },
 }
 
 /// Why a reference-count operation (retain or release) failed. The pool is unchanged.
@@ -211,8 +219,12 @@ pub trait BlockAllocator {
             return Ok(Writable::Exclusive(block));
         }
         let dst = self.allocate(region)?;
-        // Shared (refcount >= 2): this release cannot free the block nor fail.
-        let _ = self.release(block)?;
+        // Shared (refcount >= 2): this release cannot free the block.
+        let released = self.release(block)?;
+        debug_assert!(
+            matches!(released, Released::Shared { .. }),
+            "{block} was shared"
+        );
         Ok(Writable::Copied(BlockCopy { src: block, dst }))
     }
 
@@ -291,8 +303,11 @@ pub(crate) fn allocate_into<A: BlockAllocator + ?Sized>(
             Err(err) => {
                 while out.len() > start {
                     if let Some(block) = out.pop() {
-                        // Freshly allocated, single owner: release cannot fail.
-                        let _ = alloc.release(block);
+                        // Freshly allocated, single owner: release cannot fail unless the
+                        // allocator is broken.
+                        if let Err(e) = alloc.release(block) {
+                            debug_assert!(false, "undoing an allocation of {block}: {e}");
+                        }
                     }
                 }
                 return Err(err);

@@ -8,10 +8,14 @@
 //! encodes each field with a length prefix after a domain tag. Never `DefaultHasher` or
 //! `ahash` (seeded per process) for block identity; those are for in-memory maps only.
 //!
-//! Two hashers:
+//! Three hashers:
 //! - [`Blake3Hasher`] (the default): BLAKE3 truncated to 128 bits. Collision resistant: safe
 //!   when tenants do not trust each other (no one can craft a prompt whose blocks collide with
 //!   another tenant's, or probe for them).
+//! - [`Blake3KeyedHasher`]: BLAKE3 keyed by the parent hash, truncated to 128 bits. Just as
+//!   collision resistant and safe across tenants, and about twice as fast: a 16-token block
+//!   is one BLAKE3 compression. Its hashes differ from [`Blake3Hasher`]'s, so a deployment
+//!   picks one and keeps it (KV events and shared tiers compare hashes).
 //! - [`Xxh3Hasher`]: XXH3-128, several times faster, stable and well distributed, but **not**
 //!   collision resistant: an adversary can construct colliding blocks. Use it for a single
 //!   tenant, or tenants that trust each other, and for replay and benchmarks.
@@ -194,6 +198,41 @@ fn first_16(bytes: &[u8; 32]) -> u128 {
     u128::from_le_bytes(b)
 }
 
+/// Key of [`Blake3KeyedHasher`]'s chain: the parent's 16 bytes, then this tag.
+const KEYED_TAG: &[u8; 16] = b"kvc-b3-keyed/v1\0";
+
+/// BLAKE3 in keyed mode, the parent hash as the key, truncated to 128 bits: collision
+/// resistant like [`Blake3Hasher`] and safe across tenants that do not trust each other, and
+/// about twice as fast (a 16-token block is 64 bytes: one BLAKE3 compression, where hashing
+/// parent and tokens together takes two).
+///
+/// Chaining through the key is how BLAKE3 itself chains the blocks of a chunk (each block's
+/// compression is keyed by the previous one's output), so it relies on nothing BLAKE3 does not.
+/// The key is the parent's 16 little-endian bytes followed by a fixed 16-byte tag.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Blake3KeyedHasher;
+
+impl BlockHasher for Blake3KeyedHasher {
+    fn name(&self) -> &'static str {
+        "blake3-keyed"
+    }
+
+    fn root(&self, extra: &HashExtra) -> BlockHash {
+        let mut encoded = extra.encode();
+        encoded.extend_from_slice(KEYED_TAG);
+        BlockHash(first_16(blake3::hash(&encoded).as_bytes()))
+    }
+
+    #[inline]
+    fn chain(&self, parent: BlockHash, tokens: &[u32]) -> BlockHash {
+        let mut key = [0u8; 32];
+        key[..16].copy_from_slice(&parent.to_le_bytes());
+        key[16..].copy_from_slice(KEYED_TAG);
+        let digest = with_le_bytes(tokens, |bytes| blake3::keyed_hash(&key, bytes));
+        BlockHash(first_16(digest.as_bytes()))
+    }
+}
+
 /// XXH3-128 seeded by the parent: fast and stable, **not** collision resistant. For one
 /// tenant or tenants that trust each other.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -231,18 +270,25 @@ pub enum HasherKind {
     Blake3,
     /// [`Xxh3Hasher`].
     Xxh3,
+    /// [`Blake3KeyedHasher`].
+    Blake3Keyed,
 }
 
 impl HasherKind {
-    /// Both kinds.
-    pub const ALL: [HasherKind; 2] = [HasherKind::Blake3, HasherKind::Xxh3];
+    /// Every kind.
+    pub const ALL: [HasherKind; 3] = [
+        HasherKind::Blake3,
+        HasherKind::Xxh3,
+        HasherKind::Blake3Keyed,
+    ];
 
-    /// The kind named `name` (`"blake3"` or `"xxh3"`).
+    /// The kind named `name` (`"blake3"`, `"xxh3"` or `"blake3-keyed"`).
     #[must_use]
     pub fn from_name(name: &str) -> Option<Self> {
         match name {
             "blake3" => Some(Self::Blake3),
             "xxh3" => Some(Self::Xxh3),
+            "blake3-keyed" => Some(Self::Blake3Keyed),
             _ => None,
         }
     }
@@ -253,6 +299,7 @@ impl BlockHasher for HasherKind {
         match self {
             Self::Blake3 => Blake3Hasher.name(),
             Self::Xxh3 => Xxh3Hasher.name(),
+            Self::Blake3Keyed => Blake3KeyedHasher.name(),
         }
     }
 
@@ -260,6 +307,7 @@ impl BlockHasher for HasherKind {
         match self {
             Self::Blake3 => Blake3Hasher.root(extra),
             Self::Xxh3 => Xxh3Hasher.root(extra),
+            Self::Blake3Keyed => Blake3KeyedHasher.root(extra),
         }
     }
 
@@ -268,6 +316,7 @@ impl BlockHasher for HasherKind {
         match self {
             Self::Blake3 => Blake3Hasher.chain(parent, tokens),
             Self::Xxh3 => Xxh3Hasher.chain(parent, tokens),
+            Self::Blake3Keyed => Blake3KeyedHasher.chain(parent, tokens),
         }
     }
 
@@ -281,6 +330,7 @@ impl BlockHasher for HasherKind {
         match self {
             Self::Blake3 => Blake3Hasher.hash_blocks(root, tokens, block_size, out),
             Self::Xxh3 => Xxh3Hasher.hash_blocks(root, tokens, block_size, out),
+            Self::Blake3Keyed => Blake3KeyedHasher.hash_blocks(root, tokens, block_size, out),
         }
     }
 }
@@ -298,7 +348,11 @@ mod tests {
     #[test]
     fn same_prefix_same_hashes_and_divergence_propagates() {
         let extra = HashExtra::new("m", 1);
-        for h in [&Blake3Hasher as &dyn BlockHasher, &Xxh3Hasher] {
+        for h in [
+            &Blake3Hasher as &dyn BlockHasher,
+            &Xxh3Hasher,
+            &Blake3KeyedHasher,
+        ] {
             let a = chain_of(h, &extra, &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]);
             let b = chain_of(h, &extra, &[1, 2, 3, 4, 5, 6, 7, 0, 9, 10, 11, 12]);
             assert_eq!(a.len(), 3, "the partial block is not hashed");
@@ -317,7 +371,11 @@ mod tests {
             base.clone().with_adapter(7),
             base.clone().with_salt(*b"tenant-a"),
         ];
-        for h in [&Blake3Hasher as &dyn BlockHasher, &Xxh3Hasher] {
+        for h in [
+            &Blake3Hasher as &dyn BlockHasher,
+            &Xxh3Hasher,
+            &Blake3KeyedHasher,
+        ] {
             let first = h.chain(h.root(&base), &[1, 2, 3, 4]);
             for v in &variants {
                 assert_ne!(first, h.chain(h.root(v), &[1, 2, 3, 4]), "{v:?}");
@@ -346,6 +404,34 @@ mod tests {
         Xxh3Hasher.hash_blocks(Xxh3Hasher.root(&extra), &tokens, 16, &mut x3);
         let got: Vec<String> = b3.iter().chain(&x3).map(ToString::to_string).collect();
         assert_eq!(got, PINNED);
+        let mut k3 = Vec::new();
+        let keyed = Blake3KeyedHasher;
+        keyed.hash_blocks(keyed.root(&extra), &tokens, 16, &mut k3);
+        let got: Vec<String> = k3.iter().map(ToString::to_string).collect();
+        assert_eq!(got, PINNED_KEYED);
+    }
+
+    const PINNED_KEYED: [&str; 2] = [
+        "b8e6f8343f75c71a4bba4a6e05bb20ba",
+        "a795288c13ada90902ac4b92761e0ea1",
+    ];
+
+    #[test]
+    fn keyed_chain_is_blake3_keyed_by_the_parent() {
+        let tokens: Vec<u32> = (0..200).collect();
+        for n in [16, 200] {
+            let bytes: Vec<u8> = tokens[..n].iter().flat_map(|t| t.to_le_bytes()).collect();
+            let parent = BlockHash(0x0123_4567_89ab_cdef_0011_2233_4455_6677);
+            let mut key = [0u8; 32];
+            key[..16].copy_from_slice(&parent.to_le_bytes());
+            key[16..].copy_from_slice(b"kvc-b3-keyed/v1\0");
+            let mut h = blake3::Hasher::new_keyed(&key);
+            h.update(&bytes);
+            assert_eq!(
+                Blake3KeyedHasher.chain(parent, &tokens[..n]),
+                BlockHash(first_16(h.finalize().as_bytes()))
+            );
+        }
     }
 
     const PINNED: [&str; 4] = [

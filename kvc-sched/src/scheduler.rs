@@ -20,7 +20,7 @@ use ahash::{AHashMap as HashMap, AHashSet as HashSet};
 use kvc_core::{
     Admission, BlockAllocator, BlockId, BlockTable, ClassBlocks, HostBlockId, LoadSample,
     PinPolicy, PlaceRequest, Placement, PoolView, QosClass, Refusal, RegionBlocks, RegionId,
-    Resize, RetentionUpdate, ReuseIndex, ReuseScope, SeqId,
+    Resize, RetentionUpdate, ReuseError, ReuseIndex, ReuseScope, SeqId,
 };
 use thiserror::Error;
 
@@ -161,6 +161,9 @@ pub struct SchedStats {
     pub resize_failures: u64,
     /// Prompt tokens dropped by session truncation.
     pub truncated_tokens: u64,
+    /// Reuse-index calls refused (the scheduler and its index disagreed on who holds a
+    /// block; 0 unless an index breaks the ownership rule).
+    pub reuse_errors: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -709,12 +712,14 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
                     .unwrap_or(keep);
             }
             if keep < hit.blocks.len() {
-                self.reuse.release(&hit.blocks[keep..]);
+                let released = self.reuse.release(&hit.blocks[keep..]);
+                self.note_reuse(released);
             }
             for (i, &b) in hit.blocks[..keep].iter().enumerate() {
                 if self.alloc.retain(b).is_err() {
                     // The index named a block the pool does not hold: take no more of it.
-                    self.reuse.release(&hit.blocks[i..keep]);
+                    let released = self.reuse.release(&hit.blocks[i..keep]);
+                    self.note_reuse(released);
                     break;
                 }
                 s.table.push_block(b);
@@ -990,7 +995,10 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
     /// host blocks.
     fn drop_memory(&mut self, s: &mut Seq) {
         self.host_free.append(&mut s.swapped);
-        self.reuse.release(&s.table.blocks()[..s.hit_blocks]);
+        // Every block of the table: the hit ones and the ones its offers cached (private
+        // blocks are skipped by the index).
+        let released = self.reuse.release(s.table.blocks());
+        self.note_reuse(released);
         let _ = s.table.release_all(&mut self.alloc);
         let _ = self.pin.release(s.req.id, s.placed);
         s.placed = RegionBlocks::default();
@@ -998,6 +1006,15 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
         s.computed = 0;
         s.cached_tokens = 0;
         s.awaiting_sample = false;
+    }
+
+    /// Counts a refused reuse-index call: the scheduler and its index disagree on who holds a
+    /// block, which the ownership rule rules out.
+    fn note_reuse(&mut self, result: Result<(), ReuseError>) {
+        if let Err(e) = result {
+            debug_assert!(false, "reuse index refused a call: {e}");
+            self.stats.reuse_errors += 1;
+        }
     }
 
     /// Offers a sequence's computed full blocks to the reuse index.
@@ -1008,13 +1025,14 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
             return;
         }
         let mut newly = Vec::new();
-        self.reuse.insert(
+        let offered = self.reuse.insert(
             &s.scope(),
             &s.tokens[..full * bs],
             &s.table.blocks()[..full],
             self.now_ms,
             &mut newly,
         );
+        self.note_reuse(offered);
         for b in newly {
             let _ = self.alloc.retain(b);
         }

@@ -20,6 +20,7 @@
 mod analysis;
 mod bandwidth;
 mod cluster;
+mod engine_replay;
 mod hitrate;
 pub mod machine;
 mod micro;
@@ -34,6 +35,7 @@ use serde::Serialize;
 use thiserror::Error;
 
 pub use bandwidth::{BandwidthResult, DecodeShape};
+pub use engine_replay::EngineReplayResult;
 pub use hitrate::{CapacityPoint, HitRateResult, locate_trace};
 pub use machine::Host;
 pub use micro::MicroResult;
@@ -50,6 +52,7 @@ pub const REPORT_SCENARIOS: &[&str] = &["memory", "qos-overload", "shared-prefix
 pub const SECTION_HEADINGS: &[&str] = &[
     "## Serving scenarios",
     "## Prefix hit rate against cache capacity",
+    engine_replay::HEADING,
     "## CPU kernel bandwidth",
     "## Micro-benchmarks (quick measurements)",
     TIERS_HEADING,
@@ -269,6 +272,8 @@ pub struct ReportData {
     pub hit_rate: Option<HitRateResult>,
     /// Why the hit-rate section was skipped, when it was.
     pub hit_rate_skipped: Option<String>,
+    /// The engine-like replay with each hasher, when a trace was found.
+    pub engine_replay: Option<EngineReplayResult>,
     /// CPU decode and read bandwidth.
     pub bandwidth: BandwidthResult,
     /// Quick micro-benchmarks.
@@ -412,6 +417,13 @@ fn measure(
     timed("prefix hit rate", t);
 
     let t = Instant::now();
+    let engine_replay = match &trace {
+        Some((path, trace)) => Some(engine_replay::run(path, trace, cfg.mode, &mut *progress)?),
+        None => None,
+    };
+    timed("engine-like replay", t);
+
+    let t = Instant::now();
     let (shape, runs) = cfg.mode.decode_plan();
     progress(format!(
         "kernel bandwidth: paged decode over {} MiB of bf16 KV and the read probe",
@@ -443,6 +455,7 @@ fn measure(
         scenarios: scenario_reports,
         hit_rate,
         hit_rate_skipped,
+        engine_replay,
         bandwidth,
         micro,
         tiers,

@@ -76,6 +76,7 @@ pub(crate) fn render(d: &ReportData) -> (String, Vec<Plot>) {
     );
     scenarios(&mut md, &mut plots, d);
     hit_rate(&mut md, &mut plots, d);
+    super::engine_replay::render(&mut md, d);
     bandwidth(&mut md, &mut plots, d);
     micro(&mut md, d);
     super::tiers::render(&mut md, &mut plots, d);
@@ -404,7 +405,7 @@ fn gbs(bytes_per_s: f64) -> String {
 fn bandwidth(md: &mut String, plots: &mut Vec<Plot>, d: &ReportData) {
     let b = &d.bandwidth;
     let s = b.shape;
-    let _ = writeln!(md, "{}\n", SECTION_HEADINGS[2]);
+    let _ = writeln!(md, "{}\n", SECTION_HEADINGS[3]);
     let workload = format!(
         "`kvc_kernels::paged_decode`, bf16 KV, batch {} × {} tokens, {} query / {} KV heads of \
          {}, {}-token blocks: {:.0} MiB of KV in buffers that ask for transparent huge pages \
@@ -481,7 +482,7 @@ fn bandwidth(md: &mut String, plots: &mut Vec<Plot>, d: &ReportData) {
 }
 
 fn micro(md: &mut String, d: &ReportData) {
-    let _ = writeln!(md, "{}\n", SECTION_HEADINGS[3]);
+    let _ = writeln!(md, "{}\n", SECTION_HEADINGS[4]);
     let workload = "in-process timing loops (`std::time::Instant`): one warm-up batch, then the \
                     median batch's time per iteration; quick measurements, not criterion \
                     statistics (`cargo xtask bench --criterion` runs those)";
@@ -540,6 +541,7 @@ mod tests {
             scenarios: Vec::new(),
             hit_rate: None,
             hit_rate_skipped: Some("no trace here".into()),
+            engine_replay: None,
             bandwidth: BandwidthResult {
                 shape: DecodeShape {
                     batch: 1,
