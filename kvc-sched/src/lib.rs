@@ -46,12 +46,17 @@
 //! ```
 #![warn(missing_docs)]
 
+mod compute;
 mod plan;
 mod policy;
 mod queue;
 mod request;
 mod scheduler;
 
+pub use compute::{
+    AdaptiveShare, ClassDemand, ClassShare, ComputeConfigError, ComputeReserve,
+    ComputeReserveConfig, ComputeStats, StepGate,
+};
 pub use plan::{FinishReason, Finished, Rejection, ScheduledSeq, StepPlan, SwapPair};
 pub use policy::DynamicOnly;
 pub use queue::{Command, QueueClosed, SubmitQueue, Submitter};

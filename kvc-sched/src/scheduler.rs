@@ -24,6 +24,7 @@ use kvc_core::{
 };
 use thiserror::Error;
 
+use crate::compute::{ClassDemand, ComputeConfigError, ComputeReserve, StepGate};
 use crate::plan::{FinishReason, Finished, Rejection, ScheduledSeq, StepPlan, SwapPair};
 use crate::queue::{Command, SubmitQueue, Submitter};
 use crate::request::{Request, SubmitError};
@@ -239,6 +240,8 @@ pub struct Scheduler<A, P, R> {
     scheduled: Vec<(SeqId, u64)>,
     /// Free blocks of the host pool.
     host_free: Vec<HostBlockId>,
+    /// The share of each step's tokens held for reserved classes, if configured.
+    compute: Option<ComputeReserve>,
 }
 
 impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
@@ -288,7 +291,28 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
             scratch: Vec::new(),
             scheduled: Vec::new(),
             host_free: (0..cfg_host_blocks as u32).rev().map(HostBlockId).collect(),
+            compute: None,
         })
+    }
+
+    /// Reserves a share of every step's token budget for the classes `reserve` gives one
+    /// (see [`ComputeReserve`]).
+    pub fn with_compute_reserve(
+        mut self,
+        reserve: crate::compute::ComputeReserveConfig,
+    ) -> Result<Self, ComputeConfigError> {
+        self.compute = Some(ComputeReserve::new(
+            reserve,
+            self.cfg.num_classes,
+            self.cfg.max_batch_tokens,
+        )?);
+        Ok(self)
+    }
+
+    /// The compute reserve, if configured.
+    #[must_use]
+    pub fn compute_reserve(&self) -> Option<&ComputeReserve> {
+        self.compute.as_ref()
     }
 
     /// A handle other threads use to submit and cancel; commands apply at the next step.
@@ -454,6 +478,8 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
 
         let mut budget = self.cfg.max_batch_tokens;
         let mut scheduled = std::mem::take(&mut self.scheduled);
+        // Compute reserve hook (1/5): ration this step's tokens between classes.
+        let mut gate = self.begin_compute_gate(budget);
 
         // Running sequences, most important first.
         for id in self.ordered(&self.running, false) {
@@ -466,7 +492,13 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
             if s.state != State::Running || s.awaiting_sample {
                 continue;
             }
-            let n = s.pending().min(budget as u64);
+            // Compute reserve hook (2/5): the gate may shrink or defer best-effort work.
+            let (qos, decode) = (s.req.qos, s.pending() == 1 && s.generated() > 0);
+            let n = match gate.as_mut() {
+                Some(g) => g.grant(qos, s.pending(), decode, budget),
+                None => s.pending(),
+            }
+            .min(budget as u64);
             if n == 0 {
                 continue;
             }
@@ -474,6 +506,9 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
                 Grow::Done => {
                     scheduled.push((id, n));
                     budget -= n as usize;
+                    if let Some(g) = gate.as_mut() {
+                        g.commit(qos, n, decode);
+                    }
                 }
                 Grow::PreemptedSelf | Grow::Wait => {}
                 Grow::Refused(reason) => self.reject(id, reason.into(), plan),
@@ -486,7 +521,7 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
         let order = self.ordered(&self.waiting, true);
         let mut blocked = vec![false; usize::from(self.cfg.num_classes)];
         for id in order {
-            if budget == 0 || self.running.len() >= self.cfg.max_running || preempted_now {
+            if budget == 0 {
                 break;
             }
             let Some(s) = self.seqs.get(&id) else {
@@ -494,18 +529,47 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
             };
             let qos = s.req.qos;
             let class = qos.index();
-            if blocked[class] || self.at_cap(qos) {
+            // Compute reserve hook (3/5): a reserved class is admitted even after a
+            // preemption this step, and may preempt best-effort work for a running slot.
+            let reserved = gate.as_ref().is_some_and(|g| g.is_reserved(qos));
+            if (preempted_now && !reserved) || blocked[class] || self.at_cap(qos) {
+                continue;
+            }
+            if self.running.len() >= self.cfg.max_running
+                && !(reserved
+                    && self.preempt_for_reserved(id, &mut gate, &mut scheduled, &mut budget, plan))
+            {
                 continue;
             }
             self.lookup(id);
             let Some(s) = self.seqs.get(&id) else {
                 continue;
             };
-            let n = s.pending().min(budget as u64);
+            let n = match gate.as_mut() {
+                Some(g) => g.grant(qos, s.pending(), false, budget),
+                None => s.pending(),
+            }
+            .min(budget as u64);
             // A swapped-out sequence needs blocks for its whole context again.
             let swapped = !s.swapped.is_empty();
+            if n == 0 {
+                if !swapped {
+                    self.unlookup(id);
+                }
+                blocked[class] = true;
+                continue;
+            }
             let want = if swapped { s.computed + n } else { n };
-            match self.grow(id, want, &mut scheduled, &mut budget, plan) {
+            let mut outcome = self.grow(id, want, &mut scheduled, &mut budget, plan);
+            // Compute reserve hook (4/5): a reserved admission that waits for memory
+            // preempts best-effort sequences, a few per step at most.
+            while matches!(outcome, Grow::Wait)
+                && reserved
+                && self.preempt_for_reserved(id, &mut gate, &mut scheduled, &mut budget, plan)
+            {
+                outcome = self.grow(id, want, &mut scheduled, &mut budget, plan);
+            }
+            match outcome {
                 Grow::Done => {
                     if swapped {
                         self.swap_in(id, plan);
@@ -513,6 +577,9 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
                     self.admit(id);
                     scheduled.push((id, n));
                     budget -= n as usize;
+                    if let Some(g) = gate.as_mut() {
+                        g.commit(qos, n, false);
+                    }
                 }
                 Grow::Wait | Grow::PreemptedSelf => {
                     if !swapped {
@@ -524,9 +591,84 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
             }
         }
 
+        // Compute reserve hook (5/5): fold the step's rationing into the counters.
+        if let (Some(c), Some(g)) = (self.compute.as_mut(), gate) {
+            c.end_step(g);
+        }
         self.build_plan(&scheduled, plan);
         scheduled.clear();
         self.scheduled = scheduled;
+    }
+
+    // ---- Compute reserve glue: what the hooks above call. ----
+
+    /// Each class's pending tokens and oldest first-token wait, for the compute reserve.
+    fn begin_compute_gate(&mut self, budget: usize) -> Option<StepGate> {
+        self.compute.as_ref()?;
+        let mut demand = vec![ClassDemand::default(); usize::from(self.cfg.num_classes)];
+        for id in self.running.iter().chain(&self.waiting) {
+            let Some(s) = self.seqs.get(id) else {
+                continue;
+            };
+            if s.awaiting_sample {
+                continue;
+            }
+            let Some(d) = demand.get_mut(s.req.qos.index()) else {
+                continue;
+            };
+            d.tokens = d
+                .tokens
+                .saturating_add(usize::try_from(s.pending()).unwrap_or(usize::MAX));
+            if s.generated() == 0 {
+                let since = d
+                    .first_token_waiting_since_ms
+                    .get_or_insert(s.req.arrival_ms);
+                *since = (*since).min(s.req.arrival_ms);
+            }
+        }
+        let now = self.now_ms;
+        self.compute
+            .as_mut()
+            .map(|c| c.begin_step(now, &demand, budget))
+    }
+
+    /// Preempts the least important, latest running sequence of a class without a share that
+    /// ranks below `for_id`'s, if the gate has a preemption left; whether it did.
+    fn preempt_for_reserved(
+        &mut self,
+        for_id: SeqId,
+        gate: &mut Option<StepGate>,
+        scheduled: &mut Vec<(SeqId, u64)>,
+        budget: &mut usize,
+        plan: &mut StepPlan,
+    ) -> bool {
+        let (Some(g), Some(qos)) = (gate.as_mut(), self.seqs.get(&for_id).map(|s| s.req.qos))
+        else {
+            return false;
+        };
+        let victim = self
+            .running
+            .iter()
+            .copied()
+            .filter(|&v| {
+                v != for_id
+                    && self
+                        .seqs
+                        .get(&v)
+                        .is_some_and(|s| s.req.qos > qos && !g.is_reserved(s.req.qos))
+                    // A sequence aged to the requester's rank is no longer preempted for it,
+                    // so best-effort work cannot be starved forever.
+                    && self.rank_key(v, true).0 > qos.get()
+            })
+            .max_by_key(|&v| self.rank_key(v, false));
+        let Some(victim) = victim else {
+            return false;
+        };
+        if !g.take_preemption() {
+            return false;
+        }
+        self.preempt(victim, scheduled, budget, plan);
+        true
     }
 
     /// Takes the tokens sampled for the last plan's sampling sequences, finishes those that
