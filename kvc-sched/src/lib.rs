@@ -46,12 +46,17 @@
 //! ```
 #![warn(missing_docs)]
 
+mod manager;
 mod plan;
 mod policy;
 mod queue;
 mod request;
 mod scheduler;
 
+pub use manager::{
+    KvConfigError, KvError, KvManager, KvManagerConfig, KvStats, KvUsage, Pressure, RegionUsage,
+    SeqOwner, SlotGrant, SlotRequest,
+};
 pub use plan::{FinishReason, Finished, Rejection, ScheduledSeq, StepPlan, SwapPair};
 pub use policy::DynamicOnly;
 pub use queue::{Command, QueueClosed, SubmitQueue, Submitter};
