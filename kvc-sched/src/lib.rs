@@ -63,5 +63,5 @@ pub use queue::{Command, QueueClosed, SubmitQueue, Submitter};
 pub use request::{Request, SubmitError};
 pub use scheduler::{
     CancelError, CompleteError, ConfigError, SchedStats, Scheduler, SchedulerConfig,
-    SessionTruncation,
+    SessionContext, SessionTruncation,
 };
