@@ -104,13 +104,19 @@ fn a_request_that_cannot_fit_evicts_nothing() {
     let mut kv = manager(8);
     let prompt: Vec<u32> = (0..9).collect();
     kv.open(SeqId(1), OWNER).unwrap();
-    kv.allocate_slots(SeqId(1), new_tokens(9), 0, &mut Vec::new())
-        .unwrap();
+    assert_eq!(
+        kv.allocate_slots(SeqId(1), new_tokens(9), 0, &mut Vec::new())
+            .unwrap(),
+        SlotGrant::Now
+    );
     kv.cache_blocks(SeqId(1), &prompt, 0).unwrap();
     kv.free(SeqId(1)).unwrap(); // 2 evictable
     kv.open(SeqId(9), OWNER).unwrap();
-    kv.allocate_slots(SeqId(9), new_tokens(8), 0, &mut Vec::new())
-        .unwrap(); // 2 running, 4 free
+    assert_eq!(
+        kv.allocate_slots(SeqId(9), new_tokens(8), 0, &mut Vec::new())
+            .unwrap(),
+        SlotGrant::Now
+    ); // 2 running, 4 free
     kv.open(SeqId(2), OWNER).unwrap();
     let grant = kv
         .allocate_slots(SeqId(2), new_tokens(28), 1, &mut Vec::new())
@@ -167,8 +173,11 @@ fn blocks_in_use_are_never_evicted() {
     let mut kv = manager(6);
     let prompt: Vec<u32> = (0..9).collect();
     kv.open(SeqId(1), OWNER).unwrap();
-    kv.allocate_slots(SeqId(1), new_tokens(9), 0, &mut Vec::new())
-        .unwrap();
+    assert_eq!(
+        kv.allocate_slots(SeqId(1), new_tokens(9), 0, &mut Vec::new())
+            .unwrap(),
+        SlotGrant::Now
+    );
     kv.cache_blocks(SeqId(1), &prompt, 0).unwrap();
     kv.free(SeqId(1)).unwrap();
     // A second request reads the cached prompt: its blocks are in use again.
