@@ -47,6 +47,7 @@
 #![warn(missing_docs)]
 
 mod compute;
+mod manager;
 mod plan;
 mod policy;
 mod queue;
@@ -57,11 +58,15 @@ pub use compute::{
     AdaptiveShare, ClassDemand, ClassShare, ComputeConfigError, ComputeReserve,
     ComputeReserveConfig, ComputeStats, StepGate,
 };
+pub use manager::{
+    KvConfigError, KvError, KvManager, KvManagerConfig, KvStats, KvUsage, Pressure, RegionUsage,
+    SeqOwner, SlotGrant, SlotRequest,
+};
 pub use plan::{FinishReason, Finished, Rejection, ScheduledSeq, StepPlan, SwapPair};
 pub use policy::DynamicOnly;
 pub use queue::{Command, QueueClosed, SubmitQueue, Submitter};
 pub use request::{Request, SubmitError};
 pub use scheduler::{
     CancelError, CompleteError, ConfigError, SchedStats, Scheduler, SchedulerConfig,
-    SessionTruncation,
+    SessionContext, SessionTruncation,
 };

@@ -180,6 +180,7 @@ fn sched_config(block_size: u32, max_model_len: u64, max_batch_tokens: usize) ->
         eos_token: None,
         host_blocks: 0,
         session_truncation: None,
+        session_context: None,
     }
 }
 

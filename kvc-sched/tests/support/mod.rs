@@ -107,7 +107,8 @@ impl ReuseIndex for TestIndex {
                         block,
                         parent,
                         children: 0,
-                        in_use: 0,
+                        // The offering sequence uses it.
+                        in_use: 1,
                         last_used: self.clock,
                     },
                 );
