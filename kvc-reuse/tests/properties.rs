@@ -91,13 +91,16 @@ proptest! {
                     }
                     let mut newly = Vec::new();
                     cache.insert(h, &blocks, now, &mut newly).unwrap();
-                    for b in newly {
+                    for &b in &newly {
                         prop_assert!(owned.insert(b), "{b} cached twice");
                     }
+                    // The request uses its hit blocks and the blocks it newly cached.
+                    let mut mine = hit.blocks;
+                    mine.extend(newly);
                     if hold {
-                        held.push(hit.blocks);
+                        held.push(mine);
                     } else {
-                        cache.release(&hit.blocks).unwrap();
+                        cache.release(&mine).unwrap();
                     }
                 }
                 Op::Release => {
