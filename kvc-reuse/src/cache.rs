@@ -514,27 +514,33 @@ impl PrefixCache {
         result
     }
 
-    /// A holder stopped using these blocks: each tracked block's use count goes down by one,
-    /// and at 0 it becomes evictable. Untracked (private) blocks are skipped.
+    /// A holder stopped using these blocks (given in prompt order): each tracked block's use
+    /// count goes down by one, and at 0 it becomes evictable, last used now. Blocks are
+    /// released tail first. Untracked (private) blocks are skipped.
     ///
     /// # Errors
     /// [`ReuseError::NotInUse`] for a tracked block with use count 0 (a double release); the
-    /// other blocks are still processed and the first error is returned.
+    /// other blocks are still processed and one of the errors is returned.
     pub fn release(&mut self, blocks: &[BlockId]) -> Result<(), ReuseError> {
         let mut result = Ok(());
-        for &block in blocks {
+        // Tail first: the blocks freed first are the first evicted (as vLLM frees a request's
+        // blocks in reverse), and a prefix's head outlives its tail.
+        for &block in blocks.iter().rev() {
             let Some(slot) = self.by_block.get(block) else {
                 continue;
             };
             let node = &mut self.nodes[slot as usize];
             if node.refs == 0 {
-                result = result.and(Err(ReuseError::NotInUse { block }));
+                result = Err(ReuseError::NotInUse { block });
                 continue;
             }
             node.refs -= 1;
             if node.refs == 0 {
                 if node.hittable {
                     self.unused += 1;
+                    let stamp = self.tick();
+                    self.nodes[slot as usize].stamp = stamp;
+                    self.policy.on_release(slot, stamp);
                     self.refresh(slot);
                 } else {
                     let node = self.nodes.remove(slot as usize);

@@ -62,4 +62,6 @@ pub use kvc_core::{
     BlockId, NoReuse, PrefixHit, Retention, ReuseError, ReuseIndex, ReuseScope, SessionId, TenantId,
 };
 pub use policy::{Access, BlockInfo, Conversation, EvictionPolicy, Lru, PolicyKind, S3Fifo};
-pub use session::{SessionCache, SessionConfig, SessionError, Truncation, Turn};
+pub use session::{
+    SessionCache, SessionConfig, SessionConfigError, SessionError, Truncation, Turn,
+};

@@ -59,6 +59,15 @@ pub struct SessionConfig {
     pub idle_ms: u64,
 }
 
+/// Why a [`SessionConfig`] was refused.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum SessionConfigError {
+    /// `max_tokens` is 0: no context, not even a system prompt, would fit.
+    #[error("sessions need a context of at least 1 token (max_tokens is 0)")]
+    ZeroMaxTokens,
+}
+
 /// Why a session operation failed. The session is unchanged.
 #[derive(Clone, Debug, PartialEq, Eq, Error)]
 #[non_exhaustive]
@@ -166,7 +175,7 @@ impl Session {
 ///     idle_ms: 60_000,
 /// };
 /// let mut prefix = PrefixCache::new(4, PolicyKind::Lru);
-/// let mut sessions = SessionCache::new(cfg, 4);
+/// let mut sessions = SessionCache::new(cfg, 4).expect("max_tokens is above 0");
 /// let root = Xxh3Hasher.root(&HashExtra::new("m", 1));
 /// let id = SessionId(1);
 ///
@@ -190,14 +199,19 @@ pub struct SessionCache {
 
 impl SessionCache {
     /// No sessions yet; blocks of `block_size` tokens (the prefix cache's).
-    #[must_use]
-    pub fn new(cfg: SessionConfig, block_size: u32) -> Self {
-        Self {
+    ///
+    /// # Errors
+    /// [`SessionConfigError::ZeroMaxTokens`].
+    pub fn new(cfg: SessionConfig, block_size: u32) -> Result<Self, SessionConfigError> {
+        if cfg.max_tokens == 0 {
+            return Err(SessionConfigError::ZeroMaxTokens);
+        }
+        Ok(Self {
             cfg,
             block_size: block_size.max(1) as usize,
             sessions: AHashMap::new(),
             hashes: Vec::new(),
-        }
+        })
     }
 
     /// Open sessions.

@@ -27,7 +27,8 @@ impl World {
                     idle_ms: 1_000,
                 },
                 BS,
-            ),
+            )
+            .unwrap(),
             root: Xxh3Hasher.root(&HashExtra::new("m", 1)),
             next: 0,
         }
