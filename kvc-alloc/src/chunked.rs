@@ -148,6 +148,14 @@ impl ChunkedBlockTable {
 
     /// A second table over the same blocks, for parallel sampling or beam search.
     /// O(chunks): clones one pointer per chunk and touches no block.
+    ///
+    /// The pool references stay with the chunks: a chunk holds one reference on each of its
+    /// blocks on behalf of every table that shares it, and gives them back when the last of
+    /// those tables is released, so the fork needs no reference of its own until it writes
+    /// (then [`append_tokens`](Self::append_tokens) copies the last chunk, taking one
+    /// reference per block, and copies a shared partly filled block on write). If the blocks
+    /// are cached in a `kvc_core::ReuseIndex`, the fork is another holder there: `acquire` its
+    /// blocks, and `release` them when the fork is released.
     pub fn fork(&self) -> Self {
         Self {
             chunks: self.chunks.clone(),
@@ -171,7 +179,14 @@ impl ChunkedBlockTable {
             return Ok(AppendOutcome::default());
         }
         let bs = u64::from(self.block_size);
-        let total_blocks = (self.num_tokens + n).div_ceil(bs);
+        let Some(total_tokens) = self.num_tokens.checked_add(n) else {
+            return Err(AllocError::TooManyTokens {
+                tokens: self.num_tokens,
+                extra: n,
+            }
+            .into());
+        };
+        let total_blocks = total_tokens.div_ceil(bs);
         let needed = usize::try_from(total_blocks)
             .unwrap_or(usize::MAX)
             .saturating_sub(self.num_blocks);
@@ -242,7 +257,9 @@ impl ChunkedBlockTable {
                     if let Some(pair) = copy {
                         release_quietly(alloc, &[pair.dst]);
                         // Give the writer its reference on the source back.
-                        let _ = alloc.retain(pair.src);
+                        if let Err(e) = alloc.retain(pair.src) {
+                            debug_assert!(false, "undoing a copy-on-write of {}: {e}", pair.src);
+                        }
                     }
                     release_quietly(alloc, private.as_deref().unwrap_or_default());
                     return Err(err.into());
@@ -274,7 +291,7 @@ impl ChunkedBlockTable {
             }
         }
         self.num_blocks += needed;
-        self.num_tokens += n;
+        self.num_tokens = total_tokens;
         Ok(AppendOutcome {
             copy,
             new_blocks: needed,
@@ -303,10 +320,14 @@ impl ChunkedBlockTable {
     }
 }
 
-/// Releases references taken earlier in a failed operation (they are known to be valid).
+/// Releases references taken earlier in a failed operation (they are known to be valid: a
+/// failure means the pool is broken).
 fn release_quietly(alloc: &mut impl BlockAllocator, blocks: &[BlockId]) {
     for &b in blocks {
-        let _: Result<Released, _> = alloc.release(b);
+        let released: Result<Released, _> = alloc.release(b);
+        if let Err(e) = released {
+            debug_assert!(false, "undoing a reference on {b}: {e}");
+        }
     }
 }
 

@@ -59,6 +59,15 @@ pub enum BlockReplayError {
         /// The allocation failure.
         source: AllocError,
     },
+    /// The pool or the prefix cache refused a reference change: the replay and the cache
+    /// disagree on who holds a block (a broken ownership invariant).
+    #[error("request {index}: {what}")]
+    Ownership {
+        /// The request's index in the trace.
+        index: usize,
+        /// What was refused.
+        what: String,
+    },
 }
 
 /// What the replay measured.
@@ -100,7 +109,6 @@ pub struct BlockReplayReport {
 
 struct Live {
     table: BlockTable,
-    hit: Vec<BlockId>,
     remaining: u32,
 }
 
@@ -109,6 +117,8 @@ struct Replay {
     cache: PrefixCache,
     evicted: Vec<BlockId>,
     evicted_blocks: u64,
+    /// The first reference change the pool or the cache refused.
+    broken: Option<String>,
 }
 
 impl Replay {
@@ -125,20 +135,37 @@ impl Replay {
         }
     }
 
-    /// Evicts up to `count` cached blocks, dropping the cache's reference on each.
+    /// Evicts up to `count` cached blocks, dropping the cache's reference on each (which
+    /// frees it: the cache only evicts blocks no request uses).
     fn evict(&mut self, count: usize, now: u64) -> usize {
         self.evicted.clear();
         let n = self.cache.evict(count, now, &mut self.evicted);
         for &b in &self.evicted {
-            let _ = self.pool.release(b);
+            if let Err(e) = self.pool.release(b) {
+                self.broken.get_or_insert(format!("evicted {b}: {e}"));
+            }
         }
         self.evicted_blocks += n as u64;
         n
     }
 
+    /// A request is done: it stops using every block of its table in the cache (its hit
+    /// blocks and those it cached) and drops its pool references.
     fn retire(&mut self, mut live: Live) {
-        let _ = self.cache.release(&live.hit);
-        let _ = live.table.release_all(&mut self.pool);
+        if let Err(e) = self.cache.release(live.table.blocks()) {
+            self.broken.get_or_insert(format!("release: {e}"));
+        }
+        if let Err(e) = live.table.release_all(&mut self.pool) {
+            self.broken.get_or_insert(format!("release_all: {e}"));
+        }
+    }
+
+    /// The first ownership failure seen, as an error for request `index`.
+    fn check(&mut self, index: usize) -> Result<(), BlockReplayError> {
+        match self.broken.take() {
+            Some(what) => Err(BlockReplayError::Ownership { index, what }),
+            None => Ok(()),
+        }
     }
 }
 
@@ -165,6 +192,7 @@ pub fn block_replay(
         cache: PrefixCache::with_policy(cfg.block_size, cfg.policy.build(blocks as usize)),
         evicted: Vec::new(),
         evicted_blocks: 0,
+        broken: None,
     };
     let root = cfg.hasher.root(&HashExtra::new("mooncake-replay", 1));
     let (mut tokens, mut hashes, mut newly) = (Vec::new(), Vec::new(), Vec::new());
@@ -187,6 +215,7 @@ pub fn block_replay(
                     r.retire(done);
                 }
             }
+            r.check(index)?;
         }
         let synth = Instant::now();
         tokens.clear();
@@ -201,29 +230,35 @@ pub fn block_replay(
         input_tokens += tokens.len() as u64;
         hit_tokens += hit.tokens;
         let mut table = BlockTable::new(cfg.block_size);
+        let ownership = |what: String| BlockReplayError::Ownership { index, what };
         for &b in &hit.blocks {
-            // The cache holds a reference on every block it returns.
-            let _ = r.pool.retain(b);
+            // The request's own reference on each hit block (the cache holds another).
+            r.pool
+                .retain(b)
+                .map_err(|e| ownership(format!("retain {b}: {e}")))?;
             table.push_block(b);
         }
-        let _ = table.advance(hit.tokens);
+        table
+            .advance(hit.tokens)
+            .map_err(|e| ownership(format!("advance: {e}")))?;
         let rest = tokens.len() as u64 - hit.tokens;
         if let Err(source) = r.append(&mut table, rest, now) {
-            let _ = r.cache.release(&hit.blocks);
-            let _ = table.release_all(&mut r.pool);
             return Err(BlockReplayError::DoesNotFit { index, source });
         }
+        r.check(index)?;
         let full = tokens.len() / bs;
         newly.clear();
-        let _ = r
-            .cache
-            .insert(&hashes[..full], &table.blocks()[..full], now, &mut newly);
+        r.cache
+            .insert(&hashes[..full], &table.blocks()[..full], now, &mut newly)
+            .map_err(|e| ownership(format!("insert: {e}")))?;
         for &b in &newly {
-            let _ = r.pool.retain(b); // the cache's reference
+            // The cache's reference.
+            r.pool
+                .retain(b)
+                .map_err(|e| ownership(format!("retain {b}: {e}")))?;
         }
         alive.push_back(Live {
             table,
-            hit: hit.blocks,
             remaining: req.output_length.max(1),
         });
     }
@@ -237,6 +272,7 @@ pub fn block_replay(
             })?;
         decode_tokens += n;
         r.retire(live);
+        r.check(trace.len() - 1)?;
     }
     let management_s = start.elapsed().as_secs_f64() - synth_s;
     Ok(BlockReplayReport {

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use ahash::AHashMap;
 use kvc_core::BlockId;
-use kvc_reuse::{BlockHasher, HashExtra, HasherKind, PolicyKind, PrefixCache};
+use kvc_reuse::{BlockHasher, HashExtra, HasherKind, PolicyKind, PrefixCache, ReuseError};
 use serde::Serialize;
 use thiserror::Error;
 
@@ -55,6 +55,13 @@ pub enum ReplayError {
     TooManyBlocks {
         /// The largest count.
         max: u64,
+    },
+    /// The prefix cache refused an insert or release (a broken ownership invariant).
+    #[error("the prefix cache refused the replay's blocks: {source}")]
+    Cache {
+        /// What the cache said.
+        #[from]
+        source: ReuseError,
     },
 }
 
@@ -171,9 +178,11 @@ pub fn replay(trace: &[TraceRequest], cfg: &ReplayConfig) -> Result<ReplayReport
             blocks.push(id);
         }
         newly.clear();
-        // Fresh ids are never cached yet, so the insert cannot fail.
-        let _ = cache.insert(&hashes, &blocks, now, &mut newly);
-        let _ = cache.release(&hit.blocks);
+        // Fresh ids are never cached yet, so the insert cannot fail. The request finishes at
+        // once: it stops using its hit blocks and the blocks it newly cached.
+        cache.insert(&hashes, &blocks, now, &mut newly)?;
+        cache.release(&hit.blocks)?;
+        cache.release(&newly)?;
         // Fresh blocks the cache did not keep (their hash was already cached) go back.
         let mut kept = newly.iter().peekable();
         for &b in &blocks[hit.blocks.len()..] {

@@ -25,6 +25,14 @@ pub enum AllocError {
         /// The region asked.
         region: RegionId,
     },
+    /// A sequence would hold more than `u64::MAX` tokens.
+    #[error("{tokens} tokens plus {extra} more overflow a token count")]
+    TooManyTokens {
+        /// Tokens already written.
+        tokens: u64,
+        /// Tokens asked to append.
+        extra: u64,
+    },
 }
 
 /// Why a reference-count operation (retain or release) failed. The pool is unchanged.

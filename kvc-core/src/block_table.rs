@@ -7,6 +7,9 @@ use crate::{AllocError, BlockAllocator, BlockId, RefError, RegionId};
 /// A sequence's block table: token `i` lives in block `blocks[i / block_size]` at offset
 /// `i % block_size`. The table owns one reference on each of its blocks.
 ///
+/// A table is not `Clone`: a copy would own no references of its own. [`fork`](Self::fork)
+/// makes a second table that takes its own reference on every block through the allocator.
+///
 /// Short sequences keep their blocks inline (no heap allocation up to 8 blocks). For very
 /// long sequences that fork (parallel sampling, beam search) see `kvc_alloc::ChunkedBlockTable`,
 /// whose fork is O(chunks).
@@ -23,7 +26,7 @@ use crate::{AllocError, BlockAllocator, BlockId, RefError, RegionId};
 /// table.release_all(pool)?;
 /// # Ok(()) }
 /// ```
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 #[must_use = "a block table owns blocks; release them with `release_all`"]
 pub struct BlockTable {
     blocks: SmallVec<[BlockId; 8]>,
@@ -71,10 +74,14 @@ impl BlockTable {
         self.blocks.len() as u64 * u64::from(self.block_size)
     }
 
-    /// Blocks that must be added before `extra` more tokens fit.
+    /// Blocks that must be added before `extra` more tokens fit (`usize::MAX` if the token
+    /// count would overflow).
     #[must_use]
     pub fn blocks_needed(&self, extra: u64) -> usize {
-        let want = (self.num_tokens + extra).div_ceil(u64::from(self.block_size));
+        let Some(total) = self.num_tokens.checked_add(extra) else {
+            return usize::MAX;
+        };
+        let want = total.div_ceil(u64::from(self.block_size));
         usize::try_from(want)
             .unwrap_or(usize::MAX)
             .saturating_sub(self.blocks.len())
@@ -118,15 +125,52 @@ impl BlockTable {
         Ok(())
     }
 
+    /// A second table over the same blocks and tokens (parallel sampling, beam search): takes
+    /// one more reference on every block through `alloc`. All or nothing. Before either table
+    /// writes into a shared partly filled last block, make it writable
+    /// ([`BlockAllocator::make_writable`]).
+    ///
+    /// # Errors
+    /// The pool refused a reference (a block released behind the table's back, or at its
+    /// reference limit); the references taken are given back and nothing changes.
+    pub fn fork(&self, alloc: &mut impl BlockAllocator) -> Result<Self, RefError> {
+        for (i, &block) in self.blocks.iter().enumerate() {
+            if let Err(err) = alloc.retain(block) {
+                for &taken in &self.blocks[..i] {
+                    // Taken just above: giving it back cannot fail unless the pool is broken.
+                    if let Err(e) = alloc.release(taken) {
+                        debug_assert!(false, "undoing a fork's retain of {taken}: {e}");
+                    }
+                }
+                return Err(err);
+            }
+        }
+        Ok(Self {
+            blocks: self.blocks.clone(),
+            num_tokens: self.num_tokens,
+            block_size: self.block_size,
+        })
+    }
+
     /// Makes room for `n` more tokens, allocating from `region` (preferring blocks physically
     /// after the last one), and marks them written. All or nothing: on error the table and
     /// the pool are as before.
+    ///
+    /// # Errors
+    /// [`AllocError::TooManyTokens`] if the token count would overflow; otherwise the pool's
+    /// error.
     pub fn append_tokens(
         &mut self,
         alloc: &mut impl BlockAllocator,
         region: RegionId,
         n: u64,
     ) -> Result<(), AllocError> {
+        let Some(total) = self.num_tokens.checked_add(n) else {
+            return Err(AllocError::TooManyTokens {
+                tokens: self.num_tokens,
+                extra: n,
+            });
+        };
         let needed = self.blocks_needed(n);
         if needed > 0 {
             let free = alloc.free_blocks(region)?;
@@ -143,15 +187,18 @@ impl BlockTable {
                     Ok(block) => self.blocks.push(block),
                     Err(err) => {
                         for block in self.blocks.drain(start..) {
-                            // Fresh single-owner blocks: release cannot fail.
-                            let _ = alloc.release(block);
+                            // Fresh single-owner blocks: release cannot fail unless the pool
+                            // is broken.
+                            if let Err(e) = alloc.release(block) {
+                                debug_assert!(false, "undoing an append's {block}: {e}");
+                            }
                         }
                         return Err(err);
                     }
                 }
             }
         }
-        self.num_tokens += n;
+        self.num_tokens = total;
         Ok(())
     }
 

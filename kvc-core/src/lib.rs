@@ -51,4 +51,4 @@ pub use pin::{
     Refusal, RegionBlocks, Resize, Retention, RetentionUpdate, Route, WaitReason,
 };
 pub use qos::{QosClass, QosClasses, QosError};
-pub use reuse::{NoReuse, PrefixHit, ReuseIndex, ReuseScope};
+pub use reuse::{NoReuse, PrefixHit, ReuseError, ReuseIndex, ReuseScope};

@@ -2,9 +2,28 @@
 //! prefix of a prompt (or a session's earlier turns), the offer of newly computed blocks, and
 //! eviction when memory is needed.
 //!
-//! Ownership follows one rule: the index never allocates or frees memory. It tells the caller
-//! which blocks to take or drop a reference on, and the caller does that through its
-//! [`BlockAllocator`](crate::BlockAllocator).
+//! # Ownership
+//!
+//! The index never allocates or frees memory; it tells the caller which blocks to take or drop
+//! a pool reference on, and the caller does that through its
+//! [`BlockAllocator`](crate::BlockAllocator). One rule covers every block:
+//!
+//! - **Every holder of a block holds one pool reference on it**: each running request whose
+//!   table contains it, the index while the block is cached, each session that keeps it, each
+//!   transfer in flight.
+//! - **The index counts, per cached block, the holders other than itself** (its *use count*):
+//!   [`lookup`](ReuseIndex::lookup) adds one for each hit block, [`insert`](ReuseIndex::insert)
+//!   starts a newly cached block at one (the offering request),
+//!   [`acquire`](ReuseIndex::acquire) adds one (a fork, a second holder) and
+//!   [`release`](ReuseIndex::release) takes one away.
+//! - **A cached block with use count 0 is evictable**: only the index's reference keeps it.
+//!   [`evict`](ReuseIndex::evict) only ever picks evictable blocks, so dropping the index's
+//!   reference on each evicted block frees it. [`evictable_blocks`](ReuseIndex::evictable_blocks)
+//!   is how many blocks eviction can free right now.
+//! - A holder of a block holds every block before it in its chain (requests and sessions hold
+//!   whole prefixes), so all evictable blocks can be evicted one after another, leaf first.
+
+use thiserror::Error;
 
 use crate::{BlockId, Retention, SessionId, TenantId};
 
@@ -19,7 +38,7 @@ pub struct ReuseScope {
 
 /// A cache hit: the first `blocks.len()` full blocks of the prompt are already computed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-#[must_use = "hit blocks are marked in use: take a reference on each or give them back"]
+#[must_use = "hit blocks are in use by the caller: take a pool reference on each, release them when done"]
 pub struct PrefixHit {
     /// The cached blocks, in prompt order.
     pub blocks: Vec<BlockId>,
@@ -28,23 +47,82 @@ pub struct PrefixHit {
     pub tokens: u64,
 }
 
-/// A prefix and session cache as a scheduler sees it.
+/// Why a [`ReuseIndex`] (or a cache behind one) refused an operation.
 ///
-/// Implemented by `kvc_reuse` caches; a scheduler with reuse off uses an index that never hits.
+/// Each variant says what was kept: calls that take several blocks process every block they
+/// can and report the first failure.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum ReuseError {
+    /// A release of a cached block no holder uses (released more often than it was looked up,
+    /// inserted or acquired). The block's use count stays 0.
+    #[error("{block} is cached but not in use: released more often than it was held")]
+    NotInUse {
+        /// The block.
+        block: BlockId,
+    },
+    /// An insert whose blocks do not match its tokens' full blocks one to one. Nothing was
+    /// cached.
+    #[error(
+        "insert of {full_blocks} full blocks of tokens with {blocks} blocks: one block per full block is required"
+    )]
+    LengthMismatch {
+        /// Full blocks of the tokens (or hashes) given.
+        full_blocks: usize,
+        /// Blocks given.
+        blocks: usize,
+    },
+    /// An insert offered a block that already caches another hash (the caller wrote new tokens
+    /// into a cached block). Blocks before `index` were processed; nothing from `index` on was.
+    #[error("{block} (position {index}) already caches another hash")]
+    BlockAlreadyCached {
+        /// The block.
+        block: BlockId,
+        /// Its position in the insert.
+        index: usize,
+    },
+    /// A block's use count would exceed `u32::MAX` holders. The count is unchanged.
+    #[error("{block} has too many holders")]
+    TooManyHolders {
+        /// The block.
+        block: BlockId,
+    },
+    /// A reset while blocks are in use: their holders still read them. Nothing was dropped.
+    #[error("{in_use} cached blocks are still in use")]
+    InUse {
+        /// Cached blocks with a use count above 0.
+        in_use: usize,
+    },
+}
+
+/// A prefix and session cache as a scheduler sees it. See the [module docs](self) for the
+/// ownership rule every method follows.
+///
+/// Implemented by `kvc_reuse` caches; a scheduler with reuse off uses [`NoReuse`].
 pub trait ReuseIndex {
     /// Tokens per block of this index.
     fn block_size(&self) -> u32;
 
-    /// The longest cached prefix of `prompt` for `scope`. The returned blocks are marked in
-    /// use (never evicted) until [`release`](Self::release); the caller takes its own
-    /// allocator reference on each for the sequence.
+    /// The longest cached prefix of `prompt` for `scope`, never covering its last token. The
+    /// use count of each hit block goes up by one: the caller takes one pool reference on each
+    /// for the request and [`release`](Self::release)s them when the request stops using them.
     fn lookup(&mut self, scope: &ReuseScope, prompt: &[u32], now_ms: u64) -> PrefixHit;
 
-    /// Offers the computed full blocks of a sequence: `blocks[i]` holds
-    /// `tokens[i × block_size..(i + 1) × block_size]`. Appends to `newly_cached` the blocks the
-    /// index now keeps; the caller takes one allocator reference on each, on the index's
-    /// behalf. Offering blocks marks nothing in use (only lookups do): evicting a block a
-    /// running sequence still holds drops the index's reference only.
+    /// Offers the computed full blocks of a request: `blocks[i]` holds
+    /// `tokens[i × block_size..(i + 1) × block_size]` (`tokens.len()` is a multiple of the
+    /// block size, or its partial tail is ignored). The blocks are in use by the offering
+    /// request, and stay so until it releases them:
+    ///
+    /// - a block newly cached by this call starts with use count 1 (the request) and is
+    ///   appended to `newly_cached`: the caller takes one pool reference on it for the index;
+    /// - a hash already cached under the same block changes nothing (the request already holds
+    ///   it, through its lookup or an earlier insert);
+    /// - a hash already cached under another block ends the offer there: the request's block
+    ///   and every block after it stay private (uncached), and nothing changes for them.
+    ///
+    /// # Errors
+    /// [`ReuseError::LengthMismatch`] (nothing cached) or [`ReuseError::BlockAlreadyCached`]
+    /// (blocks before it processed).
     fn insert(
         &mut self,
         scope: &ReuseScope,
@@ -52,15 +130,33 @@ pub trait ReuseIndex {
         blocks: &[BlockId],
         now_ms: u64,
         newly_cached: &mut Vec<BlockId>,
-    );
+    ) -> Result<(), ReuseError>;
 
-    /// A sequence stopped using these blocks (finished, preempted or cancelled): they may now
-    /// be evicted.
-    fn release(&mut self, blocks: &[BlockId]);
+    /// Another holder of these blocks (a fork for beam search or parallel sampling, a session
+    /// keeping a request's blocks): the use count of each cached one goes up by one. Uncached
+    /// (private) blocks are skipped. The caller takes its own pool reference on every block.
+    ///
+    /// # Errors
+    /// [`ReuseError::TooManyHolders`]; the other blocks are still processed.
+    fn acquire(&mut self, blocks: &[BlockId]) -> Result<(), ReuseError>;
 
-    /// Forgets up to `count` cached blocks that no sequence uses, leaf first, appending them
-    /// to `evicted`; the caller drops the index's allocator reference on each.
-    fn evict(&mut self, count: usize, now_ms: u64, evicted: &mut Vec<BlockId>);
+    /// A holder stopped using these blocks (a request passes its whole table when it finishes,
+    /// is preempted or cancelled): the use count of each cached one goes down by one; at 0 the
+    /// block becomes evictable. Uncached (private) blocks are skipped. The caller drops the
+    /// holder's pool reference on every block.
+    ///
+    /// # Errors
+    /// [`ReuseError::NotInUse`] for a cached block with use count 0 (a double release); the
+    /// other blocks are still processed.
+    fn release(&mut self, blocks: &[BlockId]) -> Result<(), ReuseError>;
+
+    /// Cached blocks no holder uses: how many blocks [`evict`](Self::evict) can free now.
+    /// Constant time.
+    fn evictable_blocks(&self) -> usize;
+
+    /// Forgets up to `count` evictable blocks, leaf first, appending them to `evicted`, and
+    /// returns how many. The caller drops the index's pool reference on each, which frees it.
+    fn evict(&mut self, count: usize, now_ms: u64, evicted: &mut Vec<BlockId>) -> usize;
 
     /// Changes the retention of a cached block (from a pin policy's soft pins).
     fn set_retention(&mut self, block_hash: u64, retention: Retention);
@@ -80,8 +176,67 @@ impl ReuseIndex for NoReuse {
     fn lookup(&mut self, _: &ReuseScope, _: &[u32], _: u64) -> PrefixHit {
         PrefixHit::default()
     }
-    fn insert(&mut self, _: &ReuseScope, _: &[u32], _: &[BlockId], _: u64, _: &mut Vec<BlockId>) {}
-    fn release(&mut self, _: &[BlockId]) {}
-    fn evict(&mut self, _: usize, _: u64, _: &mut Vec<BlockId>) {}
+    fn insert(
+        &mut self,
+        _: &ReuseScope,
+        tokens: &[u32],
+        blocks: &[BlockId],
+        _: u64,
+        _: &mut Vec<BlockId>,
+    ) -> Result<(), ReuseError> {
+        let full_blocks = tokens.len() / self.block_size.max(1) as usize;
+        if full_blocks == blocks.len() {
+            Ok(())
+        } else {
+            Err(ReuseError::LengthMismatch {
+                full_blocks,
+                blocks: blocks.len(),
+            })
+        }
+    }
+    fn acquire(&mut self, _: &[BlockId]) -> Result<(), ReuseError> {
+        Ok(())
+    }
+    fn release(&mut self, _: &[BlockId]) -> Result<(), ReuseError> {
+        Ok(())
+    }
+    fn evictable_blocks(&self) -> usize {
+        0
+    }
+    fn evict(&mut self, _: usize, _: u64, _: &mut Vec<BlockId>) -> usize {
+        0
+    }
     fn set_retention(&mut self, _: u64, _: Retention) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_reuse_checks_insert_lengths_and_holds_nothing() {
+        let mut idx = NoReuse { block_size: 4 };
+        let scope = ReuseScope {
+            tenant: TenantId(1),
+            session: None,
+        };
+        let mut newly = Vec::new();
+        assert_eq!(
+            idx.insert(&scope, &[0; 9], &[BlockId(0), BlockId(1)], 0, &mut newly),
+            Ok(())
+        );
+        assert_eq!(
+            idx.insert(&scope, &[0; 4], &[BlockId(0), BlockId(1)], 0, &mut newly),
+            Err(ReuseError::LengthMismatch {
+                full_blocks: 1,
+                blocks: 2
+            })
+        );
+        assert!(newly.is_empty());
+        assert_eq!(idx.lookup(&scope, &[0; 9], 0), PrefixHit::default());
+        assert_eq!(idx.evictable_blocks(), 0);
+        let mut evicted = Vec::new();
+        assert_eq!(idx.evict(3, 0, &mut evicted), 0);
+        assert!(evicted.is_empty());
+    }
 }

@@ -26,6 +26,8 @@ fn filled(hasher: HasherKind, tokens: &[u32]) -> (PrefixCache, Vec<kvc_reuse::Bl
     cache
         .insert(&hashes, &blocks, 0, &mut Vec::new())
         .expect("fresh blocks");
+    // The request that computed them is done: the blocks are cached and unused.
+    cache.release(&blocks).expect("held by the insert");
     (cache, hashes)
 }
 
@@ -112,7 +114,11 @@ fn evict(c: &mut Criterion) {
                             let blocks: Vec<BlockId> =
                                 (next..next + hashes.len() as u32).map(BlockId).collect();
                             next += hashes.len() as u32;
-                            let _ = cache.insert(hashes, &blocks, t as u64, &mut Vec::new());
+                            let mut newly = Vec::new();
+                            cache
+                                .insert(hashes, &blocks, t as u64, &mut newly)
+                                .expect("fresh blocks");
+                            cache.release(&newly).expect("held by the insert");
                         }
                         cache
                     },

@@ -2,15 +2,19 @@
 //! tracking, lazy leaf-first eviction through a pluggable policy, retention priorities,
 //! invalidation and KV events.
 //!
-//! The cache never allocates or frees memory. It records which [`BlockId`] holds each hash;
-//! [`lookup`](PrefixCache::lookup) marks hit blocks in use until
-//! [`release`](PrefixCache::release); [`evict`](PrefixCache::evict) hands back ids for the
-//! caller's allocator to free.
+//! The cache never allocates or frees memory. It records which [`BlockId`] holds each hash and
+//! how many holders other than itself use each cached block (its use count), following the
+//! ownership rule of [`kvc_core::ReuseIndex`]: every holder of a block holds one pool
+//! reference; [`lookup`](PrefixCache::lookup), [`insert`](PrefixCache::insert) and
+//! [`acquire`](PrefixCache::acquire) count a holder in, [`release`](PrefixCache::release)
+//! counts one out; a cached block with use count 0 is *evictable*, and
+//! [`evict`](PrefixCache::evict) hands back only evictable blocks, so the caller dropping the
+//! cache's reference on each frees it.
 //!
 //! Eviction order, first to last: blocks whose retention priority is below the default
 //! (lowest priority first, then least recently used); default-priority blocks in the policy's
 //! order; blocks retained above the default (lowest priority first). Only *evictable* blocks
-//! are candidates: cached, in use by no request, with no cached child.
+//! are candidates: cached, in use by no holder, with no cached child (leaf first).
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BTreeSet, BinaryHeap};
@@ -18,56 +22,13 @@ use std::collections::{BTreeSet, BinaryHeap};
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
-use kvc_core::{BlockId, PrefixHit, Retention};
+use kvc_core::{BlockId, PrefixHit, Retention, ReuseError};
 use slab::Slab;
 use smallvec::SmallVec;
-use thiserror::Error;
 
 use crate::BlockHash;
 use crate::events::{EventLog, EventRecord, KvEvent, Metrics};
 use crate::policy::{Access, BlockInfo, EvictionPolicy, PolicyKind};
-
-/// Why an insert stopped early. The blocks before `index` were inserted (or already cached);
-/// nothing from `index` on was.
-#[derive(Clone, Debug, PartialEq, Eq, Error)]
-#[non_exhaustive]
-pub enum InsertError {
-    /// `hashes` and `blocks` differ in length.
-    #[error("insert of {hashes} hashes with {blocks} blocks: one block per hash is required")]
-    LengthMismatch {
-        /// Hashes given.
-        hashes: usize,
-        /// Blocks given.
-        blocks: usize,
-    },
-    /// The block already holds another cached hash (the caller reused a cached block for new
-    /// tokens without evicting it first).
-    #[error("{block} (position {index}) already caches another hash")]
-    BlockAlreadyCached {
-        /// The block.
-        block: BlockId,
-        /// Its position in the insert.
-        index: usize,
-    },
-}
-
-/// Why a release failed. The other blocks of the same call were still released.
-#[derive(Clone, Debug, PartialEq, Eq, Error)]
-#[non_exhaustive]
-pub enum ReleaseError {
-    /// The cache does not hold this block.
-    #[error("{block} is not in the prefix cache")]
-    UnknownBlock {
-        /// The block.
-        block: BlockId,
-    },
-    /// The block is cached but no lookup holds it (a double release).
-    #[error("{block} is not in use: released more often than looked up")]
-    NotInUse {
-        /// The block.
-        block: BlockId,
-    },
-}
 
 /// Hashing for keys that are already well mixed (block hashes) or small dense integers (block
 /// ids): a multiply-fold instead of a keyed hash, which showed up in replay profiles. Block
@@ -199,11 +160,14 @@ impl BlockIndex {
 /// assert_eq!(hit.tokens, 0);
 /// let mut newly = Vec::new();
 /// cache.insert(&hashes, &[BlockId(7), BlockId(8)], 0, &mut newly)?;
-/// assert_eq!(newly, [BlockId(7), BlockId(8)]);
+/// assert_eq!(newly, [BlockId(7), BlockId(8)]); // in use by the request that offered them
 ///
 /// let hit = cache.lookup(&hashes, prompt.len(), 1);
 /// assert_eq!(hit.blocks, [BlockId(7), BlockId(8)]);
 /// cache.release(&hit.blocks)?;
+/// assert_eq!(cache.evictable_blocks(), 0);
+/// cache.release(&[BlockId(7), BlockId(8)])?; // the offering request is done too
+/// assert_eq!(cache.evictable_blocks(), 2);
 ///
 /// let mut freed = Vec::new();
 /// cache.evict(1, 2, &mut freed);
@@ -223,6 +187,8 @@ pub struct PrefixCache {
     expiries: BinaryHeap<Reverse<(u64, u32, u64)>>,
     retention_gen: u64,
     orphans: Vec<BlockId>,
+    /// Hittable nodes with use count 0 (evictable, possibly after their unused descendants).
+    unused: usize,
     clock: u64,
     now_ms: u64,
     events: EventLog,
@@ -251,6 +217,7 @@ impl PrefixCache {
             expiries: BinaryHeap::new(),
             retention_gen: 0,
             orphans: Vec::new(),
+            unused: 0,
             clock: 0,
             now_ms: 0,
             events: EventLog::default(),
@@ -317,28 +284,77 @@ impl PrefixCache {
         self.clock
     }
 
+    /// Cached blocks no holder uses: how many blocks [`evict`](Self::evict) can hand back now
+    /// (hittable ones with use count 0, and invalidated ones waiting to be handed back).
+    /// Constant time.
+    #[must_use]
+    pub fn evictable_blocks(&self) -> usize {
+        self.unused + self.orphans.len()
+    }
+
+    /// Cached blocks at least one holder uses (hittable or invalidated).
+    #[must_use]
+    pub fn in_use_blocks(&self) -> usize {
+        self.nodes.len() - self.unused
+    }
+
+    /// Whether the cache tracks `block`: cached, or invalidated but still in use. Releasing or
+    /// acquiring any other block is a no-op (it is private to its holder).
+    #[must_use]
+    pub fn is_cached(&self, block: BlockId) -> bool {
+        self.by_block.contains(block)
+    }
+
+    /// The use count of a tracked block (`None` if the cache does not track it).
+    #[must_use]
+    pub fn use_count(&self, block: BlockId) -> Option<u32> {
+        self.by_block
+            .get(block)
+            .map(|slot| self.nodes[slot as usize].refs)
+    }
+
+    /// One more holder of the node at `slot`: false (nothing changed) if its count is full.
+    fn hold(&mut self, slot: u32) -> bool {
+        let node = &mut self.nodes[slot as usize];
+        let Some(refs) = node.refs.checked_add(1) else {
+            return false;
+        };
+        node.refs = refs;
+        if refs == 1 && node.hittable {
+            self.unused -= 1;
+            self.refresh(slot);
+        }
+        true
+    }
+
     /// The longest cached prefix of a prompt of `prompt_tokens` tokens whose full blocks hash
-    /// to `hashes`. Never covers the last prompt token. The hit blocks are in use until
-    /// [`release`](Self::release)d.
+    /// to `hashes`. Never covers the last prompt token. Each hit block's use count goes up by
+    /// one until [`release`](Self::release)d: the caller takes one pool reference on each for
+    /// its request.
     pub fn lookup(&mut self, hashes: &[BlockHash], prompt_tokens: usize, now_ms: u64) -> PrefixHit {
         self.now_ms = now_ms;
-        self.metrics.queries += 1;
-        self.metrics.query_tokens += prompt_tokens as u64;
+        self.metrics.queries = self.metrics.queries.saturating_add(1);
+        self.metrics.query_tokens = self
+            .metrics
+            .query_tokens
+            .saturating_add(prompt_tokens as u64);
         let usable = (prompt_tokens.saturating_sub(1) / self.block_size as usize).min(hashes.len());
         let mut slots: SmallVec<[u32; 64]> = SmallVec::new();
         for h in &hashes[..usable] {
             match self.by_hash.get(h) {
-                Some(&slot) => slots.push(slot),
-                None => break,
+                // A block with `u32::MAX` holders ends the hit (a shorter hit is always safe).
+                Some(&slot) if self.nodes[slot as usize].refs < u32::MAX => slots.push(slot),
+                _ => break,
             }
         }
         let hit = slots.len() as u32;
         let mut blocks = Vec::with_capacity(slots.len());
         for &slot in &slots {
             let stamp = self.tick();
-            let node = &mut self.nodes[slot as usize];
-            node.refs += 1;
-            node.stamp = stamp;
+            self.nodes[slot as usize].stamp = stamp;
+            let held = self.hold(slot);
+            debug_assert!(held, "use count checked above");
+            let node = &self.nodes[slot as usize];
             blocks.push(node.block);
             let info = BlockInfo {
                 hash: node.hash,
@@ -353,32 +369,46 @@ impl PrefixCache {
             self.policy.on_hit(slot, &info);
         }
         let tokens = u64::from(hit) * u64::from(self.block_size);
-        self.metrics.hit_blocks += u64::from(hit);
-        self.metrics.hit_tokens += tokens;
+        self.metrics.hit_blocks = self.metrics.hit_blocks.saturating_add(u64::from(hit));
+        self.metrics.hit_tokens = self.metrics.hit_tokens.saturating_add(tokens);
         PrefixHit { blocks, tokens }
     }
 
-    /// Caches the full blocks of a prompt: `blocks[i]` holds the tokens hashed by `hashes[i]`,
-    /// which must be a whole chain from the first block. Blocks already cached under their
-    /// hash count as used again; the others are cached, not in use, and appended to
-    /// `newly_cached` (the caller keeps a reference on each for the cache).
+    /// Caches the full blocks of a request: `blocks[i]` holds the tokens hashed by
+    /// `hashes[i]`, which must be a whole chain from the first block. The blocks are in use by
+    /// the offering request (see [`kvc_core::ReuseIndex::insert`]):
+    ///
+    /// - a block newly cached starts with use count 1 and is appended to `newly_cached` (the
+    ///   caller takes one pool reference on it for the cache);
+    /// - a hash already cached under the same block changes nothing but its recency;
+    /// - a hash already cached under another block, or a block invalidated while in use, ends
+    ///   the insert there (`Ok`): that block and the ones after it stay private.
+    ///
+    /// # Errors
+    /// [`ReuseError::LengthMismatch`] (nothing cached); [`ReuseError::BlockAlreadyCached`]
+    /// when a block caches another hash (blocks before it were processed).
     pub fn insert(
         &mut self,
         hashes: &[BlockHash],
         blocks: &[BlockId],
         now_ms: u64,
         newly_cached: &mut Vec<BlockId>,
-    ) -> Result<(), InsertError> {
+    ) -> Result<(), ReuseError> {
         if hashes.len() != blocks.len() {
-            return Err(InsertError::LengthMismatch {
-                hashes: hashes.len(),
+            return Err(ReuseError::LengthMismatch {
+                full_blocks: hashes.len(),
                 blocks: blocks.len(),
             });
         }
         self.now_ms = now_ms;
         let existing = hashes
             .iter()
-            .take_while(|h| self.by_hash.contains_key(h))
+            .zip(blocks)
+            .take_while(|&(h, &b)| {
+                self.by_hash
+                    .get(h)
+                    .is_some_and(|&s| self.nodes[s as usize].block == b)
+            })
             .count() as u32;
         let request_blocks = hashes.len() as u32;
         let mut parent: Option<u32> = None;
@@ -386,6 +416,34 @@ impl PrefixCache {
         let mut stored_parent = None;
         let mut result = Ok(());
         for (i, (&hash, &block)) in hashes.iter().zip(blocks).enumerate() {
+            if let Some(&slot) = self.by_hash.get(&hash) {
+                if self.nodes[slot as usize].block != block {
+                    // Computed twice: the cached copy stays, the request's block stays private.
+                    break;
+                }
+                let stamp = self.tick();
+                let info = BlockInfo {
+                    hash,
+                    depth: i as u32,
+                    stamp,
+                    request_hit_blocks: existing,
+                    request_blocks,
+                    block_size: self.block_size,
+                    access: Access::Insert,
+                };
+                self.nodes[slot as usize].stamp = stamp;
+                self.policy.on_hit(slot, &info);
+                self.refresh(slot);
+                parent = Some(slot);
+                continue;
+            }
+            if let Some(slot) = self.by_block.get(block) {
+                if self.nodes[slot as usize].hittable {
+                    result = Err(ReuseError::BlockAlreadyCached { block, index: i });
+                }
+                // An invalidated block in use: never cached again.
+                break;
+            }
             let stamp = self.tick();
             let info = BlockInfo {
                 hash,
@@ -396,23 +454,12 @@ impl PrefixCache {
                 block_size: self.block_size,
                 access: Access::Insert,
             };
-            if let Some(&slot) = self.by_hash.get(&hash) {
-                self.nodes[slot as usize].stamp = stamp;
-                self.policy.on_hit(slot, &info);
-                self.refresh(slot);
-                parent = Some(slot);
-                continue;
-            }
-            if self.by_block.contains(block) {
-                result = Err(InsertError::BlockAlreadyCached { block, index: i });
-                break;
-            }
             let slot = self.nodes.insert(Node {
                 hash,
                 block,
                 parent,
                 children: SmallVec::new(),
-                refs: 0,
+                refs: 1,
                 retained: false,
                 hittable: true,
                 stamp,
@@ -432,7 +479,7 @@ impl PrefixCache {
                 }
                 stored.push(hash);
             }
-            self.metrics.inserted_blocks += 1;
+            self.metrics.inserted_blocks = self.metrics.inserted_blocks.saturating_add(1);
             newly_cached.push(block);
             parent = Some(slot);
         }
@@ -448,23 +495,52 @@ impl PrefixCache {
         result
     }
 
-    /// A request stopped using blocks a lookup gave it: they may be evicted from now on.
-    /// Every block is processed; the first error is returned.
-    pub fn release(&mut self, blocks: &[BlockId]) -> Result<(), ReleaseError> {
+    /// Another holder of these blocks (a fork, a session keeping a request's blocks): each
+    /// tracked block's use count goes up by one. Untracked (private) blocks are skipped.
+    ///
+    /// # Errors
+    /// [`ReuseError::TooManyHolders`] for a block with `u32::MAX` holders (unchanged); the
+    /// other blocks are still processed and the first error is returned.
+    pub fn acquire(&mut self, blocks: &[BlockId]) -> Result<(), ReuseError> {
         let mut result = Ok(());
         for &block in blocks {
             let Some(slot) = self.by_block.get(block) else {
-                result = result.and(Err(ReleaseError::UnknownBlock { block }));
+                continue;
+            };
+            if !self.hold(slot) {
+                result = result.and(Err(ReuseError::TooManyHolders { block }));
+            }
+        }
+        result
+    }
+
+    /// A holder stopped using these blocks (given in prompt order): each tracked block's use
+    /// count goes down by one, and at 0 it becomes evictable, last used now. Blocks are
+    /// released tail first. Untracked (private) blocks are skipped.
+    ///
+    /// # Errors
+    /// [`ReuseError::NotInUse`] for a tracked block with use count 0 (a double release); the
+    /// other blocks are still processed and one of the errors is returned.
+    pub fn release(&mut self, blocks: &[BlockId]) -> Result<(), ReuseError> {
+        let mut result = Ok(());
+        // Tail first: the blocks freed first are the first evicted (as vLLM frees a request's
+        // blocks in reverse), and a prefix's head outlives its tail.
+        for &block in blocks.iter().rev() {
+            let Some(slot) = self.by_block.get(block) else {
                 continue;
             };
             let node = &mut self.nodes[slot as usize];
             if node.refs == 0 {
-                result = result.and(Err(ReleaseError::NotInUse { block }));
+                result = Err(ReuseError::NotInUse { block });
                 continue;
             }
             node.refs -= 1;
             if node.refs == 0 {
                 if node.hittable {
+                    self.unused += 1;
+                    let stamp = self.tick();
+                    self.nodes[slot as usize].stamp = stamp;
+                    self.policy.on_release(slot, stamp);
                     self.refresh(slot);
                 } else {
                     let node = self.nodes.remove(slot as usize);
@@ -477,9 +553,10 @@ impl PrefixCache {
         result
     }
 
-    /// Forgets up to `count` blocks that no request uses, appending their ids to `evicted` for
-    /// the caller to free, and returns how many. Invalidated blocks go first, then leaves in
-    /// retention and policy order (see the module docs).
+    /// Forgets up to `count` evictable blocks, appending their ids to `evicted` for the caller
+    /// to free (it drops the cache's reference on each), and returns how many. Invalidated
+    /// blocks go first, then leaves in retention and policy order (see the module docs). A
+    /// block in use is never evicted.
     pub fn evict(&mut self, count: usize, now_ms: u64, evicted: &mut Vec<BlockId>) -> usize {
         self.now_ms = now_ms;
         let mut n = 0;
@@ -491,22 +568,35 @@ impl PrefixCache {
         self.expire(now_ms);
         let mut removed = Vec::new();
         while n < count {
-            let slot = if let Some((_, _, s)) = self.low.pop_first() {
-                s
+            let (slot, lane) = if let Some((_, _, s)) = self.low.pop_first() {
+                (s, Lane::Low)
             } else if let Some(s) = self.policy.pop_victim() {
-                s
+                (s, Lane::Policy)
             } else if let Some((_, _, s)) = self.high.pop_first() {
-                s
+                (s, Lane::High)
             } else {
                 break;
             };
+            let valid = self.nodes.get(slot as usize).is_some_and(|node| {
+                node.lane == lane && node.hittable && node.refs == 0 && node.children.is_empty()
+            });
+            if !valid {
+                // A victim that is not an evictable leaf in that lane means the lanes and the
+                // nodes disagree: never hand back a block someone may hold.
+                debug_assert!(
+                    false,
+                    "eviction order named slot {slot}, not an evictable leaf"
+                );
+                continue;
+            }
             self.nodes[slot as usize].lane = Lane::None;
             let node = self.remove_hittable(slot);
+            self.unused -= 1;
             if self.events.enabled() {
                 removed.push(node.hash);
             }
             evicted.push(node.block);
-            self.metrics.evicted_capacity += 1;
+            self.metrics.evicted_capacity = self.metrics.evicted_capacity.saturating_add(1);
             n += 1;
         }
         if !removed.is_empty() {
@@ -571,8 +661,18 @@ impl PrefixCache {
         n
     }
 
-    /// Makes every block unhittable (for example on a model switch) and returns how many.
-    pub fn clear(&mut self) -> usize {
+    /// Drops every cached block (for example on a model switch) and returns how many became
+    /// unhittable; they are handed back by the next [`evict`](Self::evict).
+    ///
+    /// # Errors
+    /// [`ReuseError::InUse`] while any cached block is in use (its holders still read it):
+    /// nothing changes. Release them first, or [`invalidate`](Self::invalidate) the chains to
+    /// drop them as their holders finish.
+    pub fn clear(&mut self) -> Result<usize, ReuseError> {
+        let in_use = self.in_use_blocks();
+        if in_use > 0 {
+            return Err(ReuseError::InUse { in_use });
+        }
         let tops: Vec<u32> = self
             .nodes
             .iter()
@@ -584,7 +684,7 @@ impl PrefixCache {
             self.detach_subtree(top, &mut removed);
         }
         self.events.push(KvEvent::AllCleared);
-        removed.len()
+        Ok(removed.len())
     }
 
     fn detach_subtree(&mut self, top: u32, removed: &mut Vec<BlockHash>) {
@@ -599,8 +699,9 @@ impl PrefixCache {
             let (hash, block, refs) = (node.hash, node.block, node.refs);
             self.by_hash.remove(&hash);
             removed.push(hash);
-            self.metrics.evicted_invalidated += 1;
+            self.metrics.evicted_invalidated = self.metrics.evicted_invalidated.saturating_add(1);
             if refs == 0 {
+                self.unused -= 1;
                 self.nodes.remove(slot as usize);
                 self.by_block.remove(block);
                 self.retained.remove(&slot);

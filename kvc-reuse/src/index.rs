@@ -8,7 +8,7 @@
 //! far).
 
 use ahash::AHashMap;
-use kvc_core::{BlockId, PrefixHit, Retention, ReuseIndex, ReuseScope, TenantId};
+use kvc_core::{BlockId, PrefixHit, Retention, ReuseError, ReuseIndex, ReuseScope, TenantId};
 
 use crate::{BlockHash, BlockHasher, HashExtra, PrefixCache};
 
@@ -23,16 +23,21 @@ use crate::{BlockHash, BlockHasher, HashExtra, PrefixCache};
 /// let scope = ReuseScope { tenant: TenantId(1), session: None };
 /// let prompt: Vec<u32> = (0..10).collect();
 ///
+/// // A request computed two full blocks into blocks 4 and 5 and offers them.
 /// let mut newly = Vec::new();
-/// index.insert(&scope, &prompt[..8], &[BlockId(4), BlockId(5)], 0, &mut newly);
+/// index.insert(&scope, &prompt[..8], &[BlockId(4), BlockId(5)], 0, &mut newly)?;
 /// assert_eq!(newly, [BlockId(4), BlockId(5)]); // take a pool reference on each for the index
+/// assert_eq!(index.evictable_blocks(), 0); // the request still uses them
 ///
-/// let hit = index.lookup(&scope, &prompt, 1);
+/// let hit = index.lookup(&scope, &prompt, 1); // a second request: one more holder
 /// assert_eq!(hit.tokens, 8);
-/// index.release(&hit.blocks);
+/// index.release(&hit.blocks)?; // the second request is done
+/// index.release(&[BlockId(4), BlockId(5)])?; // the first one too
+/// assert_eq!(index.evictable_blocks(), 2);
 ///
 /// let stranger = ReuseScope { tenant: TenantId(2), session: None };
 /// assert_eq!(index.lookup(&stranger, &prompt, 2).tokens, 0); // other tenant: no hit
+/// # Ok::<(), kvc_core::ReuseError>(())
 /// ```
 #[derive(Debug)]
 pub struct ScopedIndex<H> {
@@ -121,25 +126,35 @@ impl<H: BlockHasher> ReuseIndex for ScopedIndex<H> {
         blocks: &[BlockId],
         now_ms: u64,
         newly_cached: &mut Vec<BlockId>,
-    ) {
+    ) -> Result<(), ReuseError> {
+        let full_blocks = tokens.len() / self.cache.block_size() as usize;
+        if full_blocks != blocks.len() {
+            return Err(ReuseError::LengthMismatch {
+                full_blocks,
+                blocks: blocks.len(),
+            });
+        }
         self.now_ms = now_ms;
         self.hash(scope, tokens);
-        let n = self.hashes.len().min(blocks.len());
-        // A block already cached under another hash ends the offer there; what was cached
-        // before it stays cached, and `newly_cached` says exactly what.
-        let _ = self
-            .cache
-            .insert(&self.hashes[..n], &blocks[..n], now_ms, newly_cached);
+        self.cache
+            .insert(&self.hashes, blocks, now_ms, newly_cached)
     }
 
-    fn release(&mut self, blocks: &[BlockId]) {
-        // Blocks the cache no longer knows (invalidated and handed back) are skipped.
-        let _ = self.cache.release(blocks);
+    fn acquire(&mut self, blocks: &[BlockId]) -> Result<(), ReuseError> {
+        self.cache.acquire(blocks)
     }
 
-    fn evict(&mut self, count: usize, now_ms: u64, evicted: &mut Vec<BlockId>) {
+    fn release(&mut self, blocks: &[BlockId]) -> Result<(), ReuseError> {
+        self.cache.release(blocks)
+    }
+
+    fn evictable_blocks(&self) -> usize {
+        self.cache.evictable_blocks()
+    }
+
+    fn evict(&mut self, count: usize, now_ms: u64, evicted: &mut Vec<BlockId>) -> usize {
         self.now_ms = now_ms;
-        self.cache.evict(count, now_ms, evicted);
+        self.cache.evict(count, now_ms, evicted)
     }
 
     fn set_retention(&mut self, block_hash: u64, retention: Retention) {
@@ -173,21 +188,29 @@ mod tests {
             session: None,
         };
         let mut newly = Vec::new();
-        idx.insert(&a, &[1, 2, 3, 4], &[BlockId(0), BlockId(1)], 0, &mut newly);
+        idx.insert(&a, &[1, 2, 3, 4], &[BlockId(0), BlockId(1)], 0, &mut newly)
+            .unwrap();
         assert_eq!(newly.len(), 2);
         assert_eq!(idx.lookup(&b, &[1, 2, 3, 4, 5], 1).tokens, 0);
+        idx.release(&[BlockId(0), BlockId(1)]).unwrap();
         idx.set_salt(TenantId(1), *b"team");
         idx.set_salt(TenantId(2), *b"team");
         newly.clear();
-        idx.insert(&a, &[1, 2, 3, 4], &[BlockId(2), BlockId(3)], 2, &mut newly);
+        idx.insert(&a, &[1, 2, 3, 4], &[BlockId(2), BlockId(3)], 2, &mut newly)
+            .unwrap();
         let hit = idx.lookup(&b, &[1, 2, 3, 4, 5], 3);
         assert_eq!(hit.blocks, [BlockId(2), BlockId(3)]);
-        idx.release(&hit.blocks);
+        idx.release(&hit.blocks).unwrap();
+        assert_eq!(idx.evictable_blocks(), 2, "tenant 1's first chain only");
+        idx.release(&[BlockId(2), BlockId(3)]).unwrap();
+        assert_eq!(idx.evictable_blocks(), 4);
         // Leaf first: the chain's last block goes before its parent.
         let mut evicted = Vec::new();
-        idx.evict(1, 4, &mut evicted);
-        assert_eq!(evicted.len(), 1);
-        assert_ne!(evicted[0], BlockId(2));
+        assert_eq!(idx.evict(1, 4, &mut evicted), 1);
+        assert!(
+            evicted == [BlockId(1)] || evicted == [BlockId(3)],
+            "{evicted:?}"
+        );
     }
 
     #[test]
@@ -198,7 +221,27 @@ mod tests {
             session: None,
         };
         let mut newly = Vec::new();
-        idx.insert(&s, &[1, 2, 3, 4], &[BlockId(0), BlockId(1)], 0, &mut newly);
+        idx.insert(&s, &[1, 2, 3, 4], &[BlockId(0), BlockId(1)], 0, &mut newly)
+            .unwrap();
         assert_eq!(idx.lookup(&s, &[1, 2, 3, 4], 1).tokens, 2);
+    }
+
+    #[test]
+    fn an_insert_must_give_one_block_per_full_block() {
+        let mut idx = index();
+        let s = ReuseScope {
+            tenant: TenantId(1),
+            session: None,
+        };
+        let mut newly = Vec::new();
+        assert_eq!(
+            idx.insert(&s, &[1, 2, 3], &[BlockId(0), BlockId(1)], 0, &mut newly),
+            Err(ReuseError::LengthMismatch {
+                full_blocks: 1,
+                blocks: 2
+            })
+        );
+        assert!(newly.is_empty());
+        assert!(idx.cache().is_empty());
     }
 }

@@ -10,12 +10,14 @@
 //! - [`SessionCache`]: multi-turn contexts bound to a session id, with truncation and idle
 //!   expiry.
 //!
-//! The cache never frees memory: it holds [`kvc_core::BlockId`]s and hands them back from
-//! [`PrefixCache::evict`] for the caller's allocator to release.
+//! The cache never frees memory: it holds [`BlockId`]s and hands them back from
+//! [`PrefixCache::evict`] for the caller's allocator to release. Ownership follows one rule
+//! (see [`ReuseIndex`]): every holder of a block (a running request, the cache, a session)
+//! holds one pool reference on it; the cache counts the holders of each cached block other
+//! than itself, and evicts only blocks no one else holds, so every eviction frees a block.
 //!
 //! ```
-//! use kvc_core::BlockId;
-//! use kvc_reuse::{Blake3Hasher, BlockHasher, HashExtra, PolicyKind, PrefixCache};
+//! use kvc_reuse::{Blake3Hasher, BlockHasher, BlockId, HashExtra, PolicyKind, PrefixCache};
 //!
 //! let hasher = Blake3Hasher;
 //! let tenant_a = hasher.root(&HashExtra::new("llama-3", 1).with_salt(*b"a"));
@@ -27,9 +29,15 @@
 //!
 //! let mut cache = PrefixCache::new(16, PolicyKind::Lru);
 //! let mut newly = Vec::new();
+//! // A request computed the prompt into blocks 0, 1, 2 and offers the two full ones.
 //! cache.insert(&ha, &[BlockId(0), BlockId(1)], 0, &mut newly)?;
+//! assert_eq!(newly, [BlockId(0), BlockId(1)]); // take a pool reference on each for the cache
+//! cache.release(&[BlockId(0), BlockId(1), BlockId(2)])?; // the request is done (2 is private)
+//! assert_eq!(cache.evictable_blocks(), 2);
+//!
 //! let hit = cache.lookup(&ha, prompt.len(), 1);
 //! assert_eq!(hit.tokens, 32);
+//! assert_eq!(cache.evictable_blocks(), 0); // in use again
 //! cache.release(&hit.blocks)?;
 //! let other = cache.lookup(&hb, prompt.len(), 2); // another tenant's salt: no hit
 //! assert_eq!(other.tokens, 0);
@@ -44,9 +52,16 @@ mod index;
 pub mod policy;
 mod session;
 
-pub use cache::{InsertError, PrefixCache, ReleaseError};
+pub use cache::PrefixCache;
 pub use events::{EventRecord, KvEvent, Metrics};
 pub use hash::{Blake3Hasher, BlockHash, BlockHasher, HashExtra, HasherKind, Xxh3Hasher};
 pub use index::ScopedIndex;
+/// The `kvc-core` types this crate's API takes and returns, so users need not depend on
+/// `kvc-core` directly.
+pub use kvc_core::{
+    BlockId, NoReuse, PrefixHit, Retention, ReuseError, ReuseIndex, ReuseScope, SessionId, TenantId,
+};
 pub use policy::{Access, BlockInfo, Conversation, EvictionPolicy, Lru, PolicyKind, S3Fifo};
-pub use session::{SessionCache, SessionConfig, SessionError, Truncation, Turn};
+pub use session::{
+    SessionCache, SessionConfig, SessionConfigError, SessionError, Truncation, Turn,
+};

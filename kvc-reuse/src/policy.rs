@@ -51,6 +51,13 @@ pub trait EvictionPolicy: Send + std::fmt::Debug {
     fn on_insert(&mut self, slot: u32, info: &BlockInfo);
     /// A cached block was used again (a lookup hit, or offered again by a request).
     fn on_hit(&mut self, slot: u32, info: &BlockInfo);
+    /// The block's last holder released it at the cache's clock `stamp` (it is about to
+    /// become evictable). A request releases its blocks tail first, so the tail gets the
+    /// older stamps. Recency policies count this as the block's last use; the default ignores
+    /// it.
+    fn on_release(&mut self, slot: u32, stamp: u64) {
+        let _ = (slot, stamp);
+    }
     /// The block became evictable.
     fn on_evictable(&mut self, slot: u32);
     /// The block stopped being evictable (in use, got a cached child, or retained).
@@ -116,7 +123,10 @@ fn grow<T: Default + Clone>(v: &mut Vec<T>, slot: u32) -> &mut T {
     &mut v[i]
 }
 
-/// Least recently used: evicts the evictable block whose last access is oldest.
+/// Least recently used: evicts the evictable block whose last use is oldest. A block's last
+/// use is the later of its last access (lookup or insert) and its last release, so blocks no
+/// one has used for longest go first, and, as in vLLM, blocks freed earlier go before blocks
+/// freed later, a request's tail before its head.
 #[derive(Debug, Default)]
 pub struct Lru {
     stamps: Vec<u64>,
@@ -139,6 +149,14 @@ impl EvictionPolicy for Lru {
             self.order.insert((info.stamp, slot));
         }
         self.stamps[i] = info.stamp;
+    }
+    fn on_release(&mut self, slot: u32, stamp: u64) {
+        let i = slot as usize;
+        if self.evictable[i] {
+            self.order.remove(&(self.stamps[i], slot));
+            self.order.insert((stamp, slot));
+        }
+        self.stamps[i] = stamp;
     }
     fn on_evictable(&mut self, slot: u32) {
         let i = slot as usize;
@@ -566,12 +584,24 @@ impl Conversation {
         let tau = self.kappa * self.median_gap as f64;
         let shift = (tau * (p / (1.0 - p)).ln()) as i64;
         let tail_from = self.walk.len().saturating_sub(self.tail_estimate as usize);
-        for (i, &(slot, _, new)) in self.walk.iter().enumerate() {
-            self.slots[slot as usize].shift = if new && i >= tail_from {
+        for i in 0..self.walk.len() {
+            let (slot, _, new) = self.walk[i];
+            let shift = if new && i >= tail_from {
                 Self::TAIL_SHIFT
             } else {
                 shift
             };
+            // The shift is part of the order's key: a slot in the order leaves it around the
+            // change, or the order keeps a stale key it can never remove.
+            let s = self.slots[slot as usize];
+            let ordered = s.evictable && !s.pending;
+            if ordered {
+                self.remove(slot);
+            }
+            self.slots[slot as usize].shift = shift;
+            if ordered {
+                self.add(slot);
+            }
         }
         self.flush_pending();
         self.requests += 1;

@@ -7,13 +7,26 @@
 //! private to the session: it never enters the prefix cache, so no other session or request
 //! can hit it.
 //!
+//! A session is a holder under the ownership rule of [`kvc_core::ReuseIndex`]: it holds one
+//! pool reference on every block of its context, and counts as one user of each shared block
+//! in the prefix cache. The caller keeps the pool's counts:
+//!
+//! - [`open`](SessionCache::open): take one reference on each block of [`Turn::blocks`] (prefix
+//!   cache hits) for the session;
+//! - [`commit`](SessionCache::commit): the references the caller took when it allocated the
+//!   new blocks become the session's; take one more on each block appended to `newly_cached`,
+//!   for the prefix cache;
+//! - [`turn`](SessionCache::turn), [`close`](SessionCache::close) and
+//!   [`expire`](SessionCache::expire): drop one reference on each block they hand back in
+//!   `released` (shared blocks stay cached: the prefix cache keeps its own reference).
+//!
 //! When the context outgrows [`SessionConfig::max_tokens`] it is truncated by a
 //! [`Truncation`] policy. Tokens after the cut move to new positions, so blocks from the cut on
 //! are released and recomputed; the blocks before it stay. Sessions idle for longer than
 //! [`SessionConfig::idle_ms`] are closed by [`expire`](SessionCache::expire).
 
 use ahash::AHashMap;
-use kvc_core::{BlockId, SessionId};
+use kvc_core::{BlockId, ReuseError, SessionId};
 use thiserror::Error;
 
 use crate::{BlockHash, BlockHasher, PrefixCache};
@@ -46,6 +59,15 @@ pub struct SessionConfig {
     pub idle_ms: u64,
 }
 
+/// Why a [`SessionConfig`] was refused.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum SessionConfigError {
+    /// `max_tokens` is 0: no context, not even a system prompt, would fit.
+    #[error("sessions need a context of at least 1 token (max_tokens is 0)")]
+    ZeroMaxTokens,
+}
+
 /// Why a session operation failed. The session is unchanged.
 #[derive(Clone, Debug, PartialEq, Eq, Error)]
 #[non_exhaustive]
@@ -72,6 +94,24 @@ pub enum SessionError {
         /// Blocks given.
         got: usize,
     },
+    /// A committed block is already tracked by the prefix cache: new blocks must be freshly
+    /// computed for this session.
+    #[error("{session}: {block} is already in the prefix cache, not a newly computed block")]
+    BlockCached {
+        /// The session.
+        session: SessionId,
+        /// The block.
+        block: BlockId,
+    },
+    /// The prefix cache refused to count the session's use of its shared blocks: the session
+    /// and the cache disagree (a block released by someone else on the session's behalf).
+    #[error("{session}: the prefix cache refused the session's blocks: {source}")]
+    Cache {
+        /// The session.
+        session: SessionId,
+        /// What the cache said.
+        source: ReuseError,
+    },
     /// Even after truncation the context does not fit (a single turn larger than allowed).
     #[error("{session}: a turn of {tokens} tokens leaves no context within {max_tokens}")]
     TurnTooLong {
@@ -94,7 +134,7 @@ pub struct Turn {
     pub cached_tokens: usize,
     /// Blocks holding the cached tokens, in context order.
     pub blocks: Vec<BlockId>,
-    /// Private blocks the session dropped (truncation): free them.
+    /// Blocks the session dropped (truncation): drop the session's pool reference on each.
     pub released: Vec<BlockId>,
     /// Whether this turn truncated the context.
     pub truncated: bool,
@@ -123,7 +163,7 @@ impl Session {
 /// Multi-turn contexts bound to session ids.
 ///
 /// ```
-/// use kvc_core::{BlockId, SessionId};
+/// use kvc_core::{BlockId, ReuseError, SessionId};
 /// use kvc_reuse::{
 ///     BlockHasher, HashExtra, PolicyKind, PrefixCache, SessionCache, SessionConfig, Truncation,
 ///     Xxh3Hasher,
@@ -135,13 +175,15 @@ impl Session {
 ///     idle_ms: 60_000,
 /// };
 /// let mut prefix = PrefixCache::new(4, PolicyKind::Lru);
-/// let mut sessions = SessionCache::new(cfg, 4);
+/// let mut sessions = SessionCache::new(cfg, 4).expect("max_tokens is above 0");
 /// let root = Xxh3Hasher.root(&HashExtra::new("m", 1));
 /// let id = SessionId(1);
 ///
 /// let turn = sessions.open(&mut prefix, &Xxh3Hasher, id, root, &[1, 2, 3, 4, 5, 6, 7, 8], 0)?;
 /// assert_eq!(turn.cached_tokens, 0);
-/// sessions.commit(&mut prefix, &Xxh3Hasher, id, &[BlockId(0), BlockId(1)], 0)?;
+/// let mut newly = Vec::new(); // the prefix cache's share: take a pool reference on each
+/// sessions.commit(&mut prefix, &Xxh3Hasher, id, &[BlockId(0), BlockId(1)], 0, &mut newly)?;
+/// assert_eq!(newly, [BlockId(0), BlockId(1)]); // the system prompt is shared
 ///
 /// let turn = sessions.turn(&mut prefix, id, &[9, 10, 11, 12, 13], 1)?;
 /// assert_eq!((turn.context_tokens, turn.cached_tokens), (13, 8)); // compute only the new turn
@@ -157,14 +199,19 @@ pub struct SessionCache {
 
 impl SessionCache {
     /// No sessions yet; blocks of `block_size` tokens (the prefix cache's).
-    #[must_use]
-    pub fn new(cfg: SessionConfig, block_size: u32) -> Self {
-        Self {
+    ///
+    /// # Errors
+    /// [`SessionConfigError::ZeroMaxTokens`].
+    pub fn new(cfg: SessionConfig, block_size: u32) -> Result<Self, SessionConfigError> {
+        if cfg.max_tokens == 0 {
+            return Err(SessionConfigError::ZeroMaxTokens);
+        }
+        Ok(Self {
             cfg,
             block_size: block_size.max(1) as usize,
             sessions: AHashMap::new(),
             hashes: Vec::new(),
-        }
+        })
     }
 
     /// Open sessions.
@@ -292,9 +339,18 @@ impl SessionCache {
             let valid = keep_head / bs;
             if s.shared.len() > valid {
                 let gone = s.shared.split_off(valid);
-                // Held through lookups: give them back to the prefix cache.
-                let _ = prefix.release(&gone);
+                // Counted as the session's in the prefix cache: give them back there too.
+                let counted = prefix.release(&gone);
+                released.extend_from_slice(&gone);
                 released.append(&mut s.private);
+                if let Err(source) = counted {
+                    debug_assert!(false, "the session held {gone:?}: {source}");
+                    s.last_active_ms = now_ms;
+                    return Err(SessionError::Cache {
+                        session: id,
+                        source,
+                    });
+                }
             } else {
                 let keep_private = valid - s.shared.len();
                 if s.private.len() > keep_private {
@@ -318,8 +374,16 @@ impl SessionCache {
     }
 
     /// Records the blocks the caller computed for session `id`: `new_blocks` holds the
-    /// context's full blocks after those the session already held, in order. Full blocks of
-    /// the system prompt are also offered to `prefix` so other sessions can share them.
+    /// context's full blocks after those the session already held, in order; the caller's
+    /// references on them become the session's. Full blocks of the system prompt are offered
+    /// to `prefix` so other sessions can share them: those it caches are appended to
+    /// `newly_cached` (take one pool reference on each for the prefix cache). A block whose
+    /// tokens another session or request already cached under another block stays private,
+    /// with every block after it.
+    ///
+    /// # Errors
+    /// [`SessionError::UnknownSession`], [`SessionError::BlockCountMismatch`],
+    /// [`SessionError::BlockCached`]: nothing changes.
     pub fn commit<H: BlockHasher + ?Sized>(
         &mut self,
         prefix: &mut PrefixCache,
@@ -327,6 +391,7 @@ impl SessionCache {
         id: SessionId,
         new_blocks: &[BlockId],
         now_ms: u64,
+        newly_cached: &mut Vec<BlockId>,
     ) -> Result<(), SessionError> {
         let bs = self.block_size;
         let s = self
@@ -341,47 +406,49 @@ impl SessionCache {
                 got: new_blocks.len(),
             });
         }
+        if let Some(&block) = new_blocks.iter().find(|&&b| prefix.is_cached(b)) {
+            return Err(SessionError::BlockCached { session: id, block });
+        }
         s.last_active_ms = now_ms;
         let system_full = s.system_len / bs;
         let mut rest = new_blocks;
         if s.private.is_empty() && s.shared.len() < system_full {
-            // Share the system prompt's full blocks through the prefix cache: offer them,
-            // then hold them with a lookup like any other shared block.
+            // Share the system prompt's full blocks through the prefix cache. The session
+            // holds the blocks it offers: a newly cached one counts the session as its user.
             let n = (system_full - s.shared.len()).min(rest.len());
+            let offered = s.shared.len() + n;
             self.hashes.clear();
-            hasher.hash_blocks(s.root, &s.tokens[..system_full * bs], bs, &mut self.hashes);
+            hasher.hash_blocks(s.root, &s.tokens[..offered * bs], bs, &mut self.hashes);
             let mut all = s.shared.clone();
             all.extend_from_slice(&rest[..n]);
-            let mut newly = Vec::new();
-            let offered = all.len();
-            if prefix
-                .insert(&self.hashes[..offered], &all, now_ms, &mut newly)
-                .is_ok()
-            {
-                let old = std::mem::take(&mut s.shared);
-                let hit = prefix.lookup(&self.hashes[..offered], offered * bs + 1, now_ms);
-                let _ = prefix.release(&old);
-                if hit.blocks == all {
-                    s.shared = hit.blocks;
-                    rest = &rest[n..];
-                } else {
-                    // Another block already caches this prefix: keep ours private.
-                    let _ = prefix.release(&hit.blocks);
-                    s.shared = old;
-                    let _ = prefix.lookup(
-                        &self.hashes[..s.shared.len()],
-                        s.shared.len() * bs + 1,
-                        now_ms,
-                    );
-                }
+            let before = newly_cached.len();
+            let inserted = prefix.insert(&self.hashes, &all, now_ms, newly_cached);
+            // Cached ones are a leading run of the new blocks; the rest stay private.
+            let cached = newly_cached.len() - before;
+            debug_assert_eq!(&newly_cached[before..], &rest[..cached]);
+            s.shared.extend_from_slice(&rest[..cached]);
+            rest = &rest[cached..];
+            if let Err(source) = inserted {
+                // Lengths match and no new block was tracked: the cache broke its own rules.
+                debug_assert!(false, "insert of checked blocks failed: {source}");
+                s.private.extend_from_slice(rest);
+                return Err(SessionError::Cache {
+                    session: id,
+                    source,
+                });
             }
         }
         s.private.extend_from_slice(rest);
         Ok(())
     }
 
-    /// Closes session `id`: its private blocks are appended to `released` for the caller to
-    /// free, its shared blocks are released in `prefix` (they stay cached there).
+    /// Closes session `id`: every block it held is appended to `released` (drop the session's
+    /// pool reference on each); its shared blocks stop counting it as a user in `prefix` and
+    /// stay cached there.
+    ///
+    /// # Errors
+    /// [`SessionError::UnknownSession`]; [`SessionError::Cache`] if `prefix` did not count the
+    /// session on a shared block (the session is closed and its blocks handed back anyway).
     pub fn close(
         &mut self,
         prefix: &mut PrefixCache,
@@ -392,19 +459,30 @@ impl SessionCache {
             .sessions
             .remove(&id)
             .ok_or(SessionError::UnknownSession { session: id })?;
-        let _ = prefix.release(&s.shared);
+        let counted = prefix.release(&s.shared);
+        released.extend_from_slice(&s.shared);
         released.extend(s.private);
-        Ok(())
+        counted.map_err(|source| {
+            debug_assert!(false, "{id} held its shared blocks: {source}");
+            SessionError::Cache {
+                session: id,
+                source,
+            }
+        })
     }
 
-    /// Closes every session idle for longer than the configured time, appending their
-    /// private blocks to `released`; returns how many sessions closed.
+    /// Closes every session idle for longer than the configured time, appending their blocks
+    /// to `released` (as [`close`](Self::close)); returns how many sessions closed.
+    ///
+    /// # Errors
+    /// [`SessionError::Cache`] as [`close`](Self::close) (every expired session is still
+    /// closed).
     pub fn expire(
         &mut self,
         prefix: &mut PrefixCache,
         now_ms: u64,
         released: &mut Vec<BlockId>,
-    ) -> usize {
+    ) -> Result<usize, SessionError> {
         let idle = self.cfg.idle_ms;
         let expired: Vec<SessionId> = self
             .sessions
@@ -412,9 +490,12 @@ impl SessionCache {
             .filter(|(_, s)| now_ms.saturating_sub(s.last_active_ms) > idle)
             .map(|(&id, _)| id)
             .collect();
+        let mut result = Ok(expired.len());
         for &id in &expired {
-            let _ = self.close(prefix, id, released);
+            if let Err(e) = self.close(prefix, id, released) {
+                result = result.and(Err(e));
+            }
         }
-        expired.len()
+        result
     }
 }

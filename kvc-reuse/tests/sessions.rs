@@ -27,7 +27,8 @@ impl World {
                     idle_ms: 1_000,
                 },
                 BS,
-            ),
+            )
+            .unwrap(),
             root: Xxh3Hasher.root(&HashExtra::new("m", 1)),
             next: 0,
         }
@@ -39,7 +40,14 @@ impl World {
         let blocks: Vec<BlockId> = (self.next..self.next + new as u32).map(BlockId).collect();
         self.next += new as u32;
         self.sessions
-            .commit(&mut self.prefix, &Xxh3Hasher, id, &blocks, now)
+            .commit(
+                &mut self.prefix,
+                &Xxh3Hasher,
+                id,
+                &blocks,
+                now,
+                &mut Vec::new(),
+            )
             .unwrap();
     }
 
@@ -100,10 +108,10 @@ fn system_prompt_is_shared_and_later_blocks_are_private() {
     w.prefix.release(&hit.blocks).unwrap();
     let t = w.turn(b, &[10, 11, 12, 13, 14, 15, 16, 17, 18], 3);
     assert_eq!(t.cached_tokens, 8);
-    // Closing a releases its private blocks to the caller; the shared ones stay cached.
+    // Closing a hands back all its blocks (2 shared, 2 private); the shared ones stay cached.
     let mut freed = Vec::new();
     w.sessions.close(&mut w.prefix, a, &mut freed).unwrap();
-    assert_eq!(freed.len(), 2);
+    assert_eq!(freed.len(), 4);
     assert_eq!(w.prefix.hittable_blocks(), 2);
     let mut evicted = Vec::new();
     w.prefix.evict(10, 4, &mut evicted);
@@ -162,8 +170,12 @@ fn idle_sessions_expire_and_errors_are_typed() {
     let _ = w.turn(a, &[9, 9, 9, 9], 0);
     w.open(b, &SYSTEM, 500);
     let mut freed = Vec::new();
-    assert_eq!(w.sessions.expire(&mut w.prefix, 1_200, &mut freed), 1);
-    assert_eq!(freed.len(), 1, "a's private turn block");
+    assert_eq!(w.sessions.expire(&mut w.prefix, 1_200, &mut freed), Ok(1));
+    assert_eq!(
+        freed.len(),
+        3,
+        "a's two shared system blocks and its private turn block"
+    );
     assert!(w.sessions.context(a).is_none());
     assert_eq!(w.sessions.len(), 1);
     assert_eq!(
@@ -177,7 +189,14 @@ fn idle_sessions_expire_and_errors_are_typed() {
     ));
     let err = w
         .sessions
-        .commit(&mut w.prefix, &Xxh3Hasher, b, &[BlockId(99)], 1_300)
+        .commit(
+            &mut w.prefix,
+            &Xxh3Hasher,
+            b,
+            &[BlockId(99)],
+            1_300,
+            &mut Vec::new(),
+        )
         .unwrap_err();
     assert!(matches!(
         err,

@@ -374,7 +374,7 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
         // Copy-on-write of a partial last block shared with a fork.
         let partial = usize::try_from(s.tokens / bs).ok();
         let cow_at = match partial {
-            Some(i) if ask.new_tokens > 0 && s.tokens % bs != 0 && i < s.blocks.len() => {
+            Some(i) if ask.new_tokens > 0 && i < s.blocks.len() => {
                 let b = s.blocks[i];
                 (self.alloc.refcount(b)? > 1).then_some(i)
             }
@@ -574,16 +574,20 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
     }
 
     /// Forks `parent` into a new sequence `child` (parallel sampling, beam search): the child
-    /// shares every block and slot. The shared partial last block is copied on the first
+    /// shares every block holding written tokens (not the parent's lookahead blocks). The shared partial last block is copied on the first
     /// write of either sequence (see [`allocate_slots`](Self::allocate_slots)).
     pub fn fork(&mut self, parent: SeqId, child: SeqId) -> Result<(), KvError> {
         if self.seqs.contains_key(&child) {
             return Err(KvError::DuplicateSeq { seq: child });
         }
         let p = self.seq(parent)?;
+        // The blocks holding written tokens; the parent's lookahead blocks stay its own.
+        let written = usize::try_from(p.tokens.div_ceil(u64::from(self.cfg.block_size)))
+            .unwrap_or(usize::MAX)
+            .min(p.blocks.len());
         let mut kv = SeqKv {
             owner: p.owner,
-            blocks: p.blocks.clone(),
+            blocks: p.blocks[..written].to_vec(),
             tokens: p.tokens,
             offered: p.offered,
             placed: RegionBlocks::default(),
@@ -638,7 +642,13 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
         let s = self.seqs.remove(&seq).ok_or(KvError::UnknownSeq { seq })?;
         let index = self.index_release(&s.blocks);
         let refs = self.release_blocks(&s.blocks);
-        let pin = self.pin.release(seq, s.placed).map_err(KvError::from);
+        // A sequence that placed nothing (it only reused cached blocks, or is a fork) is
+        // unknown to the pin policy.
+        let pin = if s.placed.total() > 0 {
+            self.pin.release(seq, s.placed).map_err(KvError::from)
+        } else {
+            Ok(())
+        };
         index.and(refs).and(pin)
     }
 
@@ -717,7 +727,8 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
             return Ok(0);
         }
         let mut evicted = Vec::new();
-        self.reuse.evict(count, now_ms, &mut evicted);
+        let n = self.reuse.evict(count, now_ms, &mut evicted);
+        debug_assert_eq!(n, evicted.len(), "the reuse index miscounted its evictions");
         let mut result = Ok(());
         let mut freed = 0;
         for b in evicted {
@@ -847,18 +858,15 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
         now_ms: u64,
         newly: &mut Vec<BlockId>,
     ) -> Result<(), KvError> {
-        self.reuse.insert(scope, tokens, blocks, now_ms, newly);
-        Ok(())
+        Ok(self.reuse.insert(scope, tokens, blocks, now_ms, newly)?)
     }
 
     fn index_acquire(&mut self, blocks: &[BlockId]) -> Result<(), KvError> {
-        let _ = blocks;
-        Ok(())
+        Ok(self.reuse.acquire(blocks)?)
     }
 
     fn index_release(&mut self, blocks: &[BlockId]) -> Result<(), KvError> {
-        self.reuse.release(blocks);
-        Ok(())
+        Ok(self.reuse.release(blocks)?)
     }
 }
 

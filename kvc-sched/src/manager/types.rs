@@ -2,8 +2,8 @@
 //! sequence asks for, the answer to an allocation, usage figures and errors.
 
 use kvc_core::{
-    AllocError, PinReleaseError, QosClass, RefError, Refusal, SeqId, SessionId, TenantId,
-    WaitReason,
+    AllocError, PinReleaseError, QosClass, RefError, Refusal, ReuseError, SeqId, SessionId,
+    TenantId, WaitReason,
 };
 use thiserror::Error;
 
@@ -236,6 +236,6 @@ pub enum KvError {
     #[error(transparent)]
     Pin(#[from] PinReleaseError),
     /// The reuse index refused an operation.
-    #[error("reuse index: {0}")]
-    Reuse(String),
+    #[error(transparent)]
+    Reuse(#[from] ReuseError),
 }

@@ -192,6 +192,9 @@ pub struct SchedStats {
     pub kv_errors: u64,
     /// Copy-on-write block copies planned.
     pub cow_copies: u64,
+    /// Of `kv_errors`, reuse-index calls refused (the scheduler and its index disagreed on
+    /// who holds a block; 0 unless an index breaks the ownership rule).
+    pub reuse_errors: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -616,6 +619,9 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
         if let Err(err) = result {
             debug_assert!(false, "KV manager error: {err}");
             self.stats.kv_errors += 1;
+            if matches!(err, KvError::Reuse(_)) {
+                self.stats.reuse_errors += 1;
+            }
             self.last_kv_error = Some(err);
         }
     }

@@ -9,8 +9,8 @@ use std::hash::{Hash, Hasher};
 
 use kvc_core::{
     BlockId, LoadSample, PinPolicy, PinReleaseError, PlaceRequest, Placement, PoolView, PrefixHit,
-    QosClass, Refusal, RegionBlocks, Resize, Retention, RetentionUpdate, ReuseIndex, ReuseScope,
-    Route, SeqId, WaitReason,
+    QosClass, Refusal, RegionBlocks, Resize, Retention, RetentionUpdate, ReuseError, ReuseIndex,
+    ReuseScope, Route, SeqId, WaitReason,
 };
 
 struct Entry {
@@ -93,45 +93,82 @@ impl ReuseIndex for TestIndex {
         blocks: &[BlockId],
         _: u64,
         newly: &mut Vec<BlockId>,
-    ) {
+    ) -> Result<(), ReuseError> {
         self.clock += 1;
+        let hashes = self.hashes(scope, tokens);
+        if hashes.len() != blocks.len() {
+            return Err(ReuseError::LengthMismatch {
+                full_blocks: hashes.len(),
+                blocks: blocks.len(),
+            });
+        }
         let mut parent = None;
-        for (h, &block) in self.hashes(scope, tokens).into_iter().zip(blocks) {
-            if !self.entries.contains_key(&h) && !self.by_block.contains_key(&block) {
-                if let Some(p) = parent.and_then(|p| self.entries.get_mut(&p)) {
-                    p.children += 1;
+        for (index, (h, &block)) in hashes.into_iter().zip(blocks).enumerate() {
+            match self.entries.get(&h) {
+                // Already cached here: the offering request holds it already.
+                Some(e) if e.block == block => {}
+                // Computed twice: the request's copy stays private, with the rest.
+                Some(_) => break,
+                None => {
+                    if self.by_block.contains_key(&block) {
+                        return Err(ReuseError::BlockAlreadyCached { block, index });
+                    }
+                    if let Some(p) = parent.and_then(|p| self.entries.get_mut(&p)) {
+                        p.children += 1;
+                    }
+                    self.entries.insert(
+                        h,
+                        Entry {
+                            block,
+                            parent,
+                            children: 0,
+                            in_use: 1,
+                            last_used: self.clock,
+                        },
+                    );
+                    self.by_block.insert(block, h);
+                    newly.push(block);
                 }
-                self.entries.insert(
-                    h,
-                    Entry {
-                        block,
-                        parent,
-                        children: 0,
-                        // The offering sequence uses it.
-                        in_use: 1,
-                        last_used: self.clock,
-                    },
-                );
-                self.by_block.insert(block, h);
-                newly.push(block);
-            }
-            if !self.entries.contains_key(&h) {
-                break;
             }
             parent = Some(h);
         }
+        Ok(())
     }
 
-    fn release(&mut self, blocks: &[BlockId]) {
+    fn acquire(&mut self, blocks: &[BlockId]) -> Result<(), ReuseError> {
         for b in blocks {
             if let Some(e) = self.by_block.get(b).and_then(|h| self.entries.get_mut(h)) {
-                e.in_use = e.in_use.saturating_sub(1);
+                e.in_use += 1;
             }
         }
+        Ok(())
     }
 
-    fn evict(&mut self, count: usize, _: u64, evicted: &mut Vec<BlockId>) {
-        for _ in 0..count {
+    fn release(&mut self, blocks: &[BlockId]) -> Result<(), ReuseError> {
+        let mut result = Ok(());
+        for &block in blocks {
+            if let Some(e) = self
+                .by_block
+                .get(&block)
+                .and_then(|h| self.entries.get_mut(h))
+            {
+                if e.in_use == 0 {
+                    result = result.and(Err(ReuseError::NotInUse { block }));
+                } else {
+                    e.in_use -= 1;
+                }
+            }
+        }
+        result
+    }
+
+    fn evictable_blocks(&self) -> usize {
+        self.entries.values().filter(|e| e.in_use == 0).count()
+    }
+
+    fn evict(&mut self, count: usize, _: u64, evicted: &mut Vec<BlockId>) -> usize {
+        let mut n = 0;
+        while n < count {
             let victim = self
                 .entries
                 .iter()
@@ -145,7 +182,9 @@ impl ReuseIndex for TestIndex {
                 p.children -= 1;
             }
             evicted.push(e.block);
+            n += 1;
         }
+        n
     }
 
     fn set_retention(&mut self, _: u64, _: Retention) {}

@@ -1,0 +1,103 @@
+//! Block tables under edge cases: token counts that would overflow, and forks that must take
+//! their own references.
+
+use kvc_alloc::{AllocError, BlockPool, BlockTable, ChunkedBlockTable, PoolConfig, TableError};
+use kvc_core::{BlockAllocator, RefError, RegionId};
+
+const D: RegionId = RegionId::DYNAMIC;
+
+#[test]
+fn a_block_table_append_that_overflows_the_token_count_changes_nothing() {
+    let mut pool = BlockPool::new(PoolConfig::new(8)).unwrap();
+    let mut table = BlockTable::new(16);
+    table.append_tokens(&mut pool, D, 20).unwrap();
+    let free = pool.free_blocks(D).unwrap();
+    assert_eq!(
+        table.append_tokens(&mut pool, D, u64::MAX),
+        Err(AllocError::TooManyTokens {
+            tokens: 20,
+            extra: u64::MAX
+        })
+    );
+    assert_eq!(table.num_tokens(), 20);
+    assert_eq!(table.num_blocks(), 2);
+    assert_eq!(pool.free_blocks(D), Ok(free));
+    assert_eq!(table.blocks_needed(u64::MAX), usize::MAX);
+    table.release_all(&mut pool).unwrap();
+    assert_eq!(pool.free_blocks(D), Ok(8));
+}
+
+#[test]
+fn a_chunked_table_append_that_overflows_the_token_count_changes_nothing() {
+    let mut pool = BlockPool::new(PoolConfig::new(8)).unwrap();
+    let mut table = ChunkedBlockTable::new(16);
+    let _ = table.append_tokens(&mut pool, D, 20).unwrap();
+    let free = pool.free_blocks(D).unwrap();
+    let err = table.append_tokens(&mut pool, D, u64::MAX).unwrap_err();
+    assert_eq!(
+        err,
+        TableError::Alloc(AllocError::TooManyTokens {
+            tokens: 20,
+            extra: u64::MAX
+        })
+    );
+    assert_eq!((table.num_tokens(), table.num_blocks()), (20, 2));
+    assert_eq!(pool.free_blocks(D), Ok(free));
+    table.release(&mut pool).unwrap();
+    assert_eq!(pool.free_blocks(D), Ok(8));
+}
+
+#[test]
+fn a_forked_block_table_holds_its_own_references() {
+    let mut pool = BlockPool::new(PoolConfig::new(8)).unwrap();
+    let mut table = BlockTable::new(4);
+    table.append_tokens(&mut pool, D, 10).unwrap();
+    let mut fork = table.fork(&mut pool).unwrap();
+    assert_eq!(fork, table);
+    for &b in table.blocks() {
+        assert_eq!(pool.refcount(b), Ok(2));
+    }
+    // Releasing one keeps the other's blocks allocated; releasing both frees them.
+    table.release_all(&mut pool).unwrap();
+    assert_eq!(pool.free_blocks(D), Ok(5));
+    fork.release_all(&mut pool).unwrap();
+    assert_eq!(pool.free_blocks(D), Ok(8));
+    pool.audit().unwrap();
+}
+
+#[test]
+fn a_fork_of_a_table_with_a_released_block_takes_nothing() {
+    let mut pool = BlockPool::new(PoolConfig::new(8)).unwrap();
+    let mut table = BlockTable::new(4);
+    table.append_tokens(&mut pool, D, 12).unwrap();
+    let last = table.blocks()[2];
+    // Released behind the table's back: the fork must fail and give back what it took.
+    assert_eq!(pool.release(last), Ok(kvc_core::Released::Freed));
+    assert_eq!(
+        table.fork(&mut pool),
+        Err(RefError::NotAllocated { block: last })
+    );
+    assert_eq!(pool.refcount(table.blocks()[0]), Ok(1));
+    assert_eq!(pool.refcount(table.blocks()[1]), Ok(1));
+    pool.retain(last).unwrap_err();
+    assert!(table.release_all(&mut pool).is_err());
+    assert_eq!(pool.free_blocks(D), Ok(8));
+}
+
+#[test]
+fn a_chunked_fork_shares_references_through_its_chunks() {
+    let mut pool = BlockPool::new(PoolConfig::new(16)).unwrap();
+    let mut table = ChunkedBlockTable::new(4);
+    let _ = table.append_tokens(&mut pool, D, 8).unwrap();
+    let mut fork = table.fork();
+    // Released in either order, the blocks are freed exactly once.
+    table.release(&mut pool).unwrap();
+    assert_eq!(
+        pool.free_blocks(D),
+        Ok(14),
+        "the fork still holds the chunk"
+    );
+    fork.release(&mut pool).unwrap();
+    assert_eq!(pool.free_blocks(D), Ok(16));
+    pool.audit().unwrap();
+}
