@@ -617,13 +617,36 @@ impl StepGate {
 
     /// How many of `pending` tokens a sequence of `class` may compute now, with `budget`
     /// tokens left in the step; `decode` says whether it is a decode (else a prefill chunk).
+    /// Counts best-effort work it shrinks or defers; see [`allowance`](Self::allowance) for
+    /// the same answer without counting.
     pub fn grant(&mut self, class: QosClass, pending: u64, decode: bool, budget: usize) -> u64 {
+        let n = self.allowance(class, pending, decode, budget);
+        if self.is_reserved(class) {
+            return n;
+        }
+        if !decode && n < pending.min(budget as u64) {
+            if n == 0 {
+                self.stats.chunks_deferred += 1;
+            } else {
+                self.stats.chunks_shrunk += 1;
+            }
+        } else if decode && n == 0 && pending > 0 {
+            self.stats.decodes_deferred += 1;
+        }
+        n
+    }
+
+    /// What [`grant`](Self::grant) would answer, without counting anything. It never grows
+    /// when `pending` shrinks, and is positive for every positive `pending` once it is
+    /// positive for one.
+    #[must_use]
+    pub fn allowance(&self, class: QosClass, pending: u64, decode: bool, budget: usize) -> u64 {
         let own = self.held(class);
         let others = self.held_total - own;
-        let mut room = budget.saturating_sub(others);
+        let room = budget.saturating_sub(others);
         if self.is_reserved(class) {
             // Borrowing beyond the share never takes the best-effort floor.
-            room = room.saturating_sub(self.floor_left).max(own.min(room));
+            let room = room.saturating_sub(self.floor_left).max(own.min(room));
             return pending.min(room as u64);
         }
         let mut n = pending.min(room as u64);
@@ -633,21 +656,11 @@ impl StepGate {
         if self.at_risk && pending > 0 {
             if decode {
                 if self.decodes_left == 0 && floor == 0 {
-                    self.stats.decodes_deferred += 1;
                     return 0;
                 }
             } else {
                 n = n.min((self.chunk_cap as u64).max(floor));
             }
-        }
-        if !decode && n < pending.min(budget as u64) {
-            if n == 0 {
-                self.stats.chunks_deferred += 1;
-            } else {
-                self.stats.chunks_shrunk += 1;
-            }
-        } else if decode && n == 0 {
-            self.stats.decodes_deferred += 1;
         }
         n
     }

@@ -20,6 +20,7 @@ mod bandwidth;
 mod hitrate;
 pub mod machine;
 mod micro;
+mod qos;
 mod render;
 pub mod svg;
 
@@ -38,7 +39,14 @@ use crate::replay::ReplayError;
 use crate::sim::scenarios::{self, DEFAULT_TRACE, ScenarioError, ScenarioReport, Size};
 
 /// The scenarios the report runs, in order.
-pub const REPORT_SCENARIOS: &[&str] = &["memory", "qos-overload", "shared-prefix", "multi-turn"];
+pub const REPORT_SCENARIOS: &[&str] = &[
+    "memory",
+    "qos-overload",
+    "qos-finance",
+    "qos-degradation",
+    "shared-prefix",
+    "multi-turn",
+];
 
 /// The section headings of `index.md`, in order (tests check for each).
 pub const SECTION_HEADINGS: &[&str] = &[

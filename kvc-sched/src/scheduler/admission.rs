@@ -84,6 +84,13 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
             {
                 continue;
             }
+            // Compute reserve hook: best-effort prefill the gate defers waits unopened.
+            if let (Some(g), Some(s)) = (self.gate.as_mut(), self.seqs.get(&id))
+                && g.grant(qos, s.pending(), false, *budget) == 0
+            {
+                blocked[class] = true;
+                continue;
+            }
             if let Err(err) = self.open_kv(id) {
                 self.reject(id, Rejection::Memory(err), plan);
                 continue;
@@ -91,17 +98,13 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
             let Some(s) = self.seqs.get(&id) else {
                 continue;
             };
-            // Compute reserve hook: the gate may shrink or defer best-effort prefill.
-            let n = match self.gate.as_mut() {
-                Some(g) => g.grant(qos, s.pending(), false, *budget),
+            // Compute reserve hook: the gate may shrink best-effort prefill (positive here,
+            // as it was before the prefix lookup).
+            let n = match self.gate.as_ref() {
+                Some(g) => g.allowance(qos, s.pending(), false, *budget),
                 None => s.pending(),
             }
             .min(*budget as u64);
-            if n == 0 {
-                self.close_kv(id);
-                blocked[class] = true;
-                continue;
-            }
             // A swapped-out sequence needs slots for its whole context again.
             let want = if swapped { s.computed + n } else { n };
             let mut outcome = self.grow(id, want, scheduled, budget, plan);
