@@ -502,6 +502,18 @@ fn run_scheduler(
         if invalidate_at == Some(now) {
             s.reuse_index_mut().invalidate_all();
         }
+        if now % 5 == 0 {
+            // Soft pins come and go (their expiry reaches the index at each step).
+            let hashes = [now];
+            let req = PinRequest {
+                tenant: TenantId(0),
+                target: PinTarget::Blocks(&hashes),
+                priority: 80,
+                ttl_ms: 7,
+                now_ms: now,
+            };
+            let _granted = s.pin_policy_mut().pin(&req);
+        }
         s.step_into(now, &mut plan);
         // The engine: swap out, copy, swap in, then the batch writes its tokens' KV.
         for p in &plan.swap_out {
