@@ -14,6 +14,10 @@
 //! rule (every holder of a block holds one pool reference; eviction only takes blocks nothing
 //! but the cache holds, and only when that makes room).
 //!
+//! Compute, like memory, can be reserved: [`Scheduler::with_compute_reserve`] holds a share of
+//! every step's token budget for the critical classes ([`ComputeReserve`]), so their prefills
+//! do not queue behind best-effort work, while best-effort work keeps a floor.
+//!
 //! Preemption recomputes by default (after offering the computed blocks, so the request reuses
 //! them when it comes back); with `host_blocks` configured it swaps the KV out to a
 //! host pool and the plan carries the swap-out and swap-in lists. A session's request that
