@@ -200,8 +200,11 @@ pub trait BlockAllocator {
                 Ok(block) => out.push(block),
                 Err(err) => {
                     for block in out.drain(start..) {
-                        // Freshly allocated, single owner: release cannot fail.
-                        let _ = self.release(block);
+                        // Freshly allocated, single owner: release cannot fail unless the
+                        // allocator is broken.
+                        if let Err(e) = self.release(block) {
+                            debug_assert!(false, "undoing an allocation of {block}: {e}");
+                        }
                     }
                     return Err(err);
                 }
@@ -229,8 +232,12 @@ pub trait BlockAllocator {
             return Ok(Writable::Exclusive(block));
         }
         let dst = self.allocate(region)?;
-        // Shared (refcount >= 2): this release cannot free the block nor fail.
-        let _ = self.release(block)?;
+        // Shared (refcount >= 2): this release cannot free the block.
+        let released = self.release(block)?;
+        debug_assert!(
+            matches!(released, Released::Shared { .. }),
+            "{block} was shared"
+        );
         Ok(Writable::Copied(BlockCopy { src: block, dst }))
     }
 

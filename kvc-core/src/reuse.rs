@@ -140,9 +140,10 @@ pub trait ReuseIndex {
     /// [`ReuseError::TooManyHolders`]; the other blocks are still processed.
     fn acquire(&mut self, blocks: &[BlockId]) -> Result<(), ReuseError>;
 
-    /// A holder stopped using these blocks (a request passes its whole table when it finishes,
-    /// is preempted or cancelled): the use count of each cached one goes down by one; at 0 the
-    /// block becomes evictable. Uncached (private) blocks are skipped. The caller drops the
+    /// A holder stopped using these blocks (a request passes its whole table, in order, when
+    /// it finishes, is preempted or cancelled): the use count of each cached one goes down by
+    /// one; at 0 the block becomes evictable (indexes that order by recency count this as its
+    /// last use, tail first). Uncached (private) blocks are skipped. The caller drops the
     /// holder's pool reference on every block.
     ///
     /// # Errors

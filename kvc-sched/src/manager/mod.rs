@@ -340,9 +340,10 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
         s.tokens = (taken * bs) as u64;
         s.offered = taken;
         self.stats.hit_blocks += taken as u64;
+        // On an error the sequence holds the blocks taken before it: free it to give them back.
         match first_err {
-            Some(err) if taken == 0 => Err(err),
-            _ => Ok((taken * bs) as u64),
+            Some(err) => Err(err),
+            None => Ok((taken * bs) as u64),
         }
     }
 
@@ -487,15 +488,17 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
             }
         }
         if let Some(err) = failed {
-            let mut result: Result<(), KvError> = Err(err.clone().into());
+            // Roll back: the fresh blocks go back, and the placement to the pin policy.
+            let mut rollback = Ok(());
             for b in std::mem::take(&mut self.scratch) {
                 if let Err(e) = self.alloc.release(b) {
-                    result = result.and(Err(e.into()));
+                    rollback = rollback.and(Err(KvError::from(e)));
                 }
             }
             self.pin.release(seq, blocks)?;
-            // Blocks the manager counted as free or evictable were not: report it, unless it
-            // is plain exhaustion from a region shared with another user of the pool.
+            rollback?;
+            // Plain exhaustion (another user of a shared pool took blocks meanwhile) is a
+            // wait; anything else means the pool disagrees with what it reported.
             return match err {
                 kvc_core::AllocError::OutOfBlocks { .. } => {
                     Ok(SlotGrant::Later(Pressure::Exhausted {
@@ -503,12 +506,7 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
                         available,
                     }))
                 }
-                _ => result.map(|()| {
-                    SlotGrant::Later(Pressure::Exhausted {
-                        needed: need,
-                        available,
-                    })
-                }),
+                other => Err(other.into()),
             };
         }
         let mut fresh = std::mem::take(&mut self.scratch);
@@ -618,7 +616,9 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
         let bs = u64::from(self.cfg.block_size);
         let cached: u64 = {
             let s = self.seq(seq)?;
-            s.blocks[..s.offered]
+            s.blocks
+                .get(..s.offered)
+                .unwrap_or_default()
                 .iter()
                 .take_while(|b| self.is_cached(**b))
                 .count() as u64
@@ -664,7 +664,10 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
         now_ms: u64,
     ) -> Result<usize, KvError> {
         let s = self.seq(seq)?;
-        let blocks: Vec<BlockId> = s.blocks[..s.offered]
+        let blocks: Vec<BlockId> = s
+            .blocks
+            .get(..s.offered)
+            .unwrap_or_default()
             .iter()
             .copied()
             .take_while(|b| self.is_cached(*b))
