@@ -8,7 +8,18 @@
 //! memory runs out. The engine executes the [`StepPlan`] and hands the sampled tokens back with
 //! [`Scheduler::complete_step`]. Other threads submit and cancel through a [`Submitter`].
 //!
-//! Preemption recomputes by default; with `host_blocks` configured it swaps the KV out to a
+//! Memory goes through [`KvManager`], which an engine with its own scheduler can use alone:
+//! computed-prefix lookup, slots with lookahead (`Now` / `Later` / `Never`), cached full
+//! blocks, forks with copy-on-write, session contexts and usage figures, under one ownership
+//! rule (every holder of a block holds one pool reference; eviction only takes blocks nothing
+//! but the cache holds, and only when that makes room).
+//!
+//! Compute, like memory, can be reserved: [`Scheduler::with_compute_reserve`] holds a share of
+//! every step's token budget for the critical classes ([`ComputeReserve`]), so their prefills
+//! do not queue behind best-effort work, while best-effort work keeps a floor.
+//!
+//! Preemption recomputes by default (after offering the computed blocks, so the request reuses
+//! them when it comes back); with `host_blocks` configured it swaps the KV out to a
 //! host pool and the plan carries the swap-out and swap-in lists. A session's request that
 //! has outgrown the model is refused, or truncated when `session_truncation` is set (keep the
 //! system prefix and the latest tokens).
@@ -47,17 +58,27 @@
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
+mod compute;
+mod manager;
 mod plan;
 mod policy;
 mod queue;
 mod request;
 mod scheduler;
 
+pub use compute::{
+    AdaptiveShare, ClassDemand, ClassShare, ComputeConfigError, ComputeReserve,
+    ComputeReserveConfig, ComputeStats, StepGate,
+};
+pub use manager::{
+    KvConfigError, KvError, KvManager, KvManagerConfig, KvStats, KvUsage, Pressure, RegionUsage,
+    SeqOwner, SlotGrant, SlotRequest,
+};
 pub use plan::{FinishReason, Finished, Rejection, ScheduledSeq, StepPlan, SwapPair};
 pub use policy::DynamicOnly;
 pub use queue::{Command, QueueClosed, SubmitQueue, Submitter};
 pub use request::{Request, SubmitError};
 pub use scheduler::{
     CancelError, CompleteError, ConfigError, SchedStats, Scheduler, SchedulerConfig,
-    SessionTruncation,
+    SessionContext, SessionTruncation,
 };

@@ -7,6 +7,7 @@ use kvc_core::{
     SlotMapping, SlotMappingError,
 };
 
+use crate::manager::KvError;
 use crate::request::SubmitError;
 
 /// One sequence's work in a step.
@@ -59,7 +60,8 @@ pub struct StepPlan {
     pub seq_lens: Vec<u32>,
     /// KV write slot of each new token.
     pub slot_mapping: Vec<i64>,
-    /// Block copies to perform before the batch runs (copy-on-write).
+    /// Block copies to perform after `swap_out` and before `swap_in` and the batch: the
+    /// copy-on-write of a partial block shared with a fork.
     pub copies: Vec<BlockCopy>,
     /// Blocks of preempted sequences to copy to the host pool, first of all.
     pub swap_out: Vec<SwapPair>,
@@ -134,6 +136,9 @@ pub enum Rejection {
     TenantOverQuota,
     /// The pin policy does not know its class.
     UnknownClass,
+    /// A memory component broke its contract for this request (for example a pin policy
+    /// granting fewer blocks than asked): it is refused rather than given missing slots.
+    Memory(KvError),
 }
 
 /// Why a sequence finished.

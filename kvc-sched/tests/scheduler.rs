@@ -26,6 +26,7 @@ fn cfg() -> SchedulerConfig {
         eos_token: None,
         host_blocks: 0,
         session_truncation: None,
+        session_context: None,
     }
 }
 

@@ -24,6 +24,7 @@ mod engine_replay;
 mod hitrate;
 pub mod machine;
 mod micro;
+mod qos;
 mod render;
 pub mod svg;
 mod tiers;
@@ -45,7 +46,14 @@ use crate::replay::ReplayError;
 use crate::sim::scenarios::{self, DEFAULT_TRACE, ScenarioError, ScenarioReport, Size};
 
 /// The scenarios the report runs, in order.
-pub const REPORT_SCENARIOS: &[&str] = &["memory", "qos-overload", "shared-prefix", "multi-turn"];
+pub const REPORT_SCENARIOS: &[&str] = &[
+    "memory",
+    "qos-overload",
+    "qos-finance",
+    "qos-degradation",
+    "shared-prefix",
+    "multi-turn",
+];
 
 /// The section headings of `index.md` (tests check for each); the cluster and analysis
 /// sections are rendered before "How this report was made".

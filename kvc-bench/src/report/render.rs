@@ -170,6 +170,11 @@ fn scenario(md: &mut String, plots: &mut Vec<Plot>, d: &ReportData, s: &Scenario
     }
     md.push('\n');
     let note = format!("{} · {} · {}", s.machine, d.date, d.command);
+    // The QoS scenarios' reservation counters and plots.
+    for (file, svg) in super::qos::section(md, s, &note) {
+        let _ = writeln!(md, "![{}]({file})\n", s.scenario);
+        plots.push((file, svg));
+    }
     for (file, svg) in scenario_plots(s, &note) {
         let _ = writeln!(md, "![{}]({file})\n", s.scenario);
         plots.push((file, svg));

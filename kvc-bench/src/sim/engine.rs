@@ -71,6 +71,9 @@ pub struct SimResult {
     pub classes: Vec<ClassLatency>,
     /// Scheduler steps.
     pub steps: u64,
+    /// Every time to first token per class rank, sorted (ms); for budgets and shares.
+    #[serde(skip)]
+    pub ttft_ms: Vec<Vec<f64>>,
 }
 
 /// The name of `class` in the default set of classes (`critical`, `standard`,
@@ -323,6 +326,10 @@ pub fn simulate<P: PinPolicy, R: ReuseIndex>(
             tbt_p50_ms: percentile(&b, 50.0),
             tbt_p99_ms: percentile(&b, 99.0),
         });
+        if result.ttft_ms.len() <= class {
+            result.ttft_ms.resize(class + 1, Vec::new());
+        }
+        result.ttft_ms[class] = a;
     }
     result
 }

@@ -4,6 +4,7 @@
 
 pub mod cost;
 pub mod engine;
+pub mod qos;
 pub mod rng;
 pub mod scenarios;
 pub mod workload;

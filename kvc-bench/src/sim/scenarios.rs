@@ -2,8 +2,8 @@
 //! reports them side by side, with the goal each scenario checks.
 //!
 //! - `memory`: contiguous max-length reservation against paging at block sizes 8/16/32.
-//! - `qos-overload`: a critical stream and a best-effort surge, without pinning, with a
-//!   static reserve, with an adaptive one.
+//! - `qos-overload`, `qos-finance`, `qos-degradation`: memory and compute reservation for
+//!   critical traffic under overload (in [`super::qos`]).
 //! - `shared-prefix`: many questions over a few long documents, reuse off and on.
 //! - `multi-turn`: chat sessions that resend the conversation each turn, reuse off and on.
 //! - `trace`: a Mooncake-format trace replayed by its timestamps, reuse off and on.
@@ -12,10 +12,6 @@ use kvc_alloc::{BlockPool, PoolConfig};
 use std::path::Path;
 
 use kvc_core::{NoReuse, PinPolicy, ReuseIndex};
-use kvc_pin::{
-    AdaptiveConfig, AdaptiveReserve, OnExhausted, PinningPolicy, PolicyConfig, Reserve,
-    SoftPinConfig, StaticReserve,
-};
 use kvc_reuse::{HashExtra, PolicyKind, PrefixCache, ScopedIndex, Xxh3Hasher};
 use kvc_sched::{Scheduler, SchedulerConfig};
 use serde::Serialize;
@@ -23,6 +19,7 @@ use thiserror::Error;
 
 use super::cost::CostModel;
 use super::engine::{SimResult, simulate};
+use super::qos::{QosCounters, qos_degradation, qos_finance, qos_overload};
 use super::workload::{self, SimRequest};
 use crate::profiles::{self, GpuProfile, ModelProfile};
 use crate::replay::synth_prompt;
@@ -59,7 +56,7 @@ pub enum ScenarioError {
     Trace(String),
 }
 
-fn setup<E: std::fmt::Display>(e: E) -> ScenarioError {
+pub(super) fn setup<E: std::fmt::Display>(e: E) -> ScenarioError {
     ScenarioError::Setup(e.to_string())
 }
 
@@ -74,6 +71,9 @@ pub struct Variant {
     pub block_size: u32,
     /// The measurements.
     pub result: SimResult,
+    /// How the QoS reservations acted (QoS scenarios only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub qos: Option<QosCounters>,
     /// A fingerprint of the workload this variant ran: variants compare ("vs baseline") only
     /// with a variant of the same workload.
     #[serde(skip)]
@@ -81,7 +81,7 @@ pub struct Variant {
 }
 
 /// A fingerprint of a workload (arrivals, classes, prompts, output lengths).
-fn workload_id(workload: &[SimRequest]) -> u64 {
+pub(crate) fn workload_id(workload: &[SimRequest]) -> u64 {
     use std::hash::{Hash, Hasher};
     // SipHash with fixed keys: the same workload gives the same id in every run.
     #[allow(deprecated)]
@@ -124,6 +124,8 @@ pub struct ScenarioReport {
 pub const SCENARIOS: &[&str] = &[
     "memory",
     "qos-overload",
+    "qos-finance",
+    "qos-degradation",
     "shared-prefix",
     "multi-turn",
     "trace",
@@ -139,6 +141,8 @@ pub fn run(name: &str, size: Size, trace: Option<&Path>) -> Result<ScenarioRepor
     match name {
         "memory" => memory(size),
         "qos-overload" => qos_overload(size),
+        "qos-finance" => qos_finance(size),
+        "qos-degradation" => qos_degradation(size),
         "shared-prefix" => shared_prefix(size),
         "multi-turn" => multi_turn(size),
         "trace" => trace_replay(size, trace),
@@ -150,14 +154,14 @@ pub fn run(name: &str, size: Size, trace: Option<&Path>) -> Result<ScenarioRepor
 }
 
 /// The simulated deployment: a GPU, a model, and the KV blocks left after the weights.
-struct Deployment {
+pub(super) struct Deployment {
     gpu: GpuProfile,
     model: ModelProfile,
     kv_tokens: u64,
 }
 
 impl Deployment {
-    fn new(gpu: &str, model: &str, utilisation: f64) -> Result<Self, ScenarioError> {
+    pub(super) fn new(gpu: &str, model: &str, utilisation: f64) -> Result<Self, ScenarioError> {
         let gpu = *profiles::gpu(gpu).ok_or_else(|| setup(format!("no GPU {gpu}")))?;
         let model = *profiles::model(model).ok_or_else(|| setup(format!("no model {model}")))?;
         let layout = model.kv_layout(1, kvc_core::DType::BF16).map_err(setup)?;
@@ -170,25 +174,29 @@ impl Deployment {
         })
     }
 
-    fn machine(&self) -> String {
+    pub(super) fn machine(&self) -> String {
         format!(
             "{} serving {} (simulated: roofline cost model), {} KV tokens",
             self.gpu.name, self.model.name, self.kv_tokens
         )
     }
 
-    fn blocks(&self, block_size: u32) -> usize {
+    pub(super) fn blocks(&self, block_size: u32) -> usize {
         (self.kv_tokens / u64::from(block_size)) as usize
     }
 
-    fn cost(&self, block_size: u32) -> Result<CostModel, ScenarioError> {
+    pub(super) fn cost(&self, block_size: u32) -> Result<CostModel, ScenarioError> {
         CostModel::new(self.gpu, self.model, block_size).map_err(setup)
     }
 }
 
 /// Scheduler limits of the simulated engine: `max_batch_tokens` new tokens per step (prefill
 /// chunks plus decodes).
-fn sched_config(block_size: u32, max_model_len: u64, max_batch_tokens: usize) -> SchedulerConfig {
+pub(super) fn sched_config(
+    block_size: u32,
+    max_model_len: u64,
+    max_batch_tokens: usize,
+) -> SchedulerConfig {
     SchedulerConfig {
         block_size,
         max_running: 256,
@@ -199,6 +207,7 @@ fn sched_config(block_size: u32, max_model_len: u64, max_batch_tokens: usize) ->
         eos_token: None,
         host_blocks: 0,
         session_truncation: None,
+        session_context: None,
     }
 }
 
@@ -230,11 +239,12 @@ fn variant<P: PinPolicy, R: ReuseIndex>(
         blocks,
         block_size,
         result,
+        qos: None,
         workload_id: workload_id(workload),
     })
 }
 
-fn pct(x: f64) -> String {
+pub(super) fn pct(x: f64) -> String {
     format!("{:.1}%", 100.0 * x)
 }
 
@@ -306,130 +316,6 @@ pub fn memory(size: Size) -> Result<ScenarioReport, ScenarioError> {
         workload: format!(
             "{n} ShareGPT-like requests (log-normal lengths, input mean 161, output mean 338 \
              tokens, max 2,048), Poisson arrivals at 50/s, seed 42"
-        ),
-        machine: dep.machine(),
-        variants,
-        goals,
-    })
-}
-
-/// `qos-overload`: a steady critical stream, then a best-effort surge that offers about twice
-/// what the GPU can hold; critical latency without pinning, with a static reserve of 20% of
-/// the blocks, and with the adaptive reserve.
-pub fn qos_overload(size: Size) -> Result<ScenarioReport, ScenarioError> {
-    let dep = Deployment::new("A100-80GB", "Llama-2-13B", 0.9)?;
-    let bs = 16u32;
-    let blocks = dep.blocks(bs);
-    let (duration, surge) = match size {
-        Size::Small => (12.0, (3.0, 8.0)),
-        Size::Default => (60.0, (10.0, 40.0)),
-        Size::Full => (240.0, (30.0, 180.0)),
-    };
-    let max_len = 4096;
-    let critical_rate = 3.0;
-    let surge_rate = 16.0;
-    let alone = workload::qos_overload(critical_rate, 0.0, duration, surge, max_len, 7);
-    let loaded = workload::qos_overload(critical_rate, surge_rate, duration, surge, max_len, 7);
-    let block_bytes = dep.cost(bs)?.layout.bytes_per_block();
-    let soft = || SoftPinConfig::new(block_bytes, blocks, 0.05).map_err(setup);
-    let unpinned = || PinningPolicy::new(PolicyConfig::unpinned(soft()?)).map_err(setup);
-    let static_blocks = blocks / 5;
-    // When the pinned region overflows and dynamic is full, critical requests preempt the
-    // lowest class rather than queue behind it.
-    let pinned_config = |reserve| -> Result<PolicyConfig, ScenarioError> {
-        let mut c = PolicyConfig::new(reserve, soft()?);
-        c.on_exhausted = OnExhausted::PreemptLowest;
-        Ok(c)
-    };
-    let statik = PinningPolicy::new(pinned_config(Reserve::Static(StaticReserve::blocks(
-        static_blocks,
-    )))?)
-    .map_err(setup)?;
-    let mut adaptive_cfg = AdaptiveConfig::new(blocks);
-    adaptive_cfg.headroom_fraction = 0.25;
-    let adaptive = PinningPolicy::new(pinned_config(Reserve::Adaptive(Box::new(
-        AdaptiveReserve::new(adaptive_cfg).map_err(setup)?,
-    )))?)
-    .map_err(setup)?;
-    // Small prefill chunks (512 tokens a step) bound how long a critical request waits behind
-    // best-effort prefill.
-    let cfg = || sched_config(bs, max_len, 512);
-    let nr = NoReuse { block_size: bs };
-    let variants = vec![
-        variant(
-            "critical alone (no surge)",
-            &dep,
-            cfg(),
-            0,
-            unpinned()?,
-            nr,
-            &alone,
-        )?,
-        variant(
-            "surge, no pinning",
-            &dep,
-            cfg(),
-            0,
-            unpinned()?,
-            nr,
-            &loaded,
-        )?,
-        variant(
-            "surge, static reserve 20%",
-            &dep,
-            cfg(),
-            static_blocks,
-            statik,
-            nr,
-            &loaded,
-        )?,
-        variant(
-            "surge, adaptive reserve",
-            &dep,
-            cfg(),
-            0,
-            adaptive,
-            nr,
-            &loaded,
-        )?,
-    ];
-    let p99 = |v: &Variant| v.result.classes.first().map_or(0.0, |c| c.ttft_p99_ms);
-    let unloaded = p99(&variants[0]).max(1e-9);
-    let none = p99(&variants[1]);
-    let adaptive = p99(&variants[3]);
-    let tput = |v: &Variant| v.result.throughput_tok_s;
-    let goals = vec![
-        Goal {
-            goal: "with adaptive pinning, critical p99 TTFT within 1.25x of unloaded".into(),
-            measured: format!(
-                "{adaptive:.0} ms vs {unloaded:.0} ms ({:.2}x)",
-                adaptive / unloaded
-            ),
-            met: adaptive <= 1.25 * unloaded,
-        },
-        Goal {
-            goal: "without pinning, critical p99 TTFT degrades by more than 3x".into(),
-            measured: format!("{none:.0} ms ({:.2}x)", none / unloaded),
-            met: none > 3.0 * unloaded,
-        },
-        Goal {
-            goal: "throughput with adaptive pinning >= 95% of without".into(),
-            measured: format!(
-                "{:.0} vs {:.0} tokens/s ({})",
-                tput(&variants[3]),
-                tput(&variants[1]),
-                pct(tput(&variants[3]) / tput(&variants[1]).max(1e-9))
-            ),
-            met: tput(&variants[3]) >= 0.95 * tput(&variants[1]),
-        },
-    ];
-    Ok(ScenarioReport {
-        scenario: "qos-overload".into(),
-        workload: format!(
-            "critical: Poisson {critical_rate}/s for {duration} s (input ~400, output ~150 \
-             tokens); best-effort surge: {surge_rate}/s from {} s to {} s (input ~800, output \
-             ~400), about twice the KV capacity; seed 7",
-            surge.0, surge.1
         ),
         machine: dep.machine(),
         variants,
@@ -704,16 +590,6 @@ mod tests {
         }
         // Paging keeps more of its memory busy with real tokens than reservation does.
         assert!(r.variants[2].result.token_util > r.variants[0].result.token_util);
-    }
-
-    #[test]
-    fn small_qos_scenario_finishes_and_is_deterministic() {
-        let a = qos_overload(Size::Small).unwrap();
-        let b = qos_overload(Size::Small).unwrap();
-        for (x, y) in a.variants.iter().zip(&b.variants) {
-            assert_eq!(x.result, y.result);
-            assert_eq!(x.result.finished + x.result.rejected, x.result.requests);
-        }
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! - ShareGPT-like chat: input mean 161 and output mean 338 tokens (the vLLM paper's ShareGPT
 //!   figures), log-normal lengths, Poisson arrivals.
 //! - QoS overload: a steady critical stream plus a best-effort surge.
+//! - Finance: critical interactive questions against best-effort report generation.
 //! - Shared prefix: many questions over a few long documents.
 //! - Multi-turn: chat sessions whose every turn resends the conversation so far.
 
@@ -155,6 +156,47 @@ pub fn qos_overload(
     };
     critical.generate(&mut rng, max_len, &mut out);
     surge.generate(&mut rng, max_len, &mut out);
+    out.sort_by(|a, b| a.arrival_s.total_cmp(&b.arrival_s));
+    out
+}
+
+/// The finance example: critical interactive requests (tenant 1: short questions, short
+/// answers, a tight first-token budget) at `critical_rate` per second, against best-effort
+/// report generation (tenant 2: long filings in, long reports out) at `report_rate` per second
+/// from `reports_from_s` on, both until `duration_s`.
+#[must_use]
+pub fn finance(
+    critical_rate: f64,
+    report_rate: f64,
+    duration_s: f64,
+    reports_from_s: f64,
+    max_len: u64,
+    seed: u64,
+) -> Vec<SimRequest> {
+    let mut rng = Rng::new(seed);
+    let mut out = Vec::new();
+    Stream {
+        rate: critical_rate,
+        from_s: 0.0,
+        to_s: duration_s,
+        limit: usize::MAX,
+        tenant: TenantId(1),
+        qos: QosClass::CRITICAL,
+        input: (250.0, 0.5, 16),
+        output: (60.0, 0.5, 4),
+    }
+    .generate(&mut rng, max_len, &mut out);
+    Stream {
+        rate: report_rate,
+        from_s: reports_from_s,
+        to_s: duration_s,
+        limit: usize::MAX,
+        tenant: TenantId(2),
+        qos: QosClass::BEST_EFFORT,
+        input: (2_500.0, 0.5, 256),
+        output: (600.0, 0.5, 64),
+    }
+    .generate(&mut rng, max_len, &mut out);
     out.sort_by(|a, b| a.arrival_s.total_cmp(&b.arrival_s));
     out
 }

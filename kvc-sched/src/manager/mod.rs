@@ -1,0 +1,881 @@
+//! [`KvManager`]: the per-request KV memory layer, for an engine that runs its own scheduler
+//! (or for [`Scheduler`](crate::Scheduler), which is built on it).
+//!
+//! It composes a block allocator, a pin policy and a reuse index through the `kvc-core`
+//! traits and keeps one ownership rule: **every holder of a block holds one pool reference**
+//! (a running sequence, the reuse index, a session). A cached block that only the index holds
+//! is *evictable*; eviction only ever takes evictable blocks, so every eviction frees a block;
+//! and an allocation compares its need with free + evictable blocks before it evicts
+//! anything, so a request that cannot fit evicts nothing.
+//!
+//! Per sequence: [`open`](KvManager::open), [`lookup_prefix`](KvManager::lookup_prefix) (the
+//! computed prefix, never the last prompt token), [`allocate_slots`](KvManager::allocate_slots)
+//! (with lookahead; [`SlotGrant::Now`], [`Later`](SlotGrant::Later) or
+//! [`Never`](SlotGrant::Never)), [`cache_blocks`](KvManager::cache_blocks) (offer the
+//! computed full blocks), [`fork`](KvManager::fork) (shared blocks; the shared partial block
+//! is copied on the next write, and the copy pair is returned), [`free`](KvManager::free).
+//! Per session: [`keep_session`](KvManager::keep_session) pins a finished turn's cached
+//! context until [`end_session`](KvManager::end_session) or its TTL
+//! ([`expire_sessions`](KvManager::expire_sessions)). [`usage`](KvManager::usage) reports free,
+//! evictable and in-use blocks per region, in O(1).
+//!
+//! ```
+//! use kvc_alloc::{BlockPool, PoolConfig};
+//! use kvc_core::{NoReuse, QosClass, SeqId, TenantId};
+//! use kvc_sched::{DynamicOnly, KvManager, KvManagerConfig, SeqOwner, SlotGrant, SlotRequest};
+//!
+//! let pool = BlockPool::new(PoolConfig::new(8))?;
+//! let cfg = KvManagerConfig { block_size: 4, ..KvManagerConfig::default() };
+//! let mut kv = KvManager::new(cfg, pool, DynamicOnly::default(), NoReuse { block_size: 4 })?;
+//! let owner = SeqOwner { tenant: TenantId(0), class: QosClass::STANDARD, session: None };
+//! let prompt: Vec<u32> = (0..10).collect();
+//!
+//! kv.open(SeqId(1), owner)?;
+//! let computed = kv.lookup_prefix(SeqId(1), &prompt, 0)?; // nothing cached yet
+//! assert_eq!(computed, 0);
+//! let mut copies = Vec::new();
+//! let ask = SlotRequest { new_tokens: 10, lookahead: 0, admission: true };
+//! assert_eq!(kv.allocate_slots(SeqId(1), ask, 0, &mut copies)?, SlotGrant::Now);
+//! assert_eq!(kv.blocks(SeqId(1))?.len(), 3); // 10 tokens in blocks of 4
+//!
+//! // Beam search: the child shares every block; the shared partial block is copied on write.
+//! kv.fork(SeqId(1), SeqId(2))?;
+//! let one = SlotRequest { new_tokens: 1, ..SlotRequest::default() };
+//! assert_eq!(kv.allocate_slots(SeqId(2), one, 1, &mut copies)?, SlotGrant::Now);
+//! assert_eq!(copies.len(), 1);
+//!
+//! let huge = SlotRequest { new_tokens: 100, ..SlotRequest::default() };
+//! assert!(matches!(kv.allocate_slots(SeqId(1), huge, 1, &mut copies)?, SlotGrant::Never(_)));
+//!
+//! kv.free(SeqId(1))?;
+//! kv.free(SeqId(2))?;
+//! assert_eq!(kv.usage().total().free, 8);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod types;
+
+use ahash::AHashMap as HashMap;
+use kvc_core::{
+    Admission, BlockAllocator, BlockCopy, BlockId, PinPolicy, PlaceRequest, Placement, PoolView,
+    RegionBlocks, RegionId, Released, ReuseIndex, ReuseScope, SeqId, SessionId,
+};
+
+pub use types::{
+    KvConfigError, KvError, KvManagerConfig, KvStats, KvUsage, Pressure, RegionUsage, SeqOwner,
+    SlotGrant, SlotRequest,
+};
+
+/// One open sequence's memory.
+#[derive(Clone, Debug)]
+struct SeqKv {
+    owner: SeqOwner,
+    /// Physical blocks in logical order; this sequence holds one pool reference on each.
+    blocks: Vec<BlockId>,
+    /// Token slots assigned.
+    tokens: u64,
+    /// Leading blocks already offered to the reuse index.
+    offered: usize,
+    /// Blocks obtained through the pin policy, per region, to give back to it.
+    placed: RegionBlocks,
+}
+
+/// A session's pinned context.
+#[derive(Clone, Debug)]
+struct SessionKv {
+    blocks: Vec<BlockId>,
+    expires_ms: Option<u64>,
+}
+
+/// The per-request KV memory layer: prefix reuse, slot allocation with eviction, forks with
+/// copy-on-write, sessions, usage. See the [module docs](self).
+#[derive(Debug)]
+pub struct KvManager<A, P, R> {
+    cfg: KvManagerConfig,
+    alloc: A,
+    pin: P,
+    reuse: R,
+    seqs: HashMap<SeqId, SeqKv>,
+    sessions: HashMap<SessionId, SessionKv>,
+    /// Per block: whether the reuse index holds a reference on it.
+    cached: Vec<bool>,
+    /// Per region: cached blocks held by the index alone.
+    evictable: Vec<usize>,
+    stats: KvStats,
+    scratch: Vec<BlockId>,
+}
+
+impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
+    /// A manager over an allocator, a pin policy and a reuse index.
+    pub fn new(cfg: KvManagerConfig, alloc: A, pin: P, reuse: R) -> Result<Self, KvConfigError> {
+        if cfg.block_size == 0 {
+            return Err(KvConfigError::ZeroBlockSize);
+        }
+        if reuse.block_size() != cfg.block_size {
+            return Err(KvConfigError::BlockSizeMismatch {
+                manager: cfg.block_size,
+                index: reuse.block_size(),
+            });
+        }
+        let total = alloc.total_blocks();
+        Ok(Self {
+            cfg,
+            alloc,
+            pin,
+            reuse,
+            seqs: HashMap::new(),
+            sessions: HashMap::new(),
+            cached: vec![false; total],
+            evictable: vec![0; 2],
+            stats: KvStats::default(),
+            scratch: Vec::new(),
+        })
+    }
+
+    /// The settings.
+    #[must_use]
+    pub fn config(&self) -> &KvManagerConfig {
+        &self.cfg
+    }
+
+    /// The allocator (read only: every reference goes through the manager).
+    pub fn allocator(&self) -> &A {
+        &self.alloc
+    }
+
+    /// The pin policy.
+    pub fn pin_policy(&self) -> &P {
+        &self.pin
+    }
+
+    /// The pin policy, for soft pins and other policy settings.
+    pub fn pin_policy_mut(&mut self) -> &mut P {
+        &mut self.pin
+    }
+
+    /// The reuse index.
+    pub fn reuse_index(&self) -> &R {
+        &self.reuse
+    }
+
+    /// The reuse index, for tenant salts, invalidation and KV events. Invalidated blocks
+    /// still count as evictable until the next eviction hands them back.
+    pub fn reuse_index_mut(&mut self) -> &mut R {
+        &mut self.reuse
+    }
+
+    /// Moves `count` free blocks between regions (a pin policy's resize).
+    pub fn resize(
+        &mut self,
+        from: RegionId,
+        to: RegionId,
+        count: usize,
+    ) -> Result<(), kvc_core::ResizeError> {
+        self.alloc.resize(from, to, count)
+    }
+
+    /// Counters.
+    #[must_use]
+    pub fn stats(&self) -> KvStats {
+        self.stats
+    }
+
+    /// Sequences open.
+    #[must_use]
+    pub fn num_seqs(&self) -> usize {
+        self.seqs.len()
+    }
+
+    /// Whether `seq` is open.
+    #[must_use]
+    pub fn contains(&self, seq: SeqId) -> bool {
+        self.seqs.contains_key(&seq)
+    }
+
+    /// A sequence's blocks, in logical order.
+    pub fn blocks(&self, seq: SeqId) -> Result<&[BlockId], KvError> {
+        Ok(&self.seq(seq)?.blocks)
+    }
+
+    /// A sequence's assigned token slots.
+    pub fn num_tokens(&self, seq: SeqId) -> Result<u64, KvError> {
+        Ok(self.seq(seq)?.tokens)
+    }
+
+    /// The flat slot (`block × block_size + offset`) of position `pos` of `seq`, if assigned.
+    #[must_use]
+    pub fn slot(&self, seq: SeqId, pos: u64) -> Option<i64> {
+        let s = self.seqs.get(&seq)?;
+        if pos >= s.tokens {
+            return None;
+        }
+        let bs = u64::from(self.cfg.block_size);
+        let block = s.blocks.get(usize::try_from(pos / bs).ok()?)?;
+        i64::try_from(u64::from(block.get()) * bs + pos % bs).ok()
+    }
+
+    /// Blocks a session holds.
+    pub fn session_blocks(&self, session: SessionId) -> Result<&[BlockId], KvError> {
+        self.sessions
+            .get(&session)
+            .map(|s| s.blocks.as_slice())
+            .ok_or(KvError::UnknownSession { session })
+    }
+
+    /// Cached blocks only the reuse index holds, in both regions.
+    #[must_use]
+    pub fn evictable_blocks(&self) -> usize {
+        self.evictable.iter().sum()
+    }
+
+    /// Free, evictable and in-use blocks per region.
+    #[must_use]
+    pub fn usage(&self) -> KvUsage {
+        let region = |r: RegionId| {
+            let capacity = self.alloc.capacity(r).unwrap_or(0);
+            let free = self.alloc.free_blocks(r).unwrap_or(0);
+            let evictable = self.evictable.get(r.index()).copied().unwrap_or(0);
+            RegionUsage {
+                capacity,
+                free,
+                evictable,
+                in_use: capacity.saturating_sub(free + evictable),
+            }
+        };
+        KvUsage {
+            pinned: region(RegionId::PINNED),
+            dynamic: region(RegionId::DYNAMIC),
+        }
+    }
+
+    /// The regions as the allocator reports them (free blocks only).
+    #[must_use]
+    pub fn pool_view(&self) -> PoolView {
+        let u = self.usage();
+        PoolView {
+            pinned_capacity: u.pinned.capacity,
+            pinned_free: u.pinned.free,
+            dynamic_capacity: u.dynamic.capacity,
+            dynamic_free: u.dynamic.free,
+        }
+    }
+
+    /// The regions as an allocation sees them: evictable blocks count as free.
+    #[must_use]
+    pub fn available_view(&self) -> PoolView {
+        let u = self.usage();
+        PoolView {
+            pinned_capacity: u.pinned.capacity,
+            pinned_free: u.pinned.available(),
+            dynamic_capacity: u.dynamic.capacity,
+            dynamic_free: u.dynamic.available(),
+        }
+    }
+
+    /// Opens a sequence holding nothing.
+    pub fn open(&mut self, seq: SeqId, owner: SeqOwner) -> Result<(), KvError> {
+        if self.seqs.contains_key(&seq) {
+            return Err(KvError::DuplicateSeq { seq });
+        }
+        self.seqs.insert(
+            seq,
+            SeqKv {
+                owner,
+                blocks: Vec::new(),
+                tokens: 0,
+                offered: 0,
+                placed: RegionBlocks::default(),
+            },
+        );
+        Ok(())
+    }
+
+    /// Looks up the longest computed prefix of `prompt` and takes its blocks into the
+    /// sequence, which must hold none yet. Returns the tokens computed: whole blocks, never
+    /// the last prompt token (it must be computed to yield logits). A class the pin policy
+    /// keeps out of the pinned region stops at the first pinned block.
+    pub fn lookup_prefix(
+        &mut self,
+        seq: SeqId,
+        prompt: &[u32],
+        now_ms: u64,
+    ) -> Result<u64, KvError> {
+        let s = self.seq(seq)?;
+        if !s.blocks.is_empty() || s.tokens > 0 {
+            return Err(KvError::HoldsBlocks { seq });
+        }
+        if prompt.len() < 2 {
+            return Ok(0);
+        }
+        let owner = s.owner;
+        let scope = scope(&owner);
+        let hit = self.reuse.lookup(&scope, prompt, now_ms);
+        let bs = self.cfg.block_size as usize;
+        let usable = (prompt.len() - 1) / bs;
+        let mut keep = hit.blocks.len().min(usable);
+        if !self.pin.may_hold_pinned(owner.class) {
+            keep = hit.blocks[..keep]
+                .iter()
+                .position(|&b| self.alloc.region_of(b) == Ok(RegionId::PINNED))
+                .unwrap_or(keep);
+        }
+        // Take a reference on each kept block; a block the pool does not know ends the hit.
+        let mut taken = 0;
+        let mut first_err = None;
+        for &b in &hit.blocks[..keep] {
+            match self.take_ref(b) {
+                Ok(()) => taken += 1,
+                Err(err) => {
+                    debug_assert!(false, "the reuse index returned {b}, unknown to the pool");
+                    first_err = Some(KvError::from(err));
+                    break;
+                }
+            }
+        }
+        if taken < hit.blocks.len() {
+            self.index_release(&hit.blocks[taken..])?;
+        }
+        let s = self.seq_mut(seq)?;
+        s.blocks.extend_from_slice(&hit.blocks[..taken]);
+        s.tokens = (taken * bs) as u64;
+        s.offered = taken;
+        self.stats.hit_blocks += taken as u64;
+        // On an error the sequence holds the blocks taken before it: free it to give them back.
+        match first_err {
+            Some(err) => Err(err),
+            None => Ok((taken * bs) as u64),
+        }
+    }
+
+    /// Assigns slots for `ask.new_tokens` more tokens and holds blocks for `ask.lookahead`
+    /// beyond them, asking the pin policy where the blocks come from.
+    ///
+    /// Evicts cached blocks only when free + evictable blocks cover the placement; otherwise
+    /// nothing changes and the answer is [`SlotGrant::Later`] (or [`SlotGrant::Never`] when
+    /// the sequence could not fit in the whole pool). When the sequence's last block is a
+    /// partial block it shares with a fork, writing into it first moves the sequence to a
+    /// private copy: the pair is appended to `copies` for the kernels to copy before the step.
+    pub fn allocate_slots(
+        &mut self,
+        seq: SeqId,
+        ask: SlotRequest,
+        now_ms: u64,
+        copies: &mut Vec<BlockCopy>,
+    ) -> Result<SlotGrant, KvError> {
+        let bs = u64::from(self.cfg.block_size);
+        let s = self.seq(seq)?;
+        let owner = s.owner;
+        let end = s
+            .tokens
+            .checked_add(ask.new_tokens)
+            .ok_or(KvError::TokenOverflow { seq })?;
+        let reach = end.saturating_add(ask.lookahead);
+        let want_blocks = usize::try_from(reach.div_ceil(bs)).unwrap_or(usize::MAX);
+        let grow = want_blocks.saturating_sub(s.blocks.len());
+        // Copy-on-write of a partial last block shared with a fork.
+        let partial = usize::try_from(s.tokens / bs).ok();
+        let cow_at = match partial {
+            Some(i) if ask.new_tokens > 0 && i < s.blocks.len() => {
+                let b = s.blocks[i];
+                (self.alloc.refcount(b)? > 1).then_some(i)
+            }
+            _ => None,
+        };
+        let need = grow + usize::from(cow_at.is_some());
+        if need == 0 {
+            self.seq_mut(seq)?.tokens = end;
+            return Ok(SlotGrant::Now);
+        }
+        if want_blocks.saturating_add(usize::from(cow_at.is_some())) > self.alloc.total_blocks() {
+            return Ok(SlotGrant::Never(kvc_core::Refusal::Impossible));
+        }
+        let req = PlaceRequest {
+            seq,
+            tenant: owner.tenant,
+            class: owner.class,
+            blocks: need,
+            now_ms,
+        };
+        let placement = self.pin.place(&req, &self.available_view());
+        let blocks = match placement {
+            Placement::Allocate { blocks, .. } => blocks,
+            Placement::Refuse { reason } => return Ok(SlotGrant::Never(reason)),
+            Placement::Wait { reason } => return Ok(SlotGrant::Later(Pressure::Wait { reason })),
+            Placement::PreemptLowest { victim } => {
+                return Ok(SlotGrant::Later(Pressure::PreemptLowest { victim }));
+            }
+            Placement::Downgrade { class, max_running } => {
+                return Ok(SlotGrant::Later(Pressure::Downgrade { class, max_running }));
+            }
+        };
+        if blocks.total() != need {
+            self.pin.release(seq, blocks)?;
+            return Err(KvError::PlacementMismatch {
+                seq,
+                asked: need,
+                granted: blocks.total(),
+            });
+        }
+        // Does free + evictable cover the placement, region by region, before any eviction?
+        let mut short = false;
+        let mut available = 0;
+        for (region, count) in [
+            (RegionId::PINNED, blocks.pinned),
+            (RegionId::DYNAMIC, blocks.dynamic),
+        ] {
+            if count == 0 {
+                continue;
+            }
+            let reserve = if ask.admission && region == RegionId::DYNAMIC {
+                self.reserve(region)
+            } else {
+                0
+            };
+            let free = self.alloc.free_blocks(region)?;
+            let ev = self.evictable.get(region.index()).copied().unwrap_or(0);
+            available += (free + ev).saturating_sub(reserve);
+            if free + ev < count + reserve {
+                short = true;
+            }
+        }
+        if short {
+            self.pin.release(seq, blocks)?;
+            return Ok(SlotGrant::Later(Pressure::Exhausted {
+                needed: need,
+                available,
+            }));
+        }
+        // Evict until every region placed into has its blocks free (each eviction frees one).
+        loop {
+            let mut deficit = 0;
+            for (region, count) in [
+                (RegionId::PINNED, blocks.pinned),
+                (RegionId::DYNAMIC, blocks.dynamic),
+            ] {
+                if count == 0 {
+                    continue;
+                }
+                let reserve = if ask.admission && region == RegionId::DYNAMIC {
+                    self.reserve(region)
+                } else {
+                    0
+                };
+                deficit += (count + reserve).saturating_sub(self.alloc.free_blocks(region)?);
+            }
+            if deficit == 0 || self.evict(deficit, now_ms)? == 0 {
+                break;
+            }
+        }
+        // Allocate, all or nothing.
+        self.scratch.clear();
+        let mut last = self.seq(seq)?.blocks.last().copied();
+        let mut failed = None;
+        'regions: for (region, count) in [
+            (RegionId::PINNED, blocks.pinned),
+            (RegionId::DYNAMIC, blocks.dynamic),
+        ] {
+            for _ in 0..count {
+                match self.alloc.allocate_after(region, last) {
+                    Ok(b) => {
+                        self.scratch.push(b);
+                        last = Some(b);
+                    }
+                    Err(err) => {
+                        failed = Some(err);
+                        break 'regions;
+                    }
+                }
+            }
+        }
+        if let Some(err) = failed {
+            // Roll back: the fresh blocks go back, and the placement to the pin policy.
+            let mut rollback = Ok(());
+            for b in std::mem::take(&mut self.scratch) {
+                if let Err(e) = self.alloc.release(b) {
+                    rollback = rollback.and(Err(KvError::from(e)));
+                }
+            }
+            self.pin.release(seq, blocks)?;
+            rollback?;
+            // Plain exhaustion (another user of a shared pool took blocks meanwhile) is a
+            // wait; anything else means the pool disagrees with what it reported.
+            return match err {
+                kvc_core::AllocError::OutOfBlocks { .. } => {
+                    Ok(SlotGrant::Later(Pressure::Exhausted {
+                        needed: need,
+                        available,
+                    }))
+                }
+                other => Err(other.into()),
+            };
+        }
+        let mut fresh = std::mem::take(&mut self.scratch);
+        let s = self.seqs.get_mut(&seq).ok_or(KvError::UnknownSeq { seq })?;
+        let mut cow_src = None;
+        if let Some(i) = cow_at
+            && let Some(dst) = fresh.pop()
+        {
+            let src = s.blocks[i];
+            s.blocks[i] = dst;
+            copies.push(BlockCopy { src, dst });
+            cow_src = Some(src);
+        }
+        s.blocks.extend_from_slice(&fresh);
+        s.placed.pinned += blocks.pinned;
+        s.placed.dynamic += blocks.dynamic;
+        s.tokens = end;
+        fresh.clear();
+        self.scratch = fresh;
+        if let Some(src) = cow_src {
+            // Shared (refcount >= 2): this drops the sequence's reference only.
+            self.stats.cow_copies += 1;
+            self.drop_ref(src)?;
+        }
+        Ok(SlotGrant::Now)
+    }
+
+    /// Offers the sequence's full blocks covering `computed` (its tokens whose KV is written,
+    /// from position 0) to the reuse index. Returns the blocks newly cached; the index holds
+    /// one pool reference on each from now on.
+    pub fn cache_blocks(
+        &mut self,
+        seq: SeqId,
+        computed: &[u32],
+        now_ms: u64,
+    ) -> Result<usize, KvError> {
+        let bs = self.cfg.block_size as usize;
+        let s = self.seq(seq)?;
+        let full = (computed.len() / bs)
+            .min(s.blocks.len())
+            .min(usize::try_from(s.tokens).unwrap_or(usize::MAX) / bs);
+        if full <= s.offered {
+            return Ok(0);
+        }
+        let scope = scope(&s.owner);
+        let blocks: Vec<BlockId> = s.blocks[..full].to_vec();
+        let mut newly = Vec::new();
+        let result = self.index_insert(&scope, &computed[..full * bs], &blocks, now_ms, &mut newly);
+        self.seq_mut(seq)?.offered = full;
+        let n = newly.len();
+        for b in newly {
+            // Holders before the index: the offering sequence (counted by insert) and any
+            // fork that shares the block.
+            let holders = self.alloc.refcount(b)?;
+            self.alloc.retain(b)?;
+            self.mark_cached(b, true);
+            for _ in 1..holders {
+                self.index_acquire(&[b])?;
+            }
+        }
+        self.stats.cached_blocks += n as u64;
+        result.map(|()| n)
+    }
+
+    /// Forks `parent` into a new sequence `child` (parallel sampling, beam search): the child
+    /// shares every block holding written tokens (not the parent's lookahead blocks). The shared partial last block is copied on the first
+    /// write of either sequence (see [`allocate_slots`](Self::allocate_slots)).
+    pub fn fork(&mut self, parent: SeqId, child: SeqId) -> Result<(), KvError> {
+        if self.seqs.contains_key(&child) {
+            return Err(KvError::DuplicateSeq { seq: child });
+        }
+        let p = self.seq(parent)?;
+        // The blocks holding written tokens; the parent's lookahead blocks stay its own.
+        let written = usize::try_from(p.tokens.div_ceil(u64::from(self.cfg.block_size)))
+            .unwrap_or(usize::MAX)
+            .min(p.blocks.len());
+        let mut kv = SeqKv {
+            owner: p.owner,
+            blocks: p.blocks[..written].to_vec(),
+            tokens: p.tokens,
+            offered: p.offered,
+            placed: RegionBlocks::default(),
+        };
+        for i in 0..kv.blocks.len() {
+            let b = kv.blocks[i];
+            if let Err(err) = self.take_ref(b) {
+                // Give back what was taken; the child is not opened.
+                kv.blocks.truncate(i);
+                self.release_blocks(&kv.blocks)?;
+                return Err(err.into());
+            }
+        }
+        let cached: Vec<BlockId> = kv
+            .blocks
+            .iter()
+            .copied()
+            .filter(|b| self.is_cached(*b))
+            .collect();
+        self.seqs.insert(child, kv);
+        self.index_acquire(&cached)?;
+        Ok(())
+    }
+
+    /// Sets the sequence's assigned slots back to `tokens` (rejected speculative tokens, or a
+    /// step whose results never came). Its blocks stay held. Refused below its cached blocks.
+    pub fn rewind(&mut self, seq: SeqId, tokens: u64) -> Result<(), KvError> {
+        let bs = u64::from(self.cfg.block_size);
+        let cached: u64 = {
+            let s = self.seq(seq)?;
+            s.blocks
+                .get(..s.offered)
+                .unwrap_or_default()
+                .iter()
+                .take_while(|b| self.is_cached(**b))
+                .count() as u64
+                * bs
+        };
+        let s = self.seq_mut(seq)?;
+        if tokens < cached {
+            return Err(KvError::RewindIntoCached {
+                seq,
+                tokens,
+                cached,
+            });
+        }
+        s.tokens = s.tokens.min(tokens);
+        Ok(())
+    }
+
+    /// Closes a sequence, dropping its references (cached blocks become evictable when it
+    /// was their last user). Everything is released even when a component reports an error.
+    pub fn free(&mut self, seq: SeqId) -> Result<(), KvError> {
+        let s = self.seqs.remove(&seq).ok_or(KvError::UnknownSeq { seq })?;
+        let index = self.index_release(&s.blocks);
+        let refs = self.release_blocks(&s.blocks);
+        // A sequence that placed nothing (it only reused cached blocks, or is a fork) is
+        // unknown to the pin policy.
+        let pin = if s.placed.total() > 0 {
+            self.pin.release(seq, s.placed).map_err(KvError::from)
+        } else {
+            Ok(())
+        };
+        index.and(refs).and(pin)
+    }
+
+    /// Pins the cached leading blocks of `seq` (a finished turn, before `free`) as the
+    /// context of `session`, replacing what the session held. They stay held (never evicted)
+    /// until [`end_session`](Self::end_session) or, with a TTL configured, until
+    /// [`expire_sessions`](Self::expire_sessions) runs after `now_ms + ttl`. Returns the
+    /// blocks kept.
+    pub fn keep_session(
+        &mut self,
+        session: SessionId,
+        seq: SeqId,
+        now_ms: u64,
+    ) -> Result<usize, KvError> {
+        let s = self.seq(seq)?;
+        let blocks: Vec<BlockId> = s
+            .blocks
+            .get(..s.offered)
+            .unwrap_or_default()
+            .iter()
+            .copied()
+            .take_while(|b| self.is_cached(*b))
+            .collect();
+        for (i, &b) in blocks.iter().enumerate() {
+            if let Err(err) = self.take_ref(b) {
+                self.release_blocks(&blocks[..i])?;
+                return Err(err.into());
+            }
+        }
+        self.index_acquire(&blocks)?;
+        let n = blocks.len();
+        let expires_ms = self
+            .cfg
+            .session_ttl_ms
+            .map(|ttl| now_ms.saturating_add(ttl));
+        let old = self
+            .sessions
+            .insert(session, SessionKv { blocks, expires_ms });
+        if let Some(old) = old {
+            self.drop_session(&old)?;
+        }
+        Ok(n)
+    }
+
+    /// Ends a session: its context becomes evictable.
+    pub fn end_session(&mut self, session: SessionId) -> Result<(), KvError> {
+        let old = self
+            .sessions
+            .remove(&session)
+            .ok_or(KvError::UnknownSession { session })?;
+        self.drop_session(&old)
+    }
+
+    /// Ends the sessions whose TTL ran out by `now_ms`; returns how many.
+    pub fn expire_sessions(&mut self, now_ms: u64) -> Result<usize, KvError> {
+        let expired: Vec<SessionId> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.expires_ms.is_some_and(|t| t <= now_ms))
+            .map(|(&id, _)| id)
+            .collect();
+        let mut result = Ok(());
+        for id in &expired {
+            result = result.and(self.end_session(*id));
+        }
+        self.stats.sessions_expired += expired.len() as u64;
+        result.map(|()| expired.len())
+    }
+
+    /// Sessions holding context.
+    #[must_use]
+    pub fn num_sessions(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Evicts up to `count` evictable cached blocks, freeing each; returns how many.
+    pub fn evict(&mut self, count: usize, now_ms: u64) -> Result<usize, KvError> {
+        if count == 0 {
+            return Ok(0);
+        }
+        let mut evicted = Vec::new();
+        let n = self.reuse.evict(count, now_ms, &mut evicted);
+        debug_assert_eq!(n, evicted.len(), "the reuse index miscounted its evictions");
+        let mut result = Ok(());
+        let mut freed = 0;
+        for b in evicted {
+            let was_evictable = self.is_cached(b) && self.alloc.refcount(b) == Ok(1);
+            self.mark_cached(b, false);
+            match self.alloc.release(b) {
+                Ok(Released::Freed) => freed += 1,
+                Ok(Released::Shared { .. }) => {
+                    debug_assert!(was_evictable, "the reuse index evicted {b}, still in use");
+                }
+                Err(err) => result = result.and(Err(err.into())),
+            }
+        }
+        self.stats.evicted_blocks += freed as u64;
+        result.map(|()| freed)
+    }
+
+    fn seq(&self, seq: SeqId) -> Result<&SeqKv, KvError> {
+        self.seqs.get(&seq).ok_or(KvError::UnknownSeq { seq })
+    }
+
+    fn seq_mut(&mut self, seq: SeqId) -> Result<&mut SeqKv, KvError> {
+        self.seqs.get_mut(&seq).ok_or(KvError::UnknownSeq { seq })
+    }
+
+    fn is_cached(&self, b: BlockId) -> bool {
+        self.cached.get(b.index()).copied().unwrap_or(false)
+    }
+
+    /// Records whether the index holds `b`, keeping the evictable counts right. Called with
+    /// the pool's reference count as it is after the change.
+    fn mark_cached(&mut self, b: BlockId, cached: bool) {
+        let Some(slot) = self.cached.get_mut(b.index()) else {
+            return;
+        };
+        if *slot == cached {
+            return;
+        }
+        *slot = cached;
+        if !cached && self.alloc.refcount(b) == Ok(1) {
+            self.evictable_add(b, false);
+        }
+    }
+
+    fn evictable_add(&mut self, b: BlockId, up: bool) {
+        let Ok(region) = self.alloc.region_of(b) else {
+            return;
+        };
+        let i = region.index();
+        if self.evictable.len() <= i {
+            self.evictable.resize(i + 1, 0);
+        }
+        if up {
+            self.evictable[i] += 1;
+        } else {
+            self.evictable[i] = self.evictable[i].saturating_sub(1);
+        }
+    }
+
+    /// One more holder of `b`.
+    fn take_ref(&mut self, b: BlockId) -> Result<(), kvc_core::RefError> {
+        let count = self.alloc.retain(b)?;
+        if count == 2 && self.is_cached(b) {
+            self.evictable_add(b, false);
+        }
+        Ok(())
+    }
+
+    /// One holder fewer of `b`.
+    fn drop_ref(&mut self, b: BlockId) -> Result<(), kvc_core::RefError> {
+        match self.alloc.release(b)? {
+            Released::Shared { remaining: 1 } if self.is_cached(b) => self.evictable_add(b, true),
+            Released::Freed if self.is_cached(b) => {
+                debug_assert!(false, "{b} freed while the reuse index holds it");
+                if let Some(slot) = self.cached.get_mut(b.index()) {
+                    *slot = false;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Drops one reference on each block, all of them even after an error.
+    fn release_blocks(&mut self, blocks: &[BlockId]) -> Result<(), KvError> {
+        let mut result = Ok(());
+        for &b in blocks {
+            if let Err(err) = self.drop_ref(b) {
+                result = result.and(Err(err.into()));
+            }
+        }
+        result
+    }
+
+    fn drop_session(&mut self, s: &SessionKv) -> Result<(), KvError> {
+        let index = self.index_release(&s.blocks);
+        index.and(self.release_blocks(&s.blocks))
+    }
+
+    /// Blocks of the dynamic region's watermark reserve, which admissions leave free: the
+    /// smallest reserve consistent with the allocator's `can_allocate` answers.
+    fn reserve(&self, region: RegionId) -> usize {
+        let cap = self.alloc.capacity(region).unwrap_or(0);
+        // The largest count that is not `Impossible` is capacity - reserve.
+        let (mut lo, mut hi) = (0usize, cap);
+        if self.alloc.can_allocate(region, cap) != Ok(Admission::Impossible) {
+            return 0;
+        }
+        while lo < hi {
+            let mid = lo + (hi - lo).div_ceil(2);
+            if self.alloc.can_allocate(region, mid) == Ok(Admission::Impossible) {
+                hi = mid - 1;
+            } else {
+                lo = mid;
+            }
+        }
+        cap - lo
+    }
+
+    // The reuse index's ownership calls, in one place.
+
+    fn index_insert(
+        &mut self,
+        scope: &ReuseScope,
+        tokens: &[u32],
+        blocks: &[BlockId],
+        now_ms: u64,
+        newly: &mut Vec<BlockId>,
+    ) -> Result<(), KvError> {
+        Ok(self.reuse.insert(scope, tokens, blocks, now_ms, newly)?)
+    }
+
+    fn index_acquire(&mut self, blocks: &[BlockId]) -> Result<(), KvError> {
+        Ok(self.reuse.acquire(blocks)?)
+    }
+
+    fn index_release(&mut self, blocks: &[BlockId]) -> Result<(), KvError> {
+        Ok(self.reuse.release(blocks)?)
+    }
+}
+
+fn scope(owner: &SeqOwner) -> ReuseScope {
+    ReuseScope {
+        tenant: owner.tenant,
+        session: owner.session,
+    }
+}
