@@ -99,6 +99,9 @@ pub enum TiersError {
     /// A tier failed during the replay.
     #[error("tier failed during the replay: {0}")]
     Tier(String),
+    /// The device prefix cache refused an insert or a release (a broken invariant).
+    #[error("device cache: {0}")]
+    Cache(String),
     /// A loaded block did not hold the bytes stored for its key.
     #[error("block {key} loaded from the {tier} tier holds other bytes")]
     WrongBytes {
@@ -115,6 +118,10 @@ fn setup<E: std::fmt::Display>(e: E) -> TiersError {
 
 fn tier_err<E: std::fmt::Display>(e: E) -> TiersError {
     TiersError::Tier(e.to_string())
+}
+
+fn cache_err(e: kvc_reuse::ReuseError) -> TiersError {
+    TiersError::Cache(e.to_string())
 }
 
 /// Tokens served by each place.
@@ -332,8 +339,12 @@ pub fn run(trace: &[TraceRequest], cfg: &TiersConfig, name: &str) -> Result<Tier
             blocks.push(id);
         }
         newly.clear();
-        let _ = cache.insert(&hashes, &blocks, now, &mut newly);
-        let _ = cache.release(&dev.blocks);
+        // The request holds its whole table until it is done (here: at once, prompts only);
+        // then every cached block of it becomes evictable and the private ones are freed.
+        cache
+            .insert(&hashes, &blocks, now, &mut newly)
+            .map_err(cache_err)?;
+        cache.release(&blocks).map_err(cache_err)?;
         let mut kept = newly.iter().peekable();
         offload.clear();
         keys.clear();

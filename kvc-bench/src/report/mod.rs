@@ -64,9 +64,9 @@ pub const SECTION_HEADINGS: &[&str] = &[
     "## CPU kernel bandwidth",
     "## Micro-benchmarks (quick measurements)",
     TIERS_HEADING,
-    "## How this report was made",
     cluster::HEADING,
     analysis::HEADING,
+    "## How this report was made",
 ];
 
 /// How long a report runs.
