@@ -46,10 +46,15 @@ fn the_engine_serves_its_metrics_over_http() {
         .and_then(|a| a.strip_suffix("/metrics"))
         .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
         .to_string();
-    // The run is over when its summary is printed on stdout.
+    // The run is over when its summary ("N requests in S s: ...") is printed on stdout,
+    // after the model and pool lines.
     let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
     let mut summary = String::new();
-    stdout.read_line(&mut summary).expect("summary line");
+    while !summary.contains(" requests in ") {
+        summary.clear();
+        let n = stdout.read_line(&mut summary).expect("stdout line");
+        assert!(n > 0, "the engine ended without printing its summary");
+    }
     let body = scrape(addr.as_str());
     let _ = child.kill();
     let _ = child.wait();

@@ -128,8 +128,8 @@ fn smallest_report_writes_every_section_and_valid_plots() {
     };
     assert!(row("critical alone (no surge)").contains("| baseline |"));
     assert!(row("surge, no pinning").contains("| baseline |"));
-    assert!(row("surge, adaptive reserve").contains("x |"));
-    assert!(!row("surge, adaptive reserve").contains("| baseline |"));
+    assert!(row("surge, adaptive memory reserve").contains("x |"));
+    assert!(!row("surge, adaptive memory reserve").contains("| baseline |"));
     // QoS classes by name, and the one definition of the utilisation column under its table.
     assert!(index.contains("| critical |") && index.contains("| standard |"));
     assert!(index.contains("*Running tokens / slots in use:*"));

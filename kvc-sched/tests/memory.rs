@@ -234,3 +234,49 @@ fn stepping_again_without_completing_recomputes_instead_of_sticking() {
         s.reuse_index().cached_blocks()
     );
 }
+
+/// A `Downgrade` cap lasts only as long as the pin policy keeps it: once memory recovers the
+/// policy lifts it, and every capped best-effort request is served. (The scheduler used to
+/// keep its own copy of the cap, which never lifted: a cap halved to zero stopped the class
+/// for good.)
+#[test]
+fn a_downgraded_class_is_served_again_once_memory_recovers() {
+    use kvc_pin::{
+        OnExhausted, PinningPolicy, PolicyConfig, Reserve, SoftPinConfig, StaticReserve,
+    };
+
+    let soft = SoftPinConfig::new(1024, 24, 0.05).unwrap();
+    let mut config = PolicyConfig::new(Reserve::Static(StaticReserve::blocks(0)), soft);
+    config.on_exhausted = OnExhausted::Downgrade;
+    let mut s = sched(24, PinningPolicy::new(config).unwrap());
+    // Twelve best-effort requests of 4 blocks each (64-token prompts, 40 new tokens) into 24
+    // blocks: the pool runs out, the class is capped and preempted down to the cap.
+    for i in 0..12 {
+        s.submit(request(
+            i,
+            QosClass::BEST_EFFORT,
+            tokens(i as u32 + 1, 64),
+            40,
+            0,
+        ))
+        .unwrap();
+    }
+    let mut finished = 0;
+    let mut now = 0;
+    for _ in 0..5_000 {
+        if s.num_waiting() == 0 && s.num_running() == 0 {
+            break;
+        }
+        let plan = s.step(now);
+        finished += complete(&mut s, &plan).len();
+        now += 10;
+    }
+    assert_eq!(
+        finished, 12,
+        "every capped request is served once the cap lifts"
+    );
+    assert!(
+        s.pin_policy().stats().downgrades > 0,
+        "the pool ran out and the class was downgraded"
+    );
+}

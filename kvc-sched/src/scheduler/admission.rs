@@ -1,6 +1,7 @@
 //! Admission and QoS ordering: which running sequences are served first, which waiting
-//! requests are admitted (effective class with aging, FCFS within a class, `Downgrade` caps),
-//! and the submissions and cancellations queued by other threads.
+//! requests are admitted (effective class with aging, FCFS within a class; `Downgrade` caps
+//! are kept and lifted by the pin policy), and the submissions and cancellations queued by
+//! other threads.
 
 use kvc_core::{BlockAllocator, PinPolicy, QosClass, ReuseIndex, SeqId};
 
@@ -76,7 +77,7 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
             // Compute reserve hook: a class with a share is admitted even after a preemption
             // this step, and may preempt best-effort work for a running slot.
             let reserved = self.gate.as_ref().is_some_and(|g| g.is_reserved(qos));
-            if (preempted_now && !reserved) || blocked[class] || self.at_cap(qos) {
+            if (preempted_now && !reserved) || blocked[class] {
                 continue;
             }
             if self.running.len() >= self.cfg.max_running
@@ -175,15 +176,6 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
             rank = rank.saturating_sub(u8::try_from(lift).unwrap_or(u8::MAX));
         }
         (rank, s.req.arrival_ms, id)
-    }
-
-    /// Whether `class` runs as many sequences as a `Downgrade` cap allows.
-    fn at_cap(&self, class: QosClass) -> bool {
-        self.caps
-            .get(class.index())
-            .copied()
-            .flatten()
-            .is_some_and(|cap| self.count_running(class) >= cap)
     }
 
     pub(super) fn count_running(&self, class: QosClass) -> usize {

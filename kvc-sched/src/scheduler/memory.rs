@@ -109,9 +109,9 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
                     class: capped,
                     max_running,
                 }) => {
-                    if let Some(cap) = self.caps.get_mut(capped.index()) {
-                        *cap = Some(max_running);
-                    }
+                    // Preempt down to the cap now; the pin policy keeps the cap itself (it
+                    // answers new sequences of the class with a wait) and lifts it as memory
+                    // recovers, so the scheduler keeps no copy that could outlive it.
                     let mut preempted = false;
                     while self.count_running(capped) > max_running {
                         match self.victim(Some(capped), id) {

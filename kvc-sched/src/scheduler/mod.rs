@@ -18,7 +18,7 @@
 //! `step` called again before `complete_step` is safe: the previous plan's samples are
 //! forfeited and those sequences recompute their last token.
 //!
-//! The code is split by concern: [`admission`] (QoS ordering, aging, caps, submissions),
+//! The code is split by concern: [`admission`] (QoS ordering, aging, submissions),
 //! [`memory`] (slots, preemption, reuse offers, through the [`KvManager`]), [`swap`] (the
 //! host pool, allocated lazily) and [`build`] (the plan's CSR arrays); [`reserve`] is the
 //! glue of the optional compute reserve ([`ComputeReserve`](crate::ComputeReserve)).
@@ -241,8 +241,6 @@ pub struct Scheduler<A, P, R> {
     seqs: HashMap<SeqId, Seq>,
     waiting: Vec<SeqId>,
     running: Vec<SeqId>,
-    /// Per class: a concurrency cap set by a `Downgrade` placement.
-    caps: Vec<Option<usize>>,
     /// Sequences cancelled since the last plan (their samples are ignored).
     cancelled_since_plan: HashSet<SeqId>,
     step: u64,
@@ -291,7 +289,6 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
         })?;
         let (queue, submitter) = SubmitQueue::new();
         Ok(Self {
-            caps: vec![None; usize::from(cfg.num_classes)],
             host: HostPool::new(cfg.host_blocks),
             cfg,
             kv,
