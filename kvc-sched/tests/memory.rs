@@ -236,47 +236,58 @@ fn stepping_again_without_completing_recomputes_instead_of_sticking() {
 }
 
 /// A `Downgrade` cap lasts only as long as the pin policy keeps it: once memory recovers the
-/// policy lifts it, and every capped best-effort request is served. (The scheduler used to
-/// keep its own copy of the cap, which never lifted: a cap halved to zero stopped the class
-/// for good.)
+/// policy lifts it, and the capped best-effort requests are served. (The scheduler used to keep
+/// its own copy of the cap, which never lifted: a cap halved to zero stopped the class for
+/// good.) Pool of 12: two best-effort requests grow until standard requests find no memory;
+/// the policy caps best-effort at one running sequence, then at zero.
 #[test]
 fn a_downgraded_class_is_served_again_once_memory_recovers() {
     use kvc_pin::{
         OnExhausted, PinningPolicy, PolicyConfig, Reserve, SoftPinConfig, StaticReserve,
     };
 
-    let soft = SoftPinConfig::new(1024, 24, 0.05).unwrap();
+    let soft = SoftPinConfig::new(1024, 12, 0.05).unwrap();
     let mut config = PolicyConfig::new(Reserve::Static(StaticReserve::blocks(0)), soft);
     config.on_exhausted = OnExhausted::Downgrade;
-    let mut s = sched(24, PinningPolicy::new(config).unwrap());
-    // Twelve best-effort requests of 4 blocks each (64-token prompts, 40 new tokens) into 24
-    // blocks: the pool runs out, the class is capped and preempted down to the cap.
-    for i in 0..12 {
+    let mut s = sched(12, PinningPolicy::new(config).unwrap());
+    for i in 0..2 {
         s.submit(request(
             i,
             QosClass::BEST_EFFORT,
             tokens(i as u32 + 1, 64),
-            40,
+            100,
             0,
         ))
         .unwrap();
     }
     let mut finished = 0;
     let mut now = 0;
-    for _ in 0..5_000 {
-        if s.num_waiting() == 0 && s.num_running() == 0 {
+    for step in 0..5_000 {
+        if step == 3 {
+            for i in 2..4 {
+                s.submit(request(
+                    i,
+                    QosClass::STANDARD,
+                    tokens(i as u32 + 1, 64),
+                    40,
+                    now,
+                ))
+                .unwrap();
+            }
+        }
+        if step > 3 && s.num_waiting() == 0 && s.num_running() == 0 {
             break;
         }
         let plan = s.step(now);
         finished += complete(&mut s, &plan).len();
         now += 10;
     }
-    assert_eq!(
-        finished, 12,
-        "every capped request is served once the cap lifts"
-    );
     assert!(
         s.pin_policy().stats().downgrades > 0,
-        "the pool ran out and the class was downgraded"
+        "the standard requests found no memory and best-effort was downgraded"
+    );
+    assert_eq!(
+        finished, 4,
+        "every capped request is served once the cap lifts"
     );
 }
