@@ -76,4 +76,8 @@ mod guides {
     struct ReadingTheReport;
     #[doc = include_str!("../../docs/reuse.md")]
     struct Reuse;
+    #[doc = include_str!("../../docs/tiers.md")]
+    struct Tiers;
+    #[doc = include_str!("../../docs/cluster.md")]
+    struct Cluster;
 }
