@@ -75,9 +75,9 @@ pub const SECTION_HEADINGS: &[&str] = &[
 pub enum Mode {
     /// Seconds even unoptimised: the smallest sizes, for the test suite.
     Tiny,
-    /// Smoke runs: 7-9 s in release on 2 cores.
+    /// Smoke runs: under a minute on 2 cores (44 s in the test profile).
     Quick,
-    /// The default: about 75 s in release on 2 cores (docs/benchmarks.md).
+    /// The default: about 140 s in release on 2 cores (docs/benchmarks.md).
     Default,
     /// The long versions of everything.
     Full,
