@@ -230,6 +230,7 @@ pub struct ClassDemand {
 
 /// Counters of the compute reserve since it was built.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct ComputeStats {
     /// Steps gated.
     pub steps: u64,

@@ -5,7 +5,7 @@
 use std::fmt::Write as _;
 
 use super::svg::BarChart;
-use crate::sim::qos::FINANCE_TTFT_BUDGET_MS;
+use crate::sim::qos::{ComputeCounters, FINANCE_TTFT_BUDGET_MS};
 use crate::sim::scenarios::ScenarioReport;
 
 /// `(file name, SVG document)`.
@@ -50,10 +50,13 @@ pub(crate) fn section(md: &mut String, s: &ScenarioReport, note: &str) -> Vec<Pl
             .collect();
         let compute = q.compute.as_ref().map_or_else(
             || "— | — | — | — | — | — | — | — | —".to_string(),
-            |c| {
+            |ComputeCounters {
+                 final_share_tokens,
+                 stats: c,
+             }| {
                 format!(
                     "{} | {} | {} | {} | {} | {} | {} / {} | {} | {}",
-                    c.final_share_tokens,
+                    final_share_tokens,
                     c.steps_at_risk,
                     c.reserved_tokens,
                     c.borrowed_tokens,

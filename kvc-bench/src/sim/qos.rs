@@ -16,7 +16,9 @@ use kvc_pin::{
     AdaptiveConfig, AdaptiveReserve, OnExhausted, PinningPolicy, PolicyConfig, Reserve,
     SoftPinConfig, StaticReserve,
 };
-use kvc_sched::{AdaptiveShare, ClassShare, ComputeReserveConfig, Scheduler, SchedulerConfig};
+use kvc_sched::{
+    AdaptiveShare, ClassShare, ComputeReserveConfig, ComputeStats, Scheduler, SchedulerConfig,
+};
 use serde::Serialize;
 
 use super::engine::simulate;
@@ -46,28 +48,9 @@ pub struct QosCounters {
 pub struct ComputeCounters {
     /// The critical class's share at the end of the run (tokens per step).
     pub final_share_tokens: usize,
-    /// Steps gated.
-    pub steps: u64,
-    /// Steps in which a critical first token was at risk.
-    pub steps_at_risk: u64,
-    /// Steps in which critical demand exceeded its share.
-    pub steps_over_share: u64,
-    /// Critical tokens computed within the share.
-    pub reserved_tokens: u64,
-    /// Critical tokens computed beyond it (borrowed).
-    pub borrowed_tokens: u64,
-    /// Critical tokens wanted but not served in the step they were wanted (queued).
-    pub queued_tokens: u64,
-    /// Held tokens left unused (the reserve's cost when a held request could not be placed).
-    pub idle_held_tokens: u64,
-    /// Best-effort prefill chunks shrunk.
-    pub chunks_shrunk: u64,
-    /// Best-effort prefill chunks deferred.
-    pub chunks_deferred: u64,
-    /// Best-effort decodes deferred.
-    pub decodes_deferred: u64,
-    /// Best-effort sequences preempted to admit critical work.
-    pub preemptions: u64,
+    /// The reserve's counters (written flat into the JSON, beside the share).
+    #[serde(flatten)]
+    pub stats: ComputeStats,
 }
 
 /// A QoS variant: a pin policy, the pinned blocks it starts with, and an optional compute
@@ -102,22 +85,9 @@ fn run_variant(
     let cost = dep.cost(block_size)?;
     let result = simulate(&mut sched, workload, &cost, 2_000_000);
     let p = sched.pin_policy().stats();
-    let compute = sched.compute_reserve().map(|c| {
-        let s = c.stats();
-        ComputeCounters {
-            final_share_tokens: c.share_tokens(kvc_core::QosClass::CRITICAL),
-            steps: s.steps,
-            steps_at_risk: s.steps_at_risk,
-            steps_over_share: s.steps_over_share,
-            reserved_tokens: s.reserved_tokens,
-            borrowed_tokens: s.borrowed_tokens,
-            queued_tokens: s.queued_tokens,
-            idle_held_tokens: s.idle_held_tokens,
-            chunks_shrunk: s.chunks_shrunk,
-            chunks_deferred: s.chunks_deferred,
-            decodes_deferred: s.decodes_deferred,
-            preemptions: s.preemptions,
-        }
+    let compute = sched.compute_reserve().map(|c| ComputeCounters {
+        final_share_tokens: c.share_tokens(kvc_core::QosClass::CRITICAL),
+        stats: c.stats(),
     });
     Ok(Variant {
         name: setup_.name,
@@ -516,8 +486,12 @@ pub fn qos_degradation(size: Size) -> Result<ScenarioReport, ScenarioError> {
             .position(|v| v.qos.as_ref().is_some_and(f))
             .unwrap_or(usize::MAX)
     };
-    let borrow =
-        first(&|q| q.mem_borrowed > 0 || q.compute.as_ref().is_some_and(|c| c.borrowed_tokens > 0));
+    let borrow = first(&|q| {
+        q.mem_borrowed > 0
+            || q.compute
+                .as_ref()
+                .is_some_and(|c| c.stats.borrowed_tokens > 0)
+    });
     // Queueing shows when the critical p99 TTFT passes 1.25x that of the lightest rung.
     let base = critical_p99(&variants[0]).max(1e-9);
     let queue = variants
@@ -589,7 +563,7 @@ mod tests {
     fn the_compute_reserve_acts_under_the_surge() {
         let r = qos_overload(Size::Small).unwrap();
         let with = r.variants[6].qos.as_ref().unwrap();
-        let c = with.compute.as_ref().unwrap();
+        let c = with.compute.as_ref().unwrap().stats;
         assert!(c.steps > 0 && c.reserved_tokens > 0, "{c:?}");
         // Critical work ran ahead of best-effort work at least once.
         assert!(
