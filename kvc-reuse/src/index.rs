@@ -172,6 +172,22 @@ impl<H: BlockHasher> ReuseIndex for ScopedIndex<H> {
     fn cached_key(&self, block: BlockId) -> Option<StoreKey> {
         self.cache.block_hash(block).map(|h| StoreKey(h.0))
     }
+
+    fn evict_keyed(
+        &mut self,
+        count: usize,
+        now_ms: u64,
+        evicted: &mut Vec<BlockId>,
+        keys: &mut Vec<Option<StoreKey>>,
+    ) -> usize {
+        self.now_ms = now_ms;
+        let mut hashes = Vec::with_capacity(count.min(64));
+        let n = self
+            .cache
+            .evict_with_hashes(count, now_ms, evicted, &mut hashes);
+        keys.extend(hashes.into_iter().map(|h| h.map(|h| StoreKey(h.0))));
+        n
+    }
 }
 
 #[cfg(test)]
