@@ -121,6 +121,8 @@ struct PendingLoad {
     blocks: Vec<BlockId>,
     /// The prompt's tokens up to the end of the last loaded block (to cache them).
     tokens: Vec<u32>,
+    /// The caller's time when the load was issued (the loaded blocks' time of caching).
+    issued_ms: u64,
 }
 
 /// The lower tiers and their bookkeeping.
@@ -575,6 +577,7 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
                 first,
                 blocks,
                 tokens: prompt[..(first + hit) * bs].to_vec(),
+                issued_ms: now_ms,
             },
         );
         self.seq_mut(seq)?.loading = Some(id);
@@ -638,7 +641,7 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
         s.loading = None;
         s.tokens = (end * bs) as u64;
         let computed = s.tokens;
-        self.cache_prefix(seq, &load.tokens[..end * bs], 0, true)
+        self.cache_prefix(seq, &load.tokens[..end * bs], load.issued_ms, true)
             .map_err(memory)?;
         Ok(LoadDone {
             seq,
