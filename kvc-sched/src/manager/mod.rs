@@ -190,10 +190,22 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
         })
     }
 
-    /// Adds tiers below device memory (see the [module docs](self), "Lower tiers"): after a
-    /// device miss, [`load_prefix`](Self::load_prefix) continues the prefix into `tiers`, and
-    /// cached blocks are written down in `mode` (listed by
-    /// [`drain_offloads`](Self::drain_offloads)). Without it nothing is offloaded or loaded.
+    /// Adds tiers below device memory. Without it nothing is offloaded or loaded. With it:
+    ///
+    /// - after [`lookup_prefix`](Self::lookup_prefix), [`load_prefix`](Self::load_prefix)
+    ///   continues the prefix into `tiers`: device blocks are allocated for the blocks the
+    ///   tiers hold (as any allocation; when that is not possible now, nothing happens and the
+    ///   prompt is recomputed), and a [`LoadJob`](crate::LoadJob) names them. The sequence
+    ///   waits ([`KvError::Loading`] for allocation, forks, caching) until
+    ///   [`complete_load`](Self::complete_load) reports the load; then the loaded blocks are
+    ///   its computed prefix and are cached on the device. A failed load keeps its leading
+    ///   loaded blocks; the rest are recomputed in place;
+    /// - cached blocks the device evicts ([`TierMode::WriteBack`]) or caches
+    ///   ([`TierMode::WriteThrough`]) are listed by [`drain_offloads`](Self::drain_offloads),
+    ///   for the engine to copy down before it writes into any block allocated since;
+    /// - a sequence freed while its load is in flight gives its other blocks back at once;
+    ///   the blocks being loaded stay held (in use) until the load is reported, then are
+    ///   freed.
     ///
     /// The tiers are named by the reuse index's keys
     /// ([`ReuseIndex::block_keys`](kvc_core::ReuseIndex::block_keys)): an index that cannot
