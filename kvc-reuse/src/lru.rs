@@ -1,45 +1,60 @@
-//! [`Lru`]: least recently used eviction as an intrusive doubly linked list in flat arrays.
+//! [`Lru`]: least recently used eviction as a recency queue in flat arrays.
 //!
-//! Each slot has one 16-byte link (its last-use stamp and its neighbours); the list holds the
-//! evictable blocks in the order `(stamp, slot)`, oldest first. Almost every block becomes
-//! evictable either with the newest stamp (a release) or with an older stamp than every block
-//! already listed (a parent whose last child was just evicted), so it joins one end of the list
-//! in constant time, with no allocation. A block whose place is elsewhere is placed by a short
-//! walk from both ends; if that does not find its place within [`Lru::WALK`] steps it waits in
-//! a small ordered set beside the list, and [`pop_victim`](EvictionPolicy::pop_victim) takes
-//! the older of the list's head and the set's first. The eviction order is therefore exactly
-//! the `(stamp, slot)` order, whatever the access pattern.
+//! The evictable blocks wait in a double-ended queue of 16-byte entries `(stamp, slot, tag)`,
+//! sorted by `(stamp, slot)`, oldest first. Almost every block becomes evictable either with
+//! the newest stamp (a release) or with an older stamp than every block queued (a parent whose
+//! last child was just evicted), so it joins one end of the queue in constant time, with no
+//! allocation. A block that stops being evictable (hit again, or given a child) is not looked
+//! for in the queue: its per-slot tag moves on, which makes its entry stale, and stale entries
+//! are skipped when they reach the front (or dropped all at once when they outnumber the live
+//! ones). Eviction reads the queue front to back, so the next victims sit in consecutive memory
+//! instead of behind a pointer chase.
+//!
+//! A block whose place is inside the queue goes there when that is near an end (a short move),
+//! and otherwise waits in a small ordered set beside the queue;
+//! [`pop_victim`](EvictionPolicy::pop_victim) takes the older of the queue's first live entry
+//! and the set's first. The eviction order is therefore exactly the `(stamp, slot)` order,
+//! whatever the access pattern.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 
 use crate::policy::{BlockInfo, EvictionPolicy};
 
-/// No slot (an end of the list).
-const NIL: u32 = u32::MAX;
-/// `prev` of a slot that is not evictable.
-const OUT: u32 = u32::MAX - 1;
-/// `prev` of an evictable slot kept in the ordered set instead of the list.
-const SET: u32 = u32::MAX - 2;
-/// `prev` of the list's head.
-const HEAD: u32 = u32::MAX - 3;
-
-/// A slot's last use and its place in the recency list.
-#[derive(Clone, Copy, Debug)]
-struct Link {
-    stamp: u64,
-    /// The previous slot in the list, or [`HEAD`], [`OUT`] or [`SET`].
-    prev: u32,
-    /// The next slot in the list, or [`NIL`] (meaningful only in the list).
-    next: u32,
+/// Whether and where a slot is evictable.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum State {
+    /// Not evictable.
+    #[default]
+    Out,
+    /// Evictable, with a live entry in the queue.
+    Queued,
+    /// Evictable, in the ordered set.
+    Set,
 }
 
-impl Default for Link {
-    fn default() -> Self {
-        Self {
-            stamp: 0,
-            prev: OUT,
-            next: NIL,
-        }
+/// A slot's last use and the tag of its live queue entry.
+#[derive(Clone, Copy, Debug, Default)]
+struct Slot {
+    stamp: u64,
+    /// Bumped on every entry into the queue: an entry whose tag differs is stale. It never
+    /// resets (not even when the slot is reused), and stale entries are dropped long before
+    /// it wraps around.
+    tag: u32,
+    state: State,
+}
+
+/// A queue entry.
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    stamp: u64,
+    slot: u32,
+    tag: u32,
+}
+
+impl Entry {
+    #[inline]
+    fn key(self) -> (u64, u32) {
+        (self.stamp, self.slot)
     }
 }
 
@@ -48,132 +63,97 @@ impl Default for Link {
 /// one has used for longest go first, and, as in vLLM, blocks freed earlier go before blocks
 /// freed later, a request's tail before its head. Ties (never produced by the cache's clock)
 /// go to the lower slot. Every operation is constant time in practice; see the module docs.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Lru {
-    links: Vec<Link>,
-    head: u32,
-    tail: u32,
-    /// Evictable blocks whose place in the list was not near either end.
+    slots: Vec<Slot>,
+    queue: VecDeque<Entry>,
+    /// Stale entries in the queue.
+    stale: usize,
+    /// Evictable blocks whose place in the queue was far from both ends.
     set: BTreeSet<(u64, u32)>,
 }
 
-impl Default for Lru {
-    fn default() -> Self {
-        Self {
-            links: Vec::new(),
-            head: NIL,
-            tail: NIL,
-            set: BTreeSet::new(),
-        }
-    }
-}
-
 impl Lru {
-    /// Steps a misplaced block's walk takes from each end before it goes to the set.
-    const WALK: usize = 8;
+    /// Farthest from an end of the queue a block is placed by moving entries.
+    const SHIFT: usize = 32;
 
     #[inline]
-    fn key(&self, slot: u32) -> (u64, u32) {
-        (self.links[slot as usize].stamp, slot)
-    }
-
-    #[inline]
-    fn is_evictable(&self, slot: u32) -> bool {
-        self.links[slot as usize].prev != OUT
-    }
-
-    /// Links `slot` (not listed) between `prev` and `next` (each a slot or an end).
-    #[inline]
-    fn link(&mut self, slot: u32, prev: u32, next: u32) {
-        let l = &mut self.links[slot as usize];
-        l.prev = if prev == NIL { HEAD } else { prev };
-        l.next = next;
-        if prev == NIL {
-            self.head = slot;
-        } else {
-            self.links[prev as usize].next = slot;
-        }
-        if next == NIL {
-            self.tail = slot;
-        } else {
-            self.links[next as usize].prev = slot;
-        }
+    fn is_live(&self, e: Entry) -> bool {
+        let s = self.slots[e.slot as usize];
+        s.state == State::Queued && s.tag == e.tag
     }
 
     /// Makes the non-evictable `slot` evictable at its stamp.
     fn enter(&mut self, slot: u32) {
-        let key = self.key(slot);
-        if self.tail == NIL {
-            self.link(slot, NIL, NIL);
-            return;
-        }
-        if self.key(self.tail) < key {
-            self.link(slot, self.tail, NIL);
-            return;
-        }
-        if key < self.key(self.head) {
-            self.link(slot, NIL, self.head);
-            return;
-        }
-        // Somewhere inside: the first listed slot after it, from the head, or the last one
-        // before it, from the tail.
-        let (mut fwd, mut back) = (self.links[self.head as usize].next, self.tail);
-        for _ in 0..Self::WALK {
-            if fwd != NIL && key < self.key(fwd) {
-                let prev = self.links[fwd as usize].prev;
-                self.link(slot, prev, fwd);
-                return;
+        let s = &mut self.slots[slot as usize];
+        s.tag = s.tag.wrapping_add(1);
+        let e = Entry {
+            stamp: s.stamp,
+            slot,
+            tag: s.tag,
+        };
+        let key = e.key();
+        // The queue (stale entries included) stays sorted.
+        match (self.queue.front().copied(), self.queue.back().copied()) {
+            (_, Some(back)) if back.key() < key => self.queue.push_back(e),
+            (None, None) => self.queue.push_back(e),
+            (Some(front), _) if key < front.key() => self.queue.push_front(e),
+            _ => {
+                let at = self.queue.partition_point(|q| q.key() < key);
+                if at.min(self.queue.len() - at) > Self::SHIFT {
+                    self.slots[slot as usize].state = State::Set;
+                    self.set.insert(key);
+                    return;
+                }
+                self.queue.insert(at, e);
             }
-            let before = self.links[back as usize].prev;
-            if before != HEAD && self.key(before) < key {
-                self.link(slot, before, back);
-                return;
-            }
-            if fwd == NIL || before == HEAD {
-                break;
-            }
-            fwd = self.links[fwd as usize].next;
-            back = before;
         }
-        self.links[slot as usize].prev = SET;
-        self.set.insert(key);
+        self.slots[slot as usize].state = State::Queued;
     }
 
     /// Makes the evictable `slot` not evictable.
     fn leave(&mut self, slot: u32) {
-        let Link { stamp, prev, next } = self.links[slot as usize];
-        match prev {
-            OUT => return,
-            SET => {
-                self.set.remove(&(stamp, slot));
-            }
-            _ => {
-                if prev == HEAD {
-                    self.head = next;
-                } else {
-                    self.links[prev as usize].next = next;
-                }
-                if next == NIL {
-                    self.tail = if prev == HEAD { NIL } else { prev };
-                } else {
-                    self.links[next as usize].prev = prev;
-                }
+        let s = &mut self.slots[slot as usize];
+        match s.state {
+            State::Out => return,
+            State::Queued => self.stale += 1,
+            State::Set => {
+                self.set.remove(&(s.stamp, slot));
             }
         }
-        let l = &mut self.links[slot as usize];
-        l.prev = OUT;
-        l.next = NIL;
+        s.state = State::Out;
+        if self.stale > 64 && self.stale * 2 > self.queue.len() {
+            let slots = &self.slots;
+            self.queue.retain(|e| {
+                let s = slots[e.slot as usize];
+                s.state == State::Queued && s.tag == e.tag
+            });
+            self.stale = 0;
+        }
+    }
+
+    /// Drops stale entries from the front; returns the first live one.
+    #[inline]
+    fn live_front(&mut self) -> Option<Entry> {
+        while let Some(&e) = self.queue.front() {
+            if self.is_live(e) {
+                return Some(e);
+            }
+            self.queue.pop_front();
+            self.stale -= 1;
+        }
+        None
     }
 
     /// Sets the last use of `slot`, moving it in the order if it is evictable.
     #[inline]
     fn restamp(&mut self, slot: u32, stamp: u64) {
-        if self.is_evictable(slot) {
-            self.leave(slot);
-            self.links[slot as usize].stamp = stamp;
-            self.enter(slot);
+        if self.slots[slot as usize].state == State::Out {
+            self.slots[slot as usize].stamp = stamp;
         } else {
-            self.links[slot as usize].stamp = stamp;
+            self.leave(slot);
+            self.slots[slot as usize].stamp = stamp;
+            self.enter(slot);
         }
     }
 }
@@ -184,14 +164,12 @@ impl EvictionPolicy for Lru {
     }
     fn on_insert(&mut self, slot: u32, info: &BlockInfo) {
         let i = slot as usize;
-        if self.links.len() <= i {
-            self.links.resize(i + 1, Link::default());
+        if self.slots.len() <= i {
+            self.slots.resize(i + 1, Slot::default());
         }
-        self.links[i] = Link {
-            stamp: info.stamp,
-            prev: OUT,
-            next: NIL,
-        };
+        let s = &mut self.slots[i];
+        s.stamp = info.stamp;
+        s.state = State::Out;
     }
     fn on_hit(&mut self, slot: u32, info: &BlockInfo) {
         self.restamp(slot, info.stamp);
@@ -200,7 +178,7 @@ impl EvictionPolicy for Lru {
         self.restamp(slot, stamp);
     }
     fn on_evictable(&mut self, slot: u32) {
-        if !self.is_evictable(slot) {
+        if self.slots[slot as usize].state == State::Out {
             self.enter(slot);
         }
     }
@@ -211,33 +189,42 @@ impl EvictionPolicy for Lru {
         self.leave(slot);
     }
     fn pop_victim(&mut self) -> Option<u32> {
-        let slot = match (self.head, self.set.first()) {
-            (NIL, None) => return None,
-            (NIL, Some(&(_, s))) => s,
-            (h, Some(&(stamp, s))) if (stamp, s) < self.key(h) => s,
-            (h, _) => h,
+        let front = self.live_front();
+        let slot = match (front, self.set.first()) {
+            (None, None) => return None,
+            (Some(e), Some(&k)) if e.key() < k => e.slot,
+            (Some(e), None) => e.slot,
+            (_, Some(&(_, s))) => s,
         };
-        self.leave(slot);
+        if front.is_some_and(|e| e.slot == slot) {
+            self.queue.pop_front();
+            self.slots[slot as usize].state = State::Out;
+        } else {
+            self.leave(slot);
+        }
         Some(slot)
     }
     fn peek_victims(&self, n: usize, out: &mut Vec<u32>) {
-        let mut listed = self.head;
+        let mut queued = self
+            .queue
+            .iter()
+            .copied()
+            .filter(|&e| self.is_live(e))
+            .peekable();
         let mut set = self.set.iter().peekable();
         for _ in 0..n {
-            let from_set = match (listed, set.peek()) {
-                (NIL, None) => break,
-                (NIL, Some(_)) => true,
-                (l, Some(&&k)) => k < self.key(l),
-                (_, None) => false,
+            let from_set = match (queued.peek(), set.peek()) {
+                (None, None) => break,
+                (Some(e), Some(&&k)) => k < e.key(),
+                (None, Some(_)) => true,
+                (Some(_), None) => false,
             };
-            if from_set {
-                if let Some(&(_, s)) = set.next() {
-                    out.push(s);
-                }
+            let next = if from_set {
+                set.next().map(|&(_, s)| s)
             } else {
-                out.push(listed);
-                listed = self.links[listed as usize].next;
-            }
+                queued.next().map(|e| e.slot)
+            };
+            out.extend(next);
         }
     }
 }
