@@ -23,7 +23,6 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
 use kvc_core::{BlockId, PrefixHit, Retention, ReuseError};
-use smallvec::SmallVec;
 
 use crate::BlockHash;
 use crate::events::{EventLog, EventRecord, KvEvent, Metrics};
@@ -317,6 +316,8 @@ pub struct PrefixCache {
     orphans: Vec<BlockId>,
     /// Scratch for [`Self::prefetch_victims`].
     peeked: Vec<u32>,
+    /// Scratch for [`Self::lookup`]: the slots of the hit.
+    hit_slots: Vec<u32>,
     /// Hittable nodes with use count 0 (evictable, possibly after their unused descendants).
     unused: usize,
     clock: u64,
@@ -348,6 +349,7 @@ impl PrefixCache {
             retention_gen: 0,
             orphans: Vec::new(),
             peeked: Vec::new(),
+            hit_slots: Vec::new(),
             unused: 0,
             clock: 0,
             now_ms: 0,
@@ -479,7 +481,8 @@ impl PrefixCache {
             .query_tokens
             .saturating_add(prompt_tokens as u64);
         let usable = (prompt_tokens.saturating_sub(1) / self.block_size as usize).min(hashes.len());
-        let mut slots: SmallVec<[u32; 64]> = SmallVec::new();
+        let mut slots = std::mem::take(&mut self.hit_slots);
+        slots.clear();
         for h in &hashes[..usable] {
             match self.find(*h) {
                 // A block with `u32::MAX` holders ends the hit (a shorter hit is always safe).
@@ -511,6 +514,7 @@ impl PrefixCache {
         let tokens = u64::from(hit) * u64::from(self.block_size);
         self.metrics.hit_blocks = self.metrics.hit_blocks.saturating_add(u64::from(hit));
         self.metrics.hit_tokens = self.metrics.hit_tokens.saturating_add(tokens);
+        self.hit_slots = slots;
         PrefixHit { blocks, tokens }
     }
 
