@@ -318,6 +318,9 @@ pub struct PrefixCache {
     peeked: Vec<u32>,
     /// Scratch for [`Self::lookup`]: the slots of the hit.
     hit_slots: Vec<u32>,
+    /// Hash-index entries of the blocks [`Self::evict`] removed, dropped from the index at
+    /// the end of the eviction (see [`Self::unindex_evicted`]).
+    unindexed: Vec<(BlockHash, u32)>,
     /// Hittable nodes with use count 0 (evictable, possibly after their unused descendants).
     unused: usize,
     clock: u64,
@@ -350,6 +353,7 @@ impl PrefixCache {
             orphans: Vec::new(),
             peeked: Vec::new(),
             hit_slots: Vec::new(),
+            unindexed: Vec::new(),
             unused: 0,
             clock: 0,
             now_ms: 0,
@@ -774,10 +778,25 @@ impl PrefixCache {
             self.metrics.evicted_capacity = self.metrics.evicted_capacity.saturating_add(1);
             n += 1;
         }
+        self.unindex_evicted();
         if !removed.is_empty() {
             self.events.push(KvEvent::BlockRemoved { hashes: removed });
         }
         n
+    }
+
+    /// Drops the evicted blocks' hash-index entries. Done once per eviction rather than per
+    /// block: a chain evicted tail first makes each victim's parent the next victim, so
+    /// removing each entry in turn would wait for one bucket's cache miss after another;
+    /// here every bucket is read first, the misses overlapping, then the entries go.
+    fn unindex_evicted(&mut self) {
+        let mut gone = std::mem::take(&mut self.unindexed);
+        self.by_hash.touch(gone.iter().map(|&(h, _)| h));
+        for &(hash, slot) in &gone {
+            self.by_hash.remove(hash, slot);
+        }
+        gone.clear();
+        self.unindexed = gone;
     }
 
     /// Victims fetched ahead of a batch eviction.
@@ -907,11 +926,13 @@ impl PrefixCache {
         }
     }
 
-    /// Removes an evictable hittable node (already out of its lane) and returns it.
+    /// Removes an evictable hittable node (already out of its lane) and returns it; its
+    /// hash-index entry goes at the end of the eviction.
     fn remove_hittable(&mut self, slot: u32) -> Node {
         self.policy.on_remove(slot);
         let node = self.nodes.remove(slot as usize);
-        self.by_hash.remove(node.hash, slot);
+        // Unhittable from here on: nothing looks the hash up before `evict` returns.
+        self.unindexed.push((node.hash, slot));
         self.by_block.remove(node.block);
         if node.retained {
             self.retained.remove(&slot);
