@@ -131,6 +131,8 @@ struct Replay {
     evicted_blocks: u64,
     /// The first reference change the pool or the cache refused.
     broken: Option<String>,
+    /// Emptied tables of finished requests, reused so a request allocates no table.
+    spare: Vec<BlockTable>,
 }
 
 impl Replay {
@@ -170,6 +172,7 @@ impl Replay {
         if let Err(e) = live.table.release_all(&mut self.pool) {
             self.broken.get_or_insert(format!("release_all: {e}"));
         }
+        self.spare.push(live.table);
     }
 
     /// The first ownership failure seen, as an error for request `index`.
@@ -268,6 +271,7 @@ pub fn block_replay(
         evicted: Vec::new(),
         evicted_blocks: 0,
         broken: None,
+        spare: Vec::new(),
     };
     let root = cfg.hasher.root(&HashExtra::new("mooncake-replay", 1));
     let mut door = cfg
@@ -310,7 +314,10 @@ pub fn block_replay(
         let hit = r.cache.lookup(&hashes, tokens.len(), now);
         input_tokens += tokens.len() as u64;
         hit_tokens += hit.tokens;
-        let mut table = BlockTable::new(cfg.block_size);
+        let mut table = r
+            .spare
+            .pop()
+            .unwrap_or_else(|| BlockTable::new(cfg.block_size));
         let ownership = |what: String| BlockReplayError::Ownership { index, what };
         for &b in &hit.blocks {
             // The request's own reference on each hit block (the cache holds another).

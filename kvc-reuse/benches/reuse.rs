@@ -1,6 +1,6 @@
-//! Criterion benchmarks of the prefix cache: hashing plus lookup of a fully cached 32k-token
-//! prompt (16-token blocks) with each hasher, inserting the same prompt into an empty cache,
-//! and evicting 1,024 blocks.
+//! Criterion benchmarks of the prefix cache: hashing one 16-token block with each hasher,
+//! hashing plus lookup of a fully cached 32k-token prompt (16-token blocks) with each hasher,
+//! inserting the same prompt into an empty cache, and evicting 1,024 blocks.
 
 use std::hint::black_box;
 
@@ -29,6 +29,19 @@ fn filled(hasher: HasherKind, tokens: &[u32]) -> (PrefixCache, Vec<kvc_reuse::Bl
     // The request that computed them is done: the blocks are cached and unused.
     cache.release(&blocks).expect("held by the insert");
     (cache, hashes)
+}
+
+/// One chained 16-token block: the time per block of every prompt hash.
+fn chain(c: &mut Criterion) {
+    let tokens = prompt();
+    let block = &tokens[..BS as usize];
+    for hasher in HasherKind::ALL {
+        let parent = hasher.root(&HashExtra::new("bench", 1));
+        c.bench_function(
+            &format!("reuse/chain one 16-token block ({})", hasher.name()),
+            |b| b.iter(|| hasher.chain(black_box(parent), black_box(block))),
+        );
+    }
 }
 
 fn lookup(c: &mut Criterion) {
@@ -134,5 +147,5 @@ fn evict(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, lookup, insert, evict);
+criterion_group!(benches, chain, lookup, insert, evict);
 criterion_main!(benches);

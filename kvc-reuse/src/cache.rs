@@ -23,8 +23,6 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
 use kvc_core::{BlockId, PrefixHit, Retention, ReuseError};
-use slab::Slab;
-use smallvec::SmallVec;
 
 use crate::BlockHash;
 use crate::events::{EventLog, EventRecord, KvEvent, Metrics};
@@ -68,12 +66,21 @@ enum Lane {
     High,
 }
 
-#[derive(Debug)]
+/// No node (an end of a sibling list, or no child).
+const NIL: u32 = u32::MAX;
+
+/// A cached block: one 64-byte cache line, so reading a node costs one memory access.
+/// Children are an intrusive list (newest first) through `first_child` and the siblings'
+/// `next_sibling`/`prev_sibling`, so a node owns no allocation.
+#[derive(Clone, Copy, Debug)]
+#[repr(align(64))]
 struct Node {
     hash: BlockHash,
     block: BlockId,
     parent: Option<u32>,
-    children: SmallVec<[u32; 2]>,
+    first_child: u32,
+    next_sibling: u32,
+    prev_sibling: u32,
     refs: u32,
     /// Has an entry in `PrefixCache::retained` (a retention other than the default).
     retained: bool,
@@ -82,6 +89,125 @@ struct Node {
     stamp: u64,
     depth: u32,
     lane: Lane,
+    /// Whether the slot holds a node (false once removed, until reused).
+    live: bool,
+}
+
+const _: () = assert!(
+    std::mem::size_of::<Node>() == 64,
+    "a node is one cache line"
+);
+
+impl Node {
+    #[inline]
+    fn has_children(&self) -> bool {
+        self.first_child != NIL
+    }
+}
+
+/// The node table: nodes in one flat array of cache lines, freed slots reused last freed
+/// first (so a block cached right after an eviction lands on the line the eviction just read).
+#[derive(Debug, Default)]
+struct Nodes {
+    nodes: Vec<Node>,
+    free: Vec<u32>,
+    len: usize,
+}
+
+impl Nodes {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    #[inline]
+    fn get(&self, slot: usize) -> Option<&Node> {
+        self.nodes.get(slot).filter(|n| n.live)
+    }
+
+    fn insert(&mut self, node: Node) -> usize {
+        self.len += 1;
+        match self.free.pop() {
+            Some(slot) => {
+                self.nodes[slot as usize] = node;
+                slot as usize
+            }
+            None => {
+                self.nodes.push(node);
+                self.nodes.len() - 1
+            }
+        }
+    }
+
+    fn remove(&mut self, slot: usize) -> Node {
+        let node = self.nodes[slot];
+        debug_assert!(node.live, "slot {slot} removed twice");
+        self.nodes[slot].live = false;
+        self.free.push(slot as u32);
+        self.len -= 1;
+        node
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (usize, &Node)> {
+        self.nodes.iter().enumerate().filter(|(_, n)| n.live)
+    }
+
+    /// Makes `child` the first child of `parent`.
+    fn add_child(&mut self, parent: u32, child: u32) {
+        let first = self.nodes[parent as usize].first_child;
+        if first != NIL {
+            self.nodes[first as usize].prev_sibling = child;
+        }
+        let c = &mut self.nodes[child as usize];
+        c.next_sibling = first;
+        c.prev_sibling = NIL;
+        self.nodes[parent as usize].first_child = child;
+    }
+
+    /// Takes `child` out of the children of `parent`.
+    fn remove_child(&mut self, parent: u32, child: u32) {
+        let Node {
+            prev_sibling: prev,
+            next_sibling: next,
+            ..
+        } = self.nodes[child as usize];
+        if prev == NIL {
+            self.nodes[parent as usize].first_child = next;
+        } else {
+            self.nodes[prev as usize].next_sibling = next;
+        }
+        if next != NIL {
+            self.nodes[next as usize].prev_sibling = prev;
+        }
+        let c = &mut self.nodes[child as usize];
+        c.next_sibling = NIL;
+        c.prev_sibling = NIL;
+    }
+
+    /// Appends the children of `parent`, oldest first, to `out`, and forgets them.
+    fn drain_children(&mut self, parent: u32, out: &mut Vec<u32>) {
+        let from = out.len();
+        let mut c = std::mem::replace(&mut self.nodes[parent as usize].first_child, NIL);
+        while c != NIL {
+            out.push(c);
+            c = self.nodes[c as usize].next_sibling;
+        }
+        out[from..].reverse();
+    }
+}
+
+impl std::ops::Index<usize> for Nodes {
+    type Output = Node;
+    #[inline]
+    fn index(&self, slot: usize) -> &Node {
+        &self.nodes[slot]
+    }
+}
+
+impl std::ops::IndexMut<usize> for Nodes {
+    #[inline]
+    fn index_mut(&mut self, slot: usize) -> &mut Node {
+        &mut self.nodes[slot]
+    }
 }
 
 /// Retention state of the few blocks with a caller-set retention (kept apart so the common
@@ -178,7 +304,7 @@ impl BlockIndex {
 #[derive(Debug)]
 pub struct PrefixCache {
     block_size: u32,
-    nodes: Slab<Node>,
+    nodes: Nodes,
     by_hash: HashIndex,
     by_block: BlockIndex,
     retained: HashMap<u32, Retained, KeyHash>,
@@ -190,6 +316,11 @@ pub struct PrefixCache {
     orphans: Vec<BlockId>,
     /// Scratch for [`Self::prefetch_victims`].
     peeked: Vec<u32>,
+    /// Scratch for [`Self::lookup`]: the slots of the hit.
+    hit_slots: Vec<u32>,
+    /// Hash-index entries of the blocks [`Self::evict`] removed, dropped from the index at
+    /// the end of the eviction (see [`Self::unindex_evicted`]).
+    unindexed: Vec<(BlockHash, u32)>,
     /// Hittable nodes with use count 0 (evictable, possibly after their unused descendants).
     unused: usize,
     clock: u64,
@@ -210,7 +341,7 @@ impl PrefixCache {
     pub fn with_policy(block_size: u32, policy: Box<dyn EvictionPolicy>) -> Self {
         Self {
             block_size: block_size.max(1),
-            nodes: Slab::new(),
+            nodes: Nodes::default(),
             by_hash: HashIndex::default(),
             by_block: BlockIndex::default(),
             retained: HashMap::default(),
@@ -221,6 +352,8 @@ impl PrefixCache {
             retention_gen: 0,
             orphans: Vec::new(),
             peeked: Vec::new(),
+            hit_slots: Vec::new(),
+            unindexed: Vec::new(),
             unused: 0,
             clock: 0,
             now_ms: 0,
@@ -360,7 +493,8 @@ impl PrefixCache {
             .query_tokens
             .saturating_add(prompt_tokens as u64);
         let usable = (prompt_tokens.saturating_sub(1) / self.block_size as usize).min(hashes.len());
-        let mut slots: SmallVec<[u32; 64]> = SmallVec::new();
+        let mut slots = std::mem::take(&mut self.hit_slots);
+        slots.clear();
         for h in &hashes[..usable] {
             match self.find(*h) {
                 // A block with `u32::MAX` holders ends the hit (a shorter hit is always safe).
@@ -392,6 +526,7 @@ impl PrefixCache {
         let tokens = u64::from(hit) * u64::from(self.block_size);
         self.metrics.hit_blocks = self.metrics.hit_blocks.saturating_add(u64::from(hit));
         self.metrics.hit_tokens = self.metrics.hit_tokens.saturating_add(tokens);
+        self.hit_slots = slots;
         PrefixHit { blocks, tokens }
     }
 
@@ -479,19 +614,22 @@ impl PrefixCache {
                 hash,
                 block,
                 parent,
-                children: SmallVec::new(),
+                first_child: NIL,
+                next_sibling: NIL,
+                prev_sibling: NIL,
                 refs: 1,
                 retained: false,
                 hittable: true,
                 stamp,
                 depth: i as u32,
                 lane: Lane::None,
+                live: true,
             }) as u32;
             self.by_hash.insert(hash, slot);
             self.by_block.insert(block, slot);
             self.policy.on_insert(slot, &info);
             if let Some(p) = parent {
-                self.nodes[p as usize].children.push(slot);
+                self.nodes.add_child(p, slot);
                 self.refresh(p);
             }
             if self.events.enabled() {
@@ -546,32 +684,54 @@ impl PrefixCache {
         let mut result = Ok(());
         // Tail first: the blocks freed first are the first evicted (as vLLM frees a request's
         // blocks in reverse), and a prefix's head outlives its tail.
-        for &block in blocks.iter().rev() {
-            let Some(slot) = self.by_block.get(block) else {
-                continue;
-            };
-            let node = &mut self.nodes[slot as usize];
-            if node.refs == 0 {
-                result = Err(ReuseError::NotInUse { block });
-                continue;
-            }
-            node.refs -= 1;
-            if node.refs == 0 {
-                if node.hittable {
-                    self.unused += 1;
-                    let stamp = self.tick();
-                    self.nodes[slot as usize].stamp = stamp;
-                    self.policy.on_release(slot, stamp);
-                    self.refresh(slot);
-                } else {
-                    let node = self.nodes.remove(slot as usize);
-                    self.by_block.remove(node.block);
-                    self.retained.remove(&slot);
-                    self.orphans.push(node.block);
+        for chunk in blocks.rchunks(Self::PREFETCH) {
+            self.touch_blocks(chunk);
+            for &block in chunk.iter().rev() {
+                if let Err(e) = self.release_one(block) {
+                    result = Err(e);
                 }
             }
         }
         result
+    }
+
+    fn release_one(&mut self, block: BlockId) -> Result<(), ReuseError> {
+        let Some(slot) = self.by_block.get(block) else {
+            return Ok(());
+        };
+        let node = &mut self.nodes[slot as usize];
+        if node.refs == 0 {
+            return Err(ReuseError::NotInUse { block });
+        }
+        node.refs -= 1;
+        if node.refs == 0 {
+            if node.hittable {
+                self.unused += 1;
+                let stamp = self.tick();
+                self.nodes[slot as usize].stamp = stamp;
+                self.policy.on_release(slot, stamp);
+                self.refresh(slot);
+            } else {
+                let node = self.nodes.remove(slot as usize);
+                self.by_block.remove(node.block);
+                self.retained.remove(&slot);
+                self.orphans.push(node.block);
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the nodes of these blocks, so the cache misses of a batch overlap instead of
+    /// being paid one after another (a software prefetch without `unsafe`). Changes nothing.
+    #[inline]
+    fn touch_blocks(&self, blocks: &[BlockId]) {
+        let mut acc = 0u32;
+        for &b in blocks {
+            if let Some(slot) = self.by_block.get(b) {
+                acc ^= self.nodes[slot as usize].refs;
+            }
+        }
+        std::hint::black_box(acc);
     }
 
     /// Forgets up to `count` evictable blocks, appending their ids to `evicted` for the caller
@@ -631,7 +791,7 @@ impl PrefixCache {
                 break;
             };
             let valid = self.nodes.get(slot as usize).is_some_and(|node| {
-                node.lane == lane && node.hittable && node.refs == 0 && node.children.is_empty()
+                node.lane == lane && node.hittable && node.refs == 0 && !node.has_children()
             });
             if !valid {
                 // A victim that is not an evictable leaf in that lane means the lanes and the
@@ -655,10 +815,25 @@ impl PrefixCache {
             self.metrics.evicted_capacity = self.metrics.evicted_capacity.saturating_add(1);
             n += 1;
         }
+        self.unindex_evicted();
         if !removed.is_empty() {
             self.events.push(KvEvent::BlockRemoved { hashes: removed });
         }
         n
+    }
+
+    /// Drops the evicted blocks' hash-index entries. Done once per eviction rather than per
+    /// block: a chain evicted tail first makes each victim's parent the next victim, so
+    /// removing each entry in turn would wait for one bucket's cache miss after another;
+    /// here every bucket is read first, the misses overlapping, then the entries go.
+    fn unindex_evicted(&mut self) {
+        let mut gone = std::mem::take(&mut self.unindexed);
+        self.by_hash.touch(gone.iter().map(|&(h, _)| h));
+        for &(hash, slot) in &gone {
+            self.by_hash.remove(hash, slot);
+        }
+        gone.clear();
+        self.unindexed = gone;
     }
 
     /// Victims fetched ahead of a batch eviction.
@@ -729,7 +904,7 @@ impl PrefixCache {
             return 0;
         };
         if let Some(p) = self.nodes[top as usize].parent {
-            self.nodes[p as usize].children.retain(|c| *c != top);
+            self.nodes.remove_child(p, top);
             self.refresh(p);
         }
         let mut removed = Vec::new();
@@ -770,8 +945,8 @@ impl PrefixCache {
         while let Some(slot) = stack.pop() {
             self.leave_lane(slot);
             self.policy.on_remove(slot);
+            self.nodes.drain_children(slot, &mut stack);
             let node = &mut self.nodes[slot as usize];
-            stack.extend(node.children.drain(..));
             node.parent = None;
             node.hittable = false;
             let (hash, block, refs) = (node.hash, node.block, node.refs);
@@ -788,15 +963,19 @@ impl PrefixCache {
         }
     }
 
-    /// Removes an evictable hittable node (already out of its lane) and returns it.
+    /// Removes an evictable hittable node (already out of its lane) and returns it; its
+    /// hash-index entry goes at the end of the eviction.
     fn remove_hittable(&mut self, slot: u32) -> Node {
         self.policy.on_remove(slot);
         let node = self.nodes.remove(slot as usize);
-        self.by_hash.remove(node.hash, slot);
+        // Unhittable from here on: nothing looks the hash up before `evict` returns.
+        self.unindexed.push((node.hash, slot));
         self.by_block.remove(node.block);
-        self.retained.remove(&slot);
+        if node.retained {
+            self.retained.remove(&slot);
+        }
         if let Some(p) = node.parent {
-            self.nodes[p as usize].children.retain(|c| *c != slot);
+            self.nodes.remove_child(p, slot);
             self.refresh(p);
         }
         node
@@ -823,7 +1002,7 @@ impl PrefixCache {
     /// Puts a node in the lane its state calls for.
     fn refresh(&mut self, slot: u32) {
         let node = &self.nodes[slot as usize];
-        let evictable = node.hittable && node.refs == 0 && node.children.is_empty();
+        let evictable = node.hittable && node.refs == 0 && !node.has_children();
         let priority = if node.retained {
             self.retained
                 .get(&slot)

@@ -150,11 +150,19 @@ pub trait BlockHasher {
     }
 }
 
-/// Calls `f` with the little-endian bytes of `tokens`, without allocating for small blocks.
+/// Calls `f` with the little-endian bytes of `tokens`, without allocating for small blocks
+/// (and, for blocks of up to 16 tokens, the usual size, with a 64-byte buffer to fill).
 #[inline]
 fn with_le_bytes<R>(tokens: &[u32], f: impl FnOnce(&[u8]) -> R) -> R {
+    const SMALL: usize = 16;
     const STACK: usize = 128;
-    if tokens.len() <= STACK {
+    if tokens.len() <= SMALL {
+        let mut buf = [0u8; SMALL * 4];
+        for (dst, t) in buf.chunks_exact_mut(4).zip(tokens) {
+            dst.copy_from_slice(&t.to_le_bytes());
+        }
+        f(&buf[..tokens.len() * 4])
+    } else if tokens.len() <= STACK {
         let mut buf = [0u8; STACK * 4];
         for (dst, t) in buf.chunks_exact_mut(4).zip(tokens) {
             dst.copy_from_slice(&t.to_le_bytes());
@@ -457,16 +465,20 @@ mod tests {
 
     #[test]
     fn large_blocks_hash_like_small_ones() {
-        // The stack and heap byte paths must agree: a 200-token block equals its bytes hashed.
+        // The byte paths (64-byte buffer, stack, heap) must agree: a block of any size equals
+        // its bytes hashed.
         let tokens: Vec<u32> = (0..200).collect();
-        let bytes: Vec<u8> = tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
-        let parent = BlockHash(5);
-        let mut h = blake3::Hasher::new();
-        h.update(&parent.to_le_bytes());
-        h.update(&bytes);
-        assert_eq!(
-            Blake3Hasher.chain(parent, &tokens),
-            BlockHash(first_16(h.finalize().as_bytes()))
-        );
+        for n in [5, 16, 17, 128, 129, 200] {
+            let bytes: Vec<u8> = tokens[..n].iter().flat_map(|t| t.to_le_bytes()).collect();
+            let parent = BlockHash(5);
+            let mut h = blake3::Hasher::new();
+            h.update(&parent.to_le_bytes());
+            h.update(&bytes);
+            assert_eq!(
+                Blake3Hasher.chain(parent, &tokens[..n]),
+                BlockHash(first_16(h.finalize().as_bytes())),
+                "{n} tokens"
+            );
+        }
     }
 }

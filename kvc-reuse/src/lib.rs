@@ -52,6 +52,7 @@ mod cache;
 mod events;
 pub mod hash;
 mod index;
+mod lru;
 pub mod policy;
 mod session;
 mod table;

@@ -12,6 +12,7 @@ use std::collections::{BTreeSet, VecDeque};
 use ahash::AHashSet;
 
 use crate::BlockHash;
+pub use crate::lru::Lru;
 
 /// What a policy learns about a block when it is cached or hit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -131,68 +132,6 @@ fn grow<T: Default + Clone>(v: &mut Vec<T>, slot: u32) -> &mut T {
         v.resize(i + 1, T::default());
     }
     &mut v[i]
-}
-
-/// Least recently used: evicts the evictable block whose last use is oldest. A block's last
-/// use is the later of its last access (lookup or insert) and its last release, so blocks no
-/// one has used for longest go first, and, as in vLLM, blocks freed earlier go before blocks
-/// freed later, a request's tail before its head.
-#[derive(Debug, Default)]
-pub struct Lru {
-    stamps: Vec<u64>,
-    evictable: Vec<bool>,
-    order: BTreeSet<(u64, u32)>,
-}
-
-impl EvictionPolicy for Lru {
-    fn name(&self) -> &'static str {
-        "lru"
-    }
-    fn on_insert(&mut self, slot: u32, info: &BlockInfo) {
-        *grow(&mut self.stamps, slot) = info.stamp;
-        *grow(&mut self.evictable, slot) = false;
-    }
-    fn on_hit(&mut self, slot: u32, info: &BlockInfo) {
-        let i = slot as usize;
-        if self.evictable[i] {
-            self.order.remove(&(self.stamps[i], slot));
-            self.order.insert((info.stamp, slot));
-        }
-        self.stamps[i] = info.stamp;
-    }
-    fn on_release(&mut self, slot: u32, stamp: u64) {
-        let i = slot as usize;
-        if self.evictable[i] {
-            self.order.remove(&(self.stamps[i], slot));
-            self.order.insert((stamp, slot));
-        }
-        self.stamps[i] = stamp;
-    }
-    fn on_evictable(&mut self, slot: u32) {
-        let i = slot as usize;
-        if !self.evictable[i] {
-            self.evictable[i] = true;
-            self.order.insert((self.stamps[i], slot));
-        }
-    }
-    fn on_unevictable(&mut self, slot: u32) {
-        let i = slot as usize;
-        if self.evictable[i] {
-            self.evictable[i] = false;
-            self.order.remove(&(self.stamps[i], slot));
-        }
-    }
-    fn on_remove(&mut self, slot: u32) {
-        self.on_unevictable(slot);
-    }
-    fn pop_victim(&mut self) -> Option<u32> {
-        let (_, slot) = self.order.pop_first()?;
-        self.evictable[slot as usize] = false;
-        Some(slot)
-    }
-    fn peek_victims(&self, n: usize, out: &mut Vec<u32>) {
-        out.extend(self.order.iter().take(n).map(|&(_, slot)| slot));
-    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -1,0 +1,362 @@
+//! [`Lru`]: least recently used eviction as a recency queue in flat arrays.
+//!
+//! The evictable blocks wait in a double-ended queue of 16-byte entries `(stamp, slot, tag)`,
+//! sorted by `(stamp, slot)`, oldest first. Almost every block becomes evictable either with
+//! the newest stamp (a release) or with an older stamp than every block queued (a parent whose
+//! last child was just evicted), so it joins one end of the queue in constant time, with no
+//! allocation. A block that stops being evictable (hit again, or given a child) is not looked
+//! for in the queue: its per-slot tag moves on, which makes its entry stale, and stale entries
+//! are skipped when they reach the front (or dropped all at once when they outnumber the live
+//! ones). Eviction reads the queue front to back, so the next victims sit in consecutive memory
+//! instead of behind a pointer chase.
+//!
+//! A block whose place is inside the queue goes there when that is near an end (a short move),
+//! and otherwise waits in a small ordered set beside the queue;
+//! [`pop_victim`](EvictionPolicy::pop_victim) takes the older of the queue's first live entry
+//! and the set's first. The eviction order is therefore exactly the `(stamp, slot)` order,
+//! whatever the access pattern.
+
+use std::collections::{BTreeSet, VecDeque};
+
+use crate::policy::{BlockInfo, EvictionPolicy};
+
+/// Whether and where a slot is evictable.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum State {
+    /// Not evictable.
+    #[default]
+    Out,
+    /// Evictable, with a live entry in the queue.
+    Queued,
+    /// Evictable, in the ordered set.
+    Set,
+}
+
+/// A slot's last use and the tag of its live queue entry.
+#[derive(Clone, Copy, Debug, Default)]
+struct Slot {
+    stamp: u64,
+    /// Bumped on every entry into the queue: an entry whose tag differs is stale. It never
+    /// resets (not even when the slot is reused), and stale entries are dropped long before
+    /// it wraps around.
+    tag: u32,
+    state: State,
+}
+
+/// A queue entry.
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    stamp: u64,
+    slot: u32,
+    tag: u32,
+}
+
+impl Entry {
+    #[inline]
+    fn key(self) -> (u64, u32) {
+        (self.stamp, self.slot)
+    }
+}
+
+/// Least recently used: evicts the evictable block whose last use is oldest. A block's last
+/// use is the later of its last access (lookup or insert) and its last release, so blocks no
+/// one has used for longest go first, and, as in vLLM, blocks freed earlier go before blocks
+/// freed later, a request's tail before its head. Ties (never produced by the cache's clock)
+/// go to the lower slot. Every operation is constant time in practice; see the module docs.
+#[derive(Debug, Default)]
+pub struct Lru {
+    slots: Vec<Slot>,
+    queue: VecDeque<Entry>,
+    /// Stale entries in the queue.
+    stale: usize,
+    /// Evictable blocks whose place in the queue was far from both ends.
+    set: BTreeSet<(u64, u32)>,
+}
+
+impl Lru {
+    /// Farthest from an end of the queue a block is placed by moving entries.
+    const SHIFT: usize = 32;
+
+    #[inline]
+    fn is_live(&self, e: Entry) -> bool {
+        let s = self.slots[e.slot as usize];
+        s.state == State::Queued && s.tag == e.tag
+    }
+
+    /// Makes the non-evictable `slot` evictable at its stamp.
+    fn enter(&mut self, slot: u32) {
+        let s = &mut self.slots[slot as usize];
+        s.tag = s.tag.wrapping_add(1);
+        let e = Entry {
+            stamp: s.stamp,
+            slot,
+            tag: s.tag,
+        };
+        let key = e.key();
+        // The queue (stale entries included) stays sorted.
+        match (self.queue.front().copied(), self.queue.back().copied()) {
+            (_, Some(back)) if back.key() < key => self.queue.push_back(e),
+            (None, None) => self.queue.push_back(e),
+            (Some(front), _) if key < front.key() => self.queue.push_front(e),
+            _ => {
+                let at = self.queue.partition_point(|q| q.key() < key);
+                if at.min(self.queue.len() - at) > Self::SHIFT {
+                    self.slots[slot as usize].state = State::Set;
+                    self.set.insert(key);
+                    return;
+                }
+                self.queue.insert(at, e);
+            }
+        }
+        self.slots[slot as usize].state = State::Queued;
+    }
+
+    /// Makes the evictable `slot` not evictable.
+    fn leave(&mut self, slot: u32) {
+        let s = &mut self.slots[slot as usize];
+        match s.state {
+            State::Out => return,
+            State::Queued => self.stale += 1,
+            State::Set => {
+                self.set.remove(&(s.stamp, slot));
+            }
+        }
+        s.state = State::Out;
+        if self.stale > 64 && self.stale * 2 > self.queue.len() {
+            let slots = &self.slots;
+            self.queue.retain(|e| {
+                let s = slots[e.slot as usize];
+                s.state == State::Queued && s.tag == e.tag
+            });
+            self.stale = 0;
+        }
+    }
+
+    /// Drops stale entries from the front; returns the first live one.
+    #[inline]
+    fn live_front(&mut self) -> Option<Entry> {
+        while let Some(&e) = self.queue.front() {
+            if self.is_live(e) {
+                return Some(e);
+            }
+            self.queue.pop_front();
+            self.stale -= 1;
+        }
+        None
+    }
+
+    /// Sets the last use of `slot`, moving it in the order if it is evictable.
+    #[inline]
+    fn restamp(&mut self, slot: u32, stamp: u64) {
+        if self.slots[slot as usize].state == State::Out {
+            self.slots[slot as usize].stamp = stamp;
+        } else {
+            self.leave(slot);
+            self.slots[slot as usize].stamp = stamp;
+            self.enter(slot);
+        }
+    }
+}
+
+impl EvictionPolicy for Lru {
+    fn name(&self) -> &'static str {
+        "lru"
+    }
+    fn on_insert(&mut self, slot: u32, info: &BlockInfo) {
+        let i = slot as usize;
+        if self.slots.len() <= i {
+            self.slots.resize(i + 1, Slot::default());
+        }
+        let s = &mut self.slots[i];
+        s.stamp = info.stamp;
+        s.state = State::Out;
+    }
+    fn on_hit(&mut self, slot: u32, info: &BlockInfo) {
+        self.restamp(slot, info.stamp);
+    }
+    fn on_release(&mut self, slot: u32, stamp: u64) {
+        self.restamp(slot, stamp);
+    }
+    fn on_evictable(&mut self, slot: u32) {
+        if self.slots[slot as usize].state == State::Out {
+            self.enter(slot);
+        }
+    }
+    fn on_unevictable(&mut self, slot: u32) {
+        self.leave(slot);
+    }
+    fn on_remove(&mut self, slot: u32) {
+        self.leave(slot);
+    }
+    fn pop_victim(&mut self) -> Option<u32> {
+        let front = self.live_front();
+        let slot = match (front, self.set.first()) {
+            (None, None) => return None,
+            (Some(e), Some(&k)) if e.key() < k => e.slot,
+            (Some(e), None) => e.slot,
+            (_, Some(&(_, s))) => s,
+        };
+        if front.is_some_and(|e| e.slot == slot) {
+            self.queue.pop_front();
+            self.slots[slot as usize].state = State::Out;
+        } else {
+            self.leave(slot);
+        }
+        Some(slot)
+    }
+    fn peek_victims(&self, n: usize, out: &mut Vec<u32>) {
+        let mut queued = self
+            .queue
+            .iter()
+            .copied()
+            .filter(|&e| self.is_live(e))
+            .peekable();
+        let mut set = self.set.iter().peekable();
+        for _ in 0..n {
+            let from_set = match (queued.peek(), set.peek()) {
+                (None, None) => break,
+                (Some(e), Some(&&k)) => k < e.key(),
+                (None, Some(_)) => true,
+                (Some(_), None) => false,
+            };
+            let next = if from_set {
+                set.next().map(|&(_, s)| s)
+            } else {
+                queued.next().map(|e| e.slot)
+            };
+            out.extend(next);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::BlockHash;
+    use crate::policy::Access;
+
+    fn info(stamp: u64) -> BlockInfo {
+        BlockInfo {
+            hash: BlockHash(u128::from(stamp)),
+            depth: 0,
+            stamp,
+            request_hit_blocks: 0,
+            request_blocks: 1,
+            block_size: 16,
+            access: Access::Insert,
+        }
+    }
+
+    /// The reference: the evictable slots ordered by `(stamp, slot)`.
+    #[derive(Default)]
+    struct Model {
+        stamps: Vec<u64>,
+        order: BTreeSet<(u64, u32)>,
+        evictable: Vec<bool>,
+    }
+
+    #[test]
+    fn evicts_in_exactly_the_stamp_order_of_an_ordered_set() {
+        const SLOTS: u32 = 300;
+        let mut lru = Lru::default();
+        let mut m = Model::default();
+        let mut clock = 0u64;
+        for s in 0..SLOTS {
+            clock += 1;
+            lru.on_insert(s, &info(clock));
+            m.stamps.push(clock);
+            m.evictable.push(false);
+        }
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut peeked = Vec::new();
+        for step in 0..60_000u32 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let slot = (x % u64::from(SLOTS)) as u32;
+            let i = slot as usize;
+            match (x >> 32) % 7 {
+                0 | 1 => {
+                    // Evictable at its own (possibly old) stamp: a parent losing its last child.
+                    lru.on_evictable(slot);
+                    if !m.evictable[i] {
+                        m.evictable[i] = true;
+                        m.order.insert((m.stamps[i], slot));
+                    }
+                }
+                2 => {
+                    lru.on_unevictable(slot);
+                    if m.evictable[i] {
+                        m.evictable[i] = false;
+                        m.order.remove(&(m.stamps[i], slot));
+                    }
+                }
+                3 => {
+                    // An old stamp on purpose: blocks placed in the middle of the order.
+                    let stamp = if step % 2 == 0 {
+                        clock + 1
+                    } else {
+                        (x >> 40) % (clock + 1)
+                    };
+                    clock += 1;
+                    lru.on_release(slot, stamp);
+                    if m.evictable[i] {
+                        m.order.remove(&(m.stamps[i], slot));
+                        m.order.insert((stamp, slot));
+                    }
+                    m.stamps[i] = stamp;
+                }
+                4 => {
+                    clock += 1;
+                    lru.on_hit(slot, &info(clock));
+                    if m.evictable[i] {
+                        m.order.remove(&(m.stamps[i], slot));
+                        m.order.insert((clock, slot));
+                    }
+                    m.stamps[i] = clock;
+                }
+                5 => {
+                    peeked.clear();
+                    lru.peek_victims(5, &mut peeked);
+                    let want: Vec<u32> = m.order.iter().take(5).map(|&(_, s)| s).collect();
+                    assert_eq!(peeked, want, "step {step}");
+                }
+                _ => {
+                    let got = lru.pop_victim();
+                    let want = m.order.pop_first().map(|(_, s)| s);
+                    assert_eq!(got, want, "step {step}");
+                    if let Some(s) = want {
+                        m.evictable[s as usize] = false;
+                    }
+                }
+            }
+        }
+        while let Some((_, s)) = m.order.pop_first() {
+            assert_eq!(lru.pop_victim(), Some(s));
+        }
+        assert_eq!(lru.pop_victim(), None);
+    }
+
+    #[test]
+    fn releases_append_and_orphaned_parents_go_first() {
+        let mut lru = Lru::default();
+        for s in 0..4 {
+            lru.on_insert(s, &info(u64::from(s) + 1));
+        }
+        // A chain 0 <- 1 <- 2 released tail first, then an unrelated block 3.
+        lru.on_release(2, 10);
+        lru.on_evictable(2);
+        lru.on_release(1, 11);
+        lru.on_release(0, 12);
+        lru.on_release(3, 13);
+        lru.on_evictable(3);
+        assert_eq!(lru.pop_victim(), Some(2));
+        // The parent becomes evictable after its child left: older than block 3.
+        lru.on_evictable(1);
+        assert_eq!(lru.pop_victim(), Some(1));
+        lru.on_evictable(0);
+        assert_eq!(lru.pop_victim(), Some(0));
+        assert_eq!(lru.pop_victim(), Some(3));
+        assert_eq!(lru.pop_victim(), None);
+    }
+}
