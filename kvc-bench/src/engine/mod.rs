@@ -9,8 +9,10 @@
 
 mod metrics;
 pub mod model;
+pub mod tiers;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 use kvc_alloc::{BlockPool, PoolConfig};
@@ -21,6 +23,7 @@ use kvc_core::{
 use kvc_kernels::{
     AttnParams, BlockSwap, ShapeError, copy_blocks, paged_prefill, swap_in, swap_out, write_kv,
 };
+use kvc_tier::{StackStats, TierStack};
 use kvc_sched::{
     CompleteError, ConfigError, Request, Scheduler, SchedulerConfig, StepPlan, SubmitError,
     SwapPair,
@@ -30,6 +33,7 @@ use thiserror::Error;
 use crate::sim::engine::{ClassLatency, class_name, percentile};
 use metrics::EngineMetrics;
 use model::{Model, ModelConfig, Qkv, argmax};
+use tiers::{EngineTiers, PayloadError, TierOptions, TierReport, TierSetupError};
 
 /// Why the engine stopped.
 #[derive(Debug, Error)]
@@ -59,6 +63,13 @@ pub enum EngineError {
     /// The scheduler refused the sampled tokens (an engine bug).
     #[error(transparent)]
     Complete(#[from] CompleteError),
+    /// The tiers below device memory could not be built.
+    #[error(transparent)]
+    Tiers(#[from] TierSetupError),
+    /// A block could not be copied to or from its payload (a plan naming a block outside the
+    /// pool: a scheduler bug).
+    #[error(transparent)]
+    Payload(#[from] PayloadError),
 }
 
 /// The engine's shape: model, KV pool, scheduler limits.
@@ -78,6 +89,9 @@ pub struct EngineConfig {
     pub sched: SchedulerConfig,
     /// Keep every generated token's logits (for checking against the reference).
     pub record_logits: bool,
+    /// Tiers below the device pool (host, disk, shared) that keep and reload evicted prefix
+    /// blocks; `None`: blocks the device evicts are gone.
+    pub tiers: Option<TierOptions>,
 }
 
 impl EngineConfig {
@@ -97,6 +111,7 @@ impl EngineConfig {
                 ..SchedulerConfig::default()
             },
             record_logits: false,
+            tiers: None,
         }
     }
 }
@@ -161,6 +176,10 @@ pub struct EngineReport {
     /// Wall-clock latency per QoS class, most important first: time to first token from
     /// submission, and time between tokens.
     pub classes: Vec<ClassLatency>,
+    /// What the tiers below the device pool did since the engine was built (absent without
+    /// tiers).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tiers: Option<TierReport>,
 }
 
 /// Where a [`Engine::serve_with_progress`] run stands, for a progress line.
@@ -214,6 +233,7 @@ pub struct Engine<P, R> {
     /// Per class rank: time to first token and time between tokens, in milliseconds.
     latencies: Vec<(Vec<f64>, Vec<f64>)>,
     metrics: EngineMetrics,
+    tiers: Option<EngineTiers>,
 }
 
 impl<P: PinPolicy, R: ReuseIndex> Engine<P, R> {
@@ -246,6 +266,15 @@ impl<P: PinPolicy, R: ReuseIndex> Engine<P, R> {
                 )
             })
             .transpose()?;
+        let tiers = match &cfg.tiers {
+            Some(opts) => {
+                let ns = tiers::namespace(&m, cfg.block_size)?;
+                let stack = Arc::new(tiers::build_stack(&ns, opts)?);
+                let block_bytes = tiers::payload_bytes(&layout, m.layers);
+                Some(EngineTiers::new(stack, block_bytes, cfg.block_size))
+            }
+            None => None,
+        };
         Ok(Self {
             caches: vec![vec![0.0; layout.len() as usize]; m.layers],
             host: host_layout
@@ -269,6 +298,7 @@ impl<P: PinPolicy, R: ReuseIndex> Engine<P, R> {
             metrics: EngineMetrics::new(
                 2 * (m.kv_heads * m.head_dim * m.layers) as u64 * u64::from(cfg.block_size) * 4,
             ),
+            tiers,
         })
     }
 
@@ -280,6 +310,20 @@ impl<P: PinPolicy, R: ReuseIndex> Engine<P, R> {
     /// The scheduler.
     pub fn scheduler(&self) -> &Scheduler<BlockPool, P, R> {
         &self.sched
+    }
+
+    /// The tiers below the device pool, if configured (their counters, for instance).
+    pub fn tier_stack(&self) -> Option<&TierStack> {
+        self.tiers.as_ref().map(|t| &*t.stack)
+    }
+
+    /// What the tiers did since the engine was built (absent without tiers).
+    pub fn tier_report(&self) -> Option<TierReport> {
+        self.tiers.as_ref().map(|t| {
+            t.report
+                .clone()
+                .with_stack(&StackStats::default(), &t.stack.stats())
+        })
     }
 
     /// Queues a request; it starts at the next step.
@@ -540,6 +584,7 @@ impl<P: PinPolicy, R: ReuseIndex> Engine<P, R> {
             },
             peak_pinned_used: self.peak_pinned_used,
             classes,
+            tiers: self.tier_report(),
         })
     }
 }
