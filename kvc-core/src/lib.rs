@@ -14,7 +14,8 @@
 //!   should be and how long cached prefixes are retained;
 //! - [`ReuseIndex`]: how a scheduler asks a prefix or session cache for reusable KV;
 //! - [`BlockStore`]: a store of KV blocks below device memory (host, disk, shared), keyed by
-//!   [`StoreKey`] within a [`StoreNamespace`];
+//!   [`StoreKey`] within a [`StoreNamespace`], and [`LowerTiers`], the lookup a memory manager
+//!   makes into those tiers after a device miss;
 //! - [`sync`]: std or loom synchronisation types, for model-checked concurrent code;
 //! - [`rng`]: [`rng::SplitMix64`], the seeded generator every crate's tests and workloads use.
 //!
@@ -59,6 +60,6 @@ pub use pin::{
 pub use qos::{QosClass, QosClasses, QosError};
 pub use reuse::{NoReuse, PrefixHit, ReuseError, ReuseIndex, ReuseScope};
 pub use store::{
-    BlockStore, NamespaceError, PutOutcome, StoreError, StoreKey, StoreNamespace, StoreUsage,
-    check_buffer,
+    BlockStore, LowerTiers, NamespaceError, PutOutcome, StoreError, StoreKey, StoreNamespace,
+    StoreUsage, check_buffer,
 };

@@ -25,7 +25,7 @@
 
 use thiserror::Error;
 
-use crate::{BlockId, Retention, SessionId, TenantId};
+use crate::{BlockId, Retention, SessionId, StoreKey, TenantId};
 
 /// Whose cache a lookup or insert may touch: a tenant's, and optionally one session's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -161,6 +161,27 @@ pub trait ReuseIndex {
 
     /// Changes the retention of a cached block (from a pin policy's soft pins).
     fn set_retention(&mut self, block_hash: u64, retention: Retention);
+
+    /// Appends to `keys` the [`StoreKey`] of each full block of `tokens` under `scope`: the
+    /// same chained hash [`lookup`](Self::lookup) and [`insert`](Self::insert) use, so it
+    /// mixes in the model namespace and the tenant's salt, and tenants stay isolated in the
+    /// tiers below device memory too. Changes no use count.
+    ///
+    /// A memory manager names blocks in the lower tiers by these keys. The default appends
+    /// nothing: an index that cannot name its blocks never hits in the tiers.
+    fn block_keys(&mut self, scope: &ReuseScope, tokens: &[u32], keys: &mut Vec<StoreKey>) {
+        let _ = (scope, tokens, keys);
+    }
+
+    /// The key the cached block `block` is cached under, or `None` when the index does not
+    /// cache it (private, invalidated, or evicted). A memory manager reads it while the block
+    /// is cached, to write the block down to the tiers when the device evicts it.
+    ///
+    /// The default knows no keys.
+    fn cached_key(&self, block: BlockId) -> Option<StoreKey> {
+        let _ = block;
+        None
+    }
 }
 
 /// The index of a deployment with reuse off: never hits, keeps nothing.

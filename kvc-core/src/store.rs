@@ -320,6 +320,40 @@ pub fn check_buffer(blocks: usize, block_bytes: u64, len: usize) -> Result<(), S
     }
 }
 
+/// The tiers below device memory as a memory manager consults them after a device miss: how
+/// many leading blocks of a prompt some tier holds.
+///
+/// Implemented by `kvc_tier::TierStack`. A memory manager (kvc-sched's `KvManager`) may not
+/// depend on the tiers' crate, so the two meet through this trait. It only answers lookups: the
+/// bytes move in the engine, which executes the manager's offload and load lists against the
+/// tiers themselves.
+///
+/// ```
+/// use std::collections::HashSet;
+/// use kvc_core::{LowerTiers, StoreKey};
+///
+/// /// Tiers that hold a fixed set of blocks.
+/// #[derive(Debug)]
+/// struct Held(HashSet<StoreKey>);
+///
+/// impl LowerTiers for Held {
+///     fn longest_prefix(&self, keys: &[StoreKey]) -> usize {
+///         keys.iter().take_while(|k| self.0.contains(k)).count()
+///     }
+/// }
+///
+/// let tiers = Held([StoreKey(1), StoreKey(2)].into_iter().collect());
+/// assert_eq!(tiers.longest_prefix(&[StoreKey(1), StoreKey(2), StoreKey(3)]), 2);
+/// assert_eq!(tiers.longest_prefix(&[StoreKey(2)]), 1);
+/// assert_eq!(tiers.longest_prefix(&[StoreKey(3), StoreKey(1)]), 0);
+/// ```
+pub trait LowerTiers: Send + Sync + fmt::Debug {
+    /// How many leading `keys` some tier below device memory holds (the longest prefix, each
+    /// block in any tier). An unreachable tier counts as a miss, never an error or a hang.
+    /// A later load may still find fewer blocks (evicted meanwhile): the answer is a hint.
+    fn longest_prefix(&self, keys: &[StoreKey]) -> usize;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -318,6 +318,14 @@ impl PrefixCache {
         self.by_block.contains(block)
     }
 
+    /// The hash `block` is cached under, while lookups can hit it (`None` for a block the
+    /// cache does not track or one invalidated and waiting to be handed back).
+    #[must_use]
+    pub fn block_hash(&self, block: BlockId) -> Option<BlockHash> {
+        let node = self.nodes.get(self.by_block.get(block)? as usize)?;
+        node.hittable.then_some(node.hash)
+    }
+
     /// The use count of a tracked block (`None` if the cache does not track it).
     #[must_use]
     pub fn use_count(&self, block: BlockId) -> Option<u32> {

@@ -8,7 +8,9 @@
 //! far).
 
 use ahash::AHashMap;
-use kvc_core::{BlockId, PrefixHit, Retention, ReuseError, ReuseIndex, ReuseScope, TenantId};
+use kvc_core::{
+    BlockId, PrefixHit, Retention, ReuseError, ReuseIndex, ReuseScope, StoreKey, TenantId,
+};
 
 use crate::{BlockHash, BlockHasher, HashExtra, PrefixCache};
 
@@ -160,6 +162,15 @@ impl<H: BlockHasher> ReuseIndex for ScopedIndex<H> {
     fn set_retention(&mut self, block_hash: u64, retention: Retention) {
         self.cache
             .set_retention_short(block_hash, retention, self.now_ms);
+    }
+
+    fn block_keys(&mut self, scope: &ReuseScope, tokens: &[u32], keys: &mut Vec<StoreKey>) {
+        self.hash(scope, tokens);
+        keys.extend(self.hashes.iter().map(|h| StoreKey(h.0)));
+    }
+
+    fn cached_key(&self, block: BlockId) -> Option<StoreKey> {
+        self.cache.block_hash(block).map(|h| StoreKey(h.0))
     }
 }
 

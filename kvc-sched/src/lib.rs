@@ -18,6 +18,12 @@
 //! every step's token budget for the critical classes ([`ComputeReserve`]), so their prefills
 //! do not queue behind best-effort work, while best-effort work keeps a floor.
 //!
+//! Below device memory, [`Scheduler::with_tiers`] (or [`KvManager::with_tiers`]) continues a
+//! device miss into host, disk or shared tiers (`kvc_core::LowerTiers`): a tier hit becomes a
+//! [`LoadJob`] in the plan's `loads`, the sequence waits out of the batch until the engine
+//! reports it with [`Scheduler::complete_load`], and evicted (or newly cached) blocks become
+//! the plan's `offloads`.
+//!
 //! Preemption recomputes by default (after offering the computed blocks, so the request reuses
 //! them when it comes back); with `host_blocks` configured it swaps the KV out to a
 //! host pool and the plan carries the swap-out and swap-in lists. A session's request that
@@ -65,6 +71,7 @@ mod policy;
 mod queue;
 mod request;
 mod scheduler;
+mod tier;
 
 pub use compute::{
     AdaptiveShare, ClassDemand, ClassShare, ComputeConfigError, ComputeReserve,
@@ -81,4 +88,7 @@ pub use request::{Request, SubmitError};
 pub use scheduler::{
     CancelError, CompleteError, ConfigError, SchedStats, Scheduler, SchedulerConfig,
     SessionContext, SessionTruncation,
+};
+pub use tier::{
+    BlockLoad, BlockOffload, LoadDone, LoadError, LoadId, LoadJob, LoadResult, TierMode,
 };

@@ -9,6 +9,7 @@ use kvc_core::{
 
 use crate::manager::KvError;
 use crate::request::SubmitError;
+use crate::tier::{BlockOffload, LoadJob};
 
 /// One sequence's work in a step.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,9 +36,12 @@ pub struct SwapPair {
 
 /// The batch of one step, in the CSR form paged-attention kernels take.
 ///
-/// An engine executes it in this order: `swap_out` (device to host), `copies`, `swap_in`
-/// (host to device), then the batch. A device block swapped out may be handed to another
-/// sequence in the same plan, which is safe in that order.
+/// An engine executes it in this order: `offloads` (device to the lower tiers), `swap_out`
+/// (device to host), `copies`, `loads` (the lower tiers to device; they may complete later),
+/// `swap_in` (host to device), then the batch. A device block offloaded or swapped out may be
+/// handed to another sequence in the same plan, which is safe in that order; no block of a
+/// load is read by the batch, nor cached, before the load is reported with
+/// `Scheduler::complete_load`.
 ///
 /// For the `i`-th scheduled sequence: its new tokens' queries are
 /// `qo_indptr[i]..qo_indptr[i + 1]` of the batch, its pages are
@@ -67,6 +71,16 @@ pub struct StepPlan {
     pub swap_out: Vec<SwapPair>,
     /// Blocks of resumed sequences to copy back from the host pool, before the batch.
     pub swap_in: Vec<SwapPair>,
+    /// Device blocks to copy down to the lower tiers, FIRST of all (before `swap_out`,
+    /// `copies`, `loads`, `swap_in` and the batch): cached blocks the device evicts
+    /// (`TierMode::WriteBack`, and such a block may be handed to another sequence in this
+    /// plan) or has just cached (`TierMode::WriteThrough`). Empty without tiers.
+    pub offloads: Vec<BlockOffload>,
+    /// Loads from the lower tiers into freshly allocated device blocks, after `copies` and
+    /// before `swap_in` and the batch. They may complete later (asynchronously): the engine
+    /// reports each with `Scheduler::complete_load`; until then its sequence is in no batch.
+    /// Empty without tiers.
+    pub loads: Vec<LoadJob>,
     /// Sequences preempted this step (their KV was swapped out, or dropped for recompute).
     pub preempted: Vec<SeqId>,
     /// Requests refused this step, with the reason.
@@ -94,6 +108,8 @@ impl StepPlan {
         self.copies.clear();
         self.swap_out.clear();
         self.swap_in.clear();
+        self.offloads.clear();
+        self.loads.clear();
         self.preempted.clear();
         self.rejected.clear();
         self.cancelled.clear();
@@ -116,7 +132,8 @@ impl StepPlan {
         SlotMapping::new(self.slot_mapping.clone(), layout)
     }
 
-    /// Whether the step has nothing to run.
+    /// Whether the step has no batch to run. Its `offloads`, `loads`, copies and swaps are
+    /// still to execute when it has any.
     #[must_use]
     pub fn is_empty(&self) -> bool {
         self.seqs.is_empty()
@@ -159,7 +176,8 @@ pub struct Finished {
     pub reason: FinishReason,
     /// The generated tokens.
     pub output: Vec<u32>,
-    /// Prompt tokens served from the cache at its (last) admission.
+    /// Prompt tokens served from the cache at its (last) admission: the device prefix cache
+    /// plus blocks loaded from the lower tiers.
     pub cached_tokens: u64,
     /// Times it was preempted.
     pub preemptions: u32,

@@ -13,7 +13,7 @@
 use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
-use kvc_core::{BlockStore, PutOutcome, StoreError, StoreKey};
+use kvc_core::{BlockStore, LowerTiers, PutOutcome, StoreError, StoreKey};
 
 use crate::disk::DiskTier;
 use crate::host::{HostTier, Spill};
@@ -320,5 +320,14 @@ impl TierStack {
             per_tier,
             seconds,
         })
+    }
+}
+
+/// The stack as a memory manager sees it (`kvc_sched::KvManager::with_tiers`): the length of
+/// [`TierStack::lookup`]'s answer. A tier that fails (a lost shared server is already answered
+/// as misses; a host or disk error here) makes the whole answer a miss (0), never an error.
+impl LowerTiers for TierStack {
+    fn longest_prefix(&self, keys: &[StoreKey]) -> usize {
+        self.lookup(keys).map_or(0, |tiers| tiers.len())
     }
 }

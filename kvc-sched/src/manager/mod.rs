@@ -19,6 +19,27 @@
 //! ([`expire_sessions`](KvManager::expire_sessions)). [`usage`](KvManager::usage) reports free,
 //! evictable and in-use blocks per region, in O(1).
 //!
+//! # Lower tiers
+//!
+//! With [`with_tiers`](KvManager::with_tiers), the manager also consults the tiers below
+//! device memory (`kvc_core::LowerTiers`, for example a `kvc_tier::TierStack`), naming blocks
+//! by the reuse index's keys (the chained hash, tenant salt included):
+//!
+//! - after [`lookup_prefix`](KvManager::lookup_prefix), [`load_prefix`](KvManager::load_prefix)
+//!   continues the prefix into the tiers: device blocks are allocated for the blocks the
+//!   tiers hold (as any allocation; when that is not possible now, nothing happens and the
+//!   prompt is recomputed), and a [`LoadJob`](crate::LoadJob) names them. The sequence waits
+//!   ([`KvError::Loading`] for allocation, forks, caching) until
+//!   [`complete_load`](KvManager::complete_load) reports the load; then the loaded blocks
+//!   are its computed prefix and are cached on the device. A failed load keeps its leading
+//!   loaded blocks; the rest are recomputed in place;
+//! - cached blocks the device evicts ([`TierMode::WriteBack`](crate::TierMode)) or caches
+//!   ([`TierMode::WriteThrough`](crate::TierMode)) are listed by
+//!   [`drain_offloads`](KvManager::drain_offloads) for the engine to copy down before it
+//!   writes into any block allocated since;
+//! - a sequence freed while its load is in flight gives its other blocks back at once; the
+//!   blocks being loaded stay held (in use) until the load is reported, then are freed.
+//!
 //! ```
 //! use kvc_alloc::{BlockPool, PoolConfig};
 //! use kvc_core::{NoReuse, QosClass, SeqId, TenantId};
@@ -55,10 +76,16 @@
 
 mod types;
 
+use std::sync::Arc;
+
 use ahash::AHashMap as HashMap;
 use kvc_core::{
-    Admission, BlockAllocator, BlockCopy, BlockId, PinPolicy, PlaceRequest, Placement, PoolView,
-    RegionBlocks, RegionId, Released, ReuseIndex, ReuseScope, SeqId, SessionId,
+    Admission, BlockAllocator, BlockCopy, BlockId, LowerTiers, PinPolicy, PlaceRequest, Placement,
+    PoolView, RegionBlocks, RegionId, Released, ReuseIndex, ReuseScope, SeqId, SessionId, StoreKey,
+};
+
+use crate::tier::{
+    BlockLoad, BlockOffload, LoadDone, LoadError, LoadId, LoadJob, LoadResult, TierMode,
 };
 
 pub use types::{
@@ -78,6 +105,35 @@ struct SeqKv {
     offered: usize,
     /// Blocks obtained through the pin policy, per region, to give back to it.
     placed: RegionBlocks,
+    /// The load from the tiers this sequence waits for, if any.
+    loading: Option<LoadId>,
+}
+
+/// A load from the tiers in flight.
+#[derive(Clone, Debug)]
+struct PendingLoad {
+    seq: SeqId,
+    /// Whether the sequence was freed meanwhile: the load alone holds `blocks` then.
+    orphan: bool,
+    /// The sequence's block index of the first loaded block (its device prefix).
+    first: usize,
+    /// The device blocks loaded into, in prompt order.
+    blocks: Vec<BlockId>,
+    /// The prompt's tokens up to the end of the last loaded block (to cache them).
+    tokens: Vec<u32>,
+}
+
+/// The lower tiers and their bookkeeping.
+#[derive(Debug)]
+struct TierState {
+    lower: Arc<dyn LowerTiers>,
+    mode: TierMode,
+    /// Per block: the key it is cached under in the index (read when it was cached).
+    keys: Vec<Option<StoreKey>>,
+    /// Offloads not yet handed out with `drain_offloads`.
+    offloads: Vec<BlockOffload>,
+    loads: HashMap<LoadId, PendingLoad>,
+    next_load: u64,
 }
 
 /// A session's pinned context.
@@ -103,6 +159,7 @@ pub struct KvManager<A, P, R> {
     evictable: Vec<usize>,
     stats: KvStats,
     scratch: Vec<BlockId>,
+    tiers: Option<TierState>,
 }
 
 impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
@@ -129,7 +186,52 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
             evictable: vec![0; 2],
             stats: KvStats::default(),
             scratch: Vec::new(),
+            tiers: None,
         })
+    }
+
+    /// Adds tiers below device memory (see the [module docs](self), "Lower tiers"): after a
+    /// device miss, [`load_prefix`](Self::load_prefix) continues the prefix into `tiers`, and
+    /// cached blocks are written down in `mode` (listed by
+    /// [`drain_offloads`](Self::drain_offloads)). Without it nothing is offloaded or loaded.
+    ///
+    /// The tiers are named by the reuse index's keys
+    /// ([`ReuseIndex::block_keys`](kvc_core::ReuseIndex::block_keys)): an index that cannot
+    /// name its blocks never hits in the tiers and offloads nothing.
+    #[must_use]
+    pub fn with_tiers(mut self, tiers: Arc<dyn LowerTiers>, mode: TierMode) -> Self {
+        self.set_tiers(tiers, mode);
+        self
+    }
+
+    /// [`with_tiers`](Self::with_tiers) on a built manager.
+    pub(crate) fn set_tiers(&mut self, tiers: Arc<dyn LowerTiers>, mode: TierMode) {
+        let total = self.alloc.total_blocks();
+        let (offloads, loads, next_load) = match self.tiers.take() {
+            Some(t) => (t.offloads, t.loads, t.next_load),
+            None => (Vec::new(), HashMap::new(), 0),
+        };
+        let mut keys = vec![None; total];
+        for (i, k) in keys.iter_mut().enumerate() {
+            let b = BlockId(i as u32);
+            if self.is_cached(b) {
+                *k = self.reuse.cached_key(b);
+            }
+        }
+        self.tiers = Some(TierState {
+            lower: tiers,
+            mode,
+            keys,
+            offloads,
+            loads,
+            next_load,
+        });
+    }
+
+    /// The tier mode, when tiers are configured.
+    #[must_use]
+    pub fn tier_mode(&self) -> Option<TierMode> {
+        self.tiers.as_ref().map(|t| t.mode)
     }
 
     /// The settings.
@@ -285,6 +387,7 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
                 tokens: 0,
                 offered: 0,
                 placed: RegionBlocks::default(),
+                loading: None,
             },
         );
         Ok(())
@@ -347,6 +450,187 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
         }
     }
 
+    /// Continues the sequence's prefix into the lower tiers, right after
+    /// [`lookup_prefix`](Self::lookup_prefix) and before any
+    /// [`allocate_slots`](Self::allocate_slots): the blocks of `prompt` past the device hit
+    /// that some tier holds (whole blocks, never the last prompt token) get device blocks
+    /// through the normal allocation path (the pin policy's placement, eviction only when it
+    /// makes room, an admission's watermark), and the returned [`LoadJob`] lists them for the
+    /// engine to fill from the tiers.
+    ///
+    /// The sequence then holds those blocks with their slots assigned, but waits: it may not
+    /// allocate, fork or cache ([`KvError::Loading`]) until
+    /// [`complete_load`](Self::complete_load) reports the load. Returns `None` (nothing
+    /// changed) without tiers, when no tier holds the next block, or when the blocks cannot be
+    /// allocated now (counted in `tier_fallback_blocks`: the prompt is recomputed).
+    pub fn load_prefix(
+        &mut self,
+        seq: SeqId,
+        prompt: &[u32],
+        now_ms: u64,
+    ) -> Result<Option<LoadJob>, KvError> {
+        let bs = self.cfg.block_size as usize;
+        let s = self.seq(seq)?;
+        if s.loading.is_some() {
+            return Err(KvError::Loading { seq });
+        }
+        let first = s.blocks.len();
+        if s.tokens != (first * bs) as u64 || s.offered != first {
+            return Err(KvError::NotAtPrefix { seq });
+        }
+        let owner = s.owner;
+        let Some(tiers) = self.tiers.as_ref() else {
+            return Ok(None);
+        };
+        let usable = prompt.len().saturating_sub(1) / bs;
+        if first >= usable {
+            return Ok(None);
+        }
+        let lower = Arc::clone(&tiers.lower);
+        let mut keys = Vec::with_capacity(usable);
+        self.reuse
+            .block_keys(&scope(&owner), &prompt[..usable * bs], &mut keys);
+        let usable = usable.min(keys.len());
+        if first >= usable {
+            return Ok(None);
+        }
+        self.stats.tier_lookups += 1;
+        let hit = lower
+            .longest_prefix(&keys[first..usable])
+            .min(usable - first);
+        if hit == 0 {
+            return Ok(None);
+        }
+        self.stats.tier_hit_blocks += hit as u64;
+        let ask = SlotRequest {
+            new_tokens: (hit * bs) as u64,
+            lookahead: 0,
+            admission: true,
+        };
+        let mut copies = Vec::new();
+        if self.allocate_slots(seq, ask, now_ms, &mut copies)? != SlotGrant::Now {
+            self.stats.tier_fallback_blocks += hit as u64;
+            return Ok(None);
+        }
+        debug_assert!(
+            copies.is_empty(),
+            "a block-aligned sequence copied on write"
+        );
+        let blocks = self.seq(seq)?.blocks[first..first + hit].to_vec();
+        let tiers = self.tiers.as_mut().ok_or(KvError::UnknownSeq { seq })?;
+        let id = LoadId(tiers.next_load);
+        tiers.next_load += 1;
+        let job = LoadJob {
+            id,
+            seq,
+            blocks: keys[first..first + hit]
+                .iter()
+                .zip(&blocks)
+                .map(|(&key, &device)| BlockLoad { key, device })
+                .collect(),
+        };
+        tiers.loads.insert(
+            id,
+            PendingLoad {
+                seq,
+                orphan: false,
+                first,
+                blocks,
+                tokens: prompt[..(first + hit) * bs].to_vec(),
+            },
+        );
+        self.seq_mut(seq)?.loading = Some(id);
+        Ok(Some(job))
+    }
+
+    /// Reports how a load from [`load_prefix`](Self::load_prefix) ended. The leading loaded
+    /// blocks become part of the sequence's computed prefix and are cached in the reuse index
+    /// (their KV is exactly what their keys name); the sequence's slots are set back to that
+    /// prefix, so the blocks a failed load did not fill are recomputed in place (the sequence
+    /// keeps them). For a sequence freed while the load was in flight, the blocks the load
+    /// held are released now.
+    ///
+    /// # Errors
+    /// [`LoadError::Unknown`], [`LoadError::AlreadyCompleted`] and
+    /// [`LoadError::TooManyBlocks`] change nothing; [`LoadError::Memory`] reports a broken
+    /// invariant in a component after the load was applied.
+    pub fn complete_load(&mut self, id: LoadId, result: LoadResult) -> Result<LoadDone, LoadError> {
+        let Some(tiers) = self.tiers.as_mut() else {
+            return Err(LoadError::Unknown { id });
+        };
+        let Some(load) = tiers.loads.get(&id) else {
+            return Err(if id.0 < tiers.next_load {
+                LoadError::AlreadyCompleted { id }
+            } else {
+                LoadError::Unknown { id }
+            });
+        };
+        let loaded = match result {
+            LoadResult::Loaded => load.blocks.len(),
+            LoadResult::Failed { loaded_blocks } if loaded_blocks > load.blocks.len() => {
+                return Err(LoadError::TooManyBlocks {
+                    id,
+                    loaded_blocks,
+                    blocks: load.blocks.len(),
+                });
+            }
+            LoadResult::Failed { loaded_blocks } => loaded_blocks,
+        };
+        let Some(load) = tiers.loads.remove(&id) else {
+            return Err(LoadError::Unknown { id });
+        };
+        self.stats.loaded_blocks += loaded as u64;
+        if matches!(result, LoadResult::Failed { .. }) {
+            self.stats.load_failures += 1;
+        }
+        let seq = load.seq;
+        let memory = |source| LoadError::Memory { id, source };
+        if load.orphan {
+            // The sequence is gone: the load was the blocks' last holder.
+            self.release_blocks(&load.blocks).map_err(memory)?;
+            return Ok(LoadDone {
+                seq,
+                loaded_blocks: loaded,
+                computed: None,
+            });
+        }
+        let bs = self.cfg.block_size as usize;
+        let end = load.first + loaded;
+        let s = self.seq_mut(seq).map_err(memory)?;
+        s.loading = None;
+        s.tokens = (end * bs) as u64;
+        let computed = s.tokens;
+        self.cache_prefix(seq, &load.tokens[..end * bs], 0, true)
+            .map_err(memory)?;
+        Ok(LoadDone {
+            seq,
+            loaded_blocks: loaded,
+            computed: Some(computed),
+        })
+    }
+
+    /// Whether `seq` waits for a load from the tiers.
+    #[must_use]
+    pub fn is_loading(&self, seq: SeqId) -> bool {
+        self.seqs.get(&seq).is_some_and(|s| s.loading.is_some())
+    }
+
+    /// Loads issued and not yet reported (including those of sequences freed meanwhile).
+    #[must_use]
+    pub fn pending_loads(&self) -> usize {
+        self.tiers.as_ref().map_or(0, |t| t.loads.len())
+    }
+
+    /// Moves the blocks to copy down to the tiers into `out` (in the order they were decided).
+    /// The engine copies them before writing into any block allocated since (a write-back
+    /// offload names a block just evicted, which the next allocation may hand out): the
+    /// [`Scheduler`](crate::Scheduler) puts them first in its plan.
+    pub fn drain_offloads(&mut self, out: &mut Vec<BlockOffload>) {
+        if let Some(t) = self.tiers.as_mut() {
+            out.append(&mut t.offloads);
+        }
+    }
+
     /// Assigns slots for `ask.new_tokens` more tokens and holds blocks for `ask.lookahead`
     /// beyond them, asking the pin policy where the blocks come from.
     ///
@@ -364,6 +648,9 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
     ) -> Result<SlotGrant, KvError> {
         let bs = u64::from(self.cfg.block_size);
         let s = self.seq(seq)?;
+        if s.loading.is_some() {
+            return Err(KvError::Loading { seq });
+        }
         let owner = s.owner;
         let end = s
             .tokens
@@ -543,6 +830,21 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
         computed: &[u32],
         now_ms: u64,
     ) -> Result<usize, KvError> {
+        if self.is_loading(seq) {
+            return Err(KvError::Loading { seq });
+        }
+        self.cache_prefix(seq, computed, now_ms, false)
+    }
+
+    /// [`cache_blocks`](Self::cache_blocks); `from_tiers`: the blocks were just loaded from
+    /// the tiers, so write-through does not copy them back down.
+    fn cache_prefix(
+        &mut self,
+        seq: SeqId,
+        computed: &[u32],
+        now_ms: u64,
+        from_tiers: bool,
+    ) -> Result<usize, KvError> {
         let bs = self.cfg.block_size as usize;
         let s = self.seq(seq)?;
         let full = (computed.len() / bs)
@@ -566,6 +868,7 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
             for _ in 1..holders {
                 self.index_acquire(&[b])?;
             }
+            self.note_cached(b, from_tiers);
         }
         self.stats.cached_blocks += n as u64;
         result.map(|()| n)
@@ -579,6 +882,9 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
             return Err(KvError::DuplicateSeq { seq: child });
         }
         let p = self.seq(parent)?;
+        if p.loading.is_some() {
+            return Err(KvError::Loading { seq: parent });
+        }
         // The blocks holding written tokens; the parent's lookahead blocks stay its own.
         let written = usize::try_from(p.tokens.div_ceil(u64::from(self.cfg.block_size)))
             .unwrap_or(usize::MAX)
@@ -589,6 +895,7 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
             tokens: p.tokens,
             offered: p.offered,
             placed: RegionBlocks::default(),
+            loading: None,
         };
         for i in 0..kv.blocks.len() {
             let b = kv.blocks[i];
@@ -614,6 +921,9 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
     /// step whose results never came). Its blocks stay held. Refused below its cached blocks.
     pub fn rewind(&mut self, seq: SeqId, tokens: u64) -> Result<(), KvError> {
         let bs = u64::from(self.cfg.block_size);
+        if self.is_loading(seq) {
+            return Err(KvError::Loading { seq });
+        }
         let cached: u64 = {
             let s = self.seq(seq)?;
             s.blocks
@@ -638,8 +948,21 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
 
     /// Closes a sequence, dropping its references (cached blocks become evictable when it
     /// was their last user). Everything is released even when a component reports an error.
+    ///
+    /// A sequence waiting for a load gives its other blocks back at once; the blocks being
+    /// loaded stay held (in use) until the load is reported with
+    /// [`complete_load`](Self::complete_load), so no other sequence is handed a block the
+    /// engine may still be writing. Their pin-policy placement is given back now.
     pub fn free(&mut self, seq: SeqId) -> Result<(), KvError> {
-        let s = self.seqs.remove(&seq).ok_or(KvError::UnknownSeq { seq })?;
+        let mut s = self.seqs.remove(&seq).ok_or(KvError::UnknownSeq { seq })?;
+        if let Some(id) = s.loading
+            && let Some(load) = self.tiers.as_mut().and_then(|t| t.loads.get_mut(&id))
+        {
+            // The load's blocks were allocated for it: uncached, held by nothing else.
+            load.orphan = true;
+            let end = (load.first + load.blocks.len()).min(s.blocks.len());
+            s.blocks.drain(load.first.min(end)..end);
+        }
         let index = self.index_release(&s.blocks);
         let refs = self.release_blocks(&s.blocks);
         // A sequence that placed nothing (it only reused cached blocks, or is a fork) is
@@ -736,6 +1059,7 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
         let mut freed = 0;
         for b in evicted {
             let was_evictable = self.is_cached(b) && self.alloc.refcount(b) == Ok(1);
+            self.note_evicted(b);
             self.mark_cached(b, false);
             match self.alloc.release(b) {
                 Ok(Released::Freed) => freed += 1,
@@ -747,6 +1071,34 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
         }
         self.stats.evicted_blocks += freed as u64;
         result.map(|()| freed)
+    }
+
+    /// The index just cached `b`: remember its key, and write it through in that mode.
+    fn note_cached(&mut self, b: BlockId, from_tiers: bool) {
+        let Some(t) = self.tiers.as_mut() else {
+            return;
+        };
+        let key = self.reuse.cached_key(b);
+        if let Some(slot) = t.keys.get_mut(b.index()) {
+            *slot = key;
+        }
+        if let (Some(key), TierMode::WriteThrough, false) = (key, t.mode, from_tiers) {
+            t.offloads.push(BlockOffload { device: b, key });
+            self.stats.offloaded_blocks += 1;
+        }
+    }
+
+    /// The index evicted `b` (its bytes are intact until the engine runs the next plan):
+    /// write it back in that mode.
+    fn note_evicted(&mut self, b: BlockId) {
+        let Some(t) = self.tiers.as_mut() else {
+            return;
+        };
+        let key = t.keys.get_mut(b.index()).and_then(Option::take);
+        if let (Some(key), TierMode::WriteBack) = (key, t.mode) {
+            t.offloads.push(BlockOffload { device: b, key });
+            self.stats.offloaded_blocks += 1;
+        }
     }
 
     fn seq(&self, seq: SeqId) -> Result<&SeqKv, KvError> {

@@ -165,6 +165,20 @@ pub struct KvStats {
     pub cow_copies: u64,
     /// Sessions ended by their TTL.
     pub sessions_expired: u64,
+    /// Prefix lookups that continued into the lower tiers (a device miss before the last
+    /// usable block, with tiers configured).
+    pub tier_lookups: u64,
+    /// Blocks the lower tiers held past the device's prefix.
+    pub tier_hit_blocks: u64,
+    /// Of those, blocks not loaded because device blocks could not be allocated for them under
+    /// the pressure rules (they are recomputed instead).
+    pub tier_fallback_blocks: u64,
+    /// Blocks loaded from the tiers (reported loaded by `complete_load`).
+    pub loaded_blocks: u64,
+    /// Loads reported `Failed` (their missing blocks are recomputed).
+    pub load_failures: u64,
+    /// Blocks handed to the engine to copy down to the tiers.
+    pub offloaded_blocks: u64,
 }
 
 /// Why a [`KvManager`](super::KvManager) operation failed.
@@ -225,6 +239,20 @@ pub enum KvError {
         asked: usize,
         /// Blocks granted.
         granted: usize,
+    },
+    /// The operation is refused while the sequence waits for a load from the tiers (its
+    /// loading blocks hold no KV yet): complete the load first.
+    #[error("{seq} waits for a load from the tiers")]
+    Loading {
+        /// The sequence.
+        seq: SeqId,
+    },
+    /// A tier lookup for a sequence that holds more than its device prefix: continue into
+    /// the tiers right after `lookup_prefix`, before allocating slots.
+    #[error("{seq} holds more than its computed prefix: look up the tiers before allocating")]
+    NotAtPrefix {
+        /// The sequence.
+        seq: SeqId,
     },
     /// The pool refused a reference operation.
     #[error(transparent)]

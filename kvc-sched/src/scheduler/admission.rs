@@ -26,7 +26,8 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
             let Some(s) = self.seqs.get(&id) else {
                 continue;
             };
-            if s.state != State::Running || s.awaiting_sample {
+            // A sequence waiting for its load from the tiers is in no batch.
+            if s.state != State::Running || s.awaiting_sample || s.loading.is_some() {
                 continue;
             }
             // Compute reserve hook: the gate may shrink or defer best-effort work.
@@ -94,6 +95,12 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
             }
             if let Err(err) = self.open_kv(id) {
                 self.reject(id, Rejection::Memory(err), plan);
+                continue;
+            }
+            // Tiers: a prompt that continues into blocks a lower tier holds is admitted to
+            // wait for its load, out of this step's batch.
+            if !swapped && self.start_load(id, plan) {
+                self.admit(id);
                 continue;
             }
             let Some(s) = self.seqs.get(&id) else {
@@ -186,11 +193,14 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
     }
 
     /// The least important, latest running sequence (of `class`, if given), other than `not`.
+    /// Never one waiting for a load from the tiers: its blocks stay held until the load is
+    /// reported, so preempting it would free nothing.
     pub(super) fn victim(&self, class: Option<QosClass>, not: SeqId) -> Option<SeqId> {
         self.running
             .iter()
             .copied()
             .filter(|&id| id != not)
+            .filter(|id| self.seqs.get(id).is_some_and(|s| s.loading.is_none()))
             .filter(|id| class.is_none_or(|c| self.seqs.get(id).is_some_and(|s| s.req.qos == c)))
             .max_by_key(|&id| self.rank_key(id, false))
     }

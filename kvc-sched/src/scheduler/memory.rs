@@ -47,6 +47,34 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
         Ok(())
     }
 
+    /// With tiers: continues the just-opened sequence's prefix into the lower tiers. On a
+    /// hit its device blocks are allocated and the load joins the plan; the caller admits it
+    /// (running, out of the batch until `complete_load`). Returns whether a load started.
+    pub(super) fn start_load(&mut self, id: SeqId, plan: &mut StepPlan) -> bool {
+        if self.kv.tier_mode().is_none() {
+            return false;
+        }
+        let Some(s) = self.seqs.get(&id) else {
+            return false;
+        };
+        match self.kv.load_prefix(id, &s.tokens, self.now_ms) {
+            Ok(Some(job)) => {
+                if let Some(s) = self.seqs.get_mut(&id) {
+                    s.loading = Some(job.id);
+                }
+                self.loads.insert(job.id, (id, plan.step, self.now_ms));
+                plan.loads.push(job);
+                self.stats.loads_issued += 1;
+                true
+            }
+            Ok(None) => false,
+            Err(err) => {
+                self.note(Err(err));
+                false
+            }
+        }
+    }
+
     /// Gives back a waiting sequence's memory when it could not be admitted after all.
     pub(super) fn close_kv(&mut self, id: SeqId) {
         if !self.kv.contains(id) {
@@ -220,6 +248,7 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
         s.computed = 0;
         s.cached_tokens = 0;
         s.awaiting_sample = false;
+        s.loading = None;
     }
 
     /// Offers a sequence's computed full blocks to the reuse index.

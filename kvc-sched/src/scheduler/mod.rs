@@ -31,7 +31,8 @@ mod swap;
 
 use ahash::{AHashMap as HashMap, AHashSet as HashSet};
 use kvc_core::{
-    BlockAllocator, BlockId, HostBlockId, PinPolicy, Refusal, ReuseIndex, SeqId, SessionId,
+    BlockAllocator, BlockId, HostBlockId, LowerTiers, PinPolicy, Refusal, ReuseIndex, SeqId,
+    SessionId,
 };
 use thiserror::Error;
 
@@ -39,6 +40,7 @@ use crate::manager::{KvConfigError, KvError, KvManager, KvManagerConfig};
 use crate::plan::{FinishReason, Finished, Rejection, StepPlan};
 use crate::queue::{Command, SubmitQueue, Submitter};
 use crate::request::{Request, SubmitError};
+use crate::tier::{LoadError, LoadId, LoadResult, TierMode};
 use swap::HostPool;
 
 /// Limits of a [`Scheduler`].
@@ -195,6 +197,23 @@ pub struct SchedStats {
     /// Of `kv_errors`, reuse-index calls refused (the scheduler and its index disagreed on
     /// who holds a block; 0 unless an index breaks the ownership rule).
     pub reuse_errors: u64,
+    /// Loads from the lower tiers planned (one per admission that hit in the tiers).
+    pub loads_issued: u64,
+    /// Loads reported with [`Scheduler::complete_load`].
+    pub loads_completed: u64,
+    /// Of those, loads reported `Failed` (their missing blocks are recomputed).
+    pub load_failures: u64,
+    /// Prompt tokens served from the lower tiers (loaded blocks × block size), apart from
+    /// `cached_tokens` (served from device memory).
+    pub tier_tokens: u64,
+    /// Steps planned while loads were in flight, summed over loads: a load issued in step
+    /// `s` and reported before step `t` waited `t − s` steps.
+    pub load_wait_steps: u64,
+    /// Milliseconds of the caller's clock loads waited, summed (from the step that issued
+    /// each to the last step time before it was reported).
+    pub load_wait_ms: u64,
+    /// Blocks the plans asked the engine to copy down to the tiers.
+    pub offloaded_blocks: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -217,6 +236,8 @@ struct Seq {
     awaiting_sample: bool,
     /// Host blocks holding this sequence's KV while it is swapped out, in table order.
     swapped: Vec<HostBlockId>,
+    /// The load from the tiers it waits for (running, but in no batch), if any.
+    loading: Option<LoadId>,
 }
 
 impl Seq {
@@ -250,6 +271,8 @@ pub struct Scheduler<A, P, R> {
     commands: Vec<Command>,
     scheduled: Vec<(SeqId, u64)>,
     host: HostPool,
+    /// Loads in flight: the sequence, the step and the time each was issued.
+    loads: HashMap<LoadId, (SeqId, u64, u64)>,
     /// The share of each step's tokens held for reserved classes, if configured.
     compute: Option<crate::compute::ComputeReserve>,
     /// The compute reserve's rationing of the step being planned.
@@ -304,9 +327,88 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
             last_kv_error: None,
             commands: Vec::new(),
             scheduled: Vec::new(),
+            loads: HashMap::new(),
             compute: None,
             gate: None,
         })
+    }
+
+    /// Adds tiers below device memory (host, disk, shared; `kvc_tier::TierStack` implements
+    /// [`LowerTiers`]). From then on:
+    ///
+    /// - an admission whose prompt continues past the device-cached prefix into blocks some
+    ///   tier holds gets device blocks for them (under the same pressure rules as any
+    ///   allocation; when they cannot be had, the prompt is computed instead) and a
+    ///   [`LoadJob`](crate::LoadJob) in the plan's `loads`. The sequence counts as running but
+    ///   is in no batch until the engine reports the load with
+    ///   [`complete_load`](Self::complete_load); the other sequences run meanwhile;
+    /// - cached blocks the device evicts (`TierMode::WriteBack`) or caches
+    ///   (`TierMode::WriteThrough`) are listed in the plan's `offloads`, which the engine
+    ///   copies down first of all.
+    ///
+    /// A sequence waiting for its load is never chosen for preemption (its blocks would not
+    /// free anything before the load is reported). Cancelled meanwhile, it is gone at once,
+    /// but the blocks being loaded stay held until the load is reported, then are freed.
+    #[must_use]
+    pub fn with_tiers(mut self, tiers: std::sync::Arc<dyn LowerTiers>, mode: TierMode) -> Self {
+        self.kv.set_tiers(tiers, mode);
+        self
+    }
+
+    /// Reports how the load `id` (from a plan's `loads`) ended: with
+    /// [`LoadResult::Loaded`] its sequence is computed up to the end of the loaded blocks;
+    /// with [`LoadResult::Failed`] up to its leading `loaded_blocks`, and the rest of the
+    /// blocks are recomputed in place. Either way the sequence is scheduled again from the
+    /// next step. The loaded blocks are cached on the device for other requests. A load of a
+    /// sequence cancelled meanwhile only releases the blocks it held.
+    ///
+    /// # Errors
+    /// [`LoadError::Unknown`] (never issued), [`LoadError::AlreadyCompleted`] (reported twice)
+    /// and [`LoadError::TooManyBlocks`]: nothing changed. A component that breaks an invariant
+    /// while the load is applied is counted in `kv_errors`, not returned.
+    pub fn complete_load(&mut self, id: LoadId, result: LoadResult) -> Result<(), LoadError> {
+        let done = match self.kv.complete_load(id, result) {
+            Ok(done) => Some(done),
+            Err(LoadError::Memory { source, .. }) => {
+                self.note(Err(source));
+                None
+            }
+            Err(err) => return Err(err),
+        };
+        self.stats.loads_completed += 1;
+        if matches!(result, LoadResult::Failed { .. }) {
+            self.stats.load_failures += 1;
+        }
+        let Some((seq, step, ms)) = self.loads.remove(&id) else {
+            return Ok(());
+        };
+        self.stats.load_wait_steps += self.step.saturating_sub(step);
+        self.stats.load_wait_ms += self.now_ms.saturating_sub(ms);
+        let Some(s) = self.seqs.get_mut(&seq).filter(|s| s.loading == Some(id)) else {
+            return Ok(()); // cancelled meanwhile: the manager released the load's blocks
+        };
+        s.loading = None;
+        match done.and_then(|d| d.computed) {
+            Some(computed) => {
+                self.stats.tier_tokens += computed.saturating_sub(s.computed);
+                s.cached_tokens += computed.saturating_sub(s.computed);
+                s.computed = computed;
+            }
+            None => {
+                // The manager could not apply the load: recompute from what it holds.
+                let held = self.kv.num_tokens(seq).unwrap_or(0).min(s.computed);
+                s.computed = held;
+                let rewound = self.kv.rewind(seq, held);
+                self.note(rewound);
+            }
+        }
+        Ok(())
+    }
+
+    /// Loads issued and not yet reported.
+    #[must_use]
+    pub fn pending_loads(&self) -> usize {
+        self.kv.pending_loads()
     }
 
     /// A handle other threads use to submit and cancel; commands apply at the next step.
@@ -355,8 +457,10 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
     /// Counters.
     #[must_use]
     pub fn stats(&self) -> SchedStats {
+        let kv = self.kv.stats();
         SchedStats {
-            evicted_blocks: self.kv.stats().evicted_blocks,
+            evicted_blocks: kv.evicted_blocks,
+            offloaded_blocks: kv.offloaded_blocks,
             ..self.stats
         }
     }
@@ -474,6 +578,7 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
                 preemptions: 0,
                 awaiting_sample: false,
                 swapped: Vec::new(),
+                loading: None,
             },
         );
         self.waiting.push(seq);
@@ -522,6 +627,7 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
         self.admit_waiting(&mut scheduled, &mut budget, plan);
         self.end_compute_gate(); // compute reserve: fold the step into its counters
         self.build_plan(&scheduled, plan);
+        self.kv.drain_offloads(&mut plan.offloads);
         self.stats.cow_copies += plan.copies.len() as u64;
         scheduled.clear();
         self.scheduled = scheduled;

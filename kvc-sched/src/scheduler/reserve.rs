@@ -93,7 +93,9 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
                     && self
                         .seqs
                         .get(&v)
-                        .is_some_and(|s| s.req.qos > qos && !g.is_reserved(s.req.qos))
+                        .is_some_and(|s| {
+                            s.req.qos > qos && !g.is_reserved(s.req.qos) && s.loading.is_none()
+                        })
                     // A sequence aged to the requester's rank is no longer preempted for it,
                     // so best-effort work cannot be starved forever.
                     && self.rank_key(v, true).0 > qos.get()
