@@ -161,9 +161,8 @@ pub enum PayloadError {
 /// Bytes of one block's payload for `layers` layers of `layout`.
 #[must_use]
 pub fn payload_bytes(layout: &PagedLayout, layers: usize) -> usize {
-    let per_layer = 2 * layout.kv_heads() as usize
-        * layout.block_size() as usize
-        * layout.head_dim() as usize;
+    let per_layer =
+        2 * layout.kv_heads() as usize * layout.block_size() as usize * layout.head_dim() as usize;
     per_layer * layers * 4
 }
 
@@ -216,7 +215,13 @@ pub fn gather_block(
     block: BlockId,
     dst: &mut [u8],
 ) -> Result<(), PayloadError> {
-    check(layout, caches.iter().map(Vec::len), block, dst.len(), caches.len())?;
+    check(
+        layout,
+        caches.iter().map(Vec::len),
+        block,
+        dst.len(),
+        caches.len(),
+    )?;
     let hd = layout.head_dim() as usize;
     let mut out = dst.chunks_exact_mut(4);
     for cache in caches {
@@ -236,7 +241,13 @@ pub fn scatter_block(
     block: BlockId,
     src: &[u8],
 ) -> Result<(), PayloadError> {
-    check(layout, caches.iter().map(Vec::len), block, src.len(), caches.len())?;
+    check(
+        layout,
+        caches.iter().map(Vec::len),
+        block,
+        src.len(),
+        caches.len(),
+    )?;
     let hd = layout.head_dim() as usize;
     let mut input = src.chunks_exact(4);
     for cache in caches.iter_mut() {
@@ -371,7 +382,11 @@ mod tests {
         let span = layout.contiguous_block_len().unwrap() as usize;
         for l in 0..m.layers {
             // Block 1 of the destination now holds block 3 of the source, bit for bit.
-            assert_eq!(dst[l][span..2 * span], src[l][3 * span..4 * span], "layer {l}");
+            assert_eq!(
+                dst[l][span..2 * span],
+                src[l][3 * span..4 * span],
+                "layer {l}"
+            );
             assert_eq!(dst[l][..span], before[l][..span]);
             assert_eq!(dst[l][2 * span..], before[l][2 * span..]);
         }
