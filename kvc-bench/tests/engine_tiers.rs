@@ -334,3 +334,62 @@ fn a_shared_server_killed_during_a_load_degrades_to_recompute_with_the_same_logi
     let shared = second.tier_stack().unwrap().shared().unwrap().stats();
     assert!(shared.unavailable_calls > 0, "{shared:?}");
 }
+
+/// `kvc-bench engine --json` with the given extra flags, parsed.
+fn engine_cli(extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![
+        "engine",
+        "--requests",
+        "12",
+        "--new-tokens",
+        "2",
+        "--blocks",
+        "64",
+        "--system-prompts",
+        "4",
+        "--json",
+    ];
+    args.extend(extra);
+    let out = Command::new(env!("CARGO_BIN_EXE_kvc-bench"))
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn the_engine_command_loads_evicted_prefixes_from_host_and_disk() {
+    // Four 16-block system prompts cycle through a 64-block device pool: without tiers the
+    // device evicts each before it comes back.
+    let base = engine_cli(&[]);
+    assert!(base.get("tiers").is_none(), "{base}");
+    assert_eq!(base["tier_hit_tokens"], 0);
+
+    let dir = TempDir::new("cli");
+    let disk = dir.0.to_str().unwrap();
+    let tiered = engine_cli(&[
+        "--host-tier-blocks",
+        "16",
+        "--disk-dir",
+        disk,
+        "--disk-budget",
+        "64M",
+    ]);
+    let t = &tiered["tiers"];
+    assert!(t["offloaded_blocks"].as_u64() > Some(0), "{tiered}");
+    assert!(t["loaded_disk_blocks"].as_u64() > Some(0), "{tiered}");
+    assert!(tiered["tier_hit_tokens"].as_u64() > Some(0), "{tiered}");
+    assert_eq!(tiered["requests"], 12);
+    let computed = |r: &serde_json::Value| r["computed_tokens"].as_u64().unwrap();
+    assert!(
+        computed(&tiered) < computed(&base),
+        "loads replace prefill: {} computed with tiers, {} without",
+        computed(&tiered),
+        computed(&base)
+    );
+}

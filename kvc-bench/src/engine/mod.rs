@@ -455,6 +455,7 @@ impl<P: PinPolicy, R: ReuseIndex> Engine<P, R> {
         if stored.is_err() {
             t.report.store_errors += 1;
         }
+        self.metrics.offloaded(keys.len());
         t.report.offloaded_blocks += keys.len() as u64;
         t.report.offloaded_bytes += (keys.len() * bb) as u64;
         t.report.offload_s += start.elapsed().as_secs_f64();
@@ -509,6 +510,8 @@ impl<P: PinPolicy, R: ReuseIndex> Engine<P, R> {
                         r.failed_loads += 1;
                     }
                     r.load_s += start.elapsed().as_secs_f64();
+                    self.metrics
+                        .loaded(outcome.map_or([0; 3], |o| o.per_tier), n < job.blocks.len());
                     n
                 }
                 // Tiers not configured: the scheduler plans no loads; report any as failed.
