@@ -174,13 +174,33 @@ pub trait ReuseIndex {
     }
 
     /// The key the cached block `block` is cached under, or `None` when the index does not
-    /// cache it (private, invalidated, or evicted). A memory manager reads it while the block
-    /// is cached, to write the block down to the tiers when the device evicts it.
+    /// cache it (private, invalidated, or evicted). A memory manager reads it when the block
+    /// is cached (to write it through to the tiers).
     ///
     /// The default knows no keys.
     fn cached_key(&self, block: BlockId) -> Option<StoreKey> {
         let _ = block;
         None
+    }
+
+    /// [`evict`](Self::evict), also appending to `keys` the key each evicted block was
+    /// cached under, read before it was forgotten: one entry per evicted block, in the same
+    /// order, `None` for a block whose contents must not be reused (invalidated) or when the
+    /// index knows no keys. A memory manager writes the evicted blocks back to the tiers
+    /// under these keys.
+    ///
+    /// The default evicts and knows no keys.
+    fn evict_keyed(
+        &mut self,
+        count: usize,
+        now_ms: u64,
+        evicted: &mut Vec<BlockId>,
+        keys: &mut Vec<Option<StoreKey>>,
+    ) -> usize {
+        let before = evicted.len();
+        let n = self.evict(count, now_ms, evicted);
+        keys.extend(std::iter::repeat_n(None, evicted.len() - before));
+        n
     }
 }
 

@@ -579,11 +579,37 @@ impl PrefixCache {
     /// blocks go first, then leaves in retention and policy order (see the module docs). A
     /// block in use is never evicted.
     pub fn evict(&mut self, count: usize, now_ms: u64, evicted: &mut Vec<BlockId>) -> usize {
+        self.evict_inner(count, now_ms, evicted, None)
+    }
+
+    /// [`evict`](Self::evict), also appending to `hashes` the hash each evicted block was
+    /// cached under (`None` for an invalidated block, whose hash must not be reused), one
+    /// entry per evicted block, in the same order.
+    pub fn evict_with_hashes(
+        &mut self,
+        count: usize,
+        now_ms: u64,
+        evicted: &mut Vec<BlockId>,
+        hashes: &mut Vec<Option<BlockHash>>,
+    ) -> usize {
+        self.evict_inner(count, now_ms, evicted, Some(hashes))
+    }
+
+    fn evict_inner(
+        &mut self,
+        count: usize,
+        now_ms: u64,
+        evicted: &mut Vec<BlockId>,
+        mut hashes: Option<&mut Vec<Option<BlockHash>>>,
+    ) -> usize {
         self.now_ms = now_ms;
         let mut n = 0;
         while n < count {
             let Some(b) = self.orphans.pop() else { break };
             evicted.push(b);
+            if let Some(h) = hashes.as_deref_mut() {
+                h.push(None);
+            }
             n += 1;
         }
         self.expire(now_ms);
@@ -623,6 +649,9 @@ impl PrefixCache {
                 removed.push(node.hash);
             }
             evicted.push(node.block);
+            if let Some(h) = hashes.as_deref_mut() {
+                h.push(Some(node.hash));
+            }
             self.metrics.evicted_capacity = self.metrics.evicted_capacity.saturating_add(1);
             n += 1;
         }

@@ -172,6 +172,22 @@ impl<H: BlockHasher> ReuseIndex for ScopedIndex<H> {
     fn cached_key(&self, block: BlockId) -> Option<StoreKey> {
         self.cache.block_hash(block).map(|h| StoreKey(h.0))
     }
+
+    fn evict_keyed(
+        &mut self,
+        count: usize,
+        now_ms: u64,
+        evicted: &mut Vec<BlockId>,
+        keys: &mut Vec<Option<StoreKey>>,
+    ) -> usize {
+        self.now_ms = now_ms;
+        let mut hashes = Vec::with_capacity(count.min(64));
+        let n = self
+            .cache
+            .evict_with_hashes(count, now_ms, evicted, &mut hashes);
+        keys.extend(hashes.into_iter().map(|h| h.map(|h| StoreKey(h.0))));
+        n
+    }
 }
 
 #[cfg(test)]
@@ -222,6 +238,45 @@ mod tests {
             evicted == [BlockId(1)] || evicted == [BlockId(3)],
             "{evicted:?}"
         );
+    }
+
+    #[test]
+    fn blocks_are_named_by_their_chained_hash_per_tenant_until_evicted() {
+        let mut idx = index();
+        let a = ReuseScope {
+            tenant: TenantId(1),
+            session: None,
+        };
+        let b = ReuseScope {
+            tenant: TenantId(2),
+            session: None,
+        };
+        let tokens = [1, 2, 3, 4, 5];
+        let mut keys = Vec::new();
+        idx.block_keys(&a, &tokens, &mut keys);
+        assert_eq!(keys.len(), 2, "full blocks only");
+        let mut theirs = Vec::new();
+        idx.block_keys(&b, &tokens, &mut theirs);
+        assert!(keys.iter().all(|k| !theirs.contains(k)), "tenants differ");
+        let mut newly = Vec::new();
+        idx.insert(&a, &tokens[..4], &[BlockId(0), BlockId(1)], 0, &mut newly)
+            .unwrap();
+        assert_eq!(idx.cached_key(BlockId(0)), Some(keys[0]));
+        assert_eq!(idx.cached_key(BlockId(1)), Some(keys[1]));
+        assert_eq!(idx.cached_key(BlockId(7)), None);
+        idx.release(&[BlockId(0), BlockId(1)]).unwrap();
+        let (mut evicted, mut evicted_keys) = (Vec::new(), Vec::new());
+        assert_eq!(idx.evict_keyed(1, 1, &mut evicted, &mut evicted_keys), 1);
+        assert_eq!(evicted, [BlockId(1)], "leaf first");
+        assert_eq!(evicted_keys, [Some(keys[1])]);
+        assert_eq!(idx.cached_key(BlockId(1)), None);
+        // An invalidated block is handed back without its key.
+        let _dropped = idx.cache_mut().invalidate(BlockHash(keys[0].0));
+        assert_eq!(idx.cached_key(BlockId(0)), None);
+        evicted.clear();
+        evicted_keys.clear();
+        assert_eq!(idx.evict_keyed(1, 2, &mut evicted, &mut evicted_keys), 1);
+        assert_eq!((evicted, evicted_keys), (vec![BlockId(0)], vec![None]));
     }
 
     #[test]

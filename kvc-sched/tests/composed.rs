@@ -8,20 +8,28 @@
 //! holds its own KV (so no cache hit ever serves stale KV), that no block is both free and
 //! held, that free + evictable + held = capacity per region, and that when everything is done
 //! every block is free or evictable.
+//!
+//! With tiers below device memory, the test engine keeps a store of offloaded blocks (their
+//! fingerprints, by key) that loses blocks now and then, executes the plan's offloads first,
+//! fills the blocks of each load with poison until the load completes (some steps later), and
+//! reports partial loads as failed: a block read before its load completed, or a load that
+//! brought back the wrong KV, fails the same read checks.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 
 use kvc_alloc::{BlockAllocator, BlockPool, PoolConfig};
 use kvc_core::{
-    BlockCopy, BlockId, PinPolicy, QosClass, RegionId, ReuseIndex, SeqId, SessionId, TenantId,
+    BlockCopy, BlockId, LowerTiers, PinPolicy, QosClass, RegionId, ReuseIndex, SeqId, SessionId,
+    StoreKey, TenantId,
 };
 use kvc_pin::{
     PinRequest, PinTarget, PinningPolicy, PolicyConfig, Reserve, SoftPinConfig, StaticReserve,
 };
 use kvc_reuse::{HashExtra, KvEvent, PolicyKind, PrefixCache, ScopedIndex, Xxh3Hasher};
 use kvc_sched::{
-    KvManager, KvManagerConfig, Request, Scheduler, SchedulerConfig, SeqOwner, SessionContext,
-    SlotGrant, SlotRequest, StepPlan,
+    KvManager, KvManagerConfig, LoadJob, LoadResult, Request, Scheduler, SchedulerConfig, SeqOwner,
+    SessionContext, SlotGrant, SlotRequest, StepPlan, TierMode,
 };
 use proptest::prelude::*;
 
@@ -419,6 +427,76 @@ fn run_manager(
 
 // ---------------------------------------------------------------- through the Scheduler
 
+/// The tiers below device memory as the test engine keeps them: each stored block's
+/// fingerprints, by key. The scheduler sees which keys are held.
+#[derive(Debug, Default)]
+struct TierStore(Mutex<HashMap<StoreKey, Vec<Option<u64>>>>);
+
+impl LowerTiers for TierStore {
+    fn longest_prefix(&self, keys: &[StoreKey]) -> usize {
+        let held = self.0.lock().unwrap();
+        keys.iter().take_while(|k| held.contains_key(k)).count()
+    }
+}
+
+/// What a block holds while a load into it is in flight: any read of it is a failure.
+const POISON: u64 = 0xdead_beef;
+
+/// Tiers under the scheduler: the write mode, and how many steps each load takes.
+#[derive(Clone, Copy, Debug)]
+struct TierSetup {
+    mode: TierMode,
+    delay: u64,
+}
+
+/// The test engine's loads in flight: each job and the step after which it reports.
+#[derive(Default)]
+struct Loads {
+    in_flight: Vec<(LoadJob, u64)>,
+}
+
+impl Loads {
+    /// Reports the loads due by `now` (all with `None`): copies what the store still holds,
+    /// block by block, and reports a partial load as failed.
+    fn complete<A: kvc_core::BlockAllocator, P: PinPolicy, R: ReuseIndex>(
+        &mut self,
+        now: Option<u64>,
+        store: &TierStore,
+        model: &mut Kv,
+        s: &mut Scheduler<A, P, R>,
+    ) -> Result<(), TestCaseError> {
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.in_flight)
+            .into_iter()
+            .partition(|(_, at)| now.is_none_or(|n| *at <= n));
+        self.in_flight = later;
+        for (job, _) in due {
+            let held = store.0.lock().unwrap();
+            let mut loaded = 0;
+            for l in &job.blocks {
+                let Some(v) = held.get(&l.key) else { break };
+                model.device.insert(l.device, v.clone());
+                loaded += 1;
+            }
+            drop(held);
+            let result = if loaded == job.blocks.len() {
+                LoadResult::Loaded
+            } else {
+                LoadResult::Failed {
+                    loaded_blocks: loaded,
+                }
+            };
+            prop_assert_eq!(s.complete_load(job.id, result), Ok(()));
+        }
+        Ok(())
+    }
+
+    fn held(&self) -> impl Iterator<Item = BlockId> + '_ {
+        self.in_flight
+            .iter()
+            .flat_map(|(job, _)| job.blocks.iter().map(|l| l.device))
+    }
+}
+
 #[derive(Clone, Debug)]
 struct Spec {
     qos: u8,
@@ -459,6 +537,7 @@ fn run_scheduler(
     pool_blocks: u64,
     host_blocks: usize,
     invalidate_at: Option<u64>,
+    tiers: Option<TierSetup>,
 ) -> Result<kvc_sched::SchedStats, TestCaseError> {
     let cfg = SchedulerConfig {
         block_size: BS,
@@ -472,6 +551,11 @@ fn run_scheduler(
     };
     let pool = BlockPool::new(PoolConfig::new(pool_blocks).pinned(4)).unwrap();
     let mut s = Scheduler::new(cfg, pool, pin_policy(pool_blocks as usize), index(policy)).unwrap();
+    let store = Arc::new(TierStore::default());
+    if let Some(t) = tiers {
+        s = s.with_tiers(Arc::clone(&store) as Arc<dyn LowerTiers>, t.mode);
+    }
+    let mut loads = Loads::default();
     let mut tokens: HashMap<SeqId, (TenantId, Vec<u32>)> = HashMap::new();
     for (i, sp) in specs.iter().enumerate() {
         let id = SeqId(i as u64);
@@ -515,12 +599,36 @@ fn run_scheduler(
             let _granted = s.pin_policy_mut().pin(&req);
         }
         s.step_into(now, &mut plan);
-        // The engine: swap out, copy, swap in, then the batch writes its tokens' KV.
+        // The engine: offload, swap out, copy, load, swap in, then the batch writes its
+        // tokens' KV.
+        {
+            let mut held = store.0.lock().unwrap();
+            for o in &plan.offloads {
+                let v = model.device.get(&o.device).cloned().unwrap_or_default();
+                held.insert(o.key, v);
+            }
+            if now % 7 == 6 {
+                // The tiers lose a block now and then (evicted, a server lost).
+                if let Some(&k) = held.keys().min() {
+                    held.remove(&k);
+                }
+            }
+        }
         for p in &plan.swap_out {
             let v = model.device.get(&p.device).cloned().unwrap_or_default();
             model.host.insert(p.host.get(), v);
         }
         model.copy(&plan.copies);
+        for job in &plan.loads {
+            for l in &job.blocks {
+                model
+                    .device
+                    .insert(l.device, vec![Some(POISON); BS as usize]);
+            }
+            loads
+                .in_flight
+                .push((job.clone(), now + tiers.map_or(0, |t| t.delay)));
+        }
         for p in &plan.swap_in {
             let v = model.host.get(&p.host.get()).cloned().unwrap_or_default();
             model.device.insert(p.device, v);
@@ -562,8 +670,10 @@ fn run_scheduler(
             }
         }
         let _finished = s.complete_step(&sampled).unwrap();
-        // Memory adds up: held = blocks of waiting and running sequences and of sessions.
-        let mut held = HashSet::new();
+        loads.complete(Some(now), &store, &mut model, &mut s)?;
+        // Memory adds up: held = blocks of waiting and running sequences, of sessions and of
+        // loads in flight (a cancelled sequence's loading blocks stay held until reported).
+        let mut held: HashSet<BlockId> = loads.held().collect();
         for id in tokens.keys() {
             if let Some(blocks) = s.seq_blocks(*id) {
                 held.extend(blocks.iter().copied());
@@ -578,6 +688,8 @@ fn run_scheduler(
         prop_assert_eq!(s.stats().kv_errors, 0);
         now += 1;
     }
+    loads.complete(None, &store, &mut model, &mut s)?;
+    prop_assert_eq!(s.pending_loads(), 0);
     for x in 0..3 {
         let _ended = s.end_session(SessionId(x));
     }
@@ -638,13 +750,26 @@ fn the_fixed_streams_exercise_reuse_forks_eviction_and_preemption() {
             cancel_at: None,
         })
         .collect();
-    let recompute = run_scheduler(&specs, PolicyKind::Lru, 20, 0, None).unwrap();
+    let recompute = run_scheduler(&specs, PolicyKind::Lru, 20, 0, None, None).unwrap();
     assert!(
         recompute.cached_tokens > 0 && recompute.preempted > 0,
         "{recompute:?}"
     );
-    let swap = run_scheduler(&specs, PolicyKind::Lru, 20, 24, None).unwrap();
+    let swap = run_scheduler(&specs, PolicyKind::Lru, 20, 24, None, None).unwrap();
     assert!(swap.swapped_out > 0 && swap.swapped_in > 0, "{swap:?}");
+    for mode in [TierMode::WriteBack, TierMode::WriteThrough] {
+        for delay in [0, 2] {
+            let tiers = Some(TierSetup { mode, delay });
+            let t = run_scheduler(&specs, PolicyKind::Lru, 20, 0, None, tiers).unwrap();
+            assert!(
+                t.offloaded_blocks > 0
+                    && t.loads_issued > 0
+                    && t.loads_completed == t.loads_issued
+                    && t.tier_tokens > 0,
+                "{mode:?}, delay {delay}: {t:?}"
+            );
+        }
+    }
 }
 
 proptest! {
@@ -667,6 +792,21 @@ proptest! {
         host in prop_oneof![Just(0usize), 8usize..40],
         invalidate_at in prop::option::of(0u64..20),
     ) {
-        run_scheduler(&specs, policy, pool, host, invalidate_at)?;
+        run_scheduler(&specs, policy, pool, host, invalidate_at, None)?;
+    }
+
+    #[test]
+    fn scheduler_streams_with_tiers_never_read_a_block_before_its_load_completed(
+        specs in prop::collection::vec(spec(), 1..16),
+        policy in policy(),
+        pool in 16u64..32,
+        host in prop_oneof![Just(0usize), 8usize..40],
+        invalidate_at in prop::option::of(0u64..20),
+        write_through in any::<bool>(),
+        delay in 0u64..4,
+    ) {
+        let mode = if write_through { TierMode::WriteThrough } else { TierMode::WriteBack };
+        let tiers = Some(TierSetup { mode, delay });
+        run_scheduler(&specs, policy, pool, host, invalidate_at, tiers)?;
     }
 }

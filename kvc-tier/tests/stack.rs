@@ -1,12 +1,13 @@
-//! The tier stack: offload modes, demotion from host to disk and promotion back, and two
-//! engines sharing blocks through a Redis server that dies and comes back.
+//! The tier stack: offload modes, demotion from host to disk and promotion back, two
+//! engines sharing blocks through a Redis server that dies and comes back, and the stack as
+//! the `LowerTiers` a memory manager consults.
 
 mod common;
 
 use std::time::Duration;
 
-use common::{BLOCK, OwnRedis, TempDir, blocks, ns, redis_url};
-use kvc_core::{BlockStore, StoreKey};
+use common::{BLOCK, OwnRedis, TempDir, blocks, free_port, ns, redis_url};
+use kvc_core::{BlockStore, LowerTiers, StoreKey};
 use kvc_tier::{
     DeviceEvent, DiskConfig, DiskTier, HostConfig, HostTier, OffloadMode, SharedConfig, SharedTier,
     TierKind, TierStack,
@@ -177,4 +178,50 @@ fn serving_goes_on_while_the_shared_server_is_down_and_recovers() {
     let (tiers, n, dst) = load(&b, &second);
     assert_eq!(tiers, vec![TierKind::Shared; 4]);
     assert_eq!((n, dst), (4, src2));
+}
+
+#[test]
+fn the_stack_as_lower_tiers_agrees_with_lookup_and_a_lost_server_is_a_miss() {
+    let tmp = TempDir::new("lower");
+    let disk = DiskTier::open(ns("m"), &DiskConfig::new(&tmp.0, 1 << 20, 2)).unwrap();
+    // A shared tier whose server is not there: every call to it is a miss, never an error.
+    let nobody = format!("redis://127.0.0.1:{}/", free_port());
+    let stack = TierStack::new(
+        host(2),
+        Some(disk),
+        Some(shared(&nobody, &unique("lower"))),
+        OffloadMode::WriteBack,
+    );
+    let (chain, src) = blocks(1..=8);
+    for i in 0..4 {
+        let r = 2 * i..2 * i + 2;
+        let _ = stack
+            .offload(
+                DeviceEvent::Evicted,
+                &chain[r.clone()],
+                &src[r.start * BLOCK..r.end * BLOCK],
+                0,
+            )
+            .unwrap();
+    }
+    // Four blocks on disk, four in host memory: the whole chain is held.
+    let lower: &dyn LowerTiers = &stack;
+    let cases: Vec<Vec<StoreKey>> = vec![
+        chain.clone(),
+        chain[..3].to_vec(),
+        chain[4..].to_vec(),
+        vec![chain[0], StoreKey(999), chain[2]],
+        vec![StoreKey(998), chain[0]],
+        Vec::new(),
+    ];
+    for keys in &cases {
+        assert_eq!(
+            lower.longest_prefix(keys),
+            stack.lookup(keys).unwrap().len(),
+            "{keys:?}"
+        );
+    }
+    assert_eq!(lower.longest_prefix(&chain), 8);
+    assert_eq!(lower.longest_prefix(&cases[3]), 1);
+    assert_eq!(lower.longest_prefix(&cases[4]), 0);
 }

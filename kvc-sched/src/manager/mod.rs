@@ -128,8 +128,6 @@ struct PendingLoad {
 struct TierState {
     lower: Arc<dyn LowerTiers>,
     mode: TierMode,
-    /// Per block: the key it is cached under in the index (read when it was cached).
-    keys: Vec<Option<StoreKey>>,
     /// Offloads not yet handed out with `drain_offloads`.
     offloads: Vec<BlockOffload>,
     loads: HashMap<LoadId, PendingLoad>,
@@ -206,22 +204,13 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
 
     /// [`with_tiers`](Self::with_tiers) on a built manager.
     pub(crate) fn set_tiers(&mut self, tiers: Arc<dyn LowerTiers>, mode: TierMode) {
-        let total = self.alloc.total_blocks();
         let (offloads, loads, next_load) = match self.tiers.take() {
             Some(t) => (t.offloads, t.loads, t.next_load),
             None => (Vec::new(), HashMap::new(), 0),
         };
-        let mut keys = vec![None; total];
-        for (i, k) in keys.iter_mut().enumerate() {
-            let b = BlockId(i as u32);
-            if self.is_cached(b) {
-                *k = self.reuse.cached_key(b);
-            }
-        }
         self.tiers = Some(TierState {
             lower: tiers,
             mode,
-            keys,
             offloads,
             loads,
             next_load,
@@ -1053,13 +1042,19 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
             return Ok(0);
         }
         let mut evicted = Vec::new();
-        let n = self.reuse.evict(count, now_ms, &mut evicted);
+        let mut keys = Vec::new();
+        let n = if self.tiers.is_some() {
+            self.reuse
+                .evict_keyed(count, now_ms, &mut evicted, &mut keys)
+        } else {
+            self.reuse.evict(count, now_ms, &mut evicted)
+        };
         debug_assert_eq!(n, evicted.len(), "the reuse index miscounted its evictions");
         let mut result = Ok(());
         let mut freed = 0;
-        for b in evicted {
+        for (i, b) in evicted.into_iter().enumerate() {
             let was_evictable = self.is_cached(b) && self.alloc.refcount(b) == Ok(1);
-            self.note_evicted(b);
+            self.note_evicted(b, keys.get(i).copied().flatten());
             self.mark_cached(b, false);
             match self.alloc.release(b) {
                 Ok(Released::Freed) => freed += 1,
@@ -1073,28 +1068,27 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
         result.map(|()| freed)
     }
 
-    /// The index just cached `b`: remember its key, and write it through in that mode.
+    /// The index just cached `b`: write it through in that mode (not a block just loaded
+    /// from the tiers).
     fn note_cached(&mut self, b: BlockId, from_tiers: bool) {
         let Some(t) = self.tiers.as_mut() else {
             return;
         };
-        let key = self.reuse.cached_key(b);
-        if let Some(slot) = t.keys.get_mut(b.index()) {
-            *slot = key;
+        if t.mode != TierMode::WriteThrough || from_tiers {
+            return;
         }
-        if let (Some(key), TierMode::WriteThrough, false) = (key, t.mode, from_tiers) {
+        if let Some(key) = self.reuse.cached_key(b) {
             t.offloads.push(BlockOffload { device: b, key });
             self.stats.offloaded_blocks += 1;
         }
     }
 
-    /// The index evicted `b` (its bytes are intact until the engine runs the next plan):
-    /// write it back in that mode.
-    fn note_evicted(&mut self, b: BlockId) {
+    /// The index evicted `b`, cached under `key` (its bytes are intact until the engine runs
+    /// the next plan's offloads): write it back in that mode.
+    fn note_evicted(&mut self, b: BlockId, key: Option<StoreKey>) {
         let Some(t) = self.tiers.as_mut() else {
             return;
         };
-        let key = t.keys.get_mut(b.index()).and_then(Option::take);
         if let (Some(key), TierMode::WriteBack) = (key, t.mode) {
             t.offloads.push(BlockOffload { device: b, key });
             self.stats.offloaded_blocks += 1;
