@@ -393,3 +393,32 @@ fn the_engine_command_loads_evicted_prefixes_from_host_and_disk() {
         computed(&base)
     );
 }
+
+#[test]
+fn concurrent_requests_under_preemption_with_loads_give_the_same_logits() {
+    // Three prompts, then both rounds of six requests over them at once on 16 device blocks:
+    // loads, evictions, write-backs and preemptions interleave in the same steps.
+    let mut e = engine(TierOptions::host(64));
+    for seed in 0..3 {
+        run(&mut e, first_prompt(50 + seed));
+    }
+    let mut done = Vec::new();
+    for round in 0..2u32 {
+        for i in 0..6u32 {
+            let mut p = first_prompt(50 + i % 3);
+            p.extend([round, i, 200]);
+            let mut r = request(p, 6);
+            r.qos = kvc_core::QosClass((i % 3) as u8);
+            e.submit(r).unwrap();
+        }
+        done.extend(e.run_until_idle(5_000).unwrap());
+    }
+    assert_eq!(done.len(), 12);
+    check(&e, &done);
+    let r = report(&e);
+    assert!(r.loaded_host_blocks > 0, "{r:?}");
+    assert!(
+        e.scheduler().stats().preempted > 0,
+        "the pool was meant to force preemption"
+    );
+}
