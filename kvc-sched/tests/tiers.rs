@@ -699,3 +699,41 @@ fn plans_carry_write_back_offloads_and_later_requests_load_them() {
     let plan = s.step(3);
     assert_eq!(plan.seqs[0].positions, 8..14);
 }
+
+#[test]
+fn an_index_that_cannot_name_its_blocks_never_hits_in_the_tiers() {
+    /// Tiers that would hold anything.
+    #[derive(Debug)]
+    struct Everything;
+    impl LowerTiers for Everything {
+        fn longest_prefix(&self, keys: &[StoreKey]) -> usize {
+            keys.len()
+        }
+    }
+    let pool = BlockPool::new(PoolConfig::new(16)).unwrap();
+    let cfg = KvManagerConfig {
+        block_size: BS,
+        session_ttl_ms: None,
+    };
+    let mut kv = KvManager::new(
+        cfg,
+        pool,
+        DynamicOnly::default(),
+        kvc_core::NoReuse { block_size: BS },
+    )
+    .unwrap()
+    .with_tiers(Arc::new(Everything), TierMode::WriteThrough);
+    let prompt: Vec<u32> = (0..14).collect();
+    kv.open(SeqId(1), owner(0)).unwrap();
+    assert_eq!(kv.lookup_prefix(SeqId(1), &prompt, 0).unwrap(), 0);
+    assert_eq!(kv.load_prefix(SeqId(1), &prompt, 0).unwrap(), None);
+    assert_eq!(
+        kv.allocate_slots(SeqId(1), ask(14), 0, &mut Vec::new()),
+        Ok(SlotGrant::Now)
+    );
+    kv.cache_blocks(SeqId(1), &prompt, 0).unwrap();
+    let mut offloads = Vec::new();
+    kv.drain_offloads(&mut offloads);
+    assert!(offloads.is_empty());
+    assert_eq!(kv.stats().tier_lookups, 0);
+}

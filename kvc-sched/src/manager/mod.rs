@@ -121,6 +121,8 @@ struct PendingLoad {
     blocks: Vec<BlockId>,
     /// The prompt's tokens up to the end of the last loaded block (to cache them).
     tokens: Vec<u32>,
+    /// The caller's time when the load was issued (the loaded blocks' time of caching).
+    issued_ms: u64,
 }
 
 /// The lower tiers and their bookkeeping.
@@ -188,10 +190,22 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
         })
     }
 
-    /// Adds tiers below device memory (see the [module docs](self), "Lower tiers"): after a
-    /// device miss, [`load_prefix`](Self::load_prefix) continues the prefix into `tiers`, and
-    /// cached blocks are written down in `mode` (listed by
-    /// [`drain_offloads`](Self::drain_offloads)). Without it nothing is offloaded or loaded.
+    /// Adds tiers below device memory. Without it nothing is offloaded or loaded. With it:
+    ///
+    /// - after [`lookup_prefix`](Self::lookup_prefix), [`load_prefix`](Self::load_prefix)
+    ///   continues the prefix into `tiers`: device blocks are allocated for the blocks the
+    ///   tiers hold (as any allocation; when that is not possible now, nothing happens and the
+    ///   prompt is recomputed), and a [`LoadJob`](crate::LoadJob) names them. The sequence
+    ///   waits ([`KvError::Loading`] for allocation, forks, caching) until
+    ///   [`complete_load`](Self::complete_load) reports the load; then the loaded blocks are
+    ///   its computed prefix and are cached on the device. A failed load keeps its leading
+    ///   loaded blocks; the rest are recomputed in place;
+    /// - cached blocks the device evicts ([`TierMode::WriteBack`]) or caches
+    ///   ([`TierMode::WriteThrough`]) are listed by [`drain_offloads`](Self::drain_offloads),
+    ///   for the engine to copy down before it writes into any block allocated since;
+    /// - a sequence freed while its load is in flight gives its other blocks back at once;
+    ///   the blocks being loaded stay held (in use) until the load is reported, then are
+    ///   freed.
     ///
     /// The tiers are named by the reuse index's keys
     /// ([`ReuseIndex::block_keys`](kvc_core::ReuseIndex::block_keys)): an index that cannot
@@ -452,6 +466,55 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
     /// [`complete_load`](Self::complete_load) reports the load. Returns `None` (nothing
     /// changed) without tiers, when no tier holds the next block, or when the blocks cannot be
     /// allocated now (counted in `tier_fallback_blocks`: the prompt is recomputed).
+    ///
+    /// ```
+    /// use std::collections::HashSet;
+    /// use std::sync::{Arc, Mutex};
+    ///
+    /// use kvc_alloc::{BlockPool, PoolConfig};
+    /// use kvc_core::{LowerTiers, QosClass, ReuseIndex, ReuseScope, SeqId, StoreKey, TenantId};
+    /// use kvc_reuse::{HashExtra, PolicyKind, PrefixCache, ScopedIndex, Xxh3Hasher};
+    /// use kvc_sched::{
+    ///     DynamicOnly, KvManager, KvManagerConfig, LoadResult, SeqOwner, SlotGrant, SlotRequest,
+    ///     TierMode,
+    /// };
+    ///
+    /// /// Tiers that hold a set of blocks (an engine would use a `kvc_tier::TierStack`).
+    /// #[derive(Debug, Default)]
+    /// struct Held(Mutex<HashSet<StoreKey>>);
+    /// impl LowerTiers for Held {
+    ///     fn longest_prefix(&self, keys: &[StoreKey]) -> usize {
+    ///         let held = self.0.lock().unwrap();
+    ///         keys.iter().take_while(|k| held.contains(k)).count()
+    ///     }
+    /// }
+    ///
+    /// let index = ScopedIndex::new(PrefixCache::new(4, PolicyKind::Lru), Xxh3Hasher,
+    ///                              HashExtra::new("m", 1));
+    /// let cfg = KvManagerConfig { block_size: 4, ..KvManagerConfig::default() };
+    /// let tiers = Arc::new(Held::default());
+    /// let mut kv = KvManager::new(cfg, BlockPool::new(PoolConfig::new(16))?, DynamicOnly::default(), index)?
+    ///     .with_tiers(tiers.clone(), TierMode::WriteBack);
+    ///
+    /// // The tiers hold the first two blocks of a 10-token prompt (written down earlier).
+    /// let prompt: Vec<u32> = (0..10).collect();
+    /// let scope = ReuseScope { tenant: TenantId(0), session: None };
+    /// let mut keys = Vec::new();
+    /// kv.reuse_index_mut().block_keys(&scope, &prompt, &mut keys);
+    /// tiers.0.lock().unwrap().extend(keys.iter().copied());
+    ///
+    /// let owner = SeqOwner { tenant: TenantId(0), class: QosClass::STANDARD, session: None };
+    /// kv.open(SeqId(1), owner)?;
+    /// assert_eq!(kv.lookup_prefix(SeqId(1), &prompt, 0)?, 0); // a device miss
+    /// let job = kv.load_prefix(SeqId(1), &prompt, 0)?.expect("a tier hit");
+    /// assert_eq!(job.blocks.len(), 2);
+    /// // ... the engine copies each `job.blocks[i].key` into `job.blocks[i].device` ...
+    /// let done = kv.complete_load(job.id, LoadResult::Loaded)?;
+    /// assert_eq!(done.computed, Some(8));
+    /// let rest = SlotRequest { new_tokens: 2, lookahead: 0, admission: true };
+    /// assert_eq!(kv.allocate_slots(SeqId(1), rest, 0, &mut Vec::new())?, SlotGrant::Now);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn load_prefix(
         &mut self,
         seq: SeqId,
@@ -526,6 +589,7 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
                 first,
                 blocks,
                 tokens: prompt[..(first + hit) * bs].to_vec(),
+                issued_ms: now_ms,
             },
         );
         self.seq_mut(seq)?.loading = Some(id);
@@ -589,7 +653,7 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
         s.loading = None;
         s.tokens = (end * bs) as u64;
         let computed = s.tokens;
-        self.cache_prefix(seq, &load.tokens[..end * bs], 0, true)
+        self.cache_prefix(seq, &load.tokens[..end * bs], load.issued_ms, true)
             .map_err(memory)?;
         Ok(LoadDone {
             seq,

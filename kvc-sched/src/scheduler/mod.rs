@@ -349,6 +349,48 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
     /// A sequence waiting for its load is never chosen for preemption (its blocks would not
     /// free anything before the load is reported). Cancelled meanwhile, it is gone at once,
     /// but the blocks being loaded stay held until the load is reported, then are freed.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    ///
+    /// use kvc_alloc::{BlockPool, PoolConfig};
+    /// use kvc_core::{LowerTiers, QosClass, SeqId, StoreKey, TenantId};
+    /// use kvc_reuse::{HashExtra, PolicyKind, PrefixCache, ScopedIndex, Xxh3Hasher};
+    /// use kvc_sched::{DynamicOnly, LoadResult, Request, Scheduler, SchedulerConfig, TierMode};
+    ///
+    /// /// Tiers that hold every block (an engine would use a `kvc_tier::TierStack`).
+    /// #[derive(Debug)]
+    /// struct Everything;
+    /// impl LowerTiers for Everything {
+    ///     fn longest_prefix(&self, keys: &[StoreKey]) -> usize {
+    ///         keys.len()
+    ///     }
+    /// }
+    ///
+    /// let index = ScopedIndex::new(PrefixCache::new(4, PolicyKind::Lru), Xxh3Hasher,
+    ///                              HashExtra::new("m", 1));
+    /// let cfg = SchedulerConfig { block_size: 4, ..SchedulerConfig::default() };
+    /// let pool = BlockPool::new(PoolConfig::new(16))?;
+    /// let mut sched = Scheduler::new(cfg, pool, DynamicOnly::default(), index)?
+    ///     .with_tiers(Arc::new(Everything), TierMode::WriteBack);
+    /// sched.submit(Request {
+    ///     id: SeqId(1),
+    ///     tenant: TenantId(0),
+    ///     qos: QosClass::STANDARD,
+    ///     session: None,
+    ///     prompt: (0..10).collect(),
+    ///     max_new_tokens: 1,
+    ///     arrival_ms: 0,
+    /// })?;
+    /// let plan = sched.step(0);
+    /// assert!(plan.seqs.is_empty()); // waiting for its two blocks
+    /// assert_eq!(plan.loads[0].blocks.len(), 2);
+    /// // ... the engine loads them, then:
+    /// sched.complete_load(plan.loads[0].id, LoadResult::Loaded)?;
+    /// let plan = sched.step(1);
+    /// assert_eq!(plan.seqs[0].positions, 8..10);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     #[must_use]
     pub fn with_tiers(mut self, tiers: std::sync::Arc<dyn LowerTiers>, mode: TierMode) -> Self {
         self.kv.set_tiers(tiers, mode);
