@@ -4,8 +4,9 @@
 //!
 //! It exists to show the stack end to end and to prove it: the logits of every generated token
 //! equal, within the kernels' tolerance, those of the same model run alone on contiguous K/V,
-//! whether the request ran in a batch, after a prefix hit, as a session's next turn, or after
-//! being preempted (recomputed or swapped).
+//! whether the request ran in a batch, after a prefix hit, as a session's next turn, after
+//! being preempted (recomputed or swapped), or after its prefix went down to the tiers below
+//! device memory (host, disk, a shared server) as real bytes and came back ([`tiers`]).
 
 mod metrics;
 pub mod model;
