@@ -210,21 +210,31 @@ fn a_second_engine_loads_a_prefix_the_first_uploaded_with_the_same_logits() {
     let Some(url) = redis_url("a_second_engine_loads_a_prefix_the_first_uploaded") else {
         return;
     };
-    // A seed of this run: the server may hold blocks of earlier runs, which must not count.
-    let seed = 1_000
-        + (std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-            % 100_000) as u32;
+    // A prompt of this run only: the server may hold blocks of earlier runs (an upload of a
+    // block already there is not counted).
+    let mut x = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    let own: Vec<u32> = (0..24)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % 256) as u32
+        })
+        .collect();
     let mut first = engine(shared(&url));
-    run(&mut first, first_prompt(seed));
+    run(&mut first, own.clone());
     let up = report(&first);
     assert!(up.uploaded_blocks >= 6, "{up:?}");
 
     // Its own device pool and host tier; only the server is shared.
     let mut second = engine(shared(&url));
-    let again = run(&mut second, continued(seed));
+    let mut next = own;
+    next.extend([9, 8, 7]);
+    let again = run(&mut second, next);
     let r = report(&second);
     assert_eq!(r.loaded_shared_blocks, 6, "{r:?}");
     assert_eq!(again[0].cached_tokens, 24);
