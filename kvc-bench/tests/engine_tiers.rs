@@ -145,6 +145,30 @@ fn a_prefix_that_went_device_host_disk_loads_back_with_the_same_logits() {
 }
 
 #[test]
+fn a_restarted_engine_loads_a_prefix_from_the_disk_pages_it_left_with_the_same_logits() {
+    let dir = TempDir::new("restart");
+    {
+        let mut e = engine(host_and_disk(4, &dir.0));
+        serve_then_evict(&mut e, 5, 4);
+        assert!(report(&e).demoted_blocks >= 6);
+    }
+    // A new engine (empty device pool and host tier) on the same folder.
+    let mut e = engine(host_and_disk(4, &dir.0));
+    let recovered = e
+        .tier_stack()
+        .unwrap()
+        .disk()
+        .unwrap()
+        .stats()
+        .recovered_pages;
+    assert!(recovered > 0);
+    let again = run(&mut e, continued(5));
+    let r = report(&e);
+    assert_eq!(r.loaded_disk_blocks, 6, "{r:?}");
+    assert_eq!(again[0].cached_tokens, 24);
+}
+
+#[test]
 fn a_corrupt_disk_page_degrades_to_recompute_with_the_same_logits() {
     let dir = TempDir::new("corrupt");
     let mut e = engine(host_and_disk(4, &dir.0));
