@@ -374,7 +374,7 @@ fn engine_cli(extra: &[&str]) -> serde_json::Value {
     let mut args = vec![
         "engine",
         "--requests",
-        "12",
+        "8",
         "--new-tokens",
         "2",
         "--blocks",
@@ -418,7 +418,7 @@ fn the_engine_command_loads_evicted_prefixes_from_host_and_disk() {
     assert!(t["offloaded_blocks"].as_u64() > Some(0), "{tiered}");
     assert!(t["loaded_disk_blocks"].as_u64() > Some(0), "{tiered}");
     assert!(tiered["tier_hit_tokens"].as_u64() > Some(0), "{tiered}");
-    assert_eq!(tiered["requests"], 12);
+    assert_eq!(tiered["requests"], 8);
     let computed = |r: &serde_json::Value| r["computed_tokens"].as_u64().unwrap();
     assert!(
         computed(&tiered) < computed(&base),
