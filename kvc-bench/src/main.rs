@@ -92,9 +92,65 @@ struct EngineArgs {
     /// last scrape).
     #[arg(long, default_value_t = 0)]
     metrics_linger_s: u64,
+    /// Device KV blocks of 16 tokens (an eighth of them, at most 256, pinned for critical
+    /// traffic).
+    #[arg(long, default_value = "2048", value_parser = count)]
+    blocks: u64,
+    /// Distinct 256-token system prompts, request `i` using prompt `i mod N` (more than the
+    /// device holds makes the device evict prefixes that come back).
+    #[arg(long, default_value = "1", value_parser = count)]
+    system_prompts: u64,
+    #[command(flatten)]
+    tiers: EngineTierArgs,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+}
+
+/// `kvc-bench engine`'s tiers below device memory: real KV bytes written down and loaded back.
+#[derive(Args)]
+struct EngineTierArgs {
+    /// Add a host tier of this many device blocks: prefix blocks the device evicts are kept
+    /// there and loaded back by later requests.
+    #[arg(long, value_parser = count)]
+    host_tier_blocks: Option<u64>,
+    /// Device blocks per host (and disk) page.
+    #[arg(long, default_value = "4", value_parser = count, requires = "host_tier_blocks")]
+    tier_page_blocks: u64,
+    /// Add a disk tier in this folder below the host tier (host evictions are demoted there).
+    #[arg(long, requires = "host_tier_blocks")]
+    disk_dir: Option<PathBuf>,
+    /// The disk tier's byte budget (`512M`, `4G`).
+    #[arg(long, default_value = "1G", value_parser = bytes, requires = "disk_dir")]
+    disk_budget: u64,
+    /// Add a shared tier on this Redis or Valkey server (`redis://127.0.0.1:6379/`).
+    #[arg(long, requires = "host_tier_blocks")]
+    shared_url: Option<String>,
+    /// When device blocks are written down: when the device evicts them (`write-back`) or
+    /// when it caches them (`write-through`).
+    #[arg(long, default_value = "write-back", value_parser = ["write-back", "write-through"], requires = "host_tier_blocks")]
+    offload: String,
+}
+
+impl EngineTierArgs {
+    fn options(&self) -> Result<Option<kvc_bench::engine::tiers::TierOptions>, String> {
+        use kvc_bench::engine::tiers::{DiskOptions, TierOptions};
+        let Some(host) = self.host_tier_blocks else {
+            return Ok(None);
+        };
+        let mut t =
+            TierOptions::host(at_most("--host-tier-blocks", host, u64::from(u32::MAX), "")? as u32);
+        t.blocks_per_page = at_most("--tier-page-blocks", self.tier_page_blocks, 1024, "")? as u32;
+        t.disk = self.disk_dir.clone().map(|dir| DiskOptions {
+            dir,
+            budget_bytes: self.disk_budget,
+        });
+        t.shared_url.clone_from(&self.shared_url);
+        if self.offload == "write-through" {
+            t.mode = kvc_tier::OffloadMode::WriteThrough;
+        }
+        Ok(Some(t))
+    }
 }
 
 #[derive(Args)]
@@ -634,7 +690,9 @@ fn run_engine(args: &EngineArgs) -> Result<(), String> {
         }
         None => None,
     };
-    let mut cfg = EngineConfig::new(ModelConfig::small(), 2_048);
+    let blocks = at_most("--blocks", args.blocks, 1 << 20, "")? as u32;
+    let mut cfg = EngineConfig::new(ModelConfig::small(), blocks);
+    cfg.tiers = args.tiers.options()?;
     const PROMPT: u64 = 256 + 64;
     let n = at_most(
         "--requests",
@@ -651,19 +709,26 @@ fn run_engine(args: &EngineArgs) -> Result<(), String> {
             cfg.sched.max_model_len
         ),
     )? as u32;
-    cfg.pinned = 256;
+    cfg.pinned = (blocks / 8).min(256);
+    let pinned = cfg.pinned;
     let pin = || -> Result<PinningPolicy, String> {
-        let soft = SoftPinConfig::new(1 << 16, 2_048, 0.05).map_err(|e| e.to_string())?;
+        let soft = SoftPinConfig::new(1 << 16, blocks as usize, 0.05).map_err(|e| e.to_string())?;
         PinningPolicy::new(PolicyConfig::new(
-            Reserve::Static(StaticReserve::blocks(256)),
+            Reserve::Static(StaticReserve::blocks(pinned as usize)),
             soft,
         ))
         .map_err(|e| e.to_string())
     };
-    let system: Vec<u32> = (0..256).map(|i| (i * 7 + 3) % 1024).collect();
+    let prompts = at_most(
+        "--system-prompts",
+        args.system_prompts,
+        u64::from(n),
+        " (one per request)",
+    )? as u32;
+    let system = |k: u32| -> Vec<u32> { (0..256).map(|i| (i * 7 + 3 + k * 389) % 1024).collect() };
     let requests: Vec<EngineRequest> = (0..n)
         .map(|i| {
-            let mut prompt = system.clone();
+            let mut prompt = system(i % prompts.max(1));
             prompt.extend((0..64).map(|j| (i * 131 + j * 17) % 1024));
             EngineRequest {
                 tenant: TenantId(0),
@@ -687,7 +752,8 @@ fn run_engine(args: &EngineArgs) -> Result<(), String> {
         );
         println!(
             "pool: {} blocks of {} tokens ({} pinned for critical traffic), {}; {n} requests \
-             of {PROMPT} prompt tokens (256 shared) + {new_tokens} new, every third critical",
+             of {PROMPT} prompt tokens (256 shared, {prompts} system prompts) + {new_tokens} new, \
+             every third critical",
             cfg.blocks,
             cfg.block_size,
             cfg.pinned,
@@ -749,6 +815,28 @@ fn run_engine(args: &EngineArgs) -> Result<(), String> {
             report.peak_pinned_used
         );
         print_classes(&report.classes);
+        println!(
+            "prompt tokens: {}, of which {} hit on the device, {} loaded from the tiers, {} \
+             computed",
+            report.prompt_tokens,
+            report.device_hit_tokens,
+            report.tier_hit_tokens,
+            report.prompt_tokens - report.device_hit_tokens - report.tier_hit_tokens
+        );
+        if let Some(t) = &report.tiers {
+            println!(
+                "tiers: {} blocks written down; loaded {} host / {} disk / {} shared blocks \
+                 ({:.1} MiB in {:.3} s); {} loads short, {} blocks recomputed",
+                t.offloaded_blocks,
+                t.loaded_host_blocks,
+                t.loaded_disk_blocks,
+                t.loaded_shared_blocks,
+                t.loaded_bytes as f64 / f64::from(1 << 20),
+                t.load_s,
+                t.failed_loads,
+                t.missed_load_blocks
+            );
+        }
     }
     if let Some(e) = endpoint {
         if args.metrics_linger_s > 0 {

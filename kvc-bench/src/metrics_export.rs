@@ -14,6 +14,9 @@
 //! | `kvc_evictions_total` | counter | `cause` = `make_room` (cached blocks), `preempt_recompute`, `preempt_swap` (sequences) |
 //! | `kvc_preemptions_total` | counter | `mode` = `recompute`, `swap` |
 //! | `kvc_tier_moves_total`, `kvc_tier_bytes_total` | counter | `direction` = `demote` (device→host), `promote` |
+//! | `kvc_tier_offloaded_blocks_total`, `kvc_tier_offloaded_bytes_total` | counter | (device blocks written down to the host, disk and shared tiers) |
+//! | `kvc_tier_loaded_blocks_total`, `kvc_tier_loaded_bytes_total` | counter | `tier` = `host`, `disk`, `shared` |
+//! | `kvc_tier_load_failures_total` | counter | (loads that came back short; the rest recomputed) |
 //! | `kvc_ttft_seconds`, `kvc_tbt_seconds` | histogram | `qos` (class rank, 0 = most important) |
 //! | `kvc_route_decisions_total` | counter | `engine` |
 //! | `kvc_route_cached_blocks_total` | counter | `tier` |

@@ -71,6 +71,27 @@ impl EngineMetrics {
             .increment(blocks as u64 * self.block_bytes);
     }
 
+    /// Blocks written down to the tiers below device memory.
+    pub(crate) fn offloaded(&mut self, blocks: usize) {
+        counter!("kvc_tier_offloaded_blocks_total").increment(blocks as u64);
+        counter!("kvc_tier_offloaded_bytes_total").increment(blocks as u64 * self.block_bytes);
+    }
+
+    /// A load from the tiers: blocks loaded per tier (host, disk, shared), and whether it
+    /// came back short (the rest recomputed).
+    pub(crate) fn loaded(&mut self, per_tier: [usize; 3], failed: bool) {
+        for (n, tier) in per_tier.into_iter().zip(["host", "disk", "shared"]) {
+            if n > 0 {
+                counter!("kvc_tier_loaded_blocks_total", "tier" => tier).increment(n as u64);
+                counter!("kvc_tier_loaded_bytes_total", "tier" => tier)
+                    .increment(n as u64 * self.block_bytes);
+            }
+        }
+        if failed {
+            counter!("kvc_tier_load_failures_total").increment(1);
+        }
+    }
+
     /// After a step: counters from the scheduler's deltas, gauges from the pool.
     pub(crate) fn step(&mut self, s: &SchedStats, pool: &PoolStats) {
         let d = |now: u64, before: u64| now.saturating_sub(before);

@@ -4,32 +4,37 @@
 //!
 //! It exists to show the stack end to end and to prove it: the logits of every generated token
 //! equal, within the kernels' tolerance, those of the same model run alone on contiguous K/V,
-//! whether the request ran in a batch, after a prefix hit, as a session's next turn, or after
-//! being preempted (recomputed or swapped).
+//! whether the request ran in a batch, after a prefix hit, as a session's next turn, after
+//! being preempted (recomputed or swapped), or after its prefix went down to the tiers below
+//! device memory (host, disk, a shared server) as real bytes and came back ([`tiers`]).
 
 mod metrics;
 pub mod model;
+pub mod tiers;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 use kvc_alloc::{BlockPool, PoolConfig};
 use kvc_core::{
-    PageTableError, PagedLayout, PagedLayoutError, PinPolicy, QosClass, ReuseIndex, SeqId,
-    SessionId, SlotMappingError, TenantId,
+    LowerTiers, PageTableError, PagedLayout, PagedLayoutError, PinPolicy, QosClass, Retention,
+    ReuseIndex, SeqId, SessionId, SlotMappingError, StoreKey, TenantId,
 };
 use kvc_kernels::{
     AttnParams, BlockSwap, ShapeError, copy_blocks, paged_prefill, swap_in, swap_out, write_kv,
 };
 use kvc_sched::{
-    CompleteError, ConfigError, Request, Scheduler, SchedulerConfig, StepPlan, SubmitError,
-    SwapPair,
+    BlockOffload, CompleteError, ConfigError, LoadError, LoadJob, LoadResult, Request, Scheduler,
+    SchedulerConfig, StepPlan, SubmitError, SwapPair, TierMode,
 };
+use kvc_tier::{DeviceEvent, OffloadMode, StackStats, TierStack};
 use thiserror::Error;
 
 use crate::sim::engine::{ClassLatency, class_name, percentile};
 use metrics::EngineMetrics;
 use model::{Model, ModelConfig, Qkv, argmax};
+use tiers::{EngineTiers, PayloadError, TierOptions, TierReport, TierSetupError};
 
 /// Why the engine stopped.
 #[derive(Debug, Error)]
@@ -59,7 +64,21 @@ pub enum EngineError {
     /// The scheduler refused the sampled tokens (an engine bug).
     #[error(transparent)]
     Complete(#[from] CompleteError),
+    /// The tiers below device memory could not be built.
+    #[error(transparent)]
+    Tiers(#[from] TierSetupError),
+    /// A block could not be copied to or from its payload (a plan naming a block outside the
+    /// pool: a scheduler bug).
+    #[error(transparent)]
+    Payload(#[from] PayloadError),
+    /// The scheduler refused a load's completion (an engine bug).
+    #[error(transparent)]
+    Load(#[from] LoadError),
 }
+
+/// The retention priority offloaded blocks are stored with (the plan carries none): that of a
+/// block nobody pinned.
+const OFFLOAD_PRIORITY: u8 = Retention::DEFAULT_PRIORITY;
 
 /// The engine's shape: model, KV pool, scheduler limits.
 #[derive(Clone, Debug)]
@@ -78,6 +97,9 @@ pub struct EngineConfig {
     pub sched: SchedulerConfig,
     /// Keep every generated token's logits (for checking against the reference).
     pub record_logits: bool,
+    /// Tiers below the device pool (host, disk, shared) that keep and reload evicted prefix
+    /// blocks; `None`: blocks the device evicts are gone.
+    pub tiers: Option<TierOptions>,
 }
 
 impl EngineConfig {
@@ -97,6 +119,7 @@ impl EngineConfig {
                 ..SchedulerConfig::default()
             },
             record_logits: false,
+            tiers: None,
         }
     }
 }
@@ -154,13 +177,23 @@ pub struct EngineReport {
     pub preemptions: u64,
     /// Preemptions that swapped to the host tier.
     pub swapped_out: u64,
-    /// Prompt tokens served from the cache over prompt tokens admitted.
+    /// Prompt tokens admitted.
+    pub prompt_tokens: u64,
+    /// Of those, served from the device prefix cache.
+    pub device_hit_tokens: u64,
+    /// Of those, loaded from the tiers below device memory.
+    pub tier_hit_tokens: u64,
+    /// Prompt tokens served from the cache (device or tiers) over prompt tokens admitted.
     pub prefix_hit_rate: f64,
     /// Peak blocks in use in the pinned region.
     pub peak_pinned_used: usize,
     /// Wall-clock latency per QoS class, most important first: time to first token from
     /// submission, and time between tokens.
     pub classes: Vec<ClassLatency>,
+    /// What the tiers below the device pool did since the engine was built (absent without
+    /// tiers).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tiers: Option<TierReport>,
 }
 
 /// Where a [`Engine::serve_with_progress`] run stands, for a progress line.
@@ -214,6 +247,7 @@ pub struct Engine<P, R> {
     /// Per class rank: time to first token and time between tokens, in milliseconds.
     latencies: Vec<(Vec<f64>, Vec<f64>)>,
     metrics: EngineMetrics,
+    tiers: Option<EngineTiers>,
 }
 
 impl<P: PinPolicy, R: ReuseIndex> Engine<P, R> {
@@ -246,6 +280,22 @@ impl<P: PinPolicy, R: ReuseIndex> Engine<P, R> {
                 )
             })
             .transpose()?;
+        let mut sched = Scheduler::new(sched_cfg, pool, pin, reuse)?;
+        let tiers = match &cfg.tiers {
+            Some(opts) => {
+                let ns = tiers::namespace(&m, cfg.block_size)?;
+                let stack = Arc::new(tiers::build_stack(&ns, opts)?);
+                let mode = match opts.mode {
+                    OffloadMode::WriteThrough => TierMode::WriteThrough,
+                    _ => TierMode::WriteBack,
+                };
+                let lower: Arc<dyn LowerTiers> = stack.clone();
+                sched = sched.with_tiers(lower, mode);
+                let block_bytes = tiers::payload_bytes(&layout, m.layers);
+                Some(EngineTiers::new(stack, block_bytes, cfg.block_size))
+            }
+            None => None,
+        };
         Ok(Self {
             caches: vec![vec![0.0; layout.len() as usize]; m.layers],
             host: host_layout
@@ -253,7 +303,7 @@ impl<P: PinPolicy, R: ReuseIndex> Engine<P, R> {
             host_layout,
             layout,
             model: Model::new(m),
-            sched: Scheduler::new(sched_cfg, pool, pin, reuse)?,
+            sched,
             tokens: HashMap::new(),
             prompts: HashMap::new(),
             logits: HashMap::new(),
@@ -269,6 +319,7 @@ impl<P: PinPolicy, R: ReuseIndex> Engine<P, R> {
             metrics: EngineMetrics::new(
                 2 * (m.kv_heads * m.head_dim * m.layers) as u64 * u64::from(cfg.block_size) * 4,
             ),
+            tiers,
         })
     }
 
@@ -280,6 +331,20 @@ impl<P: PinPolicy, R: ReuseIndex> Engine<P, R> {
     /// The scheduler.
     pub fn scheduler(&self) -> &Scheduler<BlockPool, P, R> {
         &self.sched
+    }
+
+    /// The tiers below the device pool, if configured (their counters, for instance).
+    pub fn tier_stack(&self) -> Option<&TierStack> {
+        self.tiers.as_ref().map(|t| &*t.stack)
+    }
+
+    /// What the tiers did since the engine was built (absent without tiers).
+    pub fn tier_report(&self) -> Option<TierReport> {
+        self.tiers.as_ref().map(|t| {
+            t.report
+                .clone()
+                .with_stack(&StackStats::default(), &t.stack.stats())
+        })
     }
 
     /// Queues a request; it starts at the next step.
@@ -317,9 +382,20 @@ impl<P: PinPolicy, R: ReuseIndex> Engine<P, R> {
 
     /// Runs one step: plans it, moves blocks, runs the model over the batch, samples greedily.
     pub fn step(&mut self) -> Result<Vec<Completed>, EngineError> {
+        self.step_with(|_| {})
+    }
+
+    /// [`step`](Self::step), calling `between` with the plan after planning and before
+    /// executing it: for fault tests (a shared server lost, a disk page damaged, while the
+    /// plan's loads are in flight).
+    pub fn step_with(
+        &mut self,
+        between: impl FnOnce(&StepPlan),
+    ) -> Result<Vec<Completed>, EngineError> {
         let now = self.sched.stats().steps;
         let mut plan = std::mem::take(&mut self.plan);
         self.sched.step_into(now, &mut plan);
+        between(&plan);
         let result = self.execute(&plan);
         self.plan = plan;
         result
@@ -353,13 +429,116 @@ impl<P: PinPolicy, R: ReuseIndex> Engine<P, R> {
         Ok(())
     }
 
+    /// Copies the plan's offloads down to the tiers: every block's K and V of every layer
+    /// gathered into one payload, stored under its key. A store error is counted and the
+    /// blocks are simply not kept (a later request recomputes them).
+    fn offload(&mut self, offloads: &[BlockOffload]) -> Result<(), EngineError> {
+        let Some(t) = self.tiers.as_mut() else {
+            return Ok(());
+        };
+        if offloads.is_empty() {
+            return Ok(());
+        }
+        let start = Instant::now();
+        let bb = t.block_bytes;
+        let buf = t.staging(offloads.len());
+        for (o, dst) in offloads.iter().zip(buf.chunks_exact_mut(bb)) {
+            tiers::gather_block(&self.layout, &self.caches, o.device, dst)?;
+        }
+        let keys: Vec<StoreKey> = offloads.iter().map(|o| o.key).collect();
+        let event = match t.stack.mode() {
+            OffloadMode::WriteThrough => DeviceEvent::Cached,
+            _ => DeviceEvent::Evicted,
+        };
+        let stored = t
+            .stack
+            .offload(event, &keys, &t.buf[..keys.len() * bb], OFFLOAD_PRIORITY);
+        if stored.is_err() {
+            t.report.store_errors += 1;
+        }
+        self.metrics.offloaded(keys.len());
+        t.report.offloaded_blocks += keys.len() as u64;
+        t.report.offloaded_bytes += (keys.len() * bb) as u64;
+        t.report.offload_s += start.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// Runs the plan's loads: finds each job's blocks in the tiers, loads the longest prefix
+    /// held into the staging buffer, scatters it into the job's device blocks and reports the
+    /// job: `Loaded`, or `Failed` with the leading blocks that came back (a block evicted since
+    /// the plan, a corrupt disk page, a lost shared server, a store error). The scheduler
+    /// recomputes the rest.
+    fn load(&mut self, loads: &[LoadJob]) -> Result<(), EngineError> {
+        for job in loads {
+            let loaded = match self.tiers.as_mut() {
+                Some(t) => {
+                    let start = Instant::now();
+                    let keys: Vec<StoreKey> = job.blocks.iter().map(|b| b.key).collect();
+                    let found = match t.stack.lookup(&keys) {
+                        Ok(found) => found,
+                        Err(_) => {
+                            t.report.store_errors += 1;
+                            Vec::new()
+                        }
+                    };
+                    let bb = t.block_bytes;
+                    let stack = Arc::clone(&t.stack);
+                    let buf = t.staging(found.len());
+                    let outcome = if found.is_empty() {
+                        None
+                    } else {
+                        stack.load(&keys, &found, buf).ok()
+                    };
+                    if outcome.is_none() && !found.is_empty() {
+                        t.report.store_errors += 1;
+                    }
+                    let n = outcome.map_or(0, |o| o.blocks);
+                    for (b, src) in job.blocks[..n].iter().zip(t.buf.chunks_exact(bb)) {
+                        tiers::scatter_block(&self.layout, &mut self.caches, b.device, src)?;
+                    }
+                    let r = &mut t.report;
+                    r.load_jobs += 1;
+                    r.planned_load_blocks += job.blocks.len() as u64;
+                    if let Some(o) = outcome {
+                        r.loaded_host_blocks += o.per_tier[0] as u64;
+                        r.loaded_disk_blocks += o.per_tier[1] as u64;
+                        r.loaded_shared_blocks += o.per_tier[2] as u64;
+                    }
+                    r.loaded_bytes += (n * bb) as u64;
+                    r.loaded_tokens += n as u64 * t.tokens_per_block;
+                    r.missed_load_blocks += (job.blocks.len() - n) as u64;
+                    if n < job.blocks.len() {
+                        r.failed_loads += 1;
+                    }
+                    r.load_s += start.elapsed().as_secs_f64();
+                    self.metrics
+                        .loaded(outcome.map_or([0; 3], |o| o.per_tier), n < job.blocks.len());
+                    n
+                }
+                // Tiers not configured: the scheduler plans no loads; report any as failed.
+                None => 0,
+            };
+            let result = if loaded == job.blocks.len() {
+                LoadResult::Loaded
+            } else {
+                LoadResult::Failed {
+                    loaded_blocks: loaded,
+                }
+            };
+            self.sched.complete_load(job.id, result)?;
+        }
+        Ok(())
+    }
+
     fn execute(&mut self, plan: &StepPlan) -> Result<Vec<Completed>, EngineError> {
+        self.offload(&plan.offloads)?;
         self.swap(&plan.swap_out, Swap::Out)?;
         if !plan.copies.is_empty() {
             let mut layers: Vec<&mut [f32]> =
                 self.caches.iter_mut().map(Vec::as_mut_slice).collect();
             copy_blocks(&self.layout, &mut layers, &plan.copies)?;
         }
+        self.load(&plan.loads)?;
         self.swap(&plan.swap_in, Swap::In)?;
         if plan.is_empty() {
             return Ok(Vec::new());
@@ -454,7 +633,9 @@ impl<P: PinPolicy, R: ReuseIndex> Engine<P, R> {
         Ok(done)
     }
 
-    /// Steps until every request has finished; returns them in finishing order.
+    /// Steps until every request has finished; returns them in finishing order. With tiers,
+    /// the offloads still pending when the last request finishes are executed too
+    /// ([`flush_offloads`](Self::flush_offloads)).
     pub fn run_until_idle(&mut self, max_steps: u64) -> Result<Vec<Completed>, EngineError> {
         let mut done = Vec::new();
         for _ in 0..max_steps {
@@ -463,7 +644,20 @@ impl<P: PinPolicy, R: ReuseIndex> Engine<P, R> {
             }
             done.extend(self.step()?);
         }
+        self.flush_offloads()?;
         Ok(done)
+    }
+
+    /// With tiers and nothing running, plans and executes one empty step: the blocks cached
+    /// by the last step (write-through) are listed in the next plan's offloads, and without
+    /// another request that plan would never come, so other engines sharing the tiers would
+    /// not see them.
+    pub fn flush_offloads(&mut self) -> Result<(), EngineError> {
+        if self.tiers.is_some() && self.is_idle() {
+            let done = self.step()?;
+            debug_assert!(done.is_empty(), "an idle step finished requests");
+        }
+        Ok(())
     }
 
     /// Runs `requests` to completion and reports real throughput and the stack's statistics.
@@ -500,6 +694,7 @@ impl<P: PinPolicy, R: ReuseIndex> Engine<P, R> {
                 });
             }
         }
+        self.flush_offloads()?;
         let wall_s = start.elapsed().as_secs_f64();
         let mut classes = Vec::new();
         for (rank, (ttft, tbt)) in std::mem::take(&mut self.latencies).into_iter().enumerate() {
@@ -533,13 +728,17 @@ impl<P: PinPolicy, R: ReuseIndex> Engine<P, R> {
             steps: s.steps,
             preemptions: s.preempted,
             swapped_out: s.swapped_out,
+            prompt_tokens: s.prompt_tokens,
+            device_hit_tokens: s.cached_tokens,
+            tier_hit_tokens: s.tier_tokens,
             prefix_hit_rate: if s.prompt_tokens == 0 {
                 0.0
             } else {
-                s.cached_tokens as f64 / s.prompt_tokens as f64
+                (s.cached_tokens + s.tier_tokens) as f64 / s.prompt_tokens as f64
             },
             peak_pinned_used: self.peak_pinned_used,
             classes,
+            tiers: self.tier_report(),
         })
     }
 }

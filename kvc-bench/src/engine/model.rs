@@ -60,6 +60,23 @@ impl ModelConfig {
             seed: 7,
         }
     }
+
+    /// The model id KV blocks are stored under (a tier's namespace): every field, so that
+    /// models of another shape or other weights never read each other's blocks.
+    #[must_use]
+    pub fn store_id(&self) -> String {
+        format!(
+            "kvc-engine/l{}-d{}-q{}-kv{}-hd{}-ffn{}-v{}-seed{}",
+            self.layers,
+            self.d_model,
+            self.q_heads,
+            self.kv_heads,
+            self.head_dim,
+            self.ffn,
+            self.vocab,
+            self.seed
+        )
+    }
 }
 
 struct Layer {
