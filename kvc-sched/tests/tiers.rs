@@ -701,6 +701,30 @@ fn plans_carry_write_back_offloads_and_later_requests_load_them() {
 }
 
 #[test]
+fn write_through_offloads_of_the_last_step_wait_for_one_more_plan_while_idle() {
+    let tiers = Arc::new(FakeTiers::default());
+    let mut s = scheduler(16, &tiers, TierMode::WriteThrough);
+    let a: Vec<u32> = (0..14).collect();
+    let a_keys = keys_of(s.reuse_index_mut(), 0, &a);
+    s.submit(request(1, 1, a, 1)).unwrap();
+    let plan = s.step(0);
+    assert!(plan.offloads.is_empty());
+    assert_eq!(s.pending_offloads(), 0);
+    let finished = sample(&mut s, &plan);
+    assert_eq!(finished.len(), 1);
+    // The request is done and the scheduler idle, but its cached blocks are still to be
+    // written through: one more (empty) plan carries them.
+    assert!(s.is_idle());
+    assert_eq!(s.pending_offloads(), a_keys.len());
+    let plan = s.step(1);
+    assert!(plan.is_empty());
+    let offloaded: Vec<StoreKey> = plan.offloads.iter().map(|o| o.key).collect();
+    assert_eq!(offloaded, a_keys);
+    assert_eq!(s.pending_offloads(), 0);
+    assert!(s.step(2).offloads.is_empty());
+}
+
+#[test]
 fn an_index_that_cannot_name_its_blocks_never_hits_in_the_tiers() {
     /// Tiers that would hold anything.
     #[derive(Debug)]

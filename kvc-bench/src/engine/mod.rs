@@ -648,12 +648,12 @@ impl<P: PinPolicy, R: ReuseIndex> Engine<P, R> {
         Ok(done)
     }
 
-    /// With tiers and nothing running, plans and executes one empty step: the blocks cached
-    /// by the last step (write-through) are listed in the next plan's offloads, and without
-    /// another request that plan would never come, so other engines sharing the tiers would
-    /// not see them.
+    /// With nothing running and offloads pending (`Scheduler::pending_offloads`), plans and
+    /// executes one empty step: the blocks cached by the last step (write-through) are listed
+    /// in the next plan's offloads, and without another request that plan would never come,
+    /// so other engines sharing the tiers would not see them.
     pub fn flush_offloads(&mut self) -> Result<(), EngineError> {
-        if self.tiers.is_some() && self.is_idle() {
+        if self.tiers.is_some() && self.is_idle() && self.sched.pending_offloads() > 0 {
             let done = self.step()?;
             debug_assert!(done.is_empty(), "an idle step finished requests");
         }

@@ -674,6 +674,14 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
         self.tiers.as_ref().map_or(0, |t| t.loads.len())
     }
 
+    /// Offloads decided and not yet handed out with [`drain_offloads`](Self::drain_offloads).
+    /// Write-through offloads of blocks cached by the last step wait here for the next plan,
+    /// even when no sequence is open.
+    #[must_use]
+    pub fn pending_offloads(&self) -> usize {
+        self.tiers.as_ref().map_or(0, |t| t.offloads.len())
+    }
+
     /// Moves the blocks to copy down to the tiers into `out` (in the order they were decided).
     /// The engine copies them before writing into any block allocated since (a write-back
     /// offload names a block just evicted, which the next allocation may hand out): the

@@ -453,6 +453,16 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
         self.kv.pending_loads()
     }
 
+    /// Blocks to copy down to the tiers that the next plan's `offloads` will list. With
+    /// write-through, the blocks cached by the last step wait for the next plan even when
+    /// the scheduler [`is_idle`](Self::is_idle): an engine that stops stepping when idle
+    /// plans one more (empty) step while this is not zero, so engines sharing its tiers see
+    /// those blocks.
+    #[must_use]
+    pub fn pending_offloads(&self) -> usize {
+        self.kv.pending_offloads()
+    }
+
     /// A handle other threads use to submit and cancel; commands apply at the next step.
     #[must_use]
     pub fn submitter(&self) -> Submitter {
