@@ -22,7 +22,7 @@
 //! granularity.
 
 use kvc_core::BlockId;
-use kvc_reuse::{BlockHash, PolicyKind, PrefixCache};
+use kvc_reuse::{BlockHash, EvictionPolicy, PolicyKind, PrefixCache};
 use serde::Serialize;
 
 use crate::trace::{MOONCAKE_BLOCK_TOKENS, TraceRequest};
@@ -296,11 +296,22 @@ pub fn block_hit_rate(
     capacity_blocks: usize,
     policy: PolicyKind,
 ) -> Option<BlockHitRate> {
+    block_hit_rate_with(trace, capacity_blocks, policy.build(capacity_blocks))
+}
+
+/// [`block_hit_rate`] with a policy object of your own (any [`EvictionPolicy`], for example one
+/// built with non-default parameters). `None` when the capacity is 0.
+#[must_use]
+pub fn block_hit_rate_with(
+    trace: &[TraceRequest],
+    capacity_blocks: usize,
+    policy: Box<dyn EvictionPolicy>,
+) -> Option<BlockHitRate> {
     if capacity_blocks == 0 {
         return None;
     }
     let bs = MOONCAKE_BLOCK_TOKENS as usize;
-    let mut cache = PrefixCache::with_policy(MOONCAKE_BLOCK_TOKENS, policy.build(capacity_blocks));
+    let mut cache = PrefixCache::with_policy(MOONCAKE_BLOCK_TOKENS, policy);
     let (mut hashes, mut blocks, mut newly, mut free) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::<BlockId>::new());
     let mut next_block = 0u32;
