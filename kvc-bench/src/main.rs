@@ -289,6 +289,10 @@ fn policy_parser() -> impl TypedValueParser<Value = PolicyKind> {
             PolicyKind::Conversation => {
                 "keeps the blocks a conversation's next turn is likely to reuse"
             }
+            PolicyKind::Adaptive => {
+                "follows whichever expert (LRU, S3-FIFO, LFU, reuse odds) would hit most on this traffic"
+            }
+            PolicyKind::ReuseOdds => "LRU shifted by each block's learned odds of reuse",
             _ => "",
         };
         PossibleValue::new(k.name()).help(help)

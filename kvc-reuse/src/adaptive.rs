@@ -4,11 +4,11 @@
 //! It keeps four experts, each with its own order over the cache's evictable blocks:
 //! - **recency** ([`Lru`]): the least recently used block first;
 //! - **scan resistance** ([`S3Fifo`]): new blocks on probation in a small FIFO, promoted when
-//!   used again, which keeps a hot set through bursts of one-off prompts;
-//! - **frequency** (LFU with recency tie-breaks): the block used least often first, which
-//!   keeps hot documents and hot prefixes;
-//! - **conversation** ([`Conversation`]): LRU shifted by each request's learned probability
-//!   of being continued, for multi-turn chat.
+//!   used again, which keeps a hot set (hot documents, hot prefixes) through bursts of
+//!   one-off prompts;
+//! - **reuse odds** ([`ReuseOdds`]), twice: LRU shifted by each block's learned probability of
+//!   being used again (from its request's turn and new tokens, its own past uses and its
+//!   position), at the shift its model gives and at twice that.
 //!
 //! Which expert evicts is decided by what each one *would* have hit on this traffic: the
 //! policy reconstructs every request's block hashes from the insert walk the cache reports,
@@ -23,90 +23,16 @@
 //!
 //! Nothing is fitted to a trace: the experts learn their own statistics online, the window
 //! is a multiple of the cache's own size, and the switching margin is a statistical one. The
-//! price is CPU and memory: four orders over the real cache plus four shadow caches, about
-//! five times LRU's work per block.
-
-use std::collections::BTreeSet;
+//! price is CPU and memory: four orders over the real cache plus four shadow caches, several
+//! times LRU's work per block (see `docs/reuse.md` for the measured cost).
 
 use kvc_core::BlockId;
 
-use crate::policy::{Access, BlockInfo, Conversation, EvictionPolicy, Lru, S3Fifo};
-use crate::{BlockHash, PrefixCache};
-/// Least frequently used, least recently used among equals.
-#[derive(Debug, Default)]
-struct Frequency {
-    /// Per slot: (uses, last stamp, evictable).
-    slots: Vec<(u32, u64, bool)>,
-    order: BTreeSet<(u32, u64, u32)>,
-}
+use crate::policy::{Access, BlockInfo, EvictionPolicy, Lru, S3Fifo};
+use crate::{BlockHash, PrefixCache, ReuseOdds};
 
-impl Frequency {
-    fn key(&self, slot: u32) -> (u32, u64, u32) {
-        let (f, s, _) = self.slots[slot as usize];
-        (f, s, slot)
-    }
-}
-
-impl EvictionPolicy for Frequency {
-    fn name(&self) -> &'static str {
-        "lfu"
-    }
-    fn on_insert(&mut self, slot: u32, info: &BlockInfo) {
-        let i = slot as usize;
-        if self.slots.len() <= i {
-            self.slots.resize(i + 1, (0, 0, false));
-        }
-        self.slots[i] = (1, info.stamp, false);
-    }
-    fn on_hit(&mut self, slot: u32, info: &BlockInfo) {
-        let evictable = self.slots[slot as usize].2;
-        if evictable {
-            let key = self.key(slot);
-            self.order.remove(&key);
-        }
-        let s = &mut self.slots[slot as usize];
-        s.0 = s.0.saturating_add(1);
-        s.1 = info.stamp;
-        if evictable {
-            let key = self.key(slot);
-            self.order.insert(key);
-        }
-    }
-    fn on_release(&mut self, slot: u32, stamp: u64) {
-        let evictable = self.slots[slot as usize].2;
-        if evictable {
-            let key = self.key(slot);
-            self.order.remove(&key);
-        }
-        self.slots[slot as usize].1 = stamp;
-        if evictable {
-            let key = self.key(slot);
-            self.order.insert(key);
-        }
-    }
-    fn on_evictable(&mut self, slot: u32) {
-        if !self.slots[slot as usize].2 {
-            self.slots[slot as usize].2 = true;
-            let key = self.key(slot);
-            self.order.insert(key);
-        }
-    }
-    fn on_unevictable(&mut self, slot: u32) {
-        if self.slots[slot as usize].2 {
-            self.slots[slot as usize].2 = false;
-            let key = self.key(slot);
-            self.order.remove(&key);
-        }
-    }
-    fn on_remove(&mut self, slot: u32) {
-        self.on_unevictable(slot);
-    }
-    fn pop_victim(&mut self) -> Option<u32> {
-        let (_, _, slot) = self.order.pop_first()?;
-        self.slots[slot as usize].2 = false;
-        Some(slot)
-    }
-}
+/// How many experts [`Adaptive`] runs.
+const N: usize = 4;
 
 /// One expert's shadow: a hash-only prefix cache replaying every request, to count what the
 /// expert would have hit on this traffic.
@@ -173,7 +99,7 @@ impl Shadow {
 /// shadow cache hits most on the recent traffic; see the module docs.
 #[derive(Debug)]
 pub struct Adaptive {
-    experts: [Box<dyn EvictionPolicy>; 4],
+    experts: [Box<dyn EvictionPolicy>; N],
     shadows: Vec<Shadow>,
     /// The expert evicting now.
     leader: usize,
@@ -185,14 +111,14 @@ pub struct Adaptive {
     /// Capacity hint, for the experts' own ghost lists.
     capacity_hint: usize,
     /// Evictions each expert made, and requests during which it led.
-    chosen: [u64; 4],
-    led: [u64; 4],
+    chosen: [u64; N],
+    led: [u64; N],
 }
 
 impl Adaptive {
     /// The expert names, in [`Adaptive::stats`] order. Recency comes first: it leads until
     /// another expert is ahead.
-    pub const EXPERTS: [&'static str; 4] = ["lru", "s3fifo", "lfu", "conversation"];
+    pub const EXPERTS: [&'static str; N] = ["lru", "s3fifo", "reuse-odds", "reuse-odds*2"];
     /// The decay window of the shadows' hit counts, in cache turnovers: blocks walked by
     /// requests, as a multiple of the cache's size.
     const WINDOW_TURNOVERS: f64 = 4.0;
@@ -215,24 +141,25 @@ impl Adaptive {
             held: 0,
             most_held: 0,
             capacity_hint: cap,
-            chosen: [0; 4],
-            led: [0; 4],
+            chosen: [0; N],
+            led: [0; N],
         }
     }
 
-    fn fresh_experts(cap: usize) -> [Box<dyn EvictionPolicy>; 4] {
+    fn fresh_experts(cap: usize) -> [Box<dyn EvictionPolicy>; N] {
+        let kappa = ReuseOdds::MODEL_KAPPA;
         [
             Box::new(Lru::default()),
             Box::new(S3Fifo::new(cap)),
-            Box::new(Frequency::default()),
-            Box::new(Conversation::new(cap)),
+            Box::new(ReuseOdds::new(cap, kappa)),
+            Box::new(ReuseOdds::new(cap, kappa * 2.0)),
         ]
     }
 
     /// Per expert, in [`Adaptive::EXPERTS`] order: (its shadow's decayed hit blocks,
     /// evictions it made in the real cache, requests after which it led).
     #[must_use]
-    pub fn stats(&self) -> [(f64, u64, u64); 4] {
+    pub fn stats(&self) -> [(f64, u64, u64); N] {
         std::array::from_fn(|e| {
             (
                 self.shadows.get(e).map_or(0.0, |s| s.score),
@@ -476,26 +403,8 @@ mod tests {
             }
         }
         assert_eq!(p.leader(), 0);
-        assert_eq!(p.shadows.len(), 4);
+        assert_eq!(p.shadows.len(), Adaptive::EXPERTS.len());
         assert!(p.stats().iter().all(|s| s.0 == 0.0));
         assert_eq!(p.led[0], 200);
-    }
-
-    #[test]
-    fn frequency_keeps_the_block_used_most() {
-        let mut f = Frequency::default();
-        for s in 0..3u32 {
-            f.on_insert(s, &info(u128::from(s), u64::from(s)));
-        }
-        f.on_hit(0, &info(0, 10));
-        f.on_hit(0, &info(0, 11));
-        f.on_hit(2, &info(2, 12));
-        for s in 0..3 {
-            f.on_evictable(s);
-        }
-        assert_eq!(f.pop_victim(), Some(1));
-        assert_eq!(f.pop_victim(), Some(2));
-        assert_eq!(f.pop_victim(), Some(0));
-        assert_eq!(f.pop_victim(), None);
     }
 }

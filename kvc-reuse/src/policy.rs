@@ -85,6 +85,8 @@ pub enum PolicyKind {
     Conversation,
     /// [`Adaptive`](crate::Adaptive).
     Adaptive,
+    /// [`ReuseOdds`](crate::ReuseOdds) with its model's `kappa`.
+    ReuseOdds,
 }
 
 impl PolicyKind {
@@ -94,6 +96,7 @@ impl PolicyKind {
         PolicyKind::S3Fifo,
         PolicyKind::Conversation,
         PolicyKind::Adaptive,
+        PolicyKind::ReuseOdds,
     ];
 
     /// The command-line name.
@@ -104,6 +107,7 @@ impl PolicyKind {
             Self::S3Fifo => "s3fifo",
             Self::Conversation => "conversation",
             Self::Adaptive => "adaptive",
+            Self::ReuseOdds => "reuse-odds",
         }
     }
 
@@ -121,6 +125,10 @@ impl PolicyKind {
             Self::S3Fifo => Box::new(S3Fifo::new(capacity_blocks)),
             Self::Conversation => Box::new(Conversation::new(capacity_blocks)),
             Self::Adaptive => Box::new(crate::Adaptive::new(capacity_blocks)),
+            Self::ReuseOdds => Box::new(crate::ReuseOdds::new(
+                capacity_blocks,
+                crate::ReuseOdds::MODEL_KAPPA,
+            )),
         }
     }
 }
