@@ -39,7 +39,7 @@ enum Command {
     /// weights) through the whole kvc stack, and report real throughput.
     Engine(EngineArgs),
     /// Hit rates of every eviction policy on the generated workload shapes (doc-qa, agents,
-    /// one-shot, scan, long-think) at three cache sizes.
+    /// one-shot, scan, long-think, abandoned) at three cache sizes.
     Shapes(ShapesArgs),
     /// Run every benchmark and write a markdown report with SVG plots (what `cargo xtask
     /// bench` runs).
