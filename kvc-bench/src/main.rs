@@ -39,7 +39,7 @@ enum Command {
     /// weights) through the whole kvc stack, and report real throughput.
     Engine(EngineArgs),
     /// Hit rates of every eviction policy on the generated workload shapes (doc-qa, agents,
-    /// one-shot, scan, long-think) at three cache sizes.
+    /// one-shot, scan, long-think, abandoned) at three cache sizes.
     Shapes(ShapesArgs),
     /// Run every benchmark and write a markdown report with SVG plots (what `cargo xtask
     /// bench` runs).
@@ -345,6 +345,10 @@ fn policy_parser() -> impl TypedValueParser<Value = PolicyKind> {
             PolicyKind::Conversation => {
                 "keeps the blocks a conversation's next turn is likely to reuse"
             }
+            PolicyKind::Adaptive => {
+                "follows whichever expert (LRU, S3-FIFO, LFU, reuse odds) would hit most on this traffic"
+            }
+            PolicyKind::ReuseOdds => "LRU shifted by each block's learned odds of reuse",
             _ => "",
         };
         PossibleValue::new(k.name()).help(help)

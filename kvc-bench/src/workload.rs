@@ -10,6 +10,11 @@
 //!   one-off prompts (batch jobs) that flush an LRU cache;
 //! - [`Shape::LongThink`]: multi-turn chats whose users think for a long time, so a
 //!   conversation's next turn comes after many other requests.
+//! - [`Shape::Abandoned`]: chats abandoned more often than continued, each continued one
+//!   exactly once after a gap spread over three orders of magnitude: a block reused once is
+//!   never reused again, the opposite of chat traffic, where reuse predicts more reuse (a
+//!   shape built to mislead policies that learn from continuations, as
+//!   [`ReuseOdds`](kvc_reuse::ReuseOdds) does).
 //!
 //! The traces use the Mooncake convention: one id per 512 prompt tokens, equal ids at the same
 //! position mean a shared prefix, and the last block of a prompt is usually partial (a new user
@@ -22,7 +27,7 @@
 //! granularity.
 
 use kvc_core::BlockId;
-use kvc_reuse::{BlockHash, PolicyKind, PrefixCache};
+use kvc_reuse::{BlockHash, EvictionPolicy, PolicyKind, PrefixCache};
 use serde::Serialize;
 
 use crate::trace::{MOONCAKE_BLOCK_TOKENS, TraceRequest};
@@ -41,16 +46,19 @@ pub enum Shape {
     Scan,
     /// Multi-turn chats with long think times.
     LongThink,
+    /// Chats abandoned more often than continued, continued at most once.
+    Abandoned,
 }
 
 impl Shape {
     /// Every shape.
-    pub const ALL: [Shape; 5] = [
+    pub const ALL: [Shape; 6] = [
         Shape::DocQa,
         Shape::Agents,
         Shape::OneShot,
         Shape::Scan,
         Shape::LongThink,
+        Shape::Abandoned,
     ];
 
     /// The name used on command lines and in reports.
@@ -62,6 +70,7 @@ impl Shape {
             Self::OneShot => "one-shot",
             Self::Scan => "scan",
             Self::LongThink => "long-think",
+            Self::Abandoned => "abandoned",
         }
     }
 
@@ -165,6 +174,7 @@ pub fn generate(shape: Shape, requests: usize, seed: u64) -> Vec<TraceRequest> {
         }
         Shape::Scan => scan(&mut b, requests),
         Shape::LongThink => long_think(&mut b, requests),
+        Shape::Abandoned => abandoned(&mut b, requests),
     }
     b.out.truncate(requests);
     b.out
@@ -260,6 +270,34 @@ fn long_think(b: &mut Builder, requests: usize) {
     }
 }
 
+/// Chats of 2 to 24 blocks; 30% of them get one follow-up (1 to 4 new blocks) after a gap
+/// drawn log-uniformly from 1 to 2,000 requests, and none gets a second.
+fn abandoned(b: &mut Builder, requests: usize) {
+    // Follow-ups due: (request index it is due at, the first turn's context).
+    let mut due: std::collections::BTreeMap<(usize, u32), Vec<u32>> = Default::default();
+    let mut seq = 0u32;
+    while b.out.len() < requests {
+        let now = b.out.len();
+        if let Some(entry) = due.first_entry()
+            && entry.key().0 <= now
+        {
+            let mut ctx = entry.remove();
+            let grow = b.rng.range(1, 4);
+            ctx.extend(b.fresh(grow));
+            b.emit(&ctx);
+            continue;
+        }
+        let n = b.rng.range(2, 24);
+        let ctx = b.fresh(n);
+        b.emit(&ctx);
+        if b.rng.unit() < 0.3 {
+            let gap = 2000f64.powf(b.rng.unit()) as usize;
+            seq += 1;
+            due.insert((now + gap.max(1), seq), ctx);
+        }
+    }
+}
+
 /// The hit rate of a policy on a trace, replayed a block per Mooncake id.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 pub struct BlockHitRate {
@@ -296,11 +334,22 @@ pub fn block_hit_rate(
     capacity_blocks: usize,
     policy: PolicyKind,
 ) -> Option<BlockHitRate> {
+    block_hit_rate_with(trace, capacity_blocks, policy.build(capacity_blocks))
+}
+
+/// [`block_hit_rate`] with a policy object of your own (any [`EvictionPolicy`], for example one
+/// built with non-default parameters). `None` when the capacity is 0.
+#[must_use]
+pub fn block_hit_rate_with(
+    trace: &[TraceRequest],
+    capacity_blocks: usize,
+    policy: Box<dyn EvictionPolicy>,
+) -> Option<BlockHitRate> {
     if capacity_blocks == 0 {
         return None;
     }
     let bs = MOONCAKE_BLOCK_TOKENS as usize;
-    let mut cache = PrefixCache::with_policy(MOONCAKE_BLOCK_TOKENS, policy.build(capacity_blocks));
+    let mut cache = PrefixCache::with_policy(MOONCAKE_BLOCK_TOKENS, policy);
     let (mut hashes, mut blocks, mut newly, mut free) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::<BlockId>::new());
     let mut next_block = 0u32;
@@ -435,8 +484,14 @@ mod tests {
                 .hit_rate
         };
         assert_eq!(infinite(Shape::OneShot), 0.0);
-        for shape in [Shape::DocQa, Shape::Agents, Shape::Scan, Shape::LongThink] {
-            assert!(infinite(shape) > 0.3, "{shape:?} reuses its prefixes");
+        for shape in [
+            Shape::DocQa,
+            Shape::Agents,
+            Shape::Scan,
+            Shape::LongThink,
+            Shape::Abandoned,
+        ] {
+            assert!(infinite(shape) > 0.15, "{shape:?} reuses its prefixes");
         }
         // A scan flushes an LRU smaller than the scan burst: the hot set is lost every time.
         let t = generate(Shape::Scan, 2000, 1);

@@ -53,6 +53,7 @@ mod events;
 pub mod hash;
 mod index;
 mod lru;
+mod odds;
 pub mod policy;
 mod session;
 mod table;
@@ -69,6 +70,7 @@ pub use index::ScopedIndex;
 pub use kvc_core::{
     BlockId, NoReuse, PrefixHit, Retention, ReuseError, ReuseIndex, ReuseScope, SessionId, TenantId,
 };
+pub use odds::ReuseOdds;
 pub use policy::{Access, BlockInfo, Conversation, EvictionPolicy, Lru, PolicyKind, S3Fifo};
 pub use session::{
     SessionCache, SessionConfig, SessionConfigError, SessionError, Truncation, Turn,

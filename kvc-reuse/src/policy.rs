@@ -86,6 +86,8 @@ pub enum PolicyKind {
     Conversation,
     /// [`Adaptive`](crate::Adaptive).
     Adaptive,
+    /// [`ReuseOdds`](crate::ReuseOdds) with its model's `kappa`.
+    ReuseOdds,
 }
 
 impl PolicyKind {
@@ -95,6 +97,7 @@ impl PolicyKind {
         PolicyKind::S3Fifo,
         PolicyKind::Conversation,
         PolicyKind::Adaptive,
+        PolicyKind::ReuseOdds,
     ];
 
     /// The command-line name.
@@ -105,6 +108,7 @@ impl PolicyKind {
             Self::S3Fifo => "s3fifo",
             Self::Conversation => "conversation",
             Self::Adaptive => "adaptive",
+            Self::ReuseOdds => "reuse-odds",
         }
     }
 
@@ -122,6 +126,10 @@ impl PolicyKind {
             Self::S3Fifo => Box::new(S3Fifo::new(capacity_blocks)),
             Self::Conversation => Box::new(Conversation::new(capacity_blocks)),
             Self::Adaptive => Box::new(crate::Adaptive::new(capacity_blocks)),
+            Self::ReuseOdds => Box::new(crate::ReuseOdds::new(
+                capacity_blocks,
+                crate::ReuseOdds::MODEL_KAPPA,
+            )),
         }
     }
 }
