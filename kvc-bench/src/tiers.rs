@@ -231,6 +231,11 @@ pub struct Promotion {
     pub wasted_blocks: u64,
     /// Promoted blocks still on the device, unused, when the trace ended.
     pub unused_at_end: u64,
+    /// The device residence learned last (how long an unused block stays on the device), in
+    /// milliseconds.
+    pub residence_ms: Option<u64>,
+    /// The median time from a request to its follow-up, in milliseconds.
+    pub median_gap_ms: Option<u64>,
     /// The learned probability of a follow-up per turn class (1, 2-3, 4-7, 8-15, 16-31, 32+)
     /// at the end of the trace.
     pub follow_odds_per_turn_class: Vec<f64>,
@@ -605,6 +610,8 @@ pub fn run(trace: &[TraceRequest], cfg: &TiersConfig, name: &str) -> Result<Tier
     promo.pcie_s = promo.promoted_bytes / cfg.links.pcie;
     if let Some(pred) = &predictor {
         promo.follow_odds_per_turn_class = pred.follow_odds();
+        promo.residence_ms = pred.residence_ms();
+        promo.median_gap_ms = pred.median_gap_ms();
     }
     let elapsed_s = start.elapsed().as_secs_f64();
     let stats = stack.as_ref().map(TierStack::stats).unwrap_or_default();

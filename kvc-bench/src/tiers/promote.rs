@@ -170,6 +170,16 @@ impl Predictor {
         full_blocks.saturating_sub(usize::try_from(tail).unwrap_or(usize::MAX))
     }
 
+    /// The learned device residence, in milliseconds.
+    pub(crate) const fn residence_ms(&self) -> Option<u64> {
+        self.residence_ms
+    }
+
+    /// The median follow-up gap seen, in milliseconds.
+    pub(crate) fn median_gap_ms(&self) -> Option<u64> {
+        self.gaps.get(self.gaps.len() / 2).copied()
+    }
+
     /// The learned follow-up probability per turn class, with its prior.
     pub(crate) fn follow_odds(&self) -> Vec<f64> {
         (0..CLASSES)
