@@ -231,6 +231,14 @@ struct ScenarioArgs {
     /// `tiers`: replay only the first N requests (default: 500 with --size small, else all).
     #[arg(long)]
     requests: Option<usize>,
+    /// `tiers`: add a run with predictive promotion (blocks of requests predicted to get a
+    /// follow-up copied back from the host tier to the device ahead of it).
+    #[arg(long)]
+    promote: bool,
+    /// `tiers`: with --promote, plan a promotion when the learned odds that it is used reach
+    /// this (0.5: used more often than wasted; 0: every request with a learned delay).
+    #[arg(long, default_value_t = 0.5)]
+    promote_min_odds: f64,
 }
 
 #[derive(Args)]
@@ -1000,7 +1008,7 @@ const MAX_ENGINE_REQUESTS: u64 = 10_000;
 
 fn run_tiers(args: &ScenarioArgs, size: Size) -> Result<(), String> {
     use kvc_bench::profiles::{gpu, model};
-    use kvc_bench::tiers::{Links, TiersConfig, scenario};
+    use kvc_bench::tiers::{Links, PromoteConfig, TiersConfig, scenario};
     use kvc_tier::OffloadMode;
 
     let path = kvc_bench::report::locate_trace(args.trace.as_deref(), scenarios::DEFAULT_TRACE)
@@ -1030,6 +1038,10 @@ fn run_tiers(args: &ScenarioArgs, size: Size) -> Result<(), String> {
         gpu: *gpu("H200").ok_or("no H200 profile")?,
         model: *model("Llama-3-8B").ok_or("no Llama-3-8B profile")?,
         links: Links::default(),
+        promote: args.promote.then(|| PromoteConfig {
+            min_odds: args.promote_min_odds,
+            ..PromoteConfig::default()
+        }),
     };
     let report = scenario(&trace, &cfg).map_err(|e| e.to_string())?;
     if args.json {
@@ -1062,6 +1074,21 @@ fn run_tiers(args: &ScenarioArgs, size: Size) -> Result<(), String> {
             r.mean_ttft_ms,
             r.elapsed_s
         );
+        if let Some(p) = &r.promotion {
+            println!(
+                "  promotion: {} planned, {} cancelled by an earlier follow-up, {} blocks \
+                 promoted ({:.1} GB, PCIe {:.1} s off the critical path): {} used, {} evicted \
+                 unused, {} unused at the end",
+                p.planned,
+                p.cancelled,
+                p.promoted_blocks,
+                p.promoted_bytes / 1e9,
+                p.pcie_s,
+                p.used_blocks,
+                p.wasted_blocks,
+                p.unused_at_end
+            );
+        }
     }
     for g in &report.goals {
         let verdict = if g.met { "met" } else { "NOT MET" };

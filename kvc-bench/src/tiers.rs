@@ -16,14 +16,18 @@
 //! moved over PCIe from host memory, plus the disk read or the network transfer for lower
 //! tiers, and each token hit saves its share of the prefill compute of the cost model.
 
+mod promote;
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use kvc_core::{BlockId, DType, KvLayout, StoreKey, StoreNamespace};
-use kvc_reuse::{BlockHasher, HashExtra, HasherKind, PolicyKind, PrefixCache};
+use kvc_reuse::{BlockHash, BlockHasher, HashExtra, HasherKind, PolicyKind, PrefixCache};
 use kvc_tier::{
-    DeviceEvent, DiskConfig, DiskTier, HostConfig, HostTier, OffloadMode, SharedConfig, SharedTier,
-    TierStack,
+    DeviceEvent, DiskConfig, DiskTier, HostConfig, HostTier, LoadOutcome, OffloadMode,
+    SharedConfig, SharedTier, TierKind, TierStack,
 };
 use serde::Serialize;
 use thiserror::Error;
@@ -32,6 +36,7 @@ use crate::profiles::{GpuProfile, ModelProfile};
 use crate::replay::synth_prompt;
 use crate::sim::cost::CostModel;
 use crate::trace::TraceRequest;
+use promote::Predictor;
 
 /// Bytes of the stand-in payload of one block in the tiers.
 const STAND_IN_BYTES: usize = 32;
@@ -84,6 +89,29 @@ pub struct TiersConfig {
     pub model: ModelProfile,
     /// Link speeds.
     pub links: Links,
+    /// Predictive promotion from the host tier back to the device (`None`: off).
+    pub promote: Option<PromoteConfig>,
+}
+
+/// Predictive promotion: when a request ends and its follow-up is predicted, its blocks that
+/// left the device for the host tier are copied back ahead of the predicted next turn (see
+/// the `promote` module for what is learned and how).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct PromoteConfig {
+    /// Plan a promotion when the odds that it is used reach this (0.5: used more often than
+    /// wasted).
+    pub min_odds: f64,
+    /// Promote at most this many blocks per request.
+    pub max_blocks: usize,
+}
+
+impl Default for PromoteConfig {
+    fn default() -> Self {
+        Self {
+            min_odds: 0.5,
+            max_blocks: usize::MAX,
+        }
+    }
 }
 
 /// Why the scenario could not run.
@@ -178,6 +206,39 @@ pub struct TiersRun {
     pub shared_unavailable_calls: u64,
     /// Wall time of the replay, in seconds.
     pub elapsed_s: f64,
+    /// Predictive promotion's figures, when it ran.
+    pub promotion: Option<Promotion>,
+}
+
+/// What predictive promotion did in one replay.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Promotion {
+    /// Requests whose promotion was planned (follow-up predicted likely enough).
+    pub planned: u64,
+    /// Planned promotions dropped because the follow-up came first.
+    pub cancelled: u64,
+    /// Requests that had blocks promoted.
+    pub conversations: u64,
+    /// Blocks copied from the host tier to the device by promotions.
+    pub promoted_blocks: u64,
+    /// Their bytes at the model's block size (PCIe traffic off the requests' critical path).
+    pub promoted_bytes: f64,
+    /// Their PCIe time in the cost model, in seconds.
+    pub pcie_s: f64,
+    /// Promoted blocks later hit on the device.
+    pub used_blocks: u64,
+    /// Promoted blocks evicted from the device before any hit.
+    pub wasted_blocks: u64,
+    /// Promoted blocks still on the device, unused, when the trace ended.
+    pub unused_at_end: u64,
+    /// The device residence learned last (how long an unused block stays on the device), in
+    /// milliseconds.
+    pub residence_ms: Option<u64>,
+    /// The median time from a request to its follow-up, in milliseconds.
+    pub median_gap_ms: Option<u64>,
+    /// The learned probability of a follow-up per turn class (1, 2-3, 4-7, 8-15, 16-31, 32+)
+    /// at the end of the trace.
+    pub follow_odds_per_turn_class: Vec<f64>,
 }
 
 fn stand_in(key: StoreKey) -> [u8; STAND_IN_BYTES] {
@@ -241,6 +302,184 @@ fn build_stack(cfg: &TiersConfig, run_id: &str) -> Result<Option<TierStack>, Tie
     Ok(Some(TierStack::new(host, disk, shared, cfg.mode)))
 }
 
+/// The device prefix cache and the block ids behind it.
+struct Device {
+    cache: PrefixCache,
+    cap_blocks: usize,
+    free: Vec<BlockId>,
+    key_of: Vec<StoreKey>,
+    last_use: Vec<u64>,
+    blocks: Vec<BlockId>,
+    newly: Vec<BlockId>,
+    evicted: Vec<BlockId>,
+    keys: Vec<StoreKey>,
+    offload: Vec<u8>,
+    /// Blocks cached by a promotion and not hit since.
+    promoted: HashSet<BlockId>,
+    promoted_evicted: u64,
+    /// How long the youngest block of the latest eviction had been unused.
+    last_eviction_age: Option<u64>,
+}
+
+impl Device {
+    /// Caches the chain `hashes` whose first blocks are the device hit `hit` (held by the
+    /// lookup), releases it, offloads (write-through) what it newly cached unless `promoted`,
+    /// and evicts down to capacity, offloading the evicted blocks (write-back).
+    fn admit(
+        &mut self,
+        hashes: &[BlockHash],
+        hit: &[BlockId],
+        now: u64,
+        stack: Option<&TierStack>,
+        promoted: bool,
+    ) -> Result<usize, TiersError> {
+        let k = hit.len();
+        self.blocks.clear();
+        self.blocks.extend_from_slice(hit);
+        while self.blocks.len() < hashes.len() {
+            let id = self.free.pop().unwrap_or_else(|| {
+                self.key_of.push(StoreKey(0));
+                self.last_use.push(0);
+                BlockId((self.key_of.len() - 1) as u32)
+            });
+            self.blocks.push(id);
+        }
+        self.newly.clear();
+        self.cache
+            .insert(hashes, &self.blocks, now, &mut self.newly)
+            .map_err(cache_err)?;
+        self.cache.release(&self.blocks).map_err(cache_err)?;
+        for &b in &self.blocks {
+            self.last_use[b.index()] = now;
+        }
+        let mut kept = self.newly.iter().peekable();
+        self.offload.clear();
+        self.keys.clear();
+        for (i, &b) in self.blocks.iter().enumerate().skip(k) {
+            if kept.peek() == Some(&&b) {
+                kept.next();
+                self.key_of[b.index()] = StoreKey(hashes[i].0);
+                self.keys.push(self.key_of[b.index()]);
+                self.offload
+                    .extend_from_slice(&stand_in(self.key_of[b.index()]));
+                if promoted {
+                    self.promoted.insert(b);
+                }
+            } else {
+                self.free.push(b);
+            }
+        }
+        let cached = self.keys.len();
+        if let Some(stack) = stack
+            && !promoted
+        {
+            let _ = stack
+                .offload(DeviceEvent::Cached, &self.keys, &self.offload, 0)
+                .map_err(tier_err)?;
+        }
+        if self.cache.len() > self.cap_blocks {
+            self.evicted.clear();
+            self.cache
+                .evict(self.cache.len() - self.cap_blocks, now, &mut self.evicted);
+            self.keys.clear();
+            self.offload.clear();
+            let mut youngest = None;
+            for b in &self.evicted {
+                let key = self.key_of[b.index()];
+                self.keys.push(key);
+                self.offload.extend_from_slice(&stand_in(key));
+                if self.promoted.remove(b) {
+                    self.promoted_evicted += 1;
+                }
+                let age = now.saturating_sub(self.last_use[b.index()]);
+                youngest = Some(youngest.map_or(age, |y: u64| y.min(age)));
+            }
+            if youngest.is_some() {
+                self.last_eviction_age = youngest;
+            }
+            if let Some(stack) = stack {
+                let _ = stack
+                    .offload(DeviceEvent::Evicted, &self.keys, &self.offload, 0)
+                    .map_err(tier_err)?;
+            }
+            self.free.extend_from_slice(&self.evicted);
+        }
+        Ok(cached)
+    }
+
+    /// Copies the blocks of `hashes` after the device's hit that the host tier holds (its
+    /// leading run) into the device cache at `now`; returns how many.
+    fn promote(
+        &mut self,
+        hashes: &[BlockHash],
+        now: u64,
+        stack: &TierStack,
+        keys: &mut Vec<StoreKey>,
+        buf: &mut Vec<u8>,
+    ) -> Result<usize, TiersError> {
+        // Nothing to do (and no recency touched) when the device still holds the chain or
+        // the host tier does not hold what follows the device's part.
+        let on_device = hashes
+            .iter()
+            .take_while(|h| self.cache.contains(**h))
+            .count();
+        if on_device == hashes.len() {
+            return Ok(0);
+        }
+        keys.clear();
+        keys.extend(hashes[on_device..].iter().map(|h| StoreKey(h.0)));
+        let mut tiers = stack.lookup(keys).map_err(tier_err)?;
+        let host = tiers.iter().take_while(|t| **t == TierKind::Host).count();
+        if host == 0 {
+            return Ok(0);
+        }
+        tiers.truncate(host);
+        keys.truncate(host);
+        // Hold the device's part (a prompt one token longer than the chain asks for all).
+        let bs = self.cache.block_size() as usize;
+        let hit = self
+            .cache
+            .lookup(&hashes[..on_device], on_device * bs + 1, now);
+        let n = if hit.blocks.len() == on_device {
+            load_checked(stack, keys, &tiers, buf)?.blocks
+        } else {
+            0
+        };
+        if n == 0 {
+            self.cache.release(&hit.blocks).map_err(cache_err)?;
+            return Ok(0);
+        }
+        self.admit(
+            &hashes[..on_device + n],
+            &hit.blocks,
+            now,
+            Some(stack),
+            true,
+        )
+    }
+}
+
+/// Loads the blocks of `keys` found in `tiers` into `buf`, checking every loaded byte.
+fn load_checked(
+    stack: &TierStack,
+    keys: &[StoreKey],
+    tiers: &[TierKind],
+    buf: &mut Vec<u8>,
+) -> Result<LoadOutcome, TiersError> {
+    buf.clear();
+    buf.resize(tiers.len() * STAND_IN_BYTES, 0);
+    let out = stack.load(keys, tiers, buf).map_err(tier_err)?;
+    for (i, t) in tiers[..out.blocks].iter().enumerate() {
+        if buf[i * STAND_IN_BYTES..(i + 1) * STAND_IN_BYTES] != stand_in(keys[i]) {
+            return Err(TiersError::WrongBytes {
+                key: keys[i].to_string(),
+                tier: t.name(),
+            });
+        }
+    }
+    Ok(out)
+}
+
 /// Replays `trace` with the tiers of `cfg` (`host_tokens == 0`: the device cache alone).
 pub fn run(trace: &[TraceRequest], cfg: &TiersConfig, name: &str) -> Result<TiersRun, TiersError> {
     let trace = &trace[..cfg.limit.min(trace.len())];
@@ -261,32 +500,65 @@ pub fn run(trace: &[TraceRequest], cfg: &TiersConfig, name: &str) -> Result<Tier
 
     let start = Instant::now();
     let hasher = HasherKind::Xxh3;
-    let mut cache = PrefixCache::with_policy(cfg.block_size, PolicyKind::Lru.build(cap_blocks));
+    let mut dev = Device {
+        cache: PrefixCache::with_policy(cfg.block_size, PolicyKind::Lru.build(cap_blocks)),
+        cap_blocks,
+        free: Vec::new(),
+        key_of: Vec::new(),
+        last_use: Vec::new(),
+        blocks: Vec::new(),
+        newly: Vec::new(),
+        evicted: Vec::new(),
+        keys: Vec::new(),
+        offload: Vec::new(),
+        promoted: HashSet::new(),
+        promoted_evicted: 0,
+        last_eviction_age: None,
+    };
     let root = hasher.root(&HashExtra::new("mooncake-replay", 1));
-    let (mut tokens, mut hashes, mut blocks, mut newly, mut evicted) = (
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::<BlockId>::new(),
-    );
-    let mut free: Vec<BlockId> = Vec::new();
-    let mut key_of: Vec<StoreKey> = Vec::new();
-    let (mut keys, mut buf, mut offload) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut tokens, mut hashes) = (Vec::new(), Vec::new());
+    let (mut keys, mut buf) = (Vec::new(), Vec::new());
     let mut input_tokens = 0u64;
     let mut hit = [0u64; 4];
     let (mut pcie_s, mut disk_s, mut network_s, mut saved_s, mut ttft_s) =
         (0.0, 0.0, 0.0, 0.0, 0.0);
-    for req in trace {
+    let mut predictor = (cfg.promote.is_some() && stack.is_some()).then(Predictor::default);
+    let mut plans: BinaryHeap<Reverse<(u64, u32, usize)>> = BinaryHeap::new();
+    let mut promo = Promotion::default();
+    for (ri, req) in trace.iter().enumerate() {
+        let now = req.timestamp_ms;
+        // Promotions planned before this request, in time order.
+        if let (Some(pred), Some(stack), Some(pc)) = (&predictor, &stack, &cfg.promote) {
+            while let Some(&Reverse((due, parent, idx))) = plans.peek()
+                && due <= now
+            {
+                plans.pop();
+                if !pred.waiting(parent) {
+                    promo.cancelled += 1;
+                    continue;
+                }
+                tokens.clear();
+                synth_prompt(&trace[idx], &mut tokens);
+                hashes.clear();
+                hasher.hash_blocks(root, &tokens, bs, &mut hashes);
+                let depth = pred.promote_depth(hashes.len()).min(pc.max_blocks);
+                let n = dev.promote(&hashes[..depth], due, stack, &mut keys, &mut buf)?;
+                promo.promoted_blocks += n as u64;
+                promo.conversations += u64::from(n > 0);
+            }
+        }
         tokens.clear();
         synth_prompt(req, &mut tokens);
         hashes.clear();
         hasher.hash_blocks(root, &tokens, bs, &mut hashes);
-        let now = req.timestamp_ms;
-        let dev = cache.lookup(&hashes, tokens.len(), now);
-        let k = dev.blocks.len();
+        let arrival = predictor.as_mut().map(|p| p.arrive(&hashes, now));
+        let hit_dev = dev.cache.lookup(&hashes, tokens.len(), now);
+        let k = hit_dev.blocks.len();
+        for b in &hit_dev.blocks {
+            promo.used_blocks += u64::from(dev.promoted.remove(b));
+        }
         input_tokens += tokens.len() as u64;
-        hit[0] += dev.tokens;
+        hit[0] += hit_dev.tokens;
         // Continue into the tiers, never covering the last prompt token.
         let usable = tokens.len().saturating_sub(1) / bs;
         let mut per = [0usize; 3];
@@ -296,17 +568,7 @@ pub fn run(trace: &[TraceRequest], cfg: &TiersConfig, name: &str) -> Result<Tier
             keys.clear();
             keys.extend(hashes[k..usable].iter().map(|h| StoreKey(h.0)));
             let tiers = stack.lookup(&keys).map_err(tier_err)?;
-            buf.clear();
-            buf.resize(tiers.len() * STAND_IN_BYTES, 0);
-            let out = stack.load(&keys, &tiers, &mut buf).map_err(tier_err)?;
-            for (i, t) in tiers[..out.blocks].iter().enumerate() {
-                if buf[i * STAND_IN_BYTES..(i + 1) * STAND_IN_BYTES] != stand_in(keys[i]) {
-                    return Err(TiersError::WrongBytes {
-                        key: keys[i].to_string(),
-                        tier: t.name(),
-                    });
-                }
-            }
+            let out = load_checked(stack, &keys, &tiers, &mut buf)?;
             per = out.per_tier;
         }
         let tier_blocks: usize = per.iter().sum();
@@ -328,57 +590,28 @@ pub fn run(trace: &[TraceRequest], cfg: &TiersConfig, name: &str) -> Result<Tier
         saved_s += full - rest;
         ttft_s += rest + req_pcie + req_disk + req_net;
 
-        // Cache every full prompt block on the device.
-        blocks.clear();
-        blocks.extend_from_slice(&dev.blocks);
-        while blocks.len() < hashes.len() {
-            let id = free.pop().unwrap_or_else(|| {
-                key_of.push(StoreKey(0));
-                BlockId((key_of.len() - 1) as u32)
-            });
-            blocks.push(id);
-        }
-        newly.clear();
-        // The request holds its whole table until it is done (here: at once, prompts only);
-        // then every cached block of it becomes evictable and the private ones are freed.
-        cache
-            .insert(&hashes, &blocks, now, &mut newly)
-            .map_err(cache_err)?;
-        cache.release(&blocks).map_err(cache_err)?;
-        let mut kept = newly.iter().peekable();
-        offload.clear();
-        keys.clear();
-        for (i, &b) in blocks.iter().enumerate().skip(k) {
-            if kept.peek() == Some(&&b) {
-                kept.next();
-                key_of[b.index()] = StoreKey(hashes[i].0);
-                keys.push(key_of[b.index()]);
-                offload.extend_from_slice(&stand_in(key_of[b.index()]));
-            } else {
-                free.push(b);
+        // Cache every full prompt block on the device; the request holds its whole table
+        // until it is done (here: at once, prompts only).
+        dev.admit(&hashes, &hit_dev.blocks, now, stack.as_ref(), false)?;
+        if let (Some(pred), Some(arrival), Some(pc)) = (&mut predictor, arrival, &cfg.promote) {
+            if let Some(age) = dev.last_eviction_age.take() {
+                pred.evicted(age);
+            }
+            if let Some(delay) = pred.end(&hashes, arrival.turn, now, pc.min_odds) {
+                let me = u32::try_from(ri).map_err(setup)?;
+                plans.push(Reverse((now.saturating_add(delay), me, ri)));
+                promo.planned += 1;
             }
         }
-        if let Some(stack) = &stack {
-            let _ = stack
-                .offload(DeviceEvent::Cached, &keys, &offload, 0)
-                .map_err(tier_err)?;
-        }
-        if cache.len() > cap_blocks {
-            evicted.clear();
-            cache.evict(cache.len() - cap_blocks, now, &mut evicted);
-            if let Some(stack) = &stack {
-                keys.clear();
-                offload.clear();
-                for b in &evicted {
-                    keys.push(key_of[b.index()]);
-                    offload.extend_from_slice(&stand_in(key_of[b.index()]));
-                }
-                let _ = stack
-                    .offload(DeviceEvent::Evicted, &keys, &offload, 0)
-                    .map_err(tier_err)?;
-            }
-            free.extend_from_slice(&evicted);
-        }
+    }
+    promo.wasted_blocks = dev.promoted_evicted;
+    promo.unused_at_end = dev.promoted.len() as u64;
+    promo.promoted_bytes = promo.promoted_blocks as f64 * model_block;
+    promo.pcie_s = promo.promoted_bytes / cfg.links.pcie;
+    if let Some(pred) = &predictor {
+        promo.follow_odds_per_turn_class = pred.follow_odds();
+        promo.residence_ms = pred.residence_ms();
+        promo.median_gap_ms = pred.median_gap_ms();
     }
     let elapsed_s = start.elapsed().as_secs_f64();
     let stats = stack.as_ref().map(TierStack::stats).unwrap_or_default();
@@ -398,7 +631,10 @@ pub fn run(trace: &[TraceRequest], cfg: &TiersConfig, name: &str) -> Result<Tier
     }
     let input = input_tokens.max(1) as f64;
     let hit_tokens: u64 = hit.iter().sum();
-    let tier_bytes = |t: usize| stats.loaded[t] as f64 * model_block;
+    // Promotions' host loads are off the requests' path: counted apart.
+    let mut loaded = stats.loaded;
+    loaded[0] = loaded[0].saturating_sub(promo.promoted_blocks);
+    let tier_bytes = |t: usize| loaded[t] as f64 * model_block;
     Ok(TiersRun {
         name: name.to_string(),
         host_tokens: cfg.host_tokens,
@@ -428,6 +664,7 @@ pub fn run(trace: &[TraceRequest], cfg: &TiersConfig, name: &str) -> Result<Tier
         promoted_blocks: stats.promoted,
         shared_unavailable_calls: unavailable,
         elapsed_s,
+        promotion: predictor.map(|_| promo),
     })
 }
 
@@ -440,7 +677,8 @@ pub struct TiersScenario {
     pub workload: String,
     /// The cost model's machine and model.
     pub machine: String,
-    /// Device-only first, then the tiered configuration.
+    /// Device-only first, then the tiered configuration, then (with promotion on) the same
+    /// with predictive promotion.
     pub runs: Vec<TiersRun>,
     /// The goal and whether this run met it (only judged on the whole trace at the default
     /// sizes).
@@ -457,6 +695,7 @@ pub const TARGET_HIT_RATE: f64 = 0.36;
 /// Runs the device-only replay and the tiered one of `cfg`, side by side.
 pub fn scenario(trace: &[TraceRequest], cfg: &TiersConfig) -> Result<TiersScenario, TiersError> {
     let mut device_only = cfg.clone();
+    device_only.promote = None;
     device_only.host_tokens = 0;
     device_only.disk_tokens = None;
     device_only.shared_url = None;
@@ -468,7 +707,15 @@ pub fn scenario(trace: &[TraceRequest], cfg: &TiersConfig) -> Result<TiersScenar
     if cfg.shared_url.is_some() {
         name.push_str(" + shared (Redis)");
     }
-    let tiered = run(trace, cfg, &name)?;
+    let plain = TiersConfig {
+        promote: None,
+        ..cfg.clone()
+    };
+    let tiered = run(trace, &plain, &name)?;
+    let promoted = match cfg.promote {
+        Some(_) => Some(run(trace, cfg, &format!("{name} + predictive promotion"))?),
+        None => None,
+    };
     let mut goals = Vec::new();
     let whole = tiered.requests as usize == trace.len();
     if whole && cfg.device_tokens == DEFAULT_DEVICE_TOKENS && cfg.host_tokens == DEFAULT_HOST_TOKENS
@@ -502,7 +749,7 @@ pub fn scenario(trace: &[TraceRequest], cfg: &TiersConfig) -> Result<TiersScenar
             cfg.links.disk / 1e9,
             cfg.links.network / 1e9
         ),
-        runs: vec![base, tiered],
+        runs: [base, tiered].into_iter().chain(promoted).collect(),
         goals,
     })
 }
@@ -547,6 +794,7 @@ mod tests {
             gpu: *gpu("H200").unwrap(),
             model: *model("Llama-3-8B").unwrap(),
             links: Links::default(),
+            promote: None,
         }
     }
 
@@ -585,5 +833,56 @@ mod tests {
         assert!(r.hit_rate_per_tier.disk > 0.0, "{r:?}");
         assert!(r.demoted_blocks > 0 && r.promoted_blocks > 0);
         assert!(r.disk_s > 0.0);
+    }
+
+    #[test]
+    fn a_promoted_block_is_served_from_the_device() {
+        // Device room for two 1024-token prompts (128 blocks). Fillers teach the predictor how
+        // long an unused block stays on the device (20 ms); A1 ends at 30, is evicted at 45,
+        // promoted back at its planned time (50) and hit on the device by A2, its follow-up, at 55.
+        let trace = [
+            req(0, 1024, &[10, 11]),
+            req(10, 1024, &[12, 13]),
+            req(20, 1024, &[14, 15]),
+            req(30, 1024, &[1, 2]),
+            req(40, 1024, &[16, 17]),
+            req(45, 1024, &[18, 19]),
+            req(55, 1536, &[1, 2, 3]),
+        ];
+        let mut c = cfg(2048, 1 << 20);
+        // With no follow-up seen yet the odds are 0: take every plan.
+        c.promote = Some(PromoteConfig {
+            min_odds: 0.0,
+            max_blocks: usize::MAX,
+        });
+        let s = scenario(&trace, &c).unwrap();
+        assert_eq!(s.runs.len(), 3);
+        let (plain, promoted) = (&s.runs[1], &s.runs[2]);
+        let p = promoted.promotion.as_ref().unwrap();
+        // A1's 64 blocks came back (checked byte for byte on the load) and A2 hit all of them
+        // on the device, where without promotion it loaded them from the host tier.
+        assert_eq!(p.promoted_blocks, 64, "{p:?}");
+        assert_eq!(p.used_blocks, 64, "{p:?}");
+        assert_eq!(p.wasted_blocks, 0);
+        assert_eq!(p.promoted_bytes, 64.0 * 2_097_152.0);
+        assert_eq!(plain.hit_tokens, promoted.hit_tokens);
+        assert_eq!(plain.hit_rate_per_tier.device, 0.0);
+        assert_eq!(promoted.hit_rate_per_tier.host, 0.0);
+        assert_eq!(plain.bytes_loaded.host, 64.0 * 2_097_152.0);
+        assert_eq!(promoted.bytes_loaded.host, 0.0);
+        assert!(promoted.pcie_s < plain.pcie_s);
+        assert!(promoted.mean_ttft_ms < plain.mean_ttft_ms);
+        assert!(plain.promotion.is_none());
+
+        // Promotion off: the same figures as before it existed.
+        c.promote = None;
+        let off = scenario(&trace, &c).unwrap();
+        assert_eq!(off.runs.len(), 2);
+        for (a, b) in off.runs.iter().zip(&s.runs) {
+            let (mut a, mut b) = (a.clone(), b.clone());
+            a.elapsed_s = 0.0;
+            b.elapsed_s = 0.0;
+            assert_eq!(a, b);
+        }
     }
 }

@@ -115,6 +115,7 @@ pub(crate) fn run(
         gpu: *gpu,
         model: *model,
         links: Links::default(),
+        promote: None,
     };
     let mut sweep = Vec::with_capacity(hosts.len());
     for (i, &host) in hosts.iter().enumerate() {
