@@ -8,7 +8,7 @@
 //! encodes each field with a length prefix after a domain tag. Never `DefaultHasher` or
 //! `ahash` (seeded per process) for block identity; those are for in-memory maps only.
 //!
-//! Three hashers:
+//! Four hashers:
 //! - [`Blake3Hasher`] (the default): BLAKE3 truncated to 128 bits. Collision resistant: safe
 //!   when tenants do not trust each other (no one can craft a prompt whose blocks collide with
 //!   another tenant's, or probe for them).
