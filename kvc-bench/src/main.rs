@@ -370,6 +370,10 @@ fn hasher_parser() -> impl TypedValueParser<Value = HasherKind> {
         let help = match k {
             HasherKind::Blake3 => "collision resistant: safe across tenants (default)",
             HasherKind::Xxh3 => "fast: for a single tenant or tenants that trust each other",
+            HasherKind::Blake3Keyed => "collision resistant, one BLAKE3 compression per block",
+            HasherKind::Sha256 => {
+                "collision resistant, one SHA-256 compression per block (fastest with SHA-NI)"
+            }
             _ => "",
         };
         PossibleValue::new(k.name()).help(help)

@@ -1,4 +1,5 @@
-//! Criterion benchmarks of the prefix cache: hashing one 16-token block with each hasher,
+//! Criterion benchmarks of the prefix cache: hashing one 16-token block with each hasher
+//! (xxh3, BLAKE3, keyed BLAKE3, SHA-256),
 //! hashing plus lookup of a fully cached 32k-token prompt (16-token blocks) with each hasher,
 //! inserting the same prompt into an empty cache, and evicting 1,024 blocks.
 

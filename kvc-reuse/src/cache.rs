@@ -775,13 +775,19 @@ impl PrefixCache {
         self.expire(now_ms);
         let mut removed = Vec::new();
         let mut ahead = 0;
+        // A parent the policy named as the very next victim when its last child went: evicted
+        // at once, never announced to the policy (see `EvictionPolicy::evicts_next`).
+        let mut next_up: Option<u32> = None;
         while n < count {
             if ahead == 0 && count - n > 1 {
                 self.prefetch_victims(count - n);
                 ahead = Self::PREFETCH;
             }
             ahead = ahead.saturating_sub(1);
-            let (slot, lane) = if let Some((_, _, s)) = self.low.pop_first() {
+            let announced = next_up.is_none();
+            let (slot, lane) = if let Some(s) = next_up.take() {
+                (s, Lane::Policy)
+            } else if let Some((_, _, s)) = self.low.pop_first() {
                 (s, Lane::Low)
             } else if let Some(s) = self.policy.pop_victim() {
                 (s, Lane::Policy)
@@ -803,7 +809,8 @@ impl PrefixCache {
                 continue;
             }
             self.nodes[slot as usize].lane = Lane::None;
-            let node = self.remove_hittable(slot);
+            let (node, up) = self.remove_hittable(slot, announced, count - n > 1);
+            next_up = up;
             self.unused -= 1;
             if self.events.enabled() {
                 removed.push(node.hash);
@@ -814,6 +821,11 @@ impl PrefixCache {
             }
             self.metrics.evicted_capacity = self.metrics.evicted_capacity.saturating_add(1);
             n += 1;
+        }
+        if let Some(p) = next_up {
+            // Not evicted after all (the count was reached): it joins its lane as usual.
+            self.nodes[p as usize].lane = Lane::None;
+            self.refresh(p);
         }
         self.unindex_evicted();
         if !removed.is_empty() {
@@ -964,9 +976,15 @@ impl PrefixCache {
     }
 
     /// Removes an evictable hittable node (already out of its lane) and returns it; its
-    /// hash-index entry goes at the end of the eviction.
-    fn remove_hittable(&mut self, slot: u32) -> Node {
-        self.policy.on_remove(slot);
+    /// hash-index entry goes at the end of the eviction. `announced`: the policy knows the
+    /// node as evictable (false for a parent taken through `EvictionPolicy::evicts_next`).
+    /// With `chain`, a parent left without children that the policy would evict next is
+    /// returned instead of being put in its lane (its lane is set to `Lane::Policy`): the
+    /// caller evicts it next, or puts it in its lane.
+    fn remove_hittable(&mut self, slot: u32, announced: bool, chain: bool) -> (Node, Option<u32>) {
+        if announced {
+            self.policy.on_remove(slot);
+        }
         let node = self.nodes.remove(slot as usize);
         // Unhittable from here on: nothing looks the hash up before `evict` returns.
         self.unindexed.push((node.hash, slot));
@@ -974,11 +992,26 @@ impl PrefixCache {
         if node.retained {
             self.retained.remove(&slot);
         }
+        let mut up = None;
         if let Some(p) = node.parent {
             self.nodes.remove_child(p, slot);
-            self.refresh(p);
+            let parent = &self.nodes[p as usize];
+            if chain
+                && self.low.is_empty()
+                && parent.lane == Lane::None
+                && parent.hittable
+                && parent.refs == 0
+                && !parent.retained
+                && !parent.has_children()
+                && self.policy.evicts_next(p, parent.stamp)
+            {
+                self.nodes[p as usize].lane = Lane::Policy;
+                up = Some(p);
+            } else {
+                self.refresh(p);
+            }
         }
-        node
+        (node, up)
     }
 
     /// Applies retention expiries due by `now_ms`.

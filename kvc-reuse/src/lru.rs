@@ -204,6 +204,13 @@ impl EvictionPolicy for Lru {
         }
         Some(slot)
     }
+    fn evicts_next(&mut self, slot: u32, stamp: u64) -> bool {
+        // The slot is not evictable, so its state is `Out`, which `on_remove` leaves as it is
+        // (not read here: for a parent whose child was just evicted it is a cache miss).
+        let key = (stamp, slot);
+        let front = self.live_front();
+        front.is_none_or(|e| key < e.key()) && self.set.first().is_none_or(|&k| key < k)
+    }
     fn peek_victims(&self, n: usize, out: &mut Vec<u32>) {
         let mut queued = self
             .queue

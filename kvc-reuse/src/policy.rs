@@ -72,6 +72,18 @@ pub trait EvictionPolicy: Send + std::fmt::Debug {
     fn peek_victims(&self, n: usize, out: &mut Vec<u32>) {
         let _ = (n, out);
     }
+    /// Whether the block in `slot`, not evictable now and last used at the cache's clock
+    /// `stamp` (the stamp this policy was last given for it), would be the very next victim if
+    /// it became evictable now. When this says yes, the cache may evict the block at once
+    /// without calling [`on_evictable`](Self::on_evictable), [`pop_victim`](Self::pop_victim)
+    /// or [`on_remove`](Self::on_remove) for it (a parent whose last child was just evicted,
+    /// the usual case when a chain is evicted tail first), so a policy answers yes only if
+    /// it keeps no state for a non-evictable slot that `on_remove` would have to clear. It may
+    /// tidy its own structures (not its order) while answering. The default says no.
+    fn evicts_next(&mut self, slot: u32, stamp: u64) -> bool {
+        let _ = (slot, stamp);
+        false
+    }
 }
 
 /// The policies this crate ships, by name.
