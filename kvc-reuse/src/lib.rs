@@ -58,6 +58,8 @@ mod odds;
 pub mod policy;
 mod session;
 mod table;
+#[cfg(test)]
+mod test_replay;
 
 pub use adaptive::Adaptive;
 pub use cache::PrefixCache;

@@ -380,47 +380,11 @@ impl EvictionPolicy for ReuseOdds {
 mod tests {
     use super::*;
     use crate::policy::Lru;
-    use crate::{BlockId, PrefixCache};
 
-    /// Replays `requests` (chains of ids) through a cache of `capacity` blocks, a request at a
-    /// time; returns the hit blocks.
+    /// Replays `requests` (chains of ids) through a cache of `capacity` one-token blocks, a
+    /// request at a time; returns the hit blocks.
     fn replay(requests: &[Vec<u32>], capacity: usize, policy: Box<dyn EvictionPolicy>) -> usize {
-        let mut cache = PrefixCache::with_policy(1, policy);
-        let (mut hits, mut next, mut free) = (0, 0u32, Vec::new());
-        for (t, r) in requests.iter().enumerate() {
-            let mut parent = 0u128;
-            let hashes: Vec<BlockHash> = r
-                .iter()
-                .map(|&id| {
-                    parent = parent.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (u128::from(id) + 1);
-                    BlockHash(parent)
-                })
-                .collect();
-            let hit = cache.lookup(&hashes, hashes.len() + 1, t as u64);
-            hits += hit.blocks.len();
-            let mut blocks = hit.blocks.clone();
-            while blocks.len() < hashes.len() {
-                blocks.push(free.pop().unwrap_or_else(|| {
-                    next += 1;
-                    BlockId(next - 1)
-                }));
-            }
-            let mut newly = Vec::new();
-            cache
-                .insert(&hashes, &blocks, t as u64, &mut newly)
-                .unwrap();
-            cache.release(&hit.blocks).unwrap();
-            cache.release(&newly).unwrap();
-            for b in &blocks[hit.blocks.len()..] {
-                if !newly.contains(b) {
-                    free.push(*b);
-                }
-            }
-            if cache.len() > capacity {
-                cache.evict(cache.len() - capacity, t as u64, &mut free);
-            }
-        }
-        hits
+        crate::test_replay::replay(requests, capacity, 1, policy)
     }
 
     #[test]
