@@ -536,6 +536,12 @@ fn print_text(r: &ReplayReport) {
             100.0 * inf
         );
     }
+    if let Some(oracle) = r.reuse_oracle_hit_rate {
+        println!(
+            "LRU told which blocks will be used again {:.2}%",
+            100.0 * oracle
+        );
+    }
 }
 
 fn run_scenario(args: &ScenarioArgs) -> Result<(), String> {
