@@ -10,7 +10,7 @@ use std::time::Instant;
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::{Args, Parser, Subcommand};
 use kvc_bench::block_replay::{BlockReplayConfig, block_replay};
-use kvc_bench::replay::{ReplayConfig, ReplayReport, replay};
+use kvc_bench::replay::{ReplayConfig, ReplayReport, replay, reuse_oracle_hit_rate};
 use kvc_bench::report::{self, Mode, ReportConfig};
 use kvc_bench::sim::scenarios::{self, Size};
 use kvc_bench::size::{self, GpuChoice, KvDtype, ModelShape, SizeQuery};
@@ -480,7 +480,15 @@ fn run_replay(args: &ReplayArgs) -> Result<(), String> {
         hasher,
         optimal: args.optimal,
     };
-    let report = replay(&trace, &cfg).map_err(|e| e.to_string())?;
+    let mut report = replay(&trace, &cfg).map_err(|e| e.to_string())?;
+    if args.optimal {
+        let cap_blocks = cfg.capacity_tokens / u64::from(cfg.block_size);
+        report.reuse_oracle_hit_rate = Some(reuse_oracle_hit_rate(
+            &trace,
+            cfg.block_size,
+            usize::try_from(cap_blocks).unwrap_or(usize::MAX),
+        ));
+    }
     if args.json {
         let json = serde_json::to_string(&report).map_err(|e| e.to_string())?;
         println!("{json}");
@@ -534,6 +542,12 @@ fn print_text(r: &ReplayReport) {
             "offline optimum {:.2}%, infinite cache {:.2}%",
             100.0 * opt,
             100.0 * inf
+        );
+    }
+    if let Some(oracle) = r.reuse_oracle_hit_rate {
+        println!(
+            "LRU told which blocks will be used again {:.2}%",
+            100.0 * oracle
         );
     }
 }
