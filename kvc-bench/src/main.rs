@@ -856,7 +856,8 @@ fn run_engine(args: &EngineArgs) -> Result<(), String> {
         if let Some(t) = &report.tiers {
             println!(
                 "tiers: {} blocks written down; loaded {} host / {} disk / {} shared blocks \
-                 ({:.1} MiB in {:.3} s); {} loads short, {} blocks recomputed",
+                 ({:.1} MiB in {:.3} s); {} loads short, {} blocks recomputed; {} admissions \
+                 waited for a load in flight",
                 t.offloaded_blocks,
                 t.loaded_host_blocks,
                 t.loaded_disk_blocks,
@@ -864,7 +865,8 @@ fn run_engine(args: &EngineArgs) -> Result<(), String> {
                 t.loaded_bytes as f64 / f64::from(1 << 20),
                 t.load_s,
                 t.failed_loads,
-                t.missed_load_blocks
+                t.missed_load_blocks,
+                t.load_waits
             );
         }
     }

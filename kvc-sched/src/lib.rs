@@ -90,5 +90,5 @@ pub use scheduler::{
     SessionContext, SessionTruncation,
 };
 pub use tier::{
-    BlockLoad, BlockOffload, LoadDone, LoadError, LoadId, LoadJob, LoadResult, TierMode,
+    BlockLoad, BlockOffload, LoadDone, LoadError, LoadId, LoadJob, LoadResult, PrefixLoad, TierMode,
 };

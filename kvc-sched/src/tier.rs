@@ -1,8 +1,9 @@
 //! Plain data of the tiers below device memory as the [`KvManager`](crate::KvManager) and the
 //! [`Scheduler`](crate::Scheduler) see them: when cached blocks are written down
 //! ([`TierMode`]), the blocks to write down ([`BlockOffload`]) and to read back
-//! ([`BlockLoad`], grouped per sequence in a [`LoadJob`]), how a load ended ([`LoadResult`])
-//! and why a completion was refused ([`LoadError`]).
+//! ([`BlockLoad`], grouped per sequence in a [`LoadJob`]), what a tier lookup started
+//! ([`PrefixLoad`]), how a load ended ([`LoadResult`]) and why a completion was refused
+//! ([`LoadError`]).
 //!
 //! The manager only decides; the bytes move in the engine, which executes the offloads and
 //! loads against its tiers (for example a `kvc_tier::TierStack`) and reports each load back.
@@ -70,6 +71,36 @@ pub struct LoadJob {
     pub seq: SeqId,
     /// The blocks, in prompt order.
     pub blocks: Vec<BlockLoad>,
+}
+
+/// What [`KvManager::load_prefix`](crate::KvManager::load_prefix) did for a sequence.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[must_use = "a started load must be executed and reported with complete_load, or its blocks stay held"]
+pub enum PrefixLoad {
+    /// Nothing to load: no tier continues the sequence's device prefix, or device blocks
+    /// could not be allocated for the blocks a tier holds. The rest of the prompt is computed.
+    None,
+    /// A load started: the engine copies its blocks in and reports it with `complete_load`.
+    Started(LoadJob),
+    /// Blocks this prefix continues into are being loaded already, for another sequence, by
+    /// load `load`: nothing was allocated or issued, so the same blocks are not loaded twice.
+    /// Once that load is reported they are cached on the device: give the sequence's blocks
+    /// back (`free`) and look its prefix up again then, or compute the rest now.
+    InFlight {
+        /// The load bringing those blocks in.
+        load: LoadId,
+    },
+}
+
+impl PrefixLoad {
+    /// The started load, if any (`Started`): for callers that treat a load in flight like
+    /// no tier hit.
+    pub fn started(self) -> Option<LoadJob> {
+        match self {
+            Self::Started(job) => Some(job),
+            Self::None | Self::InFlight { .. } => None,
+        }
+    }
 }
 
 /// How a load ended, as the engine reports it.

@@ -620,6 +620,20 @@ fn run_scheduler(
         }
         model.copy(&plan.copies);
         for job in &plan.loads {
+            // A prefix is loaded once: no block a live sequence's load brings in is loaded
+            // again (a cancelled sequence's load is not waited for: its blocks stay private).
+            for (other, _) in &loads.in_flight {
+                if s.seq_blocks(other.seq).is_some() {
+                    prop_assert!(
+                        job.blocks
+                            .iter()
+                            .all(|l| other.blocks.iter().all(|o| o.key != l.key)),
+                        "{:?} loads a block {:?} brings in",
+                        job.id,
+                        other.id
+                    );
+                }
+            }
             for l in &job.blocks {
                 model
                     .device

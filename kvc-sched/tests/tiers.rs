@@ -13,7 +13,8 @@ use kvc_core::{BlockId, LowerTiers, QosClass, ReuseIndex, ReuseScope, SeqId, Sto
 use kvc_reuse::{HashExtra, PolicyKind, PrefixCache, ScopedIndex, Xxh3Hasher};
 use kvc_sched::{
     BlockLoad, DynamicOnly, KvError, KvManager, KvManagerConfig, LoadDone, LoadError, LoadId,
-    LoadResult, Request, Scheduler, SchedulerConfig, SeqOwner, SlotGrant, SlotRequest, TierMode,
+    LoadResult, PrefixLoad, Request, Scheduler, SchedulerConfig, SeqOwner, SlotGrant, SlotRequest,
+    TierMode,
 };
 
 const BS: u32 = 4;
@@ -129,6 +130,7 @@ fn a_tier_hit_is_loaded_then_served_as_the_computed_and_cached_prefix() {
     let job = kv
         .load_prefix(SeqId(1), &prompt, 0)
         .unwrap()
+        .started()
         .expect("a tier hit");
     let blocks = kv.blocks(SeqId(1)).unwrap().to_vec();
     assert_eq!(blocks.len(), 3);
@@ -221,7 +223,11 @@ fn the_tiers_continue_a_device_hit_and_never_cover_the_last_prompt_token() {
     compute(&mut kv, 1, 0, &prompt[..5]);
     kv.open(SeqId(2), owner(0)).unwrap();
     assert_eq!(kv.lookup_prefix(SeqId(2), &prompt, 0).unwrap(), 4);
-    let job = kv.load_prefix(SeqId(2), &prompt, 0).unwrap().unwrap();
+    let job = kv
+        .load_prefix(SeqId(2), &prompt, 0)
+        .unwrap()
+        .started()
+        .unwrap();
     // Blocks 1 and 2 from the tiers; block 3 holds the last prompt token: computed.
     let got: Vec<StoreKey> = job.blocks.iter().map(|l| l.key).collect();
     assert_eq!(got, keys[1..3]);
@@ -233,7 +239,7 @@ fn the_tiers_continue_a_device_hit_and_never_cover_the_last_prompt_token() {
     assert_eq!(done.computed, Some(12));
     // Nothing more to load (block 3 holds the last prompt token); once the sequence holds
     // more than its prefix, a continuation is refused.
-    assert_eq!(kv.load_prefix(SeqId(2), &prompt, 0), Ok(None));
+    assert_eq!(kv.load_prefix(SeqId(2), &prompt, 0), Ok(PrefixLoad::None));
     assert_eq!(
         kv.allocate_slots(SeqId(2), ask(4), 0, &mut Vec::new()),
         Ok(SlotGrant::Now)
@@ -253,7 +259,11 @@ fn a_failed_load_keeps_its_leading_blocks_and_recomputes_the_rest_in_place() {
     tiers.put(&keys);
     kv.open(SeqId(1), owner(0)).unwrap();
     let _ = kv.lookup_prefix(SeqId(1), &prompt, 0).unwrap();
-    let job = kv.load_prefix(SeqId(1), &prompt, 0).unwrap().unwrap();
+    let job = kv
+        .load_prefix(SeqId(1), &prompt, 0)
+        .unwrap()
+        .started()
+        .unwrap();
     let blocks = kv.blocks(SeqId(1)).unwrap().to_vec();
     // More loaded blocks than the job has: refused, nothing changed.
     assert_eq!(
@@ -303,7 +313,10 @@ fn a_tier_hit_without_room_falls_back_to_recompute_and_changes_nothing() {
     let before = kv.usage();
     kv.open(SeqId(1), owner(0)).unwrap();
     let _ = kv.lookup_prefix(SeqId(1), &prompt, 0).unwrap();
-    assert_eq!(kv.load_prefix(SeqId(1), &prompt, 0).unwrap(), None);
+    assert_eq!(
+        kv.load_prefix(SeqId(1), &prompt, 0).unwrap(),
+        PrefixLoad::None
+    );
     assert!(kv.blocks(SeqId(1)).unwrap().is_empty());
     assert!(!kv.is_loading(SeqId(1)));
     assert_eq!(kv.usage(), before);
@@ -322,7 +335,10 @@ fn tenants_do_not_hit_each_others_blocks_in_the_tiers() {
     tiers.put(&mine);
     kv.open(SeqId(1), owner(1)).unwrap();
     let _ = kv.lookup_prefix(SeqId(1), &prompt, 0).unwrap();
-    assert_eq!(kv.load_prefix(SeqId(1), &prompt, 0).unwrap(), None);
+    assert_eq!(
+        kv.load_prefix(SeqId(1), &prompt, 0).unwrap(),
+        PrefixLoad::None
+    );
     assert_eq!(kv.stats().tier_lookups, 1);
 }
 
@@ -408,7 +424,7 @@ fn write_through_offloads_at_cache_time_once_and_not_what_came_from_the_tiers() 
     tiers.put(&keys);
     kv.open(SeqId(2), owner(0)).unwrap();
     let _ = kv.lookup_prefix(SeqId(2), &a, 3).unwrap();
-    let job = kv.load_prefix(SeqId(2), &a, 3).unwrap().unwrap();
+    let job = kv.load_prefix(SeqId(2), &a, 3).unwrap().started().unwrap();
     assert_eq!(job.blocks.len(), 2);
     kv.complete_load(job.id, LoadResult::Loaded).unwrap();
     kv.drain_offloads(&mut offloads);
@@ -425,7 +441,11 @@ fn a_sequence_freed_during_its_load_holds_the_loading_blocks_until_the_load_repo
     tiers.put(&keys);
     kv.open(SeqId(1), owner(0)).unwrap();
     let _ = kv.lookup_prefix(SeqId(1), &prompt, 0).unwrap();
-    let job = kv.load_prefix(SeqId(1), &prompt, 0).unwrap().unwrap();
+    let job = kv
+        .load_prefix(SeqId(1), &prompt, 0)
+        .unwrap()
+        .started()
+        .unwrap();
     kv.free(SeqId(1)).unwrap();
     assert!(!kv.contains(SeqId(1)));
     let u = kv.usage().total();
@@ -454,6 +474,137 @@ fn a_sequence_freed_during_its_load_holds_the_loading_blocks_until_the_load_repo
     assert_eq!(kv.pending_loads(), 0);
     let u = kv.usage().total();
     assert_eq!((u.in_use, u.free), (0, 8));
+}
+
+#[test]
+fn a_prefix_already_on_its_way_is_not_loaded_twice() {
+    let tiers = Arc::new(FakeTiers::default());
+    let mut kv = manager(16, &tiers, TierMode::WriteBack);
+    let prompt: Vec<u32> = (0..14).collect();
+    let keys = keys_of(kv.reuse_index_mut(), 0, &prompt);
+    tiers.put(&keys);
+    kv.open(SeqId(1), owner(0)).unwrap();
+    assert_eq!(kv.lookup_prefix(SeqId(1), &prompt, 0).unwrap(), 0);
+    let job = kv
+        .load_prefix(SeqId(1), &prompt, 0)
+        .unwrap()
+        .started()
+        .unwrap();
+
+    // The same prompt, and a longer one continuing it: both wait for the load in flight.
+    let longer: Vec<u32> = (0..30).collect();
+    tiers.put(&keys_of(kv.reuse_index_mut(), 0, &longer));
+    for (seq, p) in [(2, &prompt), (3, &longer)] {
+        kv.open(SeqId(seq), owner(0)).unwrap();
+        assert_eq!(kv.lookup_prefix(SeqId(seq), p, 0).unwrap(), 0);
+        assert_eq!(
+            kv.load_prefix(SeqId(seq), p, 0),
+            Ok(PrefixLoad::InFlight { load: job.id })
+        );
+        assert!(
+            kv.blocks(SeqId(seq)).unwrap().is_empty(),
+            "nothing allocated"
+        );
+        assert!(!kv.is_loading(SeqId(seq)));
+    }
+    assert_eq!(kv.stats().tier_in_flight, 2);
+    assert_eq!(
+        kv.stats().tier_lookups,
+        1,
+        "no tier round trip for a block on its way"
+    );
+    assert_eq!(kv.usage().total().in_use, 3, "one copy of the prefix");
+    // Another tenant's prompt with the same tokens has other keys: it loads its own.
+    let other = keys_of(kv.reuse_index_mut(), 1, &prompt);
+    tiers.put(&other);
+    kv.open(SeqId(4), owner(1)).unwrap();
+    let _ = kv.lookup_prefix(SeqId(4), &prompt, 0).unwrap();
+    let job4 = kv
+        .load_prefix(SeqId(4), &prompt, 0)
+        .unwrap()
+        .started()
+        .unwrap();
+    assert_eq!(job4.blocks.len(), 3);
+
+    kv.complete_load(job.id, LoadResult::Loaded).unwrap();
+    // Looked up again, the waiting prompts hit the loaded blocks on the device.
+    let loaded: Vec<BlockId> = job.blocks.iter().map(|l| l.device).collect();
+    for (seq, p) in [(2, &prompt), (3, &longer)] {
+        kv.free(SeqId(seq)).unwrap();
+        kv.open(SeqId(seq), owner(0)).unwrap();
+        assert_eq!(kv.lookup_prefix(SeqId(seq), p, 1).unwrap(), 12);
+        assert_eq!(kv.blocks(SeqId(seq)).unwrap(), &loaded[..]);
+    }
+    // The longer prompt continues into the tiers past them.
+    let rest = kv
+        .load_prefix(SeqId(3), &longer, 1)
+        .unwrap()
+        .started()
+        .unwrap();
+    assert_eq!(rest.blocks.len(), 4);
+    assert_eq!(
+        rest.blocks[0].key,
+        keys_of(kv.reuse_index_mut(), 0, &longer)[3]
+    );
+    kv.complete_load(rest.id, LoadResult::Loaded).unwrap();
+    kv.complete_load(job4.id, LoadResult::Loaded).unwrap();
+    for seq in 1..=4 {
+        kv.free(SeqId(seq)).unwrap();
+    }
+    check_usage(&kv);
+    assert_eq!(kv.usage().total().in_use, 0);
+}
+
+#[test]
+fn a_load_whose_sequence_was_freed_is_not_waited_for() {
+    let tiers = Arc::new(FakeTiers::default());
+    let mut kv = manager(16, &tiers, TierMode::WriteBack);
+    let prompt: Vec<u32> = (0..14).collect();
+    let keys = keys_of(kv.reuse_index_mut(), 0, &prompt);
+    tiers.put(&keys);
+    kv.open(SeqId(1), owner(0)).unwrap();
+    let _ = kv.lookup_prefix(SeqId(1), &prompt, 0).unwrap();
+    let first = kv
+        .load_prefix(SeqId(1), &prompt, 0)
+        .unwrap()
+        .started()
+        .unwrap();
+    // Freed while loading: its blocks will not be cached, so the next prompt loads its own.
+    kv.free(SeqId(1)).unwrap();
+    kv.open(SeqId(2), owner(0)).unwrap();
+    let _ = kv.lookup_prefix(SeqId(2), &prompt, 0).unwrap();
+    let second = kv
+        .load_prefix(SeqId(2), &prompt, 0)
+        .unwrap()
+        .started()
+        .unwrap();
+    assert_ne!(first.id, second.id);
+    kv.complete_load(first.id, LoadResult::Loaded).unwrap();
+    // The second load is still the one in flight for these keys.
+    kv.open(SeqId(3), owner(0)).unwrap();
+    let _ = kv.lookup_prefix(SeqId(3), &prompt, 0).unwrap();
+    assert_eq!(
+        kv.load_prefix(SeqId(3), &prompt, 0),
+        Ok(PrefixLoad::InFlight { load: second.id })
+    );
+    kv.complete_load(second.id, LoadResult::Failed { loaded_blocks: 1 })
+        .unwrap();
+    // A failed load caches only its loaded block: the rest is in flight no more.
+    kv.free(SeqId(3)).unwrap();
+    kv.open(SeqId(3), owner(0)).unwrap();
+    assert_eq!(kv.lookup_prefix(SeqId(3), &prompt, 1).unwrap(), 4);
+    let third = kv
+        .load_prefix(SeqId(3), &prompt, 1)
+        .unwrap()
+        .started()
+        .unwrap();
+    assert_eq!(third.blocks.len(), 2);
+    kv.complete_load(third.id, LoadResult::Loaded).unwrap();
+    for seq in 2..=3 {
+        kv.free(SeqId(seq)).unwrap();
+    }
+    check_usage(&kv);
+    assert_eq!(kv.usage().total().in_use, 0);
 }
 
 // ---------------------------------------------------------------- through the Scheduler
@@ -562,6 +713,62 @@ fn a_loading_sequence_waits_out_of_the_batch_while_the_others_run() {
     );
     // Both finish; everything is free or cached.
     let mut t = 6;
+    sample(&mut s, &plan);
+    while !s.is_idle() {
+        let plan = s.step(t);
+        sample(&mut s, &plan);
+        t += 1;
+        assert!(t < 50);
+    }
+    assert_eq!(s.kv_manager().usage().total().in_use, 0);
+}
+
+#[test]
+fn requests_for_one_prefix_in_the_tiers_share_one_load() {
+    let tiers = Arc::new(FakeTiers::default());
+    let mut s = scheduler(32, &tiers, TierMode::WriteBack);
+    let prompt: Vec<u32> = (0..14).collect();
+    let keys = keys_of(s.reuse_index_mut(), 0, &prompt);
+    tiers.put(&keys);
+    s.submit(request(1, 1, prompt.clone(), 2)).unwrap();
+    s.submit(request(2, 1, prompt.clone(), 2)).unwrap();
+    s.submit(request(3, 1, (500..506).collect(), 2)).unwrap();
+
+    let plan = s.step(0);
+    assert_eq!(plan.loads.len(), 1, "one load for the shared prefix");
+    let job = plan.loads[0].clone();
+    assert_eq!(job.seq, SeqId(1));
+    // The second waits unopened (holding nothing); the request behind it is not held up.
+    assert_eq!(s.num_waiting(), 1);
+    assert!(s.seq_blocks(SeqId(2)).is_none_or(|b| b.is_empty()));
+    assert_eq!(plan.seqs.len(), 1);
+    assert_eq!(plan.seqs[0].seq, SeqId(3));
+    assert_eq!(s.stats().load_waits, 1);
+    sample(&mut s, &plan);
+
+    // Still in flight: still waiting, still one load.
+    let plan = s.step(1);
+    assert!(plan.loads.is_empty());
+    assert!(plan.seqs.iter().all(|x| x.seq == SeqId(3)));
+    sample(&mut s, &plan);
+
+    s.complete_load(job.id, LoadResult::Loaded).unwrap();
+    let plan = s.step(2);
+    assert!(
+        plan.loads.is_empty(),
+        "the loaded blocks are device hits now"
+    );
+    let loaded: Vec<u32> = job.blocks.iter().map(|l| l.device.get()).collect();
+    for seq in [SeqId(1), SeqId(2)] {
+        let i = plan.seqs.iter().position(|x| x.seq == seq).unwrap();
+        assert_eq!(plan.seqs[i].positions, 12..14);
+        let pages = &plan.kv_indices[plan.kv_indptr[i] as usize..plan.kv_indptr[i + 1] as usize];
+        assert_eq!(pages[..3], loaded[..]);
+    }
+    let stats = s.stats();
+    assert_eq!((stats.loads_issued, stats.load_waits), (1, 2), "{stats:?}");
+    assert_eq!(s.kv_manager().stats().loaded_blocks, 3);
+    let mut t = 3;
     sample(&mut s, &plan);
     while !s.is_idle() {
         let plan = s.step(t);
@@ -750,7 +957,10 @@ fn an_index_that_cannot_name_its_blocks_never_hits_in_the_tiers() {
     let prompt: Vec<u32> = (0..14).collect();
     kv.open(SeqId(1), owner(0)).unwrap();
     assert_eq!(kv.lookup_prefix(SeqId(1), &prompt, 0).unwrap(), 0);
-    assert_eq!(kv.load_prefix(SeqId(1), &prompt, 0).unwrap(), None);
+    assert_eq!(
+        kv.load_prefix(SeqId(1), &prompt, 0).unwrap(),
+        PrefixLoad::None
+    );
     assert_eq!(
         kv.allocate_slots(SeqId(1), ask(14), 0, &mut Vec::new()),
         Ok(SlotGrant::Now)

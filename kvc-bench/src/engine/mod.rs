@@ -341,9 +341,12 @@ impl<P: PinPolicy, R: ReuseIndex> Engine<P, R> {
     /// What the tiers did since the engine was built (absent without tiers).
     pub fn tier_report(&self) -> Option<TierReport> {
         self.tiers.as_ref().map(|t| {
-            t.report
+            let mut report = t
+                .report
                 .clone()
-                .with_stack(&StackStats::default(), &t.stack.stats())
+                .with_stack(&StackStats::default(), &t.stack.stats());
+            report.load_waits = self.sched.stats().load_waits;
+            report
         })
     }
 

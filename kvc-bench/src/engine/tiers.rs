@@ -278,6 +278,9 @@ pub struct TierReport {
     pub load_jobs: u64,
     /// Of those, ended with fewer blocks than planned (the rest recomputed).
     pub failed_loads: u64,
+    /// Admissions put off to wait for another request's load of the same prefix (then served
+    /// from the device) instead of loading it a second time.
+    pub load_waits: u64,
     /// Blocks planned for loading.
     pub planned_load_blocks: u64,
     /// Blocks loaded from the host tier.

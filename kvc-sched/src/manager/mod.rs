@@ -85,7 +85,7 @@ use kvc_core::{
 };
 
 use crate::tier::{
-    BlockLoad, BlockOffload, LoadDone, LoadError, LoadId, LoadJob, LoadResult, TierMode,
+    BlockLoad, BlockOffload, LoadDone, LoadError, LoadId, LoadJob, LoadResult, PrefixLoad, TierMode,
 };
 
 pub use types::{
@@ -119,6 +119,8 @@ struct PendingLoad {
     first: usize,
     /// The device blocks loaded into, in prompt order.
     blocks: Vec<BlockId>,
+    /// Their keys, in the same order.
+    keys: Vec<StoreKey>,
     /// The prompt's tokens up to the end of the last loaded block (to cache them).
     tokens: Vec<u32>,
     /// The caller's time when the load was issued (the loaded blocks' time of caching).
@@ -133,7 +135,29 @@ struct TierState {
     /// Offloads not yet handed out with `drain_offloads`.
     offloads: Vec<BlockOffload>,
     loads: HashMap<LoadId, PendingLoad>,
+    /// The key of every block a load in flight brings in (whose result will be cached), so
+    /// a second sequence with the same prefix waits for it instead of loading it again.
+    in_flight: HashMap<StoreKey, LoadId>,
     next_load: u64,
+}
+
+impl TierState {
+    /// The load in flight bringing in any of `keys`, if one is.
+    fn loading_any(&self, keys: &[StoreKey]) -> Option<LoadId> {
+        if self.in_flight.is_empty() {
+            return None;
+        }
+        keys.iter().find_map(|k| self.in_flight.get(k).copied())
+    }
+
+    /// Forgets the keys of `load` (completed, or its sequence freed).
+    fn land(&mut self, id: LoadId, keys: &[StoreKey]) {
+        for k in keys {
+            if self.in_flight.get(k) == Some(&id) {
+                self.in_flight.remove(k);
+            }
+        }
+    }
 }
 
 /// A session's pinned context.
@@ -218,15 +242,16 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
 
     /// [`with_tiers`](Self::with_tiers) on a built manager.
     pub(crate) fn set_tiers(&mut self, tiers: Arc<dyn LowerTiers>, mode: TierMode) {
-        let (offloads, loads, next_load) = match self.tiers.take() {
-            Some(t) => (t.offloads, t.loads, t.next_load),
-            None => (Vec::new(), HashMap::new(), 0),
+        let (offloads, loads, in_flight, next_load) = match self.tiers.take() {
+            Some(t) => (t.offloads, t.loads, t.in_flight, t.next_load),
+            None => (Vec::new(), HashMap::new(), HashMap::new(), 0),
         };
         self.tiers = Some(TierState {
             lower: tiers,
             mode,
             offloads,
             loads,
+            in_flight,
             next_load,
         });
     }
@@ -458,14 +483,17 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
     /// [`allocate_slots`](Self::allocate_slots): the blocks of `prompt` past the device hit
     /// that some tier holds (whole blocks, never the last prompt token) get device blocks
     /// through the normal allocation path (the pin policy's placement, eviction only when it
-    /// makes room, an admission's watermark), and the returned [`LoadJob`] lists them for the
-    /// engine to fill from the tiers.
+    /// makes room, an admission's watermark), and the returned [`PrefixLoad::Started`] job
+    /// lists them for the engine to fill from the tiers.
     ///
     /// The sequence then holds those blocks with their slots assigned, but waits: it may not
     /// allocate, fork or cache ([`KvError::Loading`]) until
-    /// [`complete_load`](Self::complete_load) reports the load. Returns `None` (nothing
-    /// changed) without tiers, when no tier holds the next block, or when the blocks cannot be
-    /// allocated now (counted in `tier_fallback_blocks`: the prompt is recomputed).
+    /// [`complete_load`](Self::complete_load) reports the load. Returns
+    /// [`PrefixLoad::None`] (nothing changed) without tiers, when no tier holds the next
+    /// block, or when the blocks cannot be allocated now (counted in `tier_fallback_blocks`:
+    /// the prompt is recomputed), and [`PrefixLoad::InFlight`] (nothing changed, counted in
+    /// `tier_in_flight`) when a load in flight for another sequence brings in any of those
+    /// blocks already: they are device hits once it is reported, so they are not loaded twice.
     ///
     /// ```
     /// use std::collections::HashSet;
@@ -506,7 +534,7 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
     /// let owner = SeqOwner { tenant: TenantId(0), class: QosClass::STANDARD, session: None };
     /// kv.open(SeqId(1), owner)?;
     /// assert_eq!(kv.lookup_prefix(SeqId(1), &prompt, 0)?, 0); // a device miss
-    /// let job = kv.load_prefix(SeqId(1), &prompt, 0)?.expect("a tier hit");
+    /// let job = kv.load_prefix(SeqId(1), &prompt, 0)?.started().expect("a tier hit");
     /// assert_eq!(job.blocks.len(), 2);
     /// // ... the engine copies each `job.blocks[i].key` into `job.blocks[i].device` ...
     /// let done = kv.complete_load(job.id, LoadResult::Loaded)?;
@@ -520,7 +548,7 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
         seq: SeqId,
         prompt: &[u32],
         now_ms: u64,
-    ) -> Result<Option<LoadJob>, KvError> {
+    ) -> Result<PrefixLoad, KvError> {
         let bs = self.cfg.block_size as usize;
         let s = self.seq(seq)?;
         if s.loading.is_some() {
@@ -531,27 +559,37 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
             return Err(KvError::NotAtPrefix { seq });
         }
         let owner = s.owner;
-        let Some(tiers) = self.tiers.as_ref() else {
-            return Ok(None);
-        };
+        if self.tiers.is_none() {
+            return Ok(PrefixLoad::None);
+        }
         let usable = prompt.len().saturating_sub(1) / bs;
         if first >= usable {
-            return Ok(None);
+            return Ok(PrefixLoad::None);
         }
-        let lower = Arc::clone(&tiers.lower);
         let mut keys = Vec::with_capacity(usable);
         self.reuse
             .block_keys(&scope(&owner), &prompt[..usable * bs], &mut keys);
         let usable = usable.min(keys.len());
-        if first >= usable {
-            return Ok(None);
+        let Some(tiers) = self.tiers.as_ref().filter(|_| first < usable) else {
+            return Ok(PrefixLoad::None);
+        };
+        // The block right after the device prefix already on its way: no tier round trip.
+        if let Some(load) = tiers.loading_any(&keys[first..=first]) {
+            self.stats.tier_in_flight += 1;
+            return Ok(PrefixLoad::InFlight { load });
         }
+        let lower = Arc::clone(&tiers.lower);
         self.stats.tier_lookups += 1;
         let hit = lower
             .longest_prefix(&keys[first..usable])
             .min(usable - first);
         if hit == 0 {
-            return Ok(None);
+            return Ok(PrefixLoad::None);
+        }
+        // A later block on its way (this sequence's device prefix is shorter than that load's).
+        if let Some(load) = tiers.loading_any(&keys[first..first + hit]) {
+            self.stats.tier_in_flight += 1;
+            return Ok(PrefixLoad::InFlight { load });
         }
         self.stats.tier_hit_blocks += hit as u64;
         let ask = SlotRequest {
@@ -562,7 +600,7 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
         let mut copies = Vec::new();
         if self.allocate_slots(seq, ask, now_ms, &mut copies)? != SlotGrant::Now {
             self.stats.tier_fallback_blocks += hit as u64;
-            return Ok(None);
+            return Ok(PrefixLoad::None);
         }
         debug_assert!(
             copies.is_empty(),
@@ -572,15 +610,17 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
         let tiers = self.tiers.as_mut().ok_or(KvError::UnknownSeq { seq })?;
         let id = LoadId(tiers.next_load);
         tiers.next_load += 1;
+        let keys = keys[first..first + hit].to_vec();
         let job = LoadJob {
             id,
             seq,
-            blocks: keys[first..first + hit]
+            blocks: keys
                 .iter()
                 .zip(&blocks)
                 .map(|(&key, &device)| BlockLoad { key, device })
                 .collect(),
         };
+        tiers.in_flight.extend(keys.iter().map(|&k| (k, id)));
         tiers.loads.insert(
             id,
             PendingLoad {
@@ -588,12 +628,13 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
                 orphan: false,
                 first,
                 blocks,
+                keys,
                 tokens: prompt[..(first + hit) * bs].to_vec(),
                 issued_ms: now_ms,
             },
         );
         self.seq_mut(seq)?.loading = Some(id);
-        Ok(Some(job))
+        Ok(PrefixLoad::Started(job))
     }
 
     /// Reports how a load from [`load_prefix`](Self::load_prefix) ended. The leading loaded
@@ -632,6 +673,7 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
         let Some(load) = tiers.loads.remove(&id) else {
             return Err(LoadError::Unknown { id });
         };
+        tiers.land(id, &load.keys);
         self.stats.loaded_blocks += loaded as u64;
         if matches!(result, LoadResult::Failed { .. }) {
             self.stats.load_failures += 1;
@@ -1017,12 +1059,16 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
     pub fn free(&mut self, seq: SeqId) -> Result<(), KvError> {
         let mut s = self.seqs.remove(&seq).ok_or(KvError::UnknownSeq { seq })?;
         if let Some(id) = s.loading
-            && let Some(load) = self.tiers.as_mut().and_then(|t| t.loads.get_mut(&id))
+            && let Some(tiers) = self.tiers.as_mut()
+            && let Some(load) = tiers.loads.get_mut(&id)
         {
             // The load's blocks were allocated for it: uncached, held by nothing else.
             load.orphan = true;
             let end = (load.first + load.blocks.len()).min(s.blocks.len());
             s.blocks.drain(load.first.min(end)..end);
+            // Its blocks will not be cached: sequences waiting for them load their own.
+            let keys = std::mem::take(&mut load.keys);
+            tiers.land(id, &keys);
         }
         let index = self.index_release(&s.blocks);
         let refs = self.release_blocks(&s.blocks);

@@ -173,6 +173,9 @@ pub struct KvStats {
     /// Of those, blocks not loaded because device blocks could not be allocated for them under
     /// the pressure rules (they are recomputed instead).
     pub tier_fallback_blocks: u64,
+    /// Tier lookups answered [`PrefixLoad::InFlight`](crate::PrefixLoad::InFlight): the
+    /// blocks were already being loaded for another sequence, so they were not loaded twice.
+    pub tier_in_flight: u64,
     /// Blocks loaded from the tiers (reported loaded by `complete_load`).
     pub loaded_blocks: u64,
     /// Loads reported `Failed` (their missing blocks are recomputed).

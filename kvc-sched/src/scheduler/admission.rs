@@ -5,7 +5,7 @@
 
 use kvc_core::{BlockAllocator, PinPolicy, QosClass, ReuseIndex, SeqId};
 
-use super::memory::Grow;
+use super::memory::{Grow, TierStart};
 use super::{Scheduler, State};
 use crate::plan::{Rejection, StepPlan};
 use crate::queue::Command;
@@ -98,10 +98,21 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
                 continue;
             }
             // Tiers: a prompt that continues into blocks a lower tier holds is admitted to
-            // wait for its load, out of this step's batch.
-            if !swapped && self.start_load(id, plan) {
-                self.admit(id);
-                continue;
+            // wait for its load, out of this step's batch. One whose blocks are being loaded
+            // for another sequence waits for that load (they are device hits after it) and
+            // holds up no one behind it.
+            if !swapped {
+                match self.start_load(id, plan) {
+                    TierStart::Loading => {
+                        self.admit(id);
+                        continue;
+                    }
+                    TierStart::Wait => {
+                        self.close_kv(id);
+                        continue;
+                    }
+                    TierStart::Compute => {}
+                }
             }
             let Some(s) = self.seqs.get(&id) else {
                 continue;

@@ -10,8 +10,19 @@ use kvc_core::{
 };
 
 use super::{Scheduler, Seq, State};
+use crate::PrefixLoad;
 use crate::manager::{Pressure, SeqOwner, SlotGrant, SlotRequest};
 use crate::plan::{Rejection, StepPlan, SwapPair};
+
+/// What a tier lookup at admission started.
+pub(super) enum TierStart {
+    /// No load: compute the rest of the prompt.
+    Compute,
+    /// A load started: admit the sequence to wait for it.
+    Loading,
+    /// Its blocks are being loaded for another sequence: admit it in a later step.
+    Wait,
+}
 
 /// How a request for more slots ended.
 pub(super) enum Grow {
@@ -49,28 +60,34 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
 
     /// With tiers: continues the just-opened sequence's prefix into the lower tiers. On a
     /// hit its device blocks are allocated and the load joins the plan; the caller admits it
-    /// (running, out of the batch until `complete_load`). Returns whether a load started.
-    pub(super) fn start_load(&mut self, id: SeqId, plan: &mut StepPlan) -> bool {
+    /// (running, out of the batch until `complete_load`). When the blocks are being loaded
+    /// for another sequence already, the caller puts the admission off to a later step, when
+    /// they are device hits.
+    pub(super) fn start_load(&mut self, id: SeqId, plan: &mut StepPlan) -> TierStart {
         if self.kv.tier_mode().is_none() {
-            return false;
+            return TierStart::Compute;
         }
         let Some(s) = self.seqs.get(&id) else {
-            return false;
+            return TierStart::Compute;
         };
         match self.kv.load_prefix(id, &s.tokens, self.now_ms) {
-            Ok(Some(job)) => {
+            Ok(PrefixLoad::Started(job)) => {
                 if let Some(s) = self.seqs.get_mut(&id) {
                     s.loading = Some(job.id);
                 }
                 self.loads.insert(job.id, (id, plan.step, self.now_ms));
                 plan.loads.push(job);
                 self.stats.loads_issued += 1;
-                true
+                TierStart::Loading
             }
-            Ok(None) => false,
+            Ok(PrefixLoad::InFlight { .. }) => {
+                self.stats.load_waits += 1;
+                TierStart::Wait
+            }
+            Ok(PrefixLoad::None) => TierStart::Compute,
             Err(err) => {
                 self.note(Err(err));
-                false
+                TierStart::Compute
             }
         }
     }

@@ -199,6 +199,10 @@ pub struct SchedStats {
     pub reuse_errors: u64,
     /// Loads from the lower tiers planned (one per admission that hit in the tiers).
     pub loads_issued: u64,
+    /// Admissions put off because the prompt's next blocks were being loaded from the tiers
+    /// for another sequence (it is retried in a later step, when they are device hits, rather
+    /// than loading them a second time).
+    pub load_waits: u64,
     /// Loads reported with [`Scheduler::complete_load`].
     pub loads_completed: u64,
     /// Of those, loads reported `Failed` (their missing blocks are recomputed).
