@@ -78,6 +78,11 @@ struct Node {
     hash: BlockHash,
     block: BlockId,
     parent: Option<u32>,
+    /// The ancestor [`PrefixCache::CHAIN_AHEAD`] levels up ([`NIL`] above the first blocks):
+    /// fetched while this node is evicted, so an eviction walking a chain tail first finds
+    /// the nodes it reads next already on their way. A node's ancestors outlive it (leaf-first
+    /// eviction, invalidation detaches whole subtrees), so this names the ancestor exactly.
+    ancestor: u32,
     first_child: u32,
     next_sibling: u32,
     prev_sibling: u32,
@@ -557,21 +562,34 @@ impl PrefixCache {
             });
         }
         self.now_ms = now_ms;
-        self.by_hash.touch(hashes.iter().copied());
+        for &h in hashes.iter().take(Self::AHEAD) {
+            self.by_hash.prefetch(h);
+        }
         let existing = hashes
             .iter()
             .zip(blocks)
-            .take_while(|&(h, &b)| {
+            .enumerate()
+            .take_while(|&(i, (h, &b))| {
+                if let Some(&next) = hashes.get(i + Self::AHEAD) {
+                    self.by_hash.prefetch(next);
+                }
                 self.find(*h)
                     .is_some_and(|s| self.nodes[s as usize].block == b)
             })
             .count() as u32;
         let request_blocks = hashes.len() as u32;
         let mut parent: Option<u32> = None;
+        // The slots of the last `CHAIN_AHEAD` blocks of the chain, by depth modulo its size.
+        let mut recent = [NIL; Self::CHAIN_AHEAD];
         let mut stored: Vec<BlockHash> = Vec::new();
         let mut stored_parent = None;
         let mut result = Ok(());
         for (i, (&hash, &block)) in hashes.iter().zip(blocks).enumerate() {
+            if i >= existing as usize
+                && let Some(&next) = hashes.get(i + Self::AHEAD)
+            {
+                self.by_hash.prefetch(next);
+            }
             if let Some(slot) = self.find(hash) {
                 if self.nodes[slot as usize].block != block {
                     // Computed twice: the cached copy stays, the request's block stays private.
@@ -591,6 +609,7 @@ impl PrefixCache {
                 self.policy.on_hit(slot, &info);
                 self.refresh(slot);
                 parent = Some(slot);
+                recent[i % Self::CHAIN_AHEAD] = slot;
                 continue;
             }
             if let Some(slot) = self.by_block.get(block) {
@@ -614,6 +633,8 @@ impl PrefixCache {
                 hash,
                 block,
                 parent,
+                // Before this block's own slot replaces it: the block `CHAIN_AHEAD` up.
+                ancestor: recent[i % Self::CHAIN_AHEAD],
                 first_child: NIL,
                 next_sibling: NIL,
                 prev_sibling: NIL,
@@ -641,6 +662,7 @@ impl PrefixCache {
             self.metrics.inserted_blocks = self.metrics.inserted_blocks.saturating_add(1);
             newly_cached.push(block);
             parent = Some(slot);
+            recent[i % Self::CHAIN_AHEAD] = slot;
         }
         if let Some(last) = parent {
             self.refresh(last);
@@ -683,13 +705,18 @@ impl PrefixCache {
     pub fn release(&mut self, blocks: &[BlockId]) -> Result<(), ReuseError> {
         let mut result = Ok(());
         // Tail first: the blocks freed first are the first evicted (as vLLM frees a request's
-        // blocks in reverse), and a prefix's head outlives its tail.
-        for chunk in blocks.rchunks(Self::PREFETCH) {
-            self.touch_blocks(chunk);
-            for &block in chunk.iter().rev() {
-                if let Err(e) = self.release_one(block) {
-                    result = Err(e);
-                }
+        // blocks in reverse), and a prefix's head outlives its tail. The nodes of the blocks
+        // `AHEAD` positions on are fetched meanwhile, so their misses overlap.
+        for (j, &block) in blocks.iter().rev().enumerate() {
+            if let Some(&next) = blocks
+                .len()
+                .checked_sub(j + 1 + Self::AHEAD)
+                .map(|k| &blocks[k])
+            {
+                self.prefetch_block(next);
+            }
+            if let Err(e) = self.release_one(block) {
+                result = Err(e);
             }
         }
         result
@@ -721,17 +748,18 @@ impl PrefixCache {
         Ok(())
     }
 
-    /// Reads the nodes of these blocks, so the cache misses of a batch overlap instead of
-    /// being paid one after another (a software prefetch without `unsafe`). Changes nothing.
+    /// How far up a chain an eviction fetches nodes ahead (see `Node::ancestor`).
+    const CHAIN_AHEAD: usize = 8;
+
+    /// Blocks (or hashes) fetched ahead of use by the loops over a request's blocks.
+    const AHEAD: usize = 16;
+
+    /// Hints the CPU to fetch the node of `block` (see [`crate::prefetch`]).
     #[inline]
-    fn touch_blocks(&self, blocks: &[BlockId]) {
-        let mut acc = 0u32;
-        for &b in blocks {
-            if let Some(slot) = self.by_block.get(b) {
-                acc ^= self.nodes[slot as usize].refs;
-            }
+    fn prefetch_block(&self, block: BlockId) {
+        if let Some(slot) = self.by_block.get(block) {
+            crate::prefetch::prefetch_at(&self.nodes.nodes, slot as usize);
         }
-        std::hint::black_box(acc);
     }
 
     /// Forgets up to `count` evictable blocks, appending their ids to `evicted` for the caller
@@ -837,11 +865,16 @@ impl PrefixCache {
     /// Drops the evicted blocks' hash-index entries. Done once per eviction rather than per
     /// block: a chain evicted tail first makes each victim's parent the next victim, so
     /// removing each entry in turn would wait for one bucket's cache miss after another;
-    /// here every bucket is read first, the misses overlapping, then the entries go.
+    /// here the bucket `AHEAD` entries on is fetched while each entry goes, so the misses overlap.
     fn unindex_evicted(&mut self) {
         let mut gone = std::mem::take(&mut self.unindexed);
-        self.by_hash.touch(gone.iter().map(|&(h, _)| h));
-        for &(hash, slot) in &gone {
+        for &(h, _) in gone.iter().take(Self::AHEAD) {
+            self.by_hash.prefetch(h);
+        }
+        for (i, &(hash, slot)) in gone.iter().enumerate() {
+            if let Some(&(next, _)) = gone.get(i + Self::AHEAD) {
+                self.by_hash.prefetch(next);
+            }
             self.by_hash.remove(hash, slot);
         }
         gone.clear();
@@ -851,18 +884,16 @@ impl PrefixCache {
     /// Victims fetched ahead of a batch eviction.
     const PREFETCH: usize = 16;
 
-    /// Reads the nodes and hash-index buckets of the next victims the policy names, so their
-    /// cache misses overlap (evicting them one by one would wait for each in turn).
+    /// Fetches the nodes of the next victims the policy names, so their cache misses overlap
+    /// (evicting them one by one would wait for each in turn).
     fn prefetch_victims(&mut self, want: usize) {
         let mut next = std::mem::take(&mut self.peeked);
         next.clear();
         self.policy
             .peek_victims(want.min(Self::PREFETCH), &mut next);
-        let nodes = &self.nodes;
-        self.by_hash.touch(
-            next.iter()
-                .filter_map(|&s| nodes.get(s as usize).map(|n| n.hash)),
-        );
+        for &s in &next {
+            crate::prefetch::prefetch_at(&self.nodes.nodes, s as usize);
+        }
         self.peeked = next;
     }
 
@@ -960,6 +991,7 @@ impl PrefixCache {
             self.nodes.drain_children(slot, &mut stack);
             let node = &mut self.nodes[slot as usize];
             node.parent = None;
+            node.ancestor = NIL;
             node.hittable = false;
             let (hash, block, refs) = (node.hash, node.block, node.refs);
             self.by_hash.remove(hash, slot);
@@ -986,6 +1018,7 @@ impl PrefixCache {
             self.policy.on_remove(slot);
         }
         let node = self.nodes.remove(slot as usize);
+        crate::prefetch::prefetch_at(&self.nodes.nodes, node.ancestor as usize);
         // Unhittable from here on: nothing looks the hash up before `evict` returns.
         self.unindexed.push((node.hash, slot));
         self.by_block.remove(node.block);
