@@ -27,6 +27,7 @@ use kvc_core::{BlockId, PrefixHit, Retention, ReuseError};
 use crate::BlockHash;
 use crate::events::{EventLog, EventRecord, KvEvent, Metrics};
 use crate::policy::{Access, BlockInfo, EvictionPolicy, PolicyKind};
+use crate::recency::{Entry, Placed, Recency};
 use crate::table::HashIndex;
 
 /// Hashing for keys that are already well mixed (block hashes) or small dense integers (block
@@ -77,7 +78,8 @@ const NIL: u32 = u32::MAX;
 struct Node {
     hash: BlockHash,
     block: BlockId,
-    parent: Option<u32>,
+    /// The parent's slot ([`NIL`]: the first block of a prompt, or detached).
+    parent: u32,
     /// The ancestor [`PrefixCache::CHAIN_AHEAD`] levels up ([`NIL`] above the first blocks):
     /// fetched while this node is evicted, so an eviction walking a chain tail first finds
     /// the nodes it reads next already on their way. A node's ancestors outlive it (leaf-first
@@ -94,6 +96,9 @@ struct Node {
     stamp: u64,
     depth: u32,
     lane: Lane,
+    /// In the policy lane of the cache's own recency order: in its ordered set rather than
+    /// its queue (see [`crate::recency`]).
+    in_set: bool,
     /// Whether the slot holds a node (false once removed, until reused).
     live: bool,
 }
@@ -107,6 +112,11 @@ impl Node {
     #[inline]
     fn has_children(&self) -> bool {
         self.first_child != NIL
+    }
+
+    #[inline]
+    fn parent(&self) -> Option<u32> {
+        (self.parent != NIL).then_some(self.parent)
     }
 }
 
@@ -275,6 +285,16 @@ impl BlockIndex {
     }
 }
 
+/// Whether a recency-queue entry is live: its node is queued in the policy lane under the
+/// entry's stamp (see [`crate::recency`]).
+fn queued(nodes: &Nodes) -> impl Fn(Entry) -> bool + '_ {
+    |e| {
+        nodes
+            .get(e.slot as usize)
+            .is_some_and(|n| n.lane == Lane::Policy && !n.in_set && n.stamp == e.stamp)
+    }
+}
+
 /// A prefix cache over chained block hashes.
 ///
 /// ```
@@ -314,6 +334,9 @@ pub struct PrefixCache {
     by_block: BlockIndex,
     retained: HashMap<u32, Retained, KeyHash>,
     policy: Box<dyn EvictionPolicy>,
+    /// The cache's own LRU order, in place of `policy` when that is plain LRU
+    /// ([`EvictionPolicy::is_plain_lru`]).
+    recency: Option<Recency>,
     low: BTreeSet<(u8, u64, u32)>,
     high: BTreeSet<(u8, u64, u32)>,
     expiries: BinaryHeap<Reverse<(u64, u32, u64)>>,
@@ -350,6 +373,7 @@ impl PrefixCache {
             by_hash: HashIndex::default(),
             by_block: BlockIndex::default(),
             retained: HashMap::default(),
+            recency: policy.is_plain_lru().then(Recency::default),
             policy,
             low: BTreeSet::new(),
             high: BTreeSet::new(),
@@ -511,7 +535,7 @@ impl PrefixCache {
         let mut blocks = Vec::with_capacity(slots.len());
         for &slot in &slots {
             let stamp = self.tick();
-            self.nodes[slot as usize].stamp = stamp;
+            self.set_stamp(slot, stamp);
             let held = self.hold(slot);
             debug_assert!(held, "use count checked above");
             let node = &self.nodes[slot as usize];
@@ -526,7 +550,9 @@ impl PrefixCache {
                 access: Access::Lookup,
             };
             self.refresh(slot);
-            self.policy.on_hit(slot, &info);
+            if self.recency.is_none() {
+                self.policy.on_hit(slot, &info);
+            }
         }
         let tokens = u64::from(hit) * u64::from(self.block_size);
         self.metrics.hit_blocks = self.metrics.hit_blocks.saturating_add(u64::from(hit));
@@ -605,8 +631,10 @@ impl PrefixCache {
                     block_size: self.block_size,
                     access: Access::Insert,
                 };
-                self.nodes[slot as usize].stamp = stamp;
-                self.policy.on_hit(slot, &info);
+                self.set_stamp(slot, stamp);
+                if self.recency.is_none() {
+                    self.policy.on_hit(slot, &info);
+                }
                 self.refresh(slot);
                 parent = Some(slot);
                 recent[i % Self::CHAIN_AHEAD] = slot;
@@ -632,7 +660,7 @@ impl PrefixCache {
             let slot = self.nodes.insert(Node {
                 hash,
                 block,
-                parent,
+                parent: parent.unwrap_or(NIL),
                 // Before this block's own slot replaces it: the block `CHAIN_AHEAD` up.
                 ancestor: recent[i % Self::CHAIN_AHEAD],
                 first_child: NIL,
@@ -644,11 +672,14 @@ impl PrefixCache {
                 stamp,
                 depth: i as u32,
                 lane: Lane::None,
+                in_set: false,
                 live: true,
             }) as u32;
             self.by_hash.insert(hash, slot);
             self.by_block.insert(block, slot);
-            self.policy.on_insert(slot, &info);
+            if self.recency.is_none() {
+                self.policy.on_insert(slot, &info);
+            }
             if let Some(p) = parent {
                 self.nodes.add_child(p, slot);
                 self.refresh(p);
@@ -735,8 +766,10 @@ impl PrefixCache {
             if node.hittable {
                 self.unused += 1;
                 let stamp = self.tick();
-                self.nodes[slot as usize].stamp = stamp;
-                self.policy.on_release(slot, stamp);
+                self.set_stamp(slot, stamp);
+                if self.recency.is_none() {
+                    self.policy.on_release(slot, stamp);
+                }
                 self.refresh(slot);
             } else {
                 let node = self.nodes.remove(slot as usize);
@@ -817,7 +850,7 @@ impl PrefixCache {
                 (s, Lane::Policy)
             } else if let Some((_, _, s)) = self.low.pop_first() {
                 (s, Lane::Low)
-            } else if let Some(s) = self.policy.pop_victim() {
+            } else if let Some(s) = self.pop_policy_victim() {
                 (s, Lane::Policy)
             } else if let Some((_, _, s)) = self.high.pop_first() {
                 (s, Lane::High)
@@ -889,8 +922,11 @@ impl PrefixCache {
     fn prefetch_victims(&mut self, want: usize) {
         let mut next = std::mem::take(&mut self.peeked);
         next.clear();
-        self.policy
-            .peek_victims(want.min(Self::PREFETCH), &mut next);
+        let n = want.min(Self::PREFETCH);
+        match &self.recency {
+            Some(r) => r.peek(n, &mut next),
+            None => self.policy.peek_victims(n, &mut next),
+        }
         for &s in &next {
             crate::prefetch::prefetch_at(&self.nodes.nodes, s as usize);
         }
@@ -946,7 +982,7 @@ impl PrefixCache {
         let Some(top) = self.find(hash) else {
             return 0;
         };
-        if let Some(p) = self.nodes[top as usize].parent {
+        if let Some(p) = self.nodes[top as usize].parent() {
             self.nodes.remove_child(p, top);
             self.refresh(p);
         }
@@ -972,7 +1008,7 @@ impl PrefixCache {
         let tops: Vec<u32> = self
             .nodes
             .iter()
-            .filter(|(_, n)| n.hittable && n.parent.is_none())
+            .filter(|(_, n)| n.hittable && n.parent == NIL)
             .map(|(s, _)| s as u32)
             .collect();
         let mut removed = Vec::new();
@@ -987,10 +1023,12 @@ impl PrefixCache {
         let mut stack = vec![top];
         while let Some(slot) = stack.pop() {
             self.leave_lane(slot);
-            self.policy.on_remove(slot);
+            if self.recency.is_none() {
+                self.policy.on_remove(slot);
+            }
             self.nodes.drain_children(slot, &mut stack);
             let node = &mut self.nodes[slot as usize];
-            node.parent = None;
+            node.parent = NIL;
             node.ancestor = NIL;
             node.hittable = false;
             let (hash, block, refs) = (node.hash, node.block, node.refs);
@@ -1014,7 +1052,7 @@ impl PrefixCache {
     /// returned instead of being put in its lane (its lane is set to `Lane::Policy`): the
     /// caller evicts it next, or puts it in its lane.
     fn remove_hittable(&mut self, slot: u32, announced: bool, chain: bool) -> (Node, Option<u32>) {
-        if announced {
+        if announced && self.recency.is_none() {
             self.policy.on_remove(slot);
         }
         let node = self.nodes.remove(slot as usize);
@@ -1026,7 +1064,7 @@ impl PrefixCache {
             self.retained.remove(&slot);
         }
         let mut up = None;
-        if let Some(p) = node.parent {
+        if let Some(p) = node.parent() {
             self.nodes.remove_child(p, slot);
             let parent = &self.nodes[p as usize];
             if chain
@@ -1036,7 +1074,10 @@ impl PrefixCache {
                 && parent.refs == 0
                 && !parent.retained
                 && !parent.has_children()
-                && self.policy.evicts_next(p, parent.stamp)
+                && match self.recency.as_mut() {
+                    Some(r) => r.evicts_next(parent.stamp, p, queued(&self.nodes)),
+                    None => self.policy.evicts_next(p, parent.stamp),
+                }
             {
                 self.nodes[p as usize].lane = Lane::Policy;
                 up = Some(p);
@@ -1062,6 +1103,32 @@ impl PrefixCache {
             {
                 self.refresh(slot);
             }
+        }
+    }
+
+    /// Sets the last use of the node at `slot`. In the cache's own recency order a node
+    /// queued under its old stamp leaves its lane first (the caller's `refresh` puts it back
+    /// under the new one).
+    #[inline]
+    fn set_stamp(&mut self, slot: u32, stamp: u64) {
+        if self.recency.is_some() && self.nodes[slot as usize].lane == Lane::Policy {
+            self.leave_lane(slot);
+        }
+        self.nodes[slot as usize].stamp = stamp;
+    }
+
+    /// Takes the policy's next victim out of its order.
+    #[inline]
+    fn pop_policy_victim(&mut self) -> Option<u32> {
+        match self.recency.as_mut() {
+            Some(r) => {
+                let (slot, placed) = r.pop(queued(&self.nodes))?;
+                if placed == Placed::Set {
+                    self.nodes[slot as usize].in_set = false;
+                }
+                Some(slot)
+            }
+            None => self.policy.pop_victim(),
         }
     }
 
@@ -1103,7 +1170,13 @@ impl PrefixCache {
         self.nodes[slot as usize].lane = want;
         match want {
             Lane::None => {}
-            Lane::Policy => self.policy.on_evictable(slot),
+            Lane::Policy => match self.recency.as_mut() {
+                Some(r) => {
+                    let node = &mut self.nodes[slot as usize];
+                    node.in_set = r.enter(node.stamp, slot) == Placed::Set;
+                }
+                None => self.policy.on_evictable(slot),
+            },
             Lane::Low | Lane::High => {
                 if let Some(r) = self.retained.get_mut(&slot) {
                     r.lane_key = key;
@@ -1125,7 +1198,17 @@ impl PrefixCache {
         let key = || self.retained.get(&slot).map_or((0, 0), |r| r.lane_key);
         match lane {
             Lane::None => {}
-            Lane::Policy => self.policy.on_unevictable(slot),
+            Lane::Policy => match self.recency.as_mut() {
+                Some(r) => {
+                    let node = &mut self.nodes[slot as usize];
+                    if std::mem::take(&mut node.in_set) {
+                        r.leave_set(node.stamp, slot);
+                    } else {
+                        r.leave_queued(queued(&self.nodes));
+                    }
+                }
+                None => self.policy.on_unevictable(slot),
+            },
             Lane::Low => {
                 let k = key();
                 self.low.remove(&(k.0, k.1, slot));

@@ -58,6 +58,7 @@ mod lru;
 mod odds;
 pub mod policy;
 mod prefetch;
+mod recency;
 mod session;
 mod table;
 #[cfg(test)]

@@ -204,6 +204,9 @@ impl EvictionPolicy for Lru {
         }
         Some(slot)
     }
+    fn is_plain_lru(&self) -> bool {
+        true
+    }
     fn evicts_next(&mut self, slot: u32, stamp: u64) -> bool {
         // The slot is not evictable, so its state is `Out`, which `on_remove` leaves as it is
         // (not read here: for a parent whose child was just evicted it is a cache miss).
