@@ -364,7 +364,9 @@ impl PrefixCache {
         Self::with_policy(block_size, policy.build(0))
     }
 
-    /// An empty cache with any policy.
+    /// An empty cache with any policy. A policy that is plain LRU
+    /// ([`EvictionPolicy::is_plain_lru`], as [`Lru`](crate::Lru) is) is ordered by the cache
+    /// itself, in the same order, without calls to the policy object.
     #[must_use]
     pub fn with_policy(block_size: u32, policy: Box<dyn EvictionPolicy>) -> Self {
         Self {

@@ -15,6 +15,11 @@
 //! [`pop_victim`](EvictionPolicy::pop_victim) takes the older of the queue's first live entry
 //! and the set's first. The eviction order is therefore exactly the `(stamp, slot)` order,
 //! whatever the access pattern.
+//!
+//! A [`PrefixCache`](crate::PrefixCache) given this policy does not call it: it keeps the same
+//! queue and set itself (`recency.rs`), checking entries against the stamps in its own nodes
+//! instead of a per-slot table here ([`EvictionPolicy::is_plain_lru`]). This type is the
+//! policy for other users of the trait, and the reference the cache's order is tested against.
 
 use std::collections::{BTreeSet, VecDeque};
 
