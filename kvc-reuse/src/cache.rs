@@ -27,6 +27,7 @@ use kvc_core::{BlockId, PrefixHit, Retention, ReuseError};
 use crate::BlockHash;
 use crate::events::{EventLog, EventRecord, KvEvent, Metrics};
 use crate::policy::{Access, BlockInfo, EvictionPolicy, PolicyKind};
+use crate::recency::{Entry, Placed, Recency};
 use crate::table::HashIndex;
 
 /// Hashing for keys that are already well mixed (block hashes) or small dense integers (block
@@ -77,7 +78,13 @@ const NIL: u32 = u32::MAX;
 struct Node {
     hash: BlockHash,
     block: BlockId,
-    parent: Option<u32>,
+    /// The parent's slot ([`NIL`]: the first block of a prompt, or detached).
+    parent: u32,
+    /// The ancestor [`PrefixCache::CHAIN_AHEAD`] levels up ([`NIL`] above the first blocks):
+    /// fetched while this node is evicted, so an eviction walking a chain tail first finds
+    /// the nodes it reads next already on their way. A node's ancestors outlive it (leaf-first
+    /// eviction, invalidation detaches whole subtrees), so this names the ancestor exactly.
+    ancestor: u32,
     first_child: u32,
     next_sibling: u32,
     prev_sibling: u32,
@@ -89,6 +96,9 @@ struct Node {
     stamp: u64,
     depth: u32,
     lane: Lane,
+    /// In the policy lane of the cache's own recency order: in its ordered set rather than
+    /// its queue (see [`crate::recency`]).
+    in_set: bool,
     /// Whether the slot holds a node (false once removed, until reused).
     live: bool,
 }
@@ -102,6 +112,11 @@ impl Node {
     #[inline]
     fn has_children(&self) -> bool {
         self.first_child != NIL
+    }
+
+    #[inline]
+    fn parent(&self) -> Option<u32> {
+        (self.parent != NIL).then_some(self.parent)
     }
 }
 
@@ -270,6 +285,16 @@ impl BlockIndex {
     }
 }
 
+/// Whether a recency-queue entry is live: its node is queued in the policy lane under the
+/// entry's stamp (see [`crate::recency`]).
+fn queued(nodes: &Nodes) -> impl Fn(Entry) -> bool + '_ {
+    |e| {
+        nodes
+            .get(e.slot as usize)
+            .is_some_and(|n| n.lane == Lane::Policy && !n.in_set && n.stamp == e.stamp)
+    }
+}
+
 /// A prefix cache over chained block hashes.
 ///
 /// ```
@@ -309,6 +334,9 @@ pub struct PrefixCache {
     by_block: BlockIndex,
     retained: HashMap<u32, Retained, KeyHash>,
     policy: Box<dyn EvictionPolicy>,
+    /// The cache's own LRU order, in place of `policy` when that is plain LRU
+    /// ([`EvictionPolicy::is_plain_lru`]).
+    recency: Option<Recency>,
     low: BTreeSet<(u8, u64, u32)>,
     high: BTreeSet<(u8, u64, u32)>,
     expiries: BinaryHeap<Reverse<(u64, u32, u64)>>,
@@ -336,7 +364,9 @@ impl PrefixCache {
         Self::with_policy(block_size, policy.build(0))
     }
 
-    /// An empty cache with any policy.
+    /// An empty cache with any policy. A policy that is plain LRU
+    /// ([`EvictionPolicy::is_plain_lru`], as [`Lru`](crate::Lru) is) is ordered by the cache
+    /// itself, in the same order, without calls to the policy object.
     #[must_use]
     pub fn with_policy(block_size: u32, policy: Box<dyn EvictionPolicy>) -> Self {
         Self {
@@ -345,6 +375,7 @@ impl PrefixCache {
             by_hash: HashIndex::default(),
             by_block: BlockIndex::default(),
             retained: HashMap::default(),
+            recency: policy.is_plain_lru().then(Recency::default),
             policy,
             low: BTreeSet::new(),
             high: BTreeSet::new(),
@@ -506,7 +537,7 @@ impl PrefixCache {
         let mut blocks = Vec::with_capacity(slots.len());
         for &slot in &slots {
             let stamp = self.tick();
-            self.nodes[slot as usize].stamp = stamp;
+            self.set_stamp(slot, stamp);
             let held = self.hold(slot);
             debug_assert!(held, "use count checked above");
             let node = &self.nodes[slot as usize];
@@ -521,7 +552,9 @@ impl PrefixCache {
                 access: Access::Lookup,
             };
             self.refresh(slot);
-            self.policy.on_hit(slot, &info);
+            if self.recency.is_none() {
+                self.policy.on_hit(slot, &info);
+            }
         }
         let tokens = u64::from(hit) * u64::from(self.block_size);
         self.metrics.hit_blocks = self.metrics.hit_blocks.saturating_add(u64::from(hit));
@@ -557,21 +590,34 @@ impl PrefixCache {
             });
         }
         self.now_ms = now_ms;
-        self.by_hash.touch(hashes.iter().copied());
+        for &h in hashes.iter().take(Self::AHEAD) {
+            self.by_hash.prefetch(h);
+        }
         let existing = hashes
             .iter()
             .zip(blocks)
-            .take_while(|&(h, &b)| {
+            .enumerate()
+            .take_while(|&(i, (h, &b))| {
+                if let Some(&next) = hashes.get(i + Self::AHEAD) {
+                    self.by_hash.prefetch(next);
+                }
                 self.find(*h)
                     .is_some_and(|s| self.nodes[s as usize].block == b)
             })
             .count() as u32;
         let request_blocks = hashes.len() as u32;
         let mut parent: Option<u32> = None;
+        // The slots of the last `CHAIN_AHEAD` blocks of the chain, by depth modulo its size.
+        let mut recent = [NIL; Self::CHAIN_AHEAD];
         let mut stored: Vec<BlockHash> = Vec::new();
         let mut stored_parent = None;
         let mut result = Ok(());
         for (i, (&hash, &block)) in hashes.iter().zip(blocks).enumerate() {
+            if i >= existing as usize
+                && let Some(&next) = hashes.get(i + Self::AHEAD)
+            {
+                self.by_hash.prefetch(next);
+            }
             if let Some(slot) = self.find(hash) {
                 if self.nodes[slot as usize].block != block {
                     // Computed twice: the cached copy stays, the request's block stays private.
@@ -587,10 +633,13 @@ impl PrefixCache {
                     block_size: self.block_size,
                     access: Access::Insert,
                 };
-                self.nodes[slot as usize].stamp = stamp;
-                self.policy.on_hit(slot, &info);
+                self.set_stamp(slot, stamp);
+                if self.recency.is_none() {
+                    self.policy.on_hit(slot, &info);
+                }
                 self.refresh(slot);
                 parent = Some(slot);
+                recent[i % Self::CHAIN_AHEAD] = slot;
                 continue;
             }
             if let Some(slot) = self.by_block.get(block) {
@@ -613,7 +662,9 @@ impl PrefixCache {
             let slot = self.nodes.insert(Node {
                 hash,
                 block,
-                parent,
+                parent: parent.unwrap_or(NIL),
+                // Before this block's own slot replaces it: the block `CHAIN_AHEAD` up.
+                ancestor: recent[i % Self::CHAIN_AHEAD],
                 first_child: NIL,
                 next_sibling: NIL,
                 prev_sibling: NIL,
@@ -623,11 +674,14 @@ impl PrefixCache {
                 stamp,
                 depth: i as u32,
                 lane: Lane::None,
+                in_set: false,
                 live: true,
             }) as u32;
             self.by_hash.insert(hash, slot);
             self.by_block.insert(block, slot);
-            self.policy.on_insert(slot, &info);
+            if self.recency.is_none() {
+                self.policy.on_insert(slot, &info);
+            }
             if let Some(p) = parent {
                 self.nodes.add_child(p, slot);
                 self.refresh(p);
@@ -641,6 +695,7 @@ impl PrefixCache {
             self.metrics.inserted_blocks = self.metrics.inserted_blocks.saturating_add(1);
             newly_cached.push(block);
             parent = Some(slot);
+            recent[i % Self::CHAIN_AHEAD] = slot;
         }
         if let Some(last) = parent {
             self.refresh(last);
@@ -683,13 +738,18 @@ impl PrefixCache {
     pub fn release(&mut self, blocks: &[BlockId]) -> Result<(), ReuseError> {
         let mut result = Ok(());
         // Tail first: the blocks freed first are the first evicted (as vLLM frees a request's
-        // blocks in reverse), and a prefix's head outlives its tail.
-        for chunk in blocks.rchunks(Self::PREFETCH) {
-            self.touch_blocks(chunk);
-            for &block in chunk.iter().rev() {
-                if let Err(e) = self.release_one(block) {
-                    result = Err(e);
-                }
+        // blocks in reverse), and a prefix's head outlives its tail. The nodes of the blocks
+        // `AHEAD` positions on are fetched meanwhile, so their misses overlap.
+        for (j, &block) in blocks.iter().rev().enumerate() {
+            if let Some(&next) = blocks
+                .len()
+                .checked_sub(j + 1 + Self::AHEAD)
+                .map(|k| &blocks[k])
+            {
+                self.prefetch_block(next);
+            }
+            if let Err(e) = self.release_one(block) {
+                result = Err(e);
             }
         }
         result
@@ -708,8 +768,10 @@ impl PrefixCache {
             if node.hittable {
                 self.unused += 1;
                 let stamp = self.tick();
-                self.nodes[slot as usize].stamp = stamp;
-                self.policy.on_release(slot, stamp);
+                self.set_stamp(slot, stamp);
+                if self.recency.is_none() {
+                    self.policy.on_release(slot, stamp);
+                }
                 self.refresh(slot);
             } else {
                 let node = self.nodes.remove(slot as usize);
@@ -721,17 +783,18 @@ impl PrefixCache {
         Ok(())
     }
 
-    /// Reads the nodes of these blocks, so the cache misses of a batch overlap instead of
-    /// being paid one after another (a software prefetch without `unsafe`). Changes nothing.
+    /// How far up a chain an eviction fetches nodes ahead (see `Node::ancestor`).
+    const CHAIN_AHEAD: usize = 8;
+
+    /// Blocks (or hashes) fetched ahead of use by the loops over a request's blocks.
+    const AHEAD: usize = 16;
+
+    /// Hints the CPU to fetch the node of `block` (see [`crate::prefetch`]).
     #[inline]
-    fn touch_blocks(&self, blocks: &[BlockId]) {
-        let mut acc = 0u32;
-        for &b in blocks {
-            if let Some(slot) = self.by_block.get(b) {
-                acc ^= self.nodes[slot as usize].refs;
-            }
+    fn prefetch_block(&self, block: BlockId) {
+        if let Some(slot) = self.by_block.get(block) {
+            crate::prefetch::prefetch_at(&self.nodes.nodes, slot as usize);
         }
-        std::hint::black_box(acc);
     }
 
     /// Forgets up to `count` evictable blocks, appending their ids to `evicted` for the caller
@@ -789,7 +852,7 @@ impl PrefixCache {
                 (s, Lane::Policy)
             } else if let Some((_, _, s)) = self.low.pop_first() {
                 (s, Lane::Low)
-            } else if let Some(s) = self.policy.pop_victim() {
+            } else if let Some(s) = self.pop_policy_victim() {
                 (s, Lane::Policy)
             } else if let Some((_, _, s)) = self.high.pop_first() {
                 (s, Lane::High)
@@ -837,11 +900,16 @@ impl PrefixCache {
     /// Drops the evicted blocks' hash-index entries. Done once per eviction rather than per
     /// block: a chain evicted tail first makes each victim's parent the next victim, so
     /// removing each entry in turn would wait for one bucket's cache miss after another;
-    /// here every bucket is read first, the misses overlapping, then the entries go.
+    /// here the bucket `AHEAD` entries on is fetched while each entry goes, so the misses overlap.
     fn unindex_evicted(&mut self) {
         let mut gone = std::mem::take(&mut self.unindexed);
-        self.by_hash.touch(gone.iter().map(|&(h, _)| h));
-        for &(hash, slot) in &gone {
+        for &(h, _) in gone.iter().take(Self::AHEAD) {
+            self.by_hash.prefetch(h);
+        }
+        for (i, &(hash, slot)) in gone.iter().enumerate() {
+            if let Some(&(next, _)) = gone.get(i + Self::AHEAD) {
+                self.by_hash.prefetch(next);
+            }
             self.by_hash.remove(hash, slot);
         }
         gone.clear();
@@ -851,18 +919,19 @@ impl PrefixCache {
     /// Victims fetched ahead of a batch eviction.
     const PREFETCH: usize = 16;
 
-    /// Reads the nodes and hash-index buckets of the next victims the policy names, so their
-    /// cache misses overlap (evicting them one by one would wait for each in turn).
+    /// Fetches the nodes of the next victims the policy names, so their cache misses overlap
+    /// (evicting them one by one would wait for each in turn).
     fn prefetch_victims(&mut self, want: usize) {
         let mut next = std::mem::take(&mut self.peeked);
         next.clear();
-        self.policy
-            .peek_victims(want.min(Self::PREFETCH), &mut next);
-        let nodes = &self.nodes;
-        self.by_hash.touch(
-            next.iter()
-                .filter_map(|&s| nodes.get(s as usize).map(|n| n.hash)),
-        );
+        let n = want.min(Self::PREFETCH);
+        match &self.recency {
+            Some(r) => r.peek(n, &mut next),
+            None => self.policy.peek_victims(n, &mut next),
+        }
+        for &s in &next {
+            crate::prefetch::prefetch_at(&self.nodes.nodes, s as usize);
+        }
         self.peeked = next;
     }
 
@@ -915,7 +984,7 @@ impl PrefixCache {
         let Some(top) = self.find(hash) else {
             return 0;
         };
-        if let Some(p) = self.nodes[top as usize].parent {
+        if let Some(p) = self.nodes[top as usize].parent() {
             self.nodes.remove_child(p, top);
             self.refresh(p);
         }
@@ -941,7 +1010,7 @@ impl PrefixCache {
         let tops: Vec<u32> = self
             .nodes
             .iter()
-            .filter(|(_, n)| n.hittable && n.parent.is_none())
+            .filter(|(_, n)| n.hittable && n.parent == NIL)
             .map(|(s, _)| s as u32)
             .collect();
         let mut removed = Vec::new();
@@ -956,10 +1025,13 @@ impl PrefixCache {
         let mut stack = vec![top];
         while let Some(slot) = stack.pop() {
             self.leave_lane(slot);
-            self.policy.on_remove(slot);
+            if self.recency.is_none() {
+                self.policy.on_remove(slot);
+            }
             self.nodes.drain_children(slot, &mut stack);
             let node = &mut self.nodes[slot as usize];
-            node.parent = None;
+            node.parent = NIL;
+            node.ancestor = NIL;
             node.hittable = false;
             let (hash, block, refs) = (node.hash, node.block, node.refs);
             self.by_hash.remove(hash, slot);
@@ -982,10 +1054,11 @@ impl PrefixCache {
     /// returned instead of being put in its lane (its lane is set to `Lane::Policy`): the
     /// caller evicts it next, or puts it in its lane.
     fn remove_hittable(&mut self, slot: u32, announced: bool, chain: bool) -> (Node, Option<u32>) {
-        if announced {
+        if announced && self.recency.is_none() {
             self.policy.on_remove(slot);
         }
         let node = self.nodes.remove(slot as usize);
+        crate::prefetch::prefetch_at(&self.nodes.nodes, node.ancestor as usize);
         // Unhittable from here on: nothing looks the hash up before `evict` returns.
         self.unindexed.push((node.hash, slot));
         self.by_block.remove(node.block);
@@ -993,7 +1066,7 @@ impl PrefixCache {
             self.retained.remove(&slot);
         }
         let mut up = None;
-        if let Some(p) = node.parent {
+        if let Some(p) = node.parent() {
             self.nodes.remove_child(p, slot);
             let parent = &self.nodes[p as usize];
             if chain
@@ -1003,7 +1076,10 @@ impl PrefixCache {
                 && parent.refs == 0
                 && !parent.retained
                 && !parent.has_children()
-                && self.policy.evicts_next(p, parent.stamp)
+                && match self.recency.as_mut() {
+                    Some(r) => r.evicts_next(parent.stamp, p, queued(&self.nodes)),
+                    None => self.policy.evicts_next(p, parent.stamp),
+                }
             {
                 self.nodes[p as usize].lane = Lane::Policy;
                 up = Some(p);
@@ -1029,6 +1105,32 @@ impl PrefixCache {
             {
                 self.refresh(slot);
             }
+        }
+    }
+
+    /// Sets the last use of the node at `slot`. In the cache's own recency order a node
+    /// queued under its old stamp leaves its lane first (the caller's `refresh` puts it back
+    /// under the new one).
+    #[inline]
+    fn set_stamp(&mut self, slot: u32, stamp: u64) {
+        if self.recency.is_some() && self.nodes[slot as usize].lane == Lane::Policy {
+            self.leave_lane(slot);
+        }
+        self.nodes[slot as usize].stamp = stamp;
+    }
+
+    /// Takes the policy's next victim out of its order.
+    #[inline]
+    fn pop_policy_victim(&mut self) -> Option<u32> {
+        match self.recency.as_mut() {
+            Some(r) => {
+                let (slot, placed) = r.pop(queued(&self.nodes))?;
+                if placed == Placed::Set {
+                    self.nodes[slot as usize].in_set = false;
+                }
+                Some(slot)
+            }
+            None => self.policy.pop_victim(),
         }
     }
 
@@ -1070,7 +1172,13 @@ impl PrefixCache {
         self.nodes[slot as usize].lane = want;
         match want {
             Lane::None => {}
-            Lane::Policy => self.policy.on_evictable(slot),
+            Lane::Policy => match self.recency.as_mut() {
+                Some(r) => {
+                    let node = &mut self.nodes[slot as usize];
+                    node.in_set = r.enter(node.stamp, slot) == Placed::Set;
+                }
+                None => self.policy.on_evictable(slot),
+            },
             Lane::Low | Lane::High => {
                 if let Some(r) = self.retained.get_mut(&slot) {
                     r.lane_key = key;
@@ -1092,7 +1200,17 @@ impl PrefixCache {
         let key = || self.retained.get(&slot).map_or((0, 0), |r| r.lane_key);
         match lane {
             Lane::None => {}
-            Lane::Policy => self.policy.on_unevictable(slot),
+            Lane::Policy => match self.recency.as_mut() {
+                Some(r) => {
+                    let node = &mut self.nodes[slot as usize];
+                    if std::mem::take(&mut node.in_set) {
+                        r.leave_set(node.stamp, slot);
+                    } else {
+                        r.leave_queued(queued(&self.nodes));
+                    }
+                }
+                None => self.policy.on_unevictable(slot),
+            },
             Lane::Low => {
                 let k = key();
                 self.low.remove(&(k.0, k.1, slot));

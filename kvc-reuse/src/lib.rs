@@ -46,7 +46,8 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 #![warn(missing_docs)]
-#![forbid(unsafe_code)]
+// One reviewed exception: the prefetch hint in `prefetch.rs` (see its docs).
+#![deny(unsafe_code)]
 
 mod adaptive;
 mod cache;
@@ -56,6 +57,8 @@ mod index;
 mod lru;
 mod odds;
 pub mod policy;
+mod prefetch;
+mod recency;
 mod session;
 mod table;
 #[cfg(test)]

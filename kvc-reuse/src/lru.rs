@@ -15,6 +15,11 @@
 //! [`pop_victim`](EvictionPolicy::pop_victim) takes the older of the queue's first live entry
 //! and the set's first. The eviction order is therefore exactly the `(stamp, slot)` order,
 //! whatever the access pattern.
+//!
+//! A [`PrefixCache`](crate::PrefixCache) given this policy does not call it: it keeps the same
+//! queue and set itself (`recency.rs`), checking entries against the stamps in its own nodes
+//! instead of a per-slot table here ([`EvictionPolicy::is_plain_lru`]). This type is the
+//! policy for other users of the trait, and the reference the cache's order is tested against.
 
 use std::collections::{BTreeSet, VecDeque};
 
@@ -203,6 +208,9 @@ impl EvictionPolicy for Lru {
             self.leave(slot);
         }
         Some(slot)
+    }
+    fn is_plain_lru(&self) -> bool {
+        true
     }
     fn evicts_next(&mut self, slot: u32, stamp: u64) -> bool {
         // The slot is not evictable, so its state is `Out`, which `on_remove` leaves as it is

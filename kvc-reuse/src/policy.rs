@@ -84,6 +84,14 @@ pub trait EvictionPolicy: Send + std::fmt::Debug {
         let _ = (slot, stamp);
         false
     }
+    /// Whether this policy is plain least recently used by the stamps the cache gives it, in
+    /// exactly [`Lru`]'s order (`(stamp, slot)`, oldest first), as [`Lru`] is. The cache
+    /// then keeps that order itself, beside its own nodes, and calls none of the policy's
+    /// other methods but [`name`](Self::name): a block's recency is then read where the cache
+    /// reads the block anyway, not in a table of the policy's. The default says no.
+    fn is_plain_lru(&self) -> bool {
+        false
+    }
 }
 
 /// The policies this crate ships, by name.

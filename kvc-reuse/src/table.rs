@@ -72,19 +72,13 @@ impl HashIndex {
         }
     }
 
-    /// Reads the home bucket of every hash, so the misses of a batch overlap instead of
-    /// being paid one after another by the dependent work that follows (a software prefetch
-    /// without `unsafe`). Changes nothing.
+    /// Hints the CPU to fetch the home bucket of `hash` (see [`crate::prefetch`]). Changes
+    /// nothing.
     #[inline]
-    pub(crate) fn touch(&self, hashes: impl IntoIterator<Item = BlockHash>) {
-        if self.entries.is_empty() {
-            return;
+    pub(crate) fn prefetch(&self, hash: BlockHash) {
+        if !self.entries.is_empty() {
+            crate::prefetch::prefetch_at(&self.entries, self.home(frag(hash)));
         }
-        let mut acc = 0u64;
-        for h in hashes {
-            acc ^= self.entries[self.home(frag(h))];
-        }
-        std::hint::black_box(acc);
     }
 
     /// Stores `slot` for `hash`, which must not be stored yet.

@@ -1,7 +1,9 @@
-//! Evicting a chain's parent at once (`EvictionPolicy::evicts_next`) changes nothing a user
-//! sees: the same random stream of requests, evictions and retention changes runs against a
-//! cache with LRU and against one with an LRU that always answers no (so every parent goes
-//! through the policy), and every hit and every eviction must be the same, block for block.
+//! Evicting a chain's parent at once (`EvictionPolicy::evicts_next`) and the cache keeping
+//! LRU's order itself (`EvictionPolicy::is_plain_lru`) change nothing a user sees: the same
+//! random stream of requests, evictions, retention changes and invalidations runs against a
+//! cache with LRU and against one with an LRU behind the policy trait that always answers no
+//! (so every parent goes through the policy), and every hit and every eviction must be the
+//! same, block for block.
 
 use kvc_reuse::{
     BlockHash, BlockHasher, BlockId, BlockInfo, EvictionPolicy, HashExtra, Lru, PolicyKind,
@@ -55,6 +57,8 @@ enum Op {
     Evict(usize),
     /// Give the first `depth` blocks of prompt `p` a priority (0 low, 100 high).
     Retain(usize, usize, u8),
+    /// Invalidate prompt `p`'s chain from its block `depth` on.
+    Invalidate(usize, usize),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -64,6 +68,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (1..40usize).prop_map(Op::Evict),
         1 => (0..12usize, 1..6usize, prop_oneof![Just(0u8), Just(100u8)])
             .prop_map(|(p, d, pr)| Op::Retain(p, d, pr)),
+        1 => (0..12usize, 0..10usize).prop_map(|(p, d)| Op::Invalidate(p, d)),
     ]
 }
 
@@ -130,6 +135,10 @@ impl Side {
                     .map(|&h| u32::from(self.cache.set_retention(h, r, now)))
                     .collect()
             }
+            Op::Invalidate(p, depth) => hashes[p]
+                .get(depth)
+                .map(|&h| vec![self.cache.invalidate(h) as u32])
+                .unwrap_or_default(),
         }
     }
 }
