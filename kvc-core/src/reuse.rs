@@ -27,6 +27,18 @@ use thiserror::Error;
 
 use crate::{BlockId, Retention, SessionId, StoreKey, TenantId};
 
+/// A cached block as the tiers below device memory see it when it leaves the device (written
+/// back when evicted, or through when cached): the key it is stored under, and the retention
+/// priority it had on the device then, so a tier can refuse blocks below its floor and keep
+/// the most valuable ones longest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TierKey {
+    /// The block's key: its chained hash.
+    pub key: StoreKey,
+    /// Its retention priority (0–100; [`Retention::DEFAULT_PRIORITY`] unless pinned).
+    pub priority: u8,
+}
+
 /// Whose cache a lookup or insert may touch: a tenant's, and optionally one session's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ReuseScope {
@@ -173,21 +185,21 @@ pub trait ReuseIndex {
         let _ = (scope, tokens, keys);
     }
 
-    /// The key the cached block `block` is cached under, or `None` when the index does not
-    /// cache it (private, invalidated, or evicted). A memory manager reads it when the block
-    /// is cached (to write it through to the tiers).
+    /// The key the cached block `block` is cached under and its retention priority now, or
+    /// `None` when the index does not cache it (private, invalidated, or evicted). A memory
+    /// manager reads it when the block is cached (to write it through to the tiers).
     ///
     /// The default knows no keys.
-    fn cached_key(&self, block: BlockId) -> Option<StoreKey> {
+    fn cached_key(&self, block: BlockId) -> Option<TierKey> {
         let _ = block;
         None
     }
 
     /// [`evict`](Self::evict), also appending to `keys` the key each evicted block was
-    /// cached under, read before it was forgotten: one entry per evicted block, in the same
-    /// order, `None` for a block whose contents must not be reused (invalidated) or when the
-    /// index knows no keys. A memory manager writes the evicted blocks back to the tiers
-    /// under these keys.
+    /// cached under and its retention priority when it was evicted, read before it was
+    /// forgotten: one entry per evicted block, in the same order, `None` for a block whose
+    /// contents must not be reused (invalidated) or when the index knows no keys. A memory
+    /// manager writes the evicted blocks back to the tiers under these keys.
     ///
     /// The default evicts and knows no keys.
     fn evict_keyed(
@@ -195,7 +207,7 @@ pub trait ReuseIndex {
         count: usize,
         now_ms: u64,
         evicted: &mut Vec<BlockId>,
-        keys: &mut Vec<Option<StoreKey>>,
+        keys: &mut Vec<Option<TierKey>>,
     ) -> usize {
         let before = evicted.len();
         let n = self.evict(count, now_ms, evicted);

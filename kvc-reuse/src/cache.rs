@@ -490,6 +490,16 @@ impl PrefixCache {
         node.hittable.then_some(node.hash)
     }
 
+    /// The retention priority of a hittable cached block at the cache's clock (the
+    /// default unless [`set_retention`](Self::set_retention) gave it another that has not
+    /// expired), or `None` where [`block_hash`](Self::block_hash) is `None`.
+    #[must_use]
+    pub fn block_priority(&self, block: BlockId) -> Option<u8> {
+        let slot = self.by_block.get(block)?;
+        let node = self.nodes.get(slot as usize)?;
+        node.hittable.then(|| self.priority(slot))
+    }
+
     /// The use count of a tracked block (`None` if the cache does not track it).
     #[must_use]
     pub fn use_count(&self, block: BlockId) -> Option<u32> {
@@ -806,14 +816,16 @@ impl PrefixCache {
     }
 
     /// [`evict`](Self::evict), also appending to `hashes` the hash each evicted block was
-    /// cached under (`None` for an invalidated block, whose hash must not be reused), one
-    /// entry per evicted block, in the same order.
+    /// cached under and its retention priority when it was evicted (`None` for an
+    /// invalidated block, whose hash must not be reused), one entry per evicted block, in the
+    /// same order. A tier below device memory stores the block under that hash, ranked by
+    /// that priority.
     pub fn evict_with_hashes(
         &mut self,
         count: usize,
         now_ms: u64,
         evicted: &mut Vec<BlockId>,
-        hashes: &mut Vec<Option<BlockHash>>,
+        hashes: &mut Vec<Option<(BlockHash, u8)>>,
     ) -> usize {
         self.evict_inner(count, now_ms, evicted, Some(hashes))
     }
@@ -823,7 +835,7 @@ impl PrefixCache {
         count: usize,
         now_ms: u64,
         evicted: &mut Vec<BlockId>,
-        mut hashes: Option<&mut Vec<Option<BlockHash>>>,
+        mut hashes: Option<&mut Vec<Option<(BlockHash, u8)>>>,
     ) -> usize {
         self.now_ms = now_ms;
         let mut n = 0;
@@ -871,6 +883,13 @@ impl PrefixCache {
                 );
                 continue;
             }
+            // Read before the node (and its retention) is forgotten; the policy's lane holds
+            // default-priority blocks only.
+            let priority = if hashes.is_some() && lane != Lane::Policy {
+                self.priority(slot)
+            } else {
+                Retention::DEFAULT_PRIORITY
+            };
             self.nodes[slot as usize].lane = Lane::None;
             let (node, up) = self.remove_hittable(slot, announced, count - n > 1);
             next_up = up;
@@ -880,7 +899,7 @@ impl PrefixCache {
             }
             evicted.push(node.block);
             if let Some(h) = hashes.as_deref_mut() {
-                h.push(Some(node.hash));
+                h.push(Some((node.hash, priority)));
             }
             self.metrics.evicted_capacity = self.metrics.evicted_capacity.saturating_add(1);
             n += 1;
@@ -1135,10 +1154,9 @@ impl PrefixCache {
     }
 
     /// Puts a node in the lane its state calls for.
-    fn refresh(&mut self, slot: u32) {
-        let node = &self.nodes[slot as usize];
-        let evictable = node.hittable && node.refs == 0 && !node.has_children();
-        let priority = if node.retained {
+    /// The retention priority of the node at `slot` now.
+    fn priority(&self, slot: u32) -> u8 {
+        if self.nodes[slot as usize].retained {
             self.retained
                 .get(&slot)
                 .map_or(Retention::DEFAULT_PRIORITY, |r| {
@@ -1146,7 +1164,13 @@ impl PrefixCache {
                 })
         } else {
             Retention::DEFAULT_PRIORITY
-        };
+        }
+    }
+
+    fn refresh(&mut self, slot: u32) {
+        let priority = self.priority(slot);
+        let node = &self.nodes[slot as usize];
+        let evictable = node.hittable && node.refs == 0 && !node.has_children();
         let want = if !evictable {
             Lane::None
         } else {

@@ -9,7 +9,7 @@
 
 use ahash::AHashMap;
 use kvc_core::{
-    BlockId, PrefixHit, Retention, ReuseError, ReuseIndex, ReuseScope, StoreKey, TenantId,
+    BlockId, PrefixHit, Retention, ReuseError, ReuseIndex, ReuseScope, StoreKey, TenantId, TierKey,
 };
 
 use crate::{BlockHash, BlockHasher, HashExtra, PrefixCache};
@@ -169,8 +169,12 @@ impl<H: BlockHasher> ReuseIndex for ScopedIndex<H> {
         keys.extend(self.hashes.iter().map(|h| StoreKey(h.0)));
     }
 
-    fn cached_key(&self, block: BlockId) -> Option<StoreKey> {
-        self.cache.block_hash(block).map(|h| StoreKey(h.0))
+    fn cached_key(&self, block: BlockId) -> Option<TierKey> {
+        let hash = self.cache.block_hash(block)?;
+        Some(TierKey {
+            key: StoreKey(hash.0),
+            priority: self.cache.block_priority(block)?,
+        })
     }
 
     fn evict_keyed(
@@ -178,14 +182,19 @@ impl<H: BlockHasher> ReuseIndex for ScopedIndex<H> {
         count: usize,
         now_ms: u64,
         evicted: &mut Vec<BlockId>,
-        keys: &mut Vec<Option<StoreKey>>,
+        keys: &mut Vec<Option<TierKey>>,
     ) -> usize {
         self.now_ms = now_ms;
         let mut hashes = Vec::with_capacity(count.min(64));
         let n = self
             .cache
             .evict_with_hashes(count, now_ms, evicted, &mut hashes);
-        keys.extend(hashes.into_iter().map(|h| h.map(|h| StoreKey(h.0))));
+        keys.extend(hashes.into_iter().map(|h| {
+            h.map(|(hash, priority)| TierKey {
+                key: StoreKey(hash.0),
+                priority,
+            })
+        }));
         n
     }
 }
@@ -261,14 +270,18 @@ mod tests {
         let mut newly = Vec::new();
         idx.insert(&a, &tokens[..4], &[BlockId(0), BlockId(1)], 0, &mut newly)
             .unwrap();
-        assert_eq!(idx.cached_key(BlockId(0)), Some(keys[0]));
-        assert_eq!(idx.cached_key(BlockId(1)), Some(keys[1]));
+        let tier_key = |key| TierKey {
+            key,
+            priority: Retention::DEFAULT_PRIORITY,
+        };
+        assert_eq!(idx.cached_key(BlockId(0)), Some(tier_key(keys[0])));
+        assert_eq!(idx.cached_key(BlockId(1)), Some(tier_key(keys[1])));
         assert_eq!(idx.cached_key(BlockId(7)), None);
         idx.release(&[BlockId(0), BlockId(1)]).unwrap();
         let (mut evicted, mut evicted_keys) = (Vec::new(), Vec::new());
         assert_eq!(idx.evict_keyed(1, 1, &mut evicted, &mut evicted_keys), 1);
         assert_eq!(evicted, [BlockId(1)], "leaf first");
-        assert_eq!(evicted_keys, [Some(keys[1])]);
+        assert_eq!(evicted_keys, [Some(tier_key(keys[1]))]);
         assert_eq!(idx.cached_key(BlockId(1)), None);
         // An invalidated block is handed back without its key.
         let _dropped = idx.cache_mut().invalidate(BlockHash(keys[0].0));
@@ -277,6 +290,47 @@ mod tests {
         evicted_keys.clear();
         assert_eq!(idx.evict_keyed(1, 2, &mut evicted, &mut evicted_keys), 1);
         assert_eq!((evicted, evicted_keys), (vec![BlockId(0)], vec![None]));
+    }
+
+    #[test]
+    fn blocks_leave_for_the_tiers_with_their_retention_priority() {
+        let mut idx = index();
+        let s = ReuseScope {
+            tenant: TenantId(1),
+            session: None,
+        };
+        let tokens = [1, 2, 3, 4, 5, 6];
+        let mut keys = Vec::new();
+        idx.block_keys(&s, &tokens, &mut keys);
+        let mut newly = Vec::new();
+        let blocks = [BlockId(0), BlockId(1), BlockId(2)];
+        idx.insert(&s, &tokens, &blocks, 0, &mut newly).unwrap();
+        idx.release(&blocks).unwrap();
+        // The head pinned until t = 100, the tail demoted for good.
+        let pin = |priority, until| Retention { priority, until };
+        let cache = idx.cache_mut();
+        assert!(cache.set_retention(BlockHash(keys[0].0), pin(90, Some(100)), 0));
+        assert!(cache.set_retention(BlockHash(keys[2].0), pin(5, None), 0));
+        let priority = |idx: &ScopedIndex<Blake3Hasher>, b| idx.cached_key(b).map(|k| k.priority);
+        assert_eq!(priority(&idx, BlockId(0)), Some(90));
+        assert_eq!(
+            priority(&idx, BlockId(1)),
+            Some(Retention::DEFAULT_PRIORITY)
+        );
+        assert_eq!(priority(&idx, BlockId(2)), Some(5));
+        let (mut evicted, mut out) = (Vec::new(), Vec::new());
+        assert_eq!(idx.evict_keyed(3, 150, &mut evicted, &mut out), 3);
+        assert_eq!(evicted, [BlockId(2), BlockId(1), BlockId(0)]);
+        let got: Vec<_> = out.iter().map(|k| k.map(|k| (k.key, k.priority))).collect();
+        assert_eq!(
+            got,
+            [
+                Some((keys[2], 5)),
+                Some((keys[1], Retention::DEFAULT_PRIORITY)),
+                // The pin ran out at t = 100: evicted at t = 150 with the default.
+                Some((keys[0], Retention::DEFAULT_PRIORITY)),
+            ]
+        );
     }
 
     #[test]

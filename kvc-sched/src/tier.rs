@@ -48,6 +48,11 @@ pub struct BlockOffload {
     pub device: BlockId,
     /// The key to store it under.
     pub key: StoreKey,
+    /// Its retention priority on the device when it was evicted or cached (0–100;
+    /// `Retention::DEFAULT_PRIORITY` unless a pin policy or the application set one): pass it
+    /// to the tiers (`TierStack::offload`), so a host tier's minimum priority keeps one-off
+    /// blocks out and its eviction keeps pinned prefixes longest.
+    pub priority: u8,
 }
 
 /// A block to copy from the tiers into a freshly allocated device block.

@@ -9,8 +9,10 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use kvc_alloc::{BlockPool, PoolConfig};
-use kvc_core::{BlockId, LowerTiers, QosClass, ReuseIndex, ReuseScope, SeqId, StoreKey, TenantId};
-use kvc_reuse::{HashExtra, PolicyKind, PrefixCache, ScopedIndex, Xxh3Hasher};
+use kvc_core::{
+    BlockId, LowerTiers, QosClass, Retention, ReuseIndex, ReuseScope, SeqId, StoreKey, TenantId,
+};
+use kvc_reuse::{BlockHash, HashExtra, PolicyKind, PrefixCache, ScopedIndex, Xxh3Hasher};
 use kvc_sched::{
     BlockLoad, DynamicOnly, KvError, KvManager, KvManagerConfig, LoadDone, LoadError, LoadId,
     LoadResult, PrefixLoad, Request, Scheduler, SchedulerConfig, SeqOwner, SlotGrant, SlotRequest,
@@ -184,7 +186,7 @@ fn a_tier_hit_is_loaded_then_served_as_the_computed_and_cached_prefix() {
     assert_eq!(kv.lookup_prefix(SeqId(3), &prompt, 1).unwrap(), 12);
     assert_eq!(kv.blocks(SeqId(3)).unwrap(), &blocks[..]);
     for (&b, &k) in blocks.iter().zip(&keys) {
-        assert_eq!(kv.reuse_index().cached_key(b), Some(k));
+        assert_eq!(kv.reuse_index().cached_key(b).map(|t| t.key), Some(k));
     }
     let stats = kv.stats();
     assert_eq!(
@@ -368,10 +370,45 @@ fn write_back_offloads_the_blocks_the_device_evicts_under_their_keys() {
         .zip(keys.iter().copied())
         .collect();
     assert_eq!(got, want);
+    assert!(
+        offloads
+            .iter()
+            .all(|o| o.priority == Retention::DEFAULT_PRIORITY)
+    );
     assert_eq!(kv.stats().offloaded_blocks, 2);
     offloads.clear();
     kv.drain_offloads(&mut offloads);
     assert!(offloads.is_empty(), "drained once");
+}
+
+#[test]
+fn blocks_are_written_back_with_the_retention_priority_they_had_on_the_device() {
+    let tiers = Arc::new(FakeTiers::default());
+    let mut kv = manager(6, &tiers, TierMode::WriteBack);
+    let a: Vec<u32> = (0..9).collect();
+    compute(&mut kv, 1, 0, &a);
+    kv.free(SeqId(1)).unwrap();
+    // A system prompt pinned softly (through the index, as a pin policy's soft pins are),
+    // and its tail demoted below the default.
+    let keys = keys_of(kv.reuse_index_mut(), 0, &a);
+    let short = |k: StoreKey| BlockHash(k.0).short();
+    let pin = |priority| Retention {
+        priority,
+        until: None,
+    };
+    kv.reuse_index_mut().set_retention(short(keys[0]), pin(80));
+    kv.reuse_index_mut().set_retention(short(keys[1]), pin(10));
+    kv.open(SeqId(2), owner(0)).unwrap();
+    assert_eq!(
+        kv.allocate_slots(SeqId(2), ask(24), 0, &mut Vec::new()),
+        Ok(SlotGrant::Now)
+    );
+    let mut offloads = Vec::new();
+    kv.drain_offloads(&mut offloads);
+    let got: Vec<(StoreKey, u8)> = offloads.iter().map(|o| (o.key, o.priority)).collect();
+    assert_eq!(got, [(keys[1], 10), (keys[0], 80)], "low priority first");
+    kv.free(SeqId(2)).unwrap();
+    check_usage(&kv);
 }
 
 #[test]

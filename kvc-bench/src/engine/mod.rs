@@ -18,8 +18,8 @@ use std::time::Instant;
 
 use kvc_alloc::{BlockPool, PoolConfig};
 use kvc_core::{
-    LowerTiers, PageTableError, PagedLayout, PagedLayoutError, PinPolicy, QosClass, Retention,
-    ReuseIndex, SeqId, SessionId, SlotMappingError, StoreKey, TenantId,
+    LowerTiers, PageTableError, PagedLayout, PagedLayoutError, PinPolicy, QosClass, ReuseIndex,
+    SeqId, SessionId, SlotMappingError, StoreKey, TenantId,
 };
 use kvc_kernels::{
     AttnParams, BlockSwap, ShapeError, copy_blocks, paged_prefill, swap_in, swap_out, write_kv,
@@ -75,10 +75,6 @@ pub enum EngineError {
     #[error(transparent)]
     Load(#[from] LoadError),
 }
-
-/// The retention priority offloaded blocks are stored with (the plan carries none): that of a
-/// block nobody pinned.
-const OFFLOAD_PRIORITY: u8 = Retention::DEFAULT_PRIORITY;
 
 /// The engine's shape: model, KV pool, scheduler limits.
 #[derive(Clone, Debug)]
@@ -433,8 +429,9 @@ impl<P: PinPolicy, R: ReuseIndex> Engine<P, R> {
     }
 
     /// Copies the plan's offloads down to the tiers: every block's K and V of every layer
-    /// gathered into one payload, stored under its key. A store error is counted and the
-    /// blocks are simply not kept (a later request recomputes them).
+    /// gathered into one payload, stored under its key with the retention priority it had on
+    /// the device (one store call per priority). A store error is counted and the blocks are
+    /// simply not kept (a later request recomputes them).
     fn offload(&mut self, offloads: &[BlockOffload]) -> Result<(), EngineError> {
         let Some(t) = self.tiers.as_mut() else {
             return Ok(());
@@ -444,24 +441,31 @@ impl<P: PinPolicy, R: ReuseIndex> Engine<P, R> {
         }
         let start = Instant::now();
         let bb = t.block_bytes;
-        let buf = t.staging(offloads.len());
-        for (o, dst) in offloads.iter().zip(buf.chunks_exact_mut(bb)) {
-            tiers::gather_block(&self.layout, &self.caches, o.device, dst)?;
-        }
-        let keys: Vec<StoreKey> = offloads.iter().map(|o| o.key).collect();
         let event = match t.stack.mode() {
             OffloadMode::WriteThrough => DeviceEvent::Cached,
             _ => DeviceEvent::Evicted,
         };
-        let stored = t
-            .stack
-            .offload(event, &keys, &t.buf[..keys.len() * bb], OFFLOAD_PRIORITY);
-        if stored.is_err() {
-            t.report.store_errors += 1;
+        let mut priorities: Vec<u8> = offloads.iter().map(|o| o.priority).collect();
+        priorities.sort_unstable();
+        priorities.dedup();
+        for priority in priorities {
+            let group: Vec<&BlockOffload> =
+                offloads.iter().filter(|o| o.priority == priority).collect();
+            let buf = t.staging(group.len());
+            for (o, dst) in group.iter().zip(buf.chunks_exact_mut(bb)) {
+                tiers::gather_block(&self.layout, &self.caches, o.device, dst)?;
+            }
+            let keys: Vec<StoreKey> = group.iter().map(|o| o.key).collect();
+            let stored = t
+                .stack
+                .offload(event, &keys, &t.buf[..keys.len() * bb], priority);
+            if stored.is_err() {
+                t.report.store_errors += 1;
+            }
         }
-        self.metrics.offloaded(keys.len());
-        t.report.offloaded_blocks += keys.len() as u64;
-        t.report.offloaded_bytes += (keys.len() * bb) as u64;
+        self.metrics.offloaded(offloads.len());
+        t.report.offloaded_blocks += offloads.len() as u64;
+        t.report.offloaded_bytes += (offloads.len() * bb) as u64;
         t.report.offload_s += start.elapsed().as_secs_f64();
         Ok(())
     }

@@ -82,6 +82,7 @@ use ahash::AHashMap as HashMap;
 use kvc_core::{
     Admission, BlockAllocator, BlockCopy, BlockId, LowerTiers, PinPolicy, PlaceRequest, Placement,
     PoolView, RegionBlocks, RegionId, Released, ReuseIndex, ReuseScope, SeqId, SessionId, StoreKey,
+    TierKey,
 };
 
 use crate::tier::{
@@ -1195,20 +1196,28 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
         if t.mode != TierMode::WriteThrough || from_tiers {
             return;
         }
-        if let Some(key) = self.reuse.cached_key(b) {
-            t.offloads.push(BlockOffload { device: b, key });
+        if let Some(TierKey { key, priority }) = self.reuse.cached_key(b) {
+            t.offloads.push(BlockOffload {
+                device: b,
+                key,
+                priority,
+            });
             self.stats.offloaded_blocks += 1;
         }
     }
 
     /// The index evicted `b`, cached under `key` (its bytes are intact until the engine runs
     /// the next plan's offloads): write it back in that mode.
-    fn note_evicted(&mut self, b: BlockId, key: Option<StoreKey>) {
+    fn note_evicted(&mut self, b: BlockId, key: Option<TierKey>) {
         let Some(t) = self.tiers.as_mut() else {
             return;
         };
-        if let (Some(key), TierMode::WriteBack) = (key, t.mode) {
-            t.offloads.push(BlockOffload { device: b, key });
+        if let (Some(TierKey { key, priority }), TierMode::WriteBack) = (key, t.mode) {
+            t.offloads.push(BlockOffload {
+                device: b,
+                key,
+                priority,
+            });
             self.stats.offloaded_blocks += 1;
         }
     }
