@@ -29,8 +29,8 @@ use crate::{BlockId, Retention, SessionId, StoreKey, TenantId};
 
 /// A cached block as the tiers below device memory see it when it leaves the device (written
 /// back when evicted, or through when cached): the key it is stored under, and the retention
-/// priority it had on the device then, so a tier can refuse blocks below its floor and keep
-/// the most valuable ones longest.
+/// priority it had on the device then, so a tier can refuse blocks below its floor (a host
+/// tier's `min_priority`) or rank what it keeps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct TierKey {
     /// The block's key: its chained hash.

@@ -51,7 +51,7 @@ pub struct BlockOffload {
     /// Its retention priority on the device when it was evicted or cached (0–100;
     /// `Retention::DEFAULT_PRIORITY` unless a pin policy or the application set one): pass it
     /// to the tiers (`TierStack::offload`), so a host tier's minimum priority keeps one-off
-    /// blocks out and its eviction keeps pinned prefixes longest.
+    /// blocks out.
     pub priority: u8,
 }
 
