@@ -1,14 +1,14 @@
 //! [`Lru`]: least recently used eviction as a recency queue in flat arrays.
 //!
-//! The evictable blocks wait in a double-ended queue of 16-byte entries `(stamp, slot, tag)`,
-//! sorted by `(stamp, slot)`, oldest first. Almost every block becomes evictable either with
-//! the newest stamp (a release) or with an older stamp than every block queued (a parent whose
-//! last child was just evicted), so it joins one end of the queue in constant time, with no
-//! allocation. A block that stops being evictable (hit again, or given a child) is not looked
-//! for in the queue: its per-slot tag moves on, which makes its entry stale, and stale entries
-//! are skipped when they reach the front (or dropped all at once when they outnumber the live
-//! ones). Eviction reads the queue front to back, so the next victims sit in consecutive memory
-//! instead of behind a pointer chase.
+//! The evictable blocks wait in the sorted recency queue of `recency.rs`: a double-ended queue
+//! of entries `(stamp, slot)`, sorted oldest first. Almost every block becomes evictable either
+//! with the newest stamp (a release) or with an older stamp than every block queued (a parent
+//! whose last child was just evicted), so it joins one end of the queue in constant time, with
+//! no allocation. A block that stops being evictable (hit again, or given a child) is not
+//! looked for in the queue: its entry just goes stale (its slot here is no longer queued under
+//! that stamp) and is skipped when it reaches the front, or dropped with the others once they
+//! outnumber the live ones. Eviction reads the queue front to back, so the next victims sit in
+//! consecutive memory instead of behind a pointer chase.
 //!
 //! A block whose place is inside the queue goes there when that is near an end (a short move),
 //! and otherwise waits in a small ordered set beside the queue;
@@ -17,50 +17,20 @@
 //! whatever the access pattern.
 //!
 //! A [`PrefixCache`](crate::PrefixCache) given this policy does not call it: it keeps the same
-//! queue and set itself (`recency.rs`), checking entries against the stamps in its own nodes
-//! instead of a per-slot table here ([`EvictionPolicy::is_plain_lru`]). This type is the
-//! policy for other users of the trait, and the reference the cache's order is tested against.
-
-use std::collections::{BTreeSet, VecDeque};
+//! queue itself, checking entries against the stamps in its own nodes instead of the per-slot
+//! table here ([`EvictionPolicy::is_plain_lru`]). This type is the policy for other users of
+//! the trait (an [`Adaptive`](crate::Adaptive) expert, a cache of your own), and the reference
+//! the cache's order is tested against.
 
 use crate::policy::{BlockInfo, EvictionPolicy};
+use crate::recency::{Entry, Placed, Recency};
 
-/// Whether and where a slot is evictable.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-enum State {
-    /// Not evictable.
-    #[default]
-    Out,
-    /// Evictable, with a live entry in the queue.
-    Queued,
-    /// Evictable, in the ordered set.
-    Set,
-}
-
-/// A slot's last use and the tag of its live queue entry.
+/// A slot's last use, and whether and where it is evictable.
 #[derive(Clone, Copy, Debug, Default)]
 struct Slot {
     stamp: u64,
-    /// Bumped on every entry into the queue: an entry whose tag differs is stale. It never
-    /// resets (not even when the slot is reused), and stale entries are dropped long before
-    /// it wraps around.
-    tag: u32,
-    state: State,
-}
-
-/// A queue entry.
-#[derive(Clone, Copy, Debug)]
-struct Entry {
-    stamp: u64,
-    slot: u32,
-    tag: u32,
-}
-
-impl Entry {
-    #[inline]
-    fn key(self) -> (u64, u32) {
-        (self.stamp, self.slot)
-    }
+    /// `None` while not evictable.
+    placed: Option<Placed>,
 }
 
 /// Least recently used: evicts the evictable block whose last use is oldest. A block's last
@@ -71,89 +41,40 @@ impl Entry {
 #[derive(Debug, Default)]
 pub struct Lru {
     slots: Vec<Slot>,
-    queue: VecDeque<Entry>,
-    /// Stale entries in the queue.
-    stale: usize,
-    /// Evictable blocks whose place in the queue was far from both ends.
-    set: BTreeSet<(u64, u32)>,
+    order: Recency,
+}
+
+/// Whether a queue entry stands for its slot: the slot is queued under the entry's stamp.
+#[inline]
+fn live(slots: &[Slot]) -> impl Fn(Entry) -> bool + '_ {
+    |e| {
+        let s = slots[e.slot as usize];
+        s.placed == Some(Placed::Queue) && s.stamp == e.stamp
+    }
 }
 
 impl Lru {
-    /// Farthest from an end of the queue a block is placed by moving entries.
-    const SHIFT: usize = 32;
-
-    #[inline]
-    fn is_live(&self, e: Entry) -> bool {
-        let s = self.slots[e.slot as usize];
-        s.state == State::Queued && s.tag == e.tag
-    }
-
     /// Makes the non-evictable `slot` evictable at its stamp.
     fn enter(&mut self, slot: u32) {
         let s = &mut self.slots[slot as usize];
-        s.tag = s.tag.wrapping_add(1);
-        let e = Entry {
-            stamp: s.stamp,
-            slot,
-            tag: s.tag,
-        };
-        let key = e.key();
-        // The queue (stale entries included) stays sorted.
-        match (self.queue.front().copied(), self.queue.back().copied()) {
-            (_, Some(back)) if back.key() < key => self.queue.push_back(e),
-            (None, None) => self.queue.push_back(e),
-            (Some(front), _) if key < front.key() => self.queue.push_front(e),
-            _ => {
-                let at = self.queue.partition_point(|q| q.key() < key);
-                if at.min(self.queue.len() - at) > Self::SHIFT {
-                    self.slots[slot as usize].state = State::Set;
-                    self.set.insert(key);
-                    return;
-                }
-                self.queue.insert(at, e);
-            }
-        }
-        self.slots[slot as usize].state = State::Queued;
+        s.placed = Some(self.order.enter(s.stamp, slot));
     }
 
     /// Makes the evictable `slot` not evictable.
     fn leave(&mut self, slot: u32) {
-        let s = &mut self.slots[slot as usize];
-        match s.state {
-            State::Out => return,
-            State::Queued => self.stale += 1,
-            State::Set => {
-                self.set.remove(&(s.stamp, slot));
-            }
+        let s = self.slots[slot as usize];
+        self.slots[slot as usize].placed = None;
+        match s.placed {
+            None => {}
+            Some(Placed::Queue) => self.order.leave_queued(live(&self.slots)),
+            Some(Placed::Set) => self.order.leave_set(s.stamp, slot),
         }
-        s.state = State::Out;
-        if self.stale > 64 && self.stale * 2 > self.queue.len() {
-            let slots = &self.slots;
-            self.queue.retain(|e| {
-                let s = slots[e.slot as usize];
-                s.state == State::Queued && s.tag == e.tag
-            });
-            self.stale = 0;
-        }
-    }
-
-    /// Drops stale entries from the front; returns the first live one.
-    #[inline]
-    fn live_front(&mut self) -> Option<Entry> {
-        while let Some(&e) = self.queue.front() {
-            if self.is_live(e) {
-                return Some(e);
-            }
-            self.queue.pop_front();
-            self.stale -= 1;
-        }
-        None
     }
 
     /// Sets the last use of `slot`, moving it in the order if it is evictable.
     #[inline]
     fn restamp(&mut self, slot: u32, stamp: u64) {
-        if self.slots[slot as usize].state == State::Out {
+        if self.slots[slot as usize].placed.is_none() {
             self.slots[slot as usize].stamp = stamp;
         } else {
             self.leave(slot);
@@ -172,9 +93,9 @@ impl EvictionPolicy for Lru {
         if self.slots.len() <= i {
             self.slots.resize(i + 1, Slot::default());
         }
-        let s = &mut self.slots[i];
-        s.stamp = info.stamp;
-        s.state = State::Out;
+        // A reused slot: whatever its old entry says is stale now.
+        self.leave(slot);
+        self.slots[i].stamp = info.stamp;
     }
     fn on_hit(&mut self, slot: u32, info: &BlockInfo) {
         self.restamp(slot, info.stamp);
@@ -183,7 +104,7 @@ impl EvictionPolicy for Lru {
         self.restamp(slot, stamp);
     }
     fn on_evictable(&mut self, slot: u32) {
-        if self.slots[slot as usize].state == State::Out {
+        if self.slots[slot as usize].placed.is_none() {
             self.enter(slot);
         }
     }
@@ -194,58 +115,28 @@ impl EvictionPolicy for Lru {
         self.leave(slot);
     }
     fn pop_victim(&mut self) -> Option<u32> {
-        let front = self.live_front();
-        let slot = match (front, self.set.first()) {
-            (None, None) => return None,
-            (Some(e), Some(&k)) if e.key() < k => e.slot,
-            (Some(e), None) => e.slot,
-            (_, Some(&(_, s))) => s,
-        };
-        if front.is_some_and(|e| e.slot == slot) {
-            self.queue.pop_front();
-            self.slots[slot as usize].state = State::Out;
-        } else {
-            self.leave(slot);
-        }
+        let (slot, _) = self.order.pop(live(&self.slots))?;
+        self.slots[slot as usize].placed = None;
         Some(slot)
     }
     fn is_plain_lru(&self) -> bool {
         true
     }
     fn evicts_next(&mut self, slot: u32, stamp: u64) -> bool {
-        // The slot is not evictable, so its state is `Out`, which `on_remove` leaves as it is
-        // (not read here: for a parent whose child was just evicted it is a cache miss).
-        let key = (stamp, slot);
-        let front = self.live_front();
-        front.is_none_or(|e| key < e.key()) && self.set.first().is_none_or(|&k| key < k)
+        // The slot is not evictable, so it is out of the order, as `on_remove` would leave it
+        // (its entry here is not read: for a parent whose child was just evicted it is a
+        // cache miss).
+        self.order.evicts_next(stamp, slot, live(&self.slots))
     }
     fn peek_victims(&self, n: usize, out: &mut Vec<u32>) {
-        let mut queued = self
-            .queue
-            .iter()
-            .copied()
-            .filter(|&e| self.is_live(e))
-            .peekable();
-        let mut set = self.set.iter().peekable();
-        for _ in 0..n {
-            let from_set = match (queued.peek(), set.peek()) {
-                (None, None) => break,
-                (Some(e), Some(&&k)) => k < e.key(),
-                (None, Some(_)) => true,
-                (Some(_), None) => false,
-            };
-            let next = if from_set {
-                set.next().map(|&(_, s)| s)
-            } else {
-                queued.next().map(|e| e.slot)
-            };
-            out.extend(next);
-        }
+        self.order.peek_live(n, out, live(&self.slots));
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
     use crate::BlockHash;
     use crate::policy::Access;

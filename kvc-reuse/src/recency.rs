@@ -1,21 +1,21 @@
-//! [`Recency`]: the prefix cache's own least-recently-used order, used in place of the
-//! [`Lru`](crate::Lru) policy object when the cache is built with it.
+//! [`Recency`]: the sorted recency queue behind [`Lru`](crate::Lru), and the prefix cache's
+//! own least-recently-used order, used in place of the `Lru` policy object when the cache is
+//! built with it.
 //!
-//! It is the same sorted queue as [`Lru`](crate::Lru) (see that module's docs: entries
-//! `(stamp, slot)` sorted oldest first, a block joining near an end in constant time, a
-//! small ordered set for blocks whose place is far from both ends, stale entries skipped
-//! lazily), with one difference: it keeps no per-slot table. The stamp and the evictable
-//! state of a block live in the cache's node, and an entry is live exactly when its node is
-//! still in the policy lane, queued, with the entry's stamp. The cache reads that node line
+//! See [`Lru`](crate::Lru)'s module docs for the queue: entries `(stamp, slot)` sorted oldest
+//! first, a block joining near an end in constant time, a small ordered set for blocks whose
+//! place is far from both ends, stale entries skipped lazily. The queue keeps no per-slot
+//! state: its user says whether an entry is live (the slot is still queued under that stamp).
+//! `Lru` answers from a per-slot table; the cache answers from its own node, which it reads
 //! whenever it touches a block anyway, so releasing, making evictable and evicting a block
-//! cost no memory access beyond the node and the queue's ends (the per-slot table was a
-//! cache miss per release and per newly cached block).
+//! cost no memory access beyond the node and the queue's ends (a per-slot table was a cache
+//! miss per release and per newly cached block).
 //!
 //! Stamps come from the cache's clock, one tick per stamping, so `(stamp, slot)` names one
-//! node at one stamping: a stale entry never turns live again unless its node re-enters the
+//! block at one stamping: a stale entry never turns live again unless its node re-enters the
 //! queue with the same stamp, and then the new entry has the same key, so the two sit side by
-//! side and either one stands for the node. The eviction order is therefore exactly the
-//! `(stamp, slot)` order of the evictable blocks, as with [`Lru`](crate::Lru).
+//! side and either one stands for the block. The eviction order is therefore exactly the
+//! `(stamp, slot)` order of the evictable blocks.
 
 use std::collections::{BTreeSet, VecDeque};
 
@@ -137,6 +137,34 @@ impl Recency {
         let key = (stamp, slot);
         let front = self.live_front(&is_live);
         front.is_none_or(|e| key < e.key()) && self.set.first().is_none_or(|&k| key < k)
+    }
+
+    /// Appends the slots of the next `n` victims, in order (live entries only, a block that
+    /// re-entered under the same stamp once; changes nothing).
+    pub(crate) fn peek_live(&self, n: usize, out: &mut Vec<u32>, is_live: impl Fn(Entry) -> bool) {
+        let mut last = None;
+        let mut queued = self
+            .queue
+            .iter()
+            .copied()
+            .filter(|&e| is_live(e))
+            .filter(move |&e| last.replace(e.key()) != Some(e.key()))
+            .peekable();
+        let mut set = self.set.iter().peekable();
+        for _ in 0..n {
+            let from_set = match (queued.peek(), set.peek()) {
+                (None, None) => break,
+                (Some(e), Some(&&k)) => k < e.key(),
+                (None, Some(_)) => true,
+                (Some(_), None) => false,
+            };
+            let next = if from_set {
+                set.next().map(|&(_, s)| s)
+            } else {
+                queued.next().map(|e| e.slot)
+            };
+            out.extend(next);
+        }
     }
 
     /// Appends the slots of the next `n` entries of the queue and of the set (stale ones
