@@ -101,6 +101,13 @@ fn check_usage(kv: &Manager) {
     assert_eq!(u.free + u.evictable + u.in_use, u.capacity, "{u:?}");
 }
 
+/// Opens `seq` for `tenant` and looks `prompt` up on the device, then in the tiers.
+fn open_and_load(kv: &mut Manager, seq: u64, tenant: u32, prompt: &[u32], now: u64) -> PrefixLoad {
+    kv.open(SeqId(seq), owner(tenant)).unwrap();
+    let _ = kv.lookup_prefix(SeqId(seq), prompt, now).unwrap();
+    kv.load_prefix(SeqId(seq), prompt, now).unwrap()
+}
+
 /// Opens `seq`, computes `prompt` from scratch and caches it; returns its blocks.
 fn compute(kv: &mut Manager, seq: u64, tenant: u32, prompt: &[u32]) -> Vec<BlockId> {
     kv.open(SeqId(seq), owner(tenant)).unwrap();
@@ -259,13 +266,7 @@ fn a_failed_load_keeps_its_leading_blocks_and_recomputes_the_rest_in_place() {
     let prompt: Vec<u32> = (0..14).collect();
     let keys = keys_of(kv.reuse_index_mut(), 0, &prompt);
     tiers.put(&keys);
-    kv.open(SeqId(1), owner(0)).unwrap();
-    let _ = kv.lookup_prefix(SeqId(1), &prompt, 0).unwrap();
-    let job = kv
-        .load_prefix(SeqId(1), &prompt, 0)
-        .unwrap()
-        .started()
-        .unwrap();
+    let job = open_and_load(&mut kv, 1, 0, &prompt, 0).started().unwrap();
     let blocks = kv.blocks(SeqId(1)).unwrap().to_vec();
     // More loaded blocks than the job has: refused, nothing changed.
     assert_eq!(
@@ -476,13 +477,7 @@ fn a_sequence_freed_during_its_load_holds_the_loading_blocks_until_the_load_repo
     let prompt: Vec<u32> = (0..14).collect();
     let keys = keys_of(kv.reuse_index_mut(), 0, &prompt);
     tiers.put(&keys);
-    kv.open(SeqId(1), owner(0)).unwrap();
-    let _ = kv.lookup_prefix(SeqId(1), &prompt, 0).unwrap();
-    let job = kv
-        .load_prefix(SeqId(1), &prompt, 0)
-        .unwrap()
-        .started()
-        .unwrap();
+    let job = open_and_load(&mut kv, 1, 0, &prompt, 0).started().unwrap();
     kv.free(SeqId(1)).unwrap();
     assert!(!kv.contains(SeqId(1)));
     let u = kv.usage().total();
@@ -554,13 +549,7 @@ fn a_prefix_already_on_its_way_is_not_loaded_twice() {
     // Another tenant's prompt with the same tokens has other keys: it loads its own.
     let other = keys_of(kv.reuse_index_mut(), 1, &prompt);
     tiers.put(&other);
-    kv.open(SeqId(4), owner(1)).unwrap();
-    let _ = kv.lookup_prefix(SeqId(4), &prompt, 0).unwrap();
-    let job4 = kv
-        .load_prefix(SeqId(4), &prompt, 0)
-        .unwrap()
-        .started()
-        .unwrap();
+    let job4 = open_and_load(&mut kv, 4, 1, &prompt, 0).started().unwrap();
     assert_eq!(job4.blocks.len(), 3);
 
     kv.complete_load(job.id, LoadResult::Loaded).unwrap();
@@ -599,30 +588,16 @@ fn a_load_whose_sequence_was_freed_is_not_waited_for() {
     let prompt: Vec<u32> = (0..14).collect();
     let keys = keys_of(kv.reuse_index_mut(), 0, &prompt);
     tiers.put(&keys);
-    kv.open(SeqId(1), owner(0)).unwrap();
-    let _ = kv.lookup_prefix(SeqId(1), &prompt, 0).unwrap();
-    let first = kv
-        .load_prefix(SeqId(1), &prompt, 0)
-        .unwrap()
-        .started()
-        .unwrap();
+    let first = open_and_load(&mut kv, 1, 0, &prompt, 0).started().unwrap();
     // Freed while loading: its blocks will not be cached, so the next prompt loads its own.
     kv.free(SeqId(1)).unwrap();
-    kv.open(SeqId(2), owner(0)).unwrap();
-    let _ = kv.lookup_prefix(SeqId(2), &prompt, 0).unwrap();
-    let second = kv
-        .load_prefix(SeqId(2), &prompt, 0)
-        .unwrap()
-        .started()
-        .unwrap();
+    let second = open_and_load(&mut kv, 2, 0, &prompt, 0).started().unwrap();
     assert_ne!(first.id, second.id);
     kv.complete_load(first.id, LoadResult::Loaded).unwrap();
     // The second load is still the one in flight for these keys.
-    kv.open(SeqId(3), owner(0)).unwrap();
-    let _ = kv.lookup_prefix(SeqId(3), &prompt, 0).unwrap();
     assert_eq!(
-        kv.load_prefix(SeqId(3), &prompt, 0),
-        Ok(PrefixLoad::InFlight { load: second.id })
+        open_and_load(&mut kv, 3, 0, &prompt, 0),
+        PrefixLoad::InFlight { load: second.id }
     );
     kv.complete_load(second.id, LoadResult::Failed { loaded_blocks: 1 })
         .unwrap();
@@ -682,6 +657,17 @@ fn sample(s: &mut Sched, plan: &kvc_sched::StepPlan) -> Vec<kvc_sched::Finished>
         .map(|x| (x.seq, 7))
         .collect();
     s.complete_step(&sampled).unwrap()
+}
+
+/// Steps from time `t` until every request finished; then nothing is in use.
+fn run_to_idle(s: &mut Sched, mut t: u64) {
+    while !s.is_idle() {
+        let plan = s.step(t);
+        sample(s, &plan);
+        t += 1;
+        assert!(t < 50, "not idle by step 50");
+    }
+    assert_eq!(s.kv_manager().usage().total().in_use, 0);
 }
 
 #[test]
@@ -749,15 +735,8 @@ fn a_loading_sequence_waits_out_of_the_batch_while_the_others_run() {
         Err(LoadError::Unknown { id: LoadId(3) })
     );
     // Both finish; everything is free or cached.
-    let mut t = 6;
     sample(&mut s, &plan);
-    while !s.is_idle() {
-        let plan = s.step(t);
-        sample(&mut s, &plan);
-        t += 1;
-        assert!(t < 50);
-    }
-    assert_eq!(s.kv_manager().usage().total().in_use, 0);
+    run_to_idle(&mut s, 6);
 }
 
 #[test]
@@ -805,15 +784,8 @@ fn requests_for_one_prefix_in_the_tiers_share_one_load() {
     let stats = s.stats();
     assert_eq!((stats.loads_issued, stats.load_waits), (1, 2), "{stats:?}");
     assert_eq!(s.kv_manager().stats().loaded_blocks, 3);
-    let mut t = 3;
     sample(&mut s, &plan);
-    while !s.is_idle() {
-        let plan = s.step(t);
-        sample(&mut s, &plan);
-        t += 1;
-        assert!(t < 50);
-    }
-    assert_eq!(s.kv_manager().usage().total().in_use, 0);
+    run_to_idle(&mut s, 3);
 }
 
 #[test]
