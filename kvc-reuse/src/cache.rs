@@ -147,6 +147,14 @@ impl Nodes {
                 slot as usize
             }
             None => {
+                if self.nodes.len() == self.nodes.capacity() {
+                    // Grown by hand so the new table is advised to use huge pages before
+                    // anything is written to it (see `crate::prefetch::advise_huge_pages`).
+                    let mut grown = Vec::with_capacity((self.nodes.capacity() * 2).max(64));
+                    crate::prefetch::advise_huge_pages(&grown);
+                    grown.extend_from_slice(&self.nodes);
+                    self.nodes = grown;
+                }
                 self.nodes.push(node);
                 self.nodes.len() - 1
             }

@@ -181,7 +181,7 @@ impl HashIndex {
         if self.entries.len() == size {
             self.entries.fill(EMPTY);
         } else {
-            self.entries = vec![EMPTY; size];
+            self.entries = crate::prefetch::huge_vec(size, EMPTY);
         }
         self.len = 0;
         self.stale = 0;
@@ -203,7 +203,7 @@ impl HashIndex {
 
     fn grow(&mut self) {
         let size = (self.entries.len() * 2).max(64);
-        let old = std::mem::replace(&mut self.entries, vec![EMPTY; size]);
+        let old = std::mem::replace(&mut self.entries, crate::prefetch::huge_vec(size, EMPTY));
         for e in old {
             if e != EMPTY {
                 self.place(e);
