@@ -28,7 +28,7 @@ use crate::BlockHash;
 use crate::events::{EventLog, EventRecord, KvEvent, Metrics};
 use crate::policy::{Access, BlockInfo, EvictionPolicy, PolicyKind};
 use crate::recency::{Entry, Placed, Recency};
-use crate::table::HashIndex;
+use crate::table::{HashIndex, Probe};
 
 /// Hashing for keys that are already well mixed (block hashes) or small dense integers (block
 /// ids): a multiply-fold instead of a keyed hash, which showed up in replay profiles. Block
@@ -147,6 +147,14 @@ impl Nodes {
                 slot as usize
             }
             None => {
+                if self.nodes.len() == self.nodes.capacity() {
+                    // Grown by hand so the new table is advised to use huge pages before
+                    // anything is written to it (see `crate::prefetch::advise_huge_pages`).
+                    let mut grown = Vec::with_capacity((self.nodes.capacity() * 2).max(64));
+                    crate::prefetch::advise_huge_pages(&grown);
+                    grown.extend_from_slice(&self.nodes);
+                    self.nodes = grown;
+                }
                 self.nodes.push(node);
                 self.nodes.len() - 1
             }
@@ -285,6 +293,18 @@ impl BlockIndex {
     }
 }
 
+/// The hash of the hittable node at a slot, if any: confirms a hash-index entry (see
+/// [`crate::table`]).
+#[inline]
+fn hittable_hash(nodes: &Nodes) -> impl Fn(u32) -> Option<BlockHash> + '_ {
+    |slot| {
+        nodes
+            .get(slot as usize)
+            .filter(|n| n.hittable)
+            .map(|n| n.hash)
+    }
+}
+
 /// Whether a recency-queue entry is live: its node is queued in the policy lane under the
 /// entry's stamp (see [`crate::recency`]).
 fn queued(nodes: &Nodes) -> impl Fn(Entry) -> bool + '_ {
@@ -346,9 +366,6 @@ pub struct PrefixCache {
     peeked: Vec<u32>,
     /// Scratch for [`Self::lookup`]: the slots of the hit.
     hit_slots: Vec<u32>,
-    /// Hash-index entries of the blocks [`Self::evict`] removed, dropped from the index at
-    /// the end of the eviction (see [`Self::unindex_evicted`]).
-    unindexed: Vec<(BlockHash, u32)>,
     /// Hittable nodes with use count 0 (evictable, possibly after their unused descendants).
     unused: usize,
     clock: u64,
@@ -384,7 +401,6 @@ impl PrefixCache {
             orphans: Vec::new(),
             peeked: Vec::new(),
             hit_slots: Vec::new(),
-            unindexed: Vec::new(),
             unused: 0,
             clock: 0,
             now_ms: 0,
@@ -451,9 +467,21 @@ impl PrefixCache {
     #[inline]
     fn find(&self, hash: BlockHash) -> Option<u32> {
         let nodes = &self.nodes;
-        self.by_hash.get(hash, |slot| {
-            nodes.get(slot as usize).is_some_and(|n| n.hash == hash)
-        })
+        self.by_hash.get(hash, hittable_hash(nodes))
+    }
+
+    /// Drops the hash index's stale entries (see [`crate::table`]): one pass over the nodes.
+    fn rebuild_index(&mut self) {
+        let count = self.by_hash.len();
+        let live = self
+            .nodes
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.live && n.hittable)
+            .map(|(s, n)| (n.hash, s as u32));
+        self.by_hash.rebuild(live, count);
+        debug_assert_eq!(self.by_hash.len(), count, "one entry per hittable node");
     }
 
     fn tick(&mut self) -> u64 {
@@ -600,6 +628,9 @@ impl PrefixCache {
             });
         }
         self.now_ms = now_ms;
+        if self.by_hash.wants_rebuild(hashes.len()) {
+            self.rebuild_index();
+        }
         for &h in hashes.iter().take(Self::AHEAD) {
             self.by_hash.prefetch(h);
         }
@@ -628,7 +659,10 @@ impl PrefixCache {
             {
                 self.by_hash.prefetch(next);
             }
-            if let Some(slot) = self.find(hash) {
+            let probe = self
+                .by_hash
+                .get_or_vacancy(hash, hittable_hash(&self.nodes));
+            if let Probe::Found(slot) = probe {
                 if self.nodes[slot as usize].block != block {
                     // Computed twice: the cached copy stays, the request's block stays private.
                     break;
@@ -687,7 +721,11 @@ impl PrefixCache {
                 in_set: false,
                 live: true,
             }) as u32;
-            self.by_hash.insert(hash, slot);
+            match probe {
+                // The stale entry of a block evicted earlier (often this hash's own): reused.
+                Probe::Vacancy(at) => self.by_hash.insert_at(at, hash, slot),
+                Probe::Found(_) | Probe::Absent => self.by_hash.insert(hash, slot),
+            }
             self.by_block.insert(block, slot);
             if self.recency.is_none() {
                 self.policy.on_insert(slot, &info);
@@ -909,30 +947,10 @@ impl PrefixCache {
             self.nodes[p as usize].lane = Lane::None;
             self.refresh(p);
         }
-        self.unindex_evicted();
         if !removed.is_empty() {
             self.events.push(KvEvent::BlockRemoved { hashes: removed });
         }
         n
-    }
-
-    /// Drops the evicted blocks' hash-index entries. Done once per eviction rather than per
-    /// block: a chain evicted tail first makes each victim's parent the next victim, so
-    /// removing each entry in turn would wait for one bucket's cache miss after another;
-    /// here the bucket `AHEAD` entries on is fetched while each entry goes, so the misses overlap.
-    fn unindex_evicted(&mut self) {
-        let mut gone = std::mem::take(&mut self.unindexed);
-        for &(h, _) in gone.iter().take(Self::AHEAD) {
-            self.by_hash.prefetch(h);
-        }
-        for (i, &(hash, slot)) in gone.iter().enumerate() {
-            if let Some(&(next, _)) = gone.get(i + Self::AHEAD) {
-                self.by_hash.prefetch(next);
-            }
-            self.by_hash.remove(hash, slot);
-        }
-        gone.clear();
-        self.unindexed = gone;
     }
 
     /// Victims fetched ahead of a batch eviction.
@@ -1053,7 +1071,8 @@ impl PrefixCache {
             node.ancestor = NIL;
             node.hittable = false;
             let (hash, block, refs) = (node.hash, node.block, node.refs);
-            self.by_hash.remove(hash, slot);
+            // Stale now that the node is not hittable (see `crate::table`).
+            self.by_hash.mark_stale();
             removed.push(hash);
             self.metrics.evicted_invalidated = self.metrics.evicted_invalidated.saturating_add(1);
             if refs == 0 {
@@ -1078,8 +1097,9 @@ impl PrefixCache {
         }
         let node = self.nodes.remove(slot as usize);
         crate::prefetch::prefetch_at(&self.nodes.nodes, node.ancestor as usize);
-        // Unhittable from here on: nothing looks the hash up before `evict` returns.
-        self.unindexed.push((node.hash, slot));
+        // Its hash-index entry is stale from here on (the slot holds no node), and stays
+        // until an insert reuses it or the index is rebuilt (see `crate::table`).
+        self.by_hash.mark_stale();
         self.by_block.remove(node.block);
         if node.retained {
             self.retained.remove(&slot);

@@ -464,3 +464,65 @@ fn conversation_policy_evicts_the_unshared_tail_first() {
     }
     assert_eq!(tail_first, [false, true]);
 }
+
+/// Under churn (prompts cached, evicted, cached again, invalidated, for long enough that the
+/// hash index drops its stale entries several times), `contains` holds exactly for the hashes
+/// of hittable blocks, and `hittable_blocks` counts them.
+#[test]
+fn evicted_and_invalidated_hashes_stay_unhittable_under_churn() {
+    let mut cache = PrefixCache::new(BS as u32, PolicyKind::Lru);
+    let prompts: Vec<Vec<BlockHash>> = (0..40u32)
+        .map(|p| {
+            hashes(
+                &extra(),
+                &(0..BS as u32 * 12)
+                    .map(|i| p * 1000 + i)
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .collect();
+    let mut next_block = 0u32;
+    let mut freed = Vec::new();
+    let mut invalidated = std::collections::HashSet::new();
+    for step in 0..600usize {
+        let p = (step * 7 + step / 40) % prompts.len();
+        let h = &prompts[p];
+        if step % 13 == 0 {
+            // An invalidated chain is gone until cached again.
+            if cache.invalidate(h[3]) > 0 {
+                invalidated.extend(h[3..].iter().copied());
+            }
+        } else {
+            let hit = cache.lookup(h, h.len() * BS + 1, step as u64);
+            let blocks: Vec<BlockId> = hit
+                .blocks
+                .iter()
+                .copied()
+                .chain((hit.blocks.len()..h.len()).map(|_| {
+                    next_block += 1;
+                    BlockId(next_block)
+                }))
+                .collect();
+            cache.release(&hit.blocks).unwrap();
+            let newly = put(&mut cache, h, &blocks, step as u64);
+            for hash in &h[hit.blocks.len()..hit.blocks.len() + newly.len()] {
+                invalidated.remove(hash);
+            }
+        }
+        // Room for about five prompts: most steps evict.
+        let over = cache.len().saturating_sub(60);
+        cache.evict(over, step as u64, &mut freed);
+        let hittable = prompts
+            .iter()
+            .flatten()
+            .filter(|&&hash| cache.contains(hash))
+            .count();
+        assert_eq!(cache.hittable_blocks(), hittable, "step {step}");
+        assert!(
+            invalidated.iter().all(|&hash| !cache.contains(hash)),
+            "step {step}: an invalidated hash is hittable"
+        );
+        assert!(hittable <= 60 + h.len(), "step {step}: {hittable} hittable");
+    }
+    assert!(freed.len() > 1_000, "{} evicted", freed.len());
+}
