@@ -51,6 +51,7 @@
 
 mod adaptive;
 mod cache;
+mod continuation;
 mod events;
 pub mod hash;
 mod index;

@@ -26,6 +26,7 @@ use std::collections::{BTreeSet, VecDeque};
 use ahash::AHashMap;
 
 use crate::BlockHash;
+use crate::continuation::{Checkpoints, Credits, GapMedian};
 use crate::policy::{Access, BlockInfo, EvictionPolicy};
 
 /// Where a request ended: left on a few of its last newly cached blocks so a later request
@@ -63,22 +64,18 @@ pub struct ReuseOdds {
     /// The insert walk in progress: (slot, newly cached).
     walk: Vec<(u32, bool)>,
     walk_src: Option<Tip>,
-    tips: AHashMap<BlockHash, Tip>,
-    tip_order: VecDeque<BlockHash>,
+    tips: Checkpoints<Tip>,
     /// Evicted blocks: (class at last access, uses).
     ghost: AHashMap<BlockHash, (u16, u8)>,
     ghost_order: VecDeque<BlockHash>,
     memory: usize,
-    credited: ahash::AHashSet<u64>,
-    credited_order: VecDeque<u64>,
+    credited: Credits,
     requests: u64,
     /// Over all classes: (events, reused).
     all: (u64, u64),
     /// Per block class: (events, reused).
     stats: Vec<(u64, u64)>,
-    gaps: VecDeque<u64>,
-    gaps_since_median: usize,
-    median_gap: u64,
+    gaps: GapMedian,
 }
 
 impl ReuseOdds {
@@ -86,8 +83,6 @@ impl ReuseOdds {
     const GROWTH_CLASSES: u32 = 8;
     const USE_CLASSES: u32 = 8;
     const POSITION_CLASSES: u32 = 8;
-    const GAP_WINDOW: usize = 4096;
-    const CHECKPOINTS: [usize; 8] = [0, 1, 2, 4, 8, 16, 32, 64];
     const UNCLASSED: u16 = u16::MAX;
     /// The `kappa` of the policy's model: if gaps between a block's uses were exponential,
     /// the logit of the probability that a block is used again would fall by one per mean
@@ -99,6 +94,7 @@ impl ReuseOdds {
     /// continuation gaps per unit of logit.
     #[must_use]
     pub fn new(capacity_blocks: usize, kappa: f64) -> Self {
+        let memory = capacity_blocks.saturating_mul(4).max(1 << 16);
         Self {
             kappa,
             slots: Vec::new(),
@@ -106,13 +102,11 @@ impl ReuseOdds {
             pending: Vec::new(),
             walk: Vec::new(),
             walk_src: None,
-            tips: AHashMap::new(),
-            tip_order: VecDeque::new(),
+            tips: Checkpoints::new(memory),
             ghost: AHashMap::new(),
             ghost_order: VecDeque::new(),
-            memory: capacity_blocks.saturating_mul(4).max(1 << 16),
-            credited: ahash::AHashSet::new(),
-            credited_order: VecDeque::new(),
+            memory,
+            credited: Credits::new(memory),
             requests: 0,
             all: (0, 0),
             stats: vec![
@@ -122,9 +116,7 @@ impl ReuseOdds {
                     * Self::USE_CLASSES
                     * Self::POSITION_CLASSES) as usize
             ],
-            gaps: VecDeque::new(),
-            gaps_since_median: 0,
-            median_gap: 0,
+            gaps: GapMedian::default(),
         }
     }
 
@@ -153,20 +145,6 @@ impl ReuseOdds {
         }
     }
 
-    fn record_gap(&mut self, gap: u64) {
-        self.gaps.push_back(gap);
-        if self.gaps.len() > Self::GAP_WINDOW {
-            self.gaps.pop_front();
-        }
-        self.gaps_since_median += 1;
-        if self.median_gap == 0 || self.gaps_since_median * 10 >= self.gaps.len() {
-            let mut sorted: Vec<u64> = self.gaps.iter().copied().collect();
-            sorted.sort_unstable();
-            self.median_gap = sorted[sorted.len() / 2];
-            self.gaps_since_median = 0;
-        }
-    }
-
     /// A block was used again: its previous access's event counts as reused.
     fn reused(&mut self, class: u16) {
         if let Some(s) = self.stats.get_mut(class as usize) {
@@ -182,14 +160,8 @@ impl ReuseOdds {
         let blocks = u64::from(last.request_blocks);
         let (turn, growth_blocks) = match self.walk_src.take() {
             Some(src) => {
-                if self.credited.insert(src.request) {
-                    self.credited_order.push_back(src.request);
-                    if self.credited_order.len() > self.memory
-                        && let Some(old) = self.credited_order.pop_front()
-                    {
-                        self.credited.remove(&old);
-                    }
-                    self.record_gap(last.stamp.saturating_sub(src.stamp));
+                if self.credited.credit(src.request) {
+                    self.gaps.record(last.stamp.saturating_sub(src.stamp));
                 }
                 (src.turn + 1, blocks.saturating_sub(u64::from(src.blocks)))
             }
@@ -198,7 +170,7 @@ impl ReuseOdds {
         let growth_tokens = (growth_blocks * bs).max(512);
         let growth = (growth_tokens / 512).ilog2().min(Self::GROWTH_CLASSES - 1);
         let request_class = turn.min(Self::TURN_CLASSES - 1) * Self::GROWTH_CLASSES + growth;
-        let tau = self.kappa * self.median_gap as f64;
+        let tau = self.kappa * self.gaps.get() as f64;
         for i in 0..self.walk.len() {
             let (slot, _) = self.walk[i];
             let uses = u32::from(self.slots[slot as usize].uses).min(Self::USE_CLASSES - 1);
@@ -233,21 +205,12 @@ impl ReuseOdds {
             blocks: last.request_blocks,
             stamp: last.stamp,
         };
-        let n = self.walk.len();
-        for back in Self::CHECKPOINTS {
-            let Some(&(slot, new)) = n.checked_sub(back + 1).map(|i| &self.walk[i]) else {
-                break;
-            };
-            let hash = self.slots[slot as usize].hash;
-            if new && self.tips.insert(hash, tip).is_none() {
-                self.tip_order.push_back(hash);
-            }
-        }
-        while self.tip_order.len() > self.memory {
-            if let Some(old) = self.tip_order.pop_front() {
-                self.tips.remove(&old);
-            }
-        }
+        let (walk, slots) = (&self.walk, &self.slots);
+        self.tips.leave(
+            walk.len(),
+            |i| (slots[walk[i].0 as usize].hash, walk[i].1),
+            tip,
+        );
         self.walk.clear();
     }
 
@@ -259,7 +222,7 @@ impl ReuseOdds {
             self.flush_pending();
         }
         self.walk.push((slot, new));
-        if let Some(&tip) = self.tips.get(&info.hash) {
+        if let Some(tip) = self.tips.get(&info.hash) {
             self.walk_src = Some(tip);
         }
         if info.depth + 1 == info.request_blocks {

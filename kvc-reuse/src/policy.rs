@@ -12,6 +12,7 @@ use std::collections::{BTreeSet, VecDeque};
 use ahash::AHashSet;
 
 use crate::BlockHash;
+use crate::continuation::{Checkpoints, Credits, GapMedian};
 pub use crate::lru::Lru;
 
 /// What a policy learns about a block when it is cached or hit.
@@ -415,25 +416,18 @@ pub struct Conversation {
     tail_estimate: u32,
     tail_samples: u64,
     pending: Vec<u32>,
-    tips: ahash::AHashMap<BlockHash, Tip>,
-    tip_order: VecDeque<BlockHash>,
-    tip_cap: usize,
-    credited: AHashSet<u64>,
-    credited_order: VecDeque<u64>,
+    tips: Checkpoints<Tip>,
+    credited: Credits,
     requests: u64,
     /// Per class: (requests, continued).
     stats: Vec<(u64, u64)>,
-    gaps: VecDeque<u64>,
-    gaps_since_median: usize,
-    median_gap: u64,
+    gaps: GapMedian,
     kappa: f64,
 }
 
 impl Conversation {
     const TURN_CLASSES: u32 = 5;
     const GROWTH_CLASSES: u32 = 8;
-    const GAP_WINDOW: usize = 4096;
-    const CHECKPOINTS: [usize; 8] = [0, 1, 2, 4, 8, 16, 32, 64];
     const TAIL_WINDOW: usize = 1024;
     /// Key shift of blocks in a request's expected unshared tail: evicted before the rest.
     const TAIL_SHIFT: i64 = -(1 << 50);
@@ -458,16 +452,11 @@ impl Conversation {
             tail_estimate: 0,
             tail_samples: 0,
             pending: Vec::new(),
-            tips: ahash::AHashMap::new(),
-            tip_order: VecDeque::new(),
-            tip_cap: capacity_blocks.max(1 << 16),
-            credited: AHashSet::new(),
-            credited_order: VecDeque::new(),
+            tips: Checkpoints::new(capacity_blocks.max(1 << 16)),
+            credited: Credits::new(capacity_blocks.max(1 << 16)),
             requests: 0,
             stats: vec![(0, 0); (Self::TURN_CLASSES * Self::GROWTH_CLASSES) as usize],
-            gaps: VecDeque::new(),
-            gaps_since_median: 0,
-            median_gap: 0,
+            gaps: GapMedian::default(),
             kappa,
         }
     }
@@ -515,20 +504,6 @@ impl Conversation {
         }
     }
 
-    fn record_gap(&mut self, gap: u64) {
-        self.gaps.push_back(gap);
-        if self.gaps.len() > Self::GAP_WINDOW {
-            self.gaps.pop_front();
-        }
-        self.gaps_since_median += 1;
-        if self.median_gap == 0 || self.gaps_since_median * 10 >= self.gaps.len() {
-            let mut sorted: Vec<u64> = self.gaps.iter().copied().collect();
-            sorted.sort_unstable();
-            self.median_gap = sorted[sorted.len() / 2];
-            self.gaps_since_median = 0;
-        }
-    }
-
     /// The walk reached the request's last block: classify the request, learn, key its
     /// blocks and leave checkpoints.
     fn end_walk(&mut self, last: &BlockInfo) {
@@ -536,15 +511,9 @@ impl Conversation {
         let blocks = u64::from(last.request_blocks);
         let (turn, growth_blocks) = match self.walk_src.take() {
             Some(src) => {
-                if self.credited.insert(src.request) {
-                    self.credited_order.push_back(src.request);
-                    if self.credited_order.len() > self.tip_cap
-                        && let Some(old) = self.credited_order.pop_front()
-                    {
-                        self.credited.remove(&old);
-                    }
+                if self.credited.credit(src.request) {
                     self.stats[src.class as usize].1 += 1;
-                    self.record_gap(last.stamp.saturating_sub(src.stamp));
+                    self.gaps.record(last.stamp.saturating_sub(src.stamp));
                 }
                 if self.walk_src_cached {
                     let shared = self.walk.iter().take_while(|w| !w.2).count() as u32;
@@ -561,7 +530,7 @@ impl Conversation {
         self.stats[class as usize].0 += 1;
         let p = (continued as f64 + 1.0) / (requests as f64 + 2.0);
         // Until a continuation has been seen there is nothing to learn from: plain LRU.
-        let tau = self.kappa * self.median_gap as f64;
+        let tau = self.kappa * self.gaps.get() as f64;
         let shift = (tau * (p / (1.0 - p)).ln()) as i64;
         let tail_from = self.walk.len().saturating_sub(self.tail_estimate as usize);
         for i in 0..self.walk.len() {
@@ -592,20 +561,8 @@ impl Conversation {
             blocks: last.request_blocks,
             stamp: last.stamp,
         };
-        let n = self.walk.len();
-        for back in Self::CHECKPOINTS {
-            let Some(&(_, hash, new)) = n.checked_sub(back + 1).map(|i| &self.walk[i]) else {
-                break;
-            };
-            if new && self.tips.insert(hash, tip).is_none() {
-                self.tip_order.push_back(hash);
-            }
-        }
-        while self.tip_order.len() > self.tip_cap {
-            if let Some(old) = self.tip_order.pop_front() {
-                self.tips.remove(&old);
-            }
-        }
+        let walk = &self.walk;
+        self.tips.leave(walk.len(), |i| (walk[i].1, walk[i].2), tip);
         self.walk.clear();
     }
 
@@ -618,7 +575,7 @@ impl Conversation {
             self.flush_pending();
         }
         self.walk.push((slot, info.hash, new));
-        if let Some(&tip) = self.tips.get(&info.hash) {
+        if let Some(tip) = self.tips.get(&info.hash) {
             self.walk_src = Some(tip);
             self.walk_src_cached = !new;
         }
