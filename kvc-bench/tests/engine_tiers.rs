@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use kvc_bench::engine::tiers::{DiskOptions, TierOptions, TierReport};
 use kvc_bench::engine::{Completed, Engine};
-use kvc_core::BlockStore;
-use kvc_reuse::{ScopedIndex, Xxh3Hasher};
+use kvc_core::{BlockStore, Retention, ReuseIndex, ReuseScope, TenantId};
+use kvc_reuse::{BlockHash, ScopedIndex, Xxh3Hasher};
 use kvc_sched::DynamicOnly;
 use kvc_tier::OffloadMode;
 use support::{check, config, index, prompt, request};
@@ -123,6 +123,60 @@ fn a_prefix_evicted_to_the_host_tier_loads_back_with_the_same_logits() {
         s.tier_tokens, 24,
         "the prefix came from the host tier, not the device"
     );
+}
+
+/// Serves `seed`'s first prompt, pins its first four blocks (priority 90, for `pin_steps`
+/// steps from now) when `pin_steps` is set, pushes it out of the device and through a host
+/// tier of two pages with fillers, then serves its continuation: its cached tokens, and how
+/// many of its blocks came back from the host tier.
+fn after_churn(pin_steps: Option<u64>) -> (u64, u64) {
+    // Two host pages of four blocks.
+    let mut e = engine(TierOptions::host(8));
+    let seed = 7;
+    run(&mut e, first_prompt(seed));
+    if let Some(steps) = pin_steps {
+        let now = e.scheduler().stats().steps;
+        let scope = ReuseScope {
+            tenant: TenantId(0),
+            session: None,
+        };
+        let mut keys = Vec::new();
+        e.reuse_index_mut()
+            .block_keys(&scope, &first_prompt(seed), &mut keys);
+        assert_eq!(keys.len(), 6);
+        let pin = Retention {
+            priority: 90,
+            until: Some(now + steps),
+        };
+        for k in &keys[..4] {
+            e.reuse_index_mut()
+                .set_retention(BlockHash(k.0).short(), pin);
+        }
+    }
+    // A long prompt needs 15 of the 16 device blocks, so all but one of the pinned blocks
+    // are evicted too (a pin orders eviction; it reserves no memory), then short prompts
+    // churn the host tier.
+    run(&mut e, prompt(seed + 99, 56));
+    for i in 0..4 {
+        run(&mut e, prompt(seed + 100 + i, 24));
+    }
+    let before = report(&e).loaded_host_blocks;
+    let again = run(&mut e, continued(seed));
+    let r = report(&e);
+    assert_eq!(r.failed_loads, 0, "{r:?}");
+    (again[0].cached_tokens, r.loaded_host_blocks - before)
+}
+
+#[test]
+fn a_pinned_prefix_outlives_churn_in_a_small_host_tier_and_loads_back_with_the_same_logits() {
+    // Unpinned, the fillers push the whole prefix out of the device and the host tier.
+    assert_eq!(after_churn(None), (0, 0));
+    // Pinned, its first block stays on the device and the other three are written back with
+    // their pin: the host tier keeps their page while the fillers come and go, and they load
+    // back (`run` checks every logit against the reference).
+    assert_eq!(after_churn(Some(10_000)), (16, 3));
+    // A pin that ran out before the fillers came protects nothing.
+    assert_eq!(after_churn(Some(1)), (0, 0));
 }
 
 #[test]

@@ -29,14 +29,15 @@ use crate::{BlockId, Retention, SessionId, StoreKey, TenantId};
 
 /// A cached block as the tiers below device memory see it when it leaves the device (written
 /// back when evicted, or through when cached): the key it is stored under, and the retention
-/// priority it had on the device then, so a tier can refuse blocks below its floor (a host
-/// tier's `min_priority`) or rank what it keeps.
+/// it had on the device then, so a tier can refuse blocks below its floor (a host tier's
+/// `min_priority`) or rank what it keeps, until the pin expires.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct TierKey {
     /// The block's key: its chained hash.
     pub key: StoreKey,
-    /// Its retention priority (0–100; [`Retention::DEFAULT_PRIORITY`] unless pinned).
-    pub priority: u8,
+    /// Its retention then: the priority in force (0–100; [`Retention::DEFAULT_PRIORITY`]
+    /// unless pinned) and, for a pin with an expiry, when it decays to the default.
+    pub retention: Retention,
 }
 
 /// Whose cache a lookup or insert may touch: a tenant's, and optionally one session's.
@@ -185,7 +186,7 @@ pub trait ReuseIndex {
         let _ = (scope, tokens, keys);
     }
 
-    /// The key the cached block `block` is cached under and its retention priority now, or
+    /// The key the cached block `block` is cached under and its retention now, or
     /// `None` when the index does not cache it (private, invalidated, or evicted). A memory
     /// manager reads it when the block is cached (to write it through to the tiers).
     ///
@@ -196,7 +197,7 @@ pub trait ReuseIndex {
     }
 
     /// [`evict`](Self::evict), also appending to `keys` the key each evicted block was
-    /// cached under and its retention priority when it was evicted, read before it was
+    /// cached under and its retention when it was evicted, read before it was
     /// forgotten: one entry per evicted block, in the same order, `None` for a block whose
     /// contents must not be reused (invalidated) or when the index knows no keys. A memory
     /// manager writes the evicted blocks back to the tiers under these keys.

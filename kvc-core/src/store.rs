@@ -289,8 +289,22 @@ pub trait BlockStore {
     ) -> Result<usize, StoreError>;
 
     /// Stores the blocks of `src` under `keys` with retention `priority` (0–100, as
-    /// [`Retention`](crate::Retention)).
+    /// [`Retention`](crate::Retention)), in force for as long as the store keeps them.
     fn put(&self, keys: &[StoreKey], src: &[u8], priority: u8) -> Result<PutOutcome, StoreError>;
+
+    /// [`put`](Self::put) with a retention that may expire: its priority is in force until
+    /// `retention.until` (the caller's clock, in ms, as `now_ms`) and the default after, as on
+    /// the device. A store that ranks what it keeps by priority (the host tier) honours the
+    /// expiry; the default stores at the priority in force at `now_ms`.
+    fn put_retained(
+        &self,
+        keys: &[StoreKey],
+        src: &[u8],
+        retention: crate::Retention,
+        now_ms: u64,
+    ) -> Result<PutOutcome, StoreError> {
+        self.put(keys, src, retention.priority_at(now_ms))
+    }
 
     /// Forgets `keys`; returns how many were held.
     fn remove(&self, keys: &[StoreKey]) -> Result<usize, StoreError>;

@@ -528,6 +528,17 @@ impl PrefixCache {
         node.hittable.then(|| self.priority(slot))
     }
 
+    /// The retention of a hittable cached block at the cache's clock: the one
+    /// [`set_retention`](Self::set_retention) gave it while it is in force (with its expiry),
+    /// [`Retention::DEFAULT`] otherwise; `None` where [`block_hash`](Self::block_hash) is
+    /// `None`. What a tier below device memory needs to keep ranking the block the same way.
+    #[must_use]
+    pub fn block_retention(&self, block: BlockId) -> Option<Retention> {
+        let slot = self.by_block.get(block)?;
+        let node = self.nodes.get(slot as usize)?;
+        node.hittable.then(|| self.retention(slot))
+    }
+
     /// The use count of a tracked block (`None` if the cache does not track it).
     #[must_use]
     pub fn use_count(&self, block: BlockId) -> Option<u32> {
@@ -854,16 +865,16 @@ impl PrefixCache {
     }
 
     /// [`evict`](Self::evict), also appending to `hashes` the hash each evicted block was
-    /// cached under and its retention priority when it was evicted (`None` for an
-    /// invalidated block, whose hash must not be reused), one entry per evicted block, in the
-    /// same order. A tier below device memory stores the block under that hash, ranked by
-    /// that priority.
+    /// cached under and its retention when it was evicted (see
+    /// [`block_retention`](Self::block_retention); `None` for an invalidated block, whose hash
+    /// must not be reused), one entry per evicted block, in the same order. A tier below
+    /// device memory stores the block under that hash, ranked by that retention.
     pub fn evict_with_hashes(
         &mut self,
         count: usize,
         now_ms: u64,
         evicted: &mut Vec<BlockId>,
-        hashes: &mut Vec<Option<(BlockHash, u8)>>,
+        hashes: &mut Vec<Option<(BlockHash, Retention)>>,
     ) -> usize {
         self.evict_inner(count, now_ms, evicted, Some(hashes))
     }
@@ -873,7 +884,7 @@ impl PrefixCache {
         count: usize,
         now_ms: u64,
         evicted: &mut Vec<BlockId>,
-        mut hashes: Option<&mut Vec<Option<(BlockHash, u8)>>>,
+        mut hashes: Option<&mut Vec<Option<(BlockHash, Retention)>>>,
     ) -> usize {
         self.now_ms = now_ms;
         let mut n = 0;
@@ -923,10 +934,10 @@ impl PrefixCache {
             }
             // Read before the node (and its retention) is forgotten; the policy's lane holds
             // default-priority blocks only.
-            let priority = if hashes.is_some() && lane != Lane::Policy {
-                self.priority(slot)
+            let retention = if hashes.is_some() && lane != Lane::Policy {
+                self.retention(slot)
             } else {
-                Retention::DEFAULT_PRIORITY
+                Retention::DEFAULT
             };
             self.nodes[slot as usize].lane = Lane::None;
             let (node, up) = self.remove_hittable(slot, announced, count - n > 1);
@@ -937,7 +948,7 @@ impl PrefixCache {
             }
             evicted.push(node.block);
             if let Some(h) = hashes.as_deref_mut() {
-                h.push(Some((node.hash, priority)));
+                h.push(Some((node.hash, retention)));
             }
             self.metrics.evicted_capacity = self.metrics.evicted_capacity.saturating_add(1);
             n += 1;
@@ -1173,7 +1184,17 @@ impl PrefixCache {
         }
     }
 
-    /// Puts a node in the lane its state calls for.
+    /// The retention of the node at `slot` now: its own while in force, else the default.
+    fn retention(&self, slot: u32) -> Retention {
+        if !self.nodes[slot as usize].retained {
+            return Retention::DEFAULT;
+        }
+        match self.retained.get(&slot) {
+            Some(r) if r.retention.until.is_none_or(|until| self.now_ms < until) => r.retention,
+            _ => Retention::DEFAULT,
+        }
+    }
+
     /// The retention priority of the node at `slot` now.
     fn priority(&self, slot: u32) -> u8 {
         if self.nodes[slot as usize].retained {

@@ -173,7 +173,7 @@ impl<H: BlockHasher> ReuseIndex for ScopedIndex<H> {
         let hash = self.cache.block_hash(block)?;
         Some(TierKey {
             key: StoreKey(hash.0),
-            priority: self.cache.block_priority(block)?,
+            retention: self.cache.block_retention(block)?,
         })
     }
 
@@ -190,9 +190,9 @@ impl<H: BlockHasher> ReuseIndex for ScopedIndex<H> {
             .cache
             .evict_with_hashes(count, now_ms, evicted, &mut hashes);
         keys.extend(hashes.into_iter().map(|h| {
-            h.map(|(hash, priority)| TierKey {
+            h.map(|(hash, retention)| TierKey {
                 key: StoreKey(hash.0),
-                priority,
+                retention,
             })
         }));
         n
@@ -272,7 +272,7 @@ mod tests {
             .unwrap();
         let tier_key = |key| TierKey {
             key,
-            priority: Retention::DEFAULT_PRIORITY,
+            retention: Retention::DEFAULT,
         };
         assert_eq!(idx.cached_key(BlockId(0)), Some(tier_key(keys[0])));
         assert_eq!(idx.cached_key(BlockId(1)), Some(tier_key(keys[1])));
@@ -311,26 +311,38 @@ mod tests {
         let cache = idx.cache_mut();
         assert!(cache.set_retention(BlockHash(keys[0].0), pin(90, Some(100)), 0));
         assert!(cache.set_retention(BlockHash(keys[2].0), pin(5, None), 0));
-        let priority = |idx: &ScopedIndex<Blake3Hasher>, b| idx.cached_key(b).map(|k| k.priority);
-        assert_eq!(priority(&idx, BlockId(0)), Some(90));
-        assert_eq!(
-            priority(&idx, BlockId(1)),
-            Some(Retention::DEFAULT_PRIORITY)
-        );
-        assert_eq!(priority(&idx, BlockId(2)), Some(5));
+        let retention = |idx: &ScopedIndex<Blake3Hasher>, b| idx.cached_key(b).map(|k| k.retention);
+        assert_eq!(retention(&idx, BlockId(0)), Some(pin(90, Some(100))));
+        assert_eq!(retention(&idx, BlockId(1)), Some(Retention::DEFAULT));
+        assert_eq!(retention(&idx, BlockId(2)), Some(pin(5, None)));
         let (mut evicted, mut out) = (Vec::new(), Vec::new());
         assert_eq!(idx.evict_keyed(3, 150, &mut evicted, &mut out), 3);
         assert_eq!(evicted, [BlockId(2), BlockId(1), BlockId(0)]);
-        let got: Vec<_> = out.iter().map(|k| k.map(|k| (k.key, k.priority))).collect();
+        let got: Vec<_> = out
+            .iter()
+            .map(|k| k.map(|k| (k.key, k.retention)))
+            .collect();
         assert_eq!(
             got,
             [
-                Some((keys[2], 5)),
-                Some((keys[1], Retention::DEFAULT_PRIORITY)),
+                Some((keys[2], pin(5, None))),
+                Some((keys[1], Retention::DEFAULT)),
                 // The pin ran out at t = 100: evicted at t = 150 with the default.
-                Some((keys[0], Retention::DEFAULT_PRIORITY)),
+                Some((keys[0], Retention::DEFAULT)),
             ]
         );
+        // Cached again and pinned until t = 1,000: evicted at t = 200, the pin goes with it.
+        newly.clear();
+        idx.insert(&s, &tokens, &blocks, 160, &mut newly).unwrap();
+        idx.release(&blocks).unwrap();
+        assert!(
+            idx.cache_mut()
+                .set_retention(BlockHash(keys[0].0), pin(90, Some(1_000)), 160)
+        );
+        let (mut evicted, mut out) = (Vec::new(), Vec::new());
+        assert_eq!(idx.evict_keyed(3, 200, &mut evicted, &mut out), 3);
+        assert_eq!(evicted, [BlockId(2), BlockId(1), BlockId(0)]);
+        assert_eq!(out[2].map(|k| k.retention), Some(pin(90, Some(1_000))));
     }
 
     #[test]

@@ -52,6 +52,10 @@ pub struct SwapPair {
 pub struct StepPlan {
     /// Step number, from 0.
     pub step: u64,
+    /// The clock the plan was made at (the `now_ms` given to `Scheduler::step`): the clock of
+    /// retention expiries, to pass with `offloads` to the tiers
+    /// (`TierStack::offload_retained`).
+    pub now_ms: u64,
     /// Scheduled sequences, in batch order.
     pub seqs: Vec<ScheduledSeq>,
     /// Query offsets per sequence (`seqs.len() + 1` entries).
@@ -99,6 +103,7 @@ impl StepPlan {
     /// Empties every list, keeping the buffers' capacity.
     pub fn clear(&mut self) {
         self.step = 0;
+        self.now_ms = 0;
         self.seqs.clear();
         self.qo_indptr.clear();
         self.kv_indptr.clear();

@@ -11,7 +11,7 @@
 
 use std::fmt;
 
-use kvc_core::{BlockId, SeqId, StoreKey};
+use kvc_core::{BlockId, Retention, SeqId, StoreKey};
 use thiserror::Error;
 
 use crate::manager::KvError;
@@ -48,11 +48,13 @@ pub struct BlockOffload {
     pub device: BlockId,
     /// The key to store it under.
     pub key: StoreKey,
-    /// Its retention priority on the device when it was evicted or cached (0–100;
-    /// `Retention::DEFAULT_PRIORITY` unless a pin policy or the application set one): pass it
-    /// to the tiers (`TierStack::offload`), so a host tier's minimum priority keeps one-off
-    /// blocks out.
-    pub priority: u8,
+    /// Its retention on the device when it was evicted or cached: the priority in force
+    /// (0–100; `Retention::DEFAULT_PRIORITY` unless a pin policy or the application set one)
+    /// and when a pin decays to the default (the scheduler's clock). Pass it to the tiers
+    /// (`TierStack::offload_retained`, with the step's clock), so a host tier's minimum
+    /// priority keeps one-off blocks out and pinned blocks outlive the others there until
+    /// their pin expires.
+    pub retention: Retention,
 }
 
 /// A block to copy from the tiers into a freshly allocated device block.

@@ -371,11 +371,7 @@ fn write_back_offloads_the_blocks_the_device_evicts_under_their_keys() {
         .zip(keys.iter().copied())
         .collect();
     assert_eq!(got, want);
-    assert!(
-        offloads
-            .iter()
-            .all(|o| o.priority == Retention::DEFAULT_PRIORITY)
-    );
+    assert!(offloads.iter().all(|o| o.retention == Retention::DEFAULT));
     assert_eq!(kv.stats().offloaded_blocks, 2);
     offloads.clear();
     kv.drain_offloads(&mut offloads);
@@ -383,7 +379,7 @@ fn write_back_offloads_the_blocks_the_device_evicts_under_their_keys() {
 }
 
 #[test]
-fn blocks_are_written_back_with_the_retention_priority_they_had_on_the_device() {
+fn blocks_are_written_back_with_the_retention_they_had_on_the_device() {
     let tiers = Arc::new(FakeTiers::default());
     let mut kv = manager(6, &tiers, TierMode::WriteBack);
     let a: Vec<u32> = (0..9).collect();
@@ -393,12 +389,11 @@ fn blocks_are_written_back_with_the_retention_priority_they_had_on_the_device() 
     // and its tail demoted below the default.
     let keys = keys_of(kv.reuse_index_mut(), 0, &a);
     let short = |k: StoreKey| BlockHash(k.0).short();
-    let pin = |priority| Retention {
-        priority,
-        until: None,
-    };
-    kv.reuse_index_mut().set_retention(short(keys[0]), pin(80));
-    kv.reuse_index_mut().set_retention(short(keys[1]), pin(10));
+    let pin = |priority, until| Retention { priority, until };
+    kv.reuse_index_mut()
+        .set_retention(short(keys[0]), pin(80, Some(1_000)));
+    kv.reuse_index_mut()
+        .set_retention(short(keys[1]), pin(10, None));
     kv.open(SeqId(2), owner(0)).unwrap();
     assert_eq!(
         kv.allocate_slots(SeqId(2), ask(24), 0, &mut Vec::new()),
@@ -406,8 +401,12 @@ fn blocks_are_written_back_with_the_retention_priority_they_had_on_the_device() 
     );
     let mut offloads = Vec::new();
     kv.drain_offloads(&mut offloads);
-    let got: Vec<(StoreKey, u8)> = offloads.iter().map(|o| (o.key, o.priority)).collect();
-    assert_eq!(got, [(keys[1], 10), (keys[0], 80)], "low priority first");
+    let got: Vec<(StoreKey, Retention)> = offloads.iter().map(|o| (o.key, o.retention)).collect();
+    assert_eq!(
+        got,
+        [(keys[1], pin(10, None)), (keys[0], pin(80, Some(1_000)))],
+        "low priority first, each with its expiry for the tier below"
+    );
     kv.free(SeqId(2)).unwrap();
     check_usage(&kv);
 }

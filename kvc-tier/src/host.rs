@@ -8,10 +8,14 @@
 //! block: 4 blocks per page for 2 MiB blocks (8 MiB pages), 16 for small blocks
 //! (`docs/tiers.md`).
 //!
-//! Eviction is by page, least recently used first (a `get` hit or a repeated `put` touches the
-//! page); the live blocks of an evicted page can be handed to the caller (see
-//! [`HostTier::put_spilling`]) to demote them to a lower tier. Blocks offered with a retention
-//! priority below [`HostConfig::min_priority`] are not stored (TensorRT-LLM's
+//! Eviction is by page, in the device's order: lowest retention priority first, and least
+//! recently used among pages of one priority (a `get` hit or a repeated `put` touches the
+//! page). A page ranks at the highest priority in force among its live blocks; a block's
+//! priority decays to [`Retention::DEFAULT_PRIORITY`] when its pin expires
+//! ([`BlockStore::put_retained`], the caller's clock), so a prefix pinned for an hour is kept
+//! here for that hour and no longer. The live blocks of an evicted page can be handed to the
+//! caller (see [`HostTier::put_spilling`]) to demote them to a lower tier. Blocks offered with
+//! a retention priority below [`HostConfig::min_priority`] are not stored (TensorRT-LLM's
 //! `secondary_offload_min_priority`).
 //!
 //! The pool is one allocation made at construction (zeroed, so the OS maps it lazily); an
@@ -19,12 +23,14 @@
 //! and out happen under the tier's lock, so a read racing an eviction sees either the whole
 //! block or a miss, never bytes of another block.
 
-use std::collections::BTreeSet;
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap};
 use std::sync::{Mutex, MutexGuard};
 
 use ahash::AHashMap;
 use kvc_core::{
-    BlockStore, PutOutcome, StoreError, StoreKey, StoreNamespace, StoreUsage, check_buffer,
+    BlockStore, PutOutcome, Retention, StoreError, StoreKey, StoreNamespace, StoreUsage,
+    check_buffer,
 };
 use thiserror::Error;
 
@@ -118,22 +124,84 @@ struct Slot {
 
 #[derive(Clone, Debug)]
 struct Frame {
-    keys: Vec<Option<StoreKey>>,
+    /// Each slot's key and the retention it was stored with.
+    slots: Vec<Option<(StoreKey, Retention)>>,
     filled: u32,
     live: u32,
     tick: u64,
+    /// The page's rank: the highest priority in force among its live blocks.
+    priority: u8,
     in_use: bool,
+}
+
+impl Frame {
+    /// The page's place in the eviction order.
+    const fn order_key(&self, frame: u32) -> (u8, u64, u32) {
+        (self.priority, self.tick, frame)
+    }
 }
 
 struct Inner {
     data: Vec<u8>,
     frames: Vec<Frame>,
     free: Vec<u32>,
-    open: Option<u32>,
-    lru: BTreeSet<(u64, u32)>,
+    /// The pages being filled, one per priority offered: (priority, page). Blocks of
+    /// different priorities never share a page, so a pin neither spreads to its neighbours
+    /// nor loses its blocks with theirs.
+    open: Vec<(u8, u32)>,
+    /// Pages in use in eviction order: lowest priority first, then least recently used.
+    order: BTreeSet<(u8, u64, u32)>,
+    /// When a pin of a block in a page expires: (until, page). An entry for a page reused
+    /// since only costs a re-rank.
+    expiries: BinaryHeap<Reverse<(u64, u32)>>,
+    /// The latest clock a caller gave (ms).
+    now_ms: u64,
     map: AHashMap<StoreKey, Slot>,
     tick: u64,
     stats: HostStats,
+}
+
+impl Inner {
+    /// Moves the clock to `now_ms` (never back) and re-ranks the pages whose pins expired.
+    fn advance(&mut self, now_ms: u64) {
+        self.now_ms = self.now_ms.max(now_ms);
+        while let Some(&Reverse((until, frame))) = self.expiries.peek() {
+            if until > self.now_ms {
+                break;
+            }
+            self.expiries.pop();
+            if self.frames[frame as usize].in_use {
+                self.rerank(frame);
+            }
+        }
+    }
+
+    /// Re-reads the page's priority from its live blocks.
+    fn rerank(&mut self, frame: u32) {
+        let now = self.now_ms;
+        let f = &mut self.frames[frame as usize];
+        let priority = f
+            .slots
+            .iter()
+            .flatten()
+            .map(|(_, r)| r.priority_at(now))
+            .max()
+            .unwrap_or(Retention::DEFAULT_PRIORITY);
+        if priority != f.priority {
+            self.order.remove(&f.order_key(frame));
+            f.priority = priority;
+            self.order.insert(f.order_key(frame));
+        }
+    }
+
+    /// Marks the page used now.
+    fn touch(&mut self, frame: u32) {
+        let f = &mut self.frames[frame as usize];
+        self.order.remove(&f.order_key(frame));
+        self.tick += 1;
+        f.tick = self.tick;
+        self.order.insert(f.order_key(frame));
+    }
 }
 
 /// A host memory tier: see the [module docs](self).
@@ -183,10 +251,11 @@ impl HostTier {
             .ok_or(too_large.clone())?;
         let block_bytes = usize::try_from(ns.block_bytes()).map_err(|_| too_large)?;
         let frame = Frame {
-            keys: vec![None; cfg.blocks_per_page as usize],
+            slots: vec![None; cfg.blocks_per_page as usize],
             filled: 0,
             live: 0,
             tick: 0,
+            priority: Retention::DEFAULT_PRIORITY,
             in_use: false,
         };
         Ok(Self {
@@ -199,8 +268,10 @@ impl HostTier {
                 data: vec![0; total],
                 frames: vec![frame; frames as usize],
                 free: (0..frames).rev().collect(),
-                open: None,
-                lru: BTreeSet::new(),
+                open: Vec::new(),
+                order: BTreeSet::new(),
+                expiries: BinaryHeap::new(),
+                now_ms: 0,
                 map: AHashMap::new(),
                 tick: 0,
                 stats: HostStats::default(),
@@ -232,60 +303,113 @@ impl HostTier {
         self.lock().stats
     }
 
-    /// Like [`BlockStore::put`], and the live blocks of every page evicted to make room are
-    /// appended to `spill` (to demote them to a lower tier).
+    /// Like [`BlockStore::put_retained`], and the live blocks of every page evicted to make
+    /// room are appended to `spill` (to demote them to a lower tier).
+    ///
+    /// `now_ms` is the caller's clock for the pins' expiries; the tier keeps the latest clock
+    /// it was given, so an older one (or 0, from [`BlockStore::put`]) changes nothing. A block
+    /// already held takes the new retention (the latest offer is the device's latest word).
     pub fn put_spilling(
         &self,
         keys: &[StoreKey],
         src: &[u8],
-        priority: u8,
+        retention: Retention,
+        now_ms: u64,
+        spill: Option<&mut Spill>,
+    ) -> Result<PutOutcome, StoreError> {
+        self.store(keys, src, retention, now_ms, spill, true)
+    }
+
+    /// Blocks read back from a lower tier: kept at the default retention whatever the floor
+    /// (they were worth keeping once, and a hit says they still are).
+    pub(crate) fn promote_spilling(
+        &self,
+        keys: &[StoreKey],
+        src: &[u8],
+        spill: Option<&mut Spill>,
+    ) -> Result<PutOutcome, StoreError> {
+        self.store(keys, src, Retention::DEFAULT, 0, spill, false)
+    }
+
+    fn store(
+        &self,
+        keys: &[StoreKey],
+        src: &[u8],
+        retention: Retention,
+        now_ms: u64,
         mut spill: Option<&mut Spill>,
+        floor: bool,
     ) -> Result<PutOutcome, StoreError> {
         check_buffer(keys.len(), self.block_bytes as u64, src.len())?;
         let mut out = PutOutcome::default();
-        if priority < self.min_priority {
-            out.skipped = keys.len();
-            self.lock().stats.below_priority += keys.len() as u64;
-            return Ok(out);
-        }
         let mut g = self.lock();
         let inner = &mut *g;
+        inner.advance(now_ms);
+        let now = inner.now_ms;
+        if floor && retention.priority_at(now) < self.min_priority {
+            out.skipped = keys.len();
+            inner.stats.below_priority += keys.len() as u64;
+            return Ok(out);
+        }
+        // A pin still in force: its page is re-ranked when it expires.
+        let expires = retention
+            .until
+            .filter(|&until| until > now && retention.priority != Retention::DEFAULT_PRIORITY);
         for (i, &key) in keys.iter().enumerate() {
-            if let Some(slot) = inner.map.get(&key).copied() {
-                touch(inner, slot.frame);
-                out.present += 1;
-                continue;
+            let slot = match inner.map.get(&key).copied() {
+                Some(slot) => {
+                    out.present += 1;
+                    if let Some((_, r)) =
+                        &mut inner.frames[slot.frame as usize].slots[slot.slot as usize]
+                    {
+                        *r = retention;
+                    }
+                    slot
+                }
+                None => {
+                    let class = retention.priority_at(now);
+                    let slot = self.next_slot(inner, class, &mut out, spill.as_deref_mut());
+                    let at = slot.frame as usize * self.page_bytes
+                        + slot.slot as usize * self.block_bytes;
+                    let from = i * self.block_bytes;
+                    inner.data[at..at + self.block_bytes]
+                        .copy_from_slice(&src[from..from + self.block_bytes]);
+                    let f = &mut inner.frames[slot.frame as usize];
+                    f.slots[slot.slot as usize] = Some((key, retention));
+                    f.live += 1;
+                    inner.map.insert(key, slot);
+                    inner.stats.stored += 1;
+                    out.stored += 1;
+                    slot
+                }
+            };
+            inner.touch(slot.frame);
+            inner.rerank(slot.frame);
+            if let Some(until) = expires {
+                inner.expiries.push(Reverse((until, slot.frame)));
             }
-            let slot = self.next_slot(inner, &mut out, spill.as_deref_mut());
-            let at = slot.frame as usize * self.page_bytes + slot.slot as usize * self.block_bytes;
-            let from = i * self.block_bytes;
-            inner.data[at..at + self.block_bytes]
-                .copy_from_slice(&src[from..from + self.block_bytes]);
-            let f = &mut inner.frames[slot.frame as usize];
-            f.keys[slot.slot as usize] = Some(key);
-            f.live += 1;
-            inner.map.insert(key, slot);
-            inner.stats.stored += 1;
-            out.stored += 1;
         }
         Ok(out)
     }
 
-    /// The next free slot of the open page, opening (and if need be evicting) a page.
+    /// The next free slot of the page open for blocks of priority `class`, opening (and if
+    /// need be evicting) a page.
     fn next_slot(
         &self,
         inner: &mut Inner,
+        class: u8,
         out: &mut PutOutcome,
         spill: Option<&mut Spill>,
     ) -> Slot {
-        if let Some(open) = inner.open {
+        if let Some(at) = inner.open.iter().position(|&(c, _)| c == class) {
+            let open = inner.open[at].1;
             let f = &mut inner.frames[open as usize];
             if f.filled < self.blocks_per_page {
                 let slot = f.filled;
                 f.filled += 1;
-                touch(inner, open);
                 return Slot { frame: open, slot };
             }
+            inner.open.swap_remove(at);
         }
         let frame = match inner.free.pop() {
             Some(frame) => frame,
@@ -295,30 +419,29 @@ impl HostTier {
         f.in_use = true;
         f.filled = 1;
         f.live = 0;
-        f.keys.fill(None);
-        inner.open = Some(frame);
+        f.slots.fill(None);
+        f.priority = Retention::DEFAULT_PRIORITY;
+        inner.open.push((class, frame));
         inner.tick += 1;
         f.tick = inner.tick;
-        inner.lru.insert((inner.tick, frame));
+        inner.order.insert(f.order_key(frame));
         Slot { frame, slot: 0 }
     }
 
-    /// Evicts the least recently used page and returns it, empty. (It is called only when the
-    /// open page is full, so the open page is as fair a victim as any.)
+    /// Evicts the first page in eviction order (lowest priority, then least recently used)
+    /// and returns it, empty. (It is called only when the page open for the blocks at hand is
+    /// full, so that page is as fair a victim as any; a page open for another priority may go
+    /// too, and is no longer open.)
     fn evict_one(&self, inner: &mut Inner, out: &mut PutOutcome, spill: Option<&mut Spill>) -> u32 {
-        let victim = inner.lru.iter().next().copied();
-        // The pool has at least one page and no page is free here, so the LRU list is not
+        // The pool has at least one page and no page is free here, so the order is not
         // empty; fall back to page 0 rather than panic if that ever stops holding.
-        let (tick, frame) = victim.unwrap_or((inner.frames[0].tick, 0));
-        inner.lru.remove(&(tick, frame));
-        if inner.open == Some(frame) {
-            inner.open = None;
-        }
+        let frame = inner.order.pop_first().map_or(0, |(_, _, frame)| frame);
+        inner.open.retain(|&(_, f)| f != frame);
         let base = frame as usize * self.page_bytes;
         let mut spill = spill;
         let f = &mut inner.frames[frame as usize];
-        for (s, key) in f.keys.iter_mut().enumerate() {
-            if let Some(key) = key.take() {
+        for (s, held) in f.slots.iter_mut().enumerate() {
+            if let Some((key, _)) = held.take() {
                 inner.map.remove(&key);
                 out.evicted += 1;
                 inner.stats.evicted_blocks += 1;
@@ -336,14 +459,6 @@ impl HostTier {
         inner.stats.evicted_pages += 1;
         frame
     }
-}
-
-fn touch(inner: &mut Inner, frame: u32) {
-    let f = &mut inner.frames[frame as usize];
-    inner.lru.remove(&(f.tick, frame));
-    inner.tick += 1;
-    f.tick = inner.tick;
-    inner.lru.insert((inner.tick, frame));
 }
 
 impl BlockStore for HostTier {
@@ -391,7 +506,7 @@ impl BlockStore for HostTier {
             }
             let at = first.frame as usize * self.page_bytes + first.slot as usize * bb;
             dst[i * bb..(i + run) * bb].copy_from_slice(&inner.data[at..at + run * bb]);
-            touch(inner, first.frame);
+            inner.touch(first.frame);
             found.extend(std::iter::repeat_n(true, run));
             inner.stats.hits += run as u64;
             inner.stats.get_copies += 1;
@@ -402,7 +517,21 @@ impl BlockStore for HostTier {
     }
 
     fn put(&self, keys: &[StoreKey], src: &[u8], priority: u8) -> Result<PutOutcome, StoreError> {
-        self.put_spilling(keys, src, priority, None)
+        let retention = Retention {
+            priority,
+            until: None,
+        };
+        self.put_spilling(keys, src, retention, 0, None)
+    }
+
+    fn put_retained(
+        &self,
+        keys: &[StoreKey],
+        src: &[u8],
+        retention: Retention,
+        now_ms: u64,
+    ) -> Result<PutOutcome, StoreError> {
+        self.put_spilling(keys, src, retention, now_ms, None)
     }
 
     fn remove(&self, keys: &[StoreKey]) -> Result<usize, StoreError> {
@@ -415,14 +544,19 @@ impl BlockStore for HostTier {
             };
             removed += 1;
             let f = &mut inner.frames[slot.frame as usize];
-            f.keys[slot.slot as usize] = None;
+            f.slots[slot.slot as usize] = None;
             f.live -= 1;
-            if f.live == 0 && inner.open != Some(slot.frame) {
-                let tick = f.tick;
+            if f.live == 0 {
+                // Empty, open or not: back to the free list (an empty page must not sit in
+                // the eviction order, where it would rank above pages holding blocks).
+                let key = f.order_key(slot.frame);
                 f.in_use = false;
                 f.filled = 0;
-                inner.lru.remove(&(tick, slot.frame));
+                inner.order.remove(&key);
+                inner.open.retain(|&(_, f)| f != slot.frame);
                 inner.free.push(slot.frame);
+            } else {
+                inner.rerank(slot.frame);
             }
         }
         Ok(removed)
@@ -493,7 +627,9 @@ mod tests {
         let mut found = Vec::new();
         assert_eq!(host.get(&k1[..1], &mut dst, &mut found).unwrap(), 1);
         let mut spill = Spill::default();
-        let out = host.put_spilling(&k3, &s3, 0, Some(&mut spill)).unwrap();
+        let out = host
+            .put_spilling(&k3, &s3, pinned(0, None), 0, Some(&mut spill))
+            .unwrap();
         assert_eq!((out.stored, out.evicted), (2, 2));
         assert_eq!(spill.keys, k2);
         assert_eq!(spill.bytes, s2);
@@ -508,6 +644,150 @@ mod tests {
         );
     }
 
+    fn pinned(priority: u8, until: Option<u64>) -> Retention {
+        Retention { priority, until }
+    }
+
+    /// Which of `keys` the tier holds, as a vector of flags.
+    fn held(host: &HostTier, keys: &[StoreKey]) -> Vec<bool> {
+        let mut found = Vec::new();
+        host.contains(keys, &mut found).unwrap();
+        found
+    }
+
+    #[test]
+    fn pages_are_evicted_lowest_priority_first_then_least_recently_used() {
+        // Three pages of one block each.
+        let host = HostTier::new(ns(), HostConfig::new(64 * 3, 1)).unwrap();
+        let (k, s) = blocks(&[1, 2, 3, 4, 5]);
+        let one = |i: usize| (&k[i..=i], &s[i * 64..(i + 1) * 64]);
+        let (k0, s0) = one(0);
+        let _ = host.put(k0, s0, 80).unwrap(); // pinned, and the oldest
+        let (k1, s1) = one(1);
+        let _ = host.put(k1, s1, Retention::DEFAULT_PRIORITY).unwrap();
+        let (k2, s2) = one(2);
+        let _ = host.put(k2, s2, 10).unwrap(); // the newest, but below the default
+        let (k3, s3) = one(3);
+        let out = host.put(k3, s3, Retention::DEFAULT_PRIORITY).unwrap();
+        assert_eq!(out.evicted, 1);
+        assert_eq!(
+            held(&host, &k[..4]),
+            [true, true, false, true],
+            "10 goes first"
+        );
+        let (k4, s4) = one(4);
+        let _ = host.put(k4, s4, Retention::DEFAULT_PRIORITY).unwrap();
+        assert_eq!(
+            held(&host, &k),
+            [true, false, false, true, true],
+            "then the least recently used default page, never the pinned one"
+        );
+    }
+
+    #[test]
+    fn a_pin_protects_its_page_until_it_expires() {
+        let host = HostTier::new(ns(), HostConfig::new(64 * 2, 1)).unwrap();
+        let (k, s) = blocks(&[1, 2, 3, 4]);
+        let one = |i: usize| (&k[i..=i], &s[i * 64..(i + 1) * 64]);
+        let (k0, s0) = one(0);
+        let _ = host
+            .put_retained(k0, s0, pinned(90, Some(1_000)), 0)
+            .unwrap();
+        let (k1, s1) = one(1);
+        let _ = host.put_retained(k1, s1, Retention::DEFAULT, 10).unwrap();
+        let (k2, s2) = one(2);
+        let _ = host.put_retained(k2, s2, Retention::DEFAULT, 500).unwrap();
+        assert_eq!(held(&host, &k[..3]), [true, false, true], "pinned at 500");
+        // At 1,000 the pin has expired: block 0's page is now the least recently used.
+        let (k3, s3) = one(3);
+        let _ = host
+            .put_retained(k3, s3, Retention::DEFAULT, 1_000)
+            .unwrap();
+        assert_eq!(held(&host, &k), [false, false, true, true]);
+    }
+
+    #[test]
+    fn blocks_of_different_priorities_fill_different_pages() {
+        // Three pages of two blocks.
+        let host = HostTier::new(ns(), HostConfig::new(64 * 6, 2)).unwrap();
+        let (k, s) = blocks(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+        let _ = host
+            .put(&k[..1], &s[..64], Retention::DEFAULT_PRIORITY)
+            .unwrap();
+        let _ = host.put(&k[1..2], &s[64..128], 90).unwrap(); // not beside block 0
+        let _ = host
+            .put(&k[2..3], &s[128..192], Retention::DEFAULT_PRIORITY)
+            .unwrap();
+        let _ = host.put(&k[3..4], &s[192..256], 90).unwrap();
+        // Pages: {0, 2}, and {1, 3} at 90; {4, 5} takes the third page.
+        let _ = host
+            .put(&k[4..6], &s[256..384], Retention::DEFAULT_PRIORITY)
+            .unwrap();
+        assert_eq!(host.stats().evicted_pages, 0);
+        // Two more default pages' worth push out {0, 2}, then {4, 5}, never the pinned page.
+        let _ = host
+            .put(&k[6..8], &s[384..512], Retention::DEFAULT_PRIORITY)
+            .unwrap();
+        let _ = host
+            .put(&k[8..10], &s[512..640], Retention::DEFAULT_PRIORITY)
+            .unwrap();
+        assert_eq!(
+            held(&host, &k),
+            [
+                false, true, false, true, false, false, true, true, true, true
+            ]
+        );
+    }
+
+    #[test]
+    fn a_page_ranks_at_its_highest_live_priority_and_drops_when_that_block_goes() {
+        // Two pages of two blocks.
+        let host = HostTier::new(ns(), HostConfig::new(64 * 4, 2)).unwrap();
+        let (k, s) = blocks(&[1, 2, 3, 4, 5, 6]);
+        let _ = host.put(&k[..2], &s[..128], 90).unwrap();
+        // Block 1 unpinned on the device and offered again: its page still ranks at 90.
+        let _ = host.put(&k[1..2], &s[64..128], 20).unwrap();
+        let _ = host
+            .put(&k[2..4], &s[128..256], Retention::DEFAULT_PRIORITY)
+            .unwrap();
+        let _ = host
+            .put(&k[4..6], &s[256..384], Retention::DEFAULT_PRIORITY)
+            .unwrap();
+        assert_eq!(held(&host, &k), [true, true, false, false, true, true]);
+        // Without its pinned block the first page ranks at 20 and goes next.
+        assert_eq!(host.remove(&k[..1]).unwrap(), 1);
+        let _ = host
+            .put(&k[2..4], &s[128..256], Retention::DEFAULT_PRIORITY)
+            .unwrap();
+        assert_eq!(held(&host, &k), [false, false, true, true, true, true]);
+    }
+
+    #[test]
+    fn a_block_offered_again_takes_the_new_retention() {
+        let host = HostTier::new(ns(), HostConfig::new(64 * 2, 1)).unwrap();
+        let (k, s) = blocks(&[1, 2, 3]);
+        let _ = host.put(&k[..1], &s[..64], 90).unwrap();
+        let _ = host
+            .put(&k[1..2], &s[64..128], Retention::DEFAULT_PRIORITY)
+            .unwrap();
+        // The device unpinned block 0 and offers it again: now it is an ordinary block,
+        // and the most recently used one.
+        let out = host
+            .put(&k[..1], &s[..64], Retention::DEFAULT_PRIORITY)
+            .unwrap();
+        assert_eq!(out.present, 1);
+        let _ = host
+            .put(&k[2..3], &s[128..192], Retention::DEFAULT_PRIORITY)
+            .unwrap();
+        assert_eq!(held(&host, &k), [true, false, true]);
+        // Offered again pinned, it outlives newer default blocks.
+        let _ = host.put(&k[..1], &s[..64], 90).unwrap();
+        let _ = host
+            .put(&k[1..2], &s[64..128], Retention::DEFAULT_PRIORITY)
+            .unwrap();
+        assert_eq!(held(&host, &k), [true, true, false]);
+    }
+
     #[test]
     fn low_priority_blocks_are_not_offloaded() {
         let mut cfg = HostConfig::new(64 * 8, 4);
@@ -518,6 +798,12 @@ mod tests {
         assert_eq!((out.stored, out.skipped), (0, 2));
         assert_eq!(host.put(&keys, &src, 35).unwrap().stored, 2);
         assert_eq!(host.stats().below_priority, 2);
+        // A pin below the floor that has expired is offered at the default, and kept.
+        let (more, more_src) = blocks(&[3]);
+        let out = host
+            .put_retained(&more, &more_src, pinned(5, Some(100)), 100)
+            .unwrap();
+        assert_eq!(out.stored, 1);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Tiers of KV memory below the GPU, behind [`kvc_core::BlockStore`]:
 //!
-//! - [`HostTier`]: a host memory pool whose pages hold several device blocks, with its own
-//!   least-recently-used page eviction and a minimum retention priority for offloading;
+//! - [`HostTier`]: a host memory pool whose pages hold several device blocks, with its own page
+//!   eviction in the device's order (lowest retention priority first, pins expiring, then least
+//!   recently used) and a minimum retention priority for offloading;
 //! - [`DiskTier`]: one checksummed file per page under a folder, bounded by a byte budget and
 //!   found again after a restart;
 //! - [`SharedTier`]: blocks on a Redis or Valkey server shared by many engines, with soft

@@ -13,7 +13,7 @@
 use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
-use kvc_core::{BlockStore, LowerTiers, PutOutcome, StoreError, StoreKey};
+use kvc_core::{BlockStore, LowerTiers, PutOutcome, Retention, StoreError, StoreKey};
 
 use crate::disk::DiskTier;
 use crate::host::{HostTier, Spill};
@@ -172,6 +172,24 @@ impl TierStack {
         src: &[u8],
         priority: u8,
     ) -> Result<PutOutcome, StoreError> {
+        let retention = Retention {
+            priority,
+            until: None,
+        };
+        self.offload_retained(event, keys, src, retention, 0)
+    }
+
+    /// [`offload`](Self::offload) with the retention the blocks had on the device, pin
+    /// expiry included (`now_ms` is the caller's clock, as for the device's pins): the host
+    /// tier ranks their pages by it until it expires (see [`HostTier`]).
+    pub fn offload_retained(
+        &self,
+        event: DeviceEvent,
+        keys: &[StoreKey],
+        src: &[u8],
+        retention: Retention,
+        now_ms: u64,
+    ) -> Result<PutOutcome, StoreError> {
         let wanted = matches!(
             (self.mode, event),
             (OffloadMode::WriteBack, DeviceEvent::Evicted)
@@ -181,13 +199,19 @@ impl TierStack {
             return Ok(PutOutcome::default());
         }
         let mut spill = Spill::default();
-        let out =
-            self.host
-                .put_spilling(keys, src, priority, self.disk.as_ref().map(|_| &mut spill))?;
+        let out = self.host.put_spilling(
+            keys,
+            src,
+            retention,
+            now_ms,
+            self.disk.as_ref().map(|_| &mut spill),
+        )?;
         let demoted = self.demote(&spill)?;
         let uploaded = match &self.shared {
             // Blocks below the host's retention floor are not shared either.
-            Some(shared) if out.skipped < keys.len() => shared.put(keys, src, priority)?.stored,
+            Some(shared) if out.skipped < keys.len() => {
+                shared.put_retained(keys, src, retention, now_ms)?.stored
+            }
             _ => 0,
         };
         let mut s = self.lock();
@@ -292,10 +316,9 @@ impl TierStack {
             }
             if !promote_keys.is_empty() {
                 let mut spill = Spill::default();
-                let out = self.host.put_spilling(
+                let out = self.host.promote_spilling(
                     &promote_keys,
                     &promote_bytes,
-                    u8::MAX,
                     self.disk.as_ref().map(|_| &mut spill),
                 )?;
                 let demoted = self.demote(&spill)?;

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::{BLOCK, OwnRedis, TempDir, blocks, free_port, ns, redis_url};
-use kvc_core::{BlockStore, LowerTiers, StoreKey};
+use kvc_core::{BlockStore, LowerTiers, Retention, StoreKey};
 use kvc_tier::{
     DeviceEvent, DiskConfig, DiskTier, HostConfig, HostTier, OffloadMode, SharedConfig, SharedTier,
     TierKind, TierStack,
@@ -112,6 +112,65 @@ fn host_evictions_go_to_disk_and_come_back_through_the_host() {
     // A chain with a gap loads its prefix only.
     let gap = [chain[0], StoreKey(999), chain[2]];
     assert_eq!(stack.lookup(&gap).unwrap().len(), 1);
+}
+
+#[test]
+fn a_pinned_prefix_outlives_host_churn_until_its_pin_expires_then_goes_to_disk_first() {
+    let tmp = TempDir::new("stack-pin");
+    let disk = DiskTier::open(ns("m"), &DiskConfig::new(&tmp.0, 1 << 20, 2)).unwrap();
+    // Two host pages of two blocks: one for the pinned prefix, one for everything else.
+    let stack = TierStack::new(host(2), Some(disk), None, OffloadMode::WriteBack);
+    let (prefix, prefix_src) = blocks(1..=2);
+    let pin = Retention {
+        priority: 90,
+        until: Some(1_000),
+    };
+    let out = stack
+        .offload_retained(DeviceEvent::Evicted, &prefix, &prefix_src, pin, 0)
+        .unwrap();
+    assert_eq!(out.stored, 2);
+    // Six later chains of default-priority blocks, newer than the prefix, churn the host.
+    for c in 0..6u128 {
+        let (keys, src) = blocks(100 + 2 * c..=101 + 2 * c);
+        let _ = stack
+            .offload_retained(
+                DeviceEvent::Evicted,
+                &keys,
+                &src,
+                Retention::DEFAULT,
+                10 * c as u64,
+            )
+            .unwrap();
+    }
+    assert_eq!(
+        stack.stats().demoted,
+        10,
+        "five default chains went to disk"
+    );
+    let (tiers, n, dst) = load(&stack, &prefix);
+    assert_eq!(
+        (n, tiers),
+        (2, vec![TierKind::Host; 2]),
+        "still in host memory"
+    );
+    assert_eq!(dst, prefix_src);
+    // At t = 1,000 the pin has run out: the prefix is an ordinary page, now the least
+    // recently used one since the newest chain came after the load, so it is demoted next.
+    let (keys, src) = blocks(200..=201);
+    let _ = stack
+        .offload_retained(DeviceEvent::Evicted, &keys, &src, Retention::DEFAULT, 500)
+        .unwrap();
+    let (keys, src) = blocks(300..=301);
+    let _ = stack
+        .offload_retained(DeviceEvent::Evicted, &keys, &src, Retention::DEFAULT, 1_000)
+        .unwrap();
+    let (tiers, n, dst) = load(&stack, &prefix);
+    assert_eq!(
+        (n, tiers),
+        (2, vec![TierKind::Disk; 2]),
+        "demoted once unpinned"
+    );
+    assert_eq!(dst, prefix_src, "with its bytes");
 }
 
 #[test]

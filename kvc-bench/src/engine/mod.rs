@@ -18,8 +18,8 @@ use std::time::Instant;
 
 use kvc_alloc::{BlockPool, PoolConfig};
 use kvc_core::{
-    LowerTiers, PageTableError, PagedLayout, PagedLayoutError, PinPolicy, QosClass, ReuseIndex,
-    SeqId, SessionId, SlotMappingError, StoreKey, TenantId,
+    LowerTiers, PageTableError, PagedLayout, PagedLayoutError, PinPolicy, QosClass, Retention,
+    ReuseIndex, SeqId, SessionId, SlotMappingError, StoreKey, TenantId,
 };
 use kvc_kernels::{
     AttnParams, BlockSwap, ShapeError, copy_blocks, paged_prefill, swap_in, swap_out, write_kv,
@@ -329,6 +329,12 @@ impl<P: PinPolicy, R: ReuseIndex> Engine<P, R> {
         &self.sched
     }
 
+    /// The prefix index, to pin or demote cached prefixes (`ReuseIndex::set_retention`) or
+    /// invalidate them, as an application would between steps.
+    pub fn reuse_index_mut(&mut self) -> &mut R {
+        self.sched.reuse_index_mut()
+    }
+
     /// The tiers below the device pool, if configured (their counters, for instance).
     pub fn tier_stack(&self) -> Option<&TierStack> {
         self.tiers.as_ref().map(|t| &*t.stack)
@@ -432,7 +438,7 @@ impl<P: PinPolicy, R: ReuseIndex> Engine<P, R> {
     /// gathered into one payload, stored under its key with the retention priority it had on
     /// the device (one store call per priority). A store error is counted and the blocks are
     /// simply not kept (a later request recomputes them).
-    fn offload(&mut self, offloads: &[BlockOffload]) -> Result<(), EngineError> {
+    fn offload(&mut self, offloads: &[BlockOffload], now_ms: u64) -> Result<(), EngineError> {
         let Some(t) = self.tiers.as_mut() else {
             return Ok(());
         };
@@ -445,20 +451,27 @@ impl<P: PinPolicy, R: ReuseIndex> Engine<P, R> {
             OffloadMode::WriteThrough => DeviceEvent::Cached,
             _ => DeviceEvent::Evicted,
         };
-        let mut priorities: Vec<u8> = offloads.iter().map(|o| o.priority).collect();
-        priorities.sort_unstable();
-        priorities.dedup();
-        for priority in priorities {
-            let group: Vec<&BlockOffload> =
-                offloads.iter().filter(|o| o.priority == priority).collect();
+        // One call per retention (almost always just the default).
+        let mut retentions: Vec<Retention> = offloads.iter().map(|o| o.retention).collect();
+        retentions.sort_unstable_by_key(|r| (r.priority, r.until));
+        retentions.dedup();
+        for retention in retentions {
+            let group: Vec<&BlockOffload> = offloads
+                .iter()
+                .filter(|o| o.retention == retention)
+                .collect();
             let buf = t.staging(group.len());
             for (o, dst) in group.iter().zip(buf.chunks_exact_mut(bb)) {
                 tiers::gather_block(&self.layout, &self.caches, o.device, dst)?;
             }
             let keys: Vec<StoreKey> = group.iter().map(|o| o.key).collect();
-            let stored = t
-                .stack
-                .offload(event, &keys, &t.buf[..keys.len() * bb], priority);
+            let stored = t.stack.offload_retained(
+                event,
+                &keys,
+                &t.buf[..keys.len() * bb],
+                retention,
+                now_ms,
+            );
             if stored.is_err() {
                 t.report.store_errors += 1;
             }
@@ -538,7 +551,7 @@ impl<P: PinPolicy, R: ReuseIndex> Engine<P, R> {
     }
 
     fn execute(&mut self, plan: &StepPlan) -> Result<Vec<Completed>, EngineError> {
-        self.offload(&plan.offloads)?;
+        self.offload(&plan.offloads, plan.now_ms)?;
         self.swap(&plan.swap_out, Swap::Out)?;
         if !plan.copies.is_empty() {
             let mut layers: Vec<&mut [f32]> =

@@ -1196,11 +1196,11 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
         if t.mode != TierMode::WriteThrough || from_tiers {
             return;
         }
-        if let Some(TierKey { key, priority }) = self.reuse.cached_key(b) {
+        if let Some(TierKey { key, retention }) = self.reuse.cached_key(b) {
             t.offloads.push(BlockOffload {
                 device: b,
                 key,
-                priority,
+                retention,
             });
             self.stats.offloaded_blocks += 1;
         }
@@ -1212,11 +1212,11 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
         let Some(t) = self.tiers.as_mut() else {
             return;
         };
-        if let (Some(TierKey { key, priority }), TierMode::WriteBack) = (key, t.mode) {
+        if let (Some(TierKey { key, retention }), TierMode::WriteBack) = (key, t.mode) {
             t.offloads.push(BlockOffload {
                 device: b,
                 key,
-                priority,
+                retention,
             });
             self.stats.offloaded_blocks += 1;
         }

@@ -670,6 +670,7 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
         self.forfeit_unsampled();
         self.cancelled_since_plan.clear();
         plan.step = self.step;
+        plan.now_ms = now_ms;
         self.step += 1;
         self.stats.steps += 1;
         self.apply_commands(plan);
