@@ -140,7 +140,8 @@ proptest! {
                         until: lasts.map(|l| model.now + u64::from(l)),
                     };
                     let (keys, src) = blocks([u128::from(key)]);
-                    host.put_retained(&keys, &src, retention, model.now).unwrap();
+                    let out = host.put_retained(&keys, &src, retention, model.now).unwrap();
+                    prop_assert_eq!(out.stored + out.present, 1);
                     model.put(key, retention);
                 }
                 Op::Get(key) => {
