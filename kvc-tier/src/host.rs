@@ -131,6 +131,9 @@ struct Frame {
     tick: u64,
     /// The page's rank: the highest priority in force among its live blocks.
     priority: u8,
+    /// The earliest expiry of a pin still in force among its live blocks (queued in
+    /// `Inner::expiries`).
+    next_expiry: Option<u64>,
     in_use: bool,
 }
 
@@ -151,8 +154,9 @@ struct Inner {
     open: Vec<(u8, u32)>,
     /// Pages in use in eviction order: lowest priority first, then least recently used.
     order: BTreeSet<(u8, u64, u32)>,
-    /// When a pin of a block in a page expires: (until, page). An entry for a page reused
-    /// since only costs a re-rank.
+    /// When the earliest pin in force in a page expires: (until, page), one entry per change
+    /// of a page's earliest expiry. A stale entry (the page reused or re-pinned since) only
+    /// costs a re-rank.
     expiries: BinaryHeap<Reverse<(u64, u32)>>,
     /// The latest clock a caller gave (ms).
     now_ms: u64,
@@ -176,17 +180,30 @@ impl Inner {
         }
     }
 
-    /// Re-reads the page's priority from its live blocks.
+    /// Re-reads the page's priority, and the earliest expiry of a pin in force, from its live
+    /// blocks.
     fn rerank(&mut self, frame: u32) {
         let now = self.now_ms;
         let f = &mut self.frames[frame as usize];
-        let priority = f
-            .slots
-            .iter()
-            .flatten()
-            .map(|(_, r)| r.priority_at(now))
-            .max()
-            .unwrap_or(Retention::DEFAULT_PRIORITY);
+        let mut priority = None;
+        let mut next_expiry: Option<u64> = None;
+        for (_, r) in f.slots.iter().flatten() {
+            let p = r.priority_at(now);
+            priority = priority.max(Some(p));
+            if let Some(until) = r.until
+                && until > now
+                && p != Retention::DEFAULT_PRIORITY
+            {
+                next_expiry = Some(next_expiry.map_or(until, |e| e.min(until)));
+            }
+        }
+        let priority = priority.unwrap_or(Retention::DEFAULT_PRIORITY);
+        if next_expiry != f.next_expiry {
+            f.next_expiry = next_expiry;
+            if let Some(until) = next_expiry {
+                self.expiries.push(Reverse((until, frame)));
+            }
+        }
         if priority != f.priority {
             self.order.remove(&f.order_key(frame));
             f.priority = priority;
@@ -256,6 +273,7 @@ impl HostTier {
             live: 0,
             tick: 0,
             priority: Retention::DEFAULT_PRIORITY,
+            next_expiry: None,
             in_use: false,
         };
         Ok(Self {
@@ -351,10 +369,6 @@ impl HostTier {
             inner.stats.below_priority += keys.len() as u64;
             return Ok(out);
         }
-        // A pin still in force: its page is re-ranked when it expires.
-        let expires = retention
-            .until
-            .filter(|&until| until > now && retention.priority != Retention::DEFAULT_PRIORITY);
         for (i, &key) in keys.iter().enumerate() {
             let slot = match inner.map.get(&key).copied() {
                 Some(slot) => {
@@ -384,10 +398,8 @@ impl HostTier {
                 }
             };
             inner.touch(slot.frame);
+            // Its rank, and when it changes next (a pin expiring).
             inner.rerank(slot.frame);
-            if let Some(until) = expires {
-                inner.expiries.push(Reverse((until, slot.frame)));
-            }
         }
         Ok(out)
     }
@@ -421,6 +433,7 @@ impl HostTier {
         f.live = 0;
         f.slots.fill(None);
         f.priority = Retention::DEFAULT_PRIORITY;
+        f.next_expiry = None;
         inner.open.push((class, frame));
         inner.tick += 1;
         f.tick = inner.tick;
