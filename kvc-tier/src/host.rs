@@ -214,6 +214,9 @@ impl Inner {
     /// Marks the page used now.
     fn touch(&mut self, frame: u32) {
         let f = &mut self.frames[frame as usize];
+        if f.tick == self.tick {
+            return; // already the most recently used
+        }
         self.order.remove(&f.order_key(frame));
         self.tick += 1;
         f.tick = self.tick;
@@ -369,8 +372,11 @@ impl HostTier {
             inner.stats.below_priority += keys.len() as u64;
             return Ok(out);
         }
+        // A pin in force that will expire: its page must queue the expiry.
+        let pinned = retention.until.is_some_and(|until| until > now)
+            && retention.priority != Retention::DEFAULT_PRIORITY;
         for (i, &key) in keys.iter().enumerate() {
-            let slot = match inner.map.get(&key).copied() {
+            let (slot, same_rank) = match inner.map.get(&key).copied() {
                 Some(slot) => {
                     out.present += 1;
                     if let Some((_, r)) =
@@ -378,7 +384,7 @@ impl HostTier {
                     {
                         *r = retention;
                     }
-                    slot
+                    (slot, false)
                 }
                 None => {
                     let class = retention.priority_at(now);
@@ -394,12 +400,17 @@ impl HostTier {
                     inner.map.insert(key, slot);
                     inner.stats.stored += 1;
                     out.stored += 1;
-                    slot
+                    // Another block of the page's own rank with no pin to expire leaves the
+                    // page's rank and next expiry as they are.
+                    let same_rank = f.live > 1 && f.priority == class && !pinned;
+                    (slot, same_rank)
                 }
             };
             inner.touch(slot.frame);
-            // Its rank, and when it changes next (a pin expiring).
-            inner.rerank(slot.frame);
+            if !same_rank {
+                // Its rank, and when it changes next (a pin expiring).
+                inner.rerank(slot.frame);
+            }
         }
         Ok(out)
     }

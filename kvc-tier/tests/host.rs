@@ -88,39 +88,122 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-/// The host tier with pages of one block, as a list: key, retention, last use.
-#[derive(Default)]
+/// The host tier recomputed from scratch: pages of `bpp` slots, ranks re-read from every live
+/// block at each eviction (the tier keeps them incrementally, with queued expiries).
 struct Model {
-    held: Vec<(u8, Retention, u64)>,
+    bpp: usize,
+    pages: Vec<Page>,
+    free: Vec<usize>,
+    open: Vec<(u8, usize)>,
     now: u64,
     tick: u64,
+}
+
+#[derive(Clone, Default)]
+struct Page {
+    slots: Vec<Option<(u8, Retention)>>,
+    tick: u64,
+    in_use: bool,
 }
 
 impl Model {
     const PAGES: usize = 4;
 
+    fn new(bpp: usize) -> Self {
+        Self {
+            bpp,
+            pages: vec![Page::default(); Self::PAGES],
+            free: (0..Self::PAGES).rev().collect(),
+            open: Vec::new(),
+            now: 0,
+            tick: 0,
+        }
+    }
+
+    fn find(&self, key: u8) -> Option<(usize, usize)> {
+        self.pages.iter().enumerate().find_map(|(p, page)| {
+            let s = page
+                .slots
+                .iter()
+                .position(|s| s.is_some_and(|(k, _)| k == key))?;
+            Some((p, s))
+        })
+    }
+
+    fn touch(&mut self, p: usize) {
+        if self.pages[p].tick != self.tick {
+            self.tick += 1;
+            self.pages[p].tick = self.tick;
+        }
+    }
+
+    fn rank(&self, p: usize) -> u8 {
+        self.pages[p]
+            .slots
+            .iter()
+            .flatten()
+            .map(|(_, r)| r.priority_at(self.now))
+            .max()
+            .unwrap_or(Retention::DEFAULT_PRIORITY)
+    }
+
     fn put(&mut self, key: u8, retention: Retention) {
-        self.tick += 1;
-        if let Some(e) = self.held.iter_mut().find(|e| e.0 == key) {
-            e.1 = retention;
-            e.2 = self.tick;
+        if let Some((p, s)) = self.find(key) {
+            self.pages[p].slots[s] = Some((key, retention));
+            self.touch(p);
             return;
         }
-        if self.held.len() == Self::PAGES {
-            let now = self.now;
-            let victim = (0..self.held.len())
-                .min_by_key(|&i| (self.held[i].1.priority_at(now), self.held[i].2))
-                .unwrap();
-            self.held.remove(victim);
-        }
-        self.held.push((key, retention, self.tick));
+        let class = retention.priority_at(self.now);
+        let open = self.open.iter().position(|&(c, _)| c == class);
+        let (p, s) = match open.map(|i| (i, self.open[i].1)) {
+            Some((_, p)) if self.pages[p].slots.len() < self.bpp => (p, self.pages[p].slots.len()),
+            other => {
+                if let Some((i, _)) = other {
+                    self.open.swap_remove(i);
+                }
+                let p = match self.free.pop() {
+                    Some(p) => p,
+                    None => {
+                        let victim = (0..Self::PAGES)
+                            .filter(|&p| self.pages[p].in_use)
+                            .min_by_key(|&p| (self.rank(p), self.pages[p].tick, p))
+                            .unwrap();
+                        self.open.retain(|&(_, o)| o != victim);
+                        victim
+                    }
+                };
+                self.tick += 1;
+                self.pages[p] = Page {
+                    slots: Vec::new(),
+                    tick: self.tick,
+                    in_use: true,
+                };
+                self.open.push((class, p));
+                (p, 0)
+            }
+        };
+        self.pages[p].slots.push(Some((key, retention)));
+        debug_assert_eq!(self.pages[p].slots.len(), s + 1);
+        self.touch(p);
     }
 
     fn get(&mut self, key: u8) {
-        if let Some(e) = self.held.iter_mut().find(|e| e.0 == key) {
-            self.tick += 1;
-            e.2 = self.tick;
+        if let Some((p, _)) = self.find(key) {
+            self.touch(p);
         }
+    }
+
+    fn remove(&mut self, key: u8) -> usize {
+        let Some((p, s)) = self.find(key) else {
+            return 0;
+        };
+        self.pages[p].slots[s] = None;
+        if self.pages[p].slots.iter().all(Option::is_none) {
+            self.pages[p] = Page::default();
+            self.open.retain(|&(_, o)| o != p);
+            self.free.push(p);
+        }
+        1
     }
 }
 
@@ -128,9 +211,13 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
     #[test]
-    fn eviction_follows_priority_in_force_then_recency(ops in proptest::collection::vec(op(), 1..60)) {
-        let host = HostTier::new(ns("p"), HostConfig::new(Model::PAGES as u64 * BLOCK as u64, 1)).unwrap();
-        let mut model = Model::default();
+    fn eviction_follows_priority_in_force_then_recency(
+        bpp in 1..4usize,
+        ops in proptest::collection::vec(op(), 1..80),
+    ) {
+        let cfg = HostConfig::new((Model::PAGES * bpp * BLOCK) as u64, bpp as u32);
+        let host = HostTier::new(ns("p"), cfg).unwrap();
+        let mut model = Model::new(bpp);
         for op in ops {
             match op {
                 Op::Put { key, priority, lasts, dt } => {
@@ -155,15 +242,13 @@ proptest! {
                 }
                 Op::Remove(key) => {
                     let removed = host.remove(&[StoreKey(u128::from(key))]).unwrap();
-                    let before = model.held.len();
-                    model.held.retain(|e| e.0 != key);
-                    prop_assert_eq!(removed, before - model.held.len());
+                    prop_assert_eq!(removed, model.remove(key));
                 }
             }
             let keys: Vec<StoreKey> = (0..10u128).map(StoreKey).collect();
             let mut found = Vec::new();
             host.contains(&keys, &mut found).unwrap();
-            let want: Vec<bool> = (0..10u8).map(|k| model.held.iter().any(|e| e.0 == k)).collect();
+            let want: Vec<bool> = (0..10u8).map(|k| model.find(k).is_some()).collect();
             prop_assert_eq!(found, want);
         }
     }
