@@ -431,6 +431,39 @@ fn an_invalidated_block_is_never_written_back() {
 }
 
 #[test]
+fn write_through_offers_a_block_pinned_after_caching_again_when_it_is_evicted() {
+    let tiers = Arc::new(FakeTiers::default());
+    let mut kv = manager(16, &tiers, TierMode::WriteThrough);
+    let a: Vec<u32> = (0..9).collect();
+    let blocks = compute(&mut kv, 1, 0, &a);
+    kv.free(SeqId(1)).unwrap();
+    let mut offloads = Vec::new();
+    kv.drain_offloads(&mut offloads);
+    assert!(offloads.iter().all(|o| o.retention == Retention::DEFAULT));
+    // The application pins the first block after it was written through.
+    let keys = keys_of(kv.reuse_index_mut(), 0, &a);
+    let pin = Retention {
+        priority: 80,
+        until: Some(1_000),
+    };
+    kv.reuse_index_mut()
+        .set_retention(BlockHash(keys[0].0).short(), pin);
+    assert_eq!(kv.evict(2, 5).unwrap(), 2);
+    offloads.clear();
+    kv.drain_offloads(&mut offloads);
+    let got: Vec<_> = offloads
+        .iter()
+        .map(|o| (o.device, o.key, o.retention))
+        .collect();
+    assert_eq!(
+        got,
+        [(blocks[0], keys[0], pin)],
+        "only the pinned block, with its pin; the other is below as it was"
+    );
+    assert_eq!(kv.stats().offloaded_blocks, 3);
+}
+
+#[test]
 fn write_through_offloads_at_cache_time_once_and_not_what_came_from_the_tiers() {
     let tiers = Arc::new(FakeTiers::default());
     let mut kv = manager(16, &tiers, TierMode::WriteThrough);

@@ -81,8 +81,8 @@ use std::sync::Arc;
 use ahash::AHashMap as HashMap;
 use kvc_core::{
     Admission, BlockAllocator, BlockCopy, BlockId, LowerTiers, PinPolicy, PlaceRequest, Placement,
-    PoolView, RegionBlocks, RegionId, Released, ReuseIndex, ReuseScope, SeqId, SessionId, StoreKey,
-    TierKey,
+    PoolView, RegionBlocks, RegionId, Released, Retention, ReuseIndex, ReuseScope, SeqId,
+    SessionId, StoreKey, TierKey,
 };
 
 use crate::tier::{
@@ -1207,12 +1207,22 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
     }
 
     /// The index evicted `b`, cached under `key` (its bytes are intact until the engine runs
-    /// the next plan's offloads): write it back in that mode.
+    /// the next plan's offloads): write it back in that mode. In write-through mode the copy
+    /// below was written at caching time, with the retention the block had then; a block
+    /// evicted with a pin in force is offered again so that its pin reaches the tiers (a tier
+    /// already holding it only takes the new retention).
     fn note_evicted(&mut self, b: BlockId, key: Option<TierKey>) {
         let Some(t) = self.tiers.as_mut() else {
             return;
         };
-        if let (Some(TierKey { key, retention }), TierMode::WriteBack) = (key, t.mode) {
+        let Some(TierKey { key, retention }) = key else {
+            return;
+        };
+        let offer = match t.mode {
+            TierMode::WriteBack => true,
+            TierMode::WriteThrough => retention != Retention::DEFAULT,
+        };
+        if offer {
             t.offloads.push(BlockOffload {
                 device: b,
                 key,
