@@ -41,6 +41,10 @@ use promote::Predictor;
 /// Bytes of the stand-in payload of one block in the tiers.
 const STAND_IN_BYTES: usize = 32;
 
+/// The retention priority every block is offloaded with: nothing is pinned in this replay
+/// (and blocks the tiers promote into host memory rank at the default too).
+const DEFAULT_PRIORITY: u8 = kvc_core::Retention::DEFAULT_PRIORITY;
+
 /// Link speeds of the cost model, in bytes per second.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 pub struct Links {
@@ -374,7 +378,12 @@ impl Device {
             && !promoted
         {
             let _ = stack
-                .offload(DeviceEvent::Cached, &self.keys, &self.offload, 0)
+                .offload(
+                    DeviceEvent::Cached,
+                    &self.keys,
+                    &self.offload,
+                    DEFAULT_PRIORITY,
+                )
                 .map_err(tier_err)?;
         }
         if self.cache.len() > self.cap_blocks {
@@ -399,7 +408,12 @@ impl Device {
             }
             if let Some(stack) = stack {
                 let _ = stack
-                    .offload(DeviceEvent::Evicted, &self.keys, &self.offload, 0)
+                    .offload(
+                        DeviceEvent::Evicted,
+                        &self.keys,
+                        &self.offload,
+                        DEFAULT_PRIORITY,
+                    )
                     .map_err(tier_err)?;
             }
             self.free.extend_from_slice(&self.evicted);
