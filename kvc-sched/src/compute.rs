@@ -17,7 +17,13 @@
 //!   prefill chunks and caps best-effort decodes, so the step that carries the critical
 //!   prefill is short;
 //! - lets a reserved class's admission **preempt** best-effort sequences when a running slot or
-//!   memory, which holding tokens cannot free, is what it waits for.
+//!   memory, which holding tokens cannot free, is what it waits for;
+//! - optionally, while a reserved class is **live** (it had work within
+//!   [`ComputeReserveConfig::live_window_ms`]), caps the tokens of classes without a share in
+//!   every step ([`ComputeReserveConfig::best_effort_tokens_while_live`]), so that each step is
+//!   short and a reserved request that arrives while one runs waits less for it: the step
+//!   already running when a request arrives is the one wait no rationing inside a step can
+//!   remove. It costs best-effort throughput (more, shorter steps).
 //!
 //! A class's share is static, or adaptive ([`AdaptiveShare`]): the chosen percentile (p99) of
 //! its per-step demand over a sliding window, plus headroom, within bounds, changed only past a
@@ -140,6 +146,13 @@ pub struct ComputeReserveConfig {
     pub preempt_for_reserved: bool,
     /// At most this many such preemptions per step (default 4).
     pub max_preemptions_per_step: usize,
+    /// While a reserved class is live, classes without a share get at most this many tokens
+    /// per step, prefill and decodes together, but never less than the best-effort floor
+    /// (default `None`: no cap).
+    pub best_effort_tokens_while_live: Option<usize>,
+    /// A reserved class is live from a step in which it had work until this long after the
+    /// last such step (ms; default 1,000).
+    pub live_window_ms: u64,
 }
 
 impl ComputeReserveConfig {
@@ -154,6 +167,8 @@ impl ComputeReserveConfig {
             best_effort_decodes_at_risk: 16,
             preempt_for_reserved: true,
             max_preemptions_per_step: 4,
+            best_effort_tokens_while_live: None,
+            live_window_ms: 1_000,
         }
     }
 
@@ -236,6 +251,9 @@ pub struct ComputeStats {
     pub steps: u64,
     /// Steps in which a reserved class's first token was at risk.
     pub steps_at_risk: u64,
+    /// Steps in which a reserved class was live and best effort was held to
+    /// [`ComputeReserveConfig::best_effort_tokens_while_live`].
+    pub steps_capped_live: u64,
     /// Steps in which a reserved class wanted more than its share (its load exceeded the
     /// reserve).
     pub steps_over_share: u64,
@@ -377,6 +395,8 @@ pub struct ComputeReserve {
     cfg: ComputeReserveConfig,
     classes: Vec<Option<ClassState>>,
     stats: ComputeStats,
+    /// The last step in which a reserved class had work.
+    last_reserved_work_ms: Option<u64>,
 }
 
 impl ComputeReserve {
@@ -429,6 +449,7 @@ impl ComputeReserve {
             cfg,
             classes,
             stats: ComputeStats::default(),
+            last_reserved_work_ms: None,
         })
     }
 
@@ -488,6 +509,9 @@ impl ComputeReserve {
                     }) {
                         at_risk = true;
                     }
+                    if d.tokens > 0 {
+                        self.last_reserved_work_ms = Some(now_ms);
+                    }
                 }
                 _ => be_demand = be_demand.saturating_add(d.tokens),
             }
@@ -496,6 +520,16 @@ impl ComputeReserve {
         if at_risk {
             self.stats.steps_at_risk += 1;
         }
+        let live = self
+            .last_reserved_work_ms
+            .is_some_and(|last| now_ms.saturating_sub(last) <= self.cfg.live_window_ms);
+        let best_effort_left = match self.cfg.best_effort_tokens_while_live {
+            Some(cap) if live => {
+                self.stats.steps_capped_live += 1;
+                cap
+            }
+            _ => usize::MAX,
+        };
         let wanted = demand
             .iter()
             .zip(&reserved)
@@ -508,6 +542,7 @@ impl ComputeReserve {
             wanted,
             used: vec![0; n],
             floor_left: floor.min(be_demand),
+            best_effort_left,
             at_risk,
             chunk_cap: self.cfg.best_effort_chunk_at_risk,
             decodes_left: self.cfg.best_effort_decodes_at_risk,
@@ -590,6 +625,9 @@ pub struct StepGate {
     used: Vec<usize>,
     /// Best-effort floor tokens not yet used this step (only as much as best effort wants).
     floor_left: usize,
+    /// Tokens classes without a share may still use this step under the live cap
+    /// (`usize::MAX`: no cap).
+    best_effort_left: usize,
     at_risk: bool,
     chunk_cap: usize,
     decodes_left: usize,
@@ -651,9 +689,12 @@ impl StepGate {
             return pending.min(room as u64);
         }
         let mut n = pending.min(room as u64);
+        let floor = self.floor_left as u64;
+        // While a reserved class is live, best effort shares a per-step cap (never below the
+        // floor), so that every step stays short.
+        n = n.min((self.best_effort_left as u64).max(floor));
         // While a reserved first token is at risk, best-effort work shrinks to its caps, but
         // never below the floor: that is what keeps it from starving under critical overload.
-        let floor = self.floor_left as u64;
         if self.at_risk && pending > 0 {
             if decode {
                 if self.decodes_left == 0 && floor == 0 {
@@ -679,6 +720,7 @@ impl StepGate {
             self.stats.borrowed_tokens += (n - from_held) as u64;
         } else {
             self.floor_left = self.floor_left.saturating_sub(n);
+            self.best_effort_left = self.best_effort_left.saturating_sub(n);
             if decode && self.at_risk {
                 self.decodes_left = self.decodes_left.saturating_sub(1);
             }
@@ -719,6 +761,56 @@ mod tests {
     fn adaptive(a: AdaptiveShare) -> ComputeReserve {
         let cfg = ComputeReserveConfig::new(vec![Some(ClassShare::Adaptive(a))]);
         ComputeReserve::new(cfg, 3, 512).unwrap()
+    }
+
+    #[test]
+    fn best_effort_shares_a_short_step_while_a_reserved_class_is_live() {
+        let mut cfg = ComputeReserveConfig::new(vec![Some(ClassShare::Static { tokens: 256 })]);
+        cfg.best_effort_tokens_while_live = Some(64);
+        cfg.live_window_ms = 1_000;
+        let mut r = ComputeReserve::new(cfg, 3, 512).unwrap();
+        let step = |r: &mut ComputeReserve, now, critical| {
+            r.begin_step(
+                now,
+                &[demand(critical, None), demand(0, None), demand(2_000, None)],
+                512,
+            )
+        };
+        // Critical decodes: best effort may take 64 tokens of the step, prefill and decode
+        // together (the 16-token floor is inside them).
+        let mut gate = step(&mut r, 0, 10);
+        assert_eq!(gate.grant(BE, 1_000, false, 502), 64);
+        gate.commit(BE, 64, false);
+        assert_eq!(gate.grant(BE, 1, true, 438), 0, "a decode waits a step");
+        assert_eq!(gate.grant(CRIT, 10, true, 438), 10);
+        r.end_step(gate);
+        // Still live 600 ms later without critical work: the cap holds.
+        let mut gate = step(&mut r, 600, 0);
+        assert_eq!(gate.grant(BE, 1_000, false, 512), 64);
+        r.end_step(gate);
+        // Past the window: the whole step again.
+        let mut gate = step(&mut r, 1_601, 0);
+        assert_eq!(gate.grant(BE, 1_000, false, 512), 512);
+        r.end_step(gate);
+        let s = r.stats();
+        assert_eq!(s.steps_capped_live, 2);
+        assert_eq!((s.chunks_shrunk, s.decodes_deferred), (2, 1));
+    }
+
+    #[test]
+    fn the_live_cap_never_takes_the_best_effort_floor() {
+        let mut cfg = ComputeReserveConfig::new(vec![Some(ClassShare::Static { tokens: 256 })]);
+        cfg.best_effort_tokens_while_live = Some(0);
+        let mut r = ComputeReserve::new(cfg, 3, 512).unwrap();
+        let mut gate = r.begin_step(
+            0,
+            &[demand(300, None), demand(0, None), demand(50, None)],
+            512,
+        );
+        assert_eq!(gate.grant(BE, 50, false, 512), 16, "the floor");
+        gate.commit(BE, 16, false);
+        assert_eq!(gate.grant(BE, 1, true, 496), 0);
+        r.end_step(gate);
     }
 
     #[test]
@@ -990,6 +1082,7 @@ mod tests {
             shares in proptest::collection::vec(0usize..3_000, 1..3),
             demands in proptest::collection::vec(0usize..5_000, 3),
             at_risk in any::<bool>(),
+            live_cap in proptest::option::of(0usize..600),
         ) {
             let floor = ((budget as f64 * floor_frac) as usize).min(budget - 1);
             let mut cfg = ComputeReserveConfig::new(
@@ -998,6 +1091,7 @@ mod tests {
             cfg.best_effort_floor_tokens = floor;
             cfg.best_effort_chunk_at_risk = 0;
             cfg.best_effort_decodes_at_risk = 0;
+            cfg.best_effort_tokens_while_live = live_cap;
             let mut r = ComputeReserve::new(cfg, 3, budget).unwrap();
             let d: Vec<ClassDemand> = demands
                 .iter()
@@ -1023,6 +1117,11 @@ mod tests {
                 let want = d[2].tokens as u64;
                 let n = g.grant(be, want, false, left);
                 prop_assert!(n >= want.min(floor as u64), "best effort got {n} of floor {floor}");
+                // A reserved class with work this step is live: the cap holds, above the floor.
+                let live = d.iter().take(shares.len()).any(|dc| dc.tokens > 0);
+                if let (Some(cap), true) = (live_cap, live) {
+                    prop_assert!(n <= cap.max(floor) as u64, "best effort got {n} over cap {cap}");
+                }
             }
         }
     }

@@ -164,6 +164,7 @@ proptest! {
         max_running in prop_oneof![Just(1_024usize), 2usize..8],
         load in arrivals(),
         adaptive in any::<bool>(),
+        live_cap in proptest::option::of(0usize..300),
     ) {
         let floor = ((budget as f64 * floor_frac) as usize).min(budget - 1);
         let share = ((budget as f64 * share_frac) as usize).max(1);
@@ -180,6 +181,7 @@ proptest! {
         };
         let mut cfg = ComputeReserveConfig::new(vec![Some(class_share)]);
         cfg.best_effort_floor_tokens = floor;
+        cfg.best_effort_tokens_while_live = live_cap;
         let mut s = scheduler(budget, max_running, None, cfg);
         // Per live critical request: prompt length and prompt tokens computed.
         let mut live = std::collections::HashMap::new();
@@ -226,6 +228,7 @@ proptest! {
         max_running in 2usize..8,
         be_requests in 1usize..4,
         adaptive in any::<bool>(),
+        live_cap in proptest::option::of(0usize..64),
     ) {
         let class_share = if adaptive {
             ClassShare::Adaptive(AdaptiveShare { min_samples: 5, ..AdaptiveShare::default() })
@@ -234,6 +237,8 @@ proptest! {
         };
         let mut cfg = ComputeReserveConfig::new(vec![Some(class_share)]);
         cfg.best_effort_floor_tokens = floor.min(budget - 1);
+        // Critical is live throughout: best effort lives on the floor (and aging).
+        cfg.best_effort_tokens_while_live = live_cap;
         let mut s = scheduler(budget, max_running, Some(50), cfg);
         for i in 0..be_requests {
             s.submit(request(1_000_000 + i as u64, QosClass::BEST_EFFORT, 300, 20, 0)).unwrap();
