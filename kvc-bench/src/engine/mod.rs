@@ -435,9 +435,10 @@ impl<P: PinPolicy, R: ReuseIndex> Engine<P, R> {
     }
 
     /// Copies the plan's offloads down to the tiers: every block's K and V of every layer
-    /// gathered into one payload, stored under its key with the retention priority it had on
-    /// the device (one store call per priority). A store error is counted and the blocks are
-    /// simply not kept (a later request recomputes them).
+    /// gathered into one payload, stored under its key with the retention it had on the
+    /// device, pin expiry included, at the plan's clock (one store call per retention). A
+    /// store error is counted and the blocks are simply not kept (a later request recomputes
+    /// them).
     fn offload(&mut self, offloads: &[BlockOffload], now_ms: u64) -> Result<(), EngineError> {
         let Some(t) = self.tiers.as_mut() else {
             return Ok(());
