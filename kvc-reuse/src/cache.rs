@@ -470,9 +470,11 @@ impl PrefixCache {
         self.by_hash.get(hash, hittable_hash(nodes))
     }
 
-    /// Drops the hash index's stale entries (see [`crate::table`]): one pass over the nodes.
-    fn rebuild_index(&mut self) {
+    /// Drops the hash index's stale entries (see [`crate::table`]), making room for `more`
+    /// inserts: one pass over the nodes.
+    fn rebuild_index(&mut self, more: usize) {
         let count = self.by_hash.len();
+        let slot_bound = self.slot_bound(more);
         let live = self
             .nodes
             .nodes
@@ -480,8 +482,14 @@ impl PrefixCache {
             .enumerate()
             .filter(|(_, n)| n.live && n.hittable)
             .map(|(s, n)| (n.hash, s as u32));
-        self.by_hash.rebuild(live, count);
+        self.by_hash.rebuild(live, count, more, slot_bound);
         debug_assert_eq!(self.by_hash.len(), count, "one entry per hittable node");
+    }
+
+    /// Above every slot the next `more` new nodes can take (freed slots are reused, new ones
+    /// are appended).
+    fn slot_bound(&self, more: usize) -> usize {
+        self.nodes.nodes.len() + more
     }
 
     fn tick(&mut self) -> u64 {
@@ -628,8 +636,11 @@ impl PrefixCache {
             });
         }
         self.now_ms = now_ms;
-        if self.by_hash.wants_rebuild(hashes.len()) {
-            self.rebuild_index();
+        if self
+            .by_hash
+            .wants_rebuild(hashes.len(), self.slot_bound(hashes.len()))
+        {
+            self.rebuild_index(hashes.len());
         }
         for &h in hashes.iter().take(Self::AHEAD) {
             self.by_hash.prefetch(h);
