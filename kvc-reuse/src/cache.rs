@@ -659,6 +659,9 @@ impl PrefixCache {
             .count() as u32;
         let request_blocks = hashes.len() as u32;
         let mut parent: Option<u32> = None;
+        // Whether `parent` was cached by this call: in use by the offering request, so never
+        // evictable here, and adding a child leaves it out of every lane (no refresh needed).
+        let mut parent_new = false;
         // The slots of the last `CHAIN_AHEAD` blocks of the chain, by depth modulo its size.
         let mut recent = [NIL; Self::CHAIN_AHEAD];
         let mut stored: Vec<BlockHash> = Vec::new();
@@ -694,6 +697,7 @@ impl PrefixCache {
                 }
                 self.refresh(slot);
                 parent = Some(slot);
+                parent_new = false;
                 recent[i % Self::CHAIN_AHEAD] = slot;
                 continue;
             }
@@ -743,7 +747,9 @@ impl PrefixCache {
             }
             if let Some(p) = parent {
                 self.nodes.add_child(p, slot);
-                self.refresh(p);
+                if !parent_new {
+                    self.refresh(p);
+                }
             }
             if self.events.enabled() {
                 if stored.is_empty() {
@@ -754,6 +760,7 @@ impl PrefixCache {
             self.metrics.inserted_blocks = self.metrics.inserted_blocks.saturating_add(1);
             newly_cached.push(block);
             parent = Some(slot);
+            parent_new = true;
             recent[i % Self::CHAIN_AHEAD] = slot;
         }
         if let Some(last) = parent {
