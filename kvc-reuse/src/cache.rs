@@ -645,18 +645,24 @@ impl PrefixCache {
         for &h in hashes.iter().take(Self::AHEAD) {
             self.by_hash.prefetch(h);
         }
-        let existing = hashes
-            .iter()
-            .zip(blocks)
-            .enumerate()
-            .take_while(|&(i, (h, &b))| {
-                if let Some(&next) = hashes.get(i + Self::AHEAD) {
-                    self.by_hash.prefetch(next);
-                }
-                self.find(*h)
-                    .is_some_and(|s| self.nodes[s as usize].block == b)
-            })
-            .count() as u32;
+        // The blocks already cached, for the policy's `BlockInfo` (the cache's own LRU order
+        // needs no count, so it skips this pass over the index).
+        let existing = if self.recency.is_some() {
+            0
+        } else {
+            hashes
+                .iter()
+                .zip(blocks)
+                .enumerate()
+                .take_while(|&(i, (h, &b))| {
+                    if let Some(&next) = hashes.get(i + Self::AHEAD) {
+                        self.by_hash.prefetch(next);
+                    }
+                    self.find(*h)
+                        .is_some_and(|s| self.nodes[s as usize].block == b)
+                })
+                .count() as u32
+        };
         let request_blocks = hashes.len() as u32;
         let mut parent: Option<u32> = None;
         // Whether `parent` was cached by this call: in use by the offering request, so never
