@@ -588,17 +588,18 @@ impl PrefixCache {
             debug_assert!(held, "use count checked above");
             let node = &self.nodes[slot as usize];
             blocks.push(node.block);
-            let info = BlockInfo {
-                hash: node.hash,
-                depth: node.depth,
-                stamp,
-                request_hit_blocks: hit,
-                request_blocks: hashes.len() as u32,
-                block_size: self.block_size,
-                access: Access::Lookup,
-            };
+            let (hash, depth) = (node.hash, node.depth);
             self.refresh(slot);
             if self.recency.is_none() {
+                let info = BlockInfo {
+                    hash,
+                    depth,
+                    stamp,
+                    request_hit_blocks: hit,
+                    request_blocks: hashes.len() as u32,
+                    block_size: self.block_size,
+                    access: Access::Lookup,
+                };
                 self.policy.on_hit(slot, &info);
             }
         }
@@ -688,17 +689,17 @@ impl PrefixCache {
                     break;
                 }
                 let stamp = self.tick();
-                let info = BlockInfo {
-                    hash,
-                    depth: i as u32,
-                    stamp,
-                    request_hit_blocks: existing,
-                    request_blocks,
-                    block_size: self.block_size,
-                    access: Access::Insert,
-                };
                 self.set_stamp(slot, stamp);
                 if self.recency.is_none() {
+                    let info = BlockInfo {
+                        hash,
+                        depth: i as u32,
+                        stamp,
+                        request_hit_blocks: existing,
+                        request_blocks,
+                        block_size: self.block_size,
+                        access: Access::Insert,
+                    };
                     self.policy.on_hit(slot, &info);
                 }
                 self.refresh(slot);
@@ -715,15 +716,6 @@ impl PrefixCache {
                 break;
             }
             let stamp = self.tick();
-            let info = BlockInfo {
-                hash,
-                depth: i as u32,
-                stamp,
-                request_hit_blocks: existing,
-                request_blocks,
-                block_size: self.block_size,
-                access: Access::Insert,
-            };
             let slot = self.nodes.insert(Node {
                 hash,
                 block,
@@ -749,6 +741,15 @@ impl PrefixCache {
             }
             self.by_block.insert(block, slot);
             if self.recency.is_none() {
+                let info = BlockInfo {
+                    hash,
+                    depth: i as u32,
+                    stamp,
+                    request_hit_blocks: existing,
+                    request_blocks,
+                    block_size: self.block_size,
+                    access: Access::Insert,
+                };
                 self.policy.on_insert(slot, &info);
             }
             if let Some(p) = parent {
@@ -1197,7 +1198,6 @@ impl PrefixCache {
         }
     }
 
-    /// Puts a node in the lane its state calls for.
     /// The retention priority of the node at `slot` now.
     fn priority(&self, slot: u32) -> u8 {
         if self.nodes[slot as usize].retained {
@@ -1211,7 +1211,20 @@ impl PrefixCache {
         }
     }
 
+    /// Puts a node in the lane its state calls for.
+    #[inline]
     fn refresh(&mut self, slot: u32) {
+        let node = &self.nodes[slot as usize];
+        // The common case on the hot paths (a released block that still has children, a hit
+        // block now in use): not evictable and in no lane, so it stays in none.
+        if node.lane == Lane::None && !(node.hittable && node.refs == 0 && !node.has_children()) {
+            return;
+        }
+        self.relane(slot);
+    }
+
+    /// [`Self::refresh`] for a node that is evictable or in a lane.
+    fn relane(&mut self, slot: u32) {
         let priority = self.priority(slot);
         let node = &self.nodes[slot as usize];
         let evictable = node.hittable && node.refs == 0 && !node.has_children();
