@@ -1212,7 +1212,7 @@ impl PrefixCache {
     }
 
     /// Puts a node in the lane its state calls for.
-    #[inline]
+    #[inline(always)]
     fn refresh(&mut self, slot: u32) {
         let node = &self.nodes[slot as usize];
         // The common case on the hot paths (a released block that still has children, a hit
@@ -1223,7 +1223,9 @@ impl PrefixCache {
         self.relane(slot);
     }
 
-    /// [`Self::refresh`] for a node that is evictable or in a lane.
+    /// [`Self::refresh`] for a node that is evictable or in a lane (kept out of line, so the
+    /// check above stays a few instructions wherever it is inlined).
+    #[inline(never)]
     fn relane(&mut self, slot: u32) {
         let priority = self.priority(slot);
         let node = &self.nodes[slot as usize];
