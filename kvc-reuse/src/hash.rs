@@ -342,9 +342,19 @@ impl BlockHasher for Xxh3Hasher {
         let lo = parent.0 as u64;
         let hi = (parent.0 >> 64) as u64;
         let seed = lo ^ hi.rotate_left(32);
-        let h = with_le_bytes(tokens, |bytes| {
-            xxhash_rust::xxh3::xxh3_128_with_seed(bytes, seed)
-        });
+        let h = if let Ok(block) = <&[u32; 16]>::try_from(tokens) {
+            // The usual 16-token block as a fixed 64 bytes: the hash's length-dependent
+            // branches fold away and the call is inlined (same bytes, same hash).
+            let mut bytes = [0u8; 64];
+            for (dst, t) in bytes.chunks_exact_mut(4).zip(block) {
+                dst.copy_from_slice(&t.to_le_bytes());
+            }
+            xxhash_rust::xxh3::xxh3_128_with_seed(&bytes, seed)
+        } else {
+            with_le_bytes(tokens, |bytes| {
+                xxhash_rust::xxh3::xxh3_128_with_seed(bytes, seed)
+            })
+        };
         // Fold the parent's high half in as well, so parents that differ only there still
         // yield different children.
         BlockHash(h ^ (u128::from(hi) << 64))
@@ -697,6 +707,28 @@ mod tests {
             assert_eq!(
                 Blake3Hasher.chain(parent, &tokens[..n]),
                 BlockHash(first_16(h.finalize().as_bytes())),
+                "{n} tokens"
+            );
+        }
+    }
+
+    #[test]
+    fn xxh3_fixed_16_token_path_matches_the_byte_path() {
+        // The 16-token block is hashed from a fixed 64-byte array; every size must still equal
+        // its little-endian bytes hashed with the parent's seed.
+        let tokens: Vec<u32> = (0..64)
+            .map(|i| 0x9e37_79b9u32.wrapping_mul(i + 1))
+            .collect();
+        let parent = BlockHash(0x0123_4567_89ab_cdef_fedc_ba98_7654_3210);
+        let lo = parent.0 as u64;
+        let hi = (parent.0 >> 64) as u64;
+        for n in [1, 15, 16, 17, 32, 64] {
+            let bytes: Vec<u8> = tokens[..n].iter().flat_map(|t| t.to_le_bytes()).collect();
+            let want = xxhash_rust::xxh3::xxh3_128_with_seed(&bytes, lo ^ hi.rotate_left(32))
+                ^ (u128::from(hi) << 64);
+            assert_eq!(
+                Xxh3Hasher.chain(parent, &tokens[..n]),
+                BlockHash(want),
                 "{n} tokens"
             );
         }
