@@ -284,6 +284,16 @@ impl Sha256Hasher {
         }
         state
     }
+
+    /// The hash: the first 16 bytes of the big-endian state.
+    #[inline]
+    fn finish(state: &[u32; 8]) -> BlockHash {
+        let mut out = [0u8; 16];
+        for (dst, w) in out.chunks_exact_mut(4).zip(&state[..4]) {
+            dst.copy_from_slice(&w.to_be_bytes());
+        }
+        BlockHash(u128::from_le_bytes(out))
+    }
 }
 
 impl BlockHasher for Sha256Hasher {
@@ -302,6 +312,16 @@ impl BlockHasher for Sha256Hasher {
     #[inline]
     fn chain(&self, parent: BlockHash, tokens: &[u32]) -> BlockHash {
         let mut state = Self::start_state(parent, tokens.len());
+        if let Ok(block) = <&[u32; 16]>::try_from(tokens) {
+            // The usual 16-token block: one compression of a fixed 64 bytes, without the
+            // general loop's variable-length copy and padding (same bytes, same hash).
+            let mut bytes = [0u8; 64];
+            for (dst, t) in bytes.chunks_exact_mut(4).zip(block) {
+                dst.copy_from_slice(&t.to_le_bytes());
+            }
+            sha2::block_api::compress256(&mut state, &[bytes]);
+            return Self::finish(&state);
+        }
         let mut rest = tokens;
         loop {
             let (now, later) = rest.split_at(rest.len().min(16));
@@ -315,11 +335,7 @@ impl BlockHasher for Sha256Hasher {
             }
             rest = later;
         }
-        let mut out = [0u8; 16];
-        for (dst, w) in out.chunks_exact_mut(4).zip(&state[..4]) {
-            dst.copy_from_slice(&w.to_be_bytes());
-        }
-        BlockHash(u128::from_le_bytes(out))
+        Self::finish(&state)
     }
 }
 
