@@ -470,9 +470,11 @@ impl PrefixCache {
         self.by_hash.get(hash, hittable_hash(nodes))
     }
 
-    /// Drops the hash index's stale entries (see [`crate::table`]): one pass over the nodes.
-    fn rebuild_index(&mut self) {
+    /// Drops the hash index's stale entries (see [`crate::table`]), making room for `more`
+    /// inserts: one pass over the nodes.
+    fn rebuild_index(&mut self, more: usize) {
         let count = self.by_hash.len();
+        let slot_bound = self.slot_bound(more);
         let live = self
             .nodes
             .nodes
@@ -480,8 +482,14 @@ impl PrefixCache {
             .enumerate()
             .filter(|(_, n)| n.live && n.hittable)
             .map(|(s, n)| (n.hash, s as u32));
-        self.by_hash.rebuild(live, count);
+        self.by_hash.rebuild(live, count, more, slot_bound);
         debug_assert_eq!(self.by_hash.len(), count, "one entry per hittable node");
+    }
+
+    /// Above every slot the next `more` new nodes can take (freed slots are reused, new ones
+    /// are appended).
+    fn slot_bound(&self, more: usize) -> usize {
+        self.nodes.nodes.len() + more
     }
 
     fn tick(&mut self) -> u64 {
@@ -591,17 +599,18 @@ impl PrefixCache {
             debug_assert!(held, "use count checked above");
             let node = &self.nodes[slot as usize];
             blocks.push(node.block);
-            let info = BlockInfo {
-                hash: node.hash,
-                depth: node.depth,
-                stamp,
-                request_hit_blocks: hit,
-                request_blocks: hashes.len() as u32,
-                block_size: self.block_size,
-                access: Access::Lookup,
-            };
+            let (hash, depth) = (node.hash, node.depth);
             self.refresh(slot);
             if self.recency.is_none() {
+                let info = BlockInfo {
+                    hash,
+                    depth,
+                    stamp,
+                    request_hit_blocks: hit,
+                    request_blocks: hashes.len() as u32,
+                    block_size: self.block_size,
+                    access: Access::Lookup,
+                };
                 self.policy.on_hit(slot, &info);
             }
         }
@@ -639,26 +648,38 @@ impl PrefixCache {
             });
         }
         self.now_ms = now_ms;
-        if self.by_hash.wants_rebuild(hashes.len()) {
-            self.rebuild_index();
+        if self
+            .by_hash
+            .wants_rebuild(hashes.len(), self.slot_bound(hashes.len()))
+        {
+            self.rebuild_index(hashes.len());
         }
         for &h in hashes.iter().take(Self::AHEAD) {
             self.by_hash.prefetch(h);
         }
-        let existing = hashes
-            .iter()
-            .zip(blocks)
-            .enumerate()
-            .take_while(|&(i, (h, &b))| {
-                if let Some(&next) = hashes.get(i + Self::AHEAD) {
-                    self.by_hash.prefetch(next);
-                }
-                self.find(*h)
-                    .is_some_and(|s| self.nodes[s as usize].block == b)
-            })
-            .count() as u32;
+        // The blocks already cached, for the policy's `BlockInfo` (the cache's own LRU order
+        // needs no count, so it skips this pass over the index).
+        let existing = if self.recency.is_some() {
+            0
+        } else {
+            hashes
+                .iter()
+                .zip(blocks)
+                .enumerate()
+                .take_while(|&(i, (h, &b))| {
+                    if let Some(&next) = hashes.get(i + Self::AHEAD) {
+                        self.by_hash.prefetch(next);
+                    }
+                    self.find(*h)
+                        .is_some_and(|s| self.nodes[s as usize].block == b)
+                })
+                .count() as u32
+        };
         let request_blocks = hashes.len() as u32;
         let mut parent: Option<u32> = None;
+        // Whether `parent` was cached by this call: in use by the offering request, so never
+        // evictable here, and adding a child leaves it out of every lane (no refresh needed).
+        let mut parent_new = false;
         // The slots of the last `CHAIN_AHEAD` blocks of the chain, by depth modulo its size.
         let mut recent = [NIL; Self::CHAIN_AHEAD];
         let mut stored: Vec<BlockHash> = Vec::new();
@@ -679,21 +700,22 @@ impl PrefixCache {
                     break;
                 }
                 let stamp = self.tick();
-                let info = BlockInfo {
-                    hash,
-                    depth: i as u32,
-                    stamp,
-                    request_hit_blocks: existing,
-                    request_blocks,
-                    block_size: self.block_size,
-                    access: Access::Insert,
-                };
                 self.set_stamp(slot, stamp);
                 if self.recency.is_none() {
+                    let info = BlockInfo {
+                        hash,
+                        depth: i as u32,
+                        stamp,
+                        request_hit_blocks: existing,
+                        request_blocks,
+                        block_size: self.block_size,
+                        access: Access::Insert,
+                    };
                     self.policy.on_hit(slot, &info);
                 }
                 self.refresh(slot);
                 parent = Some(slot);
+                parent_new = false;
                 recent[i % Self::CHAIN_AHEAD] = slot;
                 continue;
             }
@@ -705,15 +727,6 @@ impl PrefixCache {
                 break;
             }
             let stamp = self.tick();
-            let info = BlockInfo {
-                hash,
-                depth: i as u32,
-                stamp,
-                request_hit_blocks: existing,
-                request_blocks,
-                block_size: self.block_size,
-                access: Access::Insert,
-            };
             let slot = self.nodes.insert(Node {
                 hash,
                 block,
@@ -739,11 +752,22 @@ impl PrefixCache {
             }
             self.by_block.insert(block, slot);
             if self.recency.is_none() {
+                let info = BlockInfo {
+                    hash,
+                    depth: i as u32,
+                    stamp,
+                    request_hit_blocks: existing,
+                    request_blocks,
+                    block_size: self.block_size,
+                    access: Access::Insert,
+                };
                 self.policy.on_insert(slot, &info);
             }
             if let Some(p) = parent {
                 self.nodes.add_child(p, slot);
-                self.refresh(p);
+                if !parent_new {
+                    self.refresh(p);
+                }
             }
             if self.events.enabled() {
                 if stored.is_empty() {
@@ -754,6 +778,7 @@ impl PrefixCache {
             self.metrics.inserted_blocks = self.metrics.inserted_blocks.saturating_add(1);
             newly_cached.push(block);
             parent = Some(slot);
+            parent_new = true;
             recent[i % Self::CHAIN_AHEAD] = slot;
         }
         if let Some(last) = parent {
@@ -1208,7 +1233,22 @@ impl PrefixCache {
         }
     }
 
+    /// Puts a node in the lane its state calls for.
+    #[inline(always)]
     fn refresh(&mut self, slot: u32) {
+        let node = &self.nodes[slot as usize];
+        // The common case on the hot paths (a released block that still has children, a hit
+        // block now in use): not evictable and in no lane, so it stays in none.
+        if node.lane == Lane::None && !(node.hittable && node.refs == 0 && !node.has_children()) {
+            return;
+        }
+        self.relane(slot);
+    }
+
+    /// [`Self::refresh`] for a node that is evictable or in a lane (kept out of line, so the
+    /// check above stays a few instructions wherever it is inlined).
+    #[inline(never)]
+    fn relane(&mut self, slot: u32) {
         let priority = self.priority(slot);
         let node = &self.nodes[slot as usize];
         let evictable = node.hittable && node.refs == 0 && !node.has_children();

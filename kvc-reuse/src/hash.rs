@@ -284,6 +284,16 @@ impl Sha256Hasher {
         }
         state
     }
+
+    /// The hash: the first 16 bytes of the big-endian state.
+    #[inline]
+    fn finish(state: &[u32; 8]) -> BlockHash {
+        let mut out = [0u8; 16];
+        for (dst, w) in out.chunks_exact_mut(4).zip(&state[..4]) {
+            dst.copy_from_slice(&w.to_be_bytes());
+        }
+        BlockHash(u128::from_le_bytes(out))
+    }
 }
 
 impl BlockHasher for Sha256Hasher {
@@ -302,6 +312,16 @@ impl BlockHasher for Sha256Hasher {
     #[inline]
     fn chain(&self, parent: BlockHash, tokens: &[u32]) -> BlockHash {
         let mut state = Self::start_state(parent, tokens.len());
+        if let Ok(block) = <&[u32; 16]>::try_from(tokens) {
+            // The usual 16-token block: one compression of a fixed 64 bytes, without the
+            // general loop's variable-length copy and padding (same bytes, same hash).
+            let mut bytes = [0u8; 64];
+            for (dst, t) in bytes.chunks_exact_mut(4).zip(block) {
+                dst.copy_from_slice(&t.to_le_bytes());
+            }
+            sha2::block_api::compress256(&mut state, &[bytes]);
+            return Self::finish(&state);
+        }
         let mut rest = tokens;
         loop {
             let (now, later) = rest.split_at(rest.len().min(16));
@@ -315,11 +335,7 @@ impl BlockHasher for Sha256Hasher {
             }
             rest = later;
         }
-        let mut out = [0u8; 16];
-        for (dst, w) in out.chunks_exact_mut(4).zip(&state[..4]) {
-            dst.copy_from_slice(&w.to_be_bytes());
-        }
-        BlockHash(u128::from_le_bytes(out))
+        Self::finish(&state)
     }
 }
 
@@ -342,9 +358,19 @@ impl BlockHasher for Xxh3Hasher {
         let lo = parent.0 as u64;
         let hi = (parent.0 >> 64) as u64;
         let seed = lo ^ hi.rotate_left(32);
-        let h = with_le_bytes(tokens, |bytes| {
-            xxhash_rust::xxh3::xxh3_128_with_seed(bytes, seed)
-        });
+        let h = if let Ok(block) = <&[u32; 16]>::try_from(tokens) {
+            // The usual 16-token block as a fixed 64 bytes: the hash's length-dependent
+            // branches fold away and the call is inlined (same bytes, same hash).
+            let mut bytes = [0u8; 64];
+            for (dst, t) in bytes.chunks_exact_mut(4).zip(block) {
+                dst.copy_from_slice(&t.to_le_bytes());
+            }
+            xxhash_rust::xxh3::xxh3_128_with_seed(&bytes, seed)
+        } else {
+            with_le_bytes(tokens, |bytes| {
+                xxhash_rust::xxh3::xxh3_128_with_seed(bytes, seed)
+            })
+        };
         // Fold the parent's high half in as well, so parents that differ only there still
         // yield different children.
         BlockHash(h ^ (u128::from(hi) << 64))
@@ -697,6 +723,28 @@ mod tests {
             assert_eq!(
                 Blake3Hasher.chain(parent, &tokens[..n]),
                 BlockHash(first_16(h.finalize().as_bytes())),
+                "{n} tokens"
+            );
+        }
+    }
+
+    #[test]
+    fn xxh3_fixed_16_token_path_matches_the_byte_path() {
+        // The 16-token block is hashed from a fixed 64-byte array; every size must still equal
+        // its little-endian bytes hashed with the parent's seed.
+        let tokens: Vec<u32> = (0..64)
+            .map(|i| 0x9e37_79b9u32.wrapping_mul(i + 1))
+            .collect();
+        let parent = BlockHash(0x0123_4567_89ab_cdef_fedc_ba98_7654_3210);
+        let lo = parent.0 as u64;
+        let hi = (parent.0 >> 64) as u64;
+        for n in [1, 15, 16, 17, 32, 64] {
+            let bytes: Vec<u8> = tokens[..n].iter().flat_map(|t| t.to_le_bytes()).collect();
+            let want = xxhash_rust::xxh3::xxh3_128_with_seed(&bytes, lo ^ hi.rotate_left(32))
+                ^ (u128::from(hi) << 64);
+            assert_eq!(
+                Xxh3Hasher.chain(parent, &tokens[..n]),
+                BlockHash(want),
                 "{n} tokens"
             );
         }
