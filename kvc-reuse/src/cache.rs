@@ -676,6 +676,17 @@ impl PrefixCache {
                 .count() as u32
         };
         let request_blocks = hashes.len() as u32;
+        let block_size = self.block_size;
+        // What a policy object is told of block `depth` of this insert (hit or new).
+        let info = |hash, depth: usize, stamp| BlockInfo {
+            hash,
+            depth: depth as u32,
+            stamp,
+            request_hit_blocks: existing,
+            request_blocks,
+            block_size,
+            access: Access::Insert,
+        };
         let mut parent: Option<u32> = None;
         // Whether `parent` was cached by this call: in use by the offering request, so never
         // evictable here, and adding a child leaves it out of every lane (no refresh needed).
@@ -702,16 +713,7 @@ impl PrefixCache {
                 let stamp = self.tick();
                 self.set_stamp(slot, stamp);
                 if self.recency.is_none() {
-                    let info = BlockInfo {
-                        hash,
-                        depth: i as u32,
-                        stamp,
-                        request_hit_blocks: existing,
-                        request_blocks,
-                        block_size: self.block_size,
-                        access: Access::Insert,
-                    };
-                    self.policy.on_hit(slot, &info);
+                    self.policy.on_hit(slot, &info(hash, i, stamp));
                 }
                 self.refresh(slot);
                 parent = Some(slot);
@@ -752,16 +754,7 @@ impl PrefixCache {
             }
             self.by_block.insert(block, slot);
             if self.recency.is_none() {
-                let info = BlockInfo {
-                    hash,
-                    depth: i as u32,
-                    stamp,
-                    request_hit_blocks: existing,
-                    request_blocks,
-                    block_size: self.block_size,
-                    access: Access::Insert,
-                };
-                self.policy.on_insert(slot, &info);
+                self.policy.on_insert(slot, &info(hash, i, stamp));
             }
             if let Some(p) = parent {
                 self.nodes.add_child(p, slot);
