@@ -17,10 +17,17 @@
 //! deleted; a block whose checksum does not match when it is read is a miss, and its whole page
 //! is deleted. A read that races the eviction of its page finds the file gone: a miss.
 //!
-//! Eviction is by page, least recently used first (a hit touches the page); pages found at
-//! start-up count as used in the order they were written.
+//! Eviction is by page, in the device's order: lowest retention priority first, and least
+//! recently used among pages of one priority (a hit touches the page). A page ranks at the
+//! retention it was written with ([`BlockStore::put_retained`]; the host tier passes on each
+//! spilled block's own); a pinned page's rank decays to [`Retention::DEFAULT_PRIORITY`] when its
+//! pin expires on the caller's clock, which the tier keeps as the latest `now_ms` it was given.
+//! A block offered again while held raises its page's rank if the new retention ranks higher.
+//! Pages found at start-up rank at the default (pins are in the engine's clock, which does not
+//! survive a restart) and count as used in the order they were written.
 
-use std::collections::BTreeSet;
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap};
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -28,7 +35,8 @@ use std::sync::{Mutex, MutexGuard};
 
 use ahash::{AHashMap, AHashSet};
 use kvc_core::{
-    BlockStore, PutOutcome, StoreError, StoreKey, StoreNamespace, StoreUsage, check_buffer,
+    BlockStore, PutOutcome, Retention, StoreError, StoreKey, StoreNamespace, StoreUsage,
+    check_buffer,
 };
 use thiserror::Error;
 
@@ -110,16 +118,78 @@ struct Page {
     file_bytes: u64,
     live: u32,
     tick: u64,
+    /// The retention the page was written with (or raised to by a later offer).
+    retention: Retention,
+    /// Its rank in `Inner::order`: the retention's priority in force.
+    rank: u8,
+}
+
+impl Page {
+    fn order_key(&self, id: u64) -> (u8, u64, u64) {
+        (self.rank, self.tick, id)
+    }
+}
+
+/// Whether `r` is a pin in force at `now` that will expire (and so must be queued).
+fn expires(r: Retention, now: u64) -> Option<u64> {
+    r.until
+        .filter(|&until| until > now && r.priority != Retention::DEFAULT_PRIORITY)
 }
 
 struct Inner {
     pages: AHashMap<u64, Page>,
     map: AHashMap<StoreKey, (u64, u32)>,
-    lru: BTreeSet<(u64, u64)>,
+    /// Pages in eviction order: lowest rank first, then least recently used.
+    order: BTreeSet<(u8, u64, u64)>,
+    /// When a page's pin expires: (until, page). An entry whose page is gone or whose pin
+    /// changed since is stale and skipped.
+    expiries: BinaryHeap<Reverse<(u64, u64)>>,
+    /// The latest clock a caller passed (ms); never moves back.
+    now_ms: u64,
     used: u64,
     next_id: u64,
     tick: u64,
     stats: DiskStats,
+}
+
+impl Inner {
+    /// Moves the clock to `now_ms` (never back) and re-ranks the pages whose pins expired.
+    fn advance(&mut self, now_ms: u64) {
+        self.now_ms = self.now_ms.max(now_ms);
+        while let Some(&Reverse((until, id))) = self.expiries.peek() {
+            if until > self.now_ms {
+                break;
+            }
+            self.expiries.pop();
+            let now = self.now_ms;
+            if let Some(page) = self.pages.get_mut(&id)
+                && page.retention.until == Some(until)
+            {
+                self.order.remove(&page.order_key(id));
+                page.rank = page.retention.priority_at(now);
+                self.order.insert(page.order_key(id));
+            }
+        }
+    }
+
+    /// Gives page `id` `retention` if it ranks higher now than the page's own.
+    fn raise(&mut self, id: u64, retention: Retention) {
+        let now = self.now_ms;
+        let Some(page) = self.pages.get_mut(&id) else {
+            return;
+        };
+        let rank = retention.priority_at(now);
+        if rank <= page.rank {
+            return;
+        }
+        self.order.remove(&page.order_key(id));
+        page.retention = retention;
+        page.rank = rank;
+        self.order.insert(page.order_key(id));
+        if let Some(until) = expires(retention, now) {
+            self.expiries.push(Reverse((until, id)));
+        }
+    }
 }
 
 /// A disk tier: see the [module docs](self).
@@ -176,7 +246,9 @@ impl DiskTier {
             inner: Mutex::new(Inner {
                 pages: AHashMap::new(),
                 map: AHashMap::new(),
-                lru: BTreeSet::new(),
+                order: BTreeSet::new(),
+                expiries: BinaryHeap::new(),
+                now_ms: 0,
                 used: 0,
                 next_id: 0,
                 tick: 0,
@@ -221,7 +293,7 @@ impl DiskTier {
         }
         // The budget may have shrunk since the pages were written.
         while g.used > tier.budget {
-            if !tier.evict_lru(&mut g) {
+            if !tier.evict_first(&mut g) {
                 break;
             }
         }
@@ -277,6 +349,8 @@ impl DiskTier {
             file_bytes,
             live: 0,
             tick: 0,
+            retention: Retention::DEFAULT,
+            rank: Retention::DEFAULT_PRIORITY,
         })
     }
 
@@ -299,7 +373,11 @@ impl DiskTier {
         }
         inner.tick += 1;
         page.tick = inner.tick;
-        inner.lru.insert((page.tick, id));
+        page.rank = page.retention.priority_at(inner.now_ms);
+        if let Some(until) = expires(page.retention, inner.now_ms) {
+            inner.expiries.push(Reverse((until, id)));
+        }
+        inner.order.insert(page.order_key(id));
         inner.pages.insert(id, page);
         true
     }
@@ -307,7 +385,7 @@ impl DiskTier {
     /// Deletes page `id` and forgets its blocks.
     fn drop_page(&self, inner: &mut Inner, id: u64) {
         if let Some(page) = inner.pages.remove(&id) {
-            inner.lru.remove(&(page.tick, id));
+            inner.order.remove(&page.order_key(id));
             for key in page.keys.iter().flatten() {
                 inner.map.remove(key);
             }
@@ -316,9 +394,10 @@ impl DiskTier {
         }
     }
 
-    /// Evicts the least recently used page; false when there is none.
-    fn evict_lru(&self, inner: &mut Inner) -> bool {
-        let Some(&(_, id)) = inner.lru.iter().next() else {
+    /// Evicts the first page in eviction order (lowest rank, then least recently used);
+    /// false when there is none.
+    fn evict_first(&self, inner: &mut Inner) -> bool {
+        let Some(&(_, _, id)) = inner.order.first() else {
             return false;
         };
         self.drop_page(inner, id);
@@ -458,10 +537,10 @@ impl BlockStore for DiskTier {
         let hits = found.iter().filter(|&&f| f).count();
         for id in touched {
             if let Some(page) = inner.pages.get_mut(&id) {
-                inner.lru.remove(&(page.tick, id));
+                inner.order.remove(&page.order_key(id));
                 inner.tick += 1;
                 page.tick = inner.tick;
-                inner.lru.insert((inner.tick, id));
+                inner.order.insert(page.order_key(id));
             }
         }
         inner.stats.raced_reads += raced;
@@ -470,17 +549,39 @@ impl BlockStore for DiskTier {
         Ok(hits)
     }
 
-    fn put(&self, keys: &[StoreKey], src: &[u8], _priority: u8) -> Result<PutOutcome, StoreError> {
+    /// Stores the blocks at `priority` with no expiry: see [`put_retained`](Self::put_retained).
+    fn put(&self, keys: &[StoreKey], src: &[u8], priority: u8) -> Result<PutOutcome, StoreError> {
+        let retention = Retention {
+            priority,
+            until: None,
+        };
+        self.put_retained(keys, src, retention, 0)
+    }
+
+    /// Writes the blocks not held yet to new pages ranked at `retention` (until it expires on
+    /// the clock `now_ms`); a block already held raises its page to `retention` if that ranks
+    /// higher now.
+    fn put_retained(
+        &self,
+        keys: &[StoreKey],
+        src: &[u8],
+        retention: Retention,
+        now_ms: u64,
+    ) -> Result<PutOutcome, StoreError> {
         check_buffer(keys.len(), self.block_bytes, src.len())?;
         let bb = self.block_bytes as usize;
         let mut out = PutOutcome::default();
         // The blocks not held yet, each once.
         let mut fresh: Vec<usize> = Vec::with_capacity(keys.len());
         {
-            let g = self.lock();
+            let mut g = self.lock();
+            g.advance(now_ms);
             let mut seen = AHashSet::new();
             for (i, k) in keys.iter().enumerate() {
-                if g.map.contains_key(k) || !seen.insert(*k) {
+                if let Some(&(id, _)) = g.map.get(k) {
+                    out.present += 1;
+                    g.raise(id, retention);
+                } else if !seen.insert(*k) {
                     out.present += 1;
                 } else {
                     fresh.push(i);
@@ -502,7 +603,7 @@ impl BlockStore for DiskTier {
                 let mut g = self.lock();
                 while g.used + file_bytes > self.budget {
                     let before = g.map.len();
-                    if !self.evict_lru(&mut g) {
+                    if !self.evict_first(&mut g) {
                         break;
                     }
                     out.evicted += before - g.map.len();
@@ -537,6 +638,8 @@ impl BlockStore for DiskTier {
                     file_bytes,
                     live: 0,
                     tick: 0,
+                    retention,
+                    rank: retention.priority_at(now_ms),
                 },
             );
             if !kept {

@@ -99,19 +99,26 @@ pub struct HostStats {
     pub get_copies: u64,
 }
 
-/// Blocks an eviction pushed out of the host tier: keys and their bytes back to back.
+/// Blocks an eviction pushed out of the host tier: keys, the retention each was held with, and
+/// their bytes back to back.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Spill {
     /// Keys of the evicted blocks.
     pub keys: Vec<StoreKey>,
+    /// The retention each block was stored with (its pin may have expired since: read it at
+    /// [`now_ms`](Self::now_ms)).
+    pub retentions: Vec<Retention>,
     /// Their payloads, `keys.len() × block_bytes`.
     pub bytes: Vec<u8>,
+    /// The host tier's clock when the blocks were evicted (the latest `now_ms` it was given).
+    pub now_ms: u64,
 }
 
 impl Spill {
     /// Empties the spill, keeping its buffers.
     pub fn clear(&mut self) {
         self.keys.clear();
+        self.retentions.clear();
         self.bytes.clear();
     }
 }
@@ -465,13 +472,15 @@ impl HostTier {
         let mut spill = spill;
         let f = &mut inner.frames[frame as usize];
         for (s, held) in f.slots.iter_mut().enumerate() {
-            if let Some((key, _)) = held.take() {
+            if let Some((key, retention)) = held.take() {
                 inner.map.remove(&key);
                 out.evicted += 1;
                 inner.stats.evicted_blocks += 1;
                 if let Some(sp) = spill.as_deref_mut() {
                     let at = base + s * self.block_bytes;
+                    sp.now_ms = inner.now_ms;
                     sp.keys.push(key);
+                    sp.retentions.push(retention);
                     sp.bytes
                         .extend_from_slice(&inner.data[at..at + self.block_bytes]);
                 }

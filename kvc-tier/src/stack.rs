@@ -221,13 +221,32 @@ impl TierStack {
         Ok(out)
     }
 
+    /// Writes what the host tier evicted to the disk tier, each run of blocks with the
+    /// retention it had in the host tier (so a pinned block stays pinned on disk).
     fn demote(&self, spill: &Spill) -> Result<usize, StoreError> {
-        match &self.disk {
-            Some(disk) if !spill.keys.is_empty() => {
-                Ok(disk.put(&spill.keys, &spill.bytes, 0)?.stored)
-            }
-            _ => Ok(0),
+        let Some(disk) = &self.disk else {
+            return Ok(0);
+        };
+        let bb = self.host.block_bytes() as usize;
+        let mut stored = 0;
+        let mut start = 0;
+        while start < spill.keys.len() {
+            let retention = spill.retentions[start];
+            let end = spill.retentions[start..]
+                .iter()
+                .position(|&r| r != retention)
+                .map_or(spill.keys.len(), |n| start + n);
+            stored += disk
+                .put_retained(
+                    &spill.keys[start..end],
+                    &spill.bytes[start * bb..end * bb],
+                    retention,
+                    spill.now_ms,
+                )?
+                .stored;
+            start = end;
         }
+        Ok(stored)
     }
 
     /// The longest prefix of `keys` held by some tier, as the tier of each of its blocks.

@@ -1,5 +1,5 @@
-//! The disk tier against real files: restart, corruption, truncation, the byte budget, other
-//! namespaces, and reads racing evictions.
+//! The disk tier against real files: restart, corruption, truncation, the byte budget, the
+//! retention order, other namespaces, and reads racing evictions.
 
 mod common;
 
@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use common::{BLOCK, TempDir, blocks, ns, payload};
-use kvc_core::{BlockStore, StoreKey};
+use kvc_core::{BlockStore, Retention, StoreKey};
 use kvc_tier::{DiskConfig, DiskTier};
 
 fn pages(tier: &DiskTier) -> Vec<PathBuf> {
@@ -160,6 +160,109 @@ fn the_budget_is_never_exceeded_and_old_pages_go_first() {
     assert_eq!(tiny.usage().bytes, 0);
 }
 
+/// A disk tier with room for three pages of two blocks, and the bytes of one page.
+fn three_page_disk(tmp: &TempDir, name: &str) -> DiskTier {
+    let probe = DiskTier::open(ns("probe"), &DiskConfig::new(&tmp.0, 1 << 20, 2)).unwrap();
+    let (k, s) = blocks([1, 2]);
+    let _ = probe.put(&k, &s, 0).unwrap();
+    let page_bytes = probe.usage().bytes;
+    let cfg = DiskConfig::new(&tmp.0, 3 * page_bytes + page_bytes / 2, 2);
+    DiskTier::open(ns(name), &cfg).unwrap()
+}
+
+fn pin(priority: u8, until: Option<u64>) -> Retention {
+    Retention { priority, until }
+}
+
+/// Puts page `p` (blocks `2p+1`, `2p+2`) with `retention` at `now_ms`.
+fn put_page(disk: &DiskTier, p: u128, retention: Retention, now_ms: u64) -> usize {
+    let (keys, src) = blocks([2 * p + 1, 2 * p + 2]);
+    let out = disk.put_retained(&keys, &src, retention, now_ms).unwrap();
+    out.stored
+}
+
+fn holds(disk: &DiskTier, p: u128) -> bool {
+    let (keys, _) = blocks([2 * p + 1, 2 * p + 2]);
+    disk.contains_prefix(&keys).unwrap() == 2
+}
+
+#[test]
+fn a_pinned_page_outlives_churn_until_its_pin_expires() {
+    let tmp = TempDir::new("pinned");
+    let disk = three_page_disk(&tmp, "m");
+    assert_eq!(put_page(&disk, 0, pin(80, Some(1_000)), 0), 2);
+    // Default pages churn through the other two places; the pinned page is the oldest.
+    for p in 1..=6 {
+        assert_eq!(put_page(&disk, p, Retention::DEFAULT, 10 * p as u64), 2);
+        assert!(holds(&disk, 0), "pinned page evicted by default page {p}");
+    }
+    assert!(!holds(&disk, 1), "the oldest default page goes instead");
+    // Once the pin has expired the page ranks at the default and, least recently used, goes.
+    assert_eq!(put_page(&disk, 7, Retention::DEFAULT, 1_000), 2);
+    assert!(!holds(&disk, 0));
+    assert!(holds(&disk, 5) && holds(&disk, 6) && holds(&disk, 7));
+    let u = disk.usage();
+    assert!(u.bytes <= u.capacity_bytes.unwrap(), "{u:?}");
+}
+
+#[test]
+fn a_low_priority_page_goes_before_older_default_pages_and_a_hit_touches() {
+    let tmp = TempDir::new("low");
+    let disk = three_page_disk(&tmp, "m");
+    assert_eq!(put_page(&disk, 0, Retention::DEFAULT, 0), 2);
+    assert_eq!(put_page(&disk, 1, Retention::DEFAULT, 0), 2);
+    assert_eq!(put_page(&disk, 2, pin(5, None), 0), 2);
+    assert_eq!(put_page(&disk, 3, Retention::DEFAULT, 0), 2);
+    assert!(
+        !holds(&disk, 2),
+        "the low-priority page goes first, though newest"
+    );
+    assert!(holds(&disk, 0) && holds(&disk, 1));
+    // A read makes page 0 the most recently used: page 1 goes next.
+    let (keys, src) = blocks([1, 2]);
+    let (n, _, dst) = get_all(&disk, &keys);
+    assert_eq!((n, dst), (2, src));
+    assert_eq!(put_page(&disk, 4, Retention::DEFAULT, 0), 2);
+    assert!(holds(&disk, 0) && !holds(&disk, 1));
+}
+
+#[test]
+fn offering_a_held_block_with_a_higher_retention_raises_its_page() {
+    let tmp = TempDir::new("raise");
+    let disk = three_page_disk(&tmp, "m");
+    for p in 0..3 {
+        assert_eq!(put_page(&disk, p, Retention::DEFAULT, 0), 2);
+    }
+    // Page 0, the least recently used, is offered again with a pin: present, and now kept.
+    let (keys, src) = blocks([1]);
+    let out = disk.put_retained(&keys, &src, pin(90, None), 0).unwrap();
+    assert_eq!((out.stored, out.present), (0, 1));
+    // A lower offer does not lower it.
+    let out = disk.put_retained(&keys, &src, pin(1, None), 0).unwrap();
+    assert_eq!(out.present, 1);
+    assert_eq!(put_page(&disk, 3, Retention::DEFAULT, 0), 2);
+    assert_eq!(put_page(&disk, 4, Retention::DEFAULT, 0), 2);
+    assert!(holds(&disk, 0), "the raised page stays");
+    assert!(!holds(&disk, 1) && !holds(&disk, 2));
+}
+
+#[test]
+fn pages_found_at_start_up_rank_at_the_default() {
+    let tmp = TempDir::new("restart-rank");
+    {
+        let disk = three_page_disk(&tmp, "m");
+        assert_eq!(put_page(&disk, 0, pin(90, None), 0), 2);
+        assert_eq!(put_page(&disk, 1, Retention::DEFAULT, 0), 2);
+    }
+    let disk = three_page_disk(&tmp, "m");
+    assert_eq!(disk.stats().recovered_pages, 2);
+    assert_eq!(put_page(&disk, 2, Retention::DEFAULT, 0), 2);
+    assert_eq!(put_page(&disk, 3, Retention::DEFAULT, 0), 2);
+    // The pin did not survive the restart: the oldest page goes first.
+    assert!(!holds(&disk, 0));
+    assert!(holds(&disk, 1) && holds(&disk, 2) && holds(&disk, 3));
+}
+
 #[test]
 fn a_block_of_another_namespace_is_never_read_back() {
     let tmp = TempDir::new("namespace");
@@ -243,4 +346,110 @@ fn reads_racing_evictions_see_whole_blocks_or_misses() {
         0,
         "a race is a miss, not corruption"
     );
+}
+
+mod model {
+    //! The disk tier's eviction order against a model: pages of one block each, written with
+    //! a retention at a clock that moves forward, read back, and offered again.
+
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        /// Offer block `key` with `priority`, pinned for `lasts` ms if any, `dt` ms later.
+        Put {
+            key: u8,
+            priority: u8,
+            lasts: Option<u8>,
+            dt: u8,
+        },
+        Get(u8),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => (0..12u8, prop_oneof![Just(0u8), Just(35), Just(60), Just(90)],
+                  proptest::option::of(1..40u8), 0..8u8)
+                .prop_map(|(key, priority, lasts, dt)| Op::Put { key, priority, lasts, dt }),
+            1 => (0..12u8).prop_map(Op::Get),
+        ]
+    }
+
+    /// Held blocks: (key, retention, last use); the first in (priority in force, last use)
+    /// order is evicted when a fourth page is written.
+    #[derive(Default)]
+    struct Model {
+        held: Vec<(u8, Retention, u64)>,
+        now: u64,
+        tick: u64,
+    }
+
+    const PAGES: usize = 3;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        #[test]
+        fn eviction_follows_priority_in_force_then_recency(
+            ops in proptest::collection::vec(op(), 1..40),
+        ) {
+            let tmp = TempDir::new("model");
+            let probe = DiskTier::open(ns("probe"), &DiskConfig::new(&tmp.0, 1 << 20, 1)).unwrap();
+            let (k, s) = blocks([1]);
+            let _ = probe.put(&k, &s, 0).unwrap();
+            let page_bytes = probe.usage().bytes;
+            let cfg = DiskConfig::new(&tmp.0, PAGES as u64 * page_bytes + page_bytes / 2, 1);
+            let disk = DiskTier::open(ns("m"), &cfg).unwrap();
+            let mut m = Model::default();
+            for op in ops {
+                m.tick += 1;
+                match op {
+                    Op::Put { key, priority, lasts, dt } => {
+                        m.now += u64::from(dt);
+                        let retention = Retention {
+                            priority,
+                            until: lasts.map(|l| m.now + u64::from(l)),
+                        };
+                        let (keys, src) = blocks([u128::from(key)]);
+                        let out = disk.put_retained(&keys, &src, retention, m.now).unwrap();
+                        let now = m.now;
+                        if let Some(h) = m.held.iter_mut().find(|h| h.0 == key) {
+                            prop_assert_eq!((out.stored, out.present), (0, 1));
+                            if retention.priority_at(now) > h.1.priority_at(now) {
+                                h.1 = retention;
+                            }
+                        } else {
+                            prop_assert_eq!(out.stored, 1);
+                            if m.held.len() == PAGES {
+                                let victim = (0..PAGES)
+                                    .min_by_key(|&i| (m.held[i].1.priority_at(now), m.held[i].2))
+                                    .unwrap();
+                                m.held.remove(victim);
+                            }
+                            m.held.push((key, retention, m.tick));
+                        }
+                    }
+                    Op::Get(key) => {
+                        let (keys, src) = blocks([u128::from(key)]);
+                        let (n, _, dst) = get_all(&disk, &keys);
+                        let held = m.held.iter_mut().find(|h| h.0 == key);
+                        prop_assert_eq!(n == 1, held.is_some());
+                        if let Some(h) = held {
+                            prop_assert_eq!(&dst, &src, "a hit holds its own bytes");
+                            h.2 = m.tick;
+                        }
+                    }
+                }
+                let mut want: Vec<u8> = m.held.iter().map(|h| h.0).collect();
+                want.sort_unstable();
+                let have: Vec<u8> = (0..12u8)
+                    .filter(|&k| disk.contains_prefix(&blocks([u128::from(k)]).0).unwrap() == 1)
+                    .collect();
+                prop_assert_eq!(have, want);
+                let u = disk.usage();
+                prop_assert!(u.bytes <= u.capacity_bytes.unwrap());
+            }
+        }
+    }
 }

@@ -174,6 +174,49 @@ fn a_pinned_prefix_outlives_host_churn_until_its_pin_expires_then_goes_to_disk_f
 }
 
 #[test]
+fn a_pinned_block_demoted_to_disk_keeps_its_pin_there() {
+    let tmp = TempDir::new("stack-disk-pin");
+    let probe = DiskTier::open(ns("probe"), &DiskConfig::new(&tmp.0, 1 << 20, 2)).unwrap();
+    let (k, s) = blocks([1, 2]);
+    let _ = probe.put(&k, &s, 0).unwrap();
+    let page_bytes = probe.usage().bytes;
+    // Three disk pages, and a host tier of one page: every offer pushes the last one down.
+    let disk_cfg = DiskConfig::new(&tmp.0, 3 * page_bytes + page_bytes / 2, 2);
+    let disk = DiskTier::open(ns("m"), &disk_cfg).unwrap();
+    let stack = TierStack::new(host(1), Some(disk), None, OffloadMode::WriteBack);
+    let (prefix, prefix_src) = blocks(1..=2);
+    let pin = Retention {
+        priority: 90,
+        until: Some(10_000),
+    };
+    let _ = stack
+        .offload_retained(DeviceEvent::Evicted, &prefix, &prefix_src, pin, 0)
+        .unwrap();
+    let churn = |c: u128, now: u64| {
+        let (keys, src) = blocks(100 + 2 * c..=101 + 2 * c);
+        let _ = stack
+            .offload_retained(DeviceEvent::Evicted, &keys, &src, Retention::DEFAULT, now)
+            .unwrap();
+    };
+    // The first chain pushes the pinned page (the host's only one) to disk; the next six
+    // push each other through the disk's two other pages.
+    for c in 0..7u128 {
+        churn(c, 10 * c as u64);
+        assert_eq!(
+            stack.lookup(&prefix).unwrap(),
+            vec![TierKind::Disk; 2],
+            "the pinned prefix stays on disk after chain {c}"
+        );
+    }
+    let (first, _) = blocks(100..=101);
+    assert!(stack.lookup(&first).unwrap().is_empty(), "old chains go");
+    // Once the pin has run out the prefix is the disk's least recently used page.
+    churn(7, 10_000);
+    churn(8, 10_010);
+    assert!(stack.lookup(&prefix).unwrap().is_empty());
+}
+
+#[test]
 fn a_second_engine_loads_blocks_the_first_uploaded() {
     let Some(url) = redis_url("a_second_engine_loads_blocks_the_first_uploaded") else {
         return;
