@@ -4,6 +4,9 @@
 //! - `memcpy/1024 blocks`: the machine's copy bandwidth for 1,024 blocks;
 //! - `host/put 1024 blocks` and `host/get 1024 blocks`: a host tier of 16-block pages, full
 //!   and evicting, so puts include eviction;
+//! - `host beside a writer/get 16 blocks`: the same get of 16 resident blocks (1 MiB) while
+//!   another thread offloads 1,024-block batches (64 MiB) into the same tier without pause, so
+//!   the figure shows how long a load waits for an offload to other pages;
 //! - `disk/put 256 blocks` and `disk/get 256 blocks`: page files in a temporary folder (gets
 //!   read warm pages from the OS page cache; puts include the eviction of old pages);
 //! - `shared/put 64 blocks` and `shared/get 64 blocks`: one pipelined round trip per batch to
@@ -14,6 +17,8 @@
 #![allow(missing_docs, clippy::print_stderr)]
 
 use std::hint::black_box;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
@@ -60,6 +65,8 @@ fn tiers(c: &mut Criterion) {
         b.iter(|| black_box(host.get(&resident, &mut dst, &mut found).expect("get")))
     });
     g.finish();
+
+    contended_host(c, &ns, &src);
 
     let dir = std::env::temp_dir().join(format!("kvc-tier-bench-{}", std::process::id()));
     let d = 256;
@@ -126,6 +133,46 @@ fn tiers(c: &mut Criterion) {
     for chunk in written.chunks(1024) {
         let _ = shared.remove(chunk);
     }
+}
+
+/// A get of 16 resident blocks while a writer thread offloads 1,024-block batches.
+fn contended_host(c: &mut Criterion, ns: &StoreNamespace, src: &[u8]) {
+    let bb = ns.block_bytes() as usize;
+    let n = src.len() / bb;
+    let host = Arc::new(
+        HostTier::new(
+            ns.clone(),
+            HostConfig::new((2 * n * bb + 64 * bb) as u64, 16),
+        )
+        .expect("host"),
+    );
+    // Resident blocks at a high priority, so the writer's default blocks never evict them.
+    let resident = keys(1 << 40, 16);
+    let _ = host
+        .put(&resident, &src[..16 * bb], 90)
+        .expect("put resident");
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (host, stop, src) = (Arc::clone(&host), Arc::clone(&stop), src.to_vec());
+        std::thread::spawn(move || {
+            let mut next = 0u128;
+            while !stop.load(Ordering::Relaxed) {
+                let k = keys(next, n);
+                next += n as u128;
+                let _ = host.put(&k, &src, 0);
+            }
+        })
+    };
+    let mut dst = vec![0u8; 16 * bb];
+    let mut found = Vec::new();
+    let mut g = c.benchmark_group("host beside a writer");
+    g.throughput(Throughput::Bytes((16 * bb) as u64));
+    g.bench_function("get 16 blocks", |b| {
+        b.iter(|| black_box(host.get(&resident, &mut dst, &mut found).expect("get")))
+    });
+    g.finish();
+    stop.store(true, Ordering::Relaxed);
+    let _ = writer.join();
 }
 
 criterion_group! {

@@ -18,16 +18,25 @@
 //! a retention priority below [`HostConfig::min_priority`] are not stored (TensorRT-LLM's
 //! `secondary_offload_min_priority`).
 //!
-//! The pool is one allocation made at construction (zeroed, so the OS maps it lazily); an
-//! engine with a GPU registers it as pinned memory so that copies are DMA transfers. Copies in
-//! and out happen under the tier's lock, so a read racing an eviction sees either the whole
-//! block or a miss, never bytes of another block.
+//! Each page is one allocation made at construction (zeroed, so the OS maps it lazily); an
+//! engine with a GPU registers the pages as pinned memory so that copies are DMA transfers.
+//!
+//! **Copies happen outside the tier's lock**, so a large load or offload does not stall
+//! callers working on other pages. The lock guards only the bookkeeping; each page's bytes sit
+//! behind the page's own reader-writer lock, taken for the copy alone. A `put` reserves its
+//! slots under the tier's lock (the pages it writes cannot be evicted or freed until it is
+//! done), copies its blocks in, and publishes them under the lock again: a block is found only
+//! once its bytes are whole. A `get` notes where each block lies and the page's generation
+//! (bumped whenever the page is opened afresh), copies, and keeps only the blocks whose page
+//! was not reused meanwhile: a read racing an eviction sees either the whole block or a miss,
+//! never bytes of another block. Lock order: the tier's lock, then a page's; no caller waits
+//! for the tier's lock while holding a page's.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap};
-use std::sync::{Mutex, MutexGuard};
 
-use ahash::AHashMap;
+use ahash::{AHashMap, AHashSet};
+use kvc_core::sync::{Mutex, MutexGuard, RwLock};
 use kvc_core::{
     BlockStore, PutOutcome, Retention, StoreError, StoreKey, StoreNamespace, StoreUsage,
     check_buffer,
@@ -97,6 +106,11 @@ pub struct HostStats {
     pub evicted_blocks: u64,
     /// Copies made by `get` (one per contiguous run).
     pub get_copies: u64,
+    /// Blocks `get` found but lost to an eviction that reused their page while they were
+    /// being copied (counted as misses too).
+    pub raced_reads: u64,
+    /// Blocks `put` did not store because every page was being written by other callers.
+    pub no_room: u64,
 }
 
 /// Blocks an eviction pushed out of the host tier: keys, the retention each was held with, and
@@ -142,6 +156,12 @@ struct Frame {
     /// `Inner::expiries`).
     next_expiry: Option<u64>,
     in_use: bool,
+    /// Bumped each time the page is opened afresh: a read planned at an older generation
+    /// copied a page that was reused under it.
+    generation: u64,
+    /// Slots reserved in the page whose bytes are being copied in without the tier's lock:
+    /// until they are published, the page is neither evicted nor freed.
+    writers: u32,
 }
 
 impl Frame {
@@ -152,7 +172,6 @@ impl Frame {
 }
 
 struct Inner {
-    data: Vec<u8>,
     frames: Vec<Frame>,
     free: Vec<u32>,
     /// The pages being filled, one per priority offered: (priority, page). Blocks of
@@ -218,11 +237,11 @@ impl Inner {
         }
     }
 
-    /// Marks the page used now.
+    /// Marks the page used now (if it still holds blocks).
     fn touch(&mut self, frame: u32) {
         let f = &mut self.frames[frame as usize];
-        if f.tick == self.tick {
-            return; // already the most recently used
+        if f.tick == self.tick || !f.in_use {
+            return; // already the most recently used, or freed meanwhile
         }
         self.order.remove(&f.order_key(frame));
         self.tick += 1;
@@ -239,6 +258,44 @@ pub struct HostTier {
     page_bytes: usize,
     min_priority: u8,
     inner: Mutex<Inner>,
+    /// The pages' bytes, each behind its own lock (taken after `inner`, never before).
+    data: Box<[RwLock<Box<[u8]>>]>,
+}
+
+/// Where a run of held blocks lies, as a `get` planned it.
+struct Run {
+    /// Index of its first key.
+    at: usize,
+    len: usize,
+    slot: Slot,
+    generation: u64,
+}
+
+/// A block a `put` reserved a slot for: copied in, then published.
+#[derive(Clone, Copy)]
+struct Reserved {
+    /// Index of its key (and bytes) in the batch.
+    from: usize,
+    slot: Slot,
+}
+
+/// Where the bytes of a block an eviction dropped are, for the spill.
+enum Spilled {
+    /// In a page (evicted, and reopened for the batch: nobody writes it until the batch does).
+    Page(Slot),
+    /// Still in the batch's source: a block of the batch itself, whose page it evicted.
+    Source(usize),
+}
+
+/// What a `put` carries through its reservation: its blocks, what it reserved, what it
+/// evicted for the spill, and its outcome so far.
+struct Batch<'a> {
+    keys: &'a [StoreKey],
+    retention: Retention,
+    reserved: Vec<Reserved>,
+    /// Present when the caller wants the evicted blocks.
+    spilled: Option<Vec<(StoreKey, Retention, Spilled)>>,
+    out: PutOutcome,
 }
 
 impl std::fmt::Debug for HostTier {
@@ -273,7 +330,8 @@ impl HostTier {
         }
         let frames = u32::try_from(frames).map_err(|_| too_large.clone())?;
         let page_bytes = usize::try_from(page).map_err(|_| too_large.clone())?;
-        let total = page_bytes
+        // The whole pool must be addressable, though each page is its own allocation.
+        page_bytes
             .checked_mul(frames as usize)
             .ok_or(too_large.clone())?;
         let block_bytes = usize::try_from(ns.block_bytes()).map_err(|_| too_large)?;
@@ -285,6 +343,8 @@ impl HostTier {
             priority: Retention::DEFAULT_PRIORITY,
             next_expiry: None,
             in_use: false,
+            generation: 0,
+            writers: 0,
         };
         Ok(Self {
             ns,
@@ -292,8 +352,10 @@ impl HostTier {
             blocks_per_page: cfg.blocks_per_page,
             page_bytes,
             min_priority: cfg.min_priority,
+            data: (0..frames)
+                .map(|_| RwLock::new(vec![0; page_bytes].into_boxed_slice()))
+                .collect(),
             inner: Mutex::new(Inner {
-                data: vec![0; total],
                 frames: vec![frame; frames as usize],
                 free: (0..frames).rev().collect(),
                 open: Vec::new(),
@@ -308,9 +370,16 @@ impl HostTier {
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        // A panic while holding the lock cannot leave a half-copied block visible: the map
-        // entry is written after the copy. So a poisoned lock is still consistent.
+        // The bookkeeping is updated with no copy in between, so a poisoned lock is still
+        // consistent (a panicking writer leaves its reserved slots unpublished, never visible).
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reads page `frame`'s bytes.
+    fn read_page(&self, frame: u32) -> impl std::ops::Deref<Target = Box<[u8]>> + '_ {
+        self.data[frame as usize]
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// Pages in the pool.
@@ -365,132 +434,232 @@ impl HostTier {
         src: &[u8],
         retention: Retention,
         now_ms: u64,
-        mut spill: Option<&mut Spill>,
+        spill: Option<&mut Spill>,
         floor: bool,
     ) -> Result<PutOutcome, StoreError> {
         check_buffer(keys.len(), self.block_bytes as u64, src.len())?;
-        let mut out = PutOutcome::default();
-        let mut g = self.lock();
-        let inner = &mut *g;
-        inner.advance(now_ms);
-        let now = inner.now_ms;
-        if floor && retention.priority_at(now) < self.min_priority {
-            out.skipped = keys.len();
-            inner.stats.below_priority += keys.len() as u64;
-            return Ok(out);
-        }
-        // A pin in force that will expire: its page must queue the expiry.
-        let pinned = retention.until.is_some_and(|until| until > now)
-            && retention.priority != Retention::DEFAULT_PRIORITY;
-        for (i, &key) in keys.iter().enumerate() {
-            let (slot, same_rank) = match inner.map.get(&key).copied() {
-                Some(slot) => {
-                    out.present += 1;
+        let bb = self.block_bytes;
+        let mut b = Batch {
+            keys,
+            retention,
+            reserved: Vec::new(),
+            spilled: spill.is_some().then(Vec::new),
+            out: PutOutcome::default(),
+        };
+        // 1. Under the lock: a block already held takes the new retention; a new one gets a slot.
+        let (class, pinned, now) = {
+            let mut g = self.lock();
+            let inner = &mut *g;
+            inner.advance(now_ms);
+            let now = inner.now_ms;
+            if floor && retention.priority_at(now) < self.min_priority {
+                b.out.skipped = keys.len();
+                inner.stats.below_priority += keys.len() as u64;
+                return Ok(b.out);
+            }
+            // A pin in force that will expire: its page must queue the expiry.
+            let pinned = retention.until.is_some_and(|until| until > now)
+                && retention.priority != Retention::DEFAULT_PRIORITY;
+            let class = retention.priority_at(now);
+            let mut offered = AHashSet::new();
+            for (i, &key) in keys.iter().enumerate() {
+                if let Some(slot) = inner.map.get(&key).copied() {
+                    b.out.present += 1;
                     if let Some((_, r)) =
                         &mut inner.frames[slot.frame as usize].slots[slot.slot as usize]
                     {
                         *r = retention;
                     }
-                    (slot, false)
+                    inner.touch(slot.frame);
+                    inner.rerank(slot.frame);
+                    continue;
                 }
-                None => {
-                    let class = retention.priority_at(now);
-                    let slot = self.next_slot(inner, class, &mut out, spill.as_deref_mut());
-                    let at = slot.frame as usize * self.page_bytes
-                        + slot.slot as usize * self.block_bytes;
-                    let from = i * self.block_bytes;
-                    inner.data[at..at + self.block_bytes]
-                        .copy_from_slice(&src[from..from + self.block_bytes]);
-                    let f = &mut inner.frames[slot.frame as usize];
-                    f.slots[slot.slot as usize] = Some((key, retention));
-                    f.live += 1;
-                    inner.map.insert(key, slot);
-                    inner.stats.stored += 1;
-                    out.stored += 1;
-                    // Another block of the page's own rank with no pin to expire leaves the
-                    // page's rank and next expiry as they are.
-                    let same_rank = f.live > 1 && f.priority == class && !pinned;
-                    (slot, same_rank)
+                if !offered.insert(key) {
+                    b.out.present += 1; // twice in the batch
+                    continue;
                 }
-            };
-            inner.touch(slot.frame);
+                match self.next_slot(inner, class, &mut b) {
+                    Some(slot) => {
+                        inner.frames[slot.frame as usize].writers += 1;
+                        b.reserved.push(Reserved { from: i, slot });
+                    }
+                    None => {
+                        b.out.skipped += 1;
+                        inner.stats.no_room += 1;
+                    }
+                }
+            }
+            (class, pinned, now)
+        };
+        // 2. Without the tier's lock: copy out what the evictions dropped (their pages are
+        // this batch's now, and it has not written them yet), then copy the blocks in, one
+        // run of consecutive slots of a page at a time.
+        if let (Some(sp), Some(spilled)) = (spill, &b.spilled)
+            && !spilled.is_empty()
+        {
+            sp.now_ms = now;
+            for (key, r, at) in spilled {
+                sp.keys.push(*key);
+                sp.retentions.push(*r);
+                match *at {
+                    Spilled::Page(slot) => {
+                        let page = self.read_page(slot.frame);
+                        let from = slot.slot as usize * bb;
+                        sp.bytes.extend_from_slice(&page[from..from + bb]);
+                    }
+                    Spilled::Source(i) => sp.bytes.extend_from_slice(&src[i * bb..(i + 1) * bb]),
+                }
+            }
+        }
+        let reserved = std::mem::take(&mut b.reserved);
+        let mut out = b.out;
+        let mut j = 0;
+        while j < reserved.len() {
+            let first = reserved[j];
+            let mut run = 1;
+            while let Some(next) = reserved.get(j + run) {
+                if next.slot.frame != first.slot.frame
+                    || next.slot.slot != first.slot.slot + run as u32
+                    || next.from != first.from + run
+                {
+                    break;
+                }
+                run += 1;
+            }
+            let mut page = self.data[first.slot.frame as usize]
+                .write()
+                .unwrap_or_else(|e| e.into_inner());
+            let at = first.slot.slot as usize * bb;
+            page[at..at + run * bb].copy_from_slice(&src[first.from * bb..(first.from + run) * bb]);
+            j += run;
+        }
+        // 3. Under the lock: publish.
+        let mut g = self.lock();
+        let inner = &mut *g;
+        for r in &reserved {
+            let key = keys[r.from];
+            inner.frames[r.slot.frame as usize].writers -= 1;
+            if inner.map.contains_key(&key) {
+                // Another caller stored it meanwhile: this copy is a dead slot.
+                out.present += 1;
+                self.free_if_empty(inner, r.slot.frame);
+                continue;
+            }
+            let f = &mut inner.frames[r.slot.frame as usize];
+            f.slots[r.slot.slot as usize] = Some((key, retention));
+            f.live += 1;
+            // Another block of the page's own rank with no pin to expire leaves the page's
+            // rank and next expiry as they are.
+            let same_rank = f.live > 1 && f.priority == class && !pinned;
+            inner.map.insert(key, r.slot);
+            inner.stats.stored += 1;
+            out.stored += 1;
+            inner.touch(r.slot.frame);
             if !same_rank {
                 // Its rank, and when it changes next (a pin expiring).
-                inner.rerank(slot.frame);
+                inner.rerank(r.slot.frame);
             }
         }
         Ok(out)
     }
 
+    /// Frees page `frame` if it holds nothing and nobody is writing it: an empty page must not
+    /// sit in the eviction order, where it would rank above pages holding blocks.
+    fn free_if_empty(&self, inner: &mut Inner, frame: u32) {
+        let f = &mut inner.frames[frame as usize];
+        if !f.in_use || f.live > 0 || f.writers > 0 {
+            return;
+        }
+        let key = f.order_key(frame);
+        f.in_use = false;
+        f.filled = 0;
+        inner.order.remove(&key);
+        inner.open.retain(|&(_, f)| f != frame);
+        inner.free.push(frame);
+    }
+
     /// The next free slot of the page open for blocks of priority `class`, opening (and if
-    /// need be evicting) a page.
-    fn next_slot(
-        &self,
-        inner: &mut Inner,
-        class: u8,
-        out: &mut PutOutcome,
-        spill: Option<&mut Spill>,
-    ) -> Slot {
+    /// need be evicting) a page; `None` when every page is being written by other callers.
+    fn next_slot(&self, inner: &mut Inner, class: u8, batch: &mut Batch<'_>) -> Option<Slot> {
         if let Some(at) = inner.open.iter().position(|&(c, _)| c == class) {
             let open = inner.open[at].1;
             let f = &mut inner.frames[open as usize];
             if f.filled < self.blocks_per_page {
                 let slot = f.filled;
                 f.filled += 1;
-                return Slot { frame: open, slot };
+                return Some(Slot { frame: open, slot });
             }
             inner.open.swap_remove(at);
         }
         let frame = match inner.free.pop() {
             Some(frame) => frame,
-            None => self.evict_one(inner, out, spill),
+            None => self.evict_one(inner, batch)?,
         };
         let f = &mut inner.frames[frame as usize];
         f.in_use = true;
         f.filled = 1;
         f.live = 0;
         f.slots.fill(None);
-        f.priority = Retention::DEFAULT_PRIORITY;
+        // The rank of the blocks it is opened for, as soon as they are reserved.
+        f.priority = class;
         f.next_expiry = None;
+        f.generation += 1;
         inner.open.push((class, frame));
         inner.tick += 1;
         f.tick = inner.tick;
         inner.order.insert(f.order_key(frame));
-        Slot { frame, slot: 0 }
+        Some(Slot { frame, slot: 0 })
     }
 
     /// Evicts the first page in eviction order (lowest priority, then least recently used)
-    /// and returns it, empty. (It is called only when the page open for the blocks at hand is
-    /// full, so that page is as fair a victim as any; a page open for another priority may go
-    /// too, and is no longer open.)
-    fn evict_one(&self, inner: &mut Inner, out: &mut PutOutcome, spill: Option<&mut Spill>) -> u32 {
-        // The pool has at least one page and no page is free here, so the order is not
-        // empty; fall back to page 0 rather than panic if that ever stops holding.
-        let frame = inner.order.pop_first().map_or(0, |(_, _, frame)| frame);
+    /// that no other caller is writing, and returns it, empty. (It is called only when the
+    /// page open for the blocks at hand is full, so that page is as fair a victim as any; a
+    /// page open for another priority may go too, and is no longer open.) Blocks of this
+    /// batch reserved in that page are stored and evicted at once, as if copied in first:
+    /// their bytes go to the spill from the batch's source.
+    fn evict_one(&self, inner: &mut Inner, batch: &mut Batch<'_>) -> Option<u32> {
+        let &(rank, tick, frame) = inner.order.iter().find(|&&(_, _, frame)| {
+            let writers = inner.frames[frame as usize].writers as usize;
+            writers == 0
+                || writers
+                    == batch
+                        .reserved
+                        .iter()
+                        .filter(|r| r.slot.frame == frame)
+                        .count()
+        })?;
+        inner.order.remove(&(rank, tick, frame));
         inner.open.retain(|&(_, f)| f != frame);
-        let base = frame as usize * self.page_bytes;
-        let mut spill = spill;
         let f = &mut inner.frames[frame as usize];
-        for (s, held) in f.slots.iter_mut().enumerate() {
-            if let Some((key, retention)) = held.take() {
-                inner.map.remove(&key);
-                out.evicted += 1;
-                inner.stats.evicted_blocks += 1;
-                if let Some(sp) = spill.as_deref_mut() {
-                    let at = base + s * self.block_bytes;
-                    sp.now_ms = inner.now_ms;
-                    sp.keys.push(key);
-                    sp.retentions.push(retention);
-                    sp.bytes
-                        .extend_from_slice(&inner.data[at..at + self.block_bytes]);
+        for s in 0..f.filled {
+            let slot = Slot { frame, slot: s };
+            let (key, retention, at) = match f.slots[s as usize].take() {
+                Some((key, retention)) => {
+                    inner.map.remove(&key);
+                    (key, retention, Spilled::Page(slot))
                 }
+                None => match batch.reserved.iter().position(|r| r.slot == slot) {
+                    Some(at) => {
+                        let from = batch.reserved.remove(at).from;
+                        f.writers -= 1;
+                        batch.out.stored += 1;
+                        inner.stats.stored += 1;
+                        (batch.keys[from], batch.retention, Spilled::Source(from))
+                    }
+                    None => continue, // removed, or a dead copy
+                },
+            };
+            batch.out.evicted += 1;
+            inner.stats.evicted_blocks += 1;
+            if let Some(sp) = batch.spilled.as_mut() {
+                sp.push((key, retention, at));
             }
         }
         f.live = 0;
         f.filled = 0;
         f.in_use = false;
         inner.stats.evicted_pages += 1;
-        frame
+        Some(frame)
     }
 }
 
@@ -513,39 +682,61 @@ impl BlockStore for HostTier {
         found: &mut Vec<bool>,
     ) -> Result<usize, StoreError> {
         check_buffer(keys.len(), self.block_bytes as u64, dst.len())?;
+        let bb = self.block_bytes;
         found.clear();
+        found.resize(keys.len(), false);
+        // 1. Under the lock: where each run of held blocks lies (a run: the next key in the
+        // next slot of the same page), and its page's generation.
+        let mut runs = Vec::new();
+        {
+            let g = self.lock();
+            let mut i = 0;
+            while i < keys.len() {
+                let Some(first) = g.map.get(&keys[i]).copied() else {
+                    i += 1;
+                    continue;
+                };
+                let mut len = 1;
+                while i + len < keys.len()
+                    && g.map.get(&keys[i + len]).copied()
+                        == Some(Slot {
+                            frame: first.frame,
+                            slot: first.slot + len as u32,
+                        })
+                {
+                    len += 1;
+                }
+                runs.push(Run {
+                    at: i,
+                    len,
+                    slot: first,
+                    generation: g.frames[first.frame as usize].generation,
+                });
+                i += len;
+            }
+        }
+        // 2. Without the tier's lock: one copy per run, under its page's read lock.
+        for r in &runs {
+            let page = self.read_page(r.slot.frame);
+            let from = r.slot.slot as usize * bb;
+            dst[r.at * bb..(r.at + r.len) * bb].copy_from_slice(&page[from..from + r.len * bb]);
+        }
+        // 3. Under the lock: keep the runs whose page was not opened afresh meanwhile.
         let mut g = self.lock();
         let inner = &mut *g;
-        let bb = self.block_bytes;
         let mut hits = 0;
-        let mut i = 0;
-        while i < keys.len() {
-            let Some(first) = inner.map.get(&keys[i]).copied() else {
-                found.push(false);
-                inner.stats.misses += 1;
-                i += 1;
-                continue;
-            };
-            // Extend the run while the next key sits in the next slot of the same page.
-            let mut run = 1;
-            while i + run < keys.len()
-                && inner.map.get(&keys[i + run]).copied()
-                    == Some(Slot {
-                        frame: first.frame,
-                        slot: first.slot + run as u32,
-                    })
-            {
-                run += 1;
+        for r in &runs {
+            if inner.frames[r.slot.frame as usize].generation == r.generation {
+                found[r.at..r.at + r.len].fill(true);
+                inner.touch(r.slot.frame);
+                inner.stats.get_copies += 1;
+                hits += r.len;
+            } else {
+                inner.stats.raced_reads += r.len as u64;
             }
-            let at = first.frame as usize * self.page_bytes + first.slot as usize * bb;
-            dst[i * bb..(i + run) * bb].copy_from_slice(&inner.data[at..at + run * bb]);
-            inner.touch(first.frame);
-            found.extend(std::iter::repeat_n(true, run));
-            inner.stats.hits += run as u64;
-            inner.stats.get_copies += 1;
-            hits += run;
-            i += run;
         }
+        inner.stats.hits += hits as u64;
+        inner.stats.misses += (keys.len() - hits) as u64;
         Ok(hits)
     }
 
@@ -580,15 +771,10 @@ impl BlockStore for HostTier {
             f.slots[slot.slot as usize] = None;
             f.live -= 1;
             if f.live == 0 {
-                // Empty, open or not: back to the free list (an empty page must not sit in
-                // the eviction order, where it would rank above pages holding blocks).
-                let key = f.order_key(slot.frame);
-                f.in_use = false;
-                f.filled = 0;
-                inner.order.remove(&key);
-                inner.open.retain(|&(_, f)| f != slot.frame);
-                inner.free.push(slot.frame);
-            } else {
+                // Empty, open or not: back to the free list, unless a put is copying into it.
+                self.free_if_empty(inner, slot.frame);
+            }
+            if inner.frames[slot.frame as usize].in_use {
                 inner.rerank(slot.frame);
             }
         }

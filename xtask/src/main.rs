@@ -191,10 +191,12 @@ fn loom() -> Result<(), String> {
         "kvc-alloc",
         "-p",
         "kvc-sched",
+        "-p",
+        "kvc-tier",
         "--test",
         "loom",
     ]);
-    run("loom models (kvc-alloc, kvc-sched)", cmd)
+    run("loom models (kvc-alloc, kvc-sched, kvc-tier)", cmd)
 }
 
 fn bench(rest: &[String]) -> Result<(), String> {
