@@ -130,6 +130,10 @@ struct EngineTierArgs {
     /// when it caches them (`write-through`).
     #[arg(long, default_value = "write-back", value_parser = ["write-back", "write-through"], requires = "host_tier_blocks")]
     offload: String,
+    /// Fetch each step's loads from the tiers on a background thread while the step computes
+    /// (they are reported at the start of the next step; same schedule, same tokens).
+    #[arg(long, requires = "host_tier_blocks")]
+    background_loads: bool,
 }
 
 impl EngineTierArgs {
@@ -149,6 +153,7 @@ impl EngineTierArgs {
         if self.offload == "write-through" {
             t.mode = kvc_tier::OffloadMode::WriteThrough;
         }
+        t.background_loads = self.background_loads;
         Ok(Some(t))
     }
 }
@@ -856,14 +861,15 @@ fn run_engine(args: &EngineArgs) -> Result<(), String> {
         if let Some(t) = &report.tiers {
             println!(
                 "tiers: {} blocks written down; loaded {} host / {} disk / {} shared blocks \
-                 ({:.1} MiB in {:.3} s); {} loads short, {} blocks recomputed; {} admissions \
-                 waited for a load in flight",
+                 ({:.1} MiB in {:.3} s, steps waited {:.3} s for it); {} loads short, {} blocks \
+                 recomputed; {} admissions waited for a load in flight",
                 t.offloaded_blocks,
                 t.loaded_host_blocks,
                 t.loaded_disk_blocks,
                 t.loaded_shared_blocks,
                 t.loaded_bytes as f64 / f64::from(1 << 20),
                 t.load_s,
+                t.load_wait_s,
                 t.failed_loads,
                 t.missed_load_blocks,
                 t.load_waits

@@ -224,8 +224,19 @@ fn a_restarted_engine_loads_a_prefix_from_the_disk_pages_it_left_with_the_same_l
 
 #[test]
 fn a_corrupt_disk_page_degrades_to_recompute_with_the_same_logits() {
+    corrupt_disk_page_degrades_to_recompute(false);
+}
+
+#[test]
+fn a_corrupt_disk_page_met_by_a_background_load_degrades_to_recompute_with_the_same_logits() {
+    corrupt_disk_page_degrades_to_recompute(true);
+}
+
+fn corrupt_disk_page_degrades_to_recompute(background_loads: bool) {
     let dir = TempDir::new("corrupt");
-    let mut e = engine(host_and_disk(4, &dir.0));
+    let mut tiers = host_and_disk(4, &dir.0);
+    tiers.background_loads = background_loads;
+    let mut e = engine(tiers);
     serve_then_evict(&mut e, 3, 4);
     // Flip a byte near the end of every page file (inside the last block's payload).
     let mut damaged = 0;
@@ -509,4 +520,54 @@ fn concurrent_requests_under_preemption_with_loads_give_the_same_logits() {
         e.scheduler().stats().preempted > 0,
         "the pool was meant to force preemption"
     );
+}
+
+#[test]
+fn background_loads_give_the_same_schedule_and_logits_as_loads_in_the_step() {
+    // The concurrent workload above, once with loads in the step and once with loads fetched on
+    // a background thread while the step computes: the same tokens (checked against the
+    // reference each time), the same steps and the same blocks loaded.
+    let serve = |background: bool| {
+        let mut t = TierOptions::host(64);
+        t.background_loads = background;
+        let mut e = engine(t);
+        for seed in 0..3 {
+            run(&mut e, first_prompt(60 + seed));
+        }
+        for i in 0..6u32 {
+            let mut p = first_prompt(60 + i % 3);
+            p.extend([i, 201]);
+            e.submit(request(p, 5)).unwrap();
+        }
+        // Step by step, noting the loads still unreported between steps.
+        let (mut done, mut in_flight_between_steps) = (Vec::new(), 0);
+        for _ in 0..5_000 {
+            if e.is_idle() {
+                break;
+            }
+            done.extend(e.step().unwrap());
+            in_flight_between_steps += e.scheduler().pending_loads();
+        }
+        assert_eq!(done.len(), 6);
+        check(&e, &done);
+        done.sort_by_key(|c| c.id);
+        let outputs: Vec<Vec<u32>> = done.iter().map(|c| c.output.clone()).collect();
+        let r = report(&e);
+        let same = (
+            outputs,
+            e.scheduler().stats().steps,
+            r.loaded_host_blocks,
+            r.load_jobs,
+        );
+        (same, in_flight_between_steps)
+    };
+    let (in_step, none_pending) = serve(false);
+    let (background, pending) = serve(true);
+    assert!(
+        in_step.2 > 0,
+        "the workload was meant to load from the host tier"
+    );
+    assert_eq!(none_pending, 0, "loads in the step are reported within it");
+    assert!(pending > 0, "background loads are reported a step later");
+    assert_eq!(background, in_step);
 }

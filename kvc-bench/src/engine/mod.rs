@@ -74,6 +74,9 @@ pub enum EngineError {
     /// The scheduler refused a load's completion (an engine bug).
     #[error(transparent)]
     Load(#[from] LoadError),
+    /// A background load thread panicked (an engine bug); its loads were not reported.
+    #[error("engine: a background load thread panicked")]
+    LoadThread,
 }
 
 /// The engine's shape: model, KV pool, scheduler limits.
@@ -288,7 +291,12 @@ impl<P: PinPolicy, R: ReuseIndex> Engine<P, R> {
                 let lower: Arc<dyn LowerTiers> = stack.clone();
                 sched = sched.with_tiers(lower, mode);
                 let block_bytes = tiers::payload_bytes(&layout, m.layers);
-                Some(EngineTiers::new(stack, block_bytes, cfg.block_size))
+                Some(EngineTiers::new(
+                    stack,
+                    block_bytes,
+                    cfg.block_size,
+                    opts.background_loads,
+                ))
             }
             None => None,
         };
@@ -397,6 +405,8 @@ impl<P: PinPolicy, R: ReuseIndex> Engine<P, R> {
         &mut self,
         between: impl FnOnce(&StepPlan),
     ) -> Result<Vec<Completed>, EngineError> {
+        // The last step's background loads, reported before this step is planned.
+        self.finish_background_loads()?;
         let now = self.sched.stats().steps;
         let mut plan = std::mem::take(&mut self.plan);
         self.sched.step_into(now, &mut plan);
@@ -485,69 +495,111 @@ impl<P: PinPolicy, R: ReuseIndex> Engine<P, R> {
     }
 
     /// Runs the plan's loads: finds each job's blocks in the tiers, loads the longest prefix
-    /// held into the staging buffer, scatters it into the job's device blocks and reports the
-    /// job: `Loaded`, or `Failed` with the leading blocks that came back (a block evicted since
-    /// the plan, a corrupt disk page, a lost shared server, a store error). The scheduler
-    /// recomputes the rest.
+    /// held, scatters it into the job's device blocks and reports the job: `Loaded`, or
+    /// `Failed` with the leading blocks that came back (a block evicted since the plan, a
+    /// corrupt disk page, a lost shared server, a store error). The scheduler recomputes the
+    /// rest. With background loads the fetching runs on a thread while the step computes, and
+    /// the rest happens at the start of the next step.
     fn load(&mut self, loads: &[LoadJob]) -> Result<(), EngineError> {
-        for job in loads {
-            let loaded = match self.tiers.as_mut() {
-                Some(t) => {
-                    let start = Instant::now();
-                    let keys: Vec<StoreKey> = job.blocks.iter().map(|b| b.key).collect();
-                    let found = match t.stack.lookup(&keys) {
-                        Ok(found) => found,
-                        Err(_) => {
-                            t.report.store_errors += 1;
-                            Vec::new()
-                        }
-                    };
-                    let bb = t.block_bytes;
-                    let stack = Arc::clone(&t.stack);
-                    let buf = t.staging(found.len());
-                    let outcome = if found.is_empty() {
-                        None
-                    } else {
-                        stack.load(&keys, &found, buf).ok()
-                    };
-                    if outcome.is_none() && !found.is_empty() {
-                        t.report.store_errors += 1;
-                    }
-                    let n = outcome.map_or(0, |o| o.blocks);
-                    for (b, src) in job.blocks[..n].iter().zip(t.buf.chunks_exact(bb)) {
-                        tiers::scatter_block(&self.layout, &mut self.caches, b.device, src)?;
-                    }
-                    let r = &mut t.report;
-                    r.load_jobs += 1;
-                    r.planned_load_blocks += job.blocks.len() as u64;
-                    if let Some(o) = outcome {
-                        r.loaded_host_blocks += o.per_tier[0] as u64;
-                        r.loaded_disk_blocks += o.per_tier[1] as u64;
-                        r.loaded_shared_blocks += o.per_tier[2] as u64;
-                    }
-                    r.loaded_bytes += (n * bb) as u64;
-                    r.loaded_tokens += n as u64 * t.tokens_per_block;
-                    r.missed_load_blocks += (job.blocks.len() - n) as u64;
-                    if n < job.blocks.len() {
-                        r.failed_loads += 1;
-                    }
-                    r.load_s += start.elapsed().as_secs_f64();
-                    self.metrics
-                        .loaded(outcome.map_or([0; 3], |o| o.per_tier), n < job.blocks.len());
-                    n
-                }
-                // Tiers not configured: the scheduler plans no loads; report any as failed.
-                None => 0,
-            };
-            let result = if loaded == job.blocks.len() {
-                LoadResult::Loaded
-            } else {
-                LoadResult::Failed {
-                    loaded_blocks: loaded,
-                }
-            };
-            self.sched.complete_load(job.id, result)?;
+        if loads.is_empty() {
+            return Ok(());
         }
+        let Some(t) = self.tiers.as_mut() else {
+            // Tiers not configured: the scheduler plans no loads; report any as failed.
+            for job in loads {
+                let failed = LoadResult::Failed { loaded_blocks: 0 };
+                self.sched.complete_load(job.id, failed)?;
+            }
+            return Ok(());
+        };
+        let (stack, bb) = (Arc::clone(&t.stack), t.block_bytes);
+        if t.background {
+            // At most one batch in flight: the last one was reported before this plan.
+            let jobs = loads.to_vec();
+            t.in_flight = Some(std::thread::spawn(move || {
+                jobs.into_iter()
+                    .map(|job| {
+                        let mut bytes = Vec::new();
+                        let mut fetched = tiers::fetch(&stack, bb, job, &mut bytes);
+                        fetched.bytes = bytes;
+                        fetched
+                    })
+                    .collect()
+            }));
+            return Ok(());
+        }
+        let mut buf = std::mem::take(&mut t.buf);
+        let mut result = Ok(());
+        for job in loads {
+            let fetched = tiers::fetch(&stack, bb, job.clone(), &mut buf);
+            if let Some(t) = self.tiers.as_mut() {
+                t.report.load_wait_s += fetched.seconds;
+            }
+            result = self.finish_load(&fetched, &buf);
+            if result.is_err() {
+                break;
+            }
+        }
+        if let Some(t) = self.tiers.as_mut() {
+            t.buf = buf;
+        }
+        result
+    }
+
+    /// Waits for the last step's background loads and finishes each.
+    fn finish_background_loads(&mut self) -> Result<(), EngineError> {
+        let Some(handle) = self.tiers.as_mut().and_then(|t| t.in_flight.take()) else {
+            return Ok(());
+        };
+        let start = Instant::now();
+        let fetched = handle.join().map_err(|_| EngineError::LoadThread)?;
+        if let Some(t) = self.tiers.as_mut() {
+            t.report.load_wait_s += start.elapsed().as_secs_f64();
+        }
+        for f in &fetched {
+            self.finish_load(f, &f.bytes)?;
+        }
+        Ok(())
+    }
+
+    /// Scatters a fetched load's blocks (`bytes`, back to back) into its device blocks, counts
+    /// it and reports it to the scheduler.
+    fn finish_load(&mut self, f: &tiers::FetchedLoad, bytes: &[u8]) -> Result<(), EngineError> {
+        let job = &f.job;
+        let n = f.outcome.map_or(0, |o| o.blocks);
+        let Some(t) = self.tiers.as_mut() else {
+            return Ok(());
+        };
+        let bb = t.block_bytes;
+        for (b, src) in job.blocks[..n].iter().zip(bytes.chunks_exact(bb)) {
+            tiers::scatter_block(&self.layout, &mut self.caches, b.device, src)?;
+        }
+        let r = &mut t.report;
+        r.store_errors += f.errors;
+        r.load_jobs += 1;
+        r.planned_load_blocks += job.blocks.len() as u64;
+        if let Some(o) = f.outcome {
+            r.loaded_host_blocks += o.per_tier[0] as u64;
+            r.loaded_disk_blocks += o.per_tier[1] as u64;
+            r.loaded_shared_blocks += o.per_tier[2] as u64;
+        }
+        r.loaded_bytes += (n * bb) as u64;
+        r.loaded_tokens += n as u64 * t.tokens_per_block;
+        r.missed_load_blocks += (job.blocks.len() - n) as u64;
+        if n < job.blocks.len() {
+            r.failed_loads += 1;
+        }
+        r.load_s += f.seconds;
+        self.metrics.loaded(
+            f.outcome.map_or([0; 3], |o| o.per_tier),
+            n < job.blocks.len(),
+        );
+        let result = if n == job.blocks.len() {
+            LoadResult::Loaded
+        } else {
+            LoadResult::Failed { loaded_blocks: n }
+        };
+        self.sched.complete_load(job.id, result)?;
         Ok(())
     }
 

@@ -48,6 +48,12 @@ pub struct TierOptions {
     /// When device blocks are copied down: when the device evicts them (write-back) or when it
     /// caches them (write-through).
     pub mode: OffloadMode,
+    /// Run each step's loads on a background thread while the step computes, and scatter and
+    /// report them at the start of the next step (as an engine overlaps its host-to-device
+    /// copies with compute). Off: loads run within the step, before its compute. Either way a
+    /// loading sequence joins the batch the step after its load was planned, so both give the
+    /// same schedule and the same tokens.
+    pub background_loads: bool,
 }
 
 impl TierOptions {
@@ -61,6 +67,7 @@ impl TierOptions {
             disk: None,
             shared_url: None,
             mode: OffloadMode::WriteBack,
+            background_loads: false,
         }
     }
 }
@@ -295,8 +302,11 @@ pub struct TierReport {
     pub loaded_tokens: u64,
     /// Blocks planned for loading that did not come back (recomputed instead).
     pub missed_load_blocks: u64,
-    /// Wall time of the loads, seconds.
+    /// Wall time of the loads (lookup and copy out of the tiers), seconds.
     pub load_s: f64,
+    /// Of that, the time steps waited for it: all of it for loads in the step, only the wait
+    /// for the previous step's thread with background loads.
+    pub load_wait_s: f64,
     /// Wall time of the offloads (gather and store), seconds.
     pub offload_s: f64,
     /// Store errors met (a disk write failing, say); each one degraded to a miss.
@@ -328,19 +338,79 @@ pub(crate) struct EngineTiers {
     pub(crate) tokens_per_block: u64,
     pub(crate) buf: Vec<u8>,
     pub(crate) report: TierReport,
+    /// Whether loads run on a background thread ([`TierOptions::background_loads`]).
+    pub(crate) background: bool,
+    /// The loads of the last step, running on their thread.
+    pub(crate) in_flight: Option<std::thread::JoinHandle<Vec<FetchedLoad>>>,
+}
+
+/// A load job's blocks fetched from the tiers into host memory, not yet scattered into the
+/// device blocks nor reported.
+pub(crate) struct FetchedLoad {
+    pub(crate) job: kvc_sched::LoadJob,
+    /// What the stack loaded (`None`: nothing, for a failed lookup or load).
+    pub(crate) outcome: Option<kvc_tier::LoadOutcome>,
+    /// Store errors met (a lookup or a load that failed).
+    pub(crate) errors: u64,
+    /// Seconds spent fetching.
+    pub(crate) seconds: f64,
+    /// The loaded payloads, back to back (for a background load; a load in the step uses the
+    /// staging buffer).
+    pub(crate) bytes: Vec<u8>,
+}
+
+/// Finds `job`'s blocks in the tiers and loads the longest prefix held into `buf` (resized
+/// to fit); the blocks are not scattered yet.
+pub(crate) fn fetch(
+    stack: &TierStack,
+    block_bytes: usize,
+    job: kvc_sched::LoadJob,
+    buf: &mut Vec<u8>,
+) -> FetchedLoad {
+    let start = std::time::Instant::now();
+    let keys: Vec<kvc_core::StoreKey> = job.blocks.iter().map(|b| b.key).collect();
+    let mut errors = 0;
+    let found = stack.lookup(&keys).unwrap_or_else(|_| {
+        errors += 1;
+        Vec::new()
+    });
+    let len = found.len() * block_bytes;
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+    let outcome = if found.is_empty() {
+        None
+    } else {
+        let loaded = stack.load(&keys, &found, &mut buf[..len]).ok();
+        errors += u64::from(loaded.is_none());
+        loaded
+    };
+    FetchedLoad {
+        job,
+        outcome,
+        errors,
+        seconds: start.elapsed().as_secs_f64(),
+        bytes: Vec::new(),
+    }
 }
 
 impl EngineTiers {
-    pub(crate) fn new(stack: Arc<TierStack>, block_bytes: usize, tokens_per_block: u32) -> Self {
+    pub(crate) fn new(
+        stack: Arc<TierStack>,
+        block_bytes: usize,
+        tokens_per_block: u32,
+        background: bool,
+    ) -> Self {
         Self {
             stack,
             block_bytes,
             tokens_per_block: u64::from(tokens_per_block),
             buf: Vec::new(),
             report: TierReport::default(),
+            background,
+            in_flight: None,
         }
     }
-
     /// The staging buffer sized for `blocks` payloads.
     pub(crate) fn staging(&mut self, blocks: usize) -> &mut [u8] {
         let len = blocks * self.block_bytes;
