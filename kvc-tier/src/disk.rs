@@ -26,8 +26,7 @@
 //! Pages found at start-up rank at the default (pins are in the engine's clock, which does not
 //! survive a restart) and count as used in the order they were written.
 
-use std::cmp::Reverse;
-use std::collections::{BTreeSet, BinaryHeap};
+use std::collections::BTreeSet;
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -40,6 +39,7 @@ use kvc_core::{
 };
 use thiserror::Error;
 
+use crate::clock::{PinClock, expiry};
 use crate::codec::{PageHeader, checksum};
 
 /// Where a [`DiskTier`] keeps its pages and how much it may use.
@@ -130,22 +130,14 @@ impl Page {
     }
 }
 
-/// Whether `r` is a pin in force at `now` that will expire (and so must be queued).
-fn expires(r: Retention, now: u64) -> Option<u64> {
-    r.until
-        .filter(|&until| until > now && r.priority != Retention::DEFAULT_PRIORITY)
-}
-
 struct Inner {
     pages: AHashMap<u64, Page>,
     map: AHashMap<StoreKey, (u64, u32)>,
     /// Pages in eviction order: lowest rank first, then least recently used.
     order: BTreeSet<(u8, u64, u64)>,
-    /// When a page's pin expires: (until, page). An entry whose page is gone or whose pin
-    /// changed since is stale and skipped.
-    expiries: BinaryHeap<Reverse<(u64, u64)>>,
-    /// The latest clock a caller passed (ms); never moves back.
-    now_ms: u64,
+    /// The latest clock, and when each page's pin expires (an entry whose page is gone or
+    /// whose pin changed since is stale and skipped).
+    clock: PinClock<u64>,
     used: u64,
     next_id: u64,
     tick: u64,
@@ -155,13 +147,9 @@ struct Inner {
 impl Inner {
     /// Moves the clock to `now_ms` (never back) and re-ranks the pages whose pins expired.
     fn advance(&mut self, now_ms: u64) {
-        self.now_ms = self.now_ms.max(now_ms);
-        while let Some(&Reverse((until, id))) = self.expiries.peek() {
-            if until > self.now_ms {
-                break;
-            }
-            self.expiries.pop();
-            let now = self.now_ms;
+        self.clock.set(now_ms);
+        let now = self.clock.now();
+        while let Some((until, id)) = self.clock.pop_due() {
             if let Some(page) = self.pages.get_mut(&id)
                 && page.retention.until == Some(until)
             {
@@ -174,7 +162,7 @@ impl Inner {
 
     /// Gives page `id` `retention` if it ranks higher now than the page's own.
     fn raise(&mut self, id: u64, retention: Retention) {
-        let now = self.now_ms;
+        let now = self.clock.now();
         let Some(page) = self.pages.get_mut(&id) else {
             return;
         };
@@ -186,8 +174,8 @@ impl Inner {
         page.retention = retention;
         page.rank = rank;
         self.order.insert(page.order_key(id));
-        if let Some(until) = expires(retention, now) {
-            self.expiries.push(Reverse((until, id)));
+        if let Some(until) = expiry(retention, now) {
+            self.clock.schedule(until, id);
         }
     }
 }
@@ -247,8 +235,7 @@ impl DiskTier {
                 pages: AHashMap::new(),
                 map: AHashMap::new(),
                 order: BTreeSet::new(),
-                expiries: BinaryHeap::new(),
-                now_ms: 0,
+                clock: PinClock::new(),
                 used: 0,
                 next_id: 0,
                 tick: 0,
@@ -373,9 +360,10 @@ impl DiskTier {
         }
         inner.tick += 1;
         page.tick = inner.tick;
-        page.rank = page.retention.priority_at(inner.now_ms);
-        if let Some(until) = expires(page.retention, inner.now_ms) {
-            inner.expiries.push(Reverse((until, id)));
+        let now = inner.clock.now();
+        page.rank = page.retention.priority_at(now);
+        if let Some(until) = expiry(page.retention, now) {
+            inner.clock.schedule(until, id);
         }
         inner.order.insert(page.order_key(id));
         inner.pages.insert(id, page);

@@ -32,8 +32,7 @@
 //! never bytes of another block. Lock order: the tier's lock, then a page's; no caller waits
 //! for the tier's lock while holding a page's.
 
-use std::cmp::Reverse;
-use std::collections::{BTreeSet, BinaryHeap};
+use std::collections::BTreeSet;
 
 use ahash::{AHashMap, AHashSet};
 use kvc_core::sync::{Mutex, MutexGuard, RwLock};
@@ -42,6 +41,8 @@ use kvc_core::{
     check_buffer,
 };
 use thiserror::Error;
+
+use crate::clock::{PinClock, expiry};
 
 /// How a [`HostTier`] is sized and what it keeps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -180,12 +181,10 @@ struct Inner {
     open: Vec<(u8, u32)>,
     /// Pages in use in eviction order: lowest priority first, then least recently used.
     order: BTreeSet<(u8, u64, u32)>,
-    /// When the earliest pin in force in a page expires: (until, page), one entry per change
-    /// of a page's earliest expiry. A stale entry (the page reused or re-pinned since) only
-    /// costs a re-rank.
-    expiries: BinaryHeap<Reverse<(u64, u32)>>,
-    /// The latest clock a caller gave (ms).
-    now_ms: u64,
+    /// The latest clock, and when the earliest pin in force in a page expires, one entry per
+    /// change of a page's earliest expiry (a stale entry, the page reused or re-pinned since,
+    /// only costs a re-rank).
+    clock: PinClock<u32>,
     map: AHashMap<StoreKey, Slot>,
     tick: u64,
     stats: HostStats,
@@ -194,12 +193,8 @@ struct Inner {
 impl Inner {
     /// Moves the clock to `now_ms` (never back) and re-ranks the pages whose pins expired.
     fn advance(&mut self, now_ms: u64) {
-        self.now_ms = self.now_ms.max(now_ms);
-        while let Some(&Reverse((until, frame))) = self.expiries.peek() {
-            if until > self.now_ms {
-                break;
-            }
-            self.expiries.pop();
+        self.clock.set(now_ms);
+        while let Some((_, frame)) = self.clock.pop_due() {
             if self.frames[frame as usize].in_use {
                 self.rerank(frame);
             }
@@ -209,17 +204,13 @@ impl Inner {
     /// Re-reads the page's priority, and the earliest expiry of a pin in force, from its live
     /// blocks.
     fn rerank(&mut self, frame: u32) {
-        let now = self.now_ms;
+        let now = self.clock.now();
         let f = &mut self.frames[frame as usize];
         let mut priority = None;
         let mut next_expiry: Option<u64> = None;
         for (_, r) in f.slots.iter().flatten() {
-            let p = r.priority_at(now);
-            priority = priority.max(Some(p));
-            if let Some(until) = r.until
-                && until > now
-                && p != Retention::DEFAULT_PRIORITY
-            {
+            priority = priority.max(Some(r.priority_at(now)));
+            if let Some(until) = expiry(*r, now) {
                 next_expiry = Some(next_expiry.map_or(until, |e| e.min(until)));
             }
         }
@@ -227,7 +218,7 @@ impl Inner {
         if next_expiry != f.next_expiry {
             f.next_expiry = next_expiry;
             if let Some(until) = next_expiry {
-                self.expiries.push(Reverse((until, frame)));
+                self.clock.schedule(until, frame);
             }
         }
         if priority != f.priority {
@@ -360,8 +351,7 @@ impl HostTier {
                 free: (0..frames).rev().collect(),
                 open: Vec::new(),
                 order: BTreeSet::new(),
-                expiries: BinaryHeap::new(),
-                now_ms: 0,
+                clock: PinClock::new(),
                 map: AHashMap::new(),
                 tick: 0,
                 stats: HostStats::default(),
@@ -451,15 +441,14 @@ impl HostTier {
             let mut g = self.lock();
             let inner = &mut *g;
             inner.advance(now_ms);
-            let now = inner.now_ms;
+            let now = inner.clock.now();
             if floor && retention.priority_at(now) < self.min_priority {
                 b.out.skipped = keys.len();
                 inner.stats.below_priority += keys.len() as u64;
                 return Ok(b.out);
             }
             // A pin in force that will expire: its page must queue the expiry.
-            let pinned = retention.until.is_some_and(|until| until > now)
-                && retention.priority != Retention::DEFAULT_PRIORITY;
+            let pinned = expiry(retention, now).is_some();
             let class = retention.priority_at(now);
             let mut offered = AHashSet::new();
             for (i, &key) in keys.iter().enumerate() {

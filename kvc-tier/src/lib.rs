@@ -41,6 +41,7 @@
 //! ```
 #![warn(missing_docs)]
 
+mod clock;
 mod codec;
 pub mod disk;
 pub mod host;
