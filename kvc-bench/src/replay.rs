@@ -135,7 +135,10 @@ pub struct ReplayReport {
 /// whole trace shows, which is what an application that saw the user close the chat would
 /// know; with probability `share` (a seeded coin per request, the same coin at every share,
 /// so a larger share signals a superset) the replay tells the cache right after the request
-/// finishes, before evicting down to the capacity.
+/// finishes, before evicting down to the capacity. It ends the conversation's earlier turns'
+/// prompts first, oldest first (a request's next turn is the first later request that
+/// continues it), then the request's own, as an engine would (see
+/// [`PrefixCache::end_conversation`]).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct EndSignal {
     /// Probability that an ended conversation is signalled, 0 to 1.
@@ -191,31 +194,65 @@ pub struct EndSignalReport {
     pub ended_requests: u64,
     /// Of those, the ones whose end the cache was told.
     pub signalled_requests: u64,
+    /// Earlier turns of the signalled conversations, whose prompts were ended too.
+    pub earlier_turns: u64,
     /// Blocks the cache demoted over all signals.
     pub demoted_blocks: u64,
     /// Cached blocks past the shared prefix the cache kept (in use, branch points).
     pub kept_blocks: u64,
 }
 
-/// The requests of `trace` never continued, and per request the full `bs`-token blocks of
-/// its prompt that a later request holds (a leading run: a later prompt holding block `k`
-/// holds all before it).
-fn endings(trace: &[TraceRequest], bs: usize) -> Vec<Option<usize>> {
-    let index = ChainIndex::new(trace, bs);
-    trace
-        .iter()
-        .enumerate()
-        .map(|(r, req)| {
-            let full = req.input_length as usize / bs;
-            let shared = (0..full)
-                .take_while(|&k| index.next_use(r, k) != NEVER)
-                .count();
-            let mooncake_full = (req.input_length / MOONCAKE_BLOCK_TOKENS) as usize;
-            let carried = mooncake_full.min(req.hash_ids.len()) * MOONCAKE_BLOCK_TOKENS as usize;
-            // Continued: a later prompt holds every block of its full Mooncake blocks.
-            (shared < carried / bs).then_some(shared)
-        })
-        .collect()
+/// What the whole trace tells of each request's future (see [`EndSignal`]).
+struct Hindsight {
+    /// Per request: the leading full `bs`-token blocks of its prompt some later request
+    /// holds (a leading run: a later prompt holding block `k` holds all before it), and
+    /// whether it is never continued.
+    ends: Vec<(usize, bool)>,
+    /// Per request: the earlier requests it is the first continuation of (its conversation's
+    /// previous turns, one level back).
+    earlier: Vec<Vec<u32>>,
+}
+
+impl Hindsight {
+    fn new(trace: &[TraceRequest], bs: usize) -> Self {
+        let index = ChainIndex::new(trace, bs);
+        let mut earlier = vec![Vec::new(); trace.len()];
+        let ends = trace
+            .iter()
+            .enumerate()
+            .map(|(r, req)| {
+                let full = req.input_length as usize / bs;
+                let shared = (0..full)
+                    .take_while(|&k| index.next_use(r, k) != NEVER)
+                    .count();
+                let mooncake_full = (req.input_length / MOONCAKE_BLOCK_TOKENS) as usize;
+                let carried =
+                    mooncake_full.min(req.hash_ids.len()) * MOONCAKE_BLOCK_TOKENS as usize / bs;
+                // Continued: a later prompt holds every block of its full Mooncake blocks;
+                // the first such prompt is its next turn.
+                let ended = shared < carried;
+                if !ended && carried > 0 {
+                    let next = index.next_use(r, carried - 1);
+                    if let Some(e) = earlier.get_mut(next as usize) {
+                        e.push(r as u32);
+                    }
+                }
+                (shared, ended)
+            })
+            .collect();
+        Self { ends, earlier }
+    }
+
+    /// The earlier turns of the conversation request `r` ends, oldest first.
+    fn turns_before(&self, r: usize, out: &mut Vec<u32>) {
+        out.clear();
+        let mut stack = self.earlier[r].clone();
+        while let Some(p) = stack.pop() {
+            out.push(p);
+            stack.extend_from_slice(&self.earlier[p as usize]);
+        }
+        out.sort_unstable();
+    }
 }
 
 /// Whether the coin of request `r` says to signal, at probability `share`.
@@ -295,13 +332,15 @@ fn replay_inner(
     let cap_blocks = check(trace, cfg)?;
     let bs = cfg.block_size as usize;
     // Known before the replay starts (hindsight), so not timed.
-    let ends = signal.map(|_| endings(trace, bs));
+    let hindsight = signal.map(|_| Hindsight::new(trace, bs));
+    let (mut turns, mut turn_tokens, mut turn_hashes) = (Vec::new(), Vec::new(), Vec::new());
     let mut end_report = signal.map(|s| EndSignalReport {
         share: s.share,
         seed: s.seed,
         shared: s.shared.name(),
         ended_requests: 0,
         signalled_requests: 0,
+        earlier_turns: 0,
         demoted_blocks: 0,
         kept_blocks: 0,
     });
@@ -357,17 +396,30 @@ fn replay_inner(
                 free.push(b);
             }
         }
-        if let (Some(signal), Some(ends), Some(rep)) = (signal, &ends, end_report.as_mut())
-            && let Some(shared) = ends[r]
+        if let (Some(signal), Some(h), Some(rep)) = (signal, &hindsight, end_report.as_mut())
+            && h.ends[r].1
         {
             rep.ended_requests += 1;
             if coin(signal.seed, r, signal.share) {
-                let keep_first = match signal.shared {
-                    SharedPrefix::Hindsight => shared,
+                let keep = |q: usize| match signal.shared {
+                    SharedPrefix::Hindsight => h.ends[q].0,
                     SharedPrefix::CacheOnly => 0,
                 };
-                let end = cache.end_conversation(&hashes, keep_first, now)?;
+                // The conversation's earlier turns first (oldest first), then this one.
+                h.turns_before(r, &mut turns);
+                for &q in &turns {
+                    turn_tokens.clear();
+                    synth_prompt(&trace[q as usize], &mut turn_tokens);
+                    turn_hashes.clear();
+                    cfg.hasher
+                        .hash_blocks(root, &turn_tokens, bs, &mut turn_hashes);
+                    let end = cache.end_conversation(&turn_hashes, keep(q as usize), now)?;
+                    rep.demoted_blocks += end.demoted as u64;
+                    rep.kept_blocks += end.kept as u64;
+                }
+                let end = cache.end_conversation(&hashes, keep(r), now)?;
                 rep.signalled_requests += 1;
+                rep.earlier_turns += turns.len() as u64;
                 rep.demoted_blocks += end.demoted as u64;
                 rep.kept_blocks += end.kept as u64;
             }
@@ -737,15 +789,21 @@ mod tests {
             req(3, 700, &[5, 6]),     // one full block, never seen again
             req(4, 300, &[7]),        // no full Mooncake block: nothing to carry
         ];
+        let h = Hindsight::new(&trace, 512);
         assert_eq!(
-            endings(&trace, 512),
-            [None, Some(2), Some(0), Some(0), None]
+            h.ends,
+            [(3, false), (2, true), (0, true), (0, true), (0, false)]
         );
         assert_eq!(
-            endings(&trace, 16)[1],
-            Some(64),
+            Hindsight::new(&trace, 16).ends[1],
+            (64, true),
             "the shared run in 16-token blocks"
         );
+        let mut turns = Vec::new();
+        h.turns_before(1, &mut turns);
+        assert_eq!(turns, [0], "request 1 is request 0's next turn");
+        h.turns_before(2, &mut turns);
+        assert!(turns.is_empty());
     }
 
     #[test]

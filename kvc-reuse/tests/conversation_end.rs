@@ -196,6 +196,41 @@ fn shared_in_use_and_pinned_blocks_are_kept() {
 }
 
 #[test]
+fn ending_every_turn_oldest_first_demotes_the_whole_conversation() {
+    for oldest_first in [false, true] {
+        let mut c = cache(PolicyKind::Lru);
+        let mut next = 0;
+        // Turn 1: blocks a, b, t (t: the tail the next turn rewrites); turn 2: a, b, x, y.
+        let turn1: Vec<u32> = [1, 2, 3].iter().flat_map(|&t| [t; BS]).collect();
+        let turn2: Vec<u32> = [1, 2, 8, 9].iter().flat_map(|&t| [t; BS]).collect();
+        let (h1, h2) = (hashes(&turn1), hashes(&turn2));
+        run(&mut c, &h1, &mut next, 1);
+        assert_eq!(run(&mut c, &h2, &mut next, 2), 2);
+        if oldest_first {
+            let e = c.end_conversation(&h1, 0, 3).unwrap();
+            assert_eq!((e.demoted, e.kept), (1, 2), "t only: turn 2 branches at b");
+            let e = c.end_conversation(&h2, 0, 3).unwrap();
+            assert_eq!(
+                (e.demoted, e.kept),
+                (4, 0),
+                "past b: its other child t ended"
+            );
+        } else {
+            let e = c.end_conversation(&h2, 0, 3).unwrap();
+            assert_eq!(
+                (e.demoted, e.kept),
+                (2, 2),
+                "x, y only: t is still live at b"
+            );
+        }
+        let ended = (0..next)
+            .filter(|&b| c.block_retention(BlockId(b)) == Some(PrefixCache::ENDED))
+            .count();
+        assert_eq!(ended, if oldest_first { 5 } else { 2 });
+    }
+}
+
+#[test]
 fn a_broken_chain_is_refused_and_changes_nothing() {
     let mut c = cache(PolicyKind::Lru);
     let mut next = 0;

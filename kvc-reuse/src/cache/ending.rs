@@ -22,7 +22,8 @@ pub struct ConversationEnd {
     /// Blocks now evicted before every other block (until used again).
     pub demoted: usize,
     /// Cached blocks past `keep_first` left as they were because something else needs them:
-    /// in use, with a cached child outside the chain (another conversation branches there),
+    /// in use, with a cached child outside the chain that is not ended (another conversation
+    /// branches there),
     /// carrying a retention set by [`PrefixCache::set_retention`], or above such a block.
     pub kept: usize,
     /// Hashes from the first one the cache does not hold (already evicted, or never cached).
@@ -65,12 +66,18 @@ impl PrefixCache {
     /// - is among the first `keep_first` (blocks the application knows other conversations
     ///   share: a system prompt, a document; 0 if it knows of none),
     /// - is in use (another live request reads it),
-    /// - has a cached child outside this chain (another conversation branches there), or
+    /// - has a cached child outside this chain (another conversation branches there) that has
+    ///   not been ended itself, or
     /// - carries a retention set by [`set_retention`](Self::set_retention) (a pin wins);
     ///
     /// that block and every block before it keep their standing, since whatever needs them
     /// also needs their prefix. Eviction order among other blocks is unchanged, and a cache
     /// never told of an ending evicts exactly as before.
+    ///
+    /// An engine ending a multi-turn conversation ends each turn's prompt, oldest first: a
+    /// turn's prompt hangs the tail it did not pass on (the reply's partial block, a prompt
+    /// the next turn rewrote) beside the next turn's blocks, and once that tail is ended the
+    /// next turn's walk goes past it.
     ///
     /// A demoted block used again gets the default retention back: the conversation went on
     /// after all, or another one reached the block, and it is ranked by the policy like any
@@ -126,9 +133,16 @@ impl PrefixCache {
         outcome
     }
 
+    /// Whether the node at `slot` carries an ending's retention. Its descendants then do
+    /// too: the walk demotes a block only after everything below it, and any later use of a
+    /// block below it (a lookup or insert walks from the first block) restores it first.
+    fn ended(&self, slot: u32) -> bool {
+        self.nodes[slot as usize].retained && self.retained.get(&slot).is_some_and(|r| r.until_used)
+    }
+
     /// Whether the node at `slot`, followed in the chain by the node at `next` ([`NIL`] at
-    /// the chain's end), belongs to that chain alone: no holder, no other cached child, no
-    /// retention set by the caller (an earlier ending's may be renewed).
+    /// the chain's end), belongs to that chain alone: no holder, no other cached child but
+    /// ended ones, no retention set by the caller (an earlier ending's may be renewed).
     fn own_block(&self, slot: u32, next: u32) -> bool {
         let node = &self.nodes[slot as usize];
         if node.refs > 0 {
@@ -136,7 +150,7 @@ impl PrefixCache {
         }
         let mut child = node.first_child;
         while child != NIL {
-            if child != next {
+            if child != next && !self.ended(child) {
                 return false;
             }
             child = self.nodes[child as usize].next_sibling;
