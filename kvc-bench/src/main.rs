@@ -10,7 +10,10 @@ use std::time::Instant;
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::{Args, Parser, Subcommand};
 use kvc_bench::block_replay::{BlockReplayConfig, block_replay};
-use kvc_bench::replay::{ReplayConfig, ReplayReport, replay, reuse_oracle_hit_rate};
+use kvc_bench::replay::{
+    EndSignal, ReplayConfig, ReplayReport, SharedPrefix, replay, replay_with_end_signal,
+    reuse_oracle_hit_rate,
+};
 use kvc_bench::report::{self, Mode, ReportConfig};
 use kvc_bench::sim::scenarios::{self, Size};
 use kvc_bench::size::{self, GpuChoice, KvDtype, ModelShape, SizeQuery};
@@ -324,6 +327,19 @@ struct ReplayArgs {
     /// Requests alive at once, with `--engine-like` (more than the trace holds means all).
     #[arg(long, default_value = "64", value_parser = count)]
     alive: u64,
+    /// Simulate an application that tells the cache when a conversation ended
+    /// (`PrefixCache::end_conversation`): after each request that no later request continues
+    /// (judged from the whole trace), with this probability, 0 to 1. An outside signal, not a
+    /// policy; 0 replays exactly as without the option.
+    #[arg(long, value_name = "SHARE", conflicts_with = "engine_like")]
+    end_signal: Option<f64>,
+    /// With `--end-signal`: seed of the per-request coins.
+    #[arg(long, default_value = "1", requires = "end_signal")]
+    end_signal_seed: u64,
+    /// With `--end-signal`: which leading blocks of an ended conversation the application
+    /// knows are shared and keeps.
+    #[arg(long, default_value = "hindsight", requires = "end_signal", value_parser = shared_prefix_parser())]
+    end_signal_prefix: SharedPrefix,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -368,6 +384,16 @@ fn policy_parser() -> impl TypedValueParser<Value = PolicyKind> {
     });
     PossibleValuesParser::new(values.collect::<Vec<_>>())
         .map(|name| PolicyKind::from_name(&name).unwrap_or(PolicyKind::Lru))
+}
+
+fn shared_prefix_parser() -> impl TypedValueParser<Value = SharedPrefix> {
+    PossibleValuesParser::new([
+        PossibleValue::new(SharedPrefix::Hindsight.name())
+            .help("the blocks any later request uses (known from the whole trace)"),
+        PossibleValue::new(SharedPrefix::CacheOnly.name())
+            .help("none: only the cache's own rule (in use, branch points) keeps blocks"),
+    ])
+    .map(|name| SharedPrefix::from_name(&name).unwrap_or(SharedPrefix::Hindsight))
 }
 
 fn hasher_parser() -> impl TypedValueParser<Value = HasherKind> {
@@ -485,7 +511,18 @@ fn run_replay(args: &ReplayArgs) -> Result<(), String> {
         hasher,
         optimal: args.optimal,
     };
-    let mut report = replay(&trace, &cfg).map_err(|e| e.to_string())?;
+    let mut report = match args.end_signal {
+        Some(share) => {
+            let signal = EndSignal {
+                share,
+                seed: args.end_signal_seed,
+                shared: args.end_signal_prefix,
+            };
+            replay_with_end_signal(&trace, &cfg, &signal)
+        }
+        None => replay(&trace, &cfg),
+    }
+    .map_err(|e| e.to_string())?;
     if args.optimal {
         let cap_blocks = cfg.capacity_tokens / u64::from(cfg.block_size);
         report.reuse_oracle_hit_rate = Some(reuse_oracle_hit_rate(
@@ -553,6 +590,19 @@ fn print_text(r: &ReplayReport) {
         println!(
             "LRU told which blocks will be used again {:.2}%",
             100.0 * oracle
+        );
+    }
+    if let Some(e) = &r.end_signal {
+        println!(
+            "conversation ends signalled: {} of {} never-continued requests (share {}, seed {}, \
+             shared prefix {}), {} blocks demoted, {} kept",
+            e.signalled_requests,
+            e.ended_requests,
+            e.share,
+            e.seed,
+            e.shared,
+            e.demoted_blocks,
+            e.kept_blocks
         );
     }
 }

@@ -1,6 +1,8 @@
 //! Trace replay through the real [`PrefixCache`]: requests in trace order, one at a time —
 //! look up, count hit tokens, cache every full prompt block, release, evict down to the
 //! capacity — plus the offline Belady bound and the infinite-cache hit rate on the same trace.
+//! [`replay_with_end_signal`] also simulates an application that tells the cache when a
+//! conversation has ended ([`PrefixCache::end_conversation`]), judged from the whole trace.
 //!
 //! Token ids are synthesised: token `j` of Mooncake block `i` is a fixed function of
 //! (`hash_ids[i]`, `j`), truncated to `input_length`, so two requests share exactly the
@@ -11,7 +13,9 @@ use std::time::Instant;
 
 use ahash::AHashMap;
 use kvc_core::BlockId;
-use kvc_reuse::{BlockHasher, HashExtra, HasherKind, PolicyKind, PrefixCache, ReuseError};
+use kvc_reuse::{
+    BlockHasher, EndError, HashExtra, HasherKind, PolicyKind, PrefixCache, ReuseError,
+};
 use serde::Serialize;
 use thiserror::Error;
 
@@ -33,7 +37,7 @@ pub struct ReplayConfig {
 }
 
 /// Why a replay cannot run.
-#[derive(Clone, Debug, PartialEq, Eq, Error)]
+#[derive(Clone, Debug, PartialEq, Error)]
 #[non_exhaustive]
 pub enum ReplayError {
     /// The trace holds no request.
@@ -55,6 +59,19 @@ pub enum ReplayError {
     TooManyBlocks {
         /// The largest count.
         max: u64,
+    },
+    /// The share of ended conversations signalled is not a probability.
+    #[error("the share of conversation ends signalled must be between 0 and 1, not {share}")]
+    BadShare {
+        /// The share given.
+        share: f64,
+    },
+    /// The prefix cache refused a conversation end (the replay's hashes are not one chain).
+    #[error("the prefix cache refused a conversation end: {source}")]
+    End {
+        /// What the cache said.
+        #[from]
+        source: EndError,
     },
     /// The prefix cache refused an insert or release (a broken ownership invariant).
     #[error("the prefix cache refused the replay's blocks: {source}")]
@@ -100,6 +117,149 @@ pub struct ReplayReport {
     /// only want the optimum do not pay for a third offline pass.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reuse_oracle_hit_rate: Option<f64>,
+    /// What the simulated conversation-end signal did ([`replay_with_end_signal`] only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub end_signal: Option<EndSignalReport>,
+}
+
+/// An application's "this conversation ended" signal, simulated from hindsight for
+/// [`replay_with_end_signal`].
+///
+/// The trace records no conversation ids, so endings are read from its prompts. A request is
+/// *continued* when some later request's prompt holds every full 512-token Mooncake block of
+/// its prompt (`hash_ids[..input_length / 512]`): what a next turn carries over unchanged,
+/// since it rewrites the partial last block as it appends the reply and the new message. A
+/// request whose full Mooncake blocks are only the first block every prompt of the trace
+/// shares, or that has none, therefore counts as continued (the trace cannot tell; its tail
+/// is left alone). Every other request's conversation has ended after it, as far as the
+/// whole trace shows, which is what an application that saw the user close the chat would
+/// know; with probability `share` (a seeded coin per request, the same coin at every share,
+/// so a larger share signals a superset) the replay tells the cache right after the request
+/// finishes, before evicting down to the capacity. It ends the conversation's earlier turns'
+/// prompts first, oldest first (a request's next turn is the first later request that
+/// continues it), then the request's own, as an engine would (see
+/// [`PrefixCache::end_conversation`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct EndSignal {
+    /// Probability that an ended conversation is signalled, 0 to 1.
+    pub share: f64,
+    /// Seed of the per-request coins.
+    pub seed: u64,
+    /// Which leading blocks of an ended request are known to be shared.
+    pub shared: SharedPrefix,
+}
+
+/// Which leading blocks of an ended conversation's prompt the simulated application keeps
+/// (passes as `keep_first` to [`PrefixCache::end_conversation`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SharedPrefix {
+    /// Those any later request uses (known from the whole trace): the application knows
+    /// which part of its prompt is a shared system prompt or document. Only the blocks no
+    /// later prompt uses are demoted.
+    Hindsight,
+    /// None: only the cache's own rule stops the demotion (blocks in use, or where another
+    /// cached prompt branches off).
+    CacheOnly,
+}
+
+impl SharedPrefix {
+    /// The name used on command lines and in reports.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Hindsight => "hindsight",
+            Self::CacheOnly => "cache-only",
+        }
+    }
+
+    /// The kind named `name`.
+    #[must_use]
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Self::Hindsight, Self::CacheOnly]
+            .into_iter()
+            .find(|k| k.name() == name)
+    }
+}
+
+/// What the simulated conversation-end signal did in a replay.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct EndSignalReport {
+    /// [`EndSignal::share`].
+    pub share: f64,
+    /// [`EndSignal::seed`].
+    pub seed: u64,
+    /// [`EndSignal::shared`], by name.
+    pub shared: &'static str,
+    /// Requests never continued (see [`EndSignal`]).
+    pub ended_requests: u64,
+    /// Of those, the ones whose end the cache was told.
+    pub signalled_requests: u64,
+    /// Earlier turns of the signalled conversations, whose prompts were ended too.
+    pub earlier_turns: u64,
+    /// Blocks the cache demoted over all signals.
+    pub demoted_blocks: u64,
+    /// Cached blocks past the shared prefix the cache kept (in use, branch points).
+    pub kept_blocks: u64,
+}
+
+/// What the whole trace tells of each request's future (see [`EndSignal`]).
+struct Hindsight {
+    /// Per request: the leading full `bs`-token blocks of its prompt some later request
+    /// holds (a leading run: a later prompt holding block `k` holds all before it), and
+    /// whether it is never continued.
+    ends: Vec<(usize, bool)>,
+    /// Per request: the earlier requests it is the first continuation of (its conversation's
+    /// previous turns, one level back).
+    earlier: Vec<Vec<u32>>,
+}
+
+impl Hindsight {
+    fn new(trace: &[TraceRequest], bs: usize) -> Self {
+        let index = ChainIndex::new(trace, bs);
+        let mut earlier = vec![Vec::new(); trace.len()];
+        let ends = trace
+            .iter()
+            .enumerate()
+            .map(|(r, req)| {
+                let full = req.input_length as usize / bs;
+                let shared = (0..full)
+                    .take_while(|&k| index.next_use(r, k) != NEVER)
+                    .count();
+                let mooncake_full = (req.input_length / MOONCAKE_BLOCK_TOKENS) as usize;
+                let carried =
+                    mooncake_full.min(req.hash_ids.len()) * MOONCAKE_BLOCK_TOKENS as usize / bs;
+                // Continued: a later prompt holds every block of its full Mooncake blocks;
+                // the first such prompt is its next turn.
+                let ended = shared < carried;
+                if !ended && carried > 0 {
+                    let next = index.next_use(r, carried - 1);
+                    if let Some(e) = earlier.get_mut(next as usize) {
+                        e.push(r as u32);
+                    }
+                }
+                (shared, ended)
+            })
+            .collect();
+        Self { ends, earlier }
+    }
+
+    /// The earlier turns of the conversation request `r` ends, oldest first.
+    fn turns_before(&self, r: usize, out: &mut Vec<u32>) {
+        out.clear();
+        let mut stack = self.earlier[r].clone();
+        while let Some(p) = stack.pop() {
+            out.push(p);
+            stack.extend_from_slice(&self.earlier[p as usize]);
+        }
+        out.sort_unstable();
+    }
+}
+
+/// Whether the coin of request `r` says to signal, at probability `share`.
+fn coin(seed: u64, r: usize, share: f64) -> bool {
+    let u = kvc_core::rng::SplitMix64::new(seed ^ (r as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15))
+        .next_u64();
+    ((u >> 11) as f64 / (1u64 << 53) as f64) < share
 }
 
 /// The synthetic token `j` of Mooncake block `hash_id`: the high half of the first
@@ -143,8 +303,47 @@ fn check(trace: &[TraceRequest], cfg: &ReplayConfig) -> Result<usize, ReplayErro
 
 /// Replays `trace` through a [`PrefixCache`] (and, with `optimal`, the offline bounds).
 pub fn replay(trace: &[TraceRequest], cfg: &ReplayConfig) -> Result<ReplayReport, ReplayError> {
+    replay_inner(trace, cfg, None)
+}
+
+/// [`replay`], with an application telling the cache when conversations end (see
+/// [`EndSignal`]). At `share` 0 it is [`replay`] exactly (the cache is never told).
+///
+/// # Errors
+/// As [`replay`], and [`ReplayError::BadShare`] for a share outside 0–1.
+pub fn replay_with_end_signal(
+    trace: &[TraceRequest],
+    cfg: &ReplayConfig,
+    signal: &EndSignal,
+) -> Result<ReplayReport, ReplayError> {
+    if !(0.0..=1.0).contains(&signal.share) {
+        return Err(ReplayError::BadShare {
+            share: signal.share,
+        });
+    }
+    replay_inner(trace, cfg, Some(signal))
+}
+
+fn replay_inner(
+    trace: &[TraceRequest],
+    cfg: &ReplayConfig,
+    signal: Option<&EndSignal>,
+) -> Result<ReplayReport, ReplayError> {
     let cap_blocks = check(trace, cfg)?;
     let bs = cfg.block_size as usize;
+    // Known before the replay starts (hindsight), so not timed.
+    let hindsight = signal.map(|_| Hindsight::new(trace, bs));
+    let (mut turns, mut turn_tokens, mut turn_hashes) = (Vec::new(), Vec::new(), Vec::new());
+    let mut end_report = signal.map(|s| EndSignalReport {
+        share: s.share,
+        seed: s.seed,
+        shared: s.shared.name(),
+        ended_requests: 0,
+        signalled_requests: 0,
+        earlier_turns: 0,
+        demoted_blocks: 0,
+        kept_blocks: 0,
+    });
     let start = Instant::now();
     let mut cache = PrefixCache::with_policy(cfg.block_size, cfg.policy.build(cap_blocks));
     let root = cfg.hasher.root(&HashExtra::new("mooncake-replay", 1));
@@ -157,7 +356,7 @@ pub fn replay(trace: &[TraceRequest], cfg: &ReplayConfig) -> Result<ReplayReport
     );
     let mut next_block: u64 = 0;
     let (mut input_tokens, mut hit_tokens, mut evicted) = (0u64, 0u64, 0u64);
-    for req in trace {
+    for (r, req) in trace.iter().enumerate() {
         tokens.clear();
         synth_prompt(req, &mut tokens);
         hashes.clear();
@@ -197,6 +396,34 @@ pub fn replay(trace: &[TraceRequest], cfg: &ReplayConfig) -> Result<ReplayReport
                 free.push(b);
             }
         }
+        if let (Some(signal), Some(h), Some(rep)) = (signal, &hindsight, end_report.as_mut())
+            && h.ends[r].1
+        {
+            rep.ended_requests += 1;
+            if coin(signal.seed, r, signal.share) {
+                let keep = |q: usize| match signal.shared {
+                    SharedPrefix::Hindsight => h.ends[q].0,
+                    SharedPrefix::CacheOnly => 0,
+                };
+                // The conversation's earlier turns first (oldest first), then this one.
+                h.turns_before(r, &mut turns);
+                for &q in &turns {
+                    turn_tokens.clear();
+                    synth_prompt(&trace[q as usize], &mut turn_tokens);
+                    turn_hashes.clear();
+                    cfg.hasher
+                        .hash_blocks(root, &turn_tokens, bs, &mut turn_hashes);
+                    let end = cache.end_conversation(&turn_hashes, keep(q as usize), now)?;
+                    rep.demoted_blocks += end.demoted as u64;
+                    rep.kept_blocks += end.kept as u64;
+                }
+                let end = cache.end_conversation(&hashes, keep(r), now)?;
+                rep.signalled_requests += 1;
+                rep.earlier_turns += turns.len() as u64;
+                rep.demoted_blocks += end.demoted as u64;
+                rep.kept_blocks += end.kept as u64;
+            }
+        }
         if cache.len() > cap_blocks {
             evicted += cache.evict(cache.len() - cap_blocks, now, &mut free) as u64;
         }
@@ -232,6 +459,7 @@ pub fn replay(trace: &[TraceRequest], cfg: &ReplayConfig) -> Result<ReplayReport
         optimal_hit_rate,
         infinite_hit_rate,
         reuse_oracle_hit_rate: None,
+        end_signal: end_report,
     })
 }
 
@@ -550,6 +778,85 @@ mod tests {
         for cap in [None, Some(1), Some(4), Some(9)] {
             assert_eq!(index.offline_hits(cap), index.offline_hits_reference(cap));
         }
+    }
+
+    #[test]
+    fn endings_are_requests_no_later_prompt_continues() {
+        let trace = [
+            req(0, 1536, &[0, 1, 2]), // continued by the next: all three blocks carried
+            req(1, 2000, &[0, 1, 2, 3]), // its full blocks [0, 1, 2]: only [0, 1] come back
+            req(2, 1536, &[0, 1, 9]), // nothing after it
+            req(3, 700, &[5, 6]),     // one full block, never seen again
+            req(4, 300, &[7]),        // no full Mooncake block: nothing to carry
+        ];
+        let h = Hindsight::new(&trace, 512);
+        assert_eq!(
+            h.ends,
+            [(3, false), (2, true), (0, true), (0, true), (0, false)]
+        );
+        assert_eq!(
+            Hindsight::new(&trace, 16).ends[1],
+            (64, true),
+            "the shared run in 16-token blocks"
+        );
+        let mut turns = Vec::new();
+        h.turns_before(1, &mut turns);
+        assert_eq!(turns, [0], "request 1 is request 0's next turn");
+        h.turns_before(2, &mut turns);
+        assert!(turns.is_empty());
+    }
+
+    #[test]
+    fn an_ended_conversation_no_longer_pushes_out_one_that_continues() {
+        // B's first turn, then A's only turn (sharing B's first block), then B's second turn,
+        // in a cache of four 512-token blocks: A's tail evicts B's last block under LRU,
+        // unless the cache is told A ended (A's own blocks go first).
+        let trace = [
+            req(0, 1600, &[0, 10, 11, 99]),
+            req(1, 1536, &[0, 20, 21]),
+            req(2, 2048, &[0, 10, 11, 12]),
+        ];
+        let cfg = ReplayConfig {
+            optimal: false,
+            ..cfg(4 * 512, 512)
+        };
+        let plain = replay(&trace, &cfg).unwrap();
+        assert_eq!(plain.hit_tokens, 512 + 1024);
+        let signal = |share, shared| EndSignal {
+            share,
+            seed: 9,
+            shared,
+        };
+        for shared in [SharedPrefix::Hindsight, SharedPrefix::CacheOnly] {
+            let told = replay_with_end_signal(&trace, &cfg, &signal(1.0, shared)).unwrap();
+            assert_eq!(told.hit_tokens, 512 + 1536, "{shared:?}");
+            let ends = told.end_signal.unwrap();
+            // A and B's last turn ended; A's block 0 is B's too (kept: by hindsight, or as a
+            // branch point in the cache).
+            assert_eq!(ends.ended_requests, 2);
+            assert_eq!(ends.signalled_requests, 2);
+            let zero = replay_with_end_signal(&trace, &cfg, &signal(0.0, shared)).unwrap();
+            assert_eq!(
+                (zero.hit_tokens, zero.evicted_blocks),
+                (plain.hit_tokens, plain.evicted_blocks)
+            );
+        }
+        assert!(matches!(
+            replay_with_end_signal(&trace, &cfg, &signal(-0.1, SharedPrefix::Hindsight)),
+            Err(ReplayError::BadShare { .. })
+        ));
+    }
+
+    #[test]
+    fn coins_nest_across_shares() {
+        for r in 0..1000 {
+            for (lo, hi) in [(0.25, 0.5), (0.5, 0.75), (0.75, 1.0)] {
+                assert!(!coin(3, r, lo) || coin(3, r, hi));
+            }
+            assert!(!coin(3, r, 0.0) && coin(3, r, 1.0));
+        }
+        let told = (0..1000).filter(|&r| coin(3, r, 0.5)).count();
+        assert!((400..600).contains(&told), "{told} of 1000 at one half");
     }
 
     #[test]

@@ -30,6 +30,10 @@ use crate::policy::{Access, BlockInfo, EvictionPolicy, PolicyKind};
 use crate::recency::{Entry, Placed, Recency};
 use crate::table::{HashIndex, Probe};
 
+mod ending;
+
+pub use ending::{ConversationEnd, EndError};
+
 /// Hashing for keys that are already well mixed (block hashes) or small dense integers (block
 /// ids): a multiply-fold instead of a keyed hash, which showed up in replay profiles. Block
 /// hashes come from a cryptographic or high-quality hash, so no further mixing is needed.
@@ -241,6 +245,9 @@ struct Retained {
     generation: u64,
     /// The key the block has in the low or high lane: (priority, stamp).
     lane_key: (u8, u64),
+    /// Set by [`PrefixCache::end_conversation`]: the retention lasts until the block is used
+    /// again, and its next use restores the default.
+    until_used: bool,
 }
 
 /// Block id to node slot: a dense table for the small ids a block pool hands out, a map for
@@ -565,6 +572,9 @@ impl PrefixCache {
         if refs == 1 && node.hittable {
             self.unused -= 1;
             self.refresh(slot);
+            if self.nodes[slot as usize].retained {
+                self.restore_if_ended(slot);
+            }
         }
         true
     }
@@ -714,6 +724,9 @@ impl PrefixCache {
                 self.set_stamp(slot, stamp);
                 if self.recency.is_none() {
                     self.policy.on_hit(slot, &info(hash, i, stamp));
+                }
+                if self.nodes[slot as usize].retained {
+                    self.restore_if_ended(slot);
                 }
                 self.refresh(slot);
                 parent = Some(slot);
@@ -1008,11 +1021,18 @@ impl PrefixCache {
         let Some(slot) = self.find(hash) else {
             return false;
         };
-        self.retention_gen += 1;
         let retention = Retention {
             priority: retention.priority.min(Retention::MAX_PRIORITY),
             until: retention.until,
         };
+        self.retain(slot, retention, false);
+        true
+    }
+
+    /// Gives the hittable node at `slot` a caller-set retention (`until_used`: one that its
+    /// next use clears, see [`Self::restore_if_ended`]) and puts it in its lane.
+    fn retain(&mut self, slot: u32, retention: Retention, until_used: bool) {
+        self.retention_gen += 1;
         let node = &mut self.nodes[slot as usize];
         node.retained = true;
         let lane_key = self.retained.get(&slot).map_or((0, 0), |r| r.lane_key);
@@ -1022,6 +1042,7 @@ impl PrefixCache {
                 retention,
                 generation: self.retention_gen,
                 lane_key,
+                until_used,
             },
         );
         if let Some(until) = retention.until {
@@ -1029,7 +1050,19 @@ impl PrefixCache {
                 .push(Reverse((until, slot, self.retention_gen)));
         }
         self.refresh(slot);
-        true
+    }
+
+    /// The node at `slot` is used again: a retention [`Self::end_conversation`] gave it is
+    /// dropped (the conversation did not end after all, or another one reached the block),
+    /// so it is ranked at the default priority again. Other retentions stay.
+    fn restore_if_ended(&mut self, slot: u32) {
+        if self.retained.get(&slot).is_some_and(|r| r.until_used) {
+            // Out of its lane while the retention still names its key there.
+            self.leave_lane(slot);
+            self.retained.remove(&slot);
+            self.nodes[slot as usize].retained = false;
+            self.refresh(slot);
+        }
     }
 
     /// Sets the retention of the cached block whose [`BlockHash::short`] is `short`. A linear

@@ -8,7 +8,9 @@
 //!   with the CPU's SHA extensions faster still) and [`Xxh3Hasher`] (fastest, one tenant).
 //! - [`PrefixCache`]: longest cached prefix lookup, insert, reference tracking, lazy
 //!   leaf-first eviction through an [`EvictionPolicy`] ([`Lru`], [`S3Fifo`], ...), retention
-//!   priorities with expiry, invalidation, [`KvEvent`]s and [`Metrics`].
+//!   priorities with expiry, conversation ends ([`PrefixCache::end_conversation`]: an
+//!   application's word that a chat is over demotes its own blocks), invalidation,
+//!   [`KvEvent`]s and [`Metrics`].
 //! - [`SessionCache`]: multi-turn contexts bound to a session id, with truncation and idle
 //!   expiry.
 //!
@@ -66,7 +68,7 @@ mod table;
 mod test_replay;
 
 pub use adaptive::Adaptive;
-pub use cache::PrefixCache;
+pub use cache::{ConversationEnd, EndError, PrefixCache};
 pub use events::{EventRecord, KvEvent, Metrics};
 pub use hash::{
     Blake3Hasher, Blake3KeyedHasher, BlockHash, BlockHasher, HashExtra, HasherKind, Sha256Hasher,

@@ -62,6 +62,13 @@ enum Op {
         priority: u8,
         ttl: Option<u64>,
     },
+    /// The conversation of tenant `t`'s prompt `p` ended: its own tail past `keep` blocks
+    /// is demoted.
+    End {
+        t: usize,
+        p: usize,
+        keep: usize,
+    },
     Clear,
     Open {
         s: u64,
@@ -89,6 +96,7 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(t, p, block)| Op::Invalidate { t, p, block }),
         1 => (0..TENANTS, 0..PROMPTS, 0..6usize, 0..=100u8, proptest::option::of(1..50u64))
             .prop_map(|(t, p, block, priority, ttl)| Op::Retain { t, p, block, priority, ttl }),
+        2 => (0..TENANTS, 0..PROMPTS, 0..3usize).prop_map(|(t, p, keep)| Op::End { t, p, keep }),
         1 => Just(Op::Clear),
         2 => (0..SESSIONS, 0..PROMPTS).prop_map(|(s, p)| Op::Open { s, p }),
         3 => (0..SESSIONS, proptest::collection::vec(0..2u32, 1..7))
@@ -368,6 +376,12 @@ fn run(policy: PolicyKind, prompts: &[Vec<u32>], truncation: Truncation, ops: Ve
                     let until = ttl.map(|d| now + d);
                     let _ = w.cache.set_retention(h, Retention { priority, until }, now);
                 }
+            }
+            Op::End { t, p, keep } => {
+                // A prompt's own hashes are always one chain: the cached part is a prefix.
+                let h = w.hashes(t, &prompts[p]);
+                let end = w.cache.end_conversation(&h, keep, now);
+                prop_assert!(end.is_ok(), "{:?}", end);
             }
             Op::Clear => {
                 let in_use = w.cached.iter().filter(|b| w.refs[b] > 1).count();
