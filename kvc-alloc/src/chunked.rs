@@ -67,7 +67,7 @@ struct Chunk {
 ///
 /// ```
 /// use kvc_alloc::{BlockPool, ChunkedBlockTable, PoolConfig};
-/// use kvc_core::{BlockAllocator, RegionId};
+/// use kvc_alloc::{BlockAllocator, RegionId};
 ///
 /// let mut pool = BlockPool::new(PoolConfig::new(8_000))?;
 /// let mut prompt = ChunkedBlockTable::new(16);

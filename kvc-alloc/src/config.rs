@@ -37,6 +37,18 @@ pub enum ConfigError {
         /// The limit.
         max: usize,
     },
+    /// The watermark reserve takes the whole dynamic region, so admission
+    /// ([`can_allocate`](crate::BlockPool::can_allocate)) could never say anything but
+    /// `Impossible` there.
+    #[error(
+        "a watermark of {watermark} blocks leaves nothing to admit in a dynamic region of {dynamic} blocks"
+    )]
+    WatermarkTooLarge {
+        /// The reserve asked for.
+        watermark: u64,
+        /// Blocks in the dynamic region.
+        dynamic: u64,
+    },
 }
 
 /// The shape of a [`BlockPool`](crate::BlockPool).
@@ -82,7 +94,9 @@ impl PoolConfig {
     /// Keeps `blocks` of the dynamic region in reserve: admission
     /// ([`can_allocate`](crate::BlockPool::can_allocate)) says `Later` once taking a request's
     /// blocks would dip into it, so running sequences can still grow during a burst.
-    /// Allocation itself may use the reserve.
+    /// Allocation itself may use the reserve. It must be smaller than the dynamic region
+    /// (or 0): [`BlockPool::new`](crate::BlockPool::new) rejects a reserve that would leave
+    /// nothing to admit ([`ConfigError::WatermarkTooLarge`]).
     #[must_use]
     pub fn watermark(mut self, blocks: u64) -> Self {
         self.watermark = blocks;
@@ -129,10 +143,17 @@ impl PoolConfig {
                     .fold(self.pinned, |acc, &b| acc.saturating_add(b)),
                 total: self.num_blocks,
             })?;
+        let dynamic = self.num_blocks - carved;
+        if self.watermark > 0 && self.watermark >= dynamic {
+            return Err(ConfigError::WatermarkTooLarge {
+                watermark: self.watermark,
+                dynamic,
+            });
+        }
         // All values are below u32::MAX now.
         let mut sizes: SmallVec<[u32; 4]> = SmallVec::new();
         sizes.push(self.pinned as u32);
-        sizes.push((self.num_blocks - carved) as u32);
+        sizes.push(dynamic as u32);
         sizes.extend(self.extra.iter().map(|&b| b as u32));
         Ok(sizes)
     }

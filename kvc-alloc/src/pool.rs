@@ -43,7 +43,7 @@ struct Region {
 ///
 /// ```
 /// use kvc_alloc::{BlockPool, PoolConfig};
-/// use kvc_core::{BlockAllocator, RegionId};
+/// use kvc_alloc::{BlockAllocator, RegionId};
 ///
 /// let mut pool = BlockPool::new(PoolConfig::new(8))?;
 /// let a = pool.allocate(RegionId::DYNAMIC)?;
@@ -128,7 +128,9 @@ impl BlockPool {
         self.watermark as usize
     }
 
-    /// Changes the admission reserve of the dynamic region.
+    /// Changes the admission reserve of the dynamic region. Unlike
+    /// [`PoolConfig::watermark`] this is not checked: a reserve as large as the dynamic
+    /// region makes every admission there [`Admission::Impossible`].
     pub fn set_watermark(&mut self, blocks: usize) {
         self.watermark = u32::try_from(blocks).unwrap_or(u32::MAX);
     }
@@ -681,6 +683,16 @@ mod tests {
             BlockPool::new(PoolConfig::new(u64::from(u32::MAX))).err(),
             Some(ConfigError::TooManyBlocks { .. })
         ));
+        // A reserve as large as the dynamic region would make every admission Impossible.
+        assert_eq!(
+            BlockPool::new(PoolConfig::new(8).pinned(4).watermark(4)).err(),
+            Some(ConfigError::WatermarkTooLarge {
+                watermark: 4,
+                dynamic: 4
+            })
+        );
+        let p = BlockPool::new(PoolConfig::new(8).pinned(4).watermark(3)).unwrap();
+        assert_eq!(p.can_allocate(RegionId::DYNAMIC, 1), Ok(Admission::Now));
         let cfg = PoolConfig::new(10).pinned(2);
         let extra = cfg.next_region_id();
         let p = BlockPool::new(cfg.region(3)).unwrap();

@@ -18,7 +18,7 @@ use crate::stats::PoolStats;
 /// ```
 /// use std::sync::Arc;
 /// use kvc_alloc::{BlockPool, PoolConfig, SharedBlockPool};
-/// use kvc_core::RegionId;
+/// use kvc_alloc::RegionId;
 ///
 /// let pool = Arc::new(SharedBlockPool::new(BlockPool::new(PoolConfig::new(64))?));
 /// let workers: Vec<_> = (0..2)

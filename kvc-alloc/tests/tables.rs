@@ -101,3 +101,59 @@ fn a_chunked_fork_shares_references_through_its_chunks() {
     assert_eq!(pool.free_blocks(D), Ok(16));
     pool.audit().unwrap();
 }
+
+#[test]
+fn a_forked_block_table_copies_its_shared_last_block_on_write() {
+    let mut pool = BlockPool::new(PoolConfig::new(8)).unwrap();
+    let mut prompt = BlockTable::new(16);
+    prompt.append_tokens(&mut pool, D, 40).unwrap(); // 3 blocks, the last holds 8 tokens
+    let shared = prompt.blocks()[2];
+    let mut sample = prompt.fork(&mut pool).unwrap();
+
+    let copy = sample
+        .make_last_writable(&mut pool, D)
+        .unwrap()
+        .expect("the last block is shared and partly filled");
+    assert_eq!(copy.src, shared);
+    assert_eq!(sample.blocks()[2], copy.dst);
+    assert_eq!(prompt.blocks()[2], shared);
+    assert_eq!(pool.refcount(shared), Ok(1));
+    assert_eq!(pool.refcount(copy.dst), Ok(1));
+    // Both tables now own their last block: no further copy.
+    assert_eq!(sample.make_last_writable(&mut pool, D), Ok(None));
+    assert_eq!(prompt.make_last_writable(&mut pool, D), Ok(None));
+
+    sample.release_all(&mut pool).unwrap();
+    prompt.release_all(&mut pool).unwrap();
+    assert_eq!(pool.free_blocks(D), Ok(8));
+    pool.audit().unwrap();
+}
+
+#[test]
+fn a_block_table_copies_nothing_at_a_block_boundary_and_fails_cleanly_when_full() {
+    let mut pool = BlockPool::new(PoolConfig::new(3)).unwrap();
+    let mut empty = BlockTable::new(16);
+    assert_eq!(empty.make_last_writable(&mut pool, D), Ok(None));
+
+    let mut full = BlockTable::new(16);
+    full.append_tokens(&mut pool, D, 16).unwrap();
+    let mut fork = full.fork(&mut pool).unwrap();
+    // Block-aligned: the next token goes to a fresh block, nothing shared is written.
+    assert_eq!(fork.make_last_writable(&mut pool, D), Ok(None));
+    fork.release_all(&mut pool).unwrap();
+    full.release_all(&mut pool).unwrap();
+
+    let mut prompt = BlockTable::new(16);
+    prompt.append_tokens(&mut pool, D, 40).unwrap(); // takes all 3 blocks
+    let mut sample = prompt.fork(&mut pool).unwrap();
+    let before = sample.blocks().to_vec();
+    assert!(matches!(
+        sample.make_last_writable(&mut pool, D),
+        Err(kvc_core::CowError::Alloc(AllocError::OutOfBlocks { .. }))
+    ));
+    assert_eq!(sample.blocks(), &before[..]);
+    assert_eq!(pool.refcount(before[2]), Ok(2));
+    sample.release_all(&mut pool).unwrap();
+    prompt.release_all(&mut pool).unwrap();
+    pool.audit().unwrap();
+}

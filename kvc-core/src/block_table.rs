@@ -2,7 +2,9 @@
 
 use smallvec::SmallVec;
 
-use crate::{AllocError, BlockAllocator, BlockId, RefError, RegionId};
+use crate::{
+    AllocError, BlockAllocator, BlockCopy, BlockId, CowError, RefError, RegionId, Writable,
+};
 
 /// A sequence's block table: token `i` lives in block `blocks[i / block_size]` at offset
 /// `i % block_size`. The table owns one reference on each of its blocks.
@@ -127,8 +129,9 @@ impl BlockTable {
 
     /// A second table over the same blocks and tokens (parallel sampling, beam search): takes
     /// one more reference on every block through `alloc`. All or nothing. Before either table
-    /// writes into a shared partly filled last block, make it writable
-    /// ([`BlockAllocator::make_writable`]).
+    /// writes into a shared partly filled last block, make it writable with
+    /// [`make_last_writable`](Self::make_last_writable), which copies it on write and puts the
+    /// copy in the table.
     ///
     /// # Errors
     /// The pool refused a reference (a block released behind the table's back, or at its
@@ -150,6 +153,56 @@ impl BlockTable {
             num_tokens: self.num_tokens,
             block_size: self.block_size,
         })
+    }
+
+    /// Copy-on-write for the table's last block, before writing more tokens into it (after a
+    /// [`fork`](Self::fork), both tables share a partly filled last block).
+    ///
+    /// Returns `None` when there is nothing to copy: the table is empty, full to a block
+    /// boundary (the next token goes to a fresh block), or the only owner of its last block.
+    /// Otherwise allocates a block from `region`, moves this table's reference to it, puts it
+    /// in the table in place of the shared one, and returns the pair the kernels must copy
+    /// before the write. On error nothing changes.
+    ///
+    /// ```
+    /// use kvc_core::{BlockAllocator, BlockTable, RegionId};
+    /// # fn demo(pool: &mut impl BlockAllocator) -> Result<(), Box<dyn std::error::Error>> {
+    /// let mut prompt = BlockTable::new(16);
+    /// prompt.append_tokens(pool, RegionId::DYNAMIC, 40)?; // the last block holds 8 tokens
+    /// let mut sample = prompt.fork(pool)?;
+    /// let copy = sample.make_last_writable(pool, RegionId::DYNAMIC)?.expect("shared");
+    /// assert_eq!(copy.src, prompt.blocks()[2]);
+    /// assert_eq!(copy.dst, sample.blocks()[2]); // copy src -> dst, then write
+    /// sample.append_tokens(pool, RegionId::DYNAMIC, 1)?;
+    /// assert!(prompt.make_last_writable(pool, RegionId::DYNAMIC)?.is_none()); // sole owner now
+    /// sample.release_all(pool)?;
+    /// prompt.release_all(pool)?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`CowError::Ref`] if the pool does not know the last block (released behind the
+    /// table's back); [`CowError::Alloc`] if `region` has no free block for the copy.
+    pub fn make_last_writable(
+        &mut self,
+        alloc: &mut impl BlockAllocator,
+        region: RegionId,
+    ) -> Result<Option<BlockCopy>, CowError> {
+        let Some(&last) = self.blocks.last() else {
+            return Ok(None);
+        };
+        if self.num_tokens == self.capacity_tokens() {
+            return Ok(None);
+        }
+        match alloc.make_writable(last, region)? {
+            Writable::Exclusive(_) => Ok(None),
+            Writable::Copied(copy) => {
+                if let Some(slot) = self.blocks.last_mut() {
+                    *slot = copy.dst;
+                }
+                Ok(Some(copy))
+            }
+        }
     }
 
     /// Makes room for `n` more tokens, allocating from `region` (preferring blocks physically

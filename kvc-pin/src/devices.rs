@@ -186,7 +186,7 @@ fn sort_plan(plan: &mut DevicePlan) {
 /// Places every tenant's reservation on a device, best fit decreasing.
 ///
 /// ```
-/// use kvc_core::TenantId;
+/// use kvc_pin::TenantId;
 /// use kvc_pin::{place_tenants, Demand, Device, DeviceId};
 ///
 /// let devices = [Device { id: DeviceId(0), capacity: 100 }, Device { id: DeviceId(1), capacity: 60 }];
@@ -219,7 +219,7 @@ pub fn place_tenants(
 /// module docs). Tenants absent from `demands` are dropped; new ones are placed.
 ///
 /// ```
-/// use kvc_core::TenantId;
+/// use kvc_pin::TenantId;
 /// use kvc_pin::{place_tenants, rebalance, Demand, Device, DeviceId, Move};
 ///
 /// let devices = [Device { id: DeviceId(0), capacity: 100 }, Device { id: DeviceId(1), capacity: 100 }];

@@ -19,10 +19,16 @@
 //! - **devices**: [`place_tenants`] and [`rebalance`] assign tenants' reservations to devices.
 //!
 //! The crate depends on `kvc-core` only; it never touches memory. The scheduler applies its
-//! decisions to an allocator. Times are caller-supplied milliseconds.
+//! decisions to an allocator. Times are caller-supplied milliseconds. The `kvc-core`
+//! vocabulary a policy user needs (the [`PinPolicy`] trait and its plain data, QoS classes,
+//! sequence and tenant ids) is re-exported, so depending on this crate alone is enough.
+//!
+//! `examples/admission.rs` (`cargo run -p kvc-pin --example admission`) is a whole program: a
+//! static reserve, high- and low-priority requests, overflow, release, soft pins and every
+//! error an adopter meets.
 //!
 //! ```
-//! use kvc_core::{LoadSample, PinPolicy, PlaceRequest, Placement, PoolView, QosClass,
+//! use kvc_pin::{LoadSample, PinPolicy, PlaceRequest, Placement, PoolView, QosClass,
 //!     RegionBlocks, Resize, Route, SeqId, TenantId};
 //! use kvc_pin::{AdaptiveConfig, AdaptiveReserve, PinningPolicy, PolicyConfig, Reserve,
 //!     SoftPinConfig};
@@ -61,6 +67,12 @@ mod policy;
 mod reserve;
 mod soft;
 mod window;
+
+pub use kvc_core::{
+    ClassBlocks, LoadSample, PinPolicy, PinReleaseError, PlaceRequest, Placement, PoolView,
+    QosClass, QosClasses, QosError, Refusal, RegionBlocks, RegionId, Resize, Retention,
+    RetentionUpdate, Route, SeqId, TenantId, WaitReason,
+};
 
 pub use devices::{
     Assignment, Demand, Device, DeviceId, DevicePlan, DevicePlanError, Move, Rebalanced,

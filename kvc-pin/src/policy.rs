@@ -171,7 +171,7 @@ struct ClassState {
 /// The pin policy of kvc: QoS placement, reserve sizing, tenant quotas and soft pins.
 ///
 /// ```
-/// use kvc_core::{PinPolicy, PlaceRequest, Placement, PoolView, QosClass, RegionBlocks, Route,
+/// use kvc_pin::{PinPolicy, PlaceRequest, Placement, PoolView, QosClass, RegionBlocks, Route,
 ///     SeqId, TenantId};
 /// use kvc_pin::{PinningPolicy, PolicyConfig, Reserve, SoftPinConfig, StaticReserve};
 ///

@@ -94,7 +94,7 @@ pub enum StaticSize {
 /// A pinned region of fixed size.
 ///
 /// ```
-/// use kvc_core::{PoolView, Resize};
+/// use kvc_pin::{PoolView, Resize};
 /// use kvc_pin::StaticReserve;
 ///
 /// let reserve = StaticReserve::fraction(0.25)?;
@@ -236,7 +236,7 @@ impl AdaptiveConfig {
 /// outside the bounds is corrected at once.
 ///
 /// ```
-/// use kvc_core::{PoolView, Resize};
+/// use kvc_pin::{PoolView, Resize};
 /// use kvc_pin::{AdaptiveConfig, AdaptiveReserve};
 ///
 /// let mut cfg = AdaptiveConfig::new(1_000);

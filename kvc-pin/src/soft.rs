@@ -262,7 +262,7 @@ struct Pin {
 /// The soft pins of a pool: live pins, the index from block hash to pins, and budgets.
 ///
 /// ```
-/// use kvc_core::{Retention, TenantId};
+/// use kvc_pin::{Retention, TenantId};
 /// use kvc_pin::{PinRequest, PinTarget, SoftPinConfig, SoftPins};
 ///
 /// // Blocks of 2 MiB, a pool of 1 000 blocks, 5% of it for pins: 50 blocks.

@@ -41,6 +41,10 @@
 //! assert_eq!(decision.chosen.overlap.device, 5);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+//!
+//! `examples/two_engines.rs` (`cargo run -p kvc-route --example two_engines`) is a whole
+//! program without a Redis server: two engines' event frames through [`Ingest`], a replay, a
+//! lost event repaired from a snapshot, a corrupt frame, and routing.
 #![warn(missing_docs)]
 
 pub mod event;

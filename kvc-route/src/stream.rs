@@ -46,6 +46,31 @@ pub enum StreamError {
         /// What is wrong.
         reason: &'static str,
     },
+    /// The event would be refused by every subscriber (dropped as malformed, or refused by
+    /// the index), leaving a gap in the engine's sequence that forces every router to resync
+    /// from a snapshot. Nothing was published and no sequence number was used.
+    #[error("event not published: {reason}")]
+    BadEvent {
+        /// What is wrong.
+        reason: &'static str,
+    },
+}
+
+/// Checks that subscribers will apply `body` from a publisher of `block_size`-token blocks.
+fn check_publishable(block_size: u32, body: &EventBody) -> Result<(), StreamError> {
+    if let EventBody::Stored(s) = body {
+        if s.block_size != block_size || block_size == 0 {
+            return Err(StreamError::BadEvent {
+                reason: "a stored event's block_size differs from the publisher's",
+            });
+        }
+        if u64::from(s.token_count).div_ceil(u64::from(block_size)) != s.hashes.len() as u64 {
+            return Err(StreamError::BadEvent {
+                reason: "a stored event's token_count does not cover exactly its hashes",
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Where and how an engine publishes.
@@ -193,8 +218,12 @@ impl Publisher {
     /// snapshot is rewritten.
     ///
     /// # Errors
-    /// A server error; the sequence number is then not used, so the next publish reuses it.
+    /// [`StreamError::BadEvent`] for a [`Stored`](crate::Stored) event whose `block_size` is
+    /// not the publisher's or whose `token_count` does not match its hashes (subscribers would
+    /// drop it); a server error. Either way nothing is published and the sequence number is not
+    /// used, so the next publish reuses it.
     pub fn publish(&mut self, body: EventBody, now_ms: u64) -> Result<u64, StreamError> {
+        check_publishable(self.cfg.block_size, &body)?;
         let event = Event {
             engine: self.engine,
             seq: self.seq + 1,
@@ -516,5 +545,53 @@ impl Subscriber {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Stored;
+
+    fn stored(block_size: u32, token_count: u32, blocks: u128) -> EventBody {
+        EventBody::Stored(Stored {
+            tier: Tier::Device,
+            scope: Scope::default(),
+            parent: None,
+            block_size,
+            token_count,
+            hashes: (0..blocks).map(ChainHash).collect(),
+        })
+    }
+
+    #[test]
+    fn events_subscribers_would_drop_are_not_publishable() {
+        assert!(check_publishable(16, &stored(16, 40, 3)).is_ok());
+        assert!(check_publishable(16, &stored(16, 0, 0)).is_ok());
+        assert!(check_publishable(16, &EventBody::Cleared { tier: None }).is_ok());
+        assert!(matches!(
+            check_publishable(16, &stored(32, 32, 1)),
+            Err(StreamError::BadEvent { .. })
+        ));
+        assert!(matches!(
+            check_publishable(16, &stored(16, 9_999, 0)),
+            Err(StreamError::BadEvent { .. })
+        ));
+        assert!(matches!(
+            check_publishable(16, &stored(16, 16, 2)),
+            Err(StreamError::BadEvent { .. })
+        ));
+        assert!(matches!(
+            check_publishable(0, &stored(0, 0, 0)),
+            Err(StreamError::BadEvent { .. })
+        ));
+        // Every event that passes decodes on the subscriber's side.
+        let event = Event {
+            engine: EngineId(1),
+            seq: 1,
+            time_ms: 0,
+            body: stored(16, 40, 3),
+        };
+        assert_eq!(decode_event(&encode_event(&event)), Ok(event));
     }
 }

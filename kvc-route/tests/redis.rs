@@ -198,6 +198,39 @@ fn replays_and_malformed_frames_change_nothing() {
 }
 
 #[test]
+fn an_event_subscribers_would_drop_is_refused_at_publish_and_leaves_no_gap() {
+    let Some(url) = redis_url() else { return };
+    let p = prefix("bad-event");
+    let mut publ = publisher(&url, &p, 1, 1_000, 100);
+    let first = publ.publish(stored(Tier::Device, 0..4), 1).unwrap();
+    let mut other_size = stored(Tier::Device, 4..5);
+    if let EventBody::Stored(s) = &mut other_size {
+        s.block_size = 32;
+        s.token_count = 32;
+    }
+    assert!(matches!(
+        publ.publish(other_size, 2),
+        Err(kvc_route::StreamError::BadEvent { .. })
+    ));
+    let mut bad_count = stored(Tier::Device, 4..5);
+    if let EventBody::Stored(s) = &mut bad_count {
+        s.token_count = 9_999;
+    }
+    assert!(matches!(
+        publ.publish(bad_count, 2),
+        Err(kvc_route::StreamError::BadEvent { .. })
+    ));
+    assert_eq!(publ.seq(), first);
+    publ.publish(stored(Tier::Host, 4..8), 3).unwrap();
+    let mut index = KvIndex::new(16);
+    let mut sub = subscriber(&url, &p);
+    poll_until_quiet(&mut sub, &mut index, 10);
+    let s = sub.stats();
+    assert_eq!((s.malformed, s.refused, s.gaps), (0, 0, 0));
+    assert_eq!(index.engine(EngineId(1)).unwrap().blocks, [4, 4, 0]);
+}
+
+#[test]
 fn a_restarted_engine_continues_its_sequence_and_a_silent_one_is_dropped() {
     let Some(url) = redis_url() else { return };
     let p = prefix("restart");

@@ -31,7 +31,7 @@
 //! memory reserve.
 //!
 //! ```
-//! use kvc_core::QosClass;
+//! use kvc_sched::QosClass;
 //! use kvc_sched::{ClassDemand, ClassShare, ComputeReserve, ComputeReserveConfig};
 //!
 //! // Critical (class 0) may always use 256 of a 512-token step.

@@ -30,10 +30,16 @@
 //! has outgrown the model is refused, or truncated when `session_truncation` is set (keep the
 //! system prefix and the latest tokens).
 //!
+//! What to depend on: `kvc-sched` and a block allocator, normally `kvc-alloc`'s `BlockPool`
+//! (the scheduler takes any [`BlockAllocator`]); a pin policy ([`DynamicOnly`] here, or `kvc-pin`'s `PinningPolicy`)
+//! and a reuse index ([`NoReuse`], or `kvc-reuse`'s prefix cache). The `kvc-core` types the
+//! scheduler's API takes and returns (ids, QoS classes, [`NoReuse`], the paged layout and the
+//! page tables a plan builds, the traits) are re-exported here.
+//!
 //! ```
 //! use kvc_alloc::{BlockPool, PoolConfig};
-//! use kvc_core::{NoReuse, QosClass, SeqId, TenantId};
-//! use kvc_sched::{DynamicOnly, Request, Scheduler, SchedulerConfig};
+//! use kvc_sched::{DynamicOnly, NoReuse, QosClass, Request, Scheduler, SchedulerConfig, SeqId};
+//! use kvc_sched::TenantId;
 //!
 //! let pool = BlockPool::new(PoolConfig::new(64))?;
 //! let cfg = SchedulerConfig { block_size: 16, ..SchedulerConfig::default() };
@@ -61,6 +67,10 @@
 //! assert!(sched.is_idle());
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+//!
+//! `examples/batch.rs` (`cargo run -p kvc-sched --example batch`) drives a handful of
+//! requests to completion through chunked prefill, an end-of-sequence token and the typed
+//! errors of bad input; `examples/serve_loop.rs` adds pinning and a prefix cache.
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
@@ -72,6 +82,13 @@ mod queue;
 mod request;
 mod scheduler;
 mod tier;
+
+pub use kvc_core::{
+    BlockAllocator, BlockCopy, BlockId, HostBlockId, KvLayout, LowerTiers, NoReuse, PageTable,
+    PageTableError, PagedLayout, PagedLayoutError, PinPolicy, QosClass, QosClasses, RegionId,
+    Retention, ReuseIndex, ReuseScope, SeqId, SessionId, SlotMapping, SlotMappingError, StoreKey,
+    TenantId,
+};
 
 pub use compute::{
     AdaptiveShare, ClassDemand, ClassShare, ComputeConfigError, ComputeReserve,

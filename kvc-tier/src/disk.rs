@@ -213,6 +213,15 @@ fn io_err(op: &'static str, e: &io::Error) -> StoreError {
 
 impl DiskTier {
     /// Opens (or creates) the tier for `ns` under `cfg.dir`, indexing the pages already there.
+    ///
+    /// Pages already there beyond `cfg.budget_bytes` (the folder was filled under a larger
+    /// budget) are deleted at once, the earliest written first: opening with a smaller budget
+    /// discards KV on disk. A budget smaller than one page file opens, but stores nothing
+    /// (every put is declined as [`PutOutcome::skipped`](kvc_core::PutOutcome::skipped)).
+    ///
+    /// # Errors
+    /// [`DiskOpenError::ZeroBlocksPerPage`], or [`DiskOpenError::Dir`] when the folder cannot
+    /// be created or listed.
     pub fn open(ns: StoreNamespace, cfg: &DiskConfig) -> Result<Self, DiskOpenError> {
         if cfg.blocks_per_page == 0 {
             return Err(DiskOpenError::ZeroBlocksPerPage);

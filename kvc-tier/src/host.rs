@@ -301,6 +301,15 @@ impl std::fmt::Debug for HostTier {
 
 impl HostTier {
     /// A host tier for blocks of `ns`, allocating the whole pool now.
+    ///
+    /// Size `cfg.capacity_bytes` from the host memory you can spare: the pages are allocated
+    /// here, and a capacity the machine cannot provide makes the allocator abort the process
+    /// (an out-of-memory abort, not an error this function can return).
+    ///
+    /// # Errors
+    /// [`HostConfigError::ZeroBlocksPerPage`]; [`HostConfigError::NoPage`] when the capacity
+    /// holds no page; [`HostConfigError::TooLarge`] when the pool does not fit in the address
+    /// space.
     pub fn new(ns: StoreNamespace, cfg: HostConfig) -> Result<Self, HostConfigError> {
         if cfg.blocks_per_page == 0 {
             return Err(HostConfigError::ZeroBlocksPerPage);

@@ -14,8 +14,14 @@
 //! dtype, tensor-parallel rank, block size), and persisted blocks carry it, so a block of
 //! another model or layout is never read back. The guide is `docs/tiers.md`.
 //!
+//! The `kvc-core` types a tier user needs (the [`BlockStore`] trait, keys, namespaces and
+//! layouts, [`PutOutcome`], [`StoreError`], [`Retention`]) are re-exported, so depending on
+//! this crate alone is enough. `examples/host_disk.rs` (`cargo run -p kvc-tier --example
+//! host_disk`) is a whole program: a host and disk stack, offload, lookup, load, bad input,
+//! and a restart that finds the disk pages again.
+//!
 //! ```
-//! use kvc_core::{BlockStore, DType, KvLayout, StoreKey, StoreNamespace};
+//! use kvc_tier::{DType, KvLayout, StoreKey, StoreNamespace};
 //! use kvc_tier::{DeviceEvent, HostConfig, HostTier, OffloadMode, TierKind, TierStack};
 //!
 //! let layout = KvLayout::new(2, 2, 8, 16, DType::F16)?; // 2 KiB blocks
@@ -47,6 +53,11 @@ pub mod disk;
 pub mod host;
 pub mod shared;
 pub mod stack;
+
+pub use kvc_core::{
+    BlockStore, DType, KvLayout, LayoutError, LowerTiers, NamespaceError, PutOutcome, Retention,
+    StoreError, StoreKey, StoreNamespace, StoreUsage,
+};
 
 pub use disk::{DiskConfig, DiskOpenError, DiskStats, DiskTier};
 pub use host::{HostConfig, HostConfigError, HostStats, HostTier, Spill};

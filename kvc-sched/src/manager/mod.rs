@@ -42,7 +42,7 @@
 //!
 //! ```
 //! use kvc_alloc::{BlockPool, PoolConfig};
-//! use kvc_core::{NoReuse, QosClass, SeqId, TenantId};
+//! use kvc_sched::{NoReuse, QosClass, SeqId, TenantId};
 //! use kvc_sched::{DynamicOnly, KvManager, KvManagerConfig, SeqOwner, SlotGrant, SlotRequest};
 //!
 //! let pool = BlockPool::new(PoolConfig::new(8))?;
@@ -501,7 +501,7 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
     /// use std::sync::{Arc, Mutex};
     ///
     /// use kvc_alloc::{BlockPool, PoolConfig};
-    /// use kvc_core::{LowerTiers, QosClass, ReuseIndex, ReuseScope, SeqId, StoreKey, TenantId};
+    /// use kvc_sched::{LowerTiers, QosClass, ReuseIndex, ReuseScope, SeqId, StoreKey, TenantId};
     /// use kvc_reuse::{HashExtra, PolicyKind, PrefixCache, ScopedIndex, Xxh3Hasher};
     /// use kvc_sched::{
     ///     DynamicOnly, KvManager, KvManagerConfig, LoadResult, SeqOwner, SlotGrant, SlotRequest,

@@ -358,7 +358,7 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
     /// use std::sync::Arc;
     ///
     /// use kvc_alloc::{BlockPool, PoolConfig};
-    /// use kvc_core::{LowerTiers, QosClass, SeqId, StoreKey, TenantId};
+    /// use kvc_sched::{LowerTiers, QosClass, SeqId, StoreKey, TenantId};
     /// use kvc_reuse::{HashExtra, PolicyKind, PrefixCache, ScopedIndex, Xxh3Hasher};
     /// use kvc_sched::{DynamicOnly, LoadResult, Request, Scheduler, SchedulerConfig, TierMode};
     ///
