@@ -454,6 +454,52 @@ mod tests {
         }
     }
 
+    /// `Replay::append` takes exactly the blocks `BlockTable::append_tokens` would, and fails
+    /// the same way, on a fragmented pool (tables freed in any order, appends of any size).
+    #[test]
+    fn append_takes_the_blocks_the_table_would() {
+        let replay = || Replay {
+            pool: BlockPool::new(PoolConfig::new(96)).unwrap(),
+            cache: PrefixCache::new(4, PolicyKind::Lru),
+            evicted: Vec::new(),
+            fresh: Vec::new(),
+            evicted_blocks: 0,
+            broken: None,
+            spare: Vec::new(),
+        };
+        let (mut model, mut r) = (replay(), replay());
+        let mut want: Vec<BlockTable> = (0..5).map(|_| BlockTable::new(4)).collect();
+        let mut got: Vec<BlockTable> = (0..5).map(|_| BlockTable::new(4)).collect();
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for step in 0..4_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let t = (x % 5) as usize;
+            if (x >> 8).is_multiple_of(7) {
+                want[t].release_all(&mut model.pool).unwrap();
+                got[t].release_all(&mut r.pool).unwrap();
+            } else {
+                let n = match (x >> 16) % 4 {
+                    0 => 1,
+                    1 => 0,
+                    _ => (x >> 24) % 40,
+                };
+                let a = want[t].append_tokens(&mut model.pool, RegionId::DYNAMIC, n);
+                let b = r.append(&mut got[t], n, 0);
+                assert_eq!(a, b, "step {step}");
+            }
+            assert_eq!(want[t].blocks(), got[t].blocks(), "step {step}");
+            assert_eq!(want[t].num_tokens(), got[t].num_tokens(), "step {step}");
+        }
+        assert_eq!(model.pool.stats().used(), r.pool.stats().used());
+        r.pool.audit().unwrap();
+        for (mut a, mut b) in want.into_iter().zip(got) {
+            a.release_all(&mut model.pool).unwrap();
+            b.release_all(&mut r.pool).unwrap();
+        }
+    }
+
     #[test]
     fn shared_prefixes_hit_and_every_block_comes_back() {
         let trace = vec![
