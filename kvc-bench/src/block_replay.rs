@@ -128,6 +128,8 @@ struct Replay {
     pool: BlockPool,
     cache: PrefixCache,
     evicted: Vec<BlockId>,
+    /// Scratch for [`Replay::append`]: blocks just allocated.
+    fresh: Vec<BlockId>,
     evicted_blocks: u64,
     /// The first reference change the pool or the cache refused.
     broken: Option<String>,
@@ -136,17 +138,46 @@ struct Replay {
 }
 
 impl Replay {
-    /// Appends `n` tokens to `table`, evicting cached blocks when the pool is short.
+    /// Appends `n` tokens to `table`, evicting cached blocks when the pool is short. The same
+    /// blocks as [`BlockTable::append_tokens`] (each new block the physical successor of the
+    /// one before when that is free, else the free list's head), taken in one
+    /// [`BlockPool::allocate_many`] pass; tokens that fit in the blocks held (every decode
+    /// step but one in `block_size`) take none.
     fn append(&mut self, table: &mut BlockTable, n: u64, now: u64) -> Result<(), AllocError> {
+        if table.advance(n).is_ok() {
+            return Ok(());
+        }
+        let needed = table.blocks_needed(n);
+        if needed == usize::MAX {
+            // The token count would overflow: the table's own error.
+            return table.append_tokens(&mut self.pool, RegionId::DYNAMIC, n);
+        }
         loop {
-            match table.append_tokens(&mut self.pool, RegionId::DYNAMIC, n) {
-                Ok(()) => return Ok(()),
-                Err(AllocError::OutOfBlocks {
-                    requested, free, ..
-                }) if self.evict(requested - free, now) > 0 => {}
-                Err(e) => return Err(e),
+            let free = self.pool.free_blocks(RegionId::DYNAMIC)?;
+            if free >= needed {
+                break;
+            }
+            if self.evict(needed - free, now) == 0 {
+                return Err(AllocError::OutOfBlocks {
+                    region: RegionId::DYNAMIC,
+                    requested: needed,
+                    free,
+                });
             }
         }
+        // Seeded with the table's last block, so the first new block continues its run.
+        self.fresh.clear();
+        self.fresh.extend(table.blocks().last());
+        let seeded = self.fresh.len();
+        self.pool
+            .allocate_many(RegionId::DYNAMIC, needed, &mut self.fresh)?;
+        for &b in &self.fresh[seeded..] {
+            table.push_block(b);
+        }
+        table.advance(n).map_err(|_| AllocError::TooManyTokens {
+            tokens: table.num_tokens(),
+            extra: n,
+        })
     }
 
     /// Evicts up to `count` cached blocks, dropping the cache's reference on each (which
@@ -269,6 +300,7 @@ pub fn block_replay(
         pool: BlockPool::new(PoolConfig::new(blocks))?,
         cache: PrefixCache::with_policy(cfg.block_size, cfg.policy.build(blocks as usize)),
         evicted: Vec::new(),
+        fresh: Vec::new(),
         evicted_blocks: 0,
         broken: None,
         spare: Vec::new(),
@@ -419,6 +451,52 @@ mod tests {
             policy: PolicyKind::Lru,
             hasher: HasherKind::Xxh3,
             admission: false,
+        }
+    }
+
+    /// `Replay::append` takes exactly the blocks `BlockTable::append_tokens` would, and fails
+    /// the same way, on a fragmented pool (tables freed in any order, appends of any size).
+    #[test]
+    fn append_takes_the_blocks_the_table_would() {
+        let replay = || Replay {
+            pool: BlockPool::new(PoolConfig::new(96)).unwrap(),
+            cache: PrefixCache::new(4, PolicyKind::Lru),
+            evicted: Vec::new(),
+            fresh: Vec::new(),
+            evicted_blocks: 0,
+            broken: None,
+            spare: Vec::new(),
+        };
+        let (mut model, mut r) = (replay(), replay());
+        let mut want: Vec<BlockTable> = (0..5).map(|_| BlockTable::new(4)).collect();
+        let mut got: Vec<BlockTable> = (0..5).map(|_| BlockTable::new(4)).collect();
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for step in 0..4_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let t = (x % 5) as usize;
+            if (x >> 8).is_multiple_of(7) {
+                want[t].release_all(&mut model.pool).unwrap();
+                got[t].release_all(&mut r.pool).unwrap();
+            } else {
+                let n = match (x >> 16) % 4 {
+                    0 => 1,
+                    1 => 0,
+                    _ => (x >> 24) % 40,
+                };
+                let a = want[t].append_tokens(&mut model.pool, RegionId::DYNAMIC, n);
+                let b = r.append(&mut got[t], n, 0);
+                assert_eq!(a, b, "step {step}");
+            }
+            assert_eq!(want[t].blocks(), got[t].blocks(), "step {step}");
+            assert_eq!(want[t].num_tokens(), got[t].num_tokens(), "step {step}");
+        }
+        assert_eq!(model.pool.stats().used(), r.pool.stats().used());
+        r.pool.audit().unwrap();
+        for (mut a, mut b) in want.into_iter().zip(got) {
+            a.release_all(&mut model.pool).unwrap();
+            b.release_all(&mut r.pool).unwrap();
         }
     }
 

@@ -54,6 +54,7 @@ impl BlockTable {
 
     /// The physical blocks, in logical order.
     #[must_use]
+    #[inline]
     pub fn blocks(&self) -> &[BlockId] {
         &self.blocks
     }
@@ -66,12 +67,14 @@ impl BlockTable {
 
     /// Tokens written.
     #[must_use]
+    #[inline]
     pub fn num_tokens(&self) -> u64 {
         self.num_tokens
     }
 
     /// Tokens the held blocks can hold.
     #[must_use]
+    #[inline]
     pub fn capacity_tokens(&self) -> u64 {
         self.blocks.len() as u64 * u64::from(self.block_size)
     }
@@ -79,6 +82,7 @@ impl BlockTable {
     /// Blocks that must be added before `extra` more tokens fit (`usize::MAX` if the token
     /// count would overflow).
     #[must_use]
+    #[inline]
     pub fn blocks_needed(&self, extra: u64) -> usize {
         let Some(total) = self.num_tokens.checked_add(extra) else {
             return usize::MAX;
@@ -111,6 +115,7 @@ impl BlockTable {
     /// Adds a block the caller already owns a reference on (for example a prefix-cache hit
     /// that was retained). The table takes over that reference. Only valid when the table is
     /// full to a block boundary.
+    #[inline]
     pub fn push_block(&mut self, block: BlockId) {
         self.blocks.push(block);
     }
@@ -118,6 +123,7 @@ impl BlockTable {
     /// Marks `n` more tokens as written into already-held blocks.
     ///
     /// Returns the tokens that did not fit (0 on success); nothing changes if any would not fit.
+    #[inline]
     pub fn advance(&mut self, n: u64) -> Result<(), u64> {
         let room = self.capacity_tokens() - self.num_tokens;
         if n > room {

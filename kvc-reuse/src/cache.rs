@@ -971,7 +971,8 @@ impl PrefixCache {
                 Retention::DEFAULT
             };
             self.nodes[slot as usize].lane = Lane::None;
-            let (node, up) = self.remove_hittable(slot, announced, count - n > 1);
+            let (node, up) =
+                self.remove_hittable(slot, announced, lane == Lane::Policy, count - n > 1);
             next_up = up;
             self.unused -= 1;
             if self.events.enabled() {
@@ -1152,8 +1153,15 @@ impl PrefixCache {
     /// node as evictable (false for a parent taken through `EvictionPolicy::evicts_next`).
     /// With `chain`, a parent left without children that the policy would evict next is
     /// returned instead of being put in its lane (its lane is set to `Lane::Policy`): the
-    /// caller evicts it next, or puts it in its lane.
-    fn remove_hittable(&mut self, slot: u32, announced: bool, chain: bool) -> (Node, Option<u32>) {
+    /// caller evicts it next, or puts it in its lane. `least`: the node was the policy lane's
+    /// next victim (taken from the policy's order, or a parent it named next).
+    fn remove_hittable(
+        &mut self,
+        slot: u32,
+        announced: bool,
+        least: bool,
+        chain: bool,
+    ) -> (Node, Option<u32>) {
         if announced && self.recency.is_none() {
             self.policy.on_remove(slot);
         }
@@ -1178,7 +1186,19 @@ impl PrefixCache {
                 && !parent.retained
                 && !parent.has_children()
                 && match self.recency.as_mut() {
-                    Some(r) => r.evicts_next(parent.stamp, p, queued(&self.nodes)),
+                    Some(r) => {
+                        // The victim was the least `(stamp, slot)` of the order, and stamps
+                        // are unique (one tick each): a parent stamped no later than the tick
+                        // after it is below every key left, so it is next without a look at
+                        // the queue (a chain released tail first has consecutive stamps).
+                        let next_tick =
+                            least && node.stamp.checked_add(1).is_some_and(|s| parent.stamp <= s);
+                        debug_assert!(
+                            !next_tick || r.evicts_next(parent.stamp, p, queued(&self.nodes)),
+                            "a parent stamped right after the victim is next"
+                        );
+                        next_tick || r.evicts_next(parent.stamp, p, queued(&self.nodes))
+                    }
                     None => self.policy.evicts_next(p, parent.stamp),
                 }
             {
