@@ -14,6 +14,16 @@ pub(crate) fn expiry(retention: Retention, now_ms: u64) -> Option<u64> {
         .filter(|&until| until > now_ms && retention.priority != Retention::DEFAULT_PRIORITY)
 }
 
+/// `retention` with its priority held to the documented range (0 to
+/// [`Retention::MAX_PRIORITY`]), as the device's prefix cache holds it: a larger number is
+/// the highest priority, not one above every pin.
+pub(crate) fn clamped(retention: Retention) -> Retention {
+    Retention {
+        priority: retention.priority.min(Retention::MAX_PRIORITY),
+        ..retention
+    }
+}
+
 /// The latest clock, and the pin expiries queued per page `P`. An expiry whose page was reused
 /// or re-pinned since is stale: the caller checks what it pops.
 #[derive(Debug)]
@@ -74,6 +84,16 @@ mod tests {
         assert_eq!(c.pop_due(), None);
         c.set(50);
         assert_eq!(c.pop_due(), Some((50, 'c')));
+    }
+
+    #[test]
+    fn priorities_above_the_range_are_the_highest() {
+        let r = clamped(Retention {
+            priority: 250,
+            until: Some(7),
+        });
+        assert_eq!((r.priority, r.until), (Retention::MAX_PRIORITY, Some(7)));
+        assert_eq!(clamped(Retention::DEFAULT), Retention::DEFAULT);
     }
 
     #[test]

@@ -39,7 +39,7 @@ use kvc_core::{
 };
 use thiserror::Error;
 
-use crate::clock::{PinClock, expiry};
+use crate::clock::{PinClock, clamped, expiry};
 use crate::codec::{PageHeader, checksum};
 
 /// Where a [`DiskTier`] keeps its pages and how much it may use.
@@ -566,6 +566,7 @@ impl BlockStore for DiskTier {
         now_ms: u64,
     ) -> Result<PutOutcome, StoreError> {
         check_buffer(keys.len(), self.block_bytes, src.len())?;
+        let retention = clamped(retention);
         let bb = self.block_bytes as usize;
         let mut out = PutOutcome::default();
         // The blocks not held yet, each once.

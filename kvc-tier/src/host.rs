@@ -42,7 +42,7 @@ use kvc_core::{
 };
 use thiserror::Error;
 
-use crate::clock::{PinClock, expiry};
+use crate::clock::{PinClock, clamped, expiry};
 
 /// How a [`HostTier`] is sized and what it keeps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -437,6 +437,7 @@ impl HostTier {
         floor: bool,
     ) -> Result<PutOutcome, StoreError> {
         check_buffer(keys.len(), self.block_bytes as u64, src.len())?;
+        let retention = clamped(retention);
         let bb = self.block_bytes;
         let mut b = Batch {
             keys,
@@ -1003,6 +1004,22 @@ mod tests {
             .put(&k[1..2], &s[64..128], Retention::DEFAULT_PRIORITY)
             .unwrap();
         assert_eq!(held(&host, &k), [true, true, false]);
+    }
+
+    #[test]
+    fn a_priority_above_the_range_ranks_as_the_highest_not_above_it() {
+        // Two pages of one block: a block offered at 250, then a pin at 100, then another.
+        let host = HostTier::new(ns(), HostConfig::new(64 * 2, 1)).unwrap();
+        let (k, s) = blocks(&[1, 2, 3]);
+        let _ = host.put(&k[..1], &s[..64], 250).unwrap();
+        let _ = host
+            .put(&k[1..2], &s[64..128], Retention::MAX_PRIORITY)
+            .unwrap();
+        // Both rank at 100: the least recently used of them goes, not the pin offered later.
+        let _ = host
+            .put(&k[2..3], &s[128..192], Retention::MAX_PRIORITY)
+            .unwrap();
+        assert_eq!(held(&host, &k), [false, true, true]);
     }
 
     #[test]
