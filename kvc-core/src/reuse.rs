@@ -106,6 +106,15 @@ pub enum ReuseError {
         /// Cached blocks with a use count above 0.
         in_use: usize,
     },
+    /// An ending whose blocks the index caches, but not as one chain from a prompt's first
+    /// block (block `index` is not cached right after block `index - 1`). Nothing changed.
+    #[error(
+        "block {index} of the ended conversation is cached, but not right after block {index} - 1 of it"
+    )]
+    BrokenChain {
+        /// The position of the block among the conversation's full blocks.
+        index: usize,
+    },
 }
 
 /// A prefix and session cache as a scheduler sees it. See the [module docs](self) for the
@@ -174,6 +183,35 @@ pub trait ReuseIndex {
 
     /// Changes the retention of a cached block (from a pin policy's soft pins).
     fn set_retention(&mut self, block_hash: u64, retention: Retention);
+
+    /// The application's word that a conversation has ended (the user closed the chat, the
+    /// session expired): `tokens` is its latest context under `scope` (the last turn's prompt
+    /// and reply, as far as they were computed). The blocks only that conversation used are
+    /// evicted before every other block, until something uses one of them again; its first
+    /// `keep_first` full blocks (a system prompt or document the application knows others
+    /// share) and every block another holder or another conversation still needs keep their
+    /// standing. Call it once the conversation's requests have released their blocks (and a
+    /// session its context): blocks in use are kept. Returns how many blocks were demoted.
+    ///
+    /// No eviction policy can infer this from the prompt stream; on a multi-turn trace it is
+    /// worth more than any policy (see the reuse guide, "Ending a conversation").
+    ///
+    /// The default does nothing and returns 0: an index without a notion of ending evicts as
+    /// before.
+    ///
+    /// # Errors
+    /// [`ReuseError::BrokenChain`] when the cached blocks of `tokens` do not form one chain
+    /// (only possible on a hash collision); nothing changes.
+    fn end_conversation(
+        &mut self,
+        scope: &ReuseScope,
+        tokens: &[u32],
+        keep_first: usize,
+        now_ms: u64,
+    ) -> Result<usize, ReuseError> {
+        let _ = (scope, tokens, keep_first, now_ms);
+        Ok(0)
+    }
 
     /// Appends to `keys` the [`StoreKey`] of each full block of `tokens` under `scope`: the
     /// same chained hash [`lookup`](Self::lookup) and [`insert`](Self::insert) use, so it

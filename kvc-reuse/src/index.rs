@@ -12,7 +12,7 @@ use kvc_core::{
     BlockId, PrefixHit, Retention, ReuseError, ReuseIndex, ReuseScope, StoreKey, TenantId, TierKey,
 };
 
-use crate::{BlockHash, BlockHasher, HashExtra, PrefixCache};
+use crate::{BlockHash, BlockHasher, EndError, HashExtra, PrefixCache};
 
 /// A prefix cache that hashes prompts per tenant and implements `kvc_core::ReuseIndex`.
 ///
@@ -162,6 +162,24 @@ impl<H: BlockHasher> ReuseIndex for ScopedIndex<H> {
     fn set_retention(&mut self, block_hash: u64, retention: Retention) {
         self.cache
             .set_retention_short(block_hash, retention, self.now_ms);
+    }
+
+    fn end_conversation(
+        &mut self,
+        scope: &ReuseScope,
+        tokens: &[u32],
+        keep_first: usize,
+        now_ms: u64,
+    ) -> Result<usize, ReuseError> {
+        self.now_ms = now_ms;
+        self.hash(scope, tokens);
+        match self
+            .cache
+            .end_conversation(&self.hashes, keep_first, now_ms)
+        {
+            Ok(end) => Ok(end.demoted),
+            Err(EndError::BrokenChain { index }) => Err(ReuseError::BrokenChain { index }),
+        }
     }
 
     fn block_keys(&mut self, scope: &ReuseScope, tokens: &[u32], keys: &mut Vec<StoreKey>) {

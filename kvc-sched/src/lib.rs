@@ -86,8 +86,8 @@ mod tier;
 pub use kvc_core::{
     BlockAllocator, BlockCopy, BlockId, HostBlockId, KvLayout, LowerTiers, NoReuse, PageTable,
     PageTableError, PagedLayout, PagedLayoutError, PinPolicy, QosClass, QosClasses, RegionId,
-    Retention, ReuseIndex, ReuseScope, SeqId, SessionId, SlotMapping, SlotMappingError, StoreKey,
-    TenantId,
+    Retention, ReuseError, ReuseIndex, ReuseScope, SeqId, SessionId, SlotMapping, SlotMappingError,
+    StoreKey, TenantId,
 };
 
 pub use compute::{

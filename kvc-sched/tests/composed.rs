@@ -20,8 +20,8 @@ use std::sync::{Arc, Mutex};
 
 use kvc_alloc::{BlockAllocator, BlockPool, PoolConfig};
 use kvc_core::{
-    BlockCopy, BlockId, LowerTiers, PinPolicy, QosClass, RegionId, ReuseIndex, SeqId, SessionId,
-    StoreKey, TenantId,
+    BlockCopy, BlockId, LowerTiers, PinPolicy, QosClass, RegionId, ReuseIndex, ReuseScope, SeqId,
+    SessionId, StoreKey, TenantId,
 };
 use kvc_pin::{
     PinRequest, PinTarget, PinningPolicy, PolicyConfig, Reserve, SoftPinConfig, StaticReserve,
@@ -196,6 +196,10 @@ enum Op {
     EndSession {
         session: u8,
     },
+    EndConversation {
+        pick: u8,
+        keep_first: u8,
+    },
     Evict {
         n: u8,
     },
@@ -215,6 +219,8 @@ fn op() -> impl Strategy<Value = Op> {
         2 => any::<u8>().prop_map(|pick| Op::Free { pick }),
         1 => (any::<u8>(), 0u8..3).prop_map(|(pick, session)| Op::KeepSession { pick, session }),
         1 => (0u8..3).prop_map(|session| Op::EndSession { session }),
+        1 => (any::<u8>(), 0u8..3)
+            .prop_map(|(pick, keep_first)| Op::EndConversation { pick, keep_first }),
         1 => (1u8..6).prop_map(|n| Op::Evict { n }),
         1 => any::<u8>().prop_map(|hash| Op::SoftPin { hash }),
         1 => Just(Op::Invalidate),
@@ -374,6 +380,27 @@ fn run_manager(
             }
             Op::EndSession { session } => {
                 let _ended = kv.end_session(SessionId(u64::from(session)));
+            }
+            Op::EndConversation {
+                pick: k,
+                keep_first,
+            } => {
+                // The conversation's last request finishes and the application ends it: its
+                // own blocks go first at the next eviction, and no later hit may read them
+                // wrong (checked at every later lookup).
+                let Some(key) = pick(&live, k) else { continue };
+                let l = live.remove(&key).unwrap();
+                let written = &l.tokens[..l.written];
+                kv.cache_blocks(SeqId(key), written, now).unwrap();
+                kv.free(SeqId(key)).unwrap();
+                let scope = ReuseScope {
+                    tenant: l.tenant,
+                    session: None,
+                };
+                let demoted = kv
+                    .end_conversation(&scope, written, usize::from(keep_first), now)
+                    .unwrap();
+                prop_assert!(demoted <= written.len() / BS as usize);
             }
             Op::Evict { n } => {
                 let before = kv.usage().total().free;

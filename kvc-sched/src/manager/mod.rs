@@ -1133,6 +1133,32 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
         self.drop_session(&old)
     }
 
+    /// The application's word that a conversation has ended (the user closed the chat, its
+    /// session expired): `tokens` is the conversation's latest context under `scope` (the last
+    /// turn's prompt and reply). The reuse index evicts the blocks only that conversation used
+    /// before every other block, until something uses them again; the first `keep_first` full
+    /// blocks (a system prompt other conversations share) and blocks anything else still
+    /// holds keep their standing. Returns how many blocks were demoted (0 with an index that
+    /// has no notion of ending). See [`ReuseIndex::end_conversation`].
+    ///
+    /// Call it after the conversation's last request is freed and its session (if any)
+    /// ended with [`end_session`](Self::end_session): blocks still held are kept as they are.
+    ///
+    /// # Errors
+    /// [`KvError::Reuse`] with [`ReuseError::BrokenChain`](kvc_core::ReuseError::BrokenChain)
+    /// if the index found the blocks cached out of chain order; nothing changed.
+    pub fn end_conversation(
+        &mut self,
+        scope: &ReuseScope,
+        tokens: &[u32],
+        keep_first: usize,
+        now_ms: u64,
+    ) -> Result<usize, KvError> {
+        Ok(self
+            .reuse
+            .end_conversation(scope, tokens, keep_first, now_ms)?)
+    }
+
     /// Ends the sessions whose TTL ran out by `now_ms`; returns how many.
     pub fn expire_sessions(&mut self, now_ms: u64) -> Result<usize, KvError> {
         let expired: Vec<SessionId> = self

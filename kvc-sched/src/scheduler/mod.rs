@@ -31,8 +31,8 @@ mod swap;
 
 use ahash::{AHashMap as HashMap, AHashSet as HashSet};
 use kvc_core::{
-    BlockAllocator, BlockId, HostBlockId, LowerTiers, PinPolicy, Refusal, ReuseIndex, SeqId,
-    SessionId,
+    BlockAllocator, BlockId, HostBlockId, LowerTiers, PinPolicy, Refusal, ReuseIndex, ReuseScope,
+    SeqId, SessionId,
 };
 use thiserror::Error;
 
@@ -570,6 +570,26 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
     /// Ends a session: its pinned context becomes evictable.
     pub fn end_session(&mut self, session: SessionId) -> Result<(), KvError> {
         self.kv.end_session(session)
+    }
+
+    /// The application's word that a conversation has ended: its blocks are evicted before
+    /// every other block (see [`KvManager::end_conversation`]), at the clock of the last
+    /// step. `tokens` is the conversation's latest context (the last turn's prompt and
+    /// reply); `keep_first` full blocks at its start keep their standing. With
+    /// [`SchedulerConfig::session_context`] set, call [`end_session`](Self::end_session)
+    /// first, or the session's pinned context stays as it is. Returns how many blocks were
+    /// demoted.
+    ///
+    /// # Errors
+    /// As [`KvManager::end_conversation`].
+    pub fn end_conversation(
+        &mut self,
+        scope: &ReuseScope,
+        tokens: &[u32],
+        keep_first: usize,
+    ) -> Result<usize, KvError> {
+        self.kv
+            .end_conversation(scope, tokens, keep_first, self.now_ms)
     }
 
     /// Accepts a request; it is considered from the next step on.
