@@ -88,6 +88,33 @@ pub enum HostConfigError {
         /// Capacity asked.
         capacity_bytes: u64,
     },
+    /// The capacity is more than this machine's physical memory (read from `/proc/meminfo`
+    /// on Linux; not checked elsewhere): a host tier that large would only swap, or be
+    /// killed when its pages are written.
+    #[error(
+        "host tier: {capacity_bytes} bytes asked, but this machine has {machine_bytes} bytes of memory"
+    )]
+    ExceedsMachine {
+        /// Capacity asked.
+        capacity_bytes: u64,
+        /// The machine's physical memory.
+        machine_bytes: u64,
+    },
+}
+
+/// The machine's physical memory, where the system says (Linux: `MemTotal` of
+/// `/proc/meminfo`); `None` elsewhere or when it cannot be read.
+fn machine_memory_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line
+        .trim_start_matches("MemTotal:")
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    kib.checked_mul(1024)
 }
 
 /// Counters of a [`HostTier`].
@@ -303,13 +330,16 @@ impl HostTier {
     /// A host tier for blocks of `ns`, allocating the whole pool now.
     ///
     /// Size `cfg.capacity_bytes` from the host memory you can spare: the pages are allocated
-    /// here, and a capacity the machine cannot provide makes the allocator abort the process
-    /// (an out-of-memory abort, not an error this function can return).
+    /// here (zeroed lazily by the system: memory is committed as blocks are written). A
+    /// capacity above the machine's physical memory is refused where the system says how
+    /// much there is (Linux); below that, a capacity other processes have already taken can
+    /// still make the allocator abort the process or the system kill it once the pages fill
+    /// (an out-of-memory condition, not an error this function can return).
     ///
     /// # Errors
     /// [`HostConfigError::ZeroBlocksPerPage`]; [`HostConfigError::NoPage`] when the capacity
     /// holds no page; [`HostConfigError::TooLarge`] when the pool does not fit in the address
-    /// space.
+    /// space; [`HostConfigError::ExceedsMachine`] when it is more than the machine's memory.
     pub fn new(ns: StoreNamespace, cfg: HostConfig) -> Result<Self, HostConfigError> {
         if cfg.blocks_per_page == 0 {
             return Err(HostConfigError::ZeroBlocksPerPage);
@@ -335,6 +365,14 @@ impl HostTier {
             .checked_mul(frames as usize)
             .ok_or(too_large.clone())?;
         let block_bytes = usize::try_from(ns.block_bytes()).map_err(|_| too_large)?;
+        if let Some(machine_bytes) = machine_memory_bytes()
+            && cfg.capacity_bytes > machine_bytes
+        {
+            return Err(HostConfigError::ExceedsMachine {
+                capacity_bytes: cfg.capacity_bytes,
+                machine_bytes,
+            });
+        }
         let frame = Frame {
             slots: vec![None; cfg.blocks_per_page as usize],
             filled: 0,
@@ -1071,5 +1109,22 @@ mod tests {
             HostTier::new(ns(), HostConfig::new(255, 4)).err(),
             Some(HostConfigError::NoPage { .. })
         ));
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn a_capacity_beyond_the_machine_is_refused_before_anything_is_allocated() {
+        let machine = machine_memory_bytes().expect("Linux reports MemTotal");
+        // 64 MiB pages, twice the machine: a pool the process could never fill.
+        let cfg = HostConfig::new(machine * 2, 1 << 20);
+        assert_eq!(
+            HostTier::new(ns(), cfg).err(),
+            Some(HostConfigError::ExceedsMachine {
+                capacity_bytes: machine * 2,
+                machine_bytes: machine,
+            })
+        );
+        let err = HostTier::new(ns(), cfg).err().unwrap().to_string();
+        assert!(err.contains("bytes of memory"), "{err}");
     }
 }
