@@ -128,11 +128,26 @@ impl BlockPool {
         self.watermark as usize
     }
 
-    /// Changes the admission reserve of the dynamic region. Unlike
-    /// [`PoolConfig::watermark`] this is not checked: a reserve as large as the dynamic
-    /// region makes every admission there [`Admission::Impossible`].
-    pub fn set_watermark(&mut self, blocks: usize) {
-        self.watermark = u32::try_from(blocks).unwrap_or(u32::MAX);
+    /// Changes the admission reserve of the dynamic region, under the rule of
+    /// [`PoolConfig::watermark`]: smaller than the dynamic region's current capacity, or 0.
+    /// (Moving blocks out of the dynamic region later may still leave it no larger than the
+    /// reserve; admissions there are then [`Admission::Impossible`] until it grows back.)
+    ///
+    /// # Errors
+    /// [`ConfigError::WatermarkTooLarge`] when the reserve would leave nothing to admit; the
+    /// reserve is unchanged.
+    pub fn set_watermark(&mut self, blocks: usize) -> Result<(), ConfigError> {
+        let dynamic = self.regions[RegionId::DYNAMIC.index()].capacity;
+        match u32::try_from(blocks) {
+            Ok(w) if w == 0 || w < dynamic => {
+                self.watermark = w;
+                Ok(())
+            }
+            _ => Err(ConfigError::WatermarkTooLarge {
+                watermark: blocks as u64,
+                dynamic: u64::from(dynamic),
+            }),
+        }
     }
 
     /// Counters and per-region occupancy.
@@ -691,8 +706,24 @@ mod tests {
                 dynamic: 4
             })
         );
-        let p = BlockPool::new(PoolConfig::new(8).pinned(4).watermark(3)).unwrap();
+        let mut p = BlockPool::new(PoolConfig::new(8).pinned(4).watermark(3)).unwrap();
         assert_eq!(p.can_allocate(RegionId::DYNAMIC, 1), Ok(Admission::Now));
+        // The same rule at run time; a refused reserve leaves the old one.
+        assert_eq!(
+            p.set_watermark(4),
+            Err(ConfigError::WatermarkTooLarge {
+                watermark: 4,
+                dynamic: 4
+            })
+        );
+        assert_eq!(p.watermark(), 3);
+        assert_eq!(p.set_watermark(0), Ok(()));
+        assert_eq!(p.can_allocate(RegionId::DYNAMIC, 4), Ok(Admission::Now));
+        assert_eq!(p.set_watermark(2), Ok(()));
+        assert_eq!(
+            p.can_allocate(RegionId::DYNAMIC, 3),
+            Ok(Admission::Impossible)
+        );
         let cfg = PoolConfig::new(10).pinned(2);
         let extra = cfg.next_region_id();
         let p = BlockPool::new(cfg.region(3)).unwrap();
