@@ -1,6 +1,7 @@
 //! Tiers below the GPU, from `kvc-tier` alone: a host tier over a disk tier, blocks offloaded
 //! when the device evicts them, the longest cached prefix looked up and loaded back, the typed
-//! errors of bad input, and an engine restart that finds the prefix on disk again.
+//! errors of bad input, a flush of host memory to disk at shutdown, and an engine restart that
+//! finds the whole prefix on disk again.
 //!
 //! The disk folder is a fresh one under the system's temporary folder, removed at the end.
 //!
@@ -78,12 +79,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ));
         // A prefix nobody stored is a miss, not an error.
         assert!(tiers.lookup(&[StoreKey(999)])?.is_empty());
+
+        // Shutdown: what only host memory holds is written down, or a restart loses it.
+        let flushed = tiers.flush_to_disk()?;
+        assert_eq!(flushed.written + flushed.already_on_disk, flushed.held);
     }
 
     // The engine restarts: the host tier starts empty, the disk tier indexes its folder.
     let tiers = stack(&ns, &dir)?;
     let found = tiers.lookup(&prompt)?;
-    assert!(!found.is_empty() && found.iter().all(|&t| t == TierKind::Disk));
+    assert_eq!(
+        found,
+        vec![TierKind::Disk; 8],
+        "the whole prompt, thanks to the flush"
+    );
     let mut staging = vec![0u8; found.len() * bb];
     let loaded = tiers.load(&prompt, &found, &mut staging)?;
     assert_eq!(staging, bytes[..loaded.blocks * bb]);

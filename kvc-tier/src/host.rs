@@ -437,6 +437,22 @@ impl HostTier {
         self.lock().stats
     }
 
+    /// Every block held now, least worth keeping first (the order the tier would evict its
+    /// pages in: lowest priority in force, then least recently used), each with the
+    /// retention it was stored with; returns the tier's clock (the latest `now_ms` it was
+    /// given), at which to read those retentions. Blocks stored or evicted by other callers
+    /// meanwhile are not reflected: a snapshot of the bookkeeping, no bytes copied.
+    pub fn held(&self, keys: &mut Vec<StoreKey>, retentions: &mut Vec<Retention>) -> u64 {
+        let g = self.lock();
+        for &(_, _, frame) in &g.order {
+            for (key, retention) in g.frames[frame as usize].slots.iter().flatten() {
+                keys.push(*key);
+                retentions.push(*retention);
+            }
+        }
+        g.clock.now()
+    }
+
     /// Like [`BlockStore::put_retained`], and the live blocks of every page evicted to make
     /// room are appended to `spill` (to demote them to a lower tier).
     ///

@@ -62,7 +62,9 @@ pub use kvc_core::{
 pub use disk::{DiskConfig, DiskOpenError, DiskStats, DiskTier};
 pub use host::{HostConfig, HostConfigError, HostStats, HostTier, Spill};
 pub use shared::{SharedConfig, SharedConfigError, SharedStats, SharedTier};
-pub use stack::{DeviceEvent, LoadOutcome, OffloadMode, StackStats, TierKind, TierStack};
+pub use stack::{
+    DeviceEvent, FlushOutcome, LoadOutcome, OffloadMode, StackStats, TierKind, TierStack,
+};
 
 /// The environment variable naming the Redis server of the shared-tier tests and benches
 /// (`cargo xtask test` starts one and sets it).

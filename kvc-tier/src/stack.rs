@@ -95,6 +95,22 @@ pub struct LoadOutcome {
     pub seconds: f64,
 }
 
+/// The result of a [`TierStack::flush_to_disk`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[must_use = "blocks not written are lost when the process ends"]
+pub struct FlushOutcome {
+    /// Blocks the host tier held.
+    pub held: usize,
+    /// Of those, blocks the disk tier already held.
+    pub already_on_disk: usize,
+    /// Blocks written to the disk tier now.
+    pub written: usize,
+    /// Blocks the disk tier did not store (its floor or budget; see [`DiskTier`]).
+    pub skipped: usize,
+    /// Blocks evicted from the host tier by other callers while the flush ran.
+    pub gone: usize,
+}
+
 /// The tiers of one engine: see the [module docs](self).
 #[derive(Debug)]
 pub struct TierStack {
@@ -218,6 +234,69 @@ impl TierStack {
         s.offloaded += keys.len() as u64;
         s.demoted += demoted as u64;
         s.uploaded += uploaded as u64;
+        Ok(out)
+    }
+
+    /// Writes every block the host tier holds and the disk tier does not down to the disk
+    /// tier, with the retention it has in the host tier, least worth keeping first (so a disk
+    /// budget smaller than the host tier keeps the most valuable ones): what an engine calls
+    /// at shutdown, so a restart finds on disk what only host memory held. Without a disk
+    /// tier it does nothing. Reads go in batches of at most 64 blocks beside other callers;
+    /// the host tier keeps every block (the reads count as uses of their pages).
+    ///
+    /// # Errors
+    /// The first [`StoreError`] of a disk write or host read; blocks written before it stay
+    /// written.
+    pub fn flush_to_disk(&self) -> Result<FlushOutcome, StoreError> {
+        let Some(disk) = &self.disk else {
+            return Ok(FlushOutcome::default());
+        };
+        let (mut keys, mut retentions) = (Vec::new(), Vec::new());
+        let now_ms = self.host.held(&mut keys, &mut retentions);
+        let mut out = FlushOutcome {
+            held: keys.len(),
+            ..FlushOutcome::default()
+        };
+        let bb = self.host.block_bytes() as usize;
+        let mut on_disk = Vec::new();
+        let mut found = Vec::new();
+        let mut spill = Spill {
+            now_ms,
+            ..Spill::default()
+        };
+        let mut buf = Vec::new();
+        for (ks, rs) in keys.chunks(64).zip(retentions.chunks(64)) {
+            disk.contains(ks, &mut on_disk)?;
+            let ask: Vec<StoreKey> = ks
+                .iter()
+                .zip(&on_disk)
+                .filter(|&(_, &d)| !d)
+                .map(|(&k, _)| k)
+                .collect();
+            let ask_retentions: Vec<Retention> = rs
+                .iter()
+                .zip(&on_disk)
+                .filter(|&(_, &d)| !d)
+                .map(|(&r, _)| r)
+                .collect();
+            out.already_on_disk += ks.len() - ask.len();
+            buf.clear();
+            buf.resize(ask.len() * bb, 0);
+            self.host.get(&ask, &mut buf, &mut found)?;
+            spill.clear();
+            for (i, (&key, &r)) in ask.iter().zip(&ask_retentions).enumerate() {
+                if found[i] {
+                    spill.keys.push(key);
+                    spill.retentions.push(r);
+                    spill.bytes.extend_from_slice(&buf[i * bb..(i + 1) * bb]);
+                } else {
+                    out.gone += 1;
+                }
+            }
+            let written = self.demote(&spill)?;
+            out.written += written;
+            out.skipped += spill.keys.len() - written;
+        }
         Ok(out)
     }
 

@@ -217,6 +217,77 @@ fn a_pinned_block_demoted_to_disk_keeps_its_pin_there() {
 }
 
 #[test]
+fn a_flush_at_shutdown_lets_a_restart_load_what_only_host_memory_held() {
+    let tmp = TempDir::new("stack-flush");
+    let disk_cfg = DiskConfig::new(&tmp.0, 1 << 20, 2);
+    let (chain, src) = blocks(1..=6);
+    {
+        let disk = DiskTier::open(ns("m"), &disk_cfg).unwrap();
+        let stack = TierStack::new(host(4), Some(disk), None, OffloadMode::WriteBack);
+        let _ = stack
+            .offload(DeviceEvent::Evicted, &chain, &src, 0)
+            .unwrap();
+        assert_eq!(stack.stats().demoted, 0, "everything fits in host memory");
+        let out = stack.flush_to_disk().unwrap();
+        assert_eq!((out.held, out.written, out.already_on_disk), (6, 6, 0));
+        assert_eq!((out.skipped, out.gone), (0, 0));
+        // Nothing twice, and the host tier keeps its blocks.
+        let again = stack.flush_to_disk().unwrap();
+        assert_eq!(
+            (again.held, again.written, again.already_on_disk),
+            (6, 0, 6)
+        );
+        assert_eq!(stack.host().contains_prefix(&chain).unwrap(), 6);
+    }
+    // The restart: an empty host tier over the same folder.
+    let disk = DiskTier::open(ns("m"), &disk_cfg).unwrap();
+    let stack = TierStack::new(host(4), Some(disk), None, OffloadMode::WriteBack);
+    let (tiers, n, dst) = load(&stack, &chain);
+    assert_eq!((tiers, n), (vec![TierKind::Disk; 6], 6));
+    assert_eq!(dst, src, "the bytes that were only in host memory");
+    // Without a disk tier there is nothing to flush to.
+    let alone = TierStack::new(host(4), None, None, OffloadMode::WriteBack);
+    let _ = alone
+        .offload(DeviceEvent::Evicted, &chain, &src, 0)
+        .unwrap();
+    assert_eq!(alone.flush_to_disk().unwrap(), Default::default());
+}
+
+#[test]
+fn a_flush_into_a_smaller_disk_keeps_the_pinned_blocks() {
+    let tmp = TempDir::new("stack-flush-pin");
+    let probe = DiskTier::open(ns("probe"), &DiskConfig::new(&tmp.0, 1 << 20, 2)).unwrap();
+    let (k, s) = blocks([1, 2]);
+    let _ = probe.put(&k, &s, 0).unwrap();
+    let page_bytes = probe.usage().bytes;
+    // Two disk pages under a host tier of four.
+    let disk = DiskTier::open(ns("m"), &DiskConfig::new(&tmp.0, 2 * page_bytes, 2)).unwrap();
+    let stack = TierStack::new(host(4), Some(disk), None, OffloadMode::WriteBack);
+    let (pinned, pinned_src) = blocks(1..=2);
+    let pin = Retention {
+        priority: 90,
+        until: None,
+    };
+    let _ = stack
+        .offload_retained(DeviceEvent::Evicted, &pinned, &pinned_src, pin, 0)
+        .unwrap();
+    let (rest, rest_src) = blocks(10..=15);
+    let _ = stack
+        .offload(DeviceEvent::Evicted, &rest, &rest_src, 50)
+        .unwrap();
+    let out = stack.flush_to_disk().unwrap();
+    assert_eq!(out.held, 8);
+    assert_eq!(out.written + out.skipped, 8);
+    let disk = stack.disk().unwrap();
+    assert_eq!(
+        disk.contains_prefix(&pinned).unwrap(),
+        2,
+        "the pinned page is kept"
+    );
+    assert!(disk.usage().blocks <= 4, "within the disk's budget");
+}
+
+#[test]
 fn a_second_engine_loads_blocks_the_first_uploaded() {
     let Some(url) = redis_url("a_second_engine_loads_blocks_the_first_uploaded") else {
         return;
