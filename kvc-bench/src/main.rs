@@ -340,6 +340,11 @@ struct ReplayArgs {
     /// knows are shared and keeps.
     #[arg(long, default_value = "hindsight", requires = "end_signal", value_parser = shared_prefix_parser())]
     end_signal_prefix: SharedPrefix,
+    /// With `--end-signal`: tell each end this long after the request arrived (the trace's
+    /// clock): `0` at once, `30s`, `5m`, `1h` for an application that learns of it later
+    /// (a session timeout).
+    #[arg(long, default_value = "0", requires = "end_signal", value_parser = duration_ms)]
+    end_signal_delay: u64,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -347,6 +352,30 @@ struct ReplayArgs {
 
 fn count(text: &str) -> Result<u64, String> {
     parse_count(text).map_err(|e| e.to_string())
+}
+
+/// A duration in milliseconds: a whole number with `ms` (the default), `s`, `m` or `h`.
+fn duration_ms(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (n, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => t.split_at(i),
+        None => (t, "ms"),
+    };
+    let scale: u64 = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        _ => {
+            return Err(format!(
+                "'{text}' is not a duration: a whole number with ms, s, m or h (`500ms`, `30s`, `5m`)"
+            ));
+        }
+    };
+    n.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .ok_or_else(|| format!("'{text}' is not a duration: a whole number with ms, s, m or h"))
 }
 
 fn bytes(text: &str) -> Result<u64, String> {
@@ -517,6 +546,7 @@ fn run_replay(args: &ReplayArgs) -> Result<(), String> {
                 share,
                 seed: args.end_signal_seed,
                 shared: args.end_signal_prefix,
+                delay_ms: args.end_signal_delay,
             };
             replay_with_end_signal(&trace, &cfg, &signal)
         }
@@ -595,12 +625,13 @@ fn print_text(r: &ReplayReport) {
     if let Some(e) = &r.end_signal {
         println!(
             "conversation ends signalled: {} of {} never-continued requests (share {}, seed {}, \
-             shared prefix {}), {} blocks demoted, {} kept",
+             shared prefix {}, {} ms late), {} blocks demoted, {} kept",
             e.signalled_requests,
             e.ended_requests,
             e.share,
             e.seed,
             e.shared,
+            e.delay_ms,
             e.demoted_blocks,
             e.kept_blocks
         );

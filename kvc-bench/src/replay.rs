@@ -8,7 +8,8 @@
 //! (`hash_ids[i]`, `j`), truncated to `input_length`, so two requests share exactly the
 //! prefixes their `hash_ids` share, at any block size.
 
-use std::collections::BTreeSet;
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap};
 use std::time::Instant;
 
 use ahash::AHashMap;
@@ -147,6 +148,11 @@ pub struct EndSignal {
     pub seed: u64,
     /// Which leading blocks of an ended request are known to be shared.
     pub shared: SharedPrefix,
+    /// How long after the request's arrival the cache is told, in the trace's milliseconds:
+    /// 0 at once (right after the request), more for an application that learns of the end
+    /// later (a session timeout, a user closing the tab). The end is told before the first
+    /// request arriving at or after that time.
+    pub delay_ms: u64,
 }
 
 /// Which leading blocks of an ended conversation's prompt the simulated application keeps
@@ -190,6 +196,8 @@ pub struct EndSignalReport {
     pub seed: u64,
     /// [`EndSignal::shared`], by name.
     pub shared: &'static str,
+    /// [`EndSignal::delay_ms`].
+    pub delay_ms: u64,
     /// Requests never continued (see [`EndSignal`]).
     pub ended_requests: u64,
     /// Of those, the ones whose end the cache was told.
@@ -338,6 +346,7 @@ fn replay_inner(
         share: s.share,
         seed: s.seed,
         shared: s.shared.name(),
+        delay_ms: s.delay_ms,
         ended_requests: 0,
         signalled_requests: 0,
         earlier_turns: 0,
@@ -356,7 +365,45 @@ fn replay_inner(
     );
     let mut next_block: u64 = 0;
     let (mut input_tokens, mut hit_tokens, mut evicted) = (0u64, 0u64, 0u64);
+    // Ends to tell later: (when, request), earliest first.
+    let mut pending: BinaryHeap<Reverse<(u64, usize)>> = BinaryHeap::new();
+    // Tells the cache that request `q`'s conversation ended: its earlier turns' prompts first
+    // (oldest first), then its own.
+    let mut tell = |cache: &mut PrefixCache,
+                    q: usize,
+                    now: u64,
+                    rep: &mut EndSignalReport,
+                    signal: &EndSignal,
+                    h: &Hindsight|
+     -> Result<(), ReplayError> {
+        let keep = |q: usize| match signal.shared {
+            SharedPrefix::Hindsight => h.ends[q].0,
+            SharedPrefix::CacheOnly => 0,
+        };
+        h.turns_before(q, &mut turns);
+        for t in turns.iter().map(|&t| t as usize).chain(std::iter::once(q)) {
+            turn_tokens.clear();
+            synth_prompt(&trace[t], &mut turn_tokens);
+            turn_hashes.clear();
+            cfg.hasher
+                .hash_blocks(root, &turn_tokens, bs, &mut turn_hashes);
+            let end = cache.end_conversation(&turn_hashes, keep(t), now)?;
+            rep.demoted_blocks += end.demoted as u64;
+            rep.kept_blocks += end.kept as u64;
+        }
+        rep.signalled_requests += 1;
+        rep.earlier_turns += turns.len() as u64;
+        Ok(())
+    };
     for (r, req) in trace.iter().enumerate() {
+        if let (Some(signal), Some(h), Some(rep)) = (signal, &hindsight, end_report.as_mut()) {
+            while let Some(&Reverse((due, q))) = pending.peek()
+                && due <= req.timestamp_ms
+            {
+                pending.pop();
+                tell(&mut cache, q, due, rep, signal, h)?;
+            }
+        }
         tokens.clear();
         synth_prompt(req, &mut tokens);
         hashes.clear();
@@ -401,27 +448,11 @@ fn replay_inner(
         {
             rep.ended_requests += 1;
             if coin(signal.seed, r, signal.share) {
-                let keep = |q: usize| match signal.shared {
-                    SharedPrefix::Hindsight => h.ends[q].0,
-                    SharedPrefix::CacheOnly => 0,
-                };
-                // The conversation's earlier turns first (oldest first), then this one.
-                h.turns_before(r, &mut turns);
-                for &q in &turns {
-                    turn_tokens.clear();
-                    synth_prompt(&trace[q as usize], &mut turn_tokens);
-                    turn_hashes.clear();
-                    cfg.hasher
-                        .hash_blocks(root, &turn_tokens, bs, &mut turn_hashes);
-                    let end = cache.end_conversation(&turn_hashes, keep(q as usize), now)?;
-                    rep.demoted_blocks += end.demoted as u64;
-                    rep.kept_blocks += end.kept as u64;
+                if signal.delay_ms == 0 {
+                    tell(&mut cache, r, now, rep, signal, h)?;
+                } else {
+                    pending.push(Reverse((now.saturating_add(signal.delay_ms), r)));
                 }
-                let end = cache.end_conversation(&hashes, keep(r), now)?;
-                rep.signalled_requests += 1;
-                rep.earlier_turns += turns.len() as u64;
-                rep.demoted_blocks += end.demoted as u64;
-                rep.kept_blocks += end.kept as u64;
             }
         }
         if cache.len() > cap_blocks {
@@ -826,6 +857,7 @@ mod tests {
             share,
             seed: 9,
             shared,
+            delay_ms: 0,
         };
         for shared in [SharedPrefix::Hindsight, SharedPrefix::CacheOnly] {
             let told = replay_with_end_signal(&trace, &cfg, &signal(1.0, shared)).unwrap();

@@ -1,7 +1,8 @@
 //! The plain replay with a simulated conversation-end signal
 //! ([`kvc_bench::replay::replay_with_end_signal`]) on the shipped Mooncake synthetic trace:
 //! at share 0 it is the plain replay exactly, and telling the cache every ended conversation
-//! never lowers LRU's hit rate; and the `--end-signal` options of `kvc-bench replay`.
+//! never lowers LRU's hit rate; a late signal; and the `--end-signal` options of
+//! `kvc-bench replay`.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -37,6 +38,7 @@ fn signal(share: f64, shared: SharedPrefix) -> EndSignal {
         share,
         seed: 1,
         shared,
+        delay_ms: 0,
     }
 }
 
@@ -105,6 +107,42 @@ fn every_ended_request_is_signalled_at_share_one_and_none_at_zero() {
 }
 
 #[test]
+fn a_late_end_is_told_later_and_one_past_the_trace_never() {
+    let trace = trace();
+    let cfg = cfg(3_000_000);
+    let plain = replay(&trace, &cfg).unwrap();
+    let at = |delay_ms| {
+        let s = EndSignal {
+            delay_ms,
+            ..signal(1.0, SharedPrefix::Hindsight)
+        };
+        replay_with_end_signal(&trace, &cfg, &s).unwrap()
+    };
+    let span = trace.last().unwrap().timestamp_ms - trace[0].timestamp_ms;
+    // Told after the last request: never told at all, the plain replay exactly.
+    let never = at(span + 1);
+    assert_eq!(never.hit_tokens, plain.hit_tokens);
+    assert_eq!(never.evicted_blocks, plain.evicted_blocks);
+    let ends = never.end_signal.unwrap();
+    assert_eq!((ends.signalled_requests, ends.delay_ms), (0, span + 1));
+    // A minute late: ends of requests in the trace's last minute are never told, the
+    // others are, and the blocks they demote are fewer than at once (some were evicted or
+    // reused meanwhile).
+    let now = at(0).end_signal.unwrap();
+    let late = at(60_000).end_signal.unwrap();
+    let last_minute = trace
+        .iter()
+        .filter(|r| r.timestamp_ms + 60_000 > trace.last().unwrap().timestamp_ms)
+        .count() as u64;
+    assert!(late.signalled_requests < now.signalled_requests, "{late:?}");
+    assert!(
+        late.signalled_requests + last_minute >= now.signalled_requests,
+        "{late:?} {now:?}"
+    );
+    assert!(late.demoted_blocks > 0 && late.demoted_blocks <= now.demoted_blocks);
+}
+
+#[test]
 fn the_cli_reports_the_signal_and_refuses_a_bad_share() {
     let run = |extra: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_kvc-bench"))
@@ -138,4 +176,15 @@ fn the_cli_reports_the_signal_and_refuses_a_bad_share() {
     let err = String::from_utf8_lossy(&bad.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("between 0 and 1"), "{err}");
+
+    let late = run(&["--end-signal", "1", "--end-signal-delay", "5m"]);
+    assert!(late.status.success(), "{late:?}");
+    let json: serde_json::Value = serde_json::from_slice(&late.stdout).unwrap();
+    assert_eq!(json["end_signal"]["delay_ms"], 300_000);
+    for bad in ["5 minutes", "3x", "1.5m", "99999999999999999999h"] {
+        let out = run(&["--end-signal", "1", "--end-signal-delay", bad]);
+        assert!(!out.status.success(), "{bad}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("not a duration"), "{bad}: {err}");
+    }
 }
