@@ -319,10 +319,11 @@ impl BlockIndex {
 
     fn get(&self, block: BlockId) -> Option<u32> {
         let i = block.index();
-        if i < Self::DENSE_LIMIT {
-            self.dense.get(i).copied().filter(|&s| s != Self::NONE)
-        } else {
-            self.sparse.get(&block).copied()
+        match self.dense.get(i) {
+            // The dense table never reaches past `DENSE_LIMIT`.
+            Some(&s) => (s != Self::NONE).then_some(s),
+            None if i < Self::DENSE_LIMIT => None,
+            None => self.sparse.get(&block).copied(),
         }
     }
 
@@ -332,10 +333,11 @@ impl BlockIndex {
 
     fn insert(&mut self, block: BlockId, slot: u32) {
         let i = block.index();
-        if i < Self::DENSE_LIMIT {
-            if self.dense.len() <= i {
-                self.dense.resize((i + 1).next_power_of_two(), Self::NONE);
-            }
+        if let Some(entry) = self.dense.get_mut(i) {
+            // Only ids below `DENSE_LIMIT` are ever given an entry.
+            *entry = slot;
+        } else if i < Self::DENSE_LIMIT {
+            self.dense.resize((i + 1).next_power_of_two(), Self::NONE);
             self.dense[i] = slot;
         } else {
             self.sparse.insert(block, slot);
@@ -344,12 +346,12 @@ impl BlockIndex {
 
     fn remove(&mut self, block: BlockId) {
         let i = block.index();
-        if i < Self::DENSE_LIMIT {
-            if let Some(s) = self.dense.get_mut(i) {
-                *s = Self::NONE;
+        match self.dense.get_mut(i) {
+            Some(s) => *s = Self::NONE,
+            None if i < Self::DENSE_LIMIT => {}
+            None => {
+                self.sparse.remove(&block);
             }
-        } else {
-            self.sparse.remove(&block);
         }
     }
 }
@@ -1436,5 +1438,43 @@ impl PrefixCache {
                 self.high.remove(&(k.0, k.1, slot));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Block ids on both sides of the dense table's limit, and ids the dense table has not
+    /// grown to yet: every look-up, insert and removal lands in the right table.
+    #[test]
+    fn block_index_dense_and_sparse_ids() {
+        let mut index = BlockIndex::default();
+        let limit = BlockIndex::DENSE_LIMIT as u32;
+        let ids = [0, 5, 1000, limit - 1, limit, limit + 7, u32::MAX - 1];
+        for &id in &ids {
+            assert_eq!(index.get(BlockId(id)), None, "{id} before any insert");
+        }
+        for (slot, &id) in ids.iter().enumerate() {
+            index.insert(BlockId(id), slot as u32);
+        }
+        assert!(index.dense.len() <= BlockIndex::DENSE_LIMIT);
+        assert_eq!(index.sparse.len(), 3);
+        for (slot, &id) in ids.iter().enumerate() {
+            assert_eq!(index.get(BlockId(id)), Some(slot as u32), "{id}");
+        }
+        // Known to neither table: below the limit but past the dense table, and beyond it.
+        assert!(!index.contains(BlockId(1001)));
+        assert!(!index.contains(BlockId(limit + 8)));
+        for &id in &[5, limit + 7] {
+            index.remove(BlockId(id));
+            assert_eq!(index.get(BlockId(id)), None, "{id} after removal");
+        }
+        // Removing what is in neither table changes nothing.
+        index.remove(BlockId(1001));
+        index.remove(BlockId(limit + 9));
+        assert_eq!(index.get(BlockId(limit)), Some(4));
+        assert_eq!(index.get(BlockId(limit - 1)), Some(3));
+        assert_eq!(index.sparse.len(), 2);
     }
 }
