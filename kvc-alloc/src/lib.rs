@@ -8,6 +8,8 @@
 //!   allocation. Reference counts let sequences share blocks; copy-on-write
 //!   ([`make_writable`](kvc_core::BlockAllocator::make_writable), or
 //!   [`BlockTable::make_last_writable`] for a forked table) hands back the pair to copy.
+//!   [`BlockPool::release_many`] releases a batch (a cache's eviction victims) in one pass,
+//!   all or nothing.
 //! - Regions ([`PoolConfig::pinned`], [`resize`](kvc_core::BlockAllocator::resize)): the pinned region for
 //!   high-priority traffic and the dynamic region, each with its own free list and quota.
 //! - Admission with a watermark reserve:

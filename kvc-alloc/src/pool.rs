@@ -257,6 +257,85 @@ impl BlockPool {
         Ok(())
     }
 
+    /// Drops one owner of every block in `blocks`, in order, as that many
+    /// [`release`](BlockAllocator::release) calls would: a block whose last owner goes returns
+    /// to the tail of its region's free list. Returns how many blocks became free.
+    ///
+    /// One pass for a whole batch (a cache's eviction victims, a finished sequence's blocks),
+    /// without a call and a [`Released`] per block.
+    ///
+    /// # Errors
+    /// All or nothing: [`RefError::UnknownBlock`] for an id outside the pool,
+    /// [`RefError::NotAllocated`] for a free block, or for one named more times than it has
+    /// owners; the error names the first such block and the pool is exactly as before the
+    /// call (every release this call had applied is undone, free-list order included).
+    ///
+    /// ```
+    /// use kvc_alloc::{BlockAllocator, BlockId, BlockPool, PoolConfig, RefError, RegionId};
+    ///
+    /// let mut pool = BlockPool::new(PoolConfig::new(8))?;
+    /// let mut blocks = Vec::new();
+    /// pool.allocate_many(RegionId::DYNAMIC, 3, &mut blocks)?;
+    /// pool.retain(blocks[0])?; // shared by a second owner
+    /// assert_eq!(pool.release_many(&blocks)?, 2); // blocks[0] keeps one owner
+    /// assert_eq!(pool.free_blocks(RegionId::DYNAMIC)?, 7);
+    ///
+    /// // blocks[1] is free already: nothing is released, not even blocks[0].
+    /// let err = pool.release_many(&[blocks[0], blocks[1]]).unwrap_err();
+    /// assert_eq!(err, RefError::NotAllocated { block: blocks[1] });
+    /// assert_eq!(pool.refcount(blocks[0])?, 1);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn release_many(&mut self, blocks: &[BlockId]) -> Result<usize, RefError> {
+        let num_blocks = self.meta.len();
+        let mut freed = 0usize;
+        for (done, &block) in blocks.iter().enumerate() {
+            let err = match self.meta.get_mut(block.index()) {
+                Some(m) if m.refcount > 1 => {
+                    m.refcount -= 1;
+                    continue;
+                }
+                Some(m) if m.refcount == 1 => {
+                    // `push_tail`, with the metadata already in hand.
+                    m.refcount = 0;
+                    m.next = NIL;
+                    let r = &mut self.regions[usize::from(m.region)];
+                    let tail = std::mem::replace(&mut r.tail, block.0);
+                    m.prev = tail;
+                    r.free += 1;
+                    if tail == NIL {
+                        r.head = block.0;
+                    } else {
+                        self.meta[tail as usize].next = block.0;
+                    }
+                    freed += 1;
+                    continue;
+                }
+                Some(_) => RefError::NotAllocated { block },
+                None => RefError::UnknownBlock { block, num_blocks },
+            };
+            self.undo_releases(&blocks[..done]);
+            return Err(err);
+        }
+        self.releases += blocks.len() as u64;
+        self.frees += freed as u64;
+        Ok(freed)
+    }
+
+    /// Takes back the releases [`Self::release_many`] applied to `done` (all valid), last
+    /// first: a block freed by them is the free list's tail by then, so unlinking it restores
+    /// the list as it was.
+    #[cold]
+    fn undo_releases(&mut self, done: &[BlockId]) {
+        for &block in done.iter().rev() {
+            let id = block.0;
+            if self.meta[id as usize].refcount == 0 {
+                self.unlink(id);
+            }
+            self.meta[id as usize].refcount += 1;
+        }
+    }
+
     fn region(&self, region: RegionId) -> Result<&Region, AllocError> {
         self.regions
             .get(region.index())
@@ -381,17 +460,51 @@ impl BlockAllocator for BlockPool {
                 free,
             });
         }
-        out.reserve(count);
+        // One run: the region's counters change once, and `out` grows without a capacity
+        // check per block.
+        let meta = &mut self.meta;
+        let r = &mut self.regions[region.index()];
         let mut prev = out.last().map_or(NIL, |b| b.0);
-        for _ in 0..count {
-            let next = prev.wrapping_add(1);
-            let id = match self.meta.get(next as usize) {
-                Some(m) if prev != NIL && m.refcount == 0 && m.region == region.0 => next,
-                _ => self.regions[region.index()].head,
+        out.extend((0..count).map(|_| {
+            let succ = prev.wrapping_add(1);
+            let id = match meta.get(succ as usize) {
+                Some(m) if prev != NIL && m.refcount == 0 && m.region == region.0 => {
+                    // The physical successor, from anywhere in the free list.
+                    let Meta { prev: p, next, .. } = *m;
+                    if p == NIL {
+                        r.head = next;
+                    } else {
+                        meta[p as usize].next = next;
+                    }
+                    if next == NIL {
+                        r.tail = p;
+                    } else {
+                        meta[next as usize].prev = p;
+                    }
+                    succ
+                }
+                _ => {
+                    // The head (the caller checked `count` blocks are free).
+                    let head = r.head;
+                    let next = meta[head as usize].next;
+                    r.head = next;
+                    if next == NIL {
+                        r.tail = NIL;
+                    } else {
+                        meta[next as usize].prev = NIL;
+                    }
+                    head
+                }
             };
-            out.push(self.take(id));
+            let m = &mut meta[id as usize];
+            m.prev = NIL;
+            m.next = NIL;
+            m.refcount = 1;
             prev = id;
-        }
+            BlockId(id)
+        }));
+        r.free -= count as u32;
+        self.allocations += count as u64;
         Ok(())
     }
 
@@ -543,6 +656,45 @@ mod tests {
         );
         assert_eq!(p.free_blocks(RegionId::DYNAMIC), Ok(4));
         assert_eq!(p.stats().frees, 1);
+        p.audit().unwrap();
+    }
+
+    #[test]
+    fn release_many_is_all_or_nothing_and_keeps_the_free_list_order() {
+        let mut p = pool(6);
+        let mut blocks = Vec::new();
+        p.allocate_many(RegionId::DYNAMIC, 5, &mut blocks).unwrap();
+        p.retain(blocks[1]).unwrap();
+        let before = format!("{p:?}");
+        // A repeat beyond the owners it has: the second blocks[0] is a double release.
+        for bad in [
+            vec![blocks[3], blocks[0], blocks[1], blocks[0]],
+            vec![blocks[2], BlockId(6)],
+            vec![blocks[4], BlockId(5)],
+        ] {
+            let err = p.release_many(&bad).unwrap_err();
+            let want = match bad.last() {
+                Some(&BlockId(6)) => RefError::UnknownBlock {
+                    block: BlockId(6),
+                    num_blocks: 6,
+                },
+                Some(&block) => RefError::NotAllocated { block },
+                None => unreachable!(),
+            };
+            assert_eq!(err, want);
+            assert_eq!(format!("{p:?}"), before, "{bad:?} changed the pool");
+        }
+        // Valid, with a block named twice (it has two owners): the same as one by one.
+        let mut one_by_one = p.clone();
+        let batch = [blocks[3], blocks[1], blocks[0], blocks[1]];
+        assert_eq!(p.release_many(&batch), Ok(3));
+        for b in batch {
+            let _ = one_by_one.release(b).unwrap();
+        }
+        assert_eq!(format!("{p:?}"), format!("{one_by_one:?}"));
+        assert_eq!(p.stats().releases, 4);
+        assert_eq!(p.stats().frees, 3);
+        assert_eq!(p.release_many(&[]), Ok(0));
         p.audit().unwrap();
     }
 

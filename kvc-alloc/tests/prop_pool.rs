@@ -22,6 +22,10 @@ enum Op {
     Retain(usize),
     Release(usize),
     ReleaseRaw(u32),
+    /// Ids, unknown ones and repeats included, for `release_many`.
+    ReleaseMany(Vec<u32>),
+    /// Picks among the held references, for a `release_many` that succeeds.
+    ReleaseHeld(Vec<usize>),
     Resize(u8, u8, usize),
     MakeWritable(usize, u8),
 }
@@ -36,6 +40,8 @@ fn op() -> impl Strategy<Value = Op> {
         2 => any::<usize>().prop_map(Op::Retain),
         4 => any::<usize>().prop_map(Op::Release),
         1 => (0u32..BLOCKS as u32 + 3).prop_map(Op::ReleaseRaw),
+        1 => prop::collection::vec(0u32..BLOCKS as u32 + 2, 0..6).prop_map(Op::ReleaseMany),
+        2 => prop::collection::vec(any::<usize>(), 0..8).prop_map(Op::ReleaseHeld),
         1 => (region.clone(), region.clone(), 0usize..6).prop_map(|(a, b, n)| Op::Resize(a, b, n)),
         2 => (any::<usize>(), region).prop_map(|(i, r)| Op::MakeWritable(i, r)),
     ]
@@ -79,6 +85,55 @@ fn check(pool: &BlockPool, model: &Model) -> Result<(), TestCaseError> {
             }
             Err(e) => prop_assert!(false, "unexpected {e}"),
         }
+    }
+    Ok(())
+}
+
+/// `release_many(blocks)` against the model: valid (every id known, none named more often
+/// than it has owners) it leaves the pool exactly as releasing one block at a time would and
+/// counts the blocks freed; otherwise it is the error of the first bad block and the pool is
+/// exactly as before, free-list order included.
+fn release_many_like_one_by_one(
+    pool: &mut BlockPool,
+    model: &mut Model,
+    blocks: &[BlockId],
+) -> Result<(), TestCaseError> {
+    let before = format!("{pool:?}");
+    let mut one_by_one = pool.clone();
+    let mut first_bad = None;
+    let mut freed = 0;
+    let mut left = model.held.clone();
+    for &b in blocks {
+        match left.iter().position(|&h| h == b) {
+            Some(at) => {
+                left.swap_remove(at);
+                freed += usize::from(!left.contains(&b));
+            }
+            None => {
+                first_bad = Some(b);
+                break;
+            }
+        }
+    }
+    match (pool.release_many(blocks), first_bad) {
+        (Ok(n), None) => {
+            prop_assert_eq!(n, freed);
+            for &b in blocks {
+                let _ = one_by_one.release(b).unwrap();
+            }
+            prop_assert_eq!(format!("{pool:?}"), format!("{one_by_one:?}"));
+            model.held = left;
+        }
+        (Err(RefError::UnknownBlock { block, .. }), Some(bad)) => {
+            prop_assert_eq!(block, bad);
+            prop_assert!(u64::from(bad.0) >= BLOCKS);
+            prop_assert_eq!(format!("{pool:?}"), before);
+        }
+        (Err(RefError::NotAllocated { block }), Some(bad)) => {
+            prop_assert_eq!(block, bad);
+            prop_assert_eq!(format!("{pool:?}"), before);
+        }
+        (got, want) => prop_assert!(false, "release_many gave {got:?}, first bad {want:?}"),
     }
     Ok(())
 }
@@ -150,6 +205,22 @@ proptest! {
                         Err(RefError::UnknownBlock { .. }) => prop_assert!(u64::from(id) >= BLOCKS),
                         Err(e) => prop_assert!(false, "unexpected {e}"),
                     }
+                }
+                Op::ReleaseMany(ids) => {
+                    let blocks: Vec<BlockId> = ids.iter().map(|&id| BlockId(id)).collect();
+                    release_many_like_one_by_one(&mut pool, &mut model, &blocks)?;
+                }
+                Op::ReleaseHeld(picks) => {
+                    // Distinct references the model holds: always valid.
+                    let mut left = model.held.clone();
+                    let mut blocks = Vec::new();
+                    for i in picks {
+                        if left.is_empty() {
+                            break;
+                        }
+                        blocks.push(left.swap_remove(i % left.len()));
+                    }
+                    release_many_like_one_by_one(&mut pool, &mut model, &blocks)?;
                 }
                 Op::Resize(a, b, n) => {
                     if pool.resize(RegionId(a), RegionId(b), n).is_err() {

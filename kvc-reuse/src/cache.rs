@@ -133,6 +133,17 @@ struct Nodes {
     len: usize,
 }
 
+/// What an eviction needs of a node [`Nodes::take_leaf`] removed.
+#[derive(Clone, Copy, Debug)]
+struct Victim {
+    hash: BlockHash,
+    block: BlockId,
+    parent: u32,
+    ancestor: u32,
+    stamp: u64,
+    retained: bool,
+}
+
 impl Nodes {
     fn len(&self) -> usize {
         self.len
@@ -210,6 +221,49 @@ impl Nodes {
         c.prev_sibling = NIL;
     }
 
+    /// Removes the node at `slot` if it is an evictable leaf in `lane` (hittable, in use by
+    /// no holder, childless), taking it out of its parent's children; `None` (nothing changed)
+    /// otherwise. One look-up of the slot for the check, the removal and the fields an
+    /// eviction needs, where separate calls would each index the table again.
+    #[inline]
+    fn take_leaf(&mut self, slot: u32, lane: Lane) -> Option<Victim> {
+        let node = self.nodes.get_mut(slot as usize)?;
+        if !(node.live
+            && node.lane == lane
+            && node.hittable
+            && node.refs == 0
+            && !node.has_children())
+        {
+            return None;
+        }
+        node.lane = Lane::None;
+        node.live = false;
+        let (prev, next) = (node.prev_sibling, node.next_sibling);
+        node.prev_sibling = NIL;
+        node.next_sibling = NIL;
+        let victim = Victim {
+            hash: node.hash,
+            block: node.block,
+            parent: node.parent,
+            ancestor: node.ancestor,
+            stamp: node.stamp,
+            retained: node.retained,
+        };
+        self.free.push(slot);
+        self.len -= 1;
+        if victim.parent != NIL {
+            if next != NIL {
+                self.nodes[next as usize].prev_sibling = prev;
+            }
+            if prev == NIL {
+                self.nodes[victim.parent as usize].first_child = next;
+            } else {
+                self.nodes[prev as usize].next_sibling = next;
+            }
+        }
+        Some(victim)
+    }
+
     /// Appends the children of `parent`, oldest first, to `out`, and forgets them.
     fn drain_children(&mut self, parent: u32, out: &mut Vec<u32>) {
         let from = out.len();
@@ -265,10 +319,11 @@ impl BlockIndex {
 
     fn get(&self, block: BlockId) -> Option<u32> {
         let i = block.index();
-        if i < Self::DENSE_LIMIT {
-            self.dense.get(i).copied().filter(|&s| s != Self::NONE)
-        } else {
-            self.sparse.get(&block).copied()
+        match self.dense.get(i) {
+            // The dense table never reaches past `DENSE_LIMIT`.
+            Some(&s) => (s != Self::NONE).then_some(s),
+            None if i < Self::DENSE_LIMIT => None,
+            None => self.sparse.get(&block).copied(),
         }
     }
 
@@ -278,10 +333,11 @@ impl BlockIndex {
 
     fn insert(&mut self, block: BlockId, slot: u32) {
         let i = block.index();
-        if i < Self::DENSE_LIMIT {
-            if self.dense.len() <= i {
-                self.dense.resize((i + 1).next_power_of_two(), Self::NONE);
-            }
+        if let Some(entry) = self.dense.get_mut(i) {
+            // Only ids below `DENSE_LIMIT` are ever given an entry.
+            *entry = slot;
+        } else if i < Self::DENSE_LIMIT {
+            self.dense.resize((i + 1).next_power_of_two(), Self::NONE);
             self.dense[i] = slot;
         } else {
             self.sparse.insert(block, slot);
@@ -290,12 +346,12 @@ impl BlockIndex {
 
     fn remove(&mut self, block: BlockId) {
         let i = block.index();
-        if i < Self::DENSE_LIMIT {
-            if let Some(s) = self.dense.get_mut(i) {
-                *s = Self::NONE;
+        match self.dense.get_mut(i) {
+            Some(s) => *s = Self::NONE,
+            None if i < Self::DENSE_LIMIT => {}
+            None => {
+                self.sparse.remove(&block);
             }
-        } else {
-            self.sparse.remove(&block);
         }
     }
 }
@@ -706,6 +762,7 @@ impl PrefixCache {
         let mut stored: Vec<BlockHash> = Vec::new();
         let mut stored_parent = None;
         let mut result = Ok(());
+        let mut inserted = 0u64;
         for (i, (&hash, &block)) in hashes.iter().zip(blocks).enumerate() {
             if i >= existing as usize
                 && let Some(&next) = hashes.get(i + Self::AHEAD)
@@ -781,12 +838,13 @@ impl PrefixCache {
                 }
                 stored.push(hash);
             }
-            self.metrics.inserted_blocks = self.metrics.inserted_blocks.saturating_add(1);
+            inserted += 1;
             newly_cached.push(block);
             parent = Some(slot);
             parent_new = true;
             recent[i % Self::CHAIN_AHEAD] = slot;
         }
+        self.metrics.inserted_blocks = self.metrics.inserted_blocks.saturating_add(inserted);
         if let Some(last) = parent {
             self.refresh(last);
         }
@@ -930,6 +988,8 @@ impl PrefixCache {
         self.expire(now_ms);
         let mut removed = Vec::new();
         let mut ahead = 0;
+        // Blocks evicted below (not the orphans above), for the metrics.
+        let mut by_policy = 0u64;
         // A parent the policy named as the very next victim when its last child went: evicted
         // at once, never announced to the policy (see `EvictionPolicy::evicts_next`).
         let mut next_up: Option<u32> = None;
@@ -951,10 +1011,7 @@ impl PrefixCache {
             } else {
                 break;
             };
-            let valid = self.nodes.get(slot as usize).is_some_and(|node| {
-                node.lane == lane && node.hittable && node.refs == 0 && !node.has_children()
-            });
-            if !valid {
+            let Some(victim) = self.nodes.take_leaf(slot, lane) else {
                 // A victim that is not an evictable leaf in that lane means the lanes and the
                 // nodes disagree: never hand back a block someone may hold.
                 debug_assert!(
@@ -962,29 +1019,33 @@ impl PrefixCache {
                     "eviction order named slot {slot}, not an evictable leaf"
                 );
                 continue;
-            }
-            // Read before the node (and its retention) is forgotten; the policy's lane holds
+            };
+            // Read before the retention is forgotten; the policy's lane holds
             // default-priority blocks only.
-            let retention = if hashes.is_some() && lane != Lane::Policy {
-                self.retention(slot)
+            let retention = if hashes.is_some() && lane != Lane::Policy && victim.retained {
+                self.retention_in_force(slot)
             } else {
                 Retention::DEFAULT
             };
-            self.nodes[slot as usize].lane = Lane::None;
-            let (node, up) =
-                self.remove_hittable(slot, announced, lane == Lane::Policy, count - n > 1);
-            next_up = up;
+            next_up = self.remove_hittable(
+                slot,
+                &victim,
+                announced,
+                lane == Lane::Policy,
+                count - n > 1,
+            );
             self.unused -= 1;
             if self.events.enabled() {
-                removed.push(node.hash);
+                removed.push(victim.hash);
             }
-            evicted.push(node.block);
+            evicted.push(victim.block);
             if let Some(h) = hashes.as_deref_mut() {
-                h.push(Some((node.hash, retention)));
+                h.push(Some((victim.hash, retention)));
             }
-            self.metrics.evicted_capacity = self.metrics.evicted_capacity.saturating_add(1);
             n += 1;
+            by_policy += 1;
         }
+        self.metrics.evicted_capacity = self.metrics.evicted_capacity.saturating_add(by_policy);
         if let Some(p) = next_up {
             // Not evicted after all (the count was reached): it joins its lane as usual.
             self.nodes[p as usize].lane = Lane::None;
@@ -1148,8 +1209,9 @@ impl PrefixCache {
         }
     }
 
-    /// Removes an evictable hittable node (already out of its lane) and returns it; its
-    /// hash-index entry goes at the end of the eviction. `announced`: the policy knows the
+    /// Forgets the evictable hittable node at `slot` that [`Nodes::take_leaf`] took out of
+    /// the table (`node`): its block, its retention, the policy's record; its hash-index
+    /// entry stays, stale (see below). `announced`: the policy knows the
     /// node as evictable (false for a parent taken through `EvictionPolicy::evicts_next`).
     /// With `chain`, a parent left without children that the policy would evict next is
     /// returned instead of being put in its lane (its lane is set to `Lane::Policy`): the
@@ -1158,14 +1220,14 @@ impl PrefixCache {
     fn remove_hittable(
         &mut self,
         slot: u32,
+        node: &Victim,
         announced: bool,
         least: bool,
         chain: bool,
-    ) -> (Node, Option<u32>) {
+    ) -> Option<u32> {
         if announced && self.recency.is_none() {
             self.policy.on_remove(slot);
         }
-        let node = self.nodes.remove(slot as usize);
         crate::prefetch::prefetch_at(&self.nodes.nodes, node.ancestor as usize);
         // Its hash-index entry is stale from here on (the slot holds no node), and stays
         // until an insert reuses it or the index is rebuilt (see `crate::table`).
@@ -1175,8 +1237,8 @@ impl PrefixCache {
             self.retained.remove(&slot);
         }
         let mut up = None;
-        if let Some(p) = node.parent() {
-            self.nodes.remove_child(p, slot);
+        if node.parent != NIL {
+            let p = node.parent;
             let parent = &self.nodes[p as usize];
             if chain
                 && self.low.is_empty()
@@ -1208,7 +1270,7 @@ impl PrefixCache {
                 self.refresh(p);
             }
         }
-        (node, up)
+        up
     }
 
     /// Applies retention expiries due by `now_ms`.
@@ -1260,6 +1322,11 @@ impl PrefixCache {
         if !self.nodes[slot as usize].retained {
             return Retention::DEFAULT;
         }
+        self.retention_in_force(slot)
+    }
+
+    /// The retention recorded for `slot` while in force, else the default.
+    fn retention_in_force(&self, slot: u32) -> Retention {
         match self.retained.get(&slot) {
             Some(r) if r.retention.until.is_none_or(|until| self.now_ms < until) => r.retention,
             _ => Retention::DEFAULT,
@@ -1371,5 +1438,43 @@ impl PrefixCache {
                 self.high.remove(&(k.0, k.1, slot));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Block ids on both sides of the dense table's limit, and ids the dense table has not
+    /// grown to yet: every look-up, insert and removal lands in the right table.
+    #[test]
+    fn block_index_dense_and_sparse_ids() {
+        let mut index = BlockIndex::default();
+        let limit = BlockIndex::DENSE_LIMIT as u32;
+        let ids = [0, 5, 1000, limit - 1, limit, limit + 7, u32::MAX - 1];
+        for &id in &ids {
+            assert_eq!(index.get(BlockId(id)), None, "{id} before any insert");
+        }
+        for (slot, &id) in ids.iter().enumerate() {
+            index.insert(BlockId(id), slot as u32);
+        }
+        assert!(index.dense.len() <= BlockIndex::DENSE_LIMIT);
+        assert_eq!(index.sparse.len(), 3);
+        for (slot, &id) in ids.iter().enumerate() {
+            assert_eq!(index.get(BlockId(id)), Some(slot as u32), "{id}");
+        }
+        // Known to neither table: below the limit but past the dense table, and beyond it.
+        assert!(!index.contains(BlockId(1001)));
+        assert!(!index.contains(BlockId(limit + 8)));
+        for &id in &[5, limit + 7] {
+            index.remove(BlockId(id));
+            assert_eq!(index.get(BlockId(id)), None, "{id} after removal");
+        }
+        // Removing what is in neither table changes nothing.
+        index.remove(BlockId(1001));
+        index.remove(BlockId(limit + 9));
+        assert_eq!(index.get(BlockId(limit)), Some(4));
+        assert_eq!(index.get(BlockId(limit - 1)), Some(3));
+        assert_eq!(index.sparse.len(), 2);
     }
 }

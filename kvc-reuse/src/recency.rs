@@ -170,8 +170,16 @@ impl Recency {
     /// Appends the slots of the next `n` entries of the queue and of the set (stale ones
     /// included): a hint of the next victims, for prefetching.
     pub(crate) fn peek(&self, n: usize, out: &mut Vec<u32>) {
-        out.extend(self.queue.iter().take(n).map(|e| e.slot));
-        out.extend(self.set.iter().take(n).map(|&(_, s)| s));
+        // The queue's two halves as slices: an exact-size copy, without a capacity check
+        // per entry.
+        let (front, back) = self.queue.as_slices();
+        let from_front = n.min(front.len());
+        let from_back = (n - from_front).min(back.len());
+        out.extend(front[..from_front].iter().map(|e| e.slot));
+        out.extend(back[..from_back].iter().map(|e| e.slot));
+        if !self.set.is_empty() {
+            out.extend(self.set.iter().take(n).map(|&(_, s)| s));
+        }
     }
 }
 
