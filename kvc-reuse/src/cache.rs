@@ -382,13 +382,20 @@ pub struct PrefixCache {
 }
 
 impl PrefixCache {
-    /// An empty cache of `block_size`-token blocks evicting with a shipped policy.
+    /// An empty cache of `block_size`-token blocks evicting with a shipped policy. A
+    /// `block_size` of 0 is taken as 1 (see [`block_size`](Self::block_size)).
+    ///
+    /// The cache sees hashes, not tokens, so it cannot check how they were made: hash
+    /// prompts with [`BlockHasher::hash_blocks`](crate::BlockHasher::hash_blocks) at this
+    /// cache's [`block_size`](Self::block_size), or hits will claim a block size of tokens
+    /// for blocks holding another.
     #[must_use]
     pub fn new(block_size: u32, policy: PolicyKind) -> Self {
         Self::with_policy(block_size, policy.build(0))
     }
 
-    /// An empty cache with any policy. A policy that is plain LRU
+    /// An empty cache with any policy (`block_size` as in [`new`](Self::new)). A policy
+    /// that is plain LRU
     /// ([`EvictionPolicy::is_plain_lru`], as [`Lru`](crate::Lru) is) is ordered by the cache
     /// itself, in the same order, without calls to the policy object.
     #[must_use]
@@ -416,7 +423,7 @@ impl PrefixCache {
         }
     }
 
-    /// Tokens per block.
+    /// Tokens per block (at least 1). Hash prompts at this size.
     #[must_use]
     pub fn block_size(&self) -> u32 {
         self.block_size

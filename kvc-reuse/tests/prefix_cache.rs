@@ -526,3 +526,17 @@ fn evicted_and_invalidated_hashes_stay_unhittable_under_churn() {
     }
     assert!(freed.len() > 1_000, "{} evicted", freed.len());
 }
+
+#[test]
+fn a_block_size_of_zero_is_taken_as_one() {
+    // As documented on `PrefixCache::new`: hash prompts at `block_size()`, never at the
+    // value passed in.
+    let mut cache = PrefixCache::new(0, PolicyKind::Lru);
+    assert_eq!(cache.block_size(), 1);
+    let mut h = Vec::new();
+    Xxh3Hasher.hash_blocks(Xxh3Hasher.root(&extra()), &[7, 8, 9], 1, &mut h);
+    let mut newly = Vec::new();
+    cache.insert(&h, &ids(0..3), 0, &mut newly).unwrap();
+    let hit = cache.lookup(&h, 3, 1);
+    assert_eq!((hit.blocks, hit.tokens), (ids(0..2), 2));
+}
