@@ -172,7 +172,10 @@ pub trait ReuseIndex {
     /// returns how many. The caller drops the index's pool reference on each, which frees it.
     fn evict(&mut self, count: usize, now_ms: u64, evicted: &mut Vec<BlockId>) -> usize;
 
-    /// Changes the retention of a cached block (from a pin policy's soft pins).
+    /// Changes the retention of a cached block (from a pin policy's soft pins). `block_hash`
+    /// names the block by the low 64 bits of its [`StoreKey`] (the key
+    /// [`block_keys`](Self::block_keys) gives for the prefix ending at it: `key.0 as u64`,
+    /// `kvc_reuse::BlockHash::short`); a block the index does not cache is ignored.
     fn set_retention(&mut self, block_hash: u64, retention: Retention);
 
     /// Appends to `keys` the [`StoreKey`] of each full block of `tokens` under `scope`: the
