@@ -148,6 +148,9 @@ pub trait ReuseIndex {
     /// Another holder of these blocks (a fork for beam search or parallel sampling, a session
     /// keeping a request's blocks): the use count of each cached one goes up by one. Uncached
     /// (private) blocks are skipped. The caller takes its own pool reference on every block.
+    /// Pass whole tables from their first block: the ownership rule's last point (a holder
+    /// holds every block before the ones it holds) is what lets every evictable block be
+    /// evicted.
     ///
     /// # Errors
     /// [`ReuseError::TooManyHolders`]; the other blocks are still processed.

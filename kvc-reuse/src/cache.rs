@@ -809,6 +809,11 @@ impl PrefixCache {
     /// Another holder of these blocks (a fork, a session keeping a request's blocks): each
     /// tracked block's use count goes up by one. Untracked (private) blocks are skipped.
     ///
+    /// Pass a whole table from its first block, as a holder holds it: the cache counts on
+    /// every holder of a block holding the blocks before it. A later block acquired alone
+    /// keeps its unused ancestors in [`evictable_blocks`](Self::evictable_blocks) although
+    /// leaf-first eviction cannot reach them until it is released.
+    ///
     /// # Errors
     /// [`ReuseError::TooManyHolders`] for a block with `u32::MAX` holders (unchanged); the
     /// other blocks are still processed and the first error is returned.
