@@ -2,26 +2,7 @@
 //! prefix of a prompt (or a session's earlier turns), the offer of newly computed blocks, and
 //! eviction when memory is needed.
 //!
-//! # Ownership
-//!
-//! The index never allocates or frees memory; it tells the caller which blocks to take or drop
-//! a pool reference on, and the caller does that through its
-//! [`BlockAllocator`](crate::BlockAllocator). One rule covers every block:
-//!
-//! - **Every holder of a block holds one pool reference on it**: each running request whose
-//!   table contains it, the index while the block is cached, each session that keeps it, each
-//!   transfer in flight.
-//! - **The index counts, per cached block, the holders other than itself** (its *use count*):
-//!   [`lookup`](ReuseIndex::lookup) adds one for each hit block, [`insert`](ReuseIndex::insert)
-//!   starts a newly cached block at one (the offering request),
-//!   [`acquire`](ReuseIndex::acquire) adds one (a fork, a second holder) and
-//!   [`release`](ReuseIndex::release) takes one away.
-//! - **A cached block with use count 0 is evictable**: only the index's reference keeps it.
-//!   [`evict`](ReuseIndex::evict) only ever picks evictable blocks, so dropping the index's
-//!   reference on each evicted block frees it. [`evictable_blocks`](ReuseIndex::evictable_blocks)
-//!   is how many blocks eviction can free right now.
-//! - A holder of a block holds every block before it in its chain (requests and sessions hold
-//!   whole prefixes), so all evictable blocks can be evicted one after another, leaf first.
+//! The ownership rule every method follows is on [`ReuseIndex`].
 
 use thiserror::Error;
 
@@ -108,10 +89,30 @@ pub enum ReuseError {
     },
 }
 
-/// A prefix and session cache as a scheduler sees it. See the [module docs](self) for the
-/// ownership rule every method follows.
+/// A prefix and session cache as a scheduler sees it.
 ///
 /// Implemented by `kvc_reuse` caches; a scheduler with reuse off uses [`NoReuse`].
+///
+/// # Ownership
+///
+/// The index never allocates or frees memory; it tells the caller which blocks to take or drop
+/// a pool reference on, and the caller does that through its
+/// [`BlockAllocator`](crate::BlockAllocator). One rule covers every block:
+///
+/// - **Every holder of a block holds one pool reference on it**: each running request whose
+///   table contains it, the index while the block is cached, each session that keeps it, each
+///   transfer in flight.
+/// - **The index counts, per cached block, the holders other than itself** (its *use count*):
+///   [`lookup`](Self::lookup) adds one for each hit block, [`insert`](Self::insert)
+///   starts a newly cached block at one (the offering request),
+///   [`acquire`](Self::acquire) adds one (a fork, a second holder) and
+///   [`release`](Self::release) takes one away.
+/// - **A cached block with use count 0 is evictable**: only the index's reference keeps it.
+///   [`evict`](Self::evict) only ever picks evictable blocks, so dropping the index's
+///   reference on each evicted block frees it. [`evictable_blocks`](Self::evictable_blocks)
+///   is how many blocks eviction can free right now.
+/// - A holder of a block holds every block before it in its chain (requests and sessions hold
+///   whole prefixes), so all evictable blocks can be evicted one after another, leaf first.
 pub trait ReuseIndex {
     /// Tokens per block of this index.
     fn block_size(&self) -> u32;

@@ -3,15 +3,15 @@
 //! accumulation) always, and on CUDA (`.cu` sources compiled at run time with NVRTC through
 //! cudarc) behind feature `cuda`.
 //!
-//! The crate knows nothing of policies: it takes a [`PagedLayout`](kvc_core::PagedLayout)
+//! The crate knows nothing of policies: it takes a [`PagedLayout`]
 //! (one layer's `[num_blocks, 2, kv_heads, block_size, head_dim]` tensor with explicit
-//! strides), a [`PageTable`](kvc_core::PageTable) (CSR block tables) or a
-//! [`SlotMapping`](kvc_core::SlotMapping), and buffers. Every op validates its arguments
+//! strides), a [`PageTable`] (CSR block tables) or a
+//! [`SlotMapping`], and buffers. Every op validates its arguments
 //! first and returns a [`ShapeError`] instead of touching memory out of bounds.
 //!
 //! The crate re-exports the `kvc-core` types its API takes ([`PagedLayout`], [`PageTable`],
 //! [`SlotMapping`], [`BlockId`], [`HostBlockId`], [`BlockCopy`], [`DType`], [`KvLayout`] and
-//! the layout and table errors) and the `half` storage types [`f16`] and [`bf16`], so it can
+//! the layout and table errors) and the `half` storage types [`f16`](struct@f16) and [`bf16`], so it can
 //! be used without depending on `kvc-core` or `half` directly.
 //!
 //! ```

@@ -324,6 +324,12 @@ fn queued(nodes: &Nodes) -> impl Fn(Entry) -> bool + '_ {
 
 /// A prefix cache over chained block hashes.
 ///
+/// Eviction order, first to last: invalidated blocks; blocks whose retention priority is
+/// below the default (lowest priority first, then least recently used); default-priority
+/// blocks in the policy's order; blocks retained above the default (lowest priority first).
+/// Only *evictable* blocks are candidates: cached, in use by no holder, with no cached child
+/// (leaf first). Ownership follows the rule of [`kvc_core::ReuseIndex`].
+///
 /// ```
 /// use kvc_core::BlockId;
 /// use kvc_reuse::{BlockHasher, HashExtra, PolicyKind, PrefixCache, Xxh3Hasher};
@@ -901,7 +907,7 @@ impl PrefixCache {
 
     /// Forgets up to `count` evictable blocks, appending their ids to `evicted` for the caller
     /// to free (it drops the cache's reference on each), and returns how many. Invalidated
-    /// blocks go first, then leaves in retention and policy order (see the module docs). A
+    /// blocks go first, then leaves in retention and policy order (see [`PrefixCache`]). A
     /// block in use is never evicted.
     pub fn evict(&mut self, count: usize, now_ms: u64, evicted: &mut Vec<BlockId>) -> usize {
         self.evict_inner(count, now_ms, evicted, None)
