@@ -68,7 +68,9 @@ impl<H: BlockHasher> ScopedIndex<H> {
     }
 
     /// Gives `tenant` the cache salt `salt`. Tenants with equal salts share cached blocks;
-    /// by default each tenant's salt is its own id, so nothing is shared.
+    /// by default each tenant's salt is its own id (its 4 little-endian bytes), so nothing is
+    /// shared. A custom salt of 4 bytes equals the default salt of some tenant id: give custom
+    /// salts another length (a name, 16 random bytes) to keep them apart from the defaults.
     pub fn set_salt(&mut self, tenant: TenantId, salt: impl Into<Vec<u8>>) {
         self.salts.insert(tenant, salt.into());
         self.roots.remove(&tenant);
@@ -375,5 +377,26 @@ mod tests {
         );
         assert!(newly.is_empty());
         assert!(idx.cache().is_empty());
+    }
+
+    #[test]
+    fn a_four_byte_salt_meets_the_default_salt_of_a_tenant_id() {
+        let scope = |t| ReuseScope {
+            tenant: TenantId(t),
+            session: None,
+        };
+        let tokens = [1, 2, 3, 4];
+        let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
+        let mut idx = index();
+        idx.block_keys(&scope(2), &tokens, &mut a);
+        idx.set_salt(TenantId(1), 2u32.to_le_bytes());
+        idx.block_keys(&scope(1), &tokens, &mut b);
+        assert_eq!(
+            a, b,
+            "as documented on set_salt: tenant 1 now shares tenant 2's blocks"
+        );
+        idx.set_salt(TenantId(1), *b"team1");
+        idx.block_keys(&scope(1), &tokens, &mut c);
+        assert!(c.iter().all(|k| !a.contains(k)));
     }
 }
