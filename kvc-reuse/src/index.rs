@@ -16,6 +16,11 @@ use crate::{BlockHash, BlockHasher, HashExtra, PrefixCache};
 
 /// A prefix cache that hashes prompts per tenant and implements `kvc_core::ReuseIndex`.
 ///
+/// Isolation is per tenant only: [`ReuseScope::session`] is not used, so a session's turns
+/// are cached in its tenant's chains like any prompt and other requests of the same tenant
+/// can hit them. For blocks private to a session, keep the session in a
+/// [`SessionCache`](crate::SessionCache).
+///
 /// ```
 /// use kvc_core::{BlockId, ReuseIndex, ReuseScope, TenantId};
 /// use kvc_reuse::{HashExtra, PolicyKind, PrefixCache, ScopedIndex, Xxh3Hasher};
@@ -205,6 +210,7 @@ impl<H: BlockHasher> ReuseIndex for ScopedIndex<H> {
 mod tests {
     use super::*;
     use crate::{Blake3Hasher, PolicyKind};
+    use kvc_core::SessionId;
 
     fn index() -> ScopedIndex<Blake3Hasher> {
         ScopedIndex::new(
@@ -398,5 +404,25 @@ mod tests {
         idx.set_salt(TenantId(1), *b"team1");
         idx.block_keys(&scope(1), &tokens, &mut c);
         assert!(c.iter().all(|k| !a.contains(k)));
+    }
+
+    #[test]
+    fn sessions_of_one_tenant_share_blocks_as_documented() {
+        let mut idx = index();
+        let scope = |session| ReuseScope {
+            tenant: TenantId(1),
+            session: Some(SessionId(session)),
+        };
+        let mut newly = Vec::new();
+        idx.insert(
+            &scope(1),
+            &[1, 2, 3, 4],
+            &[BlockId(0), BlockId(1)],
+            0,
+            &mut newly,
+        )
+        .unwrap();
+        let hit = idx.lookup(&scope(2), &[1, 2, 3, 4, 5], 1);
+        assert_eq!(hit.blocks, [BlockId(0), BlockId(1)]);
     }
 }
