@@ -1084,15 +1084,25 @@ impl PrefixCache {
         }
     }
 
-    /// Sets the retention of the cached block whose [`BlockHash::short`] is `short`. A linear
-    /// scan: meant for occasional pin updates, not the hot path.
+    /// Sets the retention of the cached block whose [`BlockHash::short`] is `short` (what
+    /// [`kvc_core::ReuseIndex::set_retention`] names blocks by). Constant time, as
+    /// [`set_retention`](Self::set_retention): the hash index is keyed by the low 64 bits.
     pub fn set_retention_short(&mut self, short: u64, retention: Retention, now_ms: u64) -> bool {
-        let found = self
-            .nodes
-            .iter()
-            .find(|(_, n)| n.hittable && n.hash.short() == short)
-            .map(|(_, n)| n.hash);
-        found.is_some_and(|h| self.set_retention(h, retention, now_ms))
+        // The home bucket and tag come from the low 64 bits alone, so a probe with them finds
+        // the entry; candidates are confirmed by their node's low 64 bits.
+        let found = {
+            let nodes = &self.nodes;
+            let hittable = hittable_hash(nodes);
+            self.by_hash
+                .get(BlockHash(u128::from(short)), |slot| {
+                    hittable(slot).map(|h| BlockHash(u128::from(h.short())))
+                })
+                .map(|slot| nodes[slot as usize].hash)
+        };
+        match found {
+            Some(hash) => self.set_retention(hash, retention, now_ms),
+            None => false,
+        }
     }
 
     /// Makes `hash` and every chain through it unhittable (an invalidated document prefix),
