@@ -17,7 +17,7 @@ use kvc_bench::replay::{
 use kvc_bench::report::{self, Mode, ReportConfig};
 use kvc_bench::sim::scenarios::{self, Size};
 use kvc_bench::size::{self, GpuChoice, KvDtype, ModelShape, SizeQuery};
-use kvc_bench::trace::read_trace;
+use kvc_bench::trace::{TraceError, TraceRequest, read_trace};
 use kvc_bench::units::{parse_bytes, parse_count};
 use kvc_reuse::{BlockHasher, HasherKind, PolicyKind};
 
@@ -494,10 +494,19 @@ fn main() -> ExitCode {
     }
 }
 
+/// Reads a trace for a subcommand; the error is one line that names the file once.
+fn load_trace(path: &std::path::Path) -> Result<Vec<TraceRequest>, String> {
+    read_trace(path).map_err(|e| match e {
+        // Its message already names the file.
+        TraceError::Io { .. } => e.to_string(),
+        other => format!("{}: {other}", path.display()),
+    })
+}
+
 fn run_replay(args: &ReplayArgs) -> Result<(), String> {
     let (policy, hasher) = (args.policy, args.hasher);
     let block_size = at_most("--block-size", args.block_size, 1 << 16, "")? as u32;
-    let trace = read_trace(&args.trace).map_err(|e| format!("{}: {e}", args.trace.display()))?;
+    let trace = load_trace(&args.trace)?;
     if args.engine_like {
         let cfg = BlockReplayConfig {
             capacity_tokens: args.capacity_tokens,
@@ -974,7 +983,7 @@ fn run_engine(args: &EngineArgs) -> Result<(), String> {
 fn run_analyze(args: &AnalyzeArgs) -> Result<(), String> {
     use kvc_bench::analyze::{AnalyzeConfig, Distribution, analyze};
 
-    let trace = read_trace(&args.trace).map_err(|e| format!("{}: {e}", args.trace.display()))?;
+    let trace = load_trace(&args.trace)?;
     let mut cfg = AnalyzeConfig::new();
     cfg.model.clone_from(&args.model);
     cfg.gpu.clone_from(&args.gpu);
@@ -1053,7 +1062,7 @@ fn run_cluster(args: &ScenarioArgs, size: Size) -> Result<(), String> {
             scenarios::DEFAULT_TRACE
         )
     })?;
-    let trace = read_trace(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let trace = load_trace(&path)?;
     let mut cfg = ClusterConfig::new();
     cfg.engines = args.engines;
     cfg.limit = match size {
@@ -1125,7 +1134,7 @@ fn run_tiers(args: &ScenarioArgs, size: Size) -> Result<(), String> {
                 scenarios::DEFAULT_TRACE
             )
         })?;
-    let trace = read_trace(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let trace = load_trace(&path)?;
     let cfg = TiersConfig {
         device_tokens: args.device_tokens,
         host_tokens: args.host_tokens,

@@ -196,15 +196,34 @@ pub fn parse_trace(mut reader: impl BufRead) -> Result<Vec<TraceRequest>, TraceE
     Ok(out)
 }
 
+/// The parser's message with its position as a column: each trace line is parsed alone, so
+/// serde_json's own "line 1" would contradict the trace's line number beside it.
+fn json_problem(e: &serde_json::Error) -> String {
+    let message = e.to_string();
+    let position = format!(" at line {} column {}", e.line(), e.column());
+    match message.strip_suffix(&position) {
+        Some(problem) if e.line() == 1 => format!("{problem} at column {}", e.column()),
+        _ => message,
+    }
+}
+
 fn parse_line(text: &str, line: usize) -> Result<TraceRequest, TraceError> {
     let value: Value = serde_json::from_str(text).map_err(|e| TraceError::NotJson {
         line,
-        message: e.to_string(),
+        message: json_problem(&e),
     })?;
     let Value::Object(obj) = value else {
+        let found = match value {
+            Value::Null => "null",
+            Value::Bool(_) => "a boolean",
+            Value::Number(_) => "a number",
+            Value::String(_) => "a string",
+            Value::Array(_) => "an array",
+            Value::Object(_) => "an object",
+        };
         return Err(TraceError::NotJson {
             line,
-            message: "a JSON value that is not an object".into(),
+            message: format!("found {found}"),
         });
     };
     let field = |name: &'static str| {
@@ -326,6 +345,13 @@ mod tests {
         }
         let err = parse(&format!("{good}\n{{not json\n")).unwrap_err();
         assert!(matches!(err, TraceError::NotJson { line: 2, .. }), "{err}");
+        // One position per message: the trace's line, and the column within it.
+        assert_eq!(
+            err.to_string(),
+            "line 2: not a JSON object: key must be a string at column 2"
+        );
+        let err = parse(&format!("{good}\n[1, 2]\n")).unwrap_err();
+        assert_eq!(err.to_string(), "line 2: not a JSON object: found an array");
     }
 
     #[test]

@@ -128,6 +128,105 @@ fn malformed_lines_name_the_line_and_field() {
 }
 
 #[test]
+fn every_malformed_trace_is_one_line_naming_the_line_and_reason() {
+    let good = "{\"timestamp\": 0, \"input_length\": 10, \"output_length\": 1, \"hash_ids\": [0]}";
+    let line2 = |bad: &str| format!("{good}\n\n{bad}\n");
+    let cases: Vec<(&str, String, Vec<&str>)> = vec![
+        (
+            "bad-json",
+            line2("{bad json"),
+            vec!["line 3", "not a JSON object", "column 2"],
+        ),
+        ("array", line2("[1, 2]"), vec!["line 3", "found an array"]),
+        ("null", line2("null"), vec!["line 3", "found null"]),
+        (
+            "two-objects",
+            line2(&format!("{good} {{}}")),
+            vec!["line 3", "trailing characters"],
+        ),
+        (
+            "missing",
+            line2("{\"timestamp\": 0, \"input_length\": 10, \"hash_ids\": [0]}"),
+            vec!["line 3", "missing field `output_length`"],
+        ),
+        (
+            "string-number",
+            line2(&good.replace("10,", "\"10\",")),
+            vec!["line 3", "input_length", "\"10\""],
+        ),
+        (
+            "negative",
+            line2(&good.replace("10,", "-10,")),
+            vec!["line 3", "input_length", "-10"],
+        ),
+        (
+            "negative-timestamp",
+            line2(&good.replace("\"timestamp\": 0", "\"timestamp\": -5")),
+            vec!["line 3", "timestamp", "-5"],
+        ),
+        (
+            "negative-hash-id",
+            line2(&good.replace("[0]", "[-1]")),
+            vec!["line 3", "hash_ids", "-1"],
+        ),
+        (
+            "fraction",
+            line2(&good.replace("10,", "10.5,")),
+            vec!["line 3", "input_length", "10.5"],
+        ),
+        (
+            "huge",
+            line2(&good.replace("10,", "99999999999999999999999,")),
+            vec!["line 3", "input_length"],
+        ),
+        (
+            "u64-max",
+            line2(&good.replace("10,", "18446744073709551615,")),
+            vec!["line 3", "input_length", "over the limit"],
+        ),
+        (
+            "huge-timestamp",
+            line2(&good.replace("\"timestamp\": 0", "\"timestamp\": 1e300")),
+            vec!["line 3", "timestamp"],
+        ),
+        ("blank-only", "\n  \n\n".to_owned(), vec!["no request"]),
+        ("empty", String::new(), vec!["no request"]),
+    ];
+    for (name, text, needles) in cases {
+        let path = trace_file(&format!("malformed-{name}.jsonl"), &text);
+        let out = run(&path, &["--capacity-tokens", "1000"]);
+        assert_fails(&out, &needles);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+            "{name}: {err}"
+        );
+        // Each position is said once: the trace's line, never the JSON parser's own "line 1".
+        let shown = path.display().to_string();
+        let message = err
+            .split_once(shown.as_str())
+            .map_or(&*err, |(_, rest)| rest);
+        let lines = needles.iter().filter(|n| n.starts_with("line")).count();
+        assert_eq!(message.matches("line").count(), lines, "{name}: {err}");
+    }
+    let path = trace_file("binary.jsonl", "");
+    std::fs::write(&path, [0xff, 0xfe, b'\n']).unwrap();
+    assert_fails(
+        &run(&path, &["--capacity-tokens", "1000"]),
+        &["line 1", "not UTF-8"],
+    );
+}
+
+#[test]
+fn a_missing_trace_is_named_once() {
+    let missing = Path::new(env!("CARGO_TARGET_TMPDIR")).join("no-such-trace.jsonl");
+    let out = run(&missing, &["--capacity-tokens", "1000"]);
+    assert_fails(&out, &["cannot read trace", "no-such-trace.jsonl"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.matches("no-such-trace.jsonl").count(), 1, "{err}");
+}
+
+#[test]
 fn empty_trace_zero_capacity_and_unknown_names_are_errors() {
     let empty = trace_file("empty.jsonl", "\n");
     assert_fails(

@@ -199,7 +199,8 @@ pub enum Resize {
 pub struct Retention {
     /// 0 (evict first) to 100 (evict last).
     pub priority: u8,
-    /// When the priority decays to the default (caller's clock, ms); `None`: it is the default.
+    /// When the priority decays to [`DEFAULT_PRIORITY`](Self::DEFAULT_PRIORITY) (caller's
+    /// clock, ms); `None`: never, the priority holds until the retention is set again.
     pub until: Option<u64>,
 }
 

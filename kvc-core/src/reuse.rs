@@ -2,26 +2,7 @@
 //! prefix of a prompt (or a session's earlier turns), the offer of newly computed blocks, and
 //! eviction when memory is needed.
 //!
-//! # Ownership
-//!
-//! The index never allocates or frees memory; it tells the caller which blocks to take or drop
-//! a pool reference on, and the caller does that through its
-//! [`BlockAllocator`](crate::BlockAllocator). One rule covers every block:
-//!
-//! - **Every holder of a block holds one pool reference on it**: each running request whose
-//!   table contains it, the index while the block is cached, each session that keeps it, each
-//!   transfer in flight.
-//! - **The index counts, per cached block, the holders other than itself** (its *use count*):
-//!   [`lookup`](ReuseIndex::lookup) adds one for each hit block, [`insert`](ReuseIndex::insert)
-//!   starts a newly cached block at one (the offering request),
-//!   [`acquire`](ReuseIndex::acquire) adds one (a fork, a second holder) and
-//!   [`release`](ReuseIndex::release) takes one away.
-//! - **A cached block with use count 0 is evictable**: only the index's reference keeps it.
-//!   [`evict`](ReuseIndex::evict) only ever picks evictable blocks, so dropping the index's
-//!   reference on each evicted block frees it. [`evictable_blocks`](ReuseIndex::evictable_blocks)
-//!   is how many blocks eviction can free right now.
-//! - A holder of a block holds every block before it in its chain (requests and sessions hold
-//!   whole prefixes), so all evictable blocks can be evicted one after another, leaf first.
+//! The ownership rule every method follows is on [`ReuseIndex`].
 
 use thiserror::Error;
 
@@ -117,10 +98,30 @@ pub enum ReuseError {
     },
 }
 
-/// A prefix and session cache as a scheduler sees it. See the [module docs](self) for the
-/// ownership rule every method follows.
+/// A prefix and session cache as a scheduler sees it.
 ///
 /// Implemented by `kvc_reuse` caches; a scheduler with reuse off uses [`NoReuse`].
+///
+/// # Ownership
+///
+/// The index never allocates or frees memory; it tells the caller which blocks to take or drop
+/// a pool reference on, and the caller does that through its
+/// [`BlockAllocator`](crate::BlockAllocator). One rule covers every block:
+///
+/// - **Every holder of a block holds one pool reference on it**: each running request whose
+///   table contains it, the index while the block is cached, each session that keeps it, each
+///   transfer in flight.
+/// - **The index counts, per cached block, the holders other than itself** (its *use count*):
+///   [`lookup`](Self::lookup) adds one for each hit block, [`insert`](Self::insert)
+///   starts a newly cached block at one (the offering request),
+///   [`acquire`](Self::acquire) adds one (a fork, a second holder) and
+///   [`release`](Self::release) takes one away.
+/// - **A cached block with use count 0 is evictable**: only the index's reference keeps it.
+///   [`evict`](Self::evict) only ever picks evictable blocks, so dropping the index's
+///   reference on each evicted block frees it. [`evictable_blocks`](Self::evictable_blocks)
+///   is how many blocks eviction can free right now.
+/// - A holder of a block holds every block before it in its chain (requests and sessions hold
+///   whole prefixes), so all evictable blocks can be evicted one after another, leaf first.
 pub trait ReuseIndex {
     /// Tokens per block of this index.
     fn block_size(&self) -> u32;
@@ -157,6 +158,9 @@ pub trait ReuseIndex {
     /// Another holder of these blocks (a fork for beam search or parallel sampling, a session
     /// keeping a request's blocks): the use count of each cached one goes up by one. Uncached
     /// (private) blocks are skipped. The caller takes its own pool reference on every block.
+    /// Pass whole tables from their first block: the ownership rule's last point (a holder
+    /// holds every block before the ones it holds) is what lets every evictable block be
+    /// evicted.
     ///
     /// # Errors
     /// [`ReuseError::TooManyHolders`]; the other blocks are still processed.
@@ -181,7 +185,10 @@ pub trait ReuseIndex {
     /// returns how many. The caller drops the index's pool reference on each, which frees it.
     fn evict(&mut self, count: usize, now_ms: u64, evicted: &mut Vec<BlockId>) -> usize;
 
-    /// Changes the retention of a cached block (from a pin policy's soft pins).
+    /// Changes the retention of a cached block (from a pin policy's soft pins). `block_hash`
+    /// names the block by the low 64 bits of its [`StoreKey`] (the key
+    /// [`block_keys`](Self::block_keys) gives for the prefix ending at it: `key.0 as u64`,
+    /// `kvc_reuse::BlockHash::short`); a block the index does not cache is ignored.
     fn set_retention(&mut self, block_hash: u64, retention: Retention);
 
     /// The application's word that a conversation has ended (the user closed the chat, the

@@ -45,7 +45,8 @@ impl AttnParams {
 pub struct DecodeOptions {
     /// Tokens per split-K chunk. `None` picks chunks so that every core has work
     /// (no split when the batch has enough (sequence, KV head) pairs); `Some(u32::MAX)` never
-    /// splits.
+    /// splits; `Some(0)` is taken as `Some(1)`. The result does not depend on the split
+    /// beyond rounding.
     pub split_tokens: Option<u32>,
 }
 

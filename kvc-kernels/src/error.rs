@@ -30,7 +30,7 @@ pub enum ShapeError {
         needed: u64,
     },
     /// Query heads are not a positive multiple of KV heads.
-    #[error("{q_heads} query heads is not a multiple of {kv_heads} KV heads")]
+    #[error("{q_heads} query heads is not a positive multiple of {kv_heads} KV heads")]
     HeadRatio {
         /// Query heads.
         q_heads: u32,

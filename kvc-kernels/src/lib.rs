@@ -3,16 +3,22 @@
 //! accumulation) always, and on CUDA (`.cu` sources compiled at run time with NVRTC through
 //! cudarc) behind feature `cuda`.
 //!
-//! The crate knows nothing of policies: it takes a [`PagedLayout`](kvc_core::PagedLayout)
+//! The crate knows nothing of policies: it takes a [`PagedLayout`]
 //! (one layer's `[num_blocks, 2, kv_heads, block_size, head_dim]` tensor with explicit
-//! strides), a [`PageTable`](kvc_core::PageTable) (CSR block tables) or a
-//! [`SlotMapping`](kvc_core::SlotMapping), and buffers. Every op validates its arguments
+//! strides), a [`PageTable`] (CSR block tables) or a
+//! [`SlotMapping`], and buffers. Every op validates its arguments
 //! first and returns a [`ShapeError`] instead of touching memory out of bounds.
 //!
+//! The crate re-exports the `kvc-core` types its API takes ([`PagedLayout`], [`PageTable`],
+//! [`SlotMapping`], [`BlockId`], [`HostBlockId`], [`BlockCopy`], [`DType`], [`KvLayout`] and
+//! the layout and table errors) and the `half` storage types [`f16`](struct@f16) and [`bf16`], so it can
+//! be used without depending on `kvc-core` or `half` directly.
+//!
 //! ```
-//! use half::f16;
-//! use kvc_core::{BlockId, PageTable, PagedLayout, SlotMapping};
-//! use kvc_kernels::{AttnParams, DecodeArgs, DecodeOptions, paged_decode, write_kv};
+//! use kvc_kernels::{
+//!     AttnParams, BlockId, DecodeArgs, DecodeOptions, PageTable, PagedLayout, SlotMapping, f16,
+//!     paged_decode, write_kv,
+//! };
 //!
 //! // A pool of 4 blocks of 16 tokens, 2 KV heads of 64, fp16.
 //! let layout = PagedLayout::hnd(4, 2, 16, 64)?;
@@ -62,3 +68,12 @@ pub use copy::{BlockSwap, copy_blocks, swap_in, swap_out};
 pub use elem::KvElem;
 pub use error::ShapeError;
 pub use write::write_kv;
+
+/// The `half` storage types the kernels take (with `f32`).
+pub use half::{bf16, f16};
+/// The `kvc-core` types this crate's API takes, so users need not depend on `kvc-core`
+/// directly.
+pub use kvc_core::{
+    BlockCopy, BlockId, DType, HostBlockId, KvLayout, LayoutError, PageTable, PageTableError,
+    PagedLayout, PagedLayoutError, SlotMapping, SlotMappingError,
+};

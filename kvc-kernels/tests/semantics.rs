@@ -371,3 +371,25 @@ fn merge_states_semantics_and_bad_input() {
     );
     assert_eq!(l, [9.0; 4]);
 }
+
+#[test]
+fn the_api_is_usable_from_this_crate_alone_and_split_zero_is_split_one() {
+    // The kvc-core and half types the ops take are re-exported, so an adopter names them
+    // from `kvc_kernels` alone.
+    use kvc_kernels::{BlockId as Id, PageTable as Table, PagedLayout as Layout, f16};
+    let layout = Layout::hnd(3, 1, 2, 4).unwrap();
+    let mut rng = Rng(5);
+    let cache: Vec<f16> = (0..layout.len())
+        .map(|_| f16::from_f32(rng.unit()))
+        .collect();
+    let table = Table::for_decode(vec![0, 3], vec![Id(2), Id(0), Id(1)], vec![5], &layout).unwrap();
+    let q: Vec<f16> = (0..2 * 4).map(|_| f16::from_f32(rng.unit())).collect();
+    let params = AttnParams::new(2, 4);
+    // `Some(0)` is documented as `Some(1)`: one token a chunk.
+    let zero = decode(&layout, &cache, &table, &q, params, Some(0));
+    let one = decode(&layout, &cache, &table, &q, params, Some(1));
+    assert_eq!(zero, one);
+    let whole = decode(&layout, &cache, &table, &q, params, Some(u32::MAX));
+    let whole64: Vec<f64> = whole.0.iter().map(|&x| f64::from(x)).collect();
+    assert!(max_err(&zero.0, &whole64) < 1e-5);
+}

@@ -1,7 +1,9 @@
 //! Criterion benchmarks of the prefix cache: hashing one 16-token block with each hasher
 //! (xxh3, BLAKE3, keyed BLAKE3, SHA-256),
 //! hashing plus lookup of a fully cached 32k-token prompt (16-token blocks) with each hasher,
-//! inserting the same prompt into an empty cache, and evicting 1,024 blocks.
+//! inserting the same prompt into an empty cache, evicting 1,024 blocks, and setting the
+//! retention of one block by its short hash (what `ReuseIndex::set_retention` does) in a
+//! cache of 131,072 blocks.
 
 use std::hint::black_box;
 
@@ -148,5 +150,44 @@ fn evict(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, chain, lookup, insert, evict);
+/// A pin update through `ReuseIndex::set_retention`: one block named by its short hash, in a
+/// cache of 64 prompts of 32k tokens (131,072 blocks, about 2M tokens).
+fn retention_by_short_hash(c: &mut Criterion) {
+    let hasher = HasherKind::Xxh3;
+    let mut cache = PrefixCache::new(BS, PolicyKind::Lru);
+    let mut shorts = Vec::new();
+    for p in 0..64u32 {
+        let tokens: Vec<u32> = prompt().iter().map(|t| t ^ (p << 20)).collect();
+        let root = hasher.root(&HashExtra::new("bench", 1));
+        let mut hashes = Vec::new();
+        hasher.hash_blocks(root, &tokens, BS as usize, &mut hashes);
+        let first = p * hashes.len() as u32;
+        let blocks: Vec<BlockId> = (first..first + hashes.len() as u32).map(BlockId).collect();
+        cache
+            .insert(&hashes, &blocks, 0, &mut Vec::new())
+            .expect("fresh blocks");
+        cache.release(&blocks).expect("held by the insert");
+        shorts.extend(hashes.iter().step_by(509).map(|h| h.short()));
+    }
+    let pin = kvc_reuse::Retention {
+        priority: 80,
+        until: Some(1_000),
+    };
+    let mut i = 0;
+    c.bench_function("reuse/set_retention_short, 131072 cached blocks", |b| {
+        b.iter(|| {
+            i = (i + 1) % shorts.len();
+            assert!(cache.set_retention_short(black_box(shorts[i]), pin, 1));
+        })
+    });
+}
+
+criterion_group!(
+    benches,
+    chain,
+    lookup,
+    insert,
+    evict,
+    retention_by_short_hash
+);
 criterion_main!(benches);

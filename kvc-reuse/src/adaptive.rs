@@ -1,30 +1,5 @@
 //! [`Adaptive`]: an eviction policy that learns online which signal predicts reuse on the
-//! traffic it sees, instead of being tuned to one trace.
-//!
-//! It keeps four experts, each with its own order over the cache's evictable blocks:
-//! - **recency** ([`Lru`]): the least recently used block first;
-//! - **scan resistance** ([`S3Fifo`]): new blocks on probation in a small FIFO, promoted when
-//!   used again, which keeps a hot set (hot documents, hot prefixes) through bursts of
-//!   one-off prompts;
-//! - **reuse odds** ([`ReuseOdds`]), twice: LRU shifted by each block's learned probability of
-//!   being used again (from its request's turn and new tokens, its own past uses and its
-//!   position), at the shift its model gives and at twice that.
-//!
-//! Which expert evicts is decided by what each one *would* have hit on this traffic: the
-//! policy reconstructs every request's block hashes from the insert walk the cache reports,
-//! and replays them through one shadow cache per expert (hashes only, no KV memory) of the
-//! real cache's size (learned as the most blocks the real cache has held). Each shadow's hit
-//! blocks are summed with an exponential decay (a window of a few cache turnovers, so the
-//! policy follows traffic that changes), and the real cache evicts in the order of the
-//! expert whose shadow is ahead: follow the leader, with counterfactual hit counts instead of
-//! guesses. Recency leads until another expert is ahead by more than the noise of the counts
-//! (two standard deviations of a count, taken as Poisson), so the policy behaves like LRU
-//! whenever no other signal helps.
-//!
-//! Nothing is fitted to a trace: the experts learn their own statistics online, the window
-//! is a multiple of the cache's own size, and the switching margin is a statistical one. The
-//! price is CPU and memory: four orders over the real cache plus four shadow caches, several
-//! times LRU's work per block (see `docs/reuse.md` for the measured cost).
+//! traffic it sees, instead of being tuned to one trace (its docs say how).
 
 use kvc_core::BlockId;
 
@@ -96,7 +71,32 @@ impl Shadow {
 }
 
 /// The adaptive policy: four experts, the real cache evicting in the order of the one whose
-/// shadow cache hits most on the recent traffic; see the module docs.
+/// shadow cache hits most on the recent traffic.
+///
+/// It keeps four experts, each with its own order over the cache's evictable blocks:
+/// - **recency** ([`Lru`]): the least recently used block first;
+/// - **scan resistance** ([`S3Fifo`]): new blocks on probation in a small FIFO, promoted when
+///   used again, which keeps a hot set (hot documents, hot prefixes) through bursts of
+///   one-off prompts;
+/// - **reuse odds** ([`ReuseOdds`]), twice: LRU shifted by each block's learned probability of
+///   being used again (from its request's turn and new tokens, its own past uses and its
+///   position), at the shift its model gives and at twice that.
+///
+/// Which expert evicts is decided by what each one *would* have hit on this traffic: the
+/// policy reconstructs every request's block hashes from the insert walk the cache reports,
+/// and replays them through one shadow cache per expert (hashes only, no KV memory) of the
+/// real cache's size (learned as the most blocks the real cache has held). Each shadow's hit
+/// blocks are summed with an exponential decay (a window of a few cache turnovers, so the
+/// policy follows traffic that changes), and the real cache evicts in the order of the
+/// expert whose shadow is ahead: follow the leader, with counterfactual hit counts instead of
+/// guesses. Recency leads until another expert is ahead by more than the noise of the counts
+/// (two standard deviations of a count, taken as Poisson), so the policy behaves like LRU
+/// whenever no other signal helps.
+///
+/// Nothing is fitted to a trace: the experts learn their own statistics online, the window
+/// is a multiple of the cache's own size, and the switching margin is a statistical one. The
+/// price is CPU and memory: four orders over the real cache plus four shadow caches, several
+/// times LRU's work per block (see `docs/reuse.md` for the measured cost).
 #[derive(Debug)]
 pub struct Adaptive {
     experts: [Box<dyn EvictionPolicy>; N],

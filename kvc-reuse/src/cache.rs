@@ -380,6 +380,12 @@ fn queued(nodes: &Nodes) -> impl Fn(Entry) -> bool + '_ {
 
 /// A prefix cache over chained block hashes.
 ///
+/// Eviction order, first to last: invalidated blocks; blocks whose retention priority is
+/// below the default (lowest priority first, then least recently used); default-priority
+/// blocks in the policy's order; blocks retained above the default (lowest priority first).
+/// Only *evictable* blocks are candidates: cached, in use by no holder, with no cached child
+/// (leaf first). Ownership follows the rule of [`kvc_core::ReuseIndex`].
+///
 /// ```
 /// use kvc_core::BlockId;
 /// use kvc_reuse::{BlockHasher, HashExtra, PolicyKind, PrefixCache, Xxh3Hasher};
@@ -438,13 +444,20 @@ pub struct PrefixCache {
 }
 
 impl PrefixCache {
-    /// An empty cache of `block_size`-token blocks evicting with a shipped policy.
+    /// An empty cache of `block_size`-token blocks evicting with a shipped policy. A
+    /// `block_size` of 0 is taken as 1 (see [`block_size`](Self::block_size)).
+    ///
+    /// The cache sees hashes, not tokens, so it cannot check how they were made: hash
+    /// prompts with [`BlockHasher::hash_blocks`](crate::BlockHasher::hash_blocks) at this
+    /// cache's [`block_size`](Self::block_size), or hits will claim a block size of tokens
+    /// for blocks holding another.
     #[must_use]
     pub fn new(block_size: u32, policy: PolicyKind) -> Self {
         Self::with_policy(block_size, policy.build(0))
     }
 
-    /// An empty cache with any policy. A policy that is plain LRU
+    /// An empty cache with any policy (`block_size` as in [`new`](Self::new)). A policy
+    /// that is plain LRU
     /// ([`EvictionPolicy::is_plain_lru`], as [`Lru`](crate::Lru) is) is ordered by the cache
     /// itself, in the same order, without calls to the policy object.
     #[must_use]
@@ -472,7 +485,7 @@ impl PrefixCache {
         }
     }
 
-    /// Tokens per block.
+    /// Tokens per block (at least 1). Hash prompts at this size.
     #[must_use]
     pub fn block_size(&self) -> u32 {
         self.block_size
@@ -860,6 +873,11 @@ impl PrefixCache {
     /// Another holder of these blocks (a fork, a session keeping a request's blocks): each
     /// tracked block's use count goes up by one. Untracked (private) blocks are skipped.
     ///
+    /// Pass a whole table from its first block, as a holder holds it: the cache counts on
+    /// every holder of a block holding the blocks before it. A later block acquired alone
+    /// keeps its unused ancestors in [`evictable_blocks`](Self::evictable_blocks) although
+    /// leaf-first eviction cannot reach them until it is released.
+    ///
     /// # Errors
     /// [`ReuseError::TooManyHolders`] for a block with `u32::MAX` holders (unchanged); the
     /// other blocks are still processed and the first error is returned.
@@ -947,7 +965,7 @@ impl PrefixCache {
 
     /// Forgets up to `count` evictable blocks, appending their ids to `evicted` for the caller
     /// to free (it drops the cache's reference on each), and returns how many. Invalidated
-    /// blocks go first, then leaves in retention and policy order (see the module docs). A
+    /// blocks go first, then leaves in retention and policy order (see [`PrefixCache`]). A
     /// block in use is never evicted.
     pub fn evict(&mut self, count: usize, now_ms: u64, evicted: &mut Vec<BlockId>) -> usize {
         self.evict_inner(count, now_ms, evicted, None)
@@ -1127,15 +1145,25 @@ impl PrefixCache {
         }
     }
 
-    /// Sets the retention of the cached block whose [`BlockHash::short`] is `short`. A linear
-    /// scan: meant for occasional pin updates, not the hot path.
+    /// Sets the retention of the cached block whose [`BlockHash::short`] is `short` (what
+    /// [`kvc_core::ReuseIndex::set_retention`] names blocks by). Constant time, as
+    /// [`set_retention`](Self::set_retention): the hash index is keyed by the low 64 bits.
     pub fn set_retention_short(&mut self, short: u64, retention: Retention, now_ms: u64) -> bool {
-        let found = self
-            .nodes
-            .iter()
-            .find(|(_, n)| n.hittable && n.hash.short() == short)
-            .map(|(_, n)| n.hash);
-        found.is_some_and(|h| self.set_retention(h, retention, now_ms))
+        // The home bucket and tag come from the low 64 bits alone, so a probe with them finds
+        // the entry; candidates are confirmed by their node's low 64 bits.
+        let found = {
+            let nodes = &self.nodes;
+            let hittable = hittable_hash(nodes);
+            self.by_hash
+                .get(BlockHash(u128::from(short)), |slot| {
+                    hittable(slot).map(|h| BlockHash(u128::from(h.short())))
+                })
+                .map(|slot| nodes[slot as usize].hash)
+        };
+        match found {
+            Some(hash) => self.set_retention(hash, retention, now_ms),
+            None => false,
+        }
     }
 
     /// Makes `hash` and every chain through it unhittable (an invalidated document prefix),

@@ -16,6 +16,11 @@ use crate::{BlockHash, BlockHasher, EndError, HashExtra, PrefixCache};
 
 /// A prefix cache that hashes prompts per tenant and implements `kvc_core::ReuseIndex`.
 ///
+/// Isolation is per tenant only: [`ReuseScope::session`] is not used, so a session's turns
+/// are cached in its tenant's chains like any prompt and other requests of the same tenant
+/// can hit them. For blocks private to a session, keep the session in a
+/// [`SessionCache`](crate::SessionCache).
+///
 /// ```
 /// use kvc_core::{BlockId, ReuseIndex, ReuseScope, TenantId};
 /// use kvc_reuse::{HashExtra, PolicyKind, PrefixCache, ScopedIndex, Xxh3Hasher};
@@ -68,7 +73,9 @@ impl<H: BlockHasher> ScopedIndex<H> {
     }
 
     /// Gives `tenant` the cache salt `salt`. Tenants with equal salts share cached blocks;
-    /// by default each tenant's salt is its own id, so nothing is shared.
+    /// by default each tenant's salt is its own id (its 4 little-endian bytes), so nothing is
+    /// shared. A custom salt of 4 bytes equals the default salt of some tenant id: give custom
+    /// salts another length (a name, 16 random bytes) to keep them apart from the defaults.
     pub fn set_salt(&mut self, tenant: TenantId, salt: impl Into<Vec<u8>>) {
         self.salts.insert(tenant, salt.into());
         self.roots.remove(&tenant);
@@ -221,6 +228,7 @@ impl<H: BlockHasher> ReuseIndex for ScopedIndex<H> {
 mod tests {
     use super::*;
     use crate::{Blake3Hasher, PolicyKind};
+    use kvc_core::SessionId;
 
     fn index() -> ScopedIndex<Blake3Hasher> {
         ScopedIndex::new(
@@ -393,5 +401,46 @@ mod tests {
         );
         assert!(newly.is_empty());
         assert!(idx.cache().is_empty());
+    }
+
+    #[test]
+    fn a_four_byte_salt_meets_the_default_salt_of_a_tenant_id() {
+        let scope = |t| ReuseScope {
+            tenant: TenantId(t),
+            session: None,
+        };
+        let tokens = [1, 2, 3, 4];
+        let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
+        let mut idx = index();
+        idx.block_keys(&scope(2), &tokens, &mut a);
+        idx.set_salt(TenantId(1), 2u32.to_le_bytes());
+        idx.block_keys(&scope(1), &tokens, &mut b);
+        assert_eq!(
+            a, b,
+            "as documented on set_salt: tenant 1 now shares tenant 2's blocks"
+        );
+        idx.set_salt(TenantId(1), *b"team1");
+        idx.block_keys(&scope(1), &tokens, &mut c);
+        assert!(c.iter().all(|k| !a.contains(k)));
+    }
+
+    #[test]
+    fn sessions_of_one_tenant_share_blocks_as_documented() {
+        let mut idx = index();
+        let scope = |session| ReuseScope {
+            tenant: TenantId(1),
+            session: Some(SessionId(session)),
+        };
+        let mut newly = Vec::new();
+        idx.insert(
+            &scope(1),
+            &[1, 2, 3, 4],
+            &[BlockId(0), BlockId(1)],
+            0,
+            &mut newly,
+        )
+        .unwrap();
+        let hit = idx.lookup(&scope(2), &[1, 2, 3, 4, 5], 1);
+        assert_eq!(hit.blocks, [BlockId(0), BlockId(1)]);
     }
 }

@@ -1,25 +1,5 @@
-//! [`ReuseOdds`]: LRU order shifted by each block's learned odds of being used again.
-//!
-//! [`Conversation`](crate::Conversation) learns, per class of request, how often a request is
-//! continued, and gives every block the request touched that one probability. But the blocks
-//! of one request are not equally likely to come back: the prefix a request shared with an
-//! earlier one has already been reused, and a block reused once is reused again far more often
-//! than a block just computed (on the Mooncake conversation trace, 42% against 26%; 50% after
-//! two reuses). This policy learns a probability per **block** class instead:
-//!
-//! - the request's class, as in `Conversation`: its turn in its conversation (capped at 4)
-//!   and log2 of its new tokens in units of 512 (capped at 7), found by following the
-//!   checkpoints earlier requests left at their ends;
-//! - the block's own history: how many earlier requests used it (0, 1, 2, 3 or more),
-//!   remembered after the block is evicted.
-//!
-//! Every access of a block is an event of its class at that time; when the block is accessed
-//! again (cached or not: the class is remembered in a ghost list of evicted hashes), that event
-//! counts as reused. A class's probability is `(reused + 1) / (events + 2)`. A block's eviction
-//! key is its last access stamp plus `kappa × median continuation gap × logit(p)`, so blocks
-//! unlikely to be used again age faster. `kappa` is a parameter; [`Adaptive`](crate::Adaptive)
-//! runs several values side by side and follows the one that hits most, so no value is fitted
-//! to a trace. Before anything is learned (no continuation seen) the order is plain LRU.
+//! [`ReuseOdds`]: LRU order shifted by each block's learned odds of being used again (its docs
+//! say how).
 
 use std::collections::{BTreeSet, VecDeque};
 
@@ -54,7 +34,28 @@ struct Slot {
     hash: BlockHash,
 }
 
-/// LRU shifted by each block's learned odds of reuse; see the module docs.
+/// LRU shifted by each block's learned odds of reuse.
+///
+/// [`Conversation`](crate::Conversation) learns, per class of request, how often a request is
+/// continued, and gives every block the request touched that one probability. But the blocks
+/// of one request are not equally likely to come back: the prefix a request shared with an
+/// earlier one has already been reused, and a block reused once is reused again far more often
+/// than a block just computed (on the Mooncake conversation trace, 42% against 26%; 50% after
+/// two reuses). This policy learns a probability per **block** class instead:
+///
+/// - the request's class, as in `Conversation`: its turn in its conversation (capped at 4)
+///   and log2 of its new tokens in units of 512 (capped at 7), found by following the
+///   checkpoints earlier requests left at their ends;
+/// - the block's own history: how many earlier requests used it (0, 1, 2, 3 or more),
+///   remembered after the block is evicted.
+///
+/// Every access of a block is an event of its class at that time; when the block is accessed
+/// again (cached or not: the class is remembered in a ghost list of evicted hashes), that event
+/// counts as reused. A class's probability is `(reused + 1) / (events + 2)`. A block's eviction
+/// key is its last access stamp plus `kappa × median continuation gap × logit(p)`, so blocks
+/// unlikely to be used again age faster. `kappa` is a parameter; [`Adaptive`](crate::Adaptive)
+/// runs several values side by side and follows the one that hits most, so no value is fitted
+/// to a trace. Before anything is learned (no continuation seen) the order is plain LRU.
 #[derive(Debug)]
 pub struct ReuseOdds {
     kappa: f64,

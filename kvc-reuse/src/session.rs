@@ -122,6 +122,26 @@ pub enum SessionError {
         /// The maximum.
         max_tokens: usize,
     },
+    /// The prefix cache passed in has another block size than the sessions were made with:
+    /// the sessions' block hashes and token counts would be wrong there.
+    #[error(
+        "{session}: the prefix cache has {cache}-token blocks but the sessions {sessions}-token blocks"
+    )]
+    BlockSizeMismatch {
+        /// The session.
+        session: SessionId,
+        /// The prefix cache's block size.
+        cache: u32,
+        /// The sessions' block size.
+        sessions: u32,
+    },
+    /// A turn with no new tokens: there is nothing to compute, yet the model must compute at
+    /// least the context's last token to produce logits.
+    #[error("{session}: a turn must add at least one token")]
+    EmptyTurn {
+        /// The session.
+        session: SessionId,
+    },
 }
 
 /// What the caller must do for a turn.
@@ -201,7 +221,10 @@ pub struct SessionCache {
 }
 
 impl SessionCache {
-    /// No sessions yet; blocks of `block_size` tokens (the prefix cache's).
+    /// No sessions yet; blocks of `block_size` tokens, which must be the prefix cache's
+    /// ([`open`](Self::open), [`turn`](Self::turn) and [`commit`](Self::commit) refuse a
+    /// prefix cache of another block size with [`SessionError::BlockSizeMismatch`]). A
+    /// `block_size` of 0 is taken as 1, as [`PrefixCache::new`] takes it.
     ///
     /// # Errors
     /// [`SessionConfigError::ZeroMaxTokens`].
@@ -215,6 +238,25 @@ impl SessionCache {
             sessions: AHashMap::new(),
             hashes: Vec::new(),
         })
+    }
+
+    /// Tokens per block (the prefix cache's, which every call checks).
+    #[must_use]
+    pub fn block_size(&self) -> u32 {
+        self.block_size as u32
+    }
+
+    /// [`SessionError::BlockSizeMismatch`] unless `prefix` has the sessions' block size.
+    fn check_block_size(&self, prefix: &PrefixCache, id: SessionId) -> Result<(), SessionError> {
+        if prefix.block_size() as usize == self.block_size {
+            Ok(())
+        } else {
+            Err(SessionError::BlockSizeMismatch {
+                session: id,
+                cache: prefix.block_size(),
+                sessions: self.block_size as u32,
+            })
+        }
     }
 
     /// Open sessions.
@@ -237,6 +279,10 @@ impl SessionCache {
 
     /// Opens session `id` under the chain root `root` (the tenant's) with its system prompt.
     /// Full blocks of the system prompt already in `prefix` are shared from it.
+    ///
+    /// # Errors
+    /// [`SessionError::AlreadyOpen`], [`SessionError::BlockSizeMismatch`],
+    /// [`SessionError::TurnTooLong`] (a system prompt over `max_tokens`): nothing changes.
     pub fn open<H: BlockHasher + ?Sized>(
         &mut self,
         prefix: &mut PrefixCache,
@@ -249,6 +295,7 @@ impl SessionCache {
         if self.sessions.contains_key(&id) {
             return Err(SessionError::AlreadyOpen { session: id });
         }
+        self.check_block_size(prefix, id)?;
         if system.len() > self.cfg.max_tokens {
             return Err(SessionError::TurnTooLong {
                 session: id,
@@ -281,7 +328,13 @@ impl SessionCache {
     }
 
     /// Appends a turn's new tokens to session `id`, truncating if the context outgrows the
-    /// maximum, and says what is cached and what to compute.
+    /// maximum, and says what is cached and what to compute. The cached tokens never cover
+    /// the whole context: at least the new turn's tokens are left to compute.
+    ///
+    /// # Errors
+    /// [`SessionError::UnknownSession`], [`SessionError::BlockSizeMismatch`],
+    /// [`SessionError::EmptyTurn`] (no new tokens), [`SessionError::TurnTooLong`]: nothing
+    /// changes.
     pub fn turn(
         &mut self,
         prefix: &mut PrefixCache,
@@ -289,6 +342,13 @@ impl SessionCache {
         new_tokens: &[u32],
         now_ms: u64,
     ) -> Result<Turn, SessionError> {
+        if !self.sessions.contains_key(&id) {
+            return Err(SessionError::UnknownSession { session: id });
+        }
+        self.check_block_size(prefix, id)?;
+        if new_tokens.is_empty() {
+            return Err(SessionError::EmptyTurn { session: id });
+        }
         let max = self.cfg.max_tokens;
         let bs = self.block_size;
         let s = self
@@ -385,8 +445,8 @@ impl SessionCache {
     /// with every block after it.
     ///
     /// # Errors
-    /// [`SessionError::UnknownSession`], [`SessionError::BlockCountMismatch`],
-    /// [`SessionError::BlockCached`]: nothing changes.
+    /// [`SessionError::UnknownSession`], [`SessionError::BlockSizeMismatch`],
+    /// [`SessionError::BlockCountMismatch`], [`SessionError::BlockCached`]: nothing changes.
     pub fn commit<H: BlockHasher + ?Sized>(
         &mut self,
         prefix: &mut PrefixCache,
@@ -396,6 +456,10 @@ impl SessionCache {
         now_ms: u64,
         newly_cached: &mut Vec<BlockId>,
     ) -> Result<(), SessionError> {
+        if !self.sessions.contains_key(&id) {
+            return Err(SessionError::UnknownSession { session: id });
+        }
+        self.check_block_size(prefix, id)?;
         let bs = self.block_size;
         let s = self
             .sessions

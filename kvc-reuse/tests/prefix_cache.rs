@@ -526,3 +526,64 @@ fn evicted_and_invalidated_hashes_stay_unhittable_under_churn() {
     }
     assert!(freed.len() > 1_000, "{} evicted", freed.len());
 }
+
+#[test]
+fn a_block_size_of_zero_is_taken_as_one() {
+    // As documented on `PrefixCache::new`: hash prompts at `block_size()`, never at the
+    // value passed in.
+    let mut cache = PrefixCache::new(0, PolicyKind::Lru);
+    assert_eq!(cache.block_size(), 1);
+    let mut h = Vec::new();
+    Xxh3Hasher.hash_blocks(Xxh3Hasher.root(&extra()), &[7, 8, 9], 1, &mut h);
+    let mut newly = Vec::new();
+    cache.insert(&h, &ids(0..3), 0, &mut newly).unwrap();
+    let hit = cache.lookup(&h, 3, 1);
+    assert_eq!((hit.blocks, hit.tokens), (ids(0..2), 2));
+}
+
+#[test]
+fn short_hash_retention_finds_exactly_the_hittable_blocks_under_churn() {
+    // Many chains (so the hash index probes past collisions and holds stale entries after
+    // evictions and invalidations): a short hash reaches a block exactly while it is
+    // hittable, and sets the same retention the full hash would.
+    let mut cache = PrefixCache::new(BS as u32, PolicyKind::Lru);
+    let mut all = Vec::new();
+    let mut next = 0;
+    for p in 0..64u32 {
+        let prompt: Vec<u32> = (0..40).map(|t| p * 1_000 + t).collect();
+        let h = hashes(&extra(), &prompt);
+        let blocks = ids(next..next + h.len() as u32);
+        next += h.len() as u32;
+        assert_eq!(put(&mut cache, &h, &blocks, u64::from(p)), blocks); // and released
+        all.extend(h);
+    }
+    let mut evicted = Vec::new();
+    cache.evict(200, 100, &mut evicted);
+    for h in all.iter().step_by(7) {
+        let _ = cache.invalidate(*h);
+    }
+    let pin = Retention {
+        priority: 90,
+        until: None,
+    };
+    let mut reached = 0;
+    for (i, h) in all.iter().enumerate() {
+        let hittable = cache.contains(*h);
+        assert_eq!(
+            cache.set_retention_short(h.short(), pin, 101),
+            hittable,
+            "block {i}"
+        );
+        if hittable {
+            reached += 1;
+            // The retention landed on this block: pin it back to the default with the full
+            // hash and it is found there too.
+            assert!(cache.set_retention(*h, Retention::DEFAULT, 101));
+        }
+    }
+    assert!(
+        reached > 100 && reached < all.len(),
+        "{reached} of {}",
+        all.len()
+    );
+}

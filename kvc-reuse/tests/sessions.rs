@@ -207,3 +207,58 @@ fn idle_sessions_expire_and_errors_are_typed() {
         }
     ));
 }
+
+#[test]
+fn a_prefix_cache_of_another_block_size_is_refused() {
+    // Sessions of 4-token blocks over a prefix cache of 16-token blocks would cache 4-token
+    // hashes there, and a later lookup would claim 16 tokens for a block holding 4.
+    let mut w = World::new(64, Truncation::LastTokens { tokens: 32 });
+    let mut other = PrefixCache::new(16, PolicyKind::Lru);
+    let id = SessionId(1);
+    let mismatch = SessionError::BlockSizeMismatch {
+        session: id,
+        cache: 16,
+        sessions: BS,
+    };
+    let opened = w
+        .sessions
+        .open(&mut other, &Xxh3Hasher, id, w.root, &SYSTEM, 0);
+    assert_eq!(opened, Err(mismatch.clone()));
+    assert!(w.sessions.is_empty(), "nothing opened");
+    // Opened over the right cache, the other one is refused by turn and commit too.
+    assert_eq!(w.open(id, &SYSTEM, 0), 0);
+    assert_eq!(
+        w.sessions.turn(&mut other, id, &[9, 10], 1),
+        Err(mismatch.clone())
+    );
+    assert_eq!(w.sessions.context(id), Some(&SYSTEM[..]), "unchanged");
+    let t = w
+        .sessions
+        .turn(&mut w.prefix, id, &[9, 10, 11, 12], 1)
+        .unwrap();
+    assert_eq!((t.context_tokens, t.cached_tokens), (12, 8));
+    let mut newly = Vec::new();
+    assert_eq!(
+        w.sessions
+            .commit(&mut other, &Xxh3Hasher, id, &[BlockId(90)], 1, &mut newly),
+        Err(mismatch)
+    );
+    assert!(other.is_empty() && newly.is_empty());
+    assert_eq!(w.sessions.block_size(), BS);
+}
+
+#[test]
+fn an_empty_turn_is_refused_so_the_last_token_is_always_computed() {
+    let mut w = World::new(64, Truncation::LastTokens { tokens: 32 });
+    let id = SessionId(1);
+    w.open(id, &SYSTEM, 0);
+    // The context ends on a block boundary and every block is held: an empty turn would
+    // report the whole context cached, leaving no token to compute logits from.
+    assert_eq!(
+        w.sessions.turn(&mut w.prefix, id, &[], 1),
+        Err(SessionError::EmptyTurn { session: id })
+    );
+    assert_eq!(w.sessions.context(id), Some(&SYSTEM[..]));
+    let t = w.turn(id, &[9], 2);
+    assert_eq!((t.context_tokens, t.cached_tokens), (9, 8));
+}

@@ -1,0 +1,170 @@
+//! The behaviours SGLang's radix cache tests check, re-expressed against `PrefixCache` with
+//! one-token blocks (SGLang's default page size): an insert tells what was already cached,
+//! matching is longest prefix, locked (in-use) nodes and their ancestors are protected and
+//! counted apart from the evictable ones, eviction takes leaves first in least-recently-used
+//! order with a parent competing by its own last access once its children are gone, and a
+//! reset makes everything unhittable.
+//!
+//! One difference on purpose: SGLang's `match_prefix` may match a whole key and its scheduler
+//! then recomputes the last token; `lookup` never covers the last prompt token itself.
+
+use kvc_reuse::{
+    BlockHash, BlockHasher, BlockId, HashExtra, KvEvent, PolicyKind, PrefixCache, Xxh3Hasher,
+};
+
+fn hashes(tokens: &[u32]) -> Vec<BlockHash> {
+    let mut out = Vec::new();
+    let root = Xxh3Hasher.root(&HashExtra::new("m", 1));
+    Xxh3Hasher.hash_blocks(root, tokens, 1, &mut out);
+    out
+}
+
+fn ids(range: std::ops::Range<u32>) -> Vec<BlockId> {
+    range.map(BlockId).collect()
+}
+
+fn cache() -> PrefixCache {
+    PrefixCache::new(1, PolicyKind::Lru)
+}
+
+#[test]
+fn an_insert_tells_which_blocks_were_new() {
+    let mut c = cache();
+    let mut newly = Vec::new();
+    c.insert(&hashes(&[1, 2, 3]), &ids(0..3), 0, &mut newly)
+        .unwrap();
+    assert_eq!(newly, ids(0..3));
+    // A second request computed [1, 2, 3, 4, 5] after hitting [1, 2, 3]: only 4 and 5 are
+    // new (SGLang's insert returns the 3 tokens already present).
+    let hit = c.lookup(&hashes(&[1, 2, 3, 4, 5]), 5, 1);
+    assert_eq!(hit.tokens, 3);
+    let mut table = hit.blocks.clone();
+    table.extend([BlockId(3), BlockId(4)]);
+    newly.clear();
+    c.insert(&hashes(&[1, 2, 3, 4, 5]), &table, 1, &mut newly)
+        .unwrap();
+    assert_eq!(newly, [BlockId(3), BlockId(4)]);
+    assert_eq!(c.hittable_blocks(), 5);
+}
+
+#[test]
+fn matching_is_longest_prefix_and_stops_at_divergence() {
+    let mut c = cache();
+    let mut newly = Vec::new();
+    c.insert(&hashes(&[1, 2, 3, 4]), &ids(0..4), 0, &mut newly)
+        .unwrap();
+    c.release(&ids(0..4)).unwrap();
+    for (prompt, want) in [
+        (vec![1, 2, 3, 4, 5], 4),
+        (vec![1, 2, 3, 4], 3), // the last token is computed
+        (vec![1, 2, 9, 4, 5], 2),
+        (vec![9, 2, 3, 4, 5], 0),
+        (vec![1], 0),
+    ] {
+        let hit = c.lookup(&hashes(&prompt), prompt.len(), 1);
+        assert_eq!(hit.tokens, want, "{prompt:?}");
+        assert_eq!(hit.blocks, ids(0..want as u32));
+        c.release(&hit.blocks).unwrap();
+    }
+}
+
+#[test]
+fn locked_nodes_and_their_ancestors_are_protected() {
+    let mut c = cache();
+    let mut newly = Vec::new();
+    // A tree: 1-2-3 and 1-2-4.
+    c.insert(&hashes(&[1, 2, 3]), &ids(0..3), 0, &mut newly)
+        .unwrap();
+    let hit = c.lookup(&hashes(&[1, 2, 4]), 3, 0); // the second request hit 1-2 first
+    assert_eq!(hit.blocks, ids(0..2));
+    c.insert(
+        &hashes(&[1, 2, 4]),
+        &[BlockId(0), BlockId(1), BlockId(3)],
+        0,
+        &mut newly,
+    )
+    .unwrap();
+    c.release(&ids(0..3)).unwrap();
+    c.release(&[BlockId(0), BlockId(1), BlockId(3)]).unwrap();
+    assert_eq!((c.evictable_blocks(), c.in_use_blocks()), (4, 0));
+    // Lock 1-2-4 (a running request): SGLang's protected size 3, evictable size 1.
+    let hit = c.lookup(&hashes(&[1, 2, 4, 7]), 4, 1);
+    assert_eq!(hit.blocks, [BlockId(0), BlockId(1), BlockId(3)]);
+    assert_eq!((c.evictable_blocks(), c.in_use_blocks()), (1, 3));
+    let mut out = Vec::new();
+    assert_eq!(c.evict(10, 2, &mut out), 1);
+    assert_eq!(out, [BlockId(2)], "only the unlocked leaf");
+    // Unlocking makes the whole chain evictable again, leaf first.
+    c.release(&hit.blocks).unwrap();
+    assert_eq!((c.evictable_blocks(), c.in_use_blocks()), (3, 0));
+    out.clear();
+    assert_eq!(c.evict(10, 3, &mut out), 3);
+    assert_eq!(out, [BlockId(3), BlockId(1), BlockId(0)]);
+}
+
+#[test]
+fn eviction_is_leaf_first_and_least_recently_used() {
+    let mut c = cache();
+    let mut newly = Vec::new();
+    // Chain 1-2 used at t = 1, leaf 9 at t = 2, then block 1 alone touched at t = 3.
+    c.insert(&hashes(&[1, 2]), &ids(0..2), 1, &mut newly)
+        .unwrap();
+    c.release(&ids(0..2)).unwrap();
+    c.insert(&hashes(&[9]), &[BlockId(2)], 2, &mut newly)
+        .unwrap();
+    c.release(&[BlockId(2)]).unwrap();
+    let hit = c.lookup(&hashes(&[1, 5]), 2, 3);
+    assert_eq!(hit.blocks, [BlockId(0)]);
+    c.release(&hit.blocks).unwrap();
+    // Leaves 2 (t = 1) and 9 (t = 2) go first, oldest first; then 1, by its own t = 3.
+    let mut out = Vec::new();
+    assert_eq!(c.evict(3, 4, &mut out), 3);
+    assert_eq!(out, [BlockId(1), BlockId(2), BlockId(0)]);
+}
+
+#[test]
+fn a_parent_goes_only_after_all_its_children() {
+    let mut c = cache();
+    let mut newly = Vec::new();
+    c.insert(&hashes(&[1, 2]), &ids(0..2), 0, &mut newly)
+        .unwrap();
+    let hit = c.lookup(&hashes(&[1, 3]), 2, 1); // the second request hit block 1 first
+    assert_eq!(hit.blocks, [BlockId(0)]);
+    c.insert(&hashes(&[1, 3]), &[BlockId(0), BlockId(2)], 1, &mut newly)
+        .unwrap();
+    c.release(&ids(0..2)).unwrap();
+    c.release(&[BlockId(0), BlockId(2)]).unwrap();
+    let mut out = Vec::new();
+    assert_eq!(c.evict(2, 2, &mut out), 2);
+    out.sort();
+    assert_eq!(
+        out,
+        [BlockId(1), BlockId(2)],
+        "both children before the parent"
+    );
+    assert!(c.contains(hashes(&[1])[0]));
+}
+
+#[test]
+fn a_reset_makes_everything_unhittable_and_hands_every_block_back() {
+    let mut c = cache();
+    c.subscribe();
+    let mut newly = Vec::new();
+    c.insert(&hashes(&[1, 2, 3]), &ids(0..3), 0, &mut newly)
+        .unwrap();
+    c.release(&ids(0..3)).unwrap();
+    assert_eq!(c.clear(), Ok(3));
+    assert_eq!(c.lookup(&hashes(&[1, 2, 3, 4]), 4, 1).tokens, 0);
+    let mut out = Vec::new();
+    assert_eq!(c.evict(usize::MAX, 2, &mut out), 3);
+    assert!(c.is_empty());
+    let mut events = Vec::new();
+    c.drain_events(&mut events);
+    assert_eq!(events.last().map(|r| &r.event), Some(&KvEvent::AllCleared));
+    // Blocks handed back after a reset are not announced again.
+    assert!(
+        !events
+            .iter()
+            .any(|r| matches!(r.event, KvEvent::BlockRemoved { .. }))
+    );
+}
