@@ -38,7 +38,7 @@ pub enum ConfigError {
         max: usize,
     },
     /// The watermark reserve takes the whole dynamic region, so admission
-    /// ([`can_allocate`](crate::BlockPool::can_allocate)) could never say anything but
+    /// ([`can_allocate`](kvc_core::BlockAllocator::can_allocate)) could never say anything but
     /// `Impossible` there.
     #[error(
         "a watermark of {watermark} blocks leaves nothing to admit in a dynamic region of {dynamic} blocks"
@@ -92,7 +92,7 @@ impl PoolConfig {
     }
 
     /// Keeps `blocks` of the dynamic region in reserve: admission
-    /// ([`can_allocate`](crate::BlockPool::can_allocate)) says `Later` once taking a request's
+    /// ([`can_allocate`](kvc_core::BlockAllocator::can_allocate)) says `Later` once taking a request's
     /// blocks would dip into it, so running sequences can still grow during a burst.
     /// Allocation itself may use the reserve. It must be smaller than the dynamic region
     /// (or 0): [`BlockPool::new`](crate::BlockPool::new) rejects a reserve that would leave

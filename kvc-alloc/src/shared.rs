@@ -12,8 +12,8 @@ use crate::stats::PoolStats;
 /// Each call takes the lock once, so a single operation is atomic; use
 /// [`with`](Self::with) to run several operations under one lock (for example a whole
 /// request's allocation). The pool's operations never panic, so the lock is never poisoned
-/// by kvc itself; a panic inside a caller's [`with`] closure is recovered from, since every
-/// pool operation leaves the pool consistent before returning.
+/// by kvc itself; a panic inside a caller's [`with`](Self::with) closure is recovered from,
+/// since every pool operation leaves the pool consistent before returning.
 ///
 /// ```
 /// use std::sync::Arc;

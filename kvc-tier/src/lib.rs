@@ -10,7 +10,7 @@
 //! - [`TierStack`]: the three wired together: offload (write-back or write-through), lookup of
 //!   the longest prefix across tiers, load with promotion, demotion of host evictions to disk.
 //!
-//! Every store is opened for one [`StoreNamespace`](kvc_core::StoreNamespace) (model, layout,
+//! Every store is opened for one [`StoreNamespace`] (model, layout,
 //! dtype, tensor-parallel rank, block size), and persisted blocks carry it, so a block of
 //! another model or layout is never read back. The guide is `docs/tiers.md`.
 //!

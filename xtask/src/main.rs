@@ -112,6 +112,12 @@ fn test() -> Result<(), String> {
     ]);
     run("cargo clippy (with kvc-kernels/cuda)", clippy)?;
 
+    // The API docs are what adopters read: a broken or private link is an error.
+    let mut doc = cargo();
+    doc.args(["doc", "--workspace", "--no-deps"])
+        .env("RUSTDOCFLAGS", "-D warnings");
+    run("cargo doc (warnings are errors)", doc)?;
+
     // The shared-tier tests need a Redis server: one of the caller's, or a throwaway one
     // that lives until the end of this function.
     let (_server, redis_url) = match env::var(redis::URL_ENV) {

@@ -1,78 +1,4 @@
-//! [`KvManager`]: the per-request KV memory layer, for an engine that runs its own scheduler
-//! (or for [`Scheduler`](crate::Scheduler), which is built on it).
-//!
-//! It composes a block allocator, a pin policy and a reuse index through the `kvc-core`
-//! traits and keeps one ownership rule: **every holder of a block holds one pool reference**
-//! (a running sequence, the reuse index, a session). A cached block that only the index holds
-//! is *evictable*; eviction only ever takes evictable blocks, so every eviction frees a block;
-//! and an allocation compares its need with free + evictable blocks before it evicts
-//! anything, so a request that cannot fit evicts nothing.
-//!
-//! Per sequence: [`open`](KvManager::open), [`lookup_prefix`](KvManager::lookup_prefix) (the
-//! computed prefix, never the last prompt token), [`allocate_slots`](KvManager::allocate_slots)
-//! (with lookahead; [`SlotGrant::Now`], [`Later`](SlotGrant::Later) or
-//! [`Never`](SlotGrant::Never)), [`cache_blocks`](KvManager::cache_blocks) (offer the
-//! computed full blocks), [`fork`](KvManager::fork) (shared blocks; the shared partial block
-//! is copied on the next write, and the copy pair is returned), [`free`](KvManager::free).
-//! Per session: [`keep_session`](KvManager::keep_session) pins a finished turn's cached
-//! context until [`end_session`](KvManager::end_session) or its TTL
-//! ([`expire_sessions`](KvManager::expire_sessions)). [`usage`](KvManager::usage) reports free,
-//! evictable and in-use blocks per region, in O(1).
-//!
-//! # Lower tiers
-//!
-//! With [`with_tiers`](KvManager::with_tiers), the manager also consults the tiers below
-//! device memory (`kvc_core::LowerTiers`, for example a `kvc_tier::TierStack`), naming blocks
-//! by the reuse index's keys (the chained hash, tenant salt included):
-//!
-//! - after [`lookup_prefix`](KvManager::lookup_prefix), [`load_prefix`](KvManager::load_prefix)
-//!   continues the prefix into the tiers: device blocks are allocated for the blocks the
-//!   tiers hold (as any allocation; when that is not possible now, nothing happens and the
-//!   prompt is recomputed), and a [`LoadJob`](crate::LoadJob) names them. The sequence waits
-//!   ([`KvError::Loading`] for allocation, forks, caching) until
-//!   [`complete_load`](KvManager::complete_load) reports the load; then the loaded blocks
-//!   are its computed prefix and are cached on the device. A failed load keeps its leading
-//!   loaded blocks; the rest are recomputed in place;
-//! - cached blocks the device evicts ([`TierMode::WriteBack`](crate::TierMode)) or caches
-//!   ([`TierMode::WriteThrough`](crate::TierMode)) are listed by
-//!   [`drain_offloads`](KvManager::drain_offloads) for the engine to copy down before it
-//!   writes into any block allocated since;
-//! - a sequence freed while its load is in flight gives its other blocks back at once; the
-//!   blocks being loaded stay held (in use) until the load is reported, then are freed.
-//!
-//! ```
-//! use kvc_alloc::{BlockPool, PoolConfig};
-//! use kvc_sched::{NoReuse, QosClass, SeqId, TenantId};
-//! use kvc_sched::{DynamicOnly, KvManager, KvManagerConfig, SeqOwner, SlotGrant, SlotRequest};
-//!
-//! let pool = BlockPool::new(PoolConfig::new(8))?;
-//! let cfg = KvManagerConfig { block_size: 4, ..KvManagerConfig::default() };
-//! let mut kv = KvManager::new(cfg, pool, DynamicOnly::default(), NoReuse { block_size: 4 })?;
-//! let owner = SeqOwner { tenant: TenantId(0), class: QosClass::STANDARD, session: None };
-//! let prompt: Vec<u32> = (0..10).collect();
-//!
-//! kv.open(SeqId(1), owner)?;
-//! let computed = kv.lookup_prefix(SeqId(1), &prompt, 0)?; // nothing cached yet
-//! assert_eq!(computed, 0);
-//! let mut copies = Vec::new();
-//! let ask = SlotRequest { new_tokens: 10, lookahead: 0, admission: true };
-//! assert_eq!(kv.allocate_slots(SeqId(1), ask, 0, &mut copies)?, SlotGrant::Now);
-//! assert_eq!(kv.blocks(SeqId(1))?.len(), 3); // 10 tokens in blocks of 4
-//!
-//! // Beam search: the child shares every block; the shared partial block is copied on write.
-//! kv.fork(SeqId(1), SeqId(2))?;
-//! let one = SlotRequest { new_tokens: 1, ..SlotRequest::default() };
-//! assert_eq!(kv.allocate_slots(SeqId(2), one, 1, &mut copies)?, SlotGrant::Now);
-//! assert_eq!(copies.len(), 1);
-//!
-//! let huge = SlotRequest { new_tokens: 100, ..SlotRequest::default() };
-//! assert!(matches!(kv.allocate_slots(SeqId(1), huge, 1, &mut copies)?, SlotGrant::Never(_)));
-//!
-//! kv.free(SeqId(1))?;
-//! kv.free(SeqId(2))?;
-//! assert_eq!(kv.usage().total().free, 8);
-//! # Ok::<(), Box<dyn std::error::Error>>(())
-//! ```
+//! [`KvManager`]: the per-request KV memory layer (its docs say what it does and how).
 
 mod types;
 
@@ -168,8 +94,81 @@ struct SessionKv {
     expires_ms: Option<u64>,
 }
 
-/// The per-request KV memory layer: prefix reuse, slot allocation with eviction, forks with
-/// copy-on-write, sessions, usage. See the [module docs](self).
+/// [`KvManager`]: the per-request KV memory layer, for an engine that runs its own scheduler
+/// (or for [`Scheduler`](crate::Scheduler), which is built on it).
+///
+/// It composes a block allocator, a pin policy and a reuse index through the `kvc-core`
+/// traits and keeps one ownership rule: **every holder of a block holds one pool reference**
+/// (a running sequence, the reuse index, a session). A cached block that only the index holds
+/// is *evictable*; eviction only ever takes evictable blocks, so every eviction frees a block;
+/// and an allocation compares its need with free + evictable blocks before it evicts
+/// anything, so a request that cannot fit evicts nothing.
+///
+/// Per sequence: [`open`](KvManager::open), [`lookup_prefix`](KvManager::lookup_prefix) (the
+/// computed prefix, never the last prompt token), [`allocate_slots`](KvManager::allocate_slots)
+/// (with lookahead; [`SlotGrant::Now`], [`Later`](SlotGrant::Later) or
+/// [`Never`](SlotGrant::Never)), [`cache_blocks`](KvManager::cache_blocks) (offer the
+/// computed full blocks), [`fork`](KvManager::fork) (shared blocks; the shared partial block
+/// is copied on the next write, and the copy pair is returned), [`free`](KvManager::free).
+/// Per session: [`keep_session`](KvManager::keep_session) pins a finished turn's cached
+/// context until [`end_session`](KvManager::end_session) or its TTL
+/// ([`expire_sessions`](KvManager::expire_sessions)). [`usage`](KvManager::usage) reports free,
+/// evictable and in-use blocks per region, in O(1).
+///
+/// # Lower tiers
+///
+/// With [`with_tiers`](KvManager::with_tiers), the manager also consults the tiers below
+/// device memory (`kvc_core::LowerTiers`, for example a `kvc_tier::TierStack`), naming blocks
+/// by the reuse index's keys (the chained hash, tenant salt included):
+///
+/// - after [`lookup_prefix`](KvManager::lookup_prefix), [`load_prefix`](KvManager::load_prefix)
+///   continues the prefix into the tiers: device blocks are allocated for the blocks the
+///   tiers hold (as any allocation; when that is not possible now, nothing happens and the
+///   prompt is recomputed), and a [`LoadJob`](crate::LoadJob) names them. The sequence waits
+///   ([`KvError::Loading`] for allocation, forks, caching) until
+///   [`complete_load`](KvManager::complete_load) reports the load; then the loaded blocks
+///   are its computed prefix and are cached on the device. A failed load keeps its leading
+///   loaded blocks; the rest are recomputed in place;
+/// - cached blocks the device evicts ([`TierMode::WriteBack`](crate::TierMode)) or caches
+///   ([`TierMode::WriteThrough`](crate::TierMode)) are listed by
+///   [`drain_offloads`](KvManager::drain_offloads) for the engine to copy down before it
+///   writes into any block allocated since;
+/// - a sequence freed while its load is in flight gives its other blocks back at once; the
+///   blocks being loaded stay held (in use) until the load is reported, then are freed.
+///
+/// ```
+/// use kvc_alloc::{BlockPool, PoolConfig};
+/// use kvc_sched::{NoReuse, QosClass, SeqId, TenantId};
+/// use kvc_sched::{DynamicOnly, KvManager, KvManagerConfig, SeqOwner, SlotGrant, SlotRequest};
+///
+/// let pool = BlockPool::new(PoolConfig::new(8))?;
+/// let cfg = KvManagerConfig { block_size: 4, ..KvManagerConfig::default() };
+/// let mut kv = KvManager::new(cfg, pool, DynamicOnly::default(), NoReuse { block_size: 4 })?;
+/// let owner = SeqOwner { tenant: TenantId(0), class: QosClass::STANDARD, session: None };
+/// let prompt: Vec<u32> = (0..10).collect();
+///
+/// kv.open(SeqId(1), owner)?;
+/// let computed = kv.lookup_prefix(SeqId(1), &prompt, 0)?; // nothing cached yet
+/// assert_eq!(computed, 0);
+/// let mut copies = Vec::new();
+/// let ask = SlotRequest { new_tokens: 10, lookahead: 0, admission: true };
+/// assert_eq!(kv.allocate_slots(SeqId(1), ask, 0, &mut copies)?, SlotGrant::Now);
+/// assert_eq!(kv.blocks(SeqId(1))?.len(), 3); // 10 tokens in blocks of 4
+///
+/// // Beam search: the child shares every block; the shared partial block is copied on write.
+/// kv.fork(SeqId(1), SeqId(2))?;
+/// let one = SlotRequest { new_tokens: 1, ..SlotRequest::default() };
+/// assert_eq!(kv.allocate_slots(SeqId(2), one, 1, &mut copies)?, SlotGrant::Now);
+/// assert_eq!(copies.len(), 1);
+///
+/// let huge = SlotRequest { new_tokens: 100, ..SlotRequest::default() };
+/// assert!(matches!(kv.allocate_slots(SeqId(1), huge, 1, &mut copies)?, SlotGrant::Never(_)));
+///
+/// kv.free(SeqId(1))?;
+/// kv.free(SeqId(2))?;
+/// assert_eq!(kv.usage().total().free, 8);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug)]
 pub struct KvManager<A, P, R> {
     cfg: KvManagerConfig,
