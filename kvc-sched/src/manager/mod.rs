@@ -927,6 +927,11 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
     /// Offers the sequence's full blocks covering `computed` (its tokens whose KV is written,
     /// from position 0) to the reuse index. Returns the blocks newly cached; the index holds
     /// one pool reference on each from now on.
+    ///
+    /// Only full blocks within the slots the sequence holds are offered: a partial last block
+    /// waits until it fills, and tokens past the sequence's slots (given by mistake, or
+    /// sampled but not yet written) are ignored, since no KV of theirs can be in its blocks.
+    /// Blocks offered before are not offered again, so calling it after every step is cheap.
     pub fn cache_blocks(
         &mut self,
         seq: SeqId,
