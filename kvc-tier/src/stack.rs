@@ -265,20 +265,15 @@ impl TierStack {
             ..Spill::default()
         };
         let mut buf = Vec::new();
+        let (mut ask, mut ask_retentions) = (Vec::new(), Vec::new());
         for (ks, rs) in keys.chunks(64).zip(retentions.chunks(64)) {
             disk.contains(ks, &mut on_disk)?;
-            let ask: Vec<StoreKey> = ks
-                .iter()
-                .zip(&on_disk)
-                .filter(|&(_, &d)| !d)
-                .map(|(&k, _)| k)
-                .collect();
-            let ask_retentions: Vec<Retention> = rs
-                .iter()
-                .zip(&on_disk)
-                .filter(|&(_, &d)| !d)
-                .map(|(&r, _)| r)
-                .collect();
+            ask.clear();
+            ask_retentions.clear();
+            for ((&key, &r), _) in ks.iter().zip(rs).zip(&on_disk).filter(|(_, d)| !**d) {
+                ask.push(key);
+                ask_retentions.push(r);
+            }
             out.already_on_disk += ks.len() - ask.len();
             buf.clear();
             buf.resize(ask.len() * bb, 0);
