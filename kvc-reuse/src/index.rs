@@ -72,14 +72,23 @@ impl<H: BlockHasher> ScopedIndex<H> {
         }
     }
 
-    /// Gives `tenant` the cache salt `salt`. Tenants with equal salts share cached blocks;
-    /// by default each tenant's salt is its own id (its 4 little-endian bytes), so nothing is
-    /// shared. A custom salt of 4 bytes equals the default salt of some tenant id: give custom
-    /// salts another length (a name, 16 random bytes) to keep them apart from the defaults.
+    /// Gives `tenant` the cache salt `salt`. Tenants given equal salts share cached blocks;
+    /// a tenant given none has a salt of its own, derived from its id, so it shares nothing.
+    /// The two kinds are kept apart: no salt set here, whatever its bytes, equals a tenant's
+    /// own salt, so no choice of salt reaches the blocks of a tenant that was given none.
     pub fn set_salt(&mut self, tenant: TenantId, salt: impl Into<Vec<u8>>) {
-        self.salts.insert(tenant, salt.into());
+        let salt = salt.into();
+        let mut tagged = Vec::with_capacity(salt.len() + 1);
+        tagged.push(Self::SET_SALT);
+        tagged.extend_from_slice(&salt);
+        self.salts.insert(tenant, tagged);
         self.roots.remove(&tenant);
     }
+
+    /// First byte of a salt given with [`set_salt`](Self::set_salt).
+    const SET_SALT: u8 = 1;
+    /// First byte of a tenant's own salt (then its id's 4 little-endian bytes).
+    const OWN_SALT: u8 = 0;
 
     /// The prefix cache.
     pub fn cache(&self) -> &PrefixCache {
@@ -95,11 +104,11 @@ impl<H: BlockHasher> ScopedIndex<H> {
         if let Some(&root) = self.roots.get(&tenant) {
             return root;
         }
-        let salt = self
-            .salts
-            .get(&tenant)
-            .cloned()
-            .unwrap_or_else(|| tenant.get().to_le_bytes().to_vec());
+        let salt = self.salts.get(&tenant).cloned().unwrap_or_else(|| {
+            let mut own = vec![Self::OWN_SALT];
+            own.extend_from_slice(&tenant.get().to_le_bytes());
+            own
+        });
         let root = self.hasher.root(&self.namespace.clone().with_salt(salt));
         self.roots.insert(tenant, root);
         root
@@ -404,24 +413,40 @@ mod tests {
     }
 
     #[test]
-    fn a_four_byte_salt_meets_the_default_salt_of_a_tenant_id() {
+    fn no_salt_reaches_a_tenant_given_none() {
         let scope = |t| ReuseScope {
             tenant: TenantId(t),
             session: None,
         };
         let tokens = [1, 2, 3, 4];
-        let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
         let mut idx = index();
-        idx.block_keys(&scope(2), &tokens, &mut a);
-        idx.set_salt(TenantId(1), 2u32.to_le_bytes());
-        idx.block_keys(&scope(1), &tokens, &mut b);
-        assert_eq!(
-            a, b,
-            "as documented on set_salt: tenant 1 now shares tenant 2's blocks"
-        );
-        idx.set_salt(TenantId(1), *b"team1");
-        idx.block_keys(&scope(1), &tokens, &mut c);
-        assert!(c.iter().all(|k| !a.contains(k)));
+        let mut own = Vec::new();
+        idx.block_keys(&scope(2), &tokens, &mut own);
+        let mut newly = Vec::new();
+        idx.insert(&scope(2), &tokens, &[BlockId(0), BlockId(1)], 0, &mut newly)
+            .unwrap();
+        // Whatever tenant 1 is given, among them the bytes a tenant's own salt is made of,
+        // its keys are not tenant 2's and its lookups miss tenant 2's blocks.
+        let candidates: [Vec<u8>; 5] = [
+            2u32.to_le_bytes().to_vec(),
+            [&[0u8][..], &2u32.to_le_bytes()].concat(),
+            [&[1u8][..], &2u32.to_le_bytes()].concat(),
+            Vec::new(),
+            b"team1".to_vec(),
+        ];
+        for salt in candidates {
+            idx.set_salt(TenantId(1), salt.clone());
+            let mut keys = Vec::new();
+            idx.block_keys(&scope(1), &tokens, &mut keys);
+            assert!(keys.iter().all(|k| !own.contains(k)), "salt {salt:?}");
+            assert_eq!(idx.lookup(&scope(1), &[1, 2, 3, 4, 5], 1).tokens, 0);
+        }
+        // Two tenants given the same salt share, as before.
+        idx.set_salt(TenantId(3), *b"team1");
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        idx.block_keys(&scope(1), &tokens, &mut a);
+        idx.block_keys(&scope(3), &tokens, &mut b);
+        assert_eq!(a, b);
     }
 
     #[test]
