@@ -210,10 +210,25 @@ impl Retention {
     /// The priority of a block nobody pinned (TensorRT-LLM's default retention priority).
     pub const DEFAULT_PRIORITY: u8 = 35;
     /// The retention of a block nobody pinned.
-    pub const DEFAULT: Retention = Retention {
-        priority: Self::DEFAULT_PRIORITY,
-        until: None,
-    };
+    pub const DEFAULT: Retention = Retention::fixed(Self::DEFAULT_PRIORITY);
+
+    /// `priority` with no expiry: it holds until the retention is set again. Priorities above
+    /// [`MAX_PRIORITY`](Self::MAX_PRIORITY) are taken as it by the caches.
+    ///
+    /// ```
+    /// use kvc_core::Retention;
+    ///
+    /// let pinned = Retention::fixed(90);
+    /// assert_eq!(pinned, Retention { priority: 90, until: None });
+    /// assert_eq!(pinned.priority_at(u64::MAX), 90);
+    /// ```
+    #[must_use]
+    pub const fn fixed(priority: u8) -> Self {
+        Self {
+            priority,
+            until: None,
+        }
+    }
 
     /// The priority in force at `now_ms`.
     #[must_use]

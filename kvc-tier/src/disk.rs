@@ -548,10 +548,7 @@ impl BlockStore for DiskTier {
 
     /// Stores the blocks at `priority` with no expiry: see [`put_retained`](Self::put_retained).
     fn put(&self, keys: &[StoreKey], src: &[u8], priority: u8) -> Result<PutOutcome, StoreError> {
-        let retention = Retention {
-            priority,
-            until: None,
-        };
+        let retention = Retention::fixed(priority);
         self.put_retained(keys, src, retention, 0)
     }
 

@@ -794,10 +794,7 @@ impl BlockStore for HostTier {
     }
 
     fn put(&self, keys: &[StoreKey], src: &[u8], priority: u8) -> Result<PutOutcome, StoreError> {
-        let retention = Retention {
-            priority,
-            until: None,
-        };
+        let retention = Retention::fixed(priority);
         self.put_spilling(keys, src, retention, 0, None)
     }
 

@@ -188,10 +188,7 @@ impl TierStack {
         src: &[u8],
         priority: u8,
     ) -> Result<PutOutcome, StoreError> {
-        let retention = Retention {
-            priority,
-            until: None,
-        };
+        let retention = Retention::fixed(priority);
         self.offload_retained(event, keys, src, retention, 0)
     }
 

@@ -51,10 +51,7 @@ impl PrefixCache {
     /// the lowest priority, no expiry. It lasts until the block is used again (a lookup hit,
     /// an insert offering it, an [`acquire`](Self::acquire)), which restores the default;
     /// [`block_retention`](Self::block_retention) reports it meanwhile.
-    pub const ENDED: Retention = Retention {
-        priority: 0,
-        until: None,
-    };
+    pub const ENDED: Retention = Retention::fixed(0);
 
     /// Tells the cache the conversation whose latest prompt hashes to `hashes` (a whole chain
     /// from the first block, as passed to [`insert`](Self::insert)) has ended, so its own
