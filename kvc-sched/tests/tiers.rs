@@ -794,10 +794,14 @@ fn requests_for_one_prefix_in_the_tiers_share_one_load() {
     assert_eq!(s.stats().load_waits, 1);
     sample(&mut s, &plan);
 
-    // Still in flight: still waiting, still one load.
+    // Still in flight: still waiting, still one load, and the waiting request is not tried
+    // again (no lookup) before the load is reported.
+    let queries = s.reuse_index_mut().cache().metrics().queries;
     let plan = s.step(1);
     assert!(plan.loads.is_empty());
     assert!(plan.seqs.iter().all(|x| x.seq == SeqId(3)));
+    assert_eq!(s.reuse_index_mut().cache().metrics().queries, queries);
+    assert_eq!(s.stats().load_waits, 1, "one wait, however many steps");
     sample(&mut s, &plan);
 
     s.complete_load(job.id, LoadResult::Loaded).unwrap();
@@ -814,7 +818,7 @@ fn requests_for_one_prefix_in_the_tiers_share_one_load() {
         assert_eq!(pages[..3], loaded[..]);
     }
     let stats = s.stats();
-    assert_eq!((stats.loads_issued, stats.load_waits), (1, 2), "{stats:?}");
+    assert_eq!((stats.loads_issued, stats.load_waits), (1, 1), "{stats:?}");
     assert_eq!(s.kv_manager().stats().loaded_blocks, 3);
     sample(&mut s, &plan);
     run_to_idle(&mut s, 3);
@@ -870,6 +874,36 @@ fn a_cancelled_loading_sequence_frees_its_blocks_once_the_load_reports() {
     assert_eq!(s.pending_loads(), 0);
     assert_eq!(s.kv_manager().usage().total().in_use, 0);
     assert_eq!(s.stats().loads_completed, 1);
+}
+
+#[test]
+fn a_request_waiting_on_a_cancelled_load_loads_its_prefix_itself() {
+    let tiers = Arc::new(FakeTiers::default());
+    let mut s = scheduler(32, &tiers, TierMode::WriteBack);
+    let prompt: Vec<u32> = (0..14).collect();
+    let keys = keys_of(s.reuse_index_mut(), 0, &prompt);
+    tiers.put(&keys);
+    s.submit(request(1, 1, prompt.clone(), 2)).unwrap();
+    s.submit(request(2, 1, prompt, 2)).unwrap();
+    let plan = s.step(0);
+    let first = plan.loads[0].clone();
+    assert_eq!((first.seq, s.stats().load_waits), (SeqId(1), 1));
+    // The loading request goes away: its load will cache nothing, so the one waiting for it
+    // is tried again at once and loads the prefix for itself (a second load, not a wait).
+    s.cancel(SeqId(1)).unwrap();
+    let plan = s.step(1);
+    assert_eq!(plan.loads.len(), 1, "{plan:?}");
+    let second = plan.loads[0].clone();
+    assert_eq!(second.seq, SeqId(2));
+    assert_ne!(second.id, first.id);
+    assert_eq!((s.stats().loads_issued, s.stats().load_waits), (2, 1));
+    s.complete_load(first.id, LoadResult::Loaded).unwrap();
+    s.complete_load(second.id, LoadResult::Loaded).unwrap();
+    let plan = s.step(2);
+    assert_eq!(plan.seqs.len(), 1);
+    assert_eq!(plan.seqs[0].positions, 12..14);
+    sample(&mut s, &plan);
+    run_to_idle(&mut s, 3);
 }
 
 #[test]

@@ -5,6 +5,8 @@
 
 use kvc_core::{BlockAllocator, PinPolicy, QosClass, ReuseIndex, SeqId};
 
+use crate::LoadId;
+
 use super::memory::{Grow, TierStart};
 use super::{Scheduler, State};
 use crate::plan::{Rejection, StepPlan};
@@ -73,6 +75,14 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
             let Some(s) = self.seqs.get(&id) else {
                 continue;
             };
+            // Put off for another sequence's load of its next blocks: nothing to try (no
+            // lookup, no memory) until that load is reported, or its sequence is gone (its
+            // blocks will not be cached then).
+            if s.waits_for
+                .is_some_and(|load| self.load_serves_a_sequence(load))
+            {
+                continue;
+            }
             let (qos, swapped) = (s.req.qos, !s.swapped.is_empty());
             let class = qos.index();
             // Compute reserve hook: a class with a share is admitted even after a preemption
@@ -99,8 +109,8 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
             }
             // Tiers: a prompt that continues into blocks a lower tier holds is admitted to
             // wait for its load, out of this step's batch. One whose blocks are being loaded
-            // for another sequence waits for that load (they are device hits after it) and
-            // holds up no one behind it.
+            // for another sequence waits for that load (they are device hits after it), is not
+            // tried again before it is reported, and holds up no one behind it.
             if !swapped {
                 match self.start_load(id, plan) {
                     TierStart::Loading => {
@@ -154,6 +164,13 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
                 Grow::Refused(why) => self.reject(id, why, plan),
             }
         }
+    }
+
+    /// Whether `load` is in flight for a sequence still here (whose blocks it will cache).
+    fn load_serves_a_sequence(&self, load: LoadId) -> bool {
+        self.loads.get(&load).is_some_and(|&(seq, _, _)| {
+            self.seqs.get(&seq).is_some_and(|s| s.loading == Some(load))
+        })
     }
 
     fn admit(&mut self, id: SeqId) {

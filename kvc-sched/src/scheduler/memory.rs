@@ -61,8 +61,8 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
     /// With tiers: continues the just-opened sequence's prefix into the lower tiers. On a
     /// hit its device blocks are allocated and the load joins the plan; the caller admits it
     /// (running, out of the batch until `complete_load`). When the blocks are being loaded
-    /// for another sequence already, the caller puts the admission off to a later step, when
-    /// they are device hits.
+    /// for another sequence already, the caller puts the admission off until that load is
+    /// reported, when they are device hits.
     pub(super) fn start_load(&mut self, id: SeqId, plan: &mut StepPlan) -> TierStart {
         if self.kv.tier_mode().is_none() {
             return TierStart::Compute;
@@ -80,7 +80,10 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
                 self.stats.loads_issued += 1;
                 TierStart::Loading
             }
-            Ok(PrefixLoad::InFlight { .. }) => {
+            Ok(PrefixLoad::InFlight { load }) => {
+                if let Some(s) = self.seqs.get_mut(&id) {
+                    s.waits_for = Some(load);
+                }
                 self.stats.load_waits += 1;
                 TierStart::Wait
             }

@@ -200,8 +200,9 @@ pub struct SchedStats {
     /// Loads from the lower tiers planned (one per admission that hit in the tiers).
     pub loads_issued: u64,
     /// Admissions put off because the prompt's next blocks were being loaded from the tiers
-    /// for another sequence (it is retried in a later step, when they are device hits, rather
-    /// than loading them a second time).
+    /// for another sequence, rather than loading them a second time: counted once per wait.
+    /// The request is not tried again (no lookup, no memory held) until that load is
+    /// reported; its blocks are device hits then.
     pub load_waits: u64,
     /// Loads reported with [`Scheduler::complete_load`].
     pub loads_completed: u64,
@@ -242,6 +243,10 @@ struct Seq {
     swapped: Vec<HostBlockId>,
     /// The load from the tiers it waits for (running, but in no batch), if any.
     loading: Option<LoadId>,
+    /// Waiting: another sequence's load that brings in this one's next blocks. Admission is
+    /// not tried again until that load is reported (they are device hits then); kept once
+    /// it is, harmlessly (load ids are never reused).
+    waits_for: Option<LoadId>,
 }
 
 impl Seq {
@@ -655,6 +660,7 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
                 awaiting_sample: false,
                 swapped: Vec::new(),
                 loading: None,
+                waits_for: None,
             },
         );
         self.waiting.push(seq);
