@@ -99,7 +99,12 @@ impl Shadow {
 /// times LRU's work per block (see `docs/reuse.md` for the measured cost).
 #[derive(Debug)]
 pub struct Adaptive {
-    experts: [Box<dyn EvictionPolicy>; N],
+    /// The recency and scan-resistance experts' orders over the real cache.
+    lru: Lru,
+    s3fifo: S3Fifo,
+    /// Both reuse-odds experts: one model (what it learns does not depend on the shift), one
+    /// order per shift.
+    odds: ReuseOdds,
     shadows: Vec<Shadow>,
     /// The expert evicting now.
     leader: usize,
@@ -140,7 +145,9 @@ impl Adaptive {
             capacity_blocks
         };
         Self {
-            experts: Self::fresh_experts(cap),
+            lru: Lru::default(),
+            s3fifo: S3Fifo::new(cap),
+            odds: ReuseOdds::with_kappas(cap, &Self::KAPPAS),
             shadows: Vec::new(),
             leader: 0,
             walk: Vec::new(),
@@ -153,14 +160,26 @@ impl Adaptive {
         }
     }
 
+    /// The shifts of the two reuse-odds experts: the model's, and twice it.
+    const KAPPAS: [f64; 2] = [ReuseOdds::MODEL_KAPPA, ReuseOdds::MODEL_KAPPA * 2.0];
+
+    /// The experts as separate policies, in [`Adaptive::EXPERTS`] order, for the shadows.
     fn fresh_experts(cap: usize) -> [Box<dyn EvictionPolicy>; N] {
-        let kappa = ReuseOdds::MODEL_KAPPA;
         [
             Box::new(Lru::default()),
             Box::new(S3Fifo::new(cap)),
-            Box::new(ReuseOdds::new(cap, kappa)),
-            Box::new(ReuseOdds::new(cap, kappa * 2.0)),
+            Box::new(ReuseOdds::new(cap, Self::KAPPAS[0])),
+            Box::new(ReuseOdds::new(cap, Self::KAPPAS[1])),
         ]
+    }
+
+    /// The next victim in expert `e`'s order, taken out of every expert's order.
+    fn pop_victim_of(&mut self, e: usize) -> Option<u32> {
+        match e {
+            0 => self.lru.pop_victim(),
+            1 => self.s3fifo.pop_victim(),
+            _ => self.odds.pop_victim_in(e - 2),
+        }
     }
 
     /// Per expert, in [`Adaptive::EXPERTS`] order: (its shadow's decayed hit blocks,
@@ -247,53 +266,55 @@ impl EvictionPolicy for Adaptive {
     fn on_insert(&mut self, slot: u32, info: &BlockInfo) {
         self.held += 1;
         self.most_held = self.most_held.max(self.held);
-        for e in &mut self.experts {
-            e.on_insert(slot, info);
-        }
+        self.lru.on_insert(slot, info);
+        self.s3fifo.on_insert(slot, info);
+        self.odds.on_insert(slot, info);
         self.walk_step(info);
     }
     fn on_hit(&mut self, slot: u32, info: &BlockInfo) {
-        for e in &mut self.experts {
-            e.on_hit(slot, info);
-        }
+        self.lru.on_hit(slot, info);
+        self.s3fifo.on_hit(slot, info);
+        self.odds.on_hit(slot, info);
         self.walk_step(info);
     }
     fn on_release(&mut self, slot: u32, stamp: u64) {
-        for e in &mut self.experts {
-            e.on_release(slot, stamp);
-        }
+        self.lru.on_release(slot, stamp);
+        self.s3fifo.on_release(slot, stamp);
+        self.odds.on_release(slot, stamp);
     }
     fn on_evictable(&mut self, slot: u32) {
-        for e in &mut self.experts {
-            e.on_evictable(slot);
-        }
+        self.lru.on_evictable(slot);
+        self.s3fifo.on_evictable(slot);
+        self.odds.on_evictable(slot);
     }
     fn on_unevictable(&mut self, slot: u32) {
-        for e in &mut self.experts {
-            e.on_unevictable(slot);
-        }
+        self.lru.on_unevictable(slot);
+        self.s3fifo.on_unevictable(slot);
+        self.odds.on_unevictable(slot);
     }
     fn on_remove(&mut self, slot: u32) {
         self.held = self.held.saturating_sub(1);
-        for e in &mut self.experts {
-            e.on_remove(slot);
-        }
+        self.lru.on_remove(slot);
+        self.s3fifo.on_remove(slot);
+        self.odds.on_remove(slot);
     }
     fn pop_victim(&mut self) -> Option<u32> {
         // Every expert orders the same evictable set, so the leader normally answers; the
         // others are asked only if it has nothing.
-        let n = self.experts.len();
         let first = self.leader;
-        let experts = &mut self.experts;
-        let (expert, slot) = (0..n)
-            .map(|k| (first + k) % n)
-            .find_map(|e| experts[e].pop_victim().map(|s| (e, s)))?;
+        let (expert, slot) = (0..N)
+            .map(|k| (first + k) % N)
+            .find_map(|e| self.pop_victim_of(e).map(|s| (e, s)))?;
         // The others forget it when the cache removes it (`on_remove`), right after this.
         self.chosen[expert] += 1;
         Some(slot)
     }
     fn peek_victims(&self, n: usize, out: &mut Vec<u32>) {
-        self.experts[self.leader].peek_victims(n, out);
+        match self.leader {
+            0 => self.lru.peek_victims(n, out),
+            1 => self.s3fifo.peek_victims(n, out),
+            e => self.odds.peek_victims_in(e - 2, n, out),
+        }
     }
 }
 

@@ -22,7 +22,6 @@ struct Tip {
 #[derive(Clone, Copy, Debug, Default)]
 struct Slot {
     stamp: u64,
-    shift: i64,
     /// Earlier requests that used the block (capped).
     uses: u8,
     /// The block's class at its last access ([`ReuseOdds::UNCLASSED`] before its first walk
@@ -58,9 +57,15 @@ struct Slot {
 /// to a trace. Before anything is learned (no continuation seen) the order is plain LRU.
 #[derive(Debug)]
 pub struct ReuseOdds {
-    kappa: f64,
+    /// One eviction order per `kappa`, over the same evictable blocks. Everything learned is
+    /// the same whatever the `kappa` (classes, counts, gaps, ghosts), so [`Adaptive`]'s two
+    /// reuse-odds experts share one model and keep two orders.
+    ///
+    /// [`Adaptive`]: crate::Adaptive
+    orders: Vec<Order>,
     slots: Vec<Slot>,
-    order: BTreeSet<(i64, u32)>,
+    /// Each slot's shift in each order: `shifts[slot * orders.len() + k]`.
+    shifts: Vec<i64>,
     pending: Vec<u32>,
     /// The insert walk in progress: (slot, newly cached).
     walk: Vec<(u32, bool)>,
@@ -79,6 +84,14 @@ pub struct ReuseOdds {
     gaps: GapMedian,
 }
 
+/// One eviction order of [`ReuseOdds`]: blocks by last access shifted by `kappa × median gap
+/// × logit(p)`.
+#[derive(Debug)]
+struct Order {
+    kappa: f64,
+    keys: BTreeSet<(i64, u32)>,
+}
+
 impl ReuseOdds {
     const TURN_CLASSES: u32 = 5;
     const GROWTH_CLASSES: u32 = 8;
@@ -95,11 +108,28 @@ impl ReuseOdds {
     /// continuation gaps per unit of logit.
     #[must_use]
     pub fn new(capacity_blocks: usize, kappa: f64) -> Self {
+        Self::with_kappas(capacity_blocks, &[kappa])
+    }
+
+    /// [`new`](Self::new) with one eviction order per `kappa` (at least one), evicting in the
+    /// first unless asked for another ([`pop_victim_in`](Self::pop_victim_in)).
+    pub(crate) fn with_kappas(capacity_blocks: usize, kappas: &[f64]) -> Self {
         let memory = capacity_blocks.saturating_mul(4).max(1 << 16);
+        let kappas = if kappas.is_empty() {
+            &[Self::MODEL_KAPPA][..]
+        } else {
+            kappas
+        };
         Self {
-            kappa,
+            orders: kappas
+                .iter()
+                .map(|&kappa| Order {
+                    kappa,
+                    keys: BTreeSet::new(),
+                })
+                .collect(),
             slots: Vec::new(),
-            order: BTreeSet::new(),
+            shifts: Vec::new(),
             pending: Vec::new(),
             walk: Vec::new(),
             walk_src: None,
@@ -128,9 +158,30 @@ impl ReuseOdds {
         (reused.min(events) as f64 + 2.0 * prior) / (events as f64 + 2.0)
     }
 
-    fn key(&self, slot: u32) -> (i64, u32) {
-        let s = &self.slots[slot as usize];
-        ((s.stamp as i64).saturating_add(s.shift), slot)
+    /// The slot's key in order `k`.
+    #[inline]
+    fn key(&self, slot: u32, k: usize) -> (i64, u32) {
+        let stamp = self.slots[slot as usize].stamp as i64;
+        let shift = self.shifts[slot as usize * self.orders.len() + k];
+        (stamp.saturating_add(shift), slot)
+    }
+
+    /// Puts the slot in every order (under its current keys).
+    fn enter(&mut self, slot: u32) {
+        for k in 0..self.orders.len() {
+            let key = self.key(slot, k);
+            self.orders[k].keys.insert(key);
+        }
+    }
+
+    /// Takes the slot out of every order but `except` (under its current keys).
+    fn leave(&mut self, slot: u32, except: Option<usize>) {
+        for k in 0..self.orders.len() {
+            if Some(k) != except {
+                let key = self.key(slot, k);
+                self.orders[k].keys.remove(&key);
+            }
+        }
     }
 
     fn flush_pending(&mut self) {
@@ -139,8 +190,7 @@ impl ReuseOdds {
             if s.pending {
                 s.pending = false;
                 if s.evictable {
-                    let key = self.key(slot);
-                    self.order.insert(key);
+                    self.enter(slot);
                 }
             }
         }
@@ -171,7 +221,8 @@ impl ReuseOdds {
         let growth_tokens = (growth_blocks * bs).max(512);
         let growth = (growth_tokens / 512).ilog2().min(Self::GROWTH_CLASSES - 1);
         let request_class = turn.min(Self::TURN_CLASSES - 1) * Self::GROWTH_CLASSES + growth;
-        let tau = self.kappa * self.gaps.get() as f64;
+        let gap = self.gaps.get() as f64;
+        let n = self.orders.len();
         for i in 0..self.walk.len() {
             let (slot, _) = self.walk[i];
             let uses = u32::from(self.slots[slot as usize].uses).min(Self::USE_CLASSES - 1);
@@ -182,20 +233,20 @@ impl ReuseOdds {
             self.stats[class as usize].0 += 1;
             self.all.0 += 1;
             let p = self.odds(class);
-            let shift = (tau * (p / (1.0 - p)).ln()) as i64;
+            let logit = (p / (1.0 - p)).ln();
             let s = self.slots[slot as usize];
             let ordered = s.evictable && !s.pending;
             if ordered {
-                let key = self.key(slot);
-                self.order.remove(&key);
+                self.leave(slot, None);
             }
             let s = &mut self.slots[slot as usize];
             s.class = class;
-            s.shift = shift;
             s.uses = s.uses.saturating_add(1).min(Self::USE_CLASSES as u8);
+            for (k, order) in self.orders.iter().enumerate() {
+                self.shifts[slot as usize * n + k] = (order.kappa * gap * logit) as i64;
+            }
             if ordered {
-                let key = self.key(slot);
-                self.order.insert(key);
+                self.enter(slot);
             }
         }
         self.flush_pending();
@@ -213,6 +264,23 @@ impl ReuseOdds {
             tip,
         );
         self.walk.clear();
+    }
+
+    /// The next victim in order `k` (the first order if there is no such order), taken out of
+    /// every order.
+    pub(crate) fn pop_victim_in(&mut self, k: usize) -> Option<u32> {
+        self.flush_pending();
+        let k = if k < self.orders.len() { k } else { 0 };
+        let (_, slot) = self.orders[k].keys.pop_first()?;
+        self.leave(slot, Some(k));
+        self.slots[slot as usize].evictable = false;
+        Some(slot)
+    }
+
+    /// The next `n` victims of order `k` (the first order if there is no such order).
+    pub(crate) fn peek_victims_in(&self, k: usize, n: usize, out: &mut Vec<u32>) {
+        let k = if k < self.orders.len() { k } else { 0 };
+        out.extend(self.orders[k].keys.iter().take(n).map(|&(_, slot)| slot));
     }
 
     fn walk_step(&mut self, slot: u32, info: &BlockInfo, new: bool) {
@@ -238,8 +306,10 @@ impl EvictionPolicy for ReuseOdds {
     }
     fn on_insert(&mut self, slot: u32, info: &BlockInfo) {
         let i = slot as usize;
+        let n = self.orders.len();
         if self.slots.len() <= i {
             self.slots.resize(i + 1, Slot::default());
+            self.shifts.resize((i + 1) * n, 0);
         }
         // A block cached again after eviction keeps its history.
         let uses = match self.ghost.remove(&info.hash) {
@@ -249,9 +319,9 @@ impl EvictionPolicy for ReuseOdds {
             }
             None => 0,
         };
+        self.shifts[i * n..(i + 1) * n].fill(0);
         self.slots[i] = Slot {
             stamp: info.stamp,
-            shift: 0,
             uses,
             class: Self::UNCLASSED,
             evictable: false,
@@ -265,8 +335,7 @@ impl EvictionPolicy for ReuseOdds {
     fn on_hit(&mut self, slot: u32, info: &BlockInfo) {
         let s = self.slots[slot as usize];
         if s.evictable && !s.pending {
-            let key = self.key(slot);
-            self.order.remove(&key);
+            self.leave(slot, None);
             self.slots[slot as usize].pending = true;
             self.pending.push(slot);
         }
@@ -286,13 +355,11 @@ impl EvictionPolicy for ReuseOdds {
         let s = self.slots[slot as usize];
         let ordered = s.evictable && !s.pending;
         if ordered {
-            let key = self.key(slot);
-            self.order.remove(&key);
+            self.leave(slot, None);
         }
         self.slots[slot as usize].stamp = stamp;
         if ordered {
-            let key = self.key(slot);
-            self.order.insert(key);
+            self.enter(slot);
         }
     }
     fn on_evictable(&mut self, slot: u32) {
@@ -300,8 +367,7 @@ impl EvictionPolicy for ReuseOdds {
         if !s.evictable {
             s.evictable = true;
             if !s.pending {
-                let key = self.key(slot);
-                self.order.insert(key);
+                self.enter(slot);
             }
         }
     }
@@ -310,8 +376,7 @@ impl EvictionPolicy for ReuseOdds {
         if s.evictable {
             self.slots[slot as usize].evictable = false;
             if !s.pending {
-                let key = self.key(slot);
-                self.order.remove(&key);
+                self.leave(slot, None);
             }
         }
     }
@@ -330,13 +395,10 @@ impl EvictionPolicy for ReuseOdds {
         }
     }
     fn pop_victim(&mut self) -> Option<u32> {
-        self.flush_pending();
-        let (_, slot) = self.order.pop_first()?;
-        self.slots[slot as usize].evictable = false;
-        Some(slot)
+        self.pop_victim_in(0)
     }
     fn peek_victims(&self, n: usize, out: &mut Vec<u32>) {
-        out.extend(self.order.iter().take(n).map(|&(_, slot)| slot));
+        self.peek_victims_in(0, n, out);
     }
 }
 
