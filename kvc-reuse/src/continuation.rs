@@ -10,20 +10,19 @@
 
 use std::collections::VecDeque;
 
-use ahash::{AHashMap, AHashSet};
+use ahash::AHashSet;
 
 use crate::BlockHash;
+use crate::fifo_map::FifoMap;
 
 /// Where requests ended, keyed by the hashes of a few of their last newly cached blocks: a
 /// later request whose insert walk passes one of them continues that request.
 #[derive(Debug)]
 pub(crate) struct Checkpoints<T> {
-    tips: AHashMap<BlockHash, T>,
-    order: VecDeque<BlockHash>,
-    cap: usize,
+    tips: FifoMap<T>,
 }
 
-impl<T: Copy> Checkpoints<T> {
+impl<T: Copy + Default> Checkpoints<T> {
     /// Positions from the end of a walk that get a checkpoint: the last blocks, then
     /// exponentially further back (a continuation may re-render the end of its source).
     const BACK: [usize; 8] = [0, 1, 2, 4, 8, 16, 32, 64];
@@ -31,16 +30,14 @@ impl<T: Copy> Checkpoints<T> {
     /// An empty book remembering at most `cap` checkpoints.
     pub(crate) fn new(cap: usize) -> Self {
         Self {
-            tips: AHashMap::new(),
-            order: VecDeque::new(),
-            cap,
+            tips: FifoMap::new(cap),
         }
     }
 
     /// The request that left a checkpoint on `hash`, if one did.
     #[inline]
     pub(crate) fn get(&self, hash: &BlockHash) -> Option<T> {
-        self.tips.get(hash).copied()
+        self.tips.get(hash)
     }
 
     /// A request's walk of `len` blocks ended: leaves `tip` on its checkpoint positions whose
@@ -52,15 +49,11 @@ impl<T: Copy> Checkpoints<T> {
                 break;
             };
             let (hash, new) = block(i);
-            if new && self.tips.insert(hash, tip).is_none() {
-                self.order.push_back(hash);
+            if new {
+                self.tips.insert(hash, tip);
             }
         }
-        while self.order.len() > self.cap {
-            if let Some(old) = self.order.pop_front() {
-                self.tips.remove(&old);
-            }
-        }
+        self.tips.trim();
     }
 }
 

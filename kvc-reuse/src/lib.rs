@@ -55,6 +55,7 @@ mod adaptive;
 mod cache;
 mod continuation;
 mod events;
+mod fifo_map;
 pub mod hash;
 mod index;
 mod lru;

@@ -1,17 +1,16 @@
 //! [`ReuseOdds`]: LRU order shifted by each block's learned odds of being used again (its docs
 //! say how).
 
-use std::collections::{BTreeSet, VecDeque};
-
-use ahash::AHashMap;
+use std::collections::BTreeSet;
 
 use crate::BlockHash;
 use crate::continuation::{Checkpoints, Credits, GapMedian};
+use crate::fifo_map::FifoMap;
 use crate::policy::{Access, BlockInfo, EvictionPolicy};
 
 /// Where a request ended: left on a few of its last newly cached blocks so a later request
 /// that passes one is recognised as its continuation (kept after eviction).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 struct Tip {
     request: u64,
     turn: u32,
@@ -72,9 +71,7 @@ pub struct ReuseOdds {
     walk_src: Option<Tip>,
     tips: Checkpoints<Tip>,
     /// Evicted blocks: (class at last access, uses).
-    ghost: AHashMap<BlockHash, (u16, u8)>,
-    ghost_order: VecDeque<BlockHash>,
-    memory: usize,
+    ghost: FifoMap<(u16, u8)>,
     credited: Credits,
     requests: u64,
     /// Over all classes: (events, reused).
@@ -134,9 +131,7 @@ impl ReuseOdds {
             walk: Vec::new(),
             walk_src: None,
             tips: Checkpoints::new(memory),
-            ghost: AHashMap::new(),
-            ghost_order: VecDeque::new(),
-            memory,
+            ghost: FifoMap::new(memory),
             credited: Credits::new(memory),
             requests: 0,
             all: (0, 0),
@@ -385,14 +380,8 @@ impl EvictionPolicy for ReuseOdds {
         let s = &mut self.slots[slot as usize];
         s.pending = false;
         let (hash, class, uses) = (s.hash, s.class, s.uses);
-        if self.ghost.insert(hash, (class, uses)).is_none() {
-            self.ghost_order.push_back(hash);
-        }
-        while self.ghost_order.len() > self.memory {
-            if let Some(old) = self.ghost_order.pop_front() {
-                self.ghost.remove(&old);
-            }
-        }
+        self.ghost.insert(hash, (class, uses));
+        self.ghost.trim();
     }
     fn pop_victim(&mut self) -> Option<u32> {
         self.pop_victim_in(0)
@@ -463,6 +452,9 @@ mod tests {
         out.sort_unstable();
         assert_eq!(out, [0, 1, 3, 4, 5]);
         // The evicted blocks are remembered with their class.
-        assert_eq!(p.ghost.len(), 5);
+        for s in [0u128, 1, 3, 4, 5] {
+            assert!(p.ghost.get(&BlockHash(s + 1)).is_some());
+        }
+        assert_eq!(p.ghost.queued(), 5);
     }
 }

@@ -9,10 +9,9 @@
 
 use std::collections::{BTreeSet, VecDeque};
 
-use ahash::AHashSet;
-
 use crate::BlockHash;
 use crate::continuation::{Checkpoints, Credits, GapMedian};
+use crate::fifo_map::FifoMap;
 pub use crate::lru::Lru;
 
 /// What a policy learns about a block when it is cached or hit.
@@ -194,9 +193,7 @@ pub struct S3Fifo {
     small_len: usize,
     main_len: usize,
     seq: u64,
-    ghost: AHashSet<BlockHash>,
-    ghost_order: VecDeque<BlockHash>,
-    ghost_cap: usize,
+    ghost: FifoMap<()>,
 }
 
 impl S3Fifo {
@@ -210,9 +207,7 @@ impl S3Fifo {
             small_len: 0,
             main_len: 0,
             seq: 0,
-            ghost: AHashSet::new(),
-            ghost_order: VecDeque::new(),
-            ghost_cap: capacity_blocks.max(1),
+            ghost: FifoMap::new(capacity_blocks),
         }
     }
 
@@ -229,14 +224,8 @@ impl S3Fifo {
     }
 
     fn remember(&mut self, hash: BlockHash) {
-        if self.ghost.insert(hash) {
-            self.ghost_order.push_back(hash);
-            while self.ghost_order.len() > self.ghost_cap {
-                if let Some(old) = self.ghost_order.pop_front() {
-                    self.ghost.remove(&old);
-                }
-            }
-        }
+        self.ghost.insert(hash, ());
+        self.ghost.trim();
     }
 
     /// Moves an evictable slot to the tail of `to`.
@@ -268,7 +257,7 @@ impl EvictionPolicy for S3Fifo {
         "s3fifo"
     }
     fn on_insert(&mut self, slot: u32, info: &BlockInfo) {
-        let queue = if self.ghost.remove(&info.hash) {
+        let queue = if self.ghost.remove(&info.hash).is_some() {
             self.main_len += 1;
             Queue::Main
         } else {
@@ -355,7 +344,7 @@ impl EvictionPolicy for S3Fifo {
 /// What the [`Conversation`] policy remembers about a late block of an earlier request (a
 /// checkpoint near its end), kept after the block is evicted (a ghost) so continuations are
 /// recognised even when the cache lost them.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 struct Tip {
     /// The request's sequence number.
     request: u64,
