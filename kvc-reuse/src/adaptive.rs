@@ -173,7 +173,8 @@ impl Adaptive {
         ]
     }
 
-    /// The next victim in expert `e`'s order, taken out of every expert's order.
+    /// The next victim in expert `e`'s order (the other experts forget it when the cache
+    /// removes it).
     fn pop_victim_of(&mut self, e: usize) -> Option<u32> {
         match e {
             0 => self.lru.pop_victim(),

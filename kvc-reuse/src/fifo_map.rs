@@ -19,7 +19,8 @@
 //! queued, as the FIFO entry did). Trimming reads the ring's head in order (no miss), and moves
 //! the entry to the key's next cell or deletes it with a backward shift (no tombstones). A
 //! look-up or an insert of an absent key reads one table line; a present key's cell is a
-//! second read.
+//! second read. Both arrays are advised to use huge pages (see [`crate::prefetch`]), so those
+//! reads seldom miss the TLB as well.
 
 use crate::BlockHash;
 
@@ -227,7 +228,7 @@ impl<T: Copy + Default> FifoMap<T> {
             live: false,
             next: NONE,
         };
-        let mut ring = vec![filler; len];
+        let mut ring = crate::prefetch::huge_vec(len, filler);
         let mut pos = self.head;
         while pos != self.tail {
             ring[pos as usize & (len - 1)] = *self.cell(pos);
@@ -242,7 +243,7 @@ impl<T: Copy + Default> FifoMap<T> {
             return;
         }
         let len = (self.table.len() * 2).max(64);
-        let old = std::mem::replace(&mut self.table, vec![EMPTY; len]);
+        let old = std::mem::replace(&mut self.table, crate::prefetch::huge_vec(len, EMPTY));
         for e in old.into_iter().filter(|&e| e != EMPTY) {
             self.place(e);
         }
