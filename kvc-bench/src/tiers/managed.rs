@@ -473,8 +473,14 @@ impl ManagedDevice {
         Ok(n)
     }
 
-    /// Appends the chained hash of each full block of `tokens` to `out` (cleared first): the
-    /// keys the manager names the blocks by.
+    /// Appends the key of each full block of `tokens` to `out`: the chained hash the manager
+    /// names the block by, on the device and in the tiers.
+    pub fn block_keys(&mut self, tokens: &[u32], out: &mut Vec<StoreKey>) {
+        self.kv.reuse_index_mut().block_keys(&SCOPE, tokens, out);
+    }
+
+    /// [`block_keys`](Self::block_keys) as the predictor's block hashes, into `out` (cleared
+    /// first).
     pub(crate) fn block_hashes(&mut self, tokens: &[u32], out: &mut Vec<BlockHash>) {
         self.keys.clear();
         self.kv
