@@ -227,6 +227,10 @@ pub struct TiersRun {
     pub promoted_blocks: u64,
     /// Shared-tier calls answered as misses because the server was out of reach.
     pub shared_unavailable_calls: u64,
+    /// Loads that brought back fewer blocks than the memory manager planned: a tier lost
+    /// blocks between the manager's lookup and the load (in this replay, to the offloads the
+    /// same plan executes first); the rest of those prompts is computed.
+    pub short_loads: u64,
     /// Wall time of the replay, in seconds.
     pub elapsed_s: f64,
     /// Predictive promotion's figures, when it ran.
@@ -452,6 +456,7 @@ pub fn run(trace: &[TraceRequest], cfg: &TiersConfig, name: &str) -> Result<Tier
         promo.median_gap_ms = pred.median_gap_ms();
     }
     let elapsed_s = start.elapsed().as_secs_f64();
+    let short_loads = dev.counters().short_loads;
     // The manager holds the stack too: drop it before the disk folder goes.
     drop(dev);
     let stats = stack.as_deref().map(TierStack::stats).unwrap_or_default();
@@ -503,6 +508,7 @@ pub fn run(trace: &[TraceRequest], cfg: &TiersConfig, name: &str) -> Result<Tier
         demoted_blocks: stats.demoted,
         promoted_blocks: stats.promoted,
         shared_unavailable_calls: unavailable,
+        short_loads,
         elapsed_s,
         promotion: predictor.map(|_| promo),
     })

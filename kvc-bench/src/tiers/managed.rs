@@ -114,10 +114,12 @@ pub struct ManagedDevice {
     promoted: HashSet<BlockId>,
     promoted_used: u64,
     promoted_evicted: u64,
-    /// How long the youngest cached block written again by the latest request had been
-    /// unused: the device residence. The manager evicts only when a request needs the room,
-    /// so a block it evicts is written again by that same request.
+    /// How long the youngest block of the latest eviction had been unused: the device
+    /// residence. The manager evicts only when a request (or a promotion) needs the room, so
+    /// the blocks it evicts are the cached blocks that request writes again.
     last_eviction_age: Option<u64>,
+    /// The youngest such block of the request or promotion being served.
+    eviction_age: Option<u64>,
     next_promotion: u64,
     counters: EngineCounters,
     keys: Vec<StoreKey>,
@@ -182,6 +184,7 @@ impl ManagedDevice {
             promoted_used: 0,
             promoted_evicted: 0,
             last_eviction_age: None,
+            eviction_age: None,
             next_promotion: 0,
             counters: EngineCounters::default(),
             keys: Vec::new(),
@@ -205,7 +208,9 @@ impl ManagedDevice {
     /// [`TiersError::Cache`] for a broken invariant of the manager.
     pub fn serve(&mut self, seq: SeqId, tokens: &[u32], now: u64) -> Result<Served, TiersError> {
         self.kv.open(seq, OWNER).map_err(mem_err)?;
+        self.eviction_age = None;
         let served = self.serve_open(seq, tokens, now);
+        self.end_eviction();
         let freed = self.kv.free(seq).map_err(mem_err);
         let served = served?;
         freed?;
@@ -288,15 +293,23 @@ impl ManagedDevice {
     }
 
     /// Notes that device block `b` is about to be written: if it was cached, the manager
-    /// evicted it for this request (its age is the device residence), and a promoted block
-    /// evicted before any hit was wasted.
+    /// evicted it for this request (its age counts for the device residence), and a promoted
+    /// block evicted before any hit was wasted.
     fn rewrite(&mut self, b: BlockId, now: u64) {
         if self.key_of[b.index()].take().is_some() {
             let age = now.saturating_sub(self.last_use[b.index()]);
-            self.last_eviction_age = Some(self.last_eviction_age.map_or(age, |y| y.min(age)));
+            self.eviction_age = Some(self.eviction_age.map_or(age, |y| y.min(age)));
         }
         if self.promoted.remove(&b) {
             self.promoted_evicted += 1;
+        }
+    }
+
+    /// The request or promotion served evicted: its youngest evicted block is the latest
+    /// eviction's.
+    fn end_eviction(&mut self) {
+        if let Some(age) = self.eviction_age.take() {
+            self.last_eviction_age = Some(age);
         }
     }
 
@@ -437,7 +450,9 @@ impl ManagedDevice {
         let seq = SeqId(PROMOTION_SEQS | self.next_promotion);
         self.next_promotion += 1;
         self.kv.open(seq, OWNER).map_err(mem_err)?;
+        self.eviction_age = None;
         let promoted = self.promote_open(seq, &prompt, on_device, now);
+        self.end_eviction();
         let freed = self.kv.free(seq).map_err(mem_err);
         let promoted = promoted?;
         freed?;
