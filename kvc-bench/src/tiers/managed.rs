@@ -18,7 +18,6 @@
 //! the key they were stored with before they are scattered into device memory. A block whose
 //! bytes disagree with its key is an error ([`TiersError::WrongBytes`]), never a silent hit.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
 use kvc_alloc::{BlockPool, PoolConfig};
@@ -56,6 +55,15 @@ const UNKEYED: [u8; STAND_IN_BYTES] = [0xFF; STAND_IN_BYTES];
 
 /// Sequence ids of promotions, apart from the requests' (`SeqId(request index)`).
 const PROMOTION_SEQS: u64 = 1 << 63;
+
+/// Clears `b`'s mark in `marks` (counted in `count`); returns whether it was marked.
+fn unmark(marks: &mut [bool], count: &mut u64, b: BlockId) -> bool {
+    let was = marks
+        .get_mut(b.index())
+        .is_some_and(|m| std::mem::replace(m, false));
+    *count -= u64::from(was);
+    was
+}
 
 fn mem_err<E: std::fmt::Display>(e: E) -> TiersError {
     TiersError::Cache(e.to_string())
@@ -111,7 +119,9 @@ pub struct ManagedDevice {
     /// Per block: when a request last used it.
     last_use: Vec<u64>,
     /// Blocks cached by a promotion and not hit since.
-    promoted: HashSet<BlockId>,
+    promoted: Vec<bool>,
+    /// Blocks marked in `promoted`.
+    promoted_now: u64,
     promoted_used: u64,
     promoted_evicted: u64,
     /// How long the youngest block of the latest eviction had been unused: the device
@@ -180,7 +190,8 @@ impl ManagedDevice {
             memory: vec![UNKEYED; blocks],
             key_of: vec![None; blocks],
             last_use: vec![0; blocks],
-            promoted: HashSet::new(),
+            promoted: vec![false; blocks],
+            promoted_now: 0,
             promoted_used: 0,
             promoted_evicted: 0,
             last_eviction_age: None,
@@ -222,7 +233,7 @@ impl ManagedDevice {
         let device_tokens = self.kv.lookup_prefix(seq, tokens, now).map_err(mem_err)?;
         let device_blocks = usize::try_from(device_tokens).map_err(mem_err)? / bs;
         for b in &self.kv.blocks(seq).map_err(mem_err)?[..device_blocks] {
-            self.promoted_used += u64::from(self.promoted.remove(b));
+            self.promoted_used += u64::from(unmark(&mut self.promoted, &mut self.promoted_now, *b));
         }
         let mut served = Served {
             prompt_tokens: tokens.len() as u64,
@@ -285,9 +296,12 @@ impl ManagedDevice {
         self.kv.cache_blocks(seq, tokens, now).map_err(mem_err)?;
         // Write-through: the blocks just cached.
         self.execute_offloads(now)?;
-        for &b in &self.blocks {
+        for (i, &b) in self.blocks.iter().enumerate() {
             self.last_use[b.index()] = now;
-            self.key_of[b.index()] = self.kv.reuse_index().cached_key(b).map(|t| t.key);
+            // The device hit's blocks stay cached under their keys.
+            if i >= device_blocks {
+                self.key_of[b.index()] = self.kv.reuse_index().cached_key(b).map(|t| t.key);
+            }
         }
         Ok(served)
     }
@@ -300,7 +314,7 @@ impl ManagedDevice {
             let age = now.saturating_sub(self.last_use[b.index()]);
             self.eviction_age = Some(self.eviction_age.map_or(age, |y| y.min(age)));
         }
-        if self.promoted.remove(&b) {
+        if unmark(&mut self.promoted, &mut self.promoted_now, b) {
             self.promoted_evicted += 1;
         }
     }
@@ -476,7 +490,9 @@ impl ManagedDevice {
         };
         let (_, n) = self.execute_load(&job, now)?;
         for l in &job.blocks[..n] {
-            self.promoted.insert(l.device);
+            if !std::mem::replace(&mut self.promoted[l.device.index()], true) {
+                self.promoted_now += 1;
+            }
         }
         self.blocks.clear();
         self.blocks
@@ -513,11 +529,7 @@ impl ManagedDevice {
 
     /// Promoted blocks hit by a request, evicted before any hit, and still unused.
     pub(crate) fn promotion_use(&self) -> (u64, u64, u64) {
-        (
-            self.promoted_used,
-            self.promoted_evicted,
-            self.promoted.len() as u64,
-        )
+        (self.promoted_used, self.promoted_evicted, self.promoted_now)
     }
 
     /// Counters of the engine's side (offloads, loads, computed blocks).
