@@ -23,7 +23,7 @@
 //! Predictive promotion (`promote.rs`) goes through the manager too: a promotion is a sequence
 //! of its own whose prefix continues into the host tier, loaded, cached and freed.
 
-mod managed;
+pub mod managed;
 mod promote;
 
 use std::cmp::Reverse;

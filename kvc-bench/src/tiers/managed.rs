@@ -12,11 +12,12 @@
 //! blocks and reports it with `complete_load`, "computes" the rest of the prompt, offers its
 //! full blocks with `cache_blocks` and frees the request.
 //!
-//! Device memory holds real bytes: one stand-in payload per block (the 32 bytes of
-//! [`stand_in`](super::stand_in) for the key of the tokens it holds). Offloads are gathered
+//! Device memory holds real bytes: one 32-byte stand-in payload per block (the key of the
+//! tokens it holds, twice). Offloads are gathered
 //! from device memory and checked against the key the manager names; loads are checked against
 //! the key they were stored with before they are scattered into device memory. A block whose
-//! bytes disagree with its key is an error ([`TiersError::WrongBytes`]), never a silent hit.
+//! bytes disagree with its key is an error ([`TiersError::WrongBytes`],
+//! [`TiersError::WrongOffload`]), never a silent hit.
 
 use std::sync::Arc;
 
