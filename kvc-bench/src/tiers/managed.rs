@@ -13,10 +13,10 @@
 //! full blocks with `cache_blocks` and frees the request.
 //!
 //! Device memory holds real bytes: one 32-byte stand-in payload per block (the key of the
-//! tokens it holds, twice). Offloads are gathered
-//! from device memory and checked against the key the manager names; loads are checked against
-//! the key they were stored with before they are scattered into device memory. A block whose
-//! bytes disagree with its key is an error ([`TiersError::WrongBytes`],
+//! tokens it holds, twice, from the replay's own hash of the prompt). Offloads are gathered
+//! from device memory and checked against the key the manager names; loads are checked
+//! against the key they were stored with before they are scattered into device memory. A
+//! block whose bytes disagree with its key is an error ([`TiersError::WrongBytes`],
 //! [`TiersError::WrongOffload`]), never a silent hit.
 
 use std::sync::Arc;
@@ -79,7 +79,8 @@ pub struct Served {
     pub full_blocks: usize,
     /// Leading blocks hit in device memory.
     pub device_blocks: usize,
-    /// Blocks after those loaded from the host, disk and shared tiers (checked byte for byte).
+    /// Blocks after the device hit loaded from the host, disk and shared tiers (each checked
+    /// byte for byte).
     pub tier_blocks: [usize; 3],
 }
 
