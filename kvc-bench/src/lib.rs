@@ -9,8 +9,9 @@
 //!   block management (`kvc-bench replay --engine-like`);
 //! - [`kernel_kit`]: ready-made decode batches and a read-bandwidth probe for measuring the
 //!   `kvc-kernels` CPU decode against the machine;
-//! - [`tiers`]: the trace replayed through a device prefix cache with the host, disk and
-//!   shared tiers of `kvc-tier` below it (`kvc-bench scenario tiers`);
+//! - [`tiers`]: the trace replayed through the memory manager (`kvc-sched`'s `KvManager`, an
+//!   LRU device prefix cache) with the host, disk and shared tiers of `kvc-tier` below it
+//!   (`kvc-bench scenario tiers`);
 //! - [`report`]: the report of `cargo xtask bench` (`kvc-bench report`);
 //! - [`metrics_export`]: the Prometheus endpoint of `kvc-bench engine --metrics-addr`;
 //! - [`cluster`]: N simulated engines behind the KV-aware router (`kvc-bench scenario

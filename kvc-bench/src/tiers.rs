@@ -1,33 +1,41 @@
-//! The `tiers` scenario: a Mooncake-format trace replayed through a device prefix cache (the
-//! real [`PrefixCache`], LRU) with the real [`TierStack`] below it (host, and optionally disk
-//! and a shared Redis server), against the device cache alone.
+//! The `tiers` scenario: a Mooncake-format trace replayed through the memory manager
+//! (`kvc_sched::KvManager`, with the real LRU [`PrefixCache`](kvc_reuse::PrefixCache) as its
+//! reuse index over a pool of the device's blocks) with the real [`TierStack`] below it (host,
+//! and optionally disk and a shared Redis server), against the same device alone.
 //!
-//! Per request, in trace order: hash the prompt, look up the device cache, continue the lookup
-//! into the tiers for the blocks after the device hit (the longest prefix across host, disk and
-//! shared), load those blocks (checking every loaded byte), cache every full prompt block on the
-//! device, and evict the device cache down to its capacity; evicted blocks are offloaded to the
-//! host tier (write-back; write-through offloads at caching time instead), whose evictions go
-//! to disk.
+//! Per request, in trace order, the manager decides and the replay executes, as an engine
+//! executes a step plan ([`ManagedDevice`], `tiers/managed.rs`): the device lookup, the load
+//! of the blocks some tier holds after the device hit (the longest prefix across host, disk
+//! and shared; the replay copies them in, checking every loaded byte, and reports the load),
+//! the allocation of the rest of the prompt (evicting LRU blocks when the device is full),
+//! the offloads of the blocks evicted (write-back) or newly cached (write-through), gathered
+//! from device memory before anything is written over them, and the caching of every full
+//! prompt block. The host tier's evictions go to disk.
 //!
-//! The tiers move real bytes, but a small stand-in payload per block (32 bytes: the block's key,
-//! twice), so that 30M tokens of host tier fit in 60 MB on a laptop; loads are checked against
-//! it. Bytes and times are then charged at the real model's size in the cost model: each block
-//! loaded is `bytes_per_block` of the model (Llama-3-8B bf16 by default: 2 MiB per 16 tokens),
-//! moved over PCIe from host memory, plus the disk read or the network transfer for lower
-//! tiers, and each token hit saves its share of the prefill compute of the cost model.
+//! The tiers and device memory hold real bytes, but a small stand-in payload per block (32
+//! bytes: the block's key, twice), so that 30M tokens of host tier fit in 60 MB on a laptop;
+//! offloads and loads are checked against it. Bytes and times are then charged at the real
+//! model's size in the cost model: each block loaded is `bytes_per_block` of the model
+//! (Llama-3-8B bf16 by default: 2 MiB per 16 tokens), moved over PCIe from host memory, plus
+//! the disk read or the network transfer for lower tiers, and each token hit saves its share
+//! of the prefill compute of the cost model.
+//!
+//! Predictive promotion (`promote.rs`) goes through the manager too: a promotion is a sequence
+//! of its own whose prefix continues into the host tier, loaded, cached and freed.
 
+pub mod managed;
 mod promote;
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashSet};
+use std::collections::BinaryHeap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvc_core::{BlockId, DType, KvLayout, StoreKey, StoreNamespace};
-use kvc_reuse::{BlockHash, BlockHasher, HashExtra, HasherKind, PolicyKind, PrefixCache};
+use kvc_core::{BlockId, DType, KvLayout, SeqId, StoreKey, StoreNamespace};
 use kvc_tier::{
-    DeviceEvent, DiskConfig, DiskTier, HostConfig, HostTier, LoadOutcome, OffloadMode,
-    SharedConfig, SharedTier, TierKind, TierStack,
+    DiskConfig, DiskTier, HostConfig, HostTier, LoadOutcome, OffloadMode, SharedConfig, SharedTier,
+    TierKind, TierStack,
 };
 use serde::Serialize;
 use thiserror::Error;
@@ -36,14 +44,11 @@ use crate::profiles::{GpuProfile, ModelProfile};
 use crate::replay::synth_prompt;
 use crate::sim::cost::CostModel;
 use crate::trace::TraceRequest;
+pub use managed::{EngineCounters, ManagedDevice, Served};
 use promote::Predictor;
 
 /// Bytes of the stand-in payload of one block in the tiers.
 const STAND_IN_BYTES: usize = 32;
-
-/// The retention priority every block is offloaded with: nothing is pinned in this replay
-/// (and blocks the tiers promote into host memory rank at the default too).
-const DEFAULT_PRIORITY: u8 = kvc_core::Retention::DEFAULT_PRIORITY;
 
 /// Link speeds of the cost model, in bytes per second.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
@@ -131,9 +136,27 @@ pub enum TiersError {
     /// A tier failed during the replay.
     #[error("tier failed during the replay: {0}")]
     Tier(String),
-    /// The device prefix cache refused an insert or a release (a broken invariant).
-    #[error("device cache: {0}")]
+    /// The memory manager or its device prefix cache refused an operation (a broken
+    /// invariant).
+    #[error("device memory: {0}")]
     Cache(String),
+    /// A prompt needs more blocks than the whole device holds.
+    #[error("a prompt of {tokens} tokens does not fit a device of {device_tokens} tokens")]
+    PromptTooLarge {
+        /// The prompt's tokens.
+        tokens: u64,
+        /// The device's capacity in tokens.
+        device_tokens: u64,
+    },
+    /// A device block the manager offloaded under `key` held the bytes of another key (the
+    /// offload came after the block was written over).
+    #[error("device block {block} offloaded as {key} holds other bytes")]
+    WrongOffload {
+        /// The key.
+        key: String,
+        /// The device block.
+        block: BlockId,
+    },
     /// A loaded block did not hold the bytes stored for its key.
     #[error("block {key} loaded from the {tier} tier holds other bytes")]
     WrongBytes {
@@ -150,10 +173,6 @@ fn setup<E: std::fmt::Display>(e: E) -> TiersError {
 
 fn tier_err<E: std::fmt::Display>(e: E) -> TiersError {
     TiersError::Tier(e.to_string())
-}
-
-fn cache_err(e: kvc_reuse::ReuseError) -> TiersError {
-    TiersError::Cache(e.to_string())
 }
 
 /// Tokens served by each place.
@@ -208,6 +227,10 @@ pub struct TiersRun {
     pub promoted_blocks: u64,
     /// Shared-tier calls answered as misses because the server was out of reach.
     pub shared_unavailable_calls: u64,
+    /// Loads that brought back fewer blocks than the memory manager planned: a tier lost
+    /// blocks between the manager's lookup and the load (in this replay, to the offloads the
+    /// same plan executes first); the rest of those prompts is computed.
+    pub short_loads: u64,
     /// Wall time of the replay, in seconds.
     pub elapsed_s: f64,
     /// Predictive promotion's figures, when it ran.
@@ -306,173 +329,6 @@ fn build_stack(cfg: &TiersConfig, run_id: &str) -> Result<Option<TierStack>, Tie
     Ok(Some(TierStack::new(host, disk, shared, cfg.mode)))
 }
 
-/// The device prefix cache and the block ids behind it.
-struct Device {
-    cache: PrefixCache,
-    cap_blocks: usize,
-    free: Vec<BlockId>,
-    key_of: Vec<StoreKey>,
-    last_use: Vec<u64>,
-    blocks: Vec<BlockId>,
-    newly: Vec<BlockId>,
-    evicted: Vec<BlockId>,
-    keys: Vec<StoreKey>,
-    offload: Vec<u8>,
-    /// Blocks cached by a promotion and not hit since.
-    promoted: HashSet<BlockId>,
-    promoted_evicted: u64,
-    /// How long the youngest block of the latest eviction had been unused.
-    last_eviction_age: Option<u64>,
-}
-
-impl Device {
-    /// Caches the chain `hashes` whose first blocks are the device hit `hit` (held by the
-    /// lookup), releases it, offloads (write-through) what it newly cached unless `promoted`,
-    /// and evicts down to capacity, offloading the evicted blocks (write-back).
-    fn admit(
-        &mut self,
-        hashes: &[BlockHash],
-        hit: &[BlockId],
-        now: u64,
-        stack: Option<&TierStack>,
-        promoted: bool,
-    ) -> Result<usize, TiersError> {
-        let k = hit.len();
-        self.blocks.clear();
-        self.blocks.extend_from_slice(hit);
-        while self.blocks.len() < hashes.len() {
-            let id = self.free.pop().unwrap_or_else(|| {
-                self.key_of.push(StoreKey(0));
-                self.last_use.push(0);
-                BlockId((self.key_of.len() - 1) as u32)
-            });
-            self.blocks.push(id);
-        }
-        self.newly.clear();
-        self.cache
-            .insert(hashes, &self.blocks, now, &mut self.newly)
-            .map_err(cache_err)?;
-        self.cache.release(&self.blocks).map_err(cache_err)?;
-        for &b in &self.blocks {
-            self.last_use[b.index()] = now;
-        }
-        let mut kept = self.newly.iter().peekable();
-        self.offload.clear();
-        self.keys.clear();
-        for (i, &b) in self.blocks.iter().enumerate().skip(k) {
-            if kept.peek() == Some(&&b) {
-                kept.next();
-                self.key_of[b.index()] = StoreKey(hashes[i].0);
-                self.keys.push(self.key_of[b.index()]);
-                self.offload
-                    .extend_from_slice(&stand_in(self.key_of[b.index()]));
-                if promoted {
-                    self.promoted.insert(b);
-                }
-            } else {
-                self.free.push(b);
-            }
-        }
-        let cached = self.keys.len();
-        if let Some(stack) = stack
-            && !promoted
-        {
-            let _ = stack
-                .offload(
-                    DeviceEvent::Cached,
-                    &self.keys,
-                    &self.offload,
-                    DEFAULT_PRIORITY,
-                )
-                .map_err(tier_err)?;
-        }
-        if self.cache.len() > self.cap_blocks {
-            self.evicted.clear();
-            self.cache
-                .evict(self.cache.len() - self.cap_blocks, now, &mut self.evicted);
-            self.keys.clear();
-            self.offload.clear();
-            let mut youngest = None;
-            for b in &self.evicted {
-                let key = self.key_of[b.index()];
-                self.keys.push(key);
-                self.offload.extend_from_slice(&stand_in(key));
-                if self.promoted.remove(b) {
-                    self.promoted_evicted += 1;
-                }
-                let age = now.saturating_sub(self.last_use[b.index()]);
-                youngest = Some(youngest.map_or(age, |y: u64| y.min(age)));
-            }
-            if youngest.is_some() {
-                self.last_eviction_age = youngest;
-            }
-            if let Some(stack) = stack {
-                let _ = stack
-                    .offload(
-                        DeviceEvent::Evicted,
-                        &self.keys,
-                        &self.offload,
-                        DEFAULT_PRIORITY,
-                    )
-                    .map_err(tier_err)?;
-            }
-            self.free.extend_from_slice(&self.evicted);
-        }
-        Ok(cached)
-    }
-
-    /// Copies the blocks of `hashes` after the device's hit that the host tier holds (its
-    /// leading run) into the device cache at `now`; returns how many.
-    fn promote(
-        &mut self,
-        hashes: &[BlockHash],
-        now: u64,
-        stack: &TierStack,
-        keys: &mut Vec<StoreKey>,
-        buf: &mut Vec<u8>,
-    ) -> Result<usize, TiersError> {
-        // Nothing to do (and no recency touched) when the device still holds the chain or
-        // the host tier does not hold what follows the device's part.
-        let on_device = hashes
-            .iter()
-            .take_while(|h| self.cache.contains(**h))
-            .count();
-        if on_device == hashes.len() {
-            return Ok(0);
-        }
-        keys.clear();
-        keys.extend(hashes[on_device..].iter().map(|h| StoreKey(h.0)));
-        let mut tiers = stack.lookup(keys).map_err(tier_err)?;
-        let host = tiers.iter().take_while(|t| **t == TierKind::Host).count();
-        if host == 0 {
-            return Ok(0);
-        }
-        tiers.truncate(host);
-        keys.truncate(host);
-        // Hold the device's part (a prompt one token longer than the chain asks for all).
-        let bs = self.cache.block_size() as usize;
-        let hit = self
-            .cache
-            .lookup(&hashes[..on_device], on_device * bs + 1, now);
-        let n = if hit.blocks.len() == on_device {
-            load_checked(stack, keys, &tiers, buf)?.blocks
-        } else {
-            0
-        };
-        if n == 0 {
-            self.cache.release(&hit.blocks).map_err(cache_err)?;
-            return Ok(0);
-        }
-        self.admit(
-            &hashes[..on_device + n],
-            &hit.blocks,
-            now,
-            Some(stack),
-            true,
-        )
-    }
-}
-
 /// Loads the blocks of `keys` found in `tiers` into `buf`, checking every loaded byte.
 fn load_checked(
     stack: &TierStack,
@@ -494,44 +350,33 @@ fn load_checked(
     Ok(out)
 }
 
-/// Replays `trace` with the tiers of `cfg` (`host_tokens == 0`: the device cache alone).
+/// Replays `trace` with the tiers of `cfg` (`host_tokens == 0`: the device alone), through
+/// the memory manager ([`ManagedDevice`]).
+///
+/// # Errors
+/// [`TiersError::EmptyTrace`], [`TiersError::Setup`] for a configuration a tier or the
+/// manager refuses, [`TiersError::PromptTooLarge`] for a prompt larger than the device, and
+/// the errors of [`ManagedDevice::serve`].
 pub fn run(trace: &[TraceRequest], cfg: &TiersConfig, name: &str) -> Result<TiersRun, TiersError> {
     let trace = &trace[..cfg.limit.min(trace.len())];
     if trace.is_empty() {
         return Err(TiersError::EmptyTrace);
     }
     let bs = cfg.block_size as usize;
-    let cap_blocks = usize::try_from(cfg.device_tokens / u64::from(cfg.block_size))
+    let cap_blocks = usize::try_from(cfg.device_tokens / u64::from(cfg.block_size.max(1)))
         .map_err(setup)?
         .max(1);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
     let run_id = format!("{}-{nanos:x}", std::process::id());
-    let stack = build_stack(cfg, &run_id)?;
+    let stack = build_stack(cfg, &run_id)?.map(Arc::new);
     let cost = CostModel::new(cfg.gpu, cfg.model, cfg.block_size).map_err(setup)?;
     let model_block = cost.layout.bytes_per_block() as f64;
 
     let start = Instant::now();
-    let hasher = HasherKind::Xxh3;
-    let mut dev = Device {
-        cache: PrefixCache::with_policy(cfg.block_size, PolicyKind::Lru.build(cap_blocks)),
-        cap_blocks,
-        free: Vec::new(),
-        key_of: Vec::new(),
-        last_use: Vec::new(),
-        blocks: Vec::new(),
-        newly: Vec::new(),
-        evicted: Vec::new(),
-        keys: Vec::new(),
-        offload: Vec::new(),
-        promoted: HashSet::new(),
-        promoted_evicted: 0,
-        last_eviction_age: None,
-    };
-    let root = hasher.root(&HashExtra::new("mooncake-replay", 1));
-    let (mut tokens, mut hashes) = (Vec::new(), Vec::new());
-    let (mut keys, mut buf) = (Vec::new(), Vec::new());
+    let mut dev = ManagedDevice::new(cap_blocks, cfg.block_size, stack.clone(), cfg.mode)?;
+    let (mut tokens, mut keys) = (Vec::new(), Vec::new());
     let mut input_tokens = 0u64;
     let mut hit = [0u64; 4];
     let (mut pcie_s, mut disk_s, mut network_s, mut saved_s, mut ttft_s) =
@@ -542,7 +387,7 @@ pub fn run(trace: &[TraceRequest], cfg: &TiersConfig, name: &str) -> Result<Tier
     for (ri, req) in trace.iter().enumerate() {
         let now = req.timestamp_ms;
         // Promotions planned before this request, in time order.
-        if let (Some(pred), Some(stack), Some(pc)) = (&predictor, &stack, &cfg.promote) {
+        if let (Some(pred), Some(pc)) = (&predictor, &cfg.promote) {
             while let Some(&Reverse((due, parent, idx))) = plans.peek()
                 && due <= now
             {
@@ -553,73 +398,56 @@ pub fn run(trace: &[TraceRequest], cfg: &TiersConfig, name: &str) -> Result<Tier
                 }
                 tokens.clear();
                 synth_prompt(&trace[idx], &mut tokens);
-                hashes.clear();
-                hasher.hash_blocks(root, &tokens, bs, &mut hashes);
-                let depth = pred.promote_depth(hashes.len()).min(pc.max_blocks);
-                let n = dev.promote(&hashes[..depth], due, stack, &mut keys, &mut buf)?;
+                let depth = pred.promote_depth(tokens.len() / bs).min(pc.max_blocks);
+                let n = dev.promote(&tokens, depth, due)?;
                 promo.promoted_blocks += n as u64;
                 promo.conversations += u64::from(n > 0);
             }
         }
         tokens.clear();
         synth_prompt(req, &mut tokens);
-        hashes.clear();
-        hasher.hash_blocks(root, &tokens, bs, &mut hashes);
-        let arrival = predictor.as_mut().map(|p| p.arrive(&hashes, now));
-        let hit_dev = dev.cache.lookup(&hashes, tokens.len(), now);
-        let k = hit_dev.blocks.len();
-        for b in &hit_dev.blocks {
-            promo.used_blocks += u64::from(dev.promoted.remove(b));
-        }
-        input_tokens += tokens.len() as u64;
-        hit[0] += hit_dev.tokens;
-        // Continue into the tiers, never covering the last prompt token.
-        let usable = tokens.len().saturating_sub(1) / bs;
-        let mut per = [0usize; 3];
-        if let Some(stack) = &stack
-            && usable > k
-        {
-            keys.clear();
-            keys.extend(hashes[k..usable].iter().map(|h| StoreKey(h.0)));
-            let tiers = stack.lookup(&keys).map_err(tier_err)?;
-            let out = load_checked(stack, &keys, &tiers, &mut buf)?;
-            per = out.per_tier;
-        }
-        let tier_blocks: usize = per.iter().sum();
+        let arrival = match &mut predictor {
+            Some(pred) => {
+                dev.block_hashes(&tokens, &mut keys);
+                Some(pred.arrive(&keys, now))
+            }
+            None => None,
+        };
+        let seq = SeqId(u64::try_from(ri).map_err(setup)?);
+        let served = dev.serve(seq, &tokens, now)?;
+        input_tokens += served.prompt_tokens;
+        hit[0] += (served.device_blocks * bs) as u64;
+        let per = served.tier_blocks;
         for (t, &n) in per.iter().enumerate() {
             hit[t + 1] += (n * bs) as u64;
         }
         // The cost model: loads over the links, then the prefill of what is left.
         let bytes = |n: usize| n as f64 * model_block;
-        let req_pcie = bytes(tier_blocks) / cfg.links.pcie;
+        let req_pcie = bytes(served.loaded_blocks()) / cfg.links.pcie;
         let req_disk = bytes(per[1]) / cfg.links.disk;
         let req_net = bytes(per[2]) / cfg.links.network;
         pcie_s += req_pcie;
         disk_s += req_disk;
         network_s += req_net;
-        let cached = ((k + tier_blocks) * bs) as u32;
+        let cached = ((served.device_blocks + served.loaded_blocks()) * bs) as u32;
         let len = tokens.len() as u32;
         let full = cost.step_seconds(&[len], &[len]);
         let rest = cost.step_seconds(&[len - cached.min(len)], &[len]);
         saved_s += full - rest;
         ttft_s += rest + req_pcie + req_disk + req_net;
 
-        // Cache every full prompt block on the device; the request holds its whole table
-        // until it is done (here: at once, prompts only).
-        dev.admit(&hashes, &hit_dev.blocks, now, stack.as_ref(), false)?;
         if let (Some(pred), Some(arrival), Some(pc)) = (&mut predictor, arrival, &cfg.promote) {
-            if let Some(age) = dev.last_eviction_age.take() {
+            if let Some(age) = dev.take_eviction_age() {
                 pred.evicted(age);
             }
-            if let Some(delay) = pred.end(&hashes, arrival.turn, now, pc.min_odds) {
+            if let Some(delay) = pred.end(&keys, arrival.turn, now, pc.min_odds) {
                 let me = u32::try_from(ri).map_err(setup)?;
                 plans.push(Reverse((now.saturating_add(delay), me, ri)));
                 promo.planned += 1;
             }
         }
     }
-    promo.wasted_blocks = dev.promoted_evicted;
-    promo.unused_at_end = dev.promoted.len() as u64;
+    (promo.used_blocks, promo.wasted_blocks, promo.unused_at_end) = dev.promotion_use();
     promo.promoted_bytes = promo.promoted_blocks as f64 * model_block;
     promo.pcie_s = promo.promoted_bytes / cfg.links.pcie;
     if let Some(pred) = &predictor {
@@ -628,13 +456,16 @@ pub fn run(trace: &[TraceRequest], cfg: &TiersConfig, name: &str) -> Result<Tier
         promo.median_gap_ms = pred.median_gap_ms();
     }
     let elapsed_s = start.elapsed().as_secs_f64();
-    let stats = stack.as_ref().map(TierStack::stats).unwrap_or_default();
+    let short_loads = dev.counters().short_loads;
+    // The manager holds the stack too: drop it before the disk folder goes.
+    drop(dev);
+    let stats = stack.as_deref().map(TierStack::stats).unwrap_or_default();
     let unavailable = stack
-        .as_ref()
+        .as_deref()
         .and_then(|s| s.shared().map(|t| t.stats().unavailable_calls))
         .unwrap_or(0);
     if let Some(dir) = stack
-        .as_ref()
+        .as_deref()
         .and_then(|s| s.disk().map(|d| d.dir().to_path_buf()))
     {
         drop(stack);
@@ -677,6 +508,7 @@ pub fn run(trace: &[TraceRequest], cfg: &TiersConfig, name: &str) -> Result<Tier
         demoted_blocks: stats.demoted,
         promoted_blocks: stats.promoted,
         shared_unavailable_calls: unavailable,
+        short_loads,
         elapsed_s,
         promotion: predictor.map(|_| promo),
     })

@@ -226,8 +226,8 @@ pub(crate) fn render(md: &mut String, plots: &mut Vec<(String, String)>, d: &Rep
     };
     let _ = writeln!(
         md,
-        "> **Workload:** {} replayed through a {}-token device prefix cache (LRU, 16-token \
-         blocks) with kvc-tier's host tier (16-block pages, LRU pages, write-back) below it; \
+        "> **Workload:** {} replayed through kvc-sched's memory manager over a {}-token device \
+         (LRU prefix cache, 16-token blocks) with kvc-tier's host tier (16-block pages, LRU pages, write-back) below it; \
          lower tiers on a prefix of the trace. The tiers move a 32-byte stand-in per block, \
          checked on every load; bytes and times are charged at the model's 2 MiB per block.  \n\
          > **Machine:** {}; {}  \n> **Measured:** {} · **Reproduce:** `{}`\n",
