@@ -154,6 +154,7 @@ impl Nodes {
         self.nodes.get(slot).filter(|n| n.live)
     }
 
+    #[inline(always)]
     fn insert(&mut self, node: Node) -> usize {
         self.len += 1;
         match self.free.pop() {
@@ -776,7 +777,14 @@ impl PrefixCache {
         let mut stored_parent = None;
         let mut result = Ok(());
         let mut inserted = 0u64;
-        for (i, (&hash, &block)) in hashes.iter().zip(blocks).enumerate() {
+        // Blocks after a new one are new too (see `Self::insert_new_run`), so once one is
+        // cached the rest go through that run's loop, where nothing else can happen; it needs
+        // the cache's own LRU order and no events, whose per-block work it leaves out.
+        let runs = self.recency.is_some() && !self.events.enabled();
+        let mut next = 0;
+        while let (Some(&hash), Some(&block)) = (hashes.get(next), blocks.get(next)) {
+            let i = next;
+            next += 1;
             if i >= existing as usize
                 && let Some(&next) = hashes.get(i + Self::AHEAD)
             {
@@ -856,6 +864,13 @@ impl PrefixCache {
             parent = Some(slot);
             parent_new = true;
             recent[i % Self::CHAIN_AHEAD] = slot;
+            if runs {
+                let (end, last) =
+                    self.insert_new_run(hashes, blocks, next, slot, &mut recent, newly_cached);
+                inserted += (end - next) as u64;
+                parent = Some(last);
+                next = end;
+            }
         }
         self.metrics.inserted_blocks = self.metrics.inserted_blocks.saturating_add(inserted);
         if let Some(last) = parent {
@@ -868,6 +883,74 @@ impl PrefixCache {
             });
         }
         result
+    }
+
+    /// Caches blocks `from..` of an insert while each one is new, as [`Self::insert`]'s loop
+    /// would with the cache's own LRU order and no events: `parent` is the slot of block
+    /// `from - 1`, cached by this call (so it has no child yet). Returns where it stopped
+    /// (the end, or a block the general loop must handle) and the last block's slot.
+    ///
+    /// With chained hashes a block after a new one is new too: a cached block's parent is
+    /// cached (eviction is leaf first, invalidation detaches whole subtrees), so a hit after
+    /// a miss would need the missed hash cached. Hashes that are not a chain still work: a
+    /// hash found cached, or a block the cache tracks, ends the run, and the general loop
+    /// takes that block as before.
+    #[inline]
+    fn insert_new_run(
+        &mut self,
+        hashes: &[BlockHash],
+        blocks: &[BlockId],
+        from: usize,
+        mut parent: u32,
+        recent: &mut [u32; Self::CHAIN_AHEAD],
+        newly_cached: &mut Vec<BlockId>,
+    ) -> (usize, u32) {
+        let (hashes, blocks) = (&hashes[..blocks.len()], &blocks[..hashes.len()]);
+        newly_cached.reserve(hashes.len().saturating_sub(from));
+        let mut i = from;
+        while let (Some(&hash), Some(&block)) = (hashes.get(i), blocks.get(i)) {
+            if let Some(&next) = hashes.get(i + Self::AHEAD) {
+                self.by_hash.prefetch(next);
+            }
+            let probe = self
+                .by_hash
+                .get_or_vacancy(hash, hittable_hash(&self.nodes));
+            if matches!(probe, Probe::Found(_)) || self.by_block.contains(block) {
+                break;
+            }
+            let stamp = self.tick();
+            let slot = self.nodes.insert(Node {
+                hash,
+                block,
+                parent,
+                ancestor: recent[i % Self::CHAIN_AHEAD],
+                first_child: NIL,
+                next_sibling: NIL,
+                prev_sibling: NIL,
+                refs: 1,
+                retained: false,
+                hittable: true,
+                stamp,
+                depth: i as u32,
+                lane: Lane::None,
+                in_set: false,
+                live: true,
+            }) as u32;
+            match probe {
+                Probe::Vacancy(at) => self.by_hash.insert_at(at, hash, slot),
+                Probe::Found(_) | Probe::Absent => self.by_hash.insert(hash, slot),
+            }
+            self.by_block.insert(block, slot);
+            // The parent was cached by this call and its only child is this block: in use by
+            // the offering request, in no lane, so nothing else about it changes.
+            debug_assert_eq!(self.nodes[parent as usize].first_child, NIL);
+            self.nodes[parent as usize].first_child = slot;
+            newly_cached.push(block);
+            recent[i % Self::CHAIN_AHEAD] = slot;
+            parent = slot;
+            i += 1;
+        }
+        (i, parent)
     }
 
     /// Another holder of these blocks (a fork, a session keeping a request's blocks): each
@@ -1472,6 +1555,89 @@ impl PrefixCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An insert's run of new blocks (`PrefixCache::insert_new_run`, taken with the cache's
+    /// own LRU order and no events) ends where the general loop must take over, and the two
+    /// paths cache the same: a cache recording events (so never taking the run) sees the
+    /// same results, newly cached blocks, hits, evictions and metrics under a stream of
+    /// inserts whose hashes are *not* chains (hashes cached under another parent or another
+    /// block, repeats within one insert, blocks already cached, invalidated blocks in use).
+    #[test]
+    fn an_insert_run_hands_back_to_the_general_loop() {
+        let mut fast = PrefixCache::new(4, PolicyKind::Lru);
+        let mut slow = PrefixCache::new(4, PolicyKind::Lru);
+        slow.subscribe();
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut rand = move |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let mut held: Vec<Vec<BlockId>> = Vec::new();
+        let (mut runs_stopped, mut next_block) = (0, 0u32);
+        for step in 0..6_000u64 {
+            match rand(10) {
+                0..=4 => {
+                    // Hashes from a small set, so many are cached already, under other parents.
+                    let len = 1 + rand(12) as usize;
+                    let hashes: Vec<BlockHash> = (0..len)
+                        .map(|_| BlockHash(u128::from(rand(40)) * 0x9e37_79b9_7f4a_7c15 + 1))
+                        .collect();
+                    let blocks: Vec<BlockId> = (0..len)
+                        .map(|_| {
+                            if rand(4) == 0 {
+                                BlockId(rand(u64::from(next_block.max(1))) as u32)
+                            } else {
+                                next_block += 1;
+                                BlockId(next_block)
+                            }
+                        })
+                        .collect();
+                    let (mut a, mut b) = (Vec::new(), Vec::new());
+                    let ra = fast.insert(&hashes, &blocks, step, &mut a);
+                    let rb = slow.insert(&hashes, &blocks, step, &mut b);
+                    assert_eq!(ra, rb, "step {step}");
+                    assert_eq!(a, b, "step {step}");
+                    if a.len() > 1 && a.len() < len {
+                        runs_stopped += 1;
+                    }
+                    held.push(blocks);
+                }
+                5 | 6 if !held.is_empty() => {
+                    let blocks = held.swap_remove(rand(held.len() as u64) as usize);
+                    assert_eq!(fast.release(&blocks), slow.release(&blocks), "step {step}");
+                }
+                7 => {
+                    let h = BlockHash(u128::from(rand(40)) * 0x9e37_79b9_7f4a_7c15 + 1);
+                    assert_eq!(fast.invalidate(h), slow.invalidate(h), "step {step}");
+                }
+                8 => {
+                    let n = rand(20) as usize;
+                    let (mut a, mut b) = (Vec::new(), Vec::new());
+                    fast.evict(n, step, &mut a);
+                    slow.evict(n, step, &mut b);
+                    assert_eq!(a, b, "step {step}");
+                }
+                _ => {
+                    let h = BlockHash(u128::from(rand(40)) * 0x9e37_79b9_7f4a_7c15 + 1);
+                    let hit_a = fast.lookup(&[h], 8, step);
+                    let hit_b = slow.lookup(&[h], 8, step);
+                    assert_eq!(hit_a, hit_b, "step {step}");
+                    assert_eq!(fast.release(&hit_a.blocks), slow.release(&hit_b.blocks));
+                }
+            }
+            assert_eq!(fast.metrics(), slow.metrics(), "step {step}");
+            assert_eq!(fast.evictable_blocks(), slow.evictable_blocks());
+            assert_eq!(fast.len(), slow.len());
+        }
+        // Inserts that cached a run of new blocks and then stopped before their end.
+        assert!(runs_stopped > 50, "only {runs_stopped} runs ended early");
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        fast.evict(usize::MAX, 1 << 20, &mut a);
+        slow.evict(usize::MAX, 1 << 20, &mut b);
+        assert_eq!(a, b);
+    }
 
     /// Block ids on both sides of the dense table's limit, and ids the dense table has not
     /// grown to yet: every look-up, insert and removal lands in the right table.
