@@ -1145,6 +1145,31 @@ impl PrefixCache {
             }
             n += 1;
             by_policy += 1;
+            // A chain released tail first is evicted tail first: while the policy names each
+            // parent as the next victim, it is taken here, without the order's look-ups, the
+            // prefetch of the order's next victims (the chain's nodes come from `ancestor`)
+            // or a pass through the lanes above.
+            while let Some(p) = next_up {
+                if n >= count {
+                    break;
+                }
+                let Some(victim) = self.nodes.take_leaf(p, Lane::Policy) else {
+                    debug_assert!(false, "a parent named next is an evictable leaf");
+                    next_up = None;
+                    break;
+                };
+                next_up = self.remove_hittable(p, &victim, false, true, count - n > 1);
+                self.unused -= 1;
+                if self.events.enabled() {
+                    removed.push(victim.hash);
+                }
+                evicted.push(victim.block);
+                if let Some(h) = hashes.as_deref_mut() {
+                    h.push(Some((victim.hash, Retention::DEFAULT)));
+                }
+                n += 1;
+                by_policy += 1;
+            }
         }
         self.metrics.evicted_capacity = self.metrics.evicted_capacity.saturating_add(by_policy);
         if let Some(p) = next_up {
@@ -1328,6 +1353,7 @@ impl PrefixCache {
     /// returned instead of being put in its lane (its lane is set to `Lane::Policy`): the
     /// caller evicts it next, or puts it in its lane. `least`: the node was the policy lane's
     /// next victim (taken from the policy's order, or a parent it named next).
+    #[inline(always)]
     fn remove_hittable(
         &mut self,
         slot: u32,
