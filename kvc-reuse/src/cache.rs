@@ -986,16 +986,37 @@ impl PrefixCache {
     /// other blocks are still processed and one of the errors is returned.
     pub fn release(&mut self, blocks: &[BlockId]) -> Result<(), ReuseError> {
         let mut result = Ok(());
+        let own_order = self.recency.is_some();
         // Tail first: the blocks freed first are the first evicted (as vLLM frees a request's
         // blocks in reverse), and a prefix's head outlives its tail. The nodes of the blocks
         // `AHEAD` positions on are fetched meanwhile, so their misses overlap.
-        for (j, &block) in blocks.iter().rev().enumerate() {
-            if let Some(&next) = blocks
-                .len()
-                .checked_sub(j + 1 + Self::AHEAD)
-                .map(|k| &blocks[k])
-            {
+        for (j, &block) in blocks.iter().enumerate().rev() {
+            if let Some(&next) = j.checked_sub(Self::AHEAD).and_then(|k| blocks.get(k)) {
                 self.prefetch_block(next);
+            }
+            let Some(slot) = self.by_block.get(block) else {
+                continue;
+            };
+            // The common cases in line: a block other holders still use, and a hittable
+            // block whose last holder leaves, in the cache's own LRU order. A block in use is
+            // in no lane, so its new stamp needs no queue change; it joins the order if it
+            // has no child (`refresh`). Everything else takes `release_one`.
+            let node = &mut self.nodes[slot as usize];
+            if node.refs > 1 {
+                node.refs -= 1;
+                continue;
+            }
+            if own_order && node.refs == 1 && node.hittable {
+                debug_assert_eq!(node.lane, Lane::None, "a block in use is in no lane");
+                node.refs = 0;
+                self.clock += 1;
+                node.stamp = self.clock;
+                let leaf = !node.has_children();
+                self.unused += 1;
+                if leaf {
+                    self.relane(slot);
+                }
+                continue;
             }
             if let Err(e) = self.release_one(block) {
                 result = Err(e);
