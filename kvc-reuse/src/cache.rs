@@ -237,6 +237,18 @@ impl Nodes {
         {
             return None;
         }
+        Some(self.take_evictable_leaf(slot))
+    }
+
+    /// [`Self::take_leaf`] for a node the caller has just checked is an evictable leaf (a
+    /// chain's parent the eviction named next, whose state it read a moment before).
+    #[inline(always)]
+    fn take_evictable_leaf(&mut self, slot: u32) -> Victim {
+        let node = &mut self.nodes[slot as usize];
+        debug_assert!(
+            node.live && node.hittable && node.refs == 0 && !node.has_children(),
+            "slot {slot} is not an evictable leaf"
+        );
         node.lane = Lane::None;
         node.live = false;
         let (prev, next) = (node.prev_sibling, node.next_sibling);
@@ -262,7 +274,7 @@ impl Nodes {
                 self.nodes[prev as usize].next_sibling = next;
             }
         }
-        Some(victim)
+        victim
     }
 
     /// Appends the children of `parent`, oldest first, to `out`, and forgets them.
@@ -1174,11 +1186,8 @@ impl PrefixCache {
                 if n >= count {
                     break;
                 }
-                let Some(victim) = self.nodes.take_leaf(p, Lane::Policy) else {
-                    debug_assert!(false, "a parent named next is an evictable leaf");
-                    next_up = None;
-                    break;
-                };
+                // `remove_hittable` named it after checking that it is an evictable leaf.
+                let victim = self.nodes.take_evictable_leaf(p);
                 next_up = self.remove_hittable(p, &victim, false, true, count - n > 1);
                 self.unused -= 1;
                 if self.events.enabled() {
