@@ -918,7 +918,6 @@ impl PrefixCache {
         newly_cached: &mut Vec<BlockId>,
     ) -> (usize, u32) {
         let (hashes, blocks) = (&hashes[..blocks.len()], &blocks[..hashes.len()]);
-        newly_cached.reserve(hashes.len().saturating_sub(from));
         let mut i = from;
         while let (Some(&hash), Some(&block)) = (hashes.get(i), blocks.get(i)) {
             if let Some(&next) = hashes.get(i + Self::AHEAD) {
@@ -957,11 +956,12 @@ impl PrefixCache {
             // the offering request, in no lane, so nothing else about it changes.
             debug_assert_eq!(self.nodes[parent as usize].first_child, NIL);
             self.nodes[parent as usize].first_child = slot;
-            newly_cached.push(block);
             recent[i % Self::CHAIN_AHEAD] = slot;
             parent = slot;
             i += 1;
         }
+        // The run's blocks, in order, in one copy.
+        newly_cached.extend_from_slice(blocks.get(from..i).unwrap_or_default());
         (i, parent)
     }
 
