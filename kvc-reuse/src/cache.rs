@@ -790,8 +790,9 @@ impl PrefixCache {
         let mut result = Ok(());
         let mut inserted = 0u64;
         // Blocks after a new one are new too (see `Self::insert_new_run`), so once one is
-        // cached the rest go through that run's loop, where nothing else can happen; it needs
-        // the cache's own LRU order and no events, whose per-block work it leaves out.
+        // cached the rest go through that run's loop, which hands back to this one at a block
+        // that is not new; it needs the cache's own LRU order and no events, whose per-block
+        // work it leaves out.
         let runs = self.recency.is_some() && !self.events.enabled();
         let mut next = 0;
         while let (Some(&hash), Some(&block)) = (hashes.get(next), blocks.get(next)) {
