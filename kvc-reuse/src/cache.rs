@@ -645,6 +645,7 @@ impl PrefixCache {
     }
 
     /// One more holder of the node at `slot`: false (nothing changed) if its count is full.
+    #[inline]
     fn hold(&mut self, slot: u32) -> bool {
         let node = &mut self.nodes[slot as usize];
         let Some(refs) = node.refs.checked_add(1) else {
