@@ -413,6 +413,24 @@ impl BlockPool {
     }
 }
 
+/// The trait's default `release_each`: one `release` per block, past the errors, the first
+/// error returned.
+#[cold]
+fn release_one_by_one(pool: &mut BlockPool, blocks: &[BlockId]) -> Result<usize, RefError> {
+    let mut freed = 0;
+    let mut first_err = None;
+    for &block in blocks {
+        match pool.release(block) {
+            Ok(Released::Freed) => freed += 1,
+            Ok(Released::Shared { .. }) => {}
+            Err(err) => {
+                first_err.get_or_insert(err);
+            }
+        }
+    }
+    first_err.map_or(Ok(freed), Err)
+}
+
 impl BlockAllocator for BlockPool {
     #[inline]
     fn allocate(&mut self, region: RegionId) -> Result<BlockId, AllocError> {
@@ -516,6 +534,16 @@ impl BlockAllocator for BlockPool {
             .checked_add(1)
             .ok_or(RefError::RefcountOverflow { block })?;
         Ok(m.refcount)
+    }
+
+    /// One pass of [`BlockPool::release_many`] for a valid batch; a batch with an error
+    /// (which `release_many` leaves undone) is then released block by block, past its errors,
+    /// as the trait's default does. The same pool either way.
+    fn release_each(&mut self, blocks: &[BlockId]) -> Result<usize, RefError> {
+        match self.release_many(blocks) {
+            Ok(freed) => Ok(freed),
+            Err(_) => release_one_by_one(self, blocks),
+        }
     }
 
     #[inline]
@@ -695,6 +723,52 @@ mod tests {
         assert_eq!(p.stats().releases, 4);
         assert_eq!(p.stats().frees, 3);
         assert_eq!(p.release_many(&[]), Ok(0));
+        p.audit().unwrap();
+    }
+
+    /// `release_each` (one `release_many` pass, or block by block after an error) leaves the
+    /// pool exactly as one `release` per block does, returns the same count of freed blocks
+    /// or the same first error, and processes the blocks after an error.
+    #[test]
+    fn release_each_is_release_per_block() {
+        let mut p = pool(8);
+        let mut blocks = Vec::new();
+        p.allocate_many(RegionId::DYNAMIC, 6, &mut blocks).unwrap();
+        p.retain(blocks[1]).unwrap();
+        p.retain(blocks[4]).unwrap();
+        let one_by_one = |p: &mut BlockPool, batch: &[BlockId]| {
+            let mut freed = 0;
+            let mut first_err = None;
+            for &b in batch {
+                match p.release(b) {
+                    Ok(Released::Freed) => freed += 1,
+                    Ok(Released::Shared { .. }) => {}
+                    Err(e) => {
+                        first_err.get_or_insert(e);
+                    }
+                }
+            }
+            first_err.map_or(Ok(freed), Err)
+        };
+        for batch in [
+            // Valid, a block named twice (it has two owners).
+            vec![blocks[3], blocks[1], blocks[1]],
+            // An unknown id, then blocks that must still be released.
+            vec![blocks[0], BlockId(99), blocks[4]],
+            // A block freed above (no owner left) and a double release.
+            vec![blocks[2], blocks[3], blocks[5], blocks[2], blocks[4]],
+            vec![],
+        ] {
+            let mut want = p.clone();
+            let expected = one_by_one(&mut want, &batch);
+            assert_eq!(p.release_each(&batch), expected, "{batch:?}");
+            assert_eq!(format!("{p:?}"), format!("{want:?}"), "{batch:?}");
+        }
+        assert_eq!(
+            p.free_blocks(RegionId::DYNAMIC),
+            Ok(8),
+            "every block released"
+        );
         p.audit().unwrap();
     }
 

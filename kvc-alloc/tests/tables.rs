@@ -157,3 +157,41 @@ fn a_block_table_copies_nothing_at_a_block_boundary_and_fails_cleanly_when_full(
     prompt.release_all(&mut pool).unwrap();
     pool.audit().unwrap();
 }
+
+/// `release_all` hands the table to `BlockAllocator::release_each`: the pool's one-pass
+/// override and the trait's default (through a `&SharedBlockPool`) give the same error, the
+/// same freed blocks and the same free-list order, the blocks after a bad one included.
+#[test]
+fn release_all_releases_past_an_error_through_the_pool_and_the_default() {
+    let setup = || {
+        let mut pool = BlockPool::new(PoolConfig::new(8)).unwrap();
+        let mut table = BlockTable::new(4);
+        table.append_tokens(&mut pool, D, 20).unwrap();
+        let (shared, bad) = (table.blocks()[0], table.blocks()[2]);
+        pool.retain(shared).unwrap(); // a second owner: stays allocated
+        assert_eq!(pool.release(bad), Ok(kvc_core::Released::Freed));
+        (pool, table, shared, bad)
+    };
+    let (mut pool, mut table, shared, bad) = setup();
+    assert_eq!(
+        table.release_all(&mut pool),
+        Err(RefError::NotAllocated { block: bad })
+    );
+    assert_eq!(table.num_blocks(), 0);
+    assert_eq!(pool.refcount(shared), Ok(1));
+    assert_eq!(pool.free_blocks(D), Ok(7));
+
+    let (pool_b, mut table_b, _, _) = setup();
+    let shared_pool = kvc_alloc::SharedBlockPool::new(pool_b);
+    assert_eq!(
+        table_b.release_all(&mut &shared_pool),
+        Err(RefError::NotAllocated { block: bad })
+    );
+    assert_eq!(table_b.num_blocks(), 0);
+    // The same free-list order: the same blocks handed out next, in the same order.
+    let mut next_a = Vec::new();
+    let mut next_b = Vec::new();
+    pool.allocate_many(D, 7, &mut next_a).unwrap();
+    shared_pool.allocate_many(D, 7, &mut next_b).unwrap();
+    assert_eq!(next_a, next_b);
+}

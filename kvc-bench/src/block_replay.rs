@@ -143,10 +143,23 @@ impl Replay {
     /// one before when that is free, else the free list's head), taken in one
     /// [`BlockPool::allocate_many`] pass; tokens that fit in the blocks held (every decode
     /// step but one in `block_size`) take none.
+    #[inline]
     fn append(&mut self, table: &mut BlockTable, n: u64, now: u64) -> Result<(), AllocError> {
         if table.advance(n).is_ok() {
             return Ok(());
         }
+        self.append_blocks(table, n, now)
+    }
+
+    /// [`Self::append`] when the tokens do not fit in the blocks held (kept out of line, so a
+    /// decode step that fits is a few inlined instructions, not a call).
+    #[inline(never)]
+    fn append_blocks(
+        &mut self,
+        table: &mut BlockTable,
+        n: u64,
+        now: u64,
+    ) -> Result<(), AllocError> {
         let needed = table.blocks_needed(n);
         if needed == usize::MAX {
             // The token count would overflow: the table's own error.

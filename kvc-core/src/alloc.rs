@@ -206,6 +206,33 @@ pub trait BlockAllocator {
     /// Drops one owner of a block; the last release returns it to its region's free list.
     fn release(&mut self, block: BlockId) -> Result<Released, RefError>;
 
+    /// Drops one owner of each block in `blocks`, in order, exactly as one
+    /// [`release`](Self::release) per block would, and returns how many blocks became free.
+    /// Every block is processed, even after an error.
+    ///
+    /// The default calls `release` per block; an allocator may override it to take the whole
+    /// batch in one pass, with the same result. [`BlockTable::release_all`] uses it.
+    ///
+    /// [`BlockTable::release_all`]: crate::BlockTable::release_all
+    ///
+    /// # Errors
+    /// The first [`RefError`] of the batch (an unknown id, or a block with no owner left);
+    /// the blocks after it are still released.
+    fn release_each(&mut self, blocks: &[BlockId]) -> Result<usize, RefError> {
+        let mut freed = 0;
+        let mut first_err = None;
+        for &block in blocks {
+            match self.release(block) {
+                Ok(Released::Freed) => freed += 1,
+                Ok(Released::Shared { .. }) => {}
+                Err(err) => {
+                    first_err.get_or_insert(err);
+                }
+            }
+        }
+        first_err.map_or(Ok(freed), Err)
+    }
+
     /// The reference count of an allocated block.
     fn refcount(&self, block: BlockId) -> Result<u32, RefError>;
 

@@ -252,13 +252,10 @@ impl BlockTable {
     /// On an error (a block already released elsewhere: a bug in the caller) the remaining
     /// blocks are still released and the first error is returned.
     pub fn release_all(&mut self, alloc: &mut impl BlockAllocator) -> Result<(), RefError> {
-        let mut first_err = None;
-        for block in self.blocks.drain(..) {
-            if let Err(err) = alloc.release(block) {
-                first_err.get_or_insert(err);
-            }
-        }
+        // One batch: an allocator may take it in one pass (`BlockAllocator::release_each`).
+        let result = alloc.release_each(&self.blocks);
+        self.blocks.clear();
         self.num_tokens = 0;
-        first_err.map_or(Ok(()), Err)
+        result.map(|_| ())
     }
 }

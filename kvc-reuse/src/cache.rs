@@ -154,6 +154,7 @@ impl Nodes {
         self.nodes.get(slot).filter(|n| n.live)
     }
 
+    #[inline(always)]
     fn insert(&mut self, node: Node) -> usize {
         self.len += 1;
         match self.free.pop() {
@@ -236,6 +237,18 @@ impl Nodes {
         {
             return None;
         }
+        Some(self.take_evictable_leaf(slot))
+    }
+
+    /// [`Self::take_leaf`] for a node the caller has just checked is an evictable leaf (a
+    /// chain's parent the eviction named next, whose state it read a moment before).
+    #[inline(always)]
+    fn take_evictable_leaf(&mut self, slot: u32) -> Victim {
+        let node = &mut self.nodes[slot as usize];
+        debug_assert!(
+            node.live && node.hittable && node.refs == 0 && !node.has_children(),
+            "slot {slot} is not an evictable leaf"
+        );
         node.lane = Lane::None;
         node.live = false;
         let (prev, next) = (node.prev_sibling, node.next_sibling);
@@ -261,7 +274,7 @@ impl Nodes {
                 self.nodes[prev as usize].next_sibling = next;
             }
         }
-        Some(victim)
+        victim
     }
 
     /// Appends the children of `parent`, oldest first, to `out`, and forgets them.
@@ -632,6 +645,7 @@ impl PrefixCache {
     }
 
     /// One more holder of the node at `slot`: false (nothing changed) if its count is full.
+    #[inline]
     fn hold(&mut self, slot: u32) -> bool {
         let node = &mut self.nodes[slot as usize];
         let Some(refs) = node.refs.checked_add(1) else {
@@ -776,7 +790,15 @@ impl PrefixCache {
         let mut stored_parent = None;
         let mut result = Ok(());
         let mut inserted = 0u64;
-        for (i, (&hash, &block)) in hashes.iter().zip(blocks).enumerate() {
+        // Blocks after a new one are new too (see `Self::insert_new_run`), so once one is
+        // cached the rest go through that run's loop, which hands back to this one at a block
+        // that is not new; it needs the cache's own LRU order and no events, whose per-block
+        // work it leaves out.
+        let runs = self.recency.is_some() && !self.events.enabled();
+        let mut next = 0;
+        while let (Some(&hash), Some(&block)) = (hashes.get(next), blocks.get(next)) {
+            let i = next;
+            next += 1;
             if i >= existing as usize
                 && let Some(&next) = hashes.get(i + Self::AHEAD)
             {
@@ -856,6 +878,13 @@ impl PrefixCache {
             parent = Some(slot);
             parent_new = true;
             recent[i % Self::CHAIN_AHEAD] = slot;
+            if runs {
+                let (end, last) =
+                    self.insert_new_run(hashes, blocks, next, slot, &mut recent, newly_cached);
+                inserted += (end - next) as u64;
+                parent = Some(last);
+                next = end;
+            }
         }
         self.metrics.inserted_blocks = self.metrics.inserted_blocks.saturating_add(inserted);
         if let Some(last) = parent {
@@ -868,6 +897,74 @@ impl PrefixCache {
             });
         }
         result
+    }
+
+    /// Caches blocks `from..` of an insert while each one is new, as [`Self::insert`]'s loop
+    /// would with the cache's own LRU order and no events: `parent` is the slot of block
+    /// `from - 1`, cached by this call (so it has no child yet). Returns where it stopped
+    /// (the end, or a block the general loop must handle) and the last block's slot.
+    ///
+    /// With chained hashes a block after a new one is new too: a cached block's parent is
+    /// cached (eviction is leaf first, invalidation detaches whole subtrees), so a hit after
+    /// a miss would need the missed hash cached. Hashes that are not a chain still work: a
+    /// hash found cached, or a block the cache tracks, ends the run, and the general loop
+    /// takes that block as before.
+    #[inline]
+    fn insert_new_run(
+        &mut self,
+        hashes: &[BlockHash],
+        blocks: &[BlockId],
+        from: usize,
+        mut parent: u32,
+        recent: &mut [u32; Self::CHAIN_AHEAD],
+        newly_cached: &mut Vec<BlockId>,
+    ) -> (usize, u32) {
+        let (hashes, blocks) = (&hashes[..blocks.len()], &blocks[..hashes.len()]);
+        let mut i = from;
+        while let (Some(&hash), Some(&block)) = (hashes.get(i), blocks.get(i)) {
+            if let Some(&next) = hashes.get(i + Self::AHEAD) {
+                self.by_hash.prefetch(next);
+            }
+            let probe = self
+                .by_hash
+                .get_or_vacancy(hash, hittable_hash(&self.nodes));
+            if matches!(probe, Probe::Found(_)) || self.by_block.contains(block) {
+                break;
+            }
+            let stamp = self.tick();
+            let slot = self.nodes.insert(Node {
+                hash,
+                block,
+                parent,
+                ancestor: recent[i % Self::CHAIN_AHEAD],
+                first_child: NIL,
+                next_sibling: NIL,
+                prev_sibling: NIL,
+                refs: 1,
+                retained: false,
+                hittable: true,
+                stamp,
+                depth: i as u32,
+                lane: Lane::None,
+                in_set: false,
+                live: true,
+            }) as u32;
+            match probe {
+                Probe::Vacancy(at) => self.by_hash.insert_at(at, hash, slot),
+                Probe::Found(_) | Probe::Absent => self.by_hash.insert(hash, slot),
+            }
+            self.by_block.insert(block, slot);
+            // The parent was cached by this call and its only child is this block: in use by
+            // the offering request, in no lane, so nothing else about it changes.
+            debug_assert_eq!(self.nodes[parent as usize].first_child, NIL);
+            self.nodes[parent as usize].first_child = slot;
+            recent[i % Self::CHAIN_AHEAD] = slot;
+            parent = slot;
+            i += 1;
+        }
+        // The run's blocks, in order, in one copy.
+        newly_cached.extend_from_slice(blocks.get(from..i).unwrap_or_default());
+        (i, parent)
     }
 
     /// Another holder of these blocks (a fork, a session keeping a request's blocks): each
@@ -903,16 +1000,37 @@ impl PrefixCache {
     /// other blocks are still processed and one of the errors is returned.
     pub fn release(&mut self, blocks: &[BlockId]) -> Result<(), ReuseError> {
         let mut result = Ok(());
+        let own_order = self.recency.is_some();
         // Tail first: the blocks freed first are the first evicted (as vLLM frees a request's
         // blocks in reverse), and a prefix's head outlives its tail. The nodes of the blocks
         // `AHEAD` positions on are fetched meanwhile, so their misses overlap.
-        for (j, &block) in blocks.iter().rev().enumerate() {
-            if let Some(&next) = blocks
-                .len()
-                .checked_sub(j + 1 + Self::AHEAD)
-                .map(|k| &blocks[k])
-            {
+        for (j, &block) in blocks.iter().enumerate().rev() {
+            if let Some(&next) = j.checked_sub(Self::AHEAD).and_then(|k| blocks.get(k)) {
                 self.prefetch_block(next);
+            }
+            let Some(slot) = self.by_block.get(block) else {
+                continue;
+            };
+            // The common cases in line: a block other holders still use, and a hittable
+            // block whose last holder leaves, in the cache's own LRU order. A block in use is
+            // in no lane, so its new stamp needs no queue change; it joins the order if it
+            // has no child (`refresh`). Everything else takes `release_one`.
+            let node = &mut self.nodes[slot as usize];
+            if node.refs > 1 {
+                node.refs -= 1;
+                continue;
+            }
+            if own_order && node.refs == 1 && node.hittable {
+                debug_assert_eq!(node.lane, Lane::None, "a block in use is in no lane");
+                node.refs = 0;
+                self.clock += 1;
+                node.stamp = self.clock;
+                let leaf = !node.has_children();
+                self.unused += 1;
+                if leaf {
+                    self.relane(slot);
+                }
+                continue;
             }
             if let Err(e) = self.release_one(block) {
                 result = Err(e);
@@ -1062,6 +1180,28 @@ impl PrefixCache {
             }
             n += 1;
             by_policy += 1;
+            // A chain released tail first is evicted tail first: while the policy names each
+            // parent as the next victim, it is taken here, without the order's look-ups, the
+            // prefetch of the order's next victims (the chain's nodes come from `ancestor`)
+            // or a pass through the lanes above.
+            while let Some(p) = next_up {
+                if n >= count {
+                    break;
+                }
+                // `remove_hittable` named it after checking that it is an evictable leaf.
+                let victim = self.nodes.take_evictable_leaf(p);
+                next_up = self.remove_hittable(p, &victim, false, true, count - n > 1);
+                self.unused -= 1;
+                if self.events.enabled() {
+                    removed.push(victim.hash);
+                }
+                evicted.push(victim.block);
+                if let Some(h) = hashes.as_deref_mut() {
+                    h.push(Some((victim.hash, Retention::DEFAULT)));
+                }
+                n += 1;
+                by_policy += 1;
+            }
         }
         self.metrics.evicted_capacity = self.metrics.evicted_capacity.saturating_add(by_policy);
         if let Some(p) = next_up {
@@ -1245,6 +1385,7 @@ impl PrefixCache {
     /// returned instead of being put in its lane (its lane is set to `Lane::Policy`): the
     /// caller evicts it next, or puts it in its lane. `least`: the node was the policy lane's
     /// next victim (taken from the policy's order, or a parent it named next).
+    #[inline(always)]
     fn remove_hittable(
         &mut self,
         slot: u32,
@@ -1472,6 +1613,89 @@ impl PrefixCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An insert's run of new blocks (`PrefixCache::insert_new_run`, taken with the cache's
+    /// own LRU order and no events) ends where the general loop must take over, and the two
+    /// paths cache the same: a cache recording events (so never taking the run) sees the
+    /// same results, newly cached blocks, hits, evictions and metrics under a stream of
+    /// inserts whose hashes are *not* chains (hashes cached under another parent or another
+    /// block, repeats within one insert, blocks already cached, invalidated blocks in use).
+    #[test]
+    fn an_insert_run_hands_back_to_the_general_loop() {
+        let mut fast = PrefixCache::new(4, PolicyKind::Lru);
+        let mut slow = PrefixCache::new(4, PolicyKind::Lru);
+        slow.subscribe();
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut rand = move |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let mut held: Vec<Vec<BlockId>> = Vec::new();
+        let (mut runs_stopped, mut next_block) = (0, 0u32);
+        for step in 0..6_000u64 {
+            match rand(10) {
+                0..=4 => {
+                    // Hashes from a small set, so many are cached already, under other parents.
+                    let len = 1 + rand(12) as usize;
+                    let hashes: Vec<BlockHash> = (0..len)
+                        .map(|_| BlockHash(u128::from(rand(40)) * 0x9e37_79b9_7f4a_7c15 + 1))
+                        .collect();
+                    let blocks: Vec<BlockId> = (0..len)
+                        .map(|_| {
+                            if rand(4) == 0 {
+                                BlockId(rand(u64::from(next_block.max(1))) as u32)
+                            } else {
+                                next_block += 1;
+                                BlockId(next_block)
+                            }
+                        })
+                        .collect();
+                    let (mut a, mut b) = (Vec::new(), Vec::new());
+                    let ra = fast.insert(&hashes, &blocks, step, &mut a);
+                    let rb = slow.insert(&hashes, &blocks, step, &mut b);
+                    assert_eq!(ra, rb, "step {step}");
+                    assert_eq!(a, b, "step {step}");
+                    if a.len() > 1 && a.len() < len {
+                        runs_stopped += 1;
+                    }
+                    held.push(blocks);
+                }
+                5 | 6 if !held.is_empty() => {
+                    let blocks = held.swap_remove(rand(held.len() as u64) as usize);
+                    assert_eq!(fast.release(&blocks), slow.release(&blocks), "step {step}");
+                }
+                7 => {
+                    let h = BlockHash(u128::from(rand(40)) * 0x9e37_79b9_7f4a_7c15 + 1);
+                    assert_eq!(fast.invalidate(h), slow.invalidate(h), "step {step}");
+                }
+                8 => {
+                    let n = rand(20) as usize;
+                    let (mut a, mut b) = (Vec::new(), Vec::new());
+                    fast.evict(n, step, &mut a);
+                    slow.evict(n, step, &mut b);
+                    assert_eq!(a, b, "step {step}");
+                }
+                _ => {
+                    let h = BlockHash(u128::from(rand(40)) * 0x9e37_79b9_7f4a_7c15 + 1);
+                    let hit_a = fast.lookup(&[h], 8, step);
+                    let hit_b = slow.lookup(&[h], 8, step);
+                    assert_eq!(hit_a, hit_b, "step {step}");
+                    assert_eq!(fast.release(&hit_a.blocks), slow.release(&hit_b.blocks));
+                }
+            }
+            assert_eq!(fast.metrics(), slow.metrics(), "step {step}");
+            assert_eq!(fast.evictable_blocks(), slow.evictable_blocks());
+            assert_eq!(fast.len(), slow.len());
+        }
+        // Inserts that cached a run of new blocks and then stopped before their end.
+        assert!(runs_stopped > 50, "only {runs_stopped} runs ended early");
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        fast.evict(usize::MAX, 1 << 20, &mut a);
+        slow.evict(usize::MAX, 1 << 20, &mut b);
+        assert_eq!(a, b);
+    }
 
     /// Block ids on both sides of the dense table's limit, and ids the dense table has not
     /// grown to yet: every look-up, insert and removal lands in the right table.

@@ -216,8 +216,11 @@ impl HashIndex {
 
     /// Drops every entry and stores `live` (each hittable node's hash and slot, `count` of
     /// them) instead, with room for `more` inserts of slots below `slot_bound`: the table is
-    /// sized so that at most a quarter of it is used with them, so the stale entries of many
-    /// evictions fit before the next rebuild, and slots get one bit of headroom.
+    /// sized so that at most an eighth of it is used with them, so the stale entries of many
+    /// evictions fit before the next rebuild (at least three times as many inserts as there
+    /// are live entries pass between two rebuilds, so an engine at its memory limit pays a
+    /// rebuild's pass over the nodes and clearing of the table rarely), and slots get one bit
+    /// of headroom.
     pub(crate) fn rebuild(
         &mut self,
         live: impl Iterator<Item = (BlockHash, u32)>,
@@ -225,7 +228,7 @@ impl HashIndex {
         more: usize,
         slot_bound: usize,
     ) {
-        let size = ((count + more).max(16) * 4).next_power_of_two();
+        let size = ((count + more).max(16) * 8).next_power_of_two();
         if self.entries.len() == size {
             self.entries.fill(EMPTY);
         } else {
