@@ -113,6 +113,35 @@ const _: () = assert!(
 );
 
 impl Node {
+    /// A block just cached: in use by the request offering it, childless, in no lane.
+    #[inline(always)]
+    fn cached(
+        hash: BlockHash,
+        block: BlockId,
+        parent: u32,
+        ancestor: u32,
+        stamp: u64,
+        depth: u32,
+    ) -> Self {
+        Self {
+            hash,
+            block,
+            parent,
+            ancestor,
+            first_child: NIL,
+            next_sibling: NIL,
+            prev_sibling: NIL,
+            refs: 1,
+            retained: false,
+            hittable: true,
+            stamp,
+            depth,
+            lane: Lane::None,
+            in_set: false,
+            live: true,
+        }
+    }
+
     #[inline]
     fn has_children(&self) -> bool {
         self.first_child != NIL
@@ -834,24 +863,15 @@ impl PrefixCache {
                 break;
             }
             let stamp = self.tick();
-            let slot = self.nodes.insert(Node {
+            let slot = self.nodes.insert(Node::cached(
                 hash,
                 block,
-                parent: parent.unwrap_or(NIL),
+                parent.unwrap_or(NIL),
                 // Before this block's own slot replaces it: the block `CHAIN_AHEAD` up.
-                ancestor: recent[i % Self::CHAIN_AHEAD],
-                first_child: NIL,
-                next_sibling: NIL,
-                prev_sibling: NIL,
-                refs: 1,
-                retained: false,
-                hittable: true,
+                recent[i % Self::CHAIN_AHEAD],
                 stamp,
-                depth: i as u32,
-                lane: Lane::None,
-                in_set: false,
-                live: true,
-            }) as u32;
+                i as u32,
+            )) as u32;
             match probe {
                 // The stale entry of a block evicted earlier (often this hash's own): reused.
                 Probe::Vacancy(at) => self.by_hash.insert_at(at, hash, slot),
@@ -932,23 +952,14 @@ impl PrefixCache {
                 break;
             }
             let stamp = self.tick();
-            let slot = self.nodes.insert(Node {
+            let slot = self.nodes.insert(Node::cached(
                 hash,
                 block,
                 parent,
-                ancestor: recent[i % Self::CHAIN_AHEAD],
-                first_child: NIL,
-                next_sibling: NIL,
-                prev_sibling: NIL,
-                refs: 1,
-                retained: false,
-                hittable: true,
+                recent[i % Self::CHAIN_AHEAD],
                 stamp,
-                depth: i as u32,
-                lane: Lane::None,
-                in_set: false,
-                live: true,
-            }) as u32;
+                i as u32,
+            )) as u32;
             match probe {
                 Probe::Vacancy(at) => self.by_hash.insert_at(at, hash, slot),
                 Probe::Found(_) | Probe::Absent => self.by_hash.insert(hash, slot),
