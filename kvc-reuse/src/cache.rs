@@ -872,11 +872,7 @@ impl PrefixCache {
                 stamp,
                 i as u32,
             )) as u32;
-            match probe {
-                // The stale entry of a block evicted earlier (often this hash's own): reused.
-                Probe::Vacancy(at) => self.by_hash.insert_at(at, hash, slot),
-                Probe::Found(_) | Probe::Absent => self.by_hash.insert(hash, slot),
-            }
+            self.by_hash.store_probed(probe, hash, slot);
             self.by_block.insert(block, slot);
             if self.recency.is_none() {
                 self.policy.on_insert(slot, &info(hash, i, stamp));
@@ -960,10 +956,7 @@ impl PrefixCache {
                 stamp,
                 i as u32,
             )) as u32;
-            match probe {
-                Probe::Vacancy(at) => self.by_hash.insert_at(at, hash, slot),
-                Probe::Found(_) | Probe::Absent => self.by_hash.insert(hash, slot),
-            }
+            self.by_hash.store_probed(probe, hash, slot);
             self.by_block.insert(block, slot);
             // The parent was cached by this call and its only child is this block: in use by
             // the offering request, in no lane, so nothing else about it changes.

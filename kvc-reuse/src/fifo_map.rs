@@ -58,8 +58,12 @@ pub(crate) struct FifoMap<T> {
 }
 
 impl<T: Copy + Default> FifoMap<T> {
+    /// Most cells kept after a trim: the ring's positions are 32-bit, so it stays far below
+    /// 2^31 cells whatever capacity a caller asks for.
+    const MAX_CAP: usize = 1 << 30;
+
     /// An empty map that [`trim`](Self::trim) keeps to the `cap` most recent insertions of
-    /// absent keys (at least one).
+    /// absent keys (at least one, at most 2^30).
     pub(crate) fn new(cap: usize) -> Self {
         Self {
             ring: Vec::new(),
@@ -67,7 +71,7 @@ impl<T: Copy + Default> FifoMap<T> {
             tail: 0,
             table: Vec::new(),
             keys: 0,
-            cap: cap.max(1),
+            cap: cap.clamp(1, Self::MAX_CAP),
         }
     }
 
@@ -221,6 +225,8 @@ impl<T: Copy + Default> FifoMap<T> {
     /// Doubles the ring, keeping every cell at its position (the table names positions).
     fn grow_ring(&mut self) {
         let len = (self.ring.len() * 2).max(16);
+        // Callers trim after at most a few inserts and `cap` is at most 2^30, so the ring
+        // never needs 2^31 cells (past that, positions would alias): unreachable.
         assert!(len <= 1 << 31, "a FifoMap holds fewer than 2^31 cells");
         let filler = Cell {
             key: [0; 2],

@@ -196,6 +196,17 @@ impl HashIndex {
         self.stale -= 1;
     }
 
+    /// Stores `slot` for `hash` after a probe for it found nothing stored: in place of the
+    /// stale entry the probe named ([`Probe::Vacancy`]: often the hash's own, from before its
+    /// block was evicted), or as a new entry.
+    #[inline]
+    pub(crate) fn store_probed(&mut self, probe: Probe, hash: BlockHash, slot: u32) {
+        match probe {
+            Probe::Vacancy(at) => self.insert_at(at, hash, slot),
+            Probe::Found(_) | Probe::Absent => self.insert(hash, slot),
+        }
+    }
+
     /// One stored hash's node is no longer hittable (evicted or invalidated): its entry is
     /// stale from now on. The caller makes sure the confirmation passed to [`Self::get`]
     /// rejects it from now on.

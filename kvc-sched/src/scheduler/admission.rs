@@ -5,10 +5,9 @@
 
 use kvc_core::{BlockAllocator, PinPolicy, QosClass, ReuseIndex, SeqId};
 
-use crate::LoadId;
-
 use super::memory::{Grow, TierStart};
 use super::{Scheduler, State};
+use crate::LoadId;
 use crate::plan::{Rejection, StepPlan};
 use crate::queue::Command;
 
