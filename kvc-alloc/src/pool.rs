@@ -413,24 +413,6 @@ impl BlockPool {
     }
 }
 
-/// The trait's default `release_each`: one `release` per block, past the errors, the first
-/// error returned.
-#[cold]
-fn release_one_by_one(pool: &mut BlockPool, blocks: &[BlockId]) -> Result<usize, RefError> {
-    let mut freed = 0;
-    let mut first_err = None;
-    for &block in blocks {
-        match pool.release(block) {
-            Ok(Released::Freed) => freed += 1,
-            Ok(Released::Shared { .. }) => {}
-            Err(err) => {
-                first_err.get_or_insert(err);
-            }
-        }
-    }
-    first_err.map_or(Ok(freed), Err)
-}
-
 impl BlockAllocator for BlockPool {
     #[inline]
     fn allocate(&mut self, region: RegionId) -> Result<BlockId, AllocError> {
@@ -542,7 +524,7 @@ impl BlockAllocator for BlockPool {
     fn release_each(&mut self, blocks: &[BlockId]) -> Result<usize, RefError> {
         match self.release_many(blocks) {
             Ok(freed) => Ok(freed),
-            Err(_) => release_one_by_one(self, blocks),
+            Err(_) => kvc_core::release_one_by_one(self, blocks),
         }
     }
 

@@ -219,18 +219,7 @@ pub trait BlockAllocator {
     /// The first [`RefError`] of the batch (an unknown id, or a block with no owner left);
     /// the blocks after it are still released.
     fn release_each(&mut self, blocks: &[BlockId]) -> Result<usize, RefError> {
-        let mut freed = 0;
-        let mut first_err = None;
-        for &block in blocks {
-            match self.release(block) {
-                Ok(Released::Freed) => freed += 1,
-                Ok(Released::Shared { .. }) => {}
-                Err(err) => {
-                    first_err.get_or_insert(err);
-                }
-            }
-        }
-        first_err.map_or(Ok(freed), Err)
+        release_one_by_one(self, blocks)
     }
 
     /// The reference count of an allocated block.
@@ -342,4 +331,28 @@ pub(crate) fn allocate_into<A: BlockAllocator + ?Sized>(
         }
     }
     Ok(())
+}
+
+/// [`BlockAllocator::release_each`] as its default does it: one
+/// [`release`](BlockAllocator::release) per block, past the errors, returning how many blocks
+/// became free or the first error. For an allocator whose own batch path falls back to it.
+///
+/// # Errors
+/// The first [`RefError`] of the batch; the blocks after it are still released.
+pub fn release_one_by_one<A: BlockAllocator + ?Sized>(
+    alloc: &mut A,
+    blocks: &[BlockId],
+) -> Result<usize, RefError> {
+    let mut freed = 0;
+    let mut first_err = None;
+    for &block in blocks {
+        match alloc.release(block) {
+            Ok(Released::Freed) => freed += 1,
+            Ok(Released::Shared { .. }) => {}
+            Err(err) => {
+                first_err.get_or_insert(err);
+            }
+        }
+    }
+    first_err.map_or(Ok(freed), Err)
 }

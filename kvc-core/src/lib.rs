@@ -45,7 +45,7 @@ pub mod sync;
 
 pub use alloc::{
     Admission, AllocError, BlockAllocator, BlockCopy, CowError, RefError, Released, ResizeError,
-    Writable,
+    Writable, release_one_by_one,
 };
 pub use block_table::BlockTable;
 pub use ids::{BlockId, HostBlockId, RegionId, SeqId, SessionId, TenantId};
