@@ -156,7 +156,9 @@ pub struct KvIndex {
 }
 
 impl KvIndex {
-    /// An empty index of `block_size`-token blocks.
+    /// An empty index of `block_size`-token blocks. `block_size` must be the engines' block
+    /// size: events of another size are refused ([`ApplyError`] names both). An index made
+    /// with 0 refuses every event, and [`Router::new`](crate::Router::new) refuses it.
     #[must_use]
     pub fn new(block_size: u32) -> Self {
         Self {

@@ -71,6 +71,9 @@ pub enum RouteError {
         /// The weight.
         name: &'static str,
     },
+    /// The index was made with a block size of 0 tokens: no engine's event could match it.
+    #[error("the index's block size must be at least 1 token")]
+    ZeroBlockSize,
 }
 
 /// A request as the router sees it: its scope and its blocks' chained hashes.
@@ -122,8 +125,12 @@ impl Router {
     /// A router over `index`.
     ///
     /// # Errors
-    /// [`RouteError::BadWeight`] for a negative or non-finite weight or temperature.
+    /// [`RouteError::BadWeight`] for a negative or non-finite weight or temperature;
+    /// [`RouteError::ZeroBlockSize`] for an index made with `KvIndex::new(0)`.
     pub fn new(index: KvIndex, cfg: RouteConfig) -> Result<Self, RouteError> {
+        if index.block_size() == 0 {
+            return Err(RouteError::ZeroBlockSize);
+        }
         let weights = [
             ("device_weight", cfg.device_weight),
             ("host_weight", cfg.host_weight),
@@ -384,6 +391,10 @@ mod tests {
             Err(RouteError::BadWeight {
                 name: "queue_weight"
             })
+        ));
+        assert!(matches!(
+            Router::new(KvIndex::new(0), RouteConfig::default()),
+            Err(RouteError::ZeroBlockSize)
         ));
     }
 }
