@@ -931,7 +931,12 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
     /// Only full blocks within the slots the sequence holds are offered: a partial last block
     /// waits until it fills, and tokens past the sequence's slots (given by mistake, or
     /// sampled but not yet written) are ignored, since no KV of theirs can be in its blocks.
-    /// Blocks offered before are not offered again, so calling it after every step is cheap.
+    /// Blocks offered before are not offered again: a call returns at once until another
+    /// block of the sequence fills. A call that does offer hands the index the whole context
+    /// from position 0 (the index hashes it and walks the cached part again), so its cost
+    /// grows with the context, not with the new blocks: offer at milestones (the prompt
+    /// computed, the request finished, before a preemption), as [`Scheduler`](crate::Scheduler)
+    /// does, rather than at every block that fills during a long decode.
     pub fn cache_blocks(
         &mut self,
         seq: SeqId,
