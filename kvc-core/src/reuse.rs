@@ -231,6 +231,72 @@ pub trait ReuseIndex {
         let _ = (scope, tokens, keys);
     }
 
+    /// The key `scope`'s chains start from (the "parent" of every first block), or `None`
+    /// when the index cannot name blocks ([`block_keys`](Self::block_keys) appends nothing).
+    /// It stays the same while the index names `scope`'s blocks the same way, and changes
+    /// when that changes (a tenant given a new cache salt): keys a caller kept from before
+    /// then no longer name `scope`'s blocks, so a caller that keeps keys between calls (see
+    /// [`extend_keys`](Self::extend_keys)) compares this first.
+    ///
+    /// The default is `None`.
+    fn chain_root(&mut self, scope: &ReuseScope) -> Option<StoreKey> {
+        let _ = scope;
+        None
+    }
+
+    /// Appends to `keys` the keys of the full blocks of `tokens` after the first
+    /// `keys.len()`, which the caller computed earlier (with [`block_keys`](Self::block_keys)
+    /// or this method) from the same leading tokens under the same `scope` and
+    /// [`chain_root`](Self::chain_root): only the new blocks are hashed, so a request's keys
+    /// can grow with it, each block hashed once. With `keys` empty it is `block_keys`;
+    /// with `keys` already covering every full block it appends nothing.
+    ///
+    /// The default hashes every block again and keeps the new ones.
+    fn extend_keys(&mut self, scope: &ReuseScope, tokens: &[u32], keys: &mut Vec<StoreKey>) {
+        let known = keys.len();
+        let mut all = Vec::new();
+        self.block_keys(scope, tokens, &mut all);
+        keys.extend(all.into_iter().skip(known));
+    }
+
+    /// [`lookup`](Self::lookup), given `keys`: the keys of the full blocks of `prompt` under
+    /// `scope`, from [`block_keys`](Self::block_keys) or [`extend_keys`](Self::extend_keys),
+    /// so the index does not hash the prompt again. Keys that do not cover every full block
+    /// of `prompt` are not used (the prompt is hashed as by `lookup`).
+    ///
+    /// The default is `lookup`, which hashes the prompt.
+    fn lookup_keyed(
+        &mut self,
+        scope: &ReuseScope,
+        prompt: &[u32],
+        keys: &[StoreKey],
+        now_ms: u64,
+    ) -> PrefixHit {
+        let _ = keys;
+        self.lookup(scope, prompt, now_ms)
+    }
+
+    /// [`insert`](Self::insert), given `keys`: the keys of the full blocks of `tokens` under
+    /// `scope`, as for [`lookup_keyed`](Self::lookup_keyed). Keys that do not cover every
+    /// full block of `tokens` are not used (the tokens are hashed as by `insert`).
+    ///
+    /// The default is `insert`, which hashes the tokens.
+    ///
+    /// # Errors
+    /// As [`insert`](Self::insert).
+    fn insert_keyed(
+        &mut self,
+        scope: &ReuseScope,
+        tokens: &[u32],
+        keys: &[StoreKey],
+        blocks: &[BlockId],
+        now_ms: u64,
+        newly_cached: &mut Vec<BlockId>,
+    ) -> Result<(), ReuseError> {
+        let _ = keys;
+        self.insert(scope, tokens, blocks, now_ms, newly_cached)
+    }
+
     /// The key the cached block `block` is cached under and its retention now, or
     /// `None` when the index does not cache it (private, invalidated, or evicted). A memory
     /// manager reads it when the block is cached (to write it through to the tiers).

@@ -120,6 +120,18 @@ impl<H: BlockHasher> ScopedIndex<H> {
         let bs = self.cache.block_size() as usize;
         self.hasher.hash_blocks(root, tokens, bs, &mut self.hashes);
     }
+
+    /// Puts the hashes of `tokens`' full blocks in `self.hashes`: `keys` when they are one per
+    /// full block (the caller's, from `block_keys` or `extend_keys`), else hashed here.
+    fn hash_or_take(&mut self, scope: &ReuseScope, tokens: &[u32], keys: &[StoreKey]) {
+        let full = tokens.len() / self.cache.block_size() as usize;
+        if keys.len() == full && full > 0 {
+            self.hashes.clear();
+            self.hashes.extend(keys.iter().map(|k| BlockHash(k.0)));
+        } else {
+            self.hash(scope, tokens);
+        }
+    }
 }
 
 impl<H: BlockHasher> ReuseIndex for ScopedIndex<H> {
@@ -128,8 +140,29 @@ impl<H: BlockHasher> ReuseIndex for ScopedIndex<H> {
     }
 
     fn lookup(&mut self, scope: &ReuseScope, prompt: &[u32], now_ms: u64) -> PrefixHit {
+        self.lookup_keyed(scope, prompt, &[], now_ms)
+    }
+
+    fn insert(
+        &mut self,
+        scope: &ReuseScope,
+        tokens: &[u32],
+        blocks: &[BlockId],
+        now_ms: u64,
+        newly_cached: &mut Vec<BlockId>,
+    ) -> Result<(), ReuseError> {
+        self.insert_keyed(scope, tokens, &[], blocks, now_ms, newly_cached)
+    }
+
+    fn lookup_keyed(
+        &mut self,
+        scope: &ReuseScope,
+        prompt: &[u32],
+        keys: &[StoreKey],
+        now_ms: u64,
+    ) -> PrefixHit {
         self.now_ms = now_ms;
-        self.hash(scope, prompt);
+        self.hash_or_take(scope, prompt, keys);
         let hit = self.cache.lookup(&self.hashes, prompt.len(), now_ms);
         PrefixHit {
             blocks: hit.blocks,
@@ -137,10 +170,11 @@ impl<H: BlockHasher> ReuseIndex for ScopedIndex<H> {
         }
     }
 
-    fn insert(
+    fn insert_keyed(
         &mut self,
         scope: &ReuseScope,
         tokens: &[u32],
+        keys: &[StoreKey],
         blocks: &[BlockId],
         now_ms: u64,
         newly_cached: &mut Vec<BlockId>,
@@ -153,7 +187,7 @@ impl<H: BlockHasher> ReuseIndex for ScopedIndex<H> {
             });
         }
         self.now_ms = now_ms;
-        self.hash(scope, tokens);
+        self.hash_or_take(scope, tokens, keys);
         self.cache
             .insert(&self.hashes, blocks, now_ms, newly_cached)
     }
@@ -200,6 +234,27 @@ impl<H: BlockHasher> ReuseIndex for ScopedIndex<H> {
 
     fn block_keys(&mut self, scope: &ReuseScope, tokens: &[u32], keys: &mut Vec<StoreKey>) {
         self.hash(scope, tokens);
+        keys.extend(self.hashes.iter().map(|h| StoreKey(h.0)));
+    }
+
+    fn chain_root(&mut self, scope: &ReuseScope) -> Option<StoreKey> {
+        Some(StoreKey(self.root(scope.tenant).0))
+    }
+
+    fn extend_keys(&mut self, scope: &ReuseScope, tokens: &[u32], keys: &mut Vec<StoreKey>) {
+        let bs = self.cache.block_size() as usize;
+        let (known, full) = (keys.len(), tokens.len() / bs);
+        if known >= full {
+            return;
+        }
+        // Chained hashes: block `known` is chained from the last key the caller has.
+        let parent = match keys.last() {
+            Some(key) => BlockHash(key.0),
+            None => self.root(scope.tenant),
+        };
+        self.hashes.clear();
+        self.hasher
+            .hash_blocks(parent, &tokens[known * bs..full * bs], bs, &mut self.hashes);
         keys.extend(self.hashes.iter().map(|h| StoreKey(h.0)));
     }
 
@@ -467,5 +522,84 @@ mod tests {
         .unwrap();
         let hit = idx.lookup(&scope(2), &[1, 2, 3, 4, 5], 1);
         assert_eq!(hit.blocks, [BlockId(0), BlockId(1)]);
+    }
+
+    #[test]
+    fn keys_grow_with_the_tokens_and_equal_the_keys_of_the_whole() {
+        let mut idx = index();
+        let s = ReuseScope {
+            tenant: TenantId(1),
+            session: None,
+        };
+        let tokens: Vec<u32> = (0..11).collect();
+        let mut whole = Vec::new();
+        idx.block_keys(&s, &tokens, &mut whole);
+        assert_eq!(whole.len(), 5);
+        let mut grown = Vec::new();
+        for end in [0, 1, 3, 4, 8, 9, 11] {
+            idx.extend_keys(&s, &tokens[..end], &mut grown);
+            assert_eq!(grown, whole[..end / 2], "after {end} tokens");
+        }
+        // Already covering every full block: nothing appended.
+        idx.extend_keys(&s, &tokens[..6], &mut grown);
+        assert_eq!(grown, whole);
+        // The root is what the first key is chained from, and moves with the salt.
+        let root = idx.chain_root(&s).unwrap();
+        assert_eq!(
+            Blake3Hasher.chain(BlockHash(root.0), &tokens[..2]),
+            BlockHash(whole[0].0)
+        );
+        idx.set_salt(TenantId(1), *b"team");
+        assert_ne!(idx.chain_root(&s), Some(root));
+    }
+
+    #[test]
+    fn keyed_calls_act_as_the_hashing_ones_and_ignore_keys_of_another_length() {
+        let s = ReuseScope {
+            tenant: TenantId(1),
+            session: None,
+        };
+        let tokens: Vec<u32> = (0..9).collect();
+        let blocks = [BlockId(0), BlockId(1), BlockId(2), BlockId(3)];
+        let (mut hashing, mut keyed) = (index(), index());
+        let mut keys = Vec::new();
+        keyed.block_keys(&s, &tokens, &mut keys);
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        hashing.insert(&s, &tokens, &blocks, 0, &mut a).unwrap();
+        keyed
+            .insert_keyed(&s, &tokens, &keys, &blocks, 0, &mut b)
+            .unwrap();
+        assert_eq!(a, b);
+        for idx in [&mut hashing, &mut keyed] {
+            idx.release(&blocks).unwrap();
+        }
+        let other: Vec<u32> = (0..4).chain(100..105).collect();
+        let mut other_keys = Vec::new();
+        keyed.block_keys(&s, &other, &mut other_keys);
+        for (prompt, prompt_keys) in [(&tokens, &keys), (&other, &other_keys)] {
+            let want = hashing.lookup(&s, prompt, 1);
+            assert_eq!(keyed.lookup_keyed(&s, prompt, prompt_keys, 1), want);
+            // Keys of another length than the prompt's full blocks: hashed as `lookup`.
+            assert_eq!(keyed.lookup_keyed(&s, prompt, &prompt_keys[..1], 1), want);
+        }
+        assert_eq!(hashing.lookup(&s, &other, 1).tokens, 4);
+        // An insert with too few keys hashes its tokens: the same blocks as without keys.
+        let more: Vec<u32> = (200..204).collect();
+        let mut more_keys = Vec::new();
+        keyed.block_keys(&s, &more, &mut more_keys);
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        let extra = [BlockId(8), BlockId(9)];
+        hashing.insert(&s, &more, &extra, 2, &mut a).unwrap();
+        keyed
+            .insert_keyed(&s, &more, &more_keys[..1], &extra, 2, &mut b)
+            .unwrap();
+        assert_eq!((a.len(), &a), (2, &b));
+        assert_eq!(
+            keyed.insert_keyed(&s, &more, &more_keys, &extra[..1], 3, &mut b),
+            Err(ReuseError::LengthMismatch {
+                full_blocks: 2,
+                blocks: 1
+            })
+        );
     }
 }
