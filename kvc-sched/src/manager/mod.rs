@@ -34,6 +34,24 @@ struct SeqKv {
     placed: RegionBlocks,
     /// The load from the tiers this sequence waits for, if any.
     loading: Option<LoadId>,
+    /// The keys of its blocks as far as they were computed, so each block is hashed once.
+    keys: KeyMemo,
+}
+
+/// The keys of a sequence's leading full blocks, kept between the calls that name its
+/// blocks (lookup, tier lookup, each offer), so each block is hashed once
+/// ([`ReuseIndex::extend_keys`]) instead of once per call. The tokens they were made from
+/// are kept too: each call compares them with the tokens it is given and keys again from
+/// the first block that differs, so a caller passing other tokens than before gets the keys
+/// of what it passed, never stale ones.
+#[derive(Clone, Debug, Default)]
+struct KeyMemo {
+    /// The chain root the keys were made under ([`ReuseIndex::chain_root`]); a change
+    /// (a new tenant salt) discards them.
+    root: Option<StoreKey>,
+    /// The tokens of the keyed blocks: `keys.len()` × the block size.
+    tokens: Vec<u32>,
+    keys: Vec<StoreKey>,
 }
 
 /// A load from the tiers in flight.
@@ -416,6 +434,7 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
                 offered: 0,
                 placed: RegionBlocks::default(),
                 loading: None,
+                keys: KeyMemo::default(),
             },
         );
         Ok(())
@@ -440,7 +459,12 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
         }
         let owner = s.owner;
         let scope = scope(&owner);
-        let hit = self.reuse.lookup(&scope, prompt, now_ms);
+        let memo = self.keys_of(seq, &scope, prompt)?;
+        let full = (prompt.len() / self.cfg.block_size as usize).min(memo.keys.len());
+        let hit = self
+            .reuse
+            .lookup_keyed(&scope, prompt, &memo.keys[..full], now_ms);
+        self.seq_mut(seq)?.keys = memo;
         let bs = self.cfg.block_size as usize;
         let usable = (prompt.len() - 1) / bs;
         let mut keep = hit.blocks.len().min(usable);
@@ -566,10 +590,10 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
         if first >= usable {
             return Ok(PrefixLoad::None);
         }
-        let mut keys = Vec::with_capacity(usable);
-        self.reuse
-            .block_keys(&scope(&owner), &prompt[..usable * bs], &mut keys);
-        let usable = usable.min(keys.len());
+        let memo = self.keys_of(seq, &scope(&owner), &prompt[..usable * bs])?;
+        let usable = usable.min(memo.keys.len());
+        let keys = memo.keys[..usable].to_vec();
+        self.seq_mut(seq)?.keys = memo;
         let Some(tiers) = self.tiers.as_ref().filter(|_| first < usable) else {
             return Ok(PrefixLoad::None);
         };
@@ -932,11 +956,14 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
     /// waits until it fills, and tokens past the sequence's slots (given by mistake, or
     /// sampled but not yet written) are ignored, since no KV of theirs can be in its blocks.
     /// Blocks offered before are not offered again: a call returns at once until another
-    /// block of the sequence fills. A call that does offer hands the index the whole context
-    /// from position 0 (the index hashes it and walks the cached part again), so its cost
-    /// grows with the context, not with the new blocks: offer at milestones (the prompt
-    /// computed, the request finished, before a preemption), as [`Scheduler`](crate::Scheduler)
-    /// does, rather than at every block that fills during a long decode.
+    /// block of the sequence fills. Each block is hashed once per sequence: the manager keeps
+    /// the keys of the blocks it named before (at the lookup, the tier lookup, earlier
+    /// offers) with the tokens they were made from, and hashes only blocks past them or
+    /// whose tokens differ (about 4 bytes per token per sequence). A call that does offer
+    /// still hands the index the whole context from position 0, which walks the cached part
+    /// again (refreshing its recency), so offer at milestones (the prompt computed, the
+    /// request finished, before a preemption), as [`Scheduler`](crate::Scheduler) does,
+    /// rather than at every block that fills during a long decode.
     pub fn cache_blocks(
         &mut self,
         seq: SeqId,
@@ -969,8 +996,13 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
         let scope = scope(&s.owner);
         let blocks: Vec<BlockId> = s.blocks[..full].to_vec();
         let mut newly = Vec::new();
-        let result = self.index_insert(&scope, &computed[..full * bs], &blocks, now_ms, &mut newly);
-        self.seq_mut(seq)?.offered = full;
+        let tokens = &computed[..full * bs];
+        let memo = self.keys_of(seq, &scope, tokens)?;
+        let keys = &memo.keys[..full.min(memo.keys.len())];
+        let result = self.index_insert(&scope, tokens, keys, &blocks, now_ms, &mut newly);
+        let s = self.seq_mut(seq)?;
+        s.keys = memo;
+        s.offered = full;
         let n = newly.len();
         for b in newly {
             // Holders before the index: the offering sequence (counted by insert) and any
@@ -1009,6 +1041,8 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
             offered: p.offered,
             placed: RegionBlocks::default(),
             loading: None,
+            // The same leading tokens: the child's keys start as the parent's.
+            keys: p.keys.clone(),
         };
         for i in 0..kv.blocks.len() {
             let b = kv.blocks[i];
@@ -1267,6 +1301,50 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
         }
     }
 
+    /// `seq`'s key memo, taken out of the sequence (the caller puts it back), covering at
+    /// least the full blocks of `tokens` when the index names blocks: the keys of blocks
+    /// whose tokens match the memo's are kept, the rest hashed ([`KeyMemo`]).
+    fn keys_of(
+        &mut self,
+        seq: SeqId,
+        scope: &ReuseScope,
+        tokens: &[u32],
+    ) -> Result<KeyMemo, KvError> {
+        let mut memo = std::mem::take(&mut self.seq_mut(seq)?.keys);
+        let root = self.reuse.chain_root(scope);
+        if root.is_none() || memo.root != root {
+            memo = KeyMemo {
+                root,
+                ..KeyMemo::default()
+            };
+        }
+        if root.is_none() {
+            return Ok(memo);
+        }
+        let bs = self.cfg.block_size as usize;
+        let full = tokens.len() / bs;
+        let overlap = memo.keys.len().min(full) * bs;
+        if memo.tokens[..overlap] != tokens[..overlap] {
+            let same = memo.tokens[..overlap]
+                .chunks_exact(bs)
+                .zip(tokens.chunks_exact(bs))
+                .take_while(|(kept, given)| kept == given)
+                .count();
+            memo.keys.truncate(same);
+            memo.tokens.truncate(same * bs);
+        }
+        let known = memo.keys.len();
+        if known < full {
+            self.reuse
+                .extend_keys(scope, &tokens[..full * bs], &mut memo.keys);
+            let keyed = memo.keys.len().min(full);
+            memo.keys.truncate(keyed);
+            memo.tokens
+                .extend_from_slice(&tokens[known * bs..keyed * bs]);
+        }
+        Ok(memo)
+    }
+
     fn seq(&self, seq: SeqId) -> Result<&SeqKv, KvError> {
         self.seqs.get(&seq).ok_or(KvError::UnknownSeq { seq })
     }
@@ -1375,11 +1453,14 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
         &mut self,
         scope: &ReuseScope,
         tokens: &[u32],
+        keys: &[StoreKey],
         blocks: &[BlockId],
         now_ms: u64,
         newly: &mut Vec<BlockId>,
     ) -> Result<(), KvError> {
-        Ok(self.reuse.insert(scope, tokens, blocks, now_ms, newly)?)
+        Ok(self
+            .reuse
+            .insert_keyed(scope, tokens, keys, blocks, now_ms, newly)?)
     }
 
     fn index_acquire(&mut self, blocks: &[BlockId]) -> Result<(), KvError> {

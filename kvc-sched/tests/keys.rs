@@ -1,0 +1,213 @@
+//! [`KvManager`] hashes each block of a sequence once: the keys named at the lookup serve the
+//! tier lookup and every later offer, and only blocks past them are hashed. Checked with a
+//! hasher that counts its calls, and, since kept keys must never outlive what they name,
+//! against tokens that change between calls and a tenant salt that changes under a sequence.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use kvc_alloc::{BlockPool, PoolConfig};
+use kvc_core::{BlockId, LowerTiers, QosClass, ReuseIndex, ReuseScope, SeqId, StoreKey, TenantId};
+use kvc_reuse::{
+    BlockHash, BlockHasher, HashExtra, PolicyKind, PrefixCache, ScopedIndex, Xxh3Hasher,
+};
+use kvc_sched::{
+    DynamicOnly, KvManager, KvManagerConfig, LoadResult, SeqOwner, SlotGrant, SlotRequest, TierMode,
+};
+
+const BS: u32 = 4;
+
+/// XXH3 chaining that counts the blocks it hashes.
+#[derive(Clone, Debug, Default)]
+struct Counting(Arc<AtomicUsize>);
+
+impl Counting {
+    fn hashed(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+impl BlockHasher for Counting {
+    fn name(&self) -> &'static str {
+        "counting-xxh3"
+    }
+    fn root(&self, extra: &HashExtra) -> BlockHash {
+        Xxh3Hasher.root(extra)
+    }
+    fn chain(&self, parent: BlockHash, tokens: &[u32]) -> BlockHash {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        Xxh3Hasher.chain(parent, tokens)
+    }
+}
+
+type Manager = KvManager<BlockPool, DynamicOnly, ScopedIndex<Counting>>;
+
+fn manager(blocks: u64) -> (Manager, Counting) {
+    let hasher = Counting::default();
+    let index = ScopedIndex::new(
+        PrefixCache::new(BS, PolicyKind::Lru),
+        hasher.clone(),
+        HashExtra::new("m", 1),
+    );
+    let cfg = KvManagerConfig {
+        block_size: BS,
+        ..KvManagerConfig::default()
+    };
+    let pool = BlockPool::new(PoolConfig::new(blocks)).unwrap();
+    let kv = KvManager::new(cfg, pool, DynamicOnly::default(), index).unwrap();
+    (kv, hasher)
+}
+
+fn owner(tenant: u32) -> SeqOwner {
+    SeqOwner {
+        tenant: TenantId(tenant),
+        class: QosClass::STANDARD,
+        session: None,
+    }
+}
+
+fn grow(kv: &mut Manager, seq: u64, tokens: u64) {
+    let ask = SlotRequest {
+        new_tokens: tokens,
+        lookahead: 0,
+        admission: false,
+    };
+    let grant = kv.allocate_slots(SeqId(seq), ask, 0, &mut Vec::new());
+    assert_eq!(grant.unwrap(), SlotGrant::Now);
+}
+
+/// Opens `seq` for `tenant`, looks `prompt` up and assigns slots for the rest of it.
+fn prefill(kv: &mut Manager, seq: u64, tenant: u32, prompt: &[u32]) -> u64 {
+    kv.open(SeqId(seq), owner(tenant)).unwrap();
+    let hit = kv.lookup_prefix(SeqId(seq), prompt, 0).unwrap();
+    grow(kv, seq, prompt.len() as u64 - hit);
+    hit
+}
+
+/// The blocks another sequence of `tenant` hits for `prompt` (it is freed again).
+fn hit_blocks(kv: &mut Manager, tenant: u32, prompt: &[u32]) -> Vec<BlockId> {
+    let probe = SeqId(9_999);
+    kv.open(probe, owner(tenant)).unwrap();
+    kv.lookup_prefix(probe, prompt, 0).unwrap();
+    let blocks = kv.blocks(probe).unwrap().to_vec();
+    kv.free(probe).unwrap();
+    blocks
+}
+
+#[test]
+fn a_request_hashes_each_block_once_from_lookup_to_its_last_offer() {
+    let (mut kv, hasher) = manager(64);
+    // 10 full blocks and 2 tokens: the lookup names 10 blocks, the prompt's offer no more.
+    let prompt: Vec<u32> = (0..42).collect();
+    assert_eq!(prefill(&mut kv, 1, 0, &prompt), 0);
+    assert_eq!(hasher.hashed(), 10);
+    assert_eq!(kv.cache_blocks(SeqId(1), &prompt, 0).unwrap(), 10);
+    assert_eq!(hasher.hashed(), 10, "the offer reuses the lookup's keys");
+    // Six tokens decoded: blocks 10 and 11 fill, and only they are hashed.
+    let mut tokens = prompt.clone();
+    tokens.extend(1_000..1_006);
+    grow(&mut kv, 1, 6);
+    assert_eq!(kv.cache_blocks(SeqId(1), &tokens, 0).unwrap(), 2);
+    assert_eq!(hasher.hashed(), 12);
+    // A fork starts from its parent's keys: its offer of a new block hashes one block.
+    kv.fork(SeqId(1), SeqId(2)).unwrap();
+    let mut child = tokens.clone();
+    child.extend(2_000..2_004);
+    grow(&mut kv, 2, 4);
+    assert_eq!(kv.cache_blocks(SeqId(2), &child, 0).unwrap(), 1);
+    assert_eq!(hasher.hashed(), 13);
+    // What was cached is what the tokens name: another request hits every block but the
+    // one holding its last token, in the offering sequences' blocks.
+    let hit = hit_blocks(&mut kv, 0, &child);
+    assert_eq!(hit.len(), 12);
+    assert_eq!(hit, kv.blocks(SeqId(2)).unwrap()[..12]);
+    assert_eq!(hit[..12], kv.blocks(SeqId(1)).unwrap()[..12]);
+}
+
+#[test]
+fn an_offer_of_other_tokens_than_the_lookups_caches_the_tokens_offered() {
+    // The same calls on two managers, one of which saw a lookup of other tokens first.
+    let seen: Vec<u32> = (0..32).collect();
+    let offered: Vec<u32> = (0..20).chain(500..512).collect(); // differs from block 5 on
+    let (mut plain, _) = manager(32);
+    let (mut kept, hasher) = manager(32);
+    plain.open(SeqId(1), owner(0)).unwrap();
+    grow(&mut plain, 1, 32);
+    assert_eq!(prefill(&mut kept, 1, 0, &seen), 0);
+    assert_eq!(hasher.hashed(), 8);
+    for kv in [&mut plain, &mut kept] {
+        assert_eq!(kv.cache_blocks(SeqId(1), &offered, 0).unwrap(), 8);
+    }
+    assert_eq!(hasher.hashed(), 8 + 3, "blocks 5 to 7 keyed again");
+    for kv in [&mut plain, &mut kept] {
+        let own = kv.blocks(SeqId(1)).unwrap().to_vec();
+        let probe: Vec<u32> = offered.iter().copied().chain([7]).collect();
+        assert_eq!(hit_blocks(kv, 0, &probe), own);
+        assert_eq!(hit_blocks(kv, 0, &seen), own[..5]);
+    }
+}
+
+#[test]
+fn a_new_salt_under_a_running_request_is_not_bypassed_by_its_kept_keys() {
+    let (mut kv, _) = manager(64);
+    // Tenants 1 and 2 share a salt, then tenant 1 is given its own while a request runs.
+    kv.reuse_index_mut().set_salt(TenantId(1), *b"team");
+    kv.reuse_index_mut().set_salt(TenantId(2), *b"team");
+    let prompt: Vec<u32> = (0..17).collect();
+    prefill(&mut kv, 1, 1, &prompt);
+    kv.reuse_index_mut().set_salt(TenantId(1), *b"solo");
+    assert_eq!(kv.cache_blocks(SeqId(1), &prompt, 0).unwrap(), 4);
+    // Cached under tenant 1's new salt: tenant 2 sees none of it, tenant 1 all of it.
+    assert!(hit_blocks(&mut kv, 2, &prompt).is_empty());
+    assert_eq!(
+        hit_blocks(&mut kv, 1, &prompt),
+        kv.blocks(SeqId(1)).unwrap()[..4]
+    );
+}
+
+/// Tiers holding a set of keys.
+#[derive(Debug, Default)]
+struct Held(Mutex<HashSet<StoreKey>>);
+
+impl LowerTiers for Held {
+    fn longest_prefix(&self, keys: &[StoreKey]) -> usize {
+        let held = self.0.lock().unwrap();
+        keys.iter().take_while(|k| held.contains(k)).count()
+    }
+}
+
+#[test]
+fn a_load_from_the_tiers_names_its_blocks_with_the_lookups_keys() {
+    let (kv, hasher) = manager(32);
+    let tiers = Arc::new(Held::default());
+    let mut kv = kv.with_tiers(tiers.clone(), TierMode::WriteBack);
+    let prompt: Vec<u32> = (0..26).collect(); // 6 full blocks; 6 usable
+    let scope = ReuseScope {
+        tenant: TenantId(0),
+        session: None,
+    };
+    let mut keys = Vec::new();
+    kv.reuse_index_mut().block_keys(&scope, &prompt, &mut keys);
+    tiers.0.lock().unwrap().extend(keys[..4].iter().copied());
+    let before = hasher.hashed();
+    kv.open(SeqId(1), owner(0)).unwrap();
+    assert_eq!(kv.lookup_prefix(SeqId(1), &prompt, 0).unwrap(), 0);
+    let job = kv.load_prefix(SeqId(1), &prompt, 0).unwrap().started();
+    let job = job.expect("the tiers hold 4 blocks");
+    let loaded: Vec<StoreKey> = job.blocks.iter().map(|b| b.key).collect();
+    assert_eq!(loaded, keys[..4]);
+    let done = kv.complete_load(job.id, LoadResult::Loaded).unwrap();
+    assert_eq!(done.computed, Some(16));
+    grow(&mut kv, 1, 10);
+    assert_eq!(kv.cache_blocks(SeqId(1), &prompt, 0).unwrap(), 2);
+    assert_eq!(
+        hasher.hashed() - before,
+        6,
+        "each of the 6 blocks hashed once"
+    );
+    assert_eq!(
+        hit_blocks(&mut kv, 0, &prompt),
+        kv.blocks(SeqId(1)).unwrap()[..6]
+    );
+}
