@@ -211,3 +211,59 @@ fn a_load_from_the_tiers_names_its_blocks_with_the_lookups_keys() {
         kv.blocks(SeqId(1)).unwrap()[..6]
     );
 }
+
+#[test]
+fn a_request_waiting_for_memory_is_not_hashed_again_at_every_try() {
+    use kvc_sched::{Request, Scheduler, SchedulerConfig, StepPlan};
+    let hasher = Counting::default();
+    let index = ScopedIndex::new(
+        PrefixCache::new(BS, PolicyKind::Lru),
+        hasher.clone(),
+        HashExtra::new("m", 1),
+    );
+    let cfg = SchedulerConfig {
+        block_size: BS,
+        max_running: 4,
+        max_batch_tokens: 64,
+        max_model_len: 256,
+        ..SchedulerConfig::default()
+    };
+    let pool = BlockPool::new(PoolConfig::new(16)).unwrap();
+    let mut sched = Scheduler::new(cfg, pool, DynamicOnly::default(), index).unwrap();
+    let request = |id: u64, len: u32, new: u32| Request {
+        id: SeqId(id),
+        tenant: TenantId(0),
+        qos: QosClass::STANDARD,
+        session: None,
+        prompt: (0..len).map(|t| t + 1_000 * id as u32).collect(),
+        max_new_tokens: new,
+        arrival_ms: id,
+    };
+    // The first request takes 10 of the 16 blocks and grows; the second needs 9.
+    sched.submit(request(1, 40, 20)).unwrap();
+    sched.submit(request(2, 36, 4)).unwrap();
+    let mut plan = StepPlan::default();
+    let mut finished = Vec::new();
+    let mut tries = 0;
+    for now in 0..200 {
+        sched.step_into(now, &mut plan);
+        if !plan.seqs.iter().any(|s| s.seq == SeqId(2)) && finished.is_empty() {
+            tries += 1;
+        }
+        let sampled: Vec<(SeqId, u32)> = plan
+            .seqs
+            .iter()
+            .filter(|s| s.samples)
+            .map(|s| (s.seq, 7))
+            .collect();
+        finished.extend(sched.complete_step(&sampled).unwrap());
+        if finished.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(finished.len(), 2);
+    assert!(tries > 10, "the second request waited {tries} steps");
+    // Each full block of what was computed hashed once: the first request's 59 computed
+    // tokens (40 prompt, 19 of its 20 sampled) fill 14 blocks, the second's 39 fill 9.
+    assert_eq!(hasher.hashed(), 14 + 9);
+}

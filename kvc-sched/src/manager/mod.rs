@@ -2,6 +2,7 @@
 
 mod types;
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use ahash::AHashMap as HashMap;
@@ -202,6 +203,10 @@ pub struct KvManager<A, P, R> {
     stats: KvStats,
     scratch: Vec<BlockId>,
     tiers: Option<TierState>,
+    /// The keys of the last sequences freed, most recent last, given back if one is opened
+    /// again (a scheduler retries a waiting request's admission under the same id every step
+    /// while memory is short). At most [`Self::PARKED_KEYS`].
+    parked: VecDeque<(SeqId, KeyMemo)>,
 }
 
 impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
@@ -229,6 +234,7 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
             stats: KvStats::default(),
             scratch: Vec::new(),
             tiers: None,
+            parked: VecDeque::new(),
         })
     }
 
@@ -425,6 +431,7 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
         if self.seqs.contains_key(&seq) {
             return Err(KvError::DuplicateSeq { seq });
         }
+        let keys = self.unpark_keys(seq);
         self.seqs.insert(
             seq,
             SeqKv {
@@ -434,7 +441,7 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
                 offered: 0,
                 placed: RegionBlocks::default(),
                 loading: None,
-                keys: KeyMemo::default(),
+                keys,
             },
         );
         Ok(())
@@ -1100,6 +1107,11 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
     /// loaded stay held (in use) until the load is reported with
     /// [`complete_load`](Self::complete_load), so no other sequence is handed a block the
     /// engine may still be writing. Their pin-policy placement is given back now.
+    ///
+    /// The keys of its blocks (see [`cache_blocks`](Self::cache_blocks)) are kept for the
+    /// last 16 sequences freed: a sequence opened again under the same id, as a scheduler
+    /// retrying a waiting request's admission does every step while memory is short, does
+    /// not hash its prompt again.
     pub fn free(&mut self, seq: SeqId) -> Result<(), KvError> {
         let mut s = self.seqs.remove(&seq).ok_or(KvError::UnknownSeq { seq })?;
         if let Some(id) = s.loading
@@ -1114,6 +1126,7 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
             let keys = std::mem::take(&mut load.keys);
             tiers.land(id, &keys);
         }
+        self.park_keys(seq, std::mem::take(&mut s.keys));
         let index = self.index_release(&s.blocks);
         let refs = self.release_blocks(&s.blocks);
         // A sequence that placed nothing (it only reused cached blocks, or is a fork) is
@@ -1343,6 +1356,30 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
                 .extend_from_slice(&tokens[known * bs..keyed * bs]);
         }
         Ok(memo)
+    }
+
+    /// How many freed sequences' keys are kept for their reopening.
+    const PARKED_KEYS: usize = 16;
+
+    /// Keeps a freed sequence's keys (see `parked`); the oldest go first.
+    fn park_keys(&mut self, seq: SeqId, memo: KeyMemo) {
+        if memo.keys.is_empty() {
+            return;
+        }
+        if self.parked.len() == Self::PARKED_KEYS {
+            self.parked.pop_front();
+        }
+        self.parked.push_back((seq, memo));
+    }
+
+    /// The keys `seq` had when it was last freed, if still kept. They are checked against
+    /// the tokens and chain root of each later call like any kept keys, so an id reused for
+    /// another request gets keys of its own tokens.
+    fn unpark_keys(&mut self, seq: SeqId) -> KeyMemo {
+        match self.parked.iter().rposition(|(s, _)| *s == seq) {
+            Some(at) => self.parked.remove(at).map(|(_, m)| m).unwrap_or_default(),
+            None => KeyMemo::default(),
+        }
     }
 
     fn seq(&self, seq: SeqId) -> Result<&SeqKv, KvError> {
