@@ -58,7 +58,9 @@ pub use pin::{
     Refusal, RegionBlocks, Resize, Retention, RetentionUpdate, Route, WaitReason,
 };
 pub use qos::{QosClass, QosClasses, QosError};
-pub use reuse::{NoReuse, PrefixHit, ReuseError, ReuseIndex, ReuseScope, TierKey};
+pub use reuse::{
+    NoReuse, Offer, OfferRole, PrefixHit, ReuseError, ReuseIndex, ReuseScope, TierKey,
+};
 pub use store::{
     BlockStore, LowerTiers, NamespaceError, PutOutcome, StoreError, StoreKey, StoreNamespace,
     StoreUsage, check_buffer,

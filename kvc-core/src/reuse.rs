@@ -276,25 +276,27 @@ pub trait ReuseIndex {
         self.lookup(scope, prompt, now_ms)
     }
 
-    /// [`insert`](Self::insert), given `keys`: the keys of the full blocks of `tokens` under
-    /// `scope`, as for [`lookup_keyed`](Self::lookup_keyed). Keys that do not cover every
-    /// full block of `tokens` are not used (the tokens are hashed as by `insert`).
+    /// [`insert`](Self::insert) as a memory manager offers a request's blocks over its life:
+    /// with the keys it kept ([`Offer::keys`], so the index need not hash the tokens) and
+    /// what the offer is to the request ([`Offer::role`]): its prompt, which an eviction
+    /// policy that learns from requests counts as one request, or more blocks of a request
+    /// whose prompt was offered (or is yet to be), which it must not count again. A request
+    /// offered twice as two prompts looks like a second request reusing every block: such a
+    /// policy's odds then say every block is reused, and it evicts like LRU.
     ///
-    /// The default is `insert`, which hashes the tokens.
+    /// The default is `insert` of the offer's tokens and blocks (an index without such a
+    /// policy has nothing to tell apart).
     ///
     /// # Errors
     /// As [`insert`](Self::insert).
-    fn insert_keyed(
+    fn offer(
         &mut self,
         scope: &ReuseScope,
-        tokens: &[u32],
-        keys: &[StoreKey],
-        blocks: &[BlockId],
+        offer: Offer<'_>,
         now_ms: u64,
         newly_cached: &mut Vec<BlockId>,
     ) -> Result<(), ReuseError> {
-        let _ = keys;
-        self.insert(scope, tokens, blocks, now_ms, newly_cached)
+        self.insert(scope, offer.tokens, offer.blocks, now_ms, newly_cached)
     }
 
     /// The key the cached block `block` is cached under and its retention now, or
@@ -326,6 +328,41 @@ pub trait ReuseIndex {
         keys.extend(std::iter::repeat_n(None, evicted.len() - before));
         n
     }
+}
+
+/// A request's offer of its computed full blocks ([`ReuseIndex::offer`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Offer<'a> {
+    /// The tokens: `blocks[i]` holds `tokens[i × block_size..(i + 1) × block_size]`, as for
+    /// [`ReuseIndex::insert`].
+    pub tokens: &'a [u32],
+    /// The keys of the full blocks of `tokens` under the request's scope, from
+    /// [`ReuseIndex::block_keys`] or [`ReuseIndex::extend_keys`]; not used (the tokens are
+    /// hashed) unless there is one per full block.
+    pub keys: &'a [StoreKey],
+    /// The blocks, one per full block of `tokens`.
+    pub blocks: &'a [BlockId],
+    /// What the offer is to the request.
+    pub role: OfferRole,
+}
+
+/// What an [`Offer`] is to the request making it: an eviction policy that learns from
+/// requests counts each request's prompt once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OfferRole {
+    /// The request's prompt (with whatever it computed after it, if it is offered once at
+    /// the end): every block is an access of this request, a hit block a reuse. Offer a
+    /// request's prompt once.
+    Prompt,
+    /// Blocks of a request whose prompt is offered in another offer: a prefix loaded from
+    /// the tiers before the prompt is computed, the reply after it, the computed part of a
+    /// preempted request. The first `offered_before` blocks were offered by this request
+    /// before: offering them again is no access at all. The others are cached (or found
+    /// cached) without counting as a request.
+    More {
+        /// Leading blocks this request offered before.
+        offered_before: usize,
+    },
 }
 
 /// The index of a deployment with reuse off: never hits, keeps nothing.

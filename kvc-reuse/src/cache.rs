@@ -22,7 +22,7 @@ use std::collections::{BTreeSet, BinaryHeap};
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
-use kvc_core::{BlockId, PrefixHit, Retention, ReuseError};
+use kvc_core::{BlockId, OfferRole, PrefixHit, Retention, ReuseError};
 
 use crate::BlockHash;
 use crate::events::{EventLog, EventRecord, KvEvent, Metrics};
@@ -753,6 +753,9 @@ impl PrefixCache {
     /// - a hash already cached under another block, or a block invalidated while in use, ends
     ///   the insert there (`Ok`): that block and the ones after it stay private.
     ///
+    /// This is the request's prompt to the eviction policy ([`OfferRole::Prompt`]); see
+    /// [`insert_as`](Self::insert_as) for the other blocks of a request.
+    ///
     /// # Errors
     /// [`ReuseError::LengthMismatch`] (nothing cached); [`ReuseError::BlockAlreadyCached`]
     /// when a block caches another hash (blocks before it were processed).
@@ -763,6 +766,32 @@ impl PrefixCache {
         now_ms: u64,
         newly_cached: &mut Vec<BlockId>,
     ) -> Result<(), ReuseError> {
+        self.insert_as(hashes, blocks, OfferRole::Prompt, now_ms, newly_cached)
+    }
+
+    /// [`insert`](Self::insert), saying what the insert is to the request making it
+    /// (see [`kvc_core::ReuseIndex::offer`]). With [`OfferRole::Prompt`] it is `insert`: the
+    /// policy is told each block as part of the request's prompt ([`Access::Insert`], one
+    /// walk per request). With [`OfferRole::More`] the first `offered_before` blocks, which
+    /// the request offered before, are passed over as no access at all (no recency, no
+    /// policy call), and the others are cached or found as [`Access::More`], outside any
+    /// prompt's walk. So a request offered in parts (its prompt, then its reply) is one
+    /// request to a policy that learns from requests, not two.
+    ///
+    /// # Errors
+    /// As [`insert`](Self::insert).
+    pub fn insert_as(
+        &mut self,
+        hashes: &[BlockHash],
+        blocks: &[BlockId],
+        role: OfferRole,
+        now_ms: u64,
+        newly_cached: &mut Vec<BlockId>,
+    ) -> Result<(), ReuseError> {
+        let (access, offered_before) = match role {
+            OfferRole::Prompt => (Access::Insert, 0),
+            OfferRole::More { offered_before } => (Access::More, offered_before),
+        };
         if hashes.len() != blocks.len() {
             return Err(ReuseError::LengthMismatch {
                 full_blocks: hashes.len(),
@@ -807,7 +836,7 @@ impl PrefixCache {
             request_hit_blocks: existing,
             request_blocks,
             block_size,
-            access: Access::Insert,
+            access,
         };
         let mut parent: Option<u32> = None;
         // Whether `parent` was cached by this call: in use by the offering request, so never
@@ -840,6 +869,13 @@ impl PrefixCache {
                 if self.nodes[slot as usize].block != block {
                     // Computed twice: the cached copy stays, the request's block stays private.
                     break;
+                }
+                if i < offered_before {
+                    // Offered before by the same request, which still holds it: no access.
+                    parent = Some(slot);
+                    parent_new = false;
+                    recent[i % Self::CHAIN_AHEAD] = slot;
+                    continue;
                 }
                 let stamp = self.tick();
                 self.set_stamp(slot, stamp);

@@ -9,7 +9,8 @@
 
 use ahash::AHashMap;
 use kvc_core::{
-    BlockId, PrefixHit, Retention, ReuseError, ReuseIndex, ReuseScope, StoreKey, TenantId, TierKey,
+    BlockId, Offer, OfferRole, PrefixHit, Retention, ReuseError, ReuseIndex, ReuseScope, StoreKey,
+    TenantId, TierKey,
 };
 
 use crate::{BlockHash, BlockHasher, EndError, HashExtra, PrefixCache};
@@ -151,7 +152,13 @@ impl<H: BlockHasher> ReuseIndex for ScopedIndex<H> {
         now_ms: u64,
         newly_cached: &mut Vec<BlockId>,
     ) -> Result<(), ReuseError> {
-        self.insert_keyed(scope, tokens, &[], blocks, now_ms, newly_cached)
+        let offer = Offer {
+            tokens,
+            keys: &[],
+            blocks,
+            role: OfferRole::Prompt,
+        };
+        self.offer(scope, offer, now_ms, newly_cached)
     }
 
     fn lookup_keyed(
@@ -170,26 +177,24 @@ impl<H: BlockHasher> ReuseIndex for ScopedIndex<H> {
         }
     }
 
-    fn insert_keyed(
+    fn offer(
         &mut self,
         scope: &ReuseScope,
-        tokens: &[u32],
-        keys: &[StoreKey],
-        blocks: &[BlockId],
+        offer: Offer<'_>,
         now_ms: u64,
         newly_cached: &mut Vec<BlockId>,
     ) -> Result<(), ReuseError> {
-        let full_blocks = tokens.len() / self.cache.block_size() as usize;
-        if full_blocks != blocks.len() {
+        let full_blocks = offer.tokens.len() / self.cache.block_size() as usize;
+        if full_blocks != offer.blocks.len() {
             return Err(ReuseError::LengthMismatch {
                 full_blocks,
-                blocks: blocks.len(),
+                blocks: offer.blocks.len(),
             });
         }
         self.now_ms = now_ms;
-        self.hash_or_take(scope, tokens, keys);
+        self.hash_or_take(scope, offer.tokens, offer.keys);
         self.cache
-            .insert(&self.hashes, blocks, now_ms, newly_cached)
+            .insert_as(&self.hashes, offer.blocks, offer.role, now_ms, newly_cached)
     }
 
     fn acquire(&mut self, blocks: &[BlockId]) -> Result<(), ReuseError> {
@@ -553,6 +558,15 @@ mod tests {
         assert_ne!(idx.chain_root(&s), Some(root));
     }
 
+    fn prompt<'a>(tokens: &'a [u32], keys: &'a [StoreKey], blocks: &'a [BlockId]) -> Offer<'a> {
+        Offer {
+            tokens,
+            keys,
+            blocks,
+            role: OfferRole::Prompt,
+        }
+    }
+
     #[test]
     fn keyed_calls_act_as_the_hashing_ones_and_ignore_keys_of_another_length() {
         let s = ReuseScope {
@@ -567,7 +581,7 @@ mod tests {
         let (mut a, mut b) = (Vec::new(), Vec::new());
         hashing.insert(&s, &tokens, &blocks, 0, &mut a).unwrap();
         keyed
-            .insert_keyed(&s, &tokens, &keys, &blocks, 0, &mut b)
+            .offer(&s, prompt(&tokens, &keys, &blocks), 0, &mut b)
             .unwrap();
         assert_eq!(a, b);
         for idx in [&mut hashing, &mut keyed] {
@@ -591,11 +605,11 @@ mod tests {
         let extra = [BlockId(8), BlockId(9)];
         hashing.insert(&s, &more, &extra, 2, &mut a).unwrap();
         keyed
-            .insert_keyed(&s, &more, &more_keys[..1], &extra, 2, &mut b)
+            .offer(&s, prompt(&more, &more_keys[..1], &extra), 2, &mut b)
             .unwrap();
         assert_eq!((a.len(), &a), (2, &b));
         assert_eq!(
-            keyed.insert_keyed(&s, &more, &more_keys, &extra[..1], 3, &mut b),
+            keyed.offer(&s, prompt(&more, &more_keys, &extra[..1]), 3, &mut b),
             Err(ReuseError::LengthMismatch {
                 full_blocks: 2,
                 blocks: 1

@@ -79,7 +79,8 @@ pub use index::ScopedIndex;
 /// The `kvc-core` types this crate's API takes and returns, so users need not depend on
 /// `kvc-core` directly.
 pub use kvc_core::{
-    BlockId, NoReuse, PrefixHit, Retention, ReuseError, ReuseIndex, ReuseScope, SessionId, TenantId,
+    BlockId, NoReuse, Offer, OfferRole, PrefixHit, Retention, ReuseError, ReuseIndex, ReuseScope,
+    SessionId, TenantId,
 };
 pub use odds::ReuseOdds;
 pub use policy::{Access, BlockInfo, Conversation, EvictionPolicy, Lru, PolicyKind, S3Fifo};

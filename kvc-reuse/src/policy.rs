@@ -40,8 +40,14 @@ pub struct BlockInfo {
 pub enum Access {
     /// A lookup hit it (it is now in use).
     Lookup,
-    /// An insert cached it or offered it again; inserts walk a prompt's blocks in order.
+    /// An insert of a request's prompt cached it or found it cached; such inserts walk a
+    /// prompt's blocks in order, once per request.
     Insert,
+    /// An insert of more blocks of a request whose prompt is offered apart (a prefix loaded
+    /// from the tiers before it, its reply after it) cached it or found it cached. Not part of
+    /// a prompt's walk; blocks the request offered before are not reported at all
+    /// (see [`PrefixCache::insert_as`](crate::PrefixCache::insert_as)).
+    More,
 }
 
 /// An eviction policy over the cache's evictable blocks.
@@ -50,7 +56,7 @@ pub trait EvictionPolicy: Send + std::fmt::Debug {
     fn name(&self) -> &'static str;
     /// `slot` now holds a newly cached block (not yet evictable).
     fn on_insert(&mut self, slot: u32, info: &BlockInfo);
-    /// A cached block was used again (a lookup hit, or offered again by a request).
+    /// A cached block was used again (a lookup hit, or found cached by an insert).
     fn on_hit(&mut self, slot: u32, info: &BlockInfo);
     /// The block's last holder released it at the cache's clock `stamp` (it is about to
     /// become evictable). A request releases its blocks tail first, so the tail gets the

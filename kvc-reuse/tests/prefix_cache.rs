@@ -2,8 +2,8 @@
 //! eviction, policies, retention priorities, invalidation, isolation, events and metrics.
 
 use kvc_reuse::{
-    BlockHash, BlockHasher, BlockId, HashExtra, KvEvent, PolicyKind, PrefixCache, Retention,
-    ReuseError, Xxh3Hasher,
+    BlockHash, BlockHasher, BlockId, HashExtra, KvEvent, OfferRole, PolicyKind, PrefixCache,
+    Retention, ReuseError, Xxh3Hasher,
 };
 
 const BS: usize = 4;
@@ -586,4 +586,86 @@ fn short_hash_retention_finds_exactly_the_hittable_blocks_under_churn() {
         "{reached} of {}",
         all.len()
     );
+}
+
+/// Replays a seeded multi-turn workload through a cache of `capacity` blocks; with
+/// `offer_twice`, each request offers its blocks again after its prompt, as more of the same
+/// request (`OfferRole::More`), as a memory manager does when the request finishes. Returns
+/// each request's hit blocks and every eviction.
+fn multi_turn(
+    policy: PolicyKind,
+    capacity: usize,
+    offer_twice: bool,
+) -> (Vec<usize>, Vec<BlockId>) {
+    let mut cache = PrefixCache::new(BS as u32, policy);
+    let mut rng = 0x2545_f491_4f6c_dd1d_u64;
+    let mut next = |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    let mut conversations: Vec<Vec<u32>> = Vec::new();
+    let (mut free, mut fresh) = (Vec::new(), 0u32);
+    let (mut hits, mut evicted) = (Vec::new(), Vec::new());
+    let mut token = 1_000u32;
+    for now in 0..400u64 {
+        let pick = next(3);
+        let prompt = if pick == 0 || conversations.is_empty() {
+            conversations.push(vec![1, 2, 3, 4]);
+            conversations.len() - 1
+        } else {
+            conversations.len() - 1 - next(conversations.len().min(12) as u64) as usize
+        };
+        let grow = 4 * (2 + next(4) as usize);
+        conversations[prompt].extend(token..token + grow as u32);
+        token += grow as u32;
+        let tokens = conversations[prompt].clone();
+        let h = hashes(&extra(), &tokens);
+        let hit = cache.lookup(&h, tokens.len() + 1, now);
+        hits.push(hit.blocks.len());
+        let mut blocks = hit.blocks.clone();
+        while blocks.len() < h.len() {
+            blocks.push(free.pop().unwrap_or_else(|| {
+                fresh += 1;
+                BlockId(fresh - 1)
+            }));
+        }
+        let mut newly = Vec::new();
+        cache.insert(&h, &blocks, now, &mut newly).unwrap();
+        if offer_twice {
+            let again = OfferRole::More {
+                offered_before: h.len(),
+            };
+            let mut none = Vec::new();
+            cache.insert_as(&h, &blocks, again, now, &mut none).unwrap();
+            assert!(none.is_empty());
+        }
+        cache.release(&hit.blocks).unwrap();
+        cache.release(&newly).unwrap();
+        free.extend(
+            blocks[hit.blocks.len()..]
+                .iter()
+                .filter(|b| !newly.contains(b)),
+        );
+        if cache.len() > capacity {
+            let before = evicted.len();
+            cache.evict(cache.len() - capacity, now, &mut evicted);
+            free.extend_from_slice(&evicted[before..]);
+        }
+    }
+    (hits, evicted)
+}
+
+#[test]
+fn a_request_offered_again_as_more_is_one_request_to_every_policy() {
+    for &policy in PolicyKind::ALL {
+        let once = multi_turn(policy, 60, false);
+        assert!(
+            once.0.iter().sum::<usize>() > 0,
+            "{policy:?}: the workload hits"
+        );
+        assert!(!once.1.is_empty(), "{policy:?}: and evicts");
+        assert_eq!(multi_turn(policy, 60, true), once, "{policy:?}");
+    }
 }
