@@ -1,7 +1,10 @@
-//! [`KvManager`] hashes each block of a sequence once: the keys named at the lookup serve the
-//! tier lookup and every later offer, and only blocks past them are hashed. Checked with a
-//! hasher that counts its calls, and, since kept keys must never outlive what they name,
-//! against tokens that change between calls and a tenant salt that changes under a sequence.
+//! [`KvManager`] names each block of a sequence once. It hashes each block once: the keys
+//! named at the lookup serve the tier lookup and every later offer, and only blocks past them
+//! are hashed (checked with a hasher that counts its calls, and, since kept keys must never
+//! outlive what they name, against tokens that change between calls and a tenant salt that
+//! changes under a sequence). And it offers each request's prompt to the eviction policy
+//! once: a prefix loaded from the tiers and the reply are more blocks of the same request
+//! (checked with a policy that records what it is told).
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -10,7 +13,8 @@ use std::sync::{Arc, Mutex};
 use kvc_alloc::{BlockPool, PoolConfig};
 use kvc_core::{BlockId, LowerTiers, QosClass, ReuseIndex, ReuseScope, SeqId, StoreKey, TenantId};
 use kvc_reuse::{
-    BlockHash, BlockHasher, HashExtra, PolicyKind, PrefixCache, ScopedIndex, Xxh3Hasher,
+    Access, BlockHash, BlockHasher, BlockInfo, EvictionPolicy, HashExtra, Lru, PolicyKind,
+    PrefixCache, ScopedIndex, Xxh3Hasher,
 };
 use kvc_sched::{
     DynamicOnly, KvManager, KvManagerConfig, LoadResult, SeqOwner, SlotGrant, SlotRequest, TierMode,
@@ -266,4 +270,189 @@ fn a_request_waiting_for_memory_is_not_hashed_again_at_every_try() {
     // Each full block of what was computed hashed once: the first request's 59 computed
     // tokens (40 prompt, 19 of its 20 sampled) fill 14 blocks, the second's 39 fill 9.
     assert_eq!(hasher.hashed(), 14 + 9);
+}
+
+/// What an eviction policy was told, per call: the block's depth and the kind of access.
+type Told = Arc<Mutex<Vec<(&'static str, u32, Access)>>>;
+
+/// LRU behind the policy trait that records what the cache tells it.
+#[derive(Debug)]
+struct Recording {
+    lru: Lru,
+    told: Told,
+}
+
+impl EvictionPolicy for Recording {
+    fn name(&self) -> &'static str {
+        "recording"
+    }
+    fn on_insert(&mut self, slot: u32, info: &BlockInfo) {
+        self.told
+            .lock()
+            .unwrap()
+            .push(("insert", info.depth, info.access));
+        self.lru.on_insert(slot, info);
+    }
+    fn on_hit(&mut self, slot: u32, info: &BlockInfo) {
+        self.told
+            .lock()
+            .unwrap()
+            .push(("hit", info.depth, info.access));
+        self.lru.on_hit(slot, info);
+    }
+    fn on_release(&mut self, slot: u32, stamp: u64) {
+        self.lru.on_release(slot, stamp);
+    }
+    fn on_evictable(&mut self, slot: u32) {
+        self.lru.on_evictable(slot);
+    }
+    fn on_unevictable(&mut self, slot: u32) {
+        self.lru.on_unevictable(slot);
+    }
+    fn on_remove(&mut self, slot: u32) {
+        self.lru.on_remove(slot);
+    }
+    fn pop_victim(&mut self) -> Option<u32> {
+        self.lru.pop_victim()
+    }
+}
+
+/// The lengths of the prompt walks the policy saw: runs of `Access::Insert` from depth 0.
+fn walks(told: &Told) -> Vec<usize> {
+    let told = told.lock().unwrap();
+    let mut walks = Vec::new();
+    for &(_, depth, access) in told.iter() {
+        if access != Access::Insert {
+            continue;
+        }
+        if depth == 0 {
+            walks.push(0);
+        }
+        if let Some(last) = walks.last_mut() {
+            assert_eq!(*last, depth as usize, "a walk skipped a block: {told:?}");
+            *last += 1;
+        }
+    }
+    walks
+}
+
+#[test]
+fn the_scheduler_shows_a_learning_policy_each_prompt_once() {
+    use kvc_sched::{Request, Scheduler, SchedulerConfig, StepPlan};
+    let told = Told::default();
+    let policy = Recording {
+        lru: Lru::default(),
+        told: told.clone(),
+    };
+    let index = ScopedIndex::new(
+        PrefixCache::with_policy(BS, Box::new(policy)),
+        Xxh3Hasher,
+        HashExtra::new("m", 1),
+    );
+    let cfg = SchedulerConfig {
+        block_size: BS,
+        max_running: 4,
+        max_batch_tokens: 64,
+        max_model_len: 256,
+        ..SchedulerConfig::default()
+    };
+    let pool = BlockPool::new(PoolConfig::new(64)).unwrap();
+    let mut sched = Scheduler::new(cfg, pool, DynamicOnly::default(), index).unwrap();
+    // A conversation's two turns: the second prompt is the first with its reply and more.
+    let first: Vec<u32> = (0..22).collect();
+    let turn = |id: u64, prompt: Vec<u32>| Request {
+        id: SeqId(id),
+        tenant: TenantId(0),
+        qos: QosClass::STANDARD,
+        session: None,
+        prompt,
+        max_new_tokens: 9,
+        arrival_ms: id,
+    };
+    sched.submit(turn(1, first.clone())).unwrap();
+    let mut plan = StepPlan::default();
+    let mut done = Vec::new();
+    let mut now = 0;
+    let mut run = |sched: &mut Scheduler<_, _, _>, done: &mut Vec<_>| {
+        while done.is_empty() {
+            now += 1;
+            sched.step_into(now, &mut plan);
+            let sampled: Vec<(SeqId, u32)> = plan
+                .seqs
+                .iter()
+                .filter(|s| s.samples)
+                .map(|s| (s.seq, 50 + s.seq.get() as u32))
+                .collect();
+            done.extend(sched.complete_step(&sampled).unwrap());
+        }
+    };
+    run(&mut sched, &mut done);
+    let reply = done[0].output.clone();
+    assert_eq!(walks(&told), [5], "the first prompt's 5 full blocks, once");
+    // Its reply's blocks were cached too, as more of the same request.
+    let more = told
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|t| t.2 == Access::More)
+        .count();
+    assert_eq!(more, 2, "blocks 5 and 6 of 30 computed tokens");
+    let mut second = first;
+    second.extend(&reply);
+    second.extend(100..110);
+    done.clear();
+    sched.submit(turn(2, second.clone())).unwrap();
+    run(&mut sched, &mut done);
+    // The second turn hits the first's 7 cached blocks and walks its prompt once.
+    assert_eq!(done[0].cached_tokens, 28);
+    assert_eq!(walks(&told), [5, second.len() / BS as usize]);
+}
+
+#[test]
+fn a_prefix_loaded_from_the_tiers_is_not_a_prompt_of_its_own() {
+    let told = Told::default();
+    let policy = Recording {
+        lru: Lru::default(),
+        told: told.clone(),
+    };
+    let index = ScopedIndex::new(
+        PrefixCache::with_policy(BS, Box::new(policy)),
+        Xxh3Hasher,
+        HashExtra::new("m", 1),
+    );
+    let cfg = KvManagerConfig {
+        block_size: BS,
+        ..KvManagerConfig::default()
+    };
+    let pool = BlockPool::new(PoolConfig::new(32)).unwrap();
+    let tiers = Arc::new(Held::default());
+    let mut kv = KvManager::new(cfg, pool, DynamicOnly::default(), index)
+        .unwrap()
+        .with_tiers(tiers.clone(), TierMode::WriteBack);
+    let prompt: Vec<u32> = (0..26).collect();
+    let scope = ReuseScope {
+        tenant: TenantId(0),
+        session: None,
+    };
+    let mut keys = Vec::new();
+    kv.reuse_index_mut().block_keys(&scope, &prompt, &mut keys);
+    tiers.0.lock().unwrap().extend(keys[..4].iter().copied());
+    kv.open(SeqId(1), owner(0)).unwrap();
+    assert_eq!(kv.lookup_prefix(SeqId(1), &prompt, 0).unwrap(), 0);
+    let job = kv.load_prefix(SeqId(1), &prompt, 0).unwrap().started().unwrap();
+    kv.complete_load(job.id, LoadResult::Loaded).unwrap();
+    // The loaded blocks are cached as more of the request, not walked as a prompt.
+    assert!(walks(&told).is_empty());
+    let ask = SlotRequest {
+        new_tokens: 10,
+        lookahead: 0,
+        admission: false,
+    };
+    let grant = kv.allocate_slots(SeqId(1), ask, 0, &mut Vec::new());
+    assert_eq!(grant.unwrap(), SlotGrant::Now);
+    assert_eq!(kv.cache_blocks(SeqId(1), &prompt, 0).unwrap(), 2);
+    // The prompt, once computed, is walked whole: the 4 loaded blocks and the 2 computed.
+    assert_eq!(walks(&told), [6]);
+    let more = told.lock().unwrap().iter().filter(|t| t.2 == Access::More).count();
+    assert_eq!(more, 4);
 }

@@ -7,9 +7,9 @@ use std::sync::Arc;
 
 use ahash::AHashMap as HashMap;
 use kvc_core::{
-    Admission, BlockAllocator, BlockCopy, BlockId, LowerTiers, PinPolicy, PlaceRequest, Placement,
-    PoolView, RegionBlocks, RegionId, Released, Retention, ReuseIndex, ReuseScope, SeqId,
-    SessionId, StoreKey, TierKey,
+    Admission, BlockAllocator, BlockCopy, BlockId, LowerTiers, Offer, OfferRole, PinPolicy,
+    PlaceRequest, Placement, PoolView, RegionBlocks, RegionId, Released, Retention, ReuseIndex,
+    ReuseScope, SeqId, SessionId, StoreKey, TierKey,
 };
 
 use crate::tier::{
@@ -37,6 +37,39 @@ struct SeqKv {
     loading: Option<LoadId>,
     /// The keys of its blocks as far as they were computed, so each block is hashed once.
     keys: KeyMemo,
+    /// What its offers are to the index ([`OfferRole`]): one offer is its prompt.
+    offers: SeqOffers,
+}
+
+/// What a sequence offered to the reuse index, so that its prompt is offered as such once
+/// and every other offer as more blocks of the same request ([`ReuseIndex::offer`]).
+#[derive(Clone, Copy, Debug, Default)]
+struct SeqOffers {
+    /// Full blocks of the prompt given to `lookup_prefix` (0 without a lookup).
+    prompt_blocks: usize,
+    /// Whether the offer covering the prompt was made.
+    prompt_offered: bool,
+    /// Leading blocks the sequence itself offered (hit blocks are not counted).
+    offered: usize,
+}
+
+impl SeqOffers {
+    /// The role of an offer of the first `full` blocks.
+    fn role(&self, full: usize) -> OfferRole {
+        if !self.prompt_offered && full >= self.prompt_blocks {
+            OfferRole::Prompt
+        } else {
+            OfferRole::More {
+                offered_before: self.offered.min(full),
+            }
+        }
+    }
+
+    /// Records an offer of the first `full` blocks made with `role`.
+    fn made(&mut self, full: usize, role: OfferRole) {
+        self.prompt_offered |= role == OfferRole::Prompt;
+        self.offered = self.offered.max(full);
+    }
 }
 
 /// The keys of a sequence's leading full blocks, kept between the calls that name its
@@ -442,6 +475,7 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
                 placed: RegionBlocks::default(),
                 loading: None,
                 keys,
+                offers: SeqOffers::default(),
             },
         );
         Ok(())
@@ -466,13 +500,15 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
         }
         let owner = s.owner;
         let scope = scope(&owner);
+        let bs = self.cfg.block_size as usize;
         let memo = self.keys_of(seq, &scope, prompt)?;
-        let full = (prompt.len() / self.cfg.block_size as usize).min(memo.keys.len());
+        let full = (prompt.len() / bs).min(memo.keys.len());
         let hit = self
             .reuse
             .lookup_keyed(&scope, prompt, &memo.keys[..full], now_ms);
-        self.seq_mut(seq)?.keys = memo;
-        let bs = self.cfg.block_size as usize;
+        let s = self.seq_mut(seq)?;
+        s.keys = memo;
+        s.offers.prompt_blocks = prompt.len() / bs;
         let usable = (prompt.len() - 1) / bs;
         let mut keep = hit.blocks.len().min(usable);
         if !self.pin.may_hold_pinned(owner.class) {
@@ -1004,12 +1040,19 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
         let blocks: Vec<BlockId> = s.blocks[..full].to_vec();
         let mut newly = Vec::new();
         let tokens = &computed[..full * bs];
+        let role = s.offers.role(full);
         let memo = self.keys_of(seq, &scope, tokens)?;
-        let keys = &memo.keys[..full.min(memo.keys.len())];
-        let result = self.index_insert(&scope, tokens, keys, &blocks, now_ms, &mut newly);
+        let offer = Offer {
+            tokens,
+            keys: &memo.keys[..full.min(memo.keys.len())],
+            blocks: &blocks,
+            role,
+        };
+        let result = self.index_offer(&scope, offer, now_ms, &mut newly);
         let s = self.seq_mut(seq)?;
         s.keys = memo;
         s.offered = full;
+        s.offers.made(full, role);
         let n = newly.len();
         for b in newly {
             // Holders before the index: the offering sequence (counted by insert) and any
@@ -1050,6 +1093,8 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
             loading: None,
             // The same leading tokens: the child's keys start as the parent's.
             keys: p.keys.clone(),
+            // The same request: the parent's offers are the child's.
+            offers: p.offers,
         };
         for i in 0..kv.blocks.len() {
             let b = kv.blocks[i];
@@ -1486,18 +1531,14 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
 
     // The reuse index's ownership calls, in one place.
 
-    fn index_insert(
+    fn index_offer(
         &mut self,
         scope: &ReuseScope,
-        tokens: &[u32],
-        keys: &[StoreKey],
-        blocks: &[BlockId],
+        offer: Offer<'_>,
         now_ms: u64,
         newly: &mut Vec<BlockId>,
     ) -> Result<(), KvError> {
-        Ok(self
-            .reuse
-            .insert_keyed(scope, tokens, keys, blocks, now_ms, newly)?)
+        Ok(self.reuse.offer(scope, offer, now_ms, newly)?)
     }
 
     fn index_acquire(&mut self, blocks: &[BlockId]) -> Result<(), KvError> {
