@@ -14,6 +14,8 @@
 //! Arguments: trace, capacity in tokens, policy (`kvc-bench replay --help`), and `once`,
 //! `prompt` or `more`. Prints the hit rate.
 
+#![allow(clippy::print_stdout, clippy::print_stderr)] // a program: it reports in one line
+
 use std::process::ExitCode;
 
 use kvc_bench::trace::{MOONCAKE_BLOCK_TOKENS, read_trace};

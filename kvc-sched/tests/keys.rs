@@ -439,7 +439,11 @@ fn a_prefix_loaded_from_the_tiers_is_not_a_prompt_of_its_own() {
     tiers.0.lock().unwrap().extend(keys[..4].iter().copied());
     kv.open(SeqId(1), owner(0)).unwrap();
     assert_eq!(kv.lookup_prefix(SeqId(1), &prompt, 0).unwrap(), 0);
-    let job = kv.load_prefix(SeqId(1), &prompt, 0).unwrap().started().unwrap();
+    let job = kv
+        .load_prefix(SeqId(1), &prompt, 0)
+        .unwrap()
+        .started()
+        .unwrap();
     kv.complete_load(job.id, LoadResult::Loaded).unwrap();
     // The loaded blocks are cached as more of the request, not walked as a prompt.
     assert!(walks(&told).is_empty());
@@ -453,6 +457,11 @@ fn a_prefix_loaded_from_the_tiers_is_not_a_prompt_of_its_own() {
     assert_eq!(kv.cache_blocks(SeqId(1), &prompt, 0).unwrap(), 2);
     // The prompt, once computed, is walked whole: the 4 loaded blocks and the 2 computed.
     assert_eq!(walks(&told), [6]);
-    let more = told.lock().unwrap().iter().filter(|t| t.2 == Access::More).count();
+    let more = told
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|t| t.2 == Access::More)
+        .count();
     assert_eq!(more, 4);
 }
