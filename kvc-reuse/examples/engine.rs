@@ -1,7 +1,8 @@
 //! An engine's prefix caching from the `kvc-reuse` docs, over a real block pool
 //! (`kvc-alloc`'s `BlockPool`): cache a prompt and look it up, share a system prompt between
 //! sequences, fork a sequence for parallel sampling (copy-on-write of its partial last block),
-//! cache decode blocks as they fill, evict under memory pressure, pin a hot prefix with a TTL,
+//! cache decode blocks as they fill (as more of the same request, so a policy that learns
+//! from requests sees each prompt once), evict under memory pressure, pin a hot prefix with a TTL,
 //! keep tenants apart, drop everything on a model update, and meet the double-release error.
 //!
 //! Every step checks the ownership rule the docs state: each holder of a block holds one pool
@@ -17,8 +18,8 @@
 
 use kvc_alloc::{BlockAllocator, BlockPool, BlockTable, PoolConfig, RegionId, Released};
 use kvc_reuse::{
-    BlockHash, BlockHasher, BlockId, HashExtra, KvEvent, PolicyKind, PrefixCache, Retention,
-    ReuseError, Sha256Hasher,
+    BlockHash, BlockHasher, BlockId, HashExtra, KvEvent, OfferRole, PolicyKind, PrefixCache,
+    Retention, ReuseError, Sha256Hasher,
 };
 
 const BS: u32 = 16;
@@ -39,13 +40,15 @@ struct Seq {
     tokens: Vec<u32>,
     table: BlockTable,
     root: BlockHash,
+    /// Full blocks it offered to the cache (its prompt's first, then its decode blocks').
+    offered: usize,
 }
 
 impl Engine {
     fn new(policy: PolicyKind) -> Result<Self, Error> {
         Ok(Self {
             pool: BlockPool::new(PoolConfig::new(POOL_BLOCKS))?,
-            cache: PrefixCache::new(BS, policy),
+            cache: PrefixCache::with_capacity(BS, policy, POOL_BLOCKS as usize),
             now_ms: 0,
         })
     }
@@ -109,26 +112,35 @@ impl Engine {
         self.make_room(table.blocks_needed(rest))?;
         table.append_tokens(&mut self.pool, D, rest)?;
         // ... the model computes tokens hit.tokens.. into the table's blocks ...
-        let seq = Seq {
+        let mut seq = Seq {
             tokens: prompt.to_vec(),
             table,
             root,
+            offered: 0,
         };
-        self.offer(&seq)?;
+        self.offer(&mut seq)?;
         Ok((seq, hit.tokens))
     }
 
-    /// Offers a sequence's full blocks (prompt and output so far) to the cache.
-    fn offer(&mut self, seq: &Seq) -> Result<(), Error> {
+    /// Offers a sequence's full blocks (prompt and output so far) to the cache: the first
+    /// offer is its prompt, later ones more of the same request, so the policy counts the
+    /// request once.
+    fn offer(&mut self, seq: &mut Seq) -> Result<(), Error> {
         let hashes = self.hashes(seq.root, &seq.tokens);
         let mut newly = Vec::new();
         let now = self.tick();
-        self.cache.insert(
+        let role = match seq.offered {
+            0 => OfferRole::Prompt,
+            offered_before => OfferRole::More { offered_before },
+        };
+        self.cache.insert_as(
             &hashes,
             &seq.table.blocks()[..hashes.len()],
+            role,
             now,
             &mut newly,
         )?;
+        seq.offered = hashes.len();
         for b in newly {
             self.pool.retain(b)?; // the cache's reference
         }
@@ -156,6 +168,7 @@ impl Engine {
             tokens: seq.tokens.clone(),
             table,
             root: seq.root,
+            offered: seq.offered,
         })
     }
 

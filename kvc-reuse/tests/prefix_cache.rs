@@ -593,11 +593,10 @@ fn short_hash_retention_finds_exactly_the_hittable_blocks_under_churn() {
 /// request (`OfferRole::More`), as a memory manager does when the request finishes. Returns
 /// each request's hit blocks and every eviction.
 fn multi_turn(
-    policy: PolicyKind,
+    mut cache: PrefixCache,
     capacity: usize,
     offer_twice: bool,
 ) -> (Vec<usize>, Vec<BlockId>) {
-    let mut cache = PrefixCache::new(BS as u32, policy);
     let mut rng = 0x2545_f491_4f6c_dd1d_u64;
     let mut next = |n: u64| {
         rng ^= rng << 13;
@@ -660,12 +659,26 @@ fn multi_turn(
 #[test]
 fn a_request_offered_again_as_more_is_one_request_to_every_policy() {
     for &policy in PolicyKind::ALL {
-        let once = multi_turn(policy, 60, false);
+        let cache = || PrefixCache::with_capacity(BS as u32, policy, 60);
+        let once = multi_turn(cache(), 60, false);
         assert!(
             once.0.iter().sum::<usize>() > 0,
             "{policy:?}: the workload hits"
         );
         assert!(!once.1.is_empty(), "{policy:?}: and evicts");
-        assert_eq!(multi_turn(policy, 60, true), once, "{policy:?}");
+        assert_eq!(multi_turn(cache(), 60, true), once, "{policy:?}");
     }
+}
+
+#[test]
+fn a_cache_given_its_capacity_sizes_its_policy_by_it() {
+    let run = |cache| multi_turn(cache, 60, false);
+    let s3fifo = PolicyKind::S3Fifo;
+    let sized = run(PrefixCache::with_capacity(BS as u32, s3fifo, 60));
+    assert_eq!(
+        sized,
+        run(PrefixCache::with_policy(BS as u32, s3fifo.build(60)))
+    );
+    // Built for no known size, S3-FIFO keeps no ghost FIFO and evicts otherwise.
+    assert_ne!(sized.1, run(PrefixCache::new(BS as u32, s3fifo)).1);
 }
