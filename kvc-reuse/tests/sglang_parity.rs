@@ -1,5 +1,6 @@
 //! The behaviours SGLang's radix cache tests check, re-expressed against `PrefixCache` with
-//! one-token blocks (SGLang's default page size): an insert tells what was already cached,
+//! one-token blocks (SGLang's default page size), and with pages of 4 tokens (`page_size` > 1:
+//! whole pages cached and matched, a match after a split, locks protecting whole pages): an insert tells what was already cached,
 //! matching is longest prefix, locked (in-use) nodes and their ancestors are protected and
 //! counted apart from the evictable ones, eviction takes leaves first in least-recently-used
 //! order with a parent competing by its own last access once its children are gone, and a
@@ -167,4 +168,117 @@ fn a_reset_makes_everything_unhittable_and_hands_every_block_back() {
             .iter()
             .any(|r| matches!(r.event, KvEvent::BlockRemoved { .. }))
     );
+}
+
+// The same behaviours with pages of 4 tokens (SGLang's `page_size` > 1).
+
+const PAGE: u32 = 4;
+
+fn paged_hashes(tokens: &[u32]) -> Vec<BlockHash> {
+    let mut out = Vec::new();
+    let root = Xxh3Hasher.root(&HashExtra::new("m", 1));
+    Xxh3Hasher.hash_blocks(root, tokens, PAGE as usize, &mut out);
+    out
+}
+
+fn paged() -> PrefixCache {
+    PrefixCache::new(PAGE, PolicyKind::Lru)
+}
+
+/// A request that holds `blocks` (its hits and the blocks it computed) caches `tokens` into
+/// them and finishes. Returns the blocks newly cached.
+fn paged_insert(c: &mut PrefixCache, tokens: &[u32], blocks: &[u32], now: u64) -> Vec<BlockId> {
+    let blocks: Vec<BlockId> = blocks.iter().copied().map(BlockId).collect();
+    let mut newly = Vec::new();
+    c.insert(&paged_hashes(tokens), &blocks, now, &mut newly)
+        .unwrap();
+    c.release(&blocks).unwrap();
+    newly
+}
+
+// SGLang with `page_size` 4: a key is cached up to its last whole page, and a match is a whole
+// number of pages.
+#[test]
+fn paged_keys_are_cached_and_matched_in_whole_pages() {
+    let mut c = paged();
+    let key: Vec<u32> = (0..10).collect(); // 2 pages and 2 tokens
+    assert_eq!(paged_hashes(&key).len(), 2);
+    assert_eq!(paged_insert(&mut c, &key, &[0, 1], 0), ids(0..2));
+    assert_eq!(c.hittable_blocks(), 2);
+    for (len, want) in [(10, 8), (9, 8), (8, 4), (5, 4), (4, 0), (3, 0)] {
+        let hit = c.lookup(&paged_hashes(&key[..len]), len, 1);
+        assert_eq!(hit.tokens, want, "a key of {len} tokens");
+        c.release(&hit.blocks).unwrap();
+    }
+}
+
+// SGLang's match after a split: a second key diverging inside a node splits it at the last
+// whole page before the divergence; both keys match in full afterwards, a key diverging inside
+// the first page matches nothing, and one diverging inside the second page matches one page.
+#[test]
+fn paged_match_after_a_split() {
+    let mut c = paged();
+    let a: Vec<u32> = (0..12).collect(); // 3 pages
+    paged_insert(&mut c, &a, &[0, 1, 2], 0);
+    let mut b = a.clone();
+    b[9] = 99; // diverges inside the third page
+    let hit = c.lookup(&paged_hashes(&b), b.len(), 1);
+    assert_eq!(hit.blocks, ids(0..2));
+    // The request holds its hit and computes the third page into block 3.
+    assert_eq!(paged_insert(&mut c, &b, &[0, 1, 3], 1), [BlockId(3)]);
+    for (key, want) in [(&a, [0, 1, 2]), (&b, [0, 1, 3])] {
+        let mut longer = key.clone();
+        longer.push(7);
+        let hit = c.lookup(&paged_hashes(&longer), longer.len(), 2);
+        assert_eq!(hit.blocks, want.map(BlockId));
+        c.release(&hit.blocks).unwrap();
+    }
+    let mut d = a.clone();
+    d[2] = 77;
+    assert_eq!(c.lookup(&paged_hashes(&d), d.len(), 3).tokens, 0);
+    let mut e = a.clone();
+    e[6] = 77;
+    let hit = c.lookup(&paged_hashes(&e), e.len(), 3);
+    assert_eq!((hit.tokens, hit.blocks.clone()), (4, vec![BlockId(0)]));
+    c.release(&hit.blocks).unwrap();
+    // The split node's pages are shared: evicting everything takes the two leaves first.
+    let mut out = Vec::new();
+    assert_eq!(c.evict(2, 4, &mut out), 2);
+    out.sort();
+    assert_eq!(out, [BlockId(2), BlockId(3)]);
+}
+
+// SGLang's `evictable_size` / `protected_size` (in tokens) with pages: a locked key protects
+// its pages and its ancestors'; an eviction asking for more than is evictable takes only the
+// unlocked pages, leaf first, and unlocking makes the rest evictable again.
+#[test]
+fn paged_locks_protect_whole_pages() {
+    let mut c = paged();
+    let a: Vec<u32> = (0..16).collect(); // 4 pages
+    paged_insert(&mut c, &a, &[0, 1, 2, 3], 0);
+    let tokens = |blocks: usize| blocks * PAGE as usize;
+    assert_eq!(
+        (tokens(c.evictable_blocks()), tokens(c.in_use_blocks())),
+        (16, 0)
+    );
+    // Lock the first 9 tokens: 2 whole pages are matched and locked.
+    let hit = c.lookup(&paged_hashes(&a[..9]), 9, 1);
+    assert_eq!(hit.blocks, ids(0..2));
+    assert_eq!(
+        (tokens(c.evictable_blocks()), tokens(c.in_use_blocks())),
+        (8, 8)
+    );
+    let mut out = Vec::new();
+    assert_eq!(c.evict(10, 2, &mut out), 2);
+    assert_eq!(out, [BlockId(3), BlockId(2)]);
+    assert_eq!(c.evictable_blocks(), 0);
+    c.release(&hit.blocks).unwrap();
+    assert_eq!(
+        (tokens(c.evictable_blocks()), tokens(c.in_use_blocks())),
+        (8, 0)
+    );
+    out.clear();
+    assert_eq!(c.evict(10, 3, &mut out), 2);
+    assert_eq!(out, [BlockId(1), BlockId(0)]);
+    assert!(c.is_empty());
 }
