@@ -1,10 +1,10 @@
 //! The behaviours SGLang's radix cache tests check, re-expressed against `PrefixCache` with
-//! one-token blocks (SGLang's default page size), and with pages of 4 tokens (`page_size` > 1:
-//! whole pages cached and matched, a match after a split, locks protecting whole pages): an insert tells what was already cached,
+//! one-token blocks (SGLang's default page size): an insert tells what was already cached,
 //! matching is longest prefix, locked (in-use) nodes and their ancestors are protected and
 //! counted apart from the evictable ones, eviction takes leaves first in least-recently-used
 //! order with a parent competing by its own last access once its children are gone, and a
-//! reset makes everything unhittable.
+//! reset makes everything unhittable. Then with pages of 4 tokens (`page_size` > 1): whole
+//! pages cached and matched, a match after a split, locks protecting whole pages.
 //!
 //! One difference on purpose: SGLang's `match_prefix` may match a whole key and its scheduler
 //! then recomputes the last token; `lookup` never covers the last prompt token itself.
