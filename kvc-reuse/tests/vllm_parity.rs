@@ -3,8 +3,8 @@
 //! listed in `docs/reuse.md`.
 
 use kvc_reuse::{
-    BlockHash, BlockHasher, BlockId, HashExtra, PolicyKind, PrefixCache, ReuseError, ReuseIndex,
-    ReuseScope, ScopedIndex, TenantId, Xxh3Hasher,
+    BlockHash, BlockHasher, BlockId, HashExtra, KvEvent, PolicyKind, PrefixCache, ReuseError,
+    ReuseIndex, ReuseScope, ScopedIndex, TenantId, Xxh3Hasher,
 };
 
 const BS: u32 = 4;
@@ -257,4 +257,86 @@ fn reset_is_refused_while_blocks_are_in_use() {
     // The dropped blocks come back from evict for the caller to free.
     let mut evicted = Vec::new();
     assert_eq!(idx.evict(10, 3, &mut evicted), 2);
+}
+
+fn chain_hashes(tokens: &[u32]) -> Vec<BlockHash> {
+    let mut h = Vec::new();
+    let root = Xxh3Hasher.root(&HashExtra::new("m", 1));
+    Xxh3Hasher.hash_blocks(root, tokens, BS as usize, &mut h);
+    h
+}
+
+fn events(c: &mut PrefixCache) -> Vec<KvEvent> {
+    let mut out = Vec::new();
+    c.drain_events(&mut out);
+    // Event ids increase by one.
+    for w in out.windows(2) {
+        assert_eq!(w[1].id, w[0].id + 1);
+    }
+    out.into_iter().map(|r| r.event).collect()
+}
+
+// vLLM `test_kv_cache_events` and `test_null_parent_block_hash`: caching a request's blocks
+// stores them in one event (no parent for a chain from its first block, the logical parent's
+// hash for a continuation); evicting removes them; a reset clears all. Differs by design:
+// one `BlockRemoved` per `evict` call lists every block it took (vLLM sends one per block),
+// and blocks handed back after a reset are not announced again.
+#[test]
+fn kv_events_store_remove_and_clear() {
+    let mut c = PrefixCache::new(BS, PolicyKind::Lru);
+    c.subscribe();
+    let tokens: Vec<u32> = (0..16).collect();
+    let h = chain_hashes(&tokens);
+    let mut newly = Vec::new();
+    c.insert(&h[..3], &ids(0..3), 0, &mut newly).unwrap();
+    assert_eq!(
+        events(&mut c),
+        [KvEvent::BlockStored {
+            parent: None,
+            hashes: h[..3].to_vec()
+        }]
+    );
+    // The request's next block: only it is stored, under its logical parent.
+    c.insert(&h, &ids(0..4), 1, &mut newly).unwrap();
+    assert_eq!(
+        events(&mut c),
+        [KvEvent::BlockStored {
+            parent: Some(h[2]),
+            hashes: vec![h[3]]
+        }]
+    );
+    // Offering what is cached already stores nothing.
+    c.insert(&h, &ids(0..4), 2, &mut newly).unwrap();
+    assert!(events(&mut c).is_empty());
+    c.release(&ids(0..4)).unwrap();
+    let mut out = Vec::new();
+    assert_eq!(c.evict(2, 3, &mut out), 2);
+    assert_eq!(
+        events(&mut c),
+        [KvEvent::BlockRemoved {
+            hashes: vec![h[3], h[2]]
+        }]
+    );
+    assert_eq!(c.clear(), Ok(2));
+    assert_eq!(events(&mut c), [KvEvent::AllCleared]);
+    assert_eq!(c.evict(10, 4, &mut out), 2);
+    assert!(events(&mut c).is_empty());
+}
+
+// vLLM `test_cache_blocks`: blocks are cached from the start of a request, and a later call
+// for the same request caches only the blocks after those cached before.
+#[test]
+fn caching_continues_after_the_blocks_cached_before() {
+    let mut c = PrefixCache::new(BS, PolicyKind::Lru);
+    let tokens: Vec<u32> = (0..14).collect(); // 3 full blocks and 2 tokens
+    let h = chain_hashes(&tokens);
+    assert_eq!(h.len(), 3);
+    let mut newly = Vec::new();
+    c.insert(&h[..2], &ids(0..2), 0, &mut newly).unwrap();
+    assert_eq!((newly.clone(), c.hittable_blocks()), (ids(0..2), 2));
+    newly.clear();
+    c.insert(&h, &ids(0..3), 1, &mut newly).unwrap();
+    assert_eq!((newly, c.hittable_blocks()), (ids(2..3), 3));
+    assert_eq!(c.use_count(BlockId(0)), Some(1), "offered once");
+    assert_eq!(c.use_count(BlockId(2)), Some(1));
 }

@@ -367,3 +367,64 @@ fn salted_tenants_share_only_with_equal_salts() {
         );
     }
 }
+
+// vLLM `test_reset_prefix_cache`: a reset is refused while a request holds cached blocks;
+// once they are free it drops every cached block, and here the manager then frees them all.
+#[test]
+fn a_reset_is_refused_while_in_use_then_frees_every_cached_block() {
+    let mut kv = manager(10);
+    let mut p0 = common(3);
+    p0.extend([3; 3]);
+    prefill(&mut kv, 0, &p0, 0);
+    let mut p1 = common(3);
+    p1.extend([4; 3]);
+    assert_eq!(prefill(&mut kv, 1, &p1, 1), 12);
+    assert_eq!(blocks(&kv, 1), ids(&[0, 1, 2, 4]));
+    assert_eq!(
+        kv.reuse_index_mut().cache_mut().clear(),
+        Err(kvc_reuse::ReuseError::InUse { in_use: 3 })
+    );
+    assert_eq!(kv.reuse_index().cache().hittable_blocks(), 3);
+    kv.free(SeqId(0)).unwrap();
+    kv.free(SeqId(1)).unwrap();
+    assert_eq!(kv.reuse_index_mut().cache_mut().clear(), Ok(3));
+    assert_eq!(kv.reuse_index().cache().hittable_blocks(), 0);
+    // The dropped blocks are still evictable (held by the cache until handed back).
+    assert_eq!(kv.usage().total().evictable, 3);
+    assert_eq!(kv.evict(10, 2).unwrap(), 3);
+    let u = kv.usage().total();
+    assert_eq!((u.free, u.evictable, u.in_use), (10, 0, 0));
+    // Nothing hits afterwards.
+    kv.open(SeqId(2), OWNER).unwrap();
+    assert_eq!(kv.lookup_prefix(SeqId(2), &p0, 3).unwrap(), 0);
+}
+
+// vLLM `allocate_slots(num_lookahead_tokens=..)`: lookahead slots (speculative tokens) are
+// allocated with the new tokens; tokens that later fill them take no new block.
+#[test]
+fn lookahead_slots_are_allocated_ahead_and_reused() {
+    let mut kv = manager(10);
+    kv.open(SeqId(0), OWNER).unwrap();
+    let ask = SlotRequest {
+        new_tokens: 3,
+        lookahead: 6,
+        ..SlotRequest::default()
+    };
+    assert_eq!(
+        kv.allocate_slots(SeqId(0), ask, 0, &mut Vec::new())
+            .unwrap(),
+        SlotGrant::Now
+    );
+    // 3 + 6 slots: 3 blocks of 4.
+    assert_eq!(blocks(&kv, 0), ids(&[0, 1, 2]));
+    assert_eq!(kv.num_tokens(SeqId(0)).unwrap(), 3);
+    // Five accepted tokens land in the lookahead blocks.
+    assert_eq!(
+        kv.allocate_slots(SeqId(0), new_tokens(5), 1, &mut Vec::new())
+            .unwrap(),
+        SlotGrant::Now
+    );
+    assert_eq!(blocks(&kv, 0).len(), 3);
+    assert_eq!(kv.num_tokens(SeqId(0)).unwrap(), 8);
+    assert_eq!(kv.usage().total().free, 7);
+}
