@@ -3,8 +3,8 @@
 //! listed in `docs/reuse.md`.
 
 use kvc_reuse::{
-    BlockHash, BlockHasher, BlockId, HashExtra, KvEvent, PolicyKind, PrefixCache, ReuseError,
-    ReuseIndex, ReuseScope, ScopedIndex, TenantId, Xxh3Hasher,
+    BlockHash, BlockHasher, BlockId, HashExtra, KvEvent, PolicyKind, PrefixCache, RecentHitRate,
+    ReuseError, ReuseIndex, ReuseScope, ScopedIndex, TenantId, Xxh3Hasher,
 };
 
 const BS: u32 = 4;
@@ -339,4 +339,75 @@ fn caching_continues_after_the_blocks_cached_before() {
     assert_eq!((newly, c.hittable_blocks()), (ids(2..3), 3));
     assert_eq!(c.use_count(BlockId(0)), Some(1), "offered once");
     assert_eq!(c.use_count(BlockId(2)), Some(1));
+}
+
+fn window(r: &RecentHitRate) -> (u64, u64, u64) {
+    (r.requests(), r.query_tokens(), r.hit_tokens())
+}
+
+// vLLM `test_metrics`: the hit rate over the last 5 requests; a batch pushing the window past
+// 5 requests drops the oldest batch; a reset empties it.
+#[test]
+fn the_hit_rate_over_a_window_of_recent_requests() {
+    let mut r = RecentHitRate::new(5);
+    assert_eq!(r.hit_rate(), 0.0);
+    r.observe(1, 20, 9);
+    assert_eq!(r.hit_rate(), 0.45);
+    r.observe(4, 80, 16);
+    assert_eq!(r.hit_rate(), 0.25);
+    r.observe(1, 10, 2);
+    assert_eq!(window(&r), (5, 90, 18));
+    assert_eq!(r.hit_rate(), 0.2);
+    r.reset();
+    assert_eq!((window(&r), r.hit_rate()), ((0, 0, 0), 0.0));
+}
+
+// vLLM `test_metrics_empty_stats`: empty batches are ignored, and a batch larger than the
+// window is kept alone.
+#[test]
+fn the_window_ignores_empty_batches_and_keeps_the_latest_alone() {
+    let mut r = RecentHitRate::new(5);
+    for (req, q, h) in [
+        (0, 0, 0),
+        (1, 20, 9),
+        (0, 0, 0),
+        (4, 80, 16),
+        (0, 0, 0),
+        (1, 10, 2),
+    ] {
+        r.observe(req, q, h);
+    }
+    assert_eq!((window(&r), r.hit_rate()), ((5, 90, 18), 0.2));
+    r.observe(11, 20, 10);
+    assert_eq!((window(&r), r.hit_rate()), ((11, 20, 10), 0.5));
+    r.observe(22, 40, 30);
+    assert_eq!((window(&r), r.hit_rate()), ((22, 40, 30), 0.75));
+}
+
+// The window fed from the cache's own counters, step by step.
+#[test]
+fn the_window_follows_the_cache_counters() {
+    let mut idx = index();
+    let mut r = RecentHitRate::new(2);
+    let mut last = idx.cache().metrics();
+    let a: Vec<u32> = (0..9).collect();
+    // Step 1: a miss on 9 tokens, then cached.
+    assert_eq!(idx.lookup(&scope(1), &a, 0).tokens, 0);
+    offer(&mut idx, &a, &ids(0..2), 0);
+    idx.release(&ids(0..2)).unwrap();
+    let now = idx.cache().metrics();
+    r.observe_metrics(&now.since(&last));
+    last = now;
+    assert_eq!(window(&r), (1, 9, 0));
+    // Step 2: two hits of 8 tokens.
+    for t in 1..3 {
+        let hit = idx.lookup(&scope(1), &a, t);
+        assert_eq!(hit.tokens, 8);
+        idx.release(&hit.blocks).unwrap();
+    }
+    let now = idx.cache().metrics();
+    r.observe_metrics(&now.since(&last));
+    // The window holds 2 requests: step 1 left it.
+    assert_eq!(window(&r), (2, 18, 16));
+    assert_eq!(now.hit_rate(), 16.0 / 27.0, "the cumulative rate");
 }
