@@ -12,7 +12,9 @@ mod common;
 
 use common::{BLOCK, TempDir, blocks, ns, payload};
 use kvc_core::{BlockStore, StoreError, StoreKey};
-use kvc_tier::{DiskConfig, DiskTier, HostConfig, HostTier, OffloadMode, TierKind, TierStack};
+use kvc_tier::{
+    DeviceEvent, DiskConfig, DiskTier, HostConfig, HostTier, OffloadMode, TierKind, TierStack,
+};
 
 /// A host tier of `n` blocks, one block per page.
 fn host(n: u64) -> HostTier {
@@ -157,4 +159,32 @@ fn a_buffer_of_the_wrong_size_is_refused() {
         h.get(&k, &mut dst, &mut found),
         Err(StoreError::BufferSize { blocks: 2, .. })
     ));
+}
+
+// LMCache with a CPU and a local disk backend: a chunk the full CPU backend drops is still
+// served from disk, and a retrieval from disk brings it back into CPU memory. Differs by
+// design: a chunk reaches the disk when the host tier evicts it (LMCache writes every put to
+// every backend), so the disk holds only what the host could not.
+#[test]
+fn a_chunk_evicted_from_host_memory_is_served_from_disk_and_promoted() {
+    let dir = TempDir::new("lmcache-spill");
+    let disk = DiskTier::open(ns("m"), &DiskConfig::new(&dir.0, 1 << 20, 1)).unwrap();
+    let stack = TierStack::new(host(2), Some(disk), None, OffloadMode::WriteBack);
+    let (k, src) = blocks([1, 2, 3]);
+    let out = stack.offload(DeviceEvent::Evicted, &k, &src, 0).unwrap();
+    assert_eq!((out.stored, out.evicted), (3, 1));
+    assert_eq!(stack.stats().demoted, 1);
+    assert_eq!(held(stack.host(), &[1, 2, 3]), [false, true, true]);
+    let tiers = stack.lookup(&k).unwrap();
+    assert_eq!(tiers, [TierKind::Disk, TierKind::Host, TierKind::Host]);
+    let mut dst = vec![0; 3 * BLOCK];
+    let loaded = stack.load(&k, &tiers, &mut dst).unwrap();
+    assert_eq!((loaded.blocks, loaded.per_tier), (3, [2, 1, 0]));
+    assert_eq!(dst, src);
+    // Chunk 1 is back in host memory; the least recently used of the others (2, read just
+    // before 3) went down to disk.
+    assert_eq!(stack.stats().promoted, 1);
+    assert_eq!(stack.stats().demoted, 2);
+    assert_eq!(held(stack.host(), &[1, 2, 3]), [true, false, true]);
+    assert_eq!(stack.lookup(&k).unwrap().len(), 3);
 }
