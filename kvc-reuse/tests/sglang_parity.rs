@@ -282,3 +282,122 @@ fn paged_locks_protect_whole_pages() {
     assert_eq!(out, [BlockId(1), BlockId(0)]);
     assert!(c.is_empty());
 }
+
+fn hashes_at(page: usize, root: BlockHash, tokens: &[u32]) -> Vec<BlockHash> {
+    let mut out = Vec::new();
+    Xxh3Hasher.hash_blocks(root, tokens, page, &mut out);
+    out
+}
+
+// SGLang `test_advanced_prefix_match_with_node_splits` (page sizes 1 and 2): a second key
+// diverging after 2 tokens adds only its own tokens (8 + 2 cached), and matches that diverge
+// inside the first key, at 4 and at 6 tokens, return exactly those tokens of it; nothing is
+// added by matching. Differs by design: a whole key is matched up to its last token only.
+#[test]
+fn matches_after_node_splits_at_page_sizes_1_and_2() {
+    let root = Xxh3Hasher.root(&HashExtra::new("m", 1));
+    for page in [1u32, 2] {
+        let p = page as usize;
+        let mut c = PrefixCache::new(page, PolicyKind::Lru);
+        let seq1 = [1, 2, 3, 4, 5, 6, 7, 8];
+        let h1 = hashes_at(p, root, &seq1);
+        let b1: Vec<BlockId> = (0..h1.len() as u32).map(BlockId).collect();
+        let mut newly = Vec::new();
+        c.insert(&h1, &b1, 0, &mut newly).unwrap();
+        c.release(&b1).unwrap();
+        let seq2 = [1, 2, 9, 10];
+        let h2 = hashes_at(p, root, &seq2);
+        let shared = 2 / p;
+        let mut b2 = b1[..shared].to_vec();
+        b2.extend((0..(h2.len() - shared) as u32).map(|i| BlockId(100 + i)));
+        let hit = c.lookup(&h2, seq2.len(), 1);
+        assert_eq!(hit.blocks, &b1[..shared], "page {page}");
+        newly.clear();
+        c.insert(&h2, &b2, 1, &mut newly).unwrap();
+        c.release(&b2).unwrap();
+        assert_eq!(
+            newly.len() * p,
+            2,
+            "page {page}: only the branch's own tokens"
+        );
+        assert_eq!(c.len() * p, 10, "page {page}: 8 + 2 tokens cached");
+        for (query, want) in [
+            (vec![1, 2, 3, 4, 999, 1000], 4),
+            (vec![1, 2, 3, 4, 5, 6, 777, 888], 6),
+            (seq1.to_vec(), 8 - p),
+            (seq2.to_vec(), 4 - p),
+        ] {
+            let h = hashes_at(p, root, &query);
+            let hit = c.lookup(&h, query.len(), 2);
+            assert_eq!(hit.tokens as usize, want, "page {page}, {query:?}");
+            let from = if query[2] == 9 { &b2 } else { &b1 };
+            assert_eq!(hit.blocks, &from[..want / p]);
+            c.release(&hit.blocks).unwrap();
+        }
+        assert_eq!(c.len() * p, 10, "page {page}: matching added nothing");
+    }
+}
+
+// SGLang `test_extra_key_isolation`: the same tokens under different extra keys (here an
+// adapter id, a salt, or none, in the chain's root) never match each other.
+#[test]
+fn extra_keys_isolate_the_same_tokens() {
+    let base = HashExtra::new("m", 1);
+    let roots = [
+        Xxh3Hasher.root(&base.clone().with_adapter(1)),
+        Xxh3Hasher.root(&base.clone().with_salt(*b"key2")),
+        Xxh3Hasher.root(&base),
+    ];
+    let mut c = cache();
+    let tokens = [1, 2, 3];
+    for (i, &root) in roots.iter().enumerate() {
+        let blocks = [BlockId(10 * i as u32), BlockId(10 * i as u32 + 1)];
+        let mut newly = Vec::new();
+        c.insert(&hashes_at(1, root, &tokens[..2]), &blocks, 0, &mut newly)
+            .unwrap();
+        assert_eq!(newly, blocks, "root {i}: nothing shared");
+        c.release(&blocks).unwrap();
+    }
+    for (i, &root) in roots.iter().enumerate() {
+        let hit = c.lookup(&hashes_at(1, root, &tokens), 3, 1);
+        assert_eq!(
+            hit.blocks,
+            [BlockId(10 * i as u32), BlockId(10 * i as u32 + 1)]
+        );
+        c.release(&hit.blocks).unwrap();
+    }
+    let unknown = Xxh3Hasher.root(&HashExtra::new("m", 1).with_salt(*b"nonexistent"));
+    assert_eq!(c.lookup(&hashes_at(1, unknown, &tokens), 3, 2).tokens, 0);
+}
+
+// SGLang `test_hash_value_repeating_tokens`: a repeated page of tokens gets another hash at
+// another position (hashes are chained), and the second page's event names the first as its
+// parent.
+#[test]
+fn repeated_pages_get_position_aware_hashes() {
+    let root = Xxh3Hasher.root(&HashExtra::new("m", 1));
+    let h = hashes_at(4, root, &[1, 2, 3, 4, 1, 2, 3, 4]);
+    assert_ne!(h[0], h[1]);
+    let mut c = PrefixCache::new(4, PolicyKind::Lru);
+    c.subscribe();
+    let mut newly = Vec::new();
+    c.insert(&h[..1], &[BlockId(0)], 0, &mut newly).unwrap();
+    c.insert(&h, &[BlockId(0), BlockId(1)], 0, &mut newly)
+        .unwrap();
+    let mut events = Vec::new();
+    c.drain_events(&mut events);
+    let events: Vec<KvEvent> = events.into_iter().map(|r| r.event).collect();
+    assert_eq!(
+        events,
+        [
+            KvEvent::BlockStored {
+                parent: None,
+                hashes: vec![h[0]]
+            },
+            KvEvent::BlockStored {
+                parent: Some(h[0]),
+                hashes: vec![h[1]]
+            }
+        ]
+    );
+}
