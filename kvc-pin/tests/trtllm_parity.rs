@@ -105,8 +105,10 @@ fn overlapping_ranges_take_the_highest_priority_in_force() {
     );
 }
 
-// TensorRT-LLM validates its ranges (start before end, within the sequence); so does a pin,
-// with a typed error, and an unbounded duration is refused here by design.
+// TensorRT-LLM refuses empty and reversed ranges; so does a pin, with a typed error.
+// Differs by design: a range reaching past the chain is refused (TensorRT-LLM clips it to the
+// prompt; a pin names the chain it covers, so a longer range is a caller's mistake), and an
+// unbounded duration is refused.
 #[test]
 fn bad_ranges_and_unbounded_durations_are_refused() {
     let mut p = pins();
@@ -130,4 +132,78 @@ fn bad_ranges_and_unbounded_durations_are_refused() {
         Err(PinError::InvalidPriority { priority: 101 })
     ));
     assert!(p.is_empty());
+}
+
+/// The priority per block of a chain of `blocks` blocks of `bs` tokens under one pin per
+/// `(start, end, priority)` range (0 for the default, as TensorRT-LLM's "no priority").
+fn per_block(bs: u32, blocks: usize, ranges: &[(u64, u64, u8)]) -> Vec<u8> {
+    let chain: Vec<u64> = (0..blocks as u64).map(|i| 0xc0 + i).collect();
+    let mut p = SoftPins::new(SoftPinConfig::new(1, 1_000, 1.0).unwrap());
+    for &(start, end, priority) in ranges {
+        let _ = p
+            .pin(&PinRequest {
+                tenant: TenantId(1),
+                target: PinTarget::TokenRange {
+                    chain: &chain,
+                    block_size: bs,
+                    start,
+                    end,
+                },
+                priority,
+                ttl_ms: 1_000,
+                now_ms: 0,
+            })
+            .unwrap();
+    }
+    chain
+        .iter()
+        .map(|&h| {
+            let r = p.retention(h, 1);
+            if r == Retention::DEFAULT {
+                0
+            } else {
+                r.priority
+            }
+        })
+        .collect()
+}
+
+// TensorRT-LLM `KvCacheRetentionConfigTest.BlockConfigTest`: the priority each block of a
+// prompt gets from a set of token ranges. Where both rules agree the cases match exactly.
+// Differs by design: TensorRT-LLM gives a block the range holding its first token; a pin here
+// covers every block holding a token of its range (a pinned token's KV is always kept), and
+// a block covered by two ranges takes the higher priority. TensorRT-LLM's open-ended ranges
+// are written here with the prompt's end.
+#[test]
+fn per_block_priorities_of_token_ranges() {
+    // The same under both rules.
+    assert_eq!(
+        per_block(64, 4, &[(0, 64, 80), (64, 128, 50)]),
+        [80, 50, 0, 0]
+    );
+    assert_eq!(
+        per_block(32, 4, &[(0, 63, 80), (63, 127, 30)]),
+        [80, 80, 30, 30]
+    );
+    assert_eq!(per_block(32, 4, &[(0, 1, 80), (1, 2, 5)]), [80, 0, 0, 0]);
+    assert_eq!(per_block(256, 1, &[(0, 128, 80)]), [80]);
+    assert_eq!(
+        per_block(64, 3, &[(0, 65, 80), (65, 129, 30)]),
+        [80, 80, 30]
+    );
+    // Different: blocks holding only some tokens of a range are covered here.
+    // TensorRT-LLM: [80, -, -, 50].
+    assert_eq!(
+        per_block(64, 4, &[(0, 64, 80), (129, 256, 50)]),
+        [80, 0, 50, 50]
+    );
+    // TensorRT-LLM: [80, -, -, -].
+    assert_eq!(
+        per_block(64, 4, &[(0, 64, 80), (66, 67, 50)]),
+        [80, 50, 0, 0]
+    );
+    // TensorRT-LLM: [-, -, 80, 80].
+    assert_eq!(per_block(64, 4, &[(127, 193, 80)]), [0, 80, 80, 80]);
+    // TensorRT-LLM: [-, 80].
+    assert_eq!(per_block(64, 2, &[(1, 128, 80)]), [80, 80]);
 }
