@@ -193,3 +193,55 @@ fn retention_of_an_uncached_block_is_refused() {
         Some(Retention::DEFAULT_PRIORITY)
     );
 }
+
+// TensorRT-LLM `LRUPolicyTest.TimedBlockTest`: a priority with a duration holds until the
+// duration has run out, then the block ranks at the default; two released blocks, 80 for 3 ms
+// and 50 for 8 ms, go 50 first while both hold, and 80 first once its duration ran out
+// (at the default it ranks below 50). Differs by design: TensorRT-LLM starts the duration when
+// the block is released; a `Retention` names the instant it ends (`until`), so the caller
+// sets it when the block is released to get the same.
+#[test]
+fn timed_priorities_decay_in_order() {
+    let mut c = PrefixCache::new(BS, PolicyKind::Lru);
+    let h = finished(&mut c, &chain(0), &[0, 1], 0);
+    let timed = Retention {
+        priority: 80,
+        until: Some(1),
+    };
+    c.set_retention(h[1], timed, 0);
+    assert_eq!(c.block_priority(BlockId(1)), Some(80));
+    let mut out = Vec::new();
+    assert_eq!(c.evict(0, 2, &mut out), 0); // the clock reaches 2
+    assert_eq!(
+        c.block_priority(BlockId(1)),
+        Some(Retention::DEFAULT_PRIORITY)
+    );
+
+    // Blocks 1 (80 until 5 + 3) and 2 (50 until 5 + 8), both released at 5.
+    let first_victim = |now: u64| {
+        let mut c = PrefixCache::new(BS, PolicyKind::Lru);
+        let a = finished(&mut c, &chain(0)[..4], &[1], 5);
+        let b = finished(&mut c, &chain(100)[..4], &[2], 5);
+        c.set_retention(
+            a[0],
+            Retention {
+                priority: 80,
+                until: Some(8),
+            },
+            5,
+        );
+        c.set_retention(
+            b[0],
+            Retention {
+                priority: 50,
+                until: Some(13),
+            },
+            5,
+        );
+        let mut out = Vec::new();
+        assert_eq!(c.evict(1, now, &mut out), 1);
+        out[0]
+    };
+    assert_eq!(first_victim(5), BlockId(2));
+    assert_eq!(first_victim(9), BlockId(1));
+}
