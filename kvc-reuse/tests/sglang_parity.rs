@@ -401,3 +401,35 @@ fn repeated_pages_get_position_aware_hashes() {
         ]
     );
 }
+
+// SGLang's insert of a key whose prefix another request cached meanwhile frees the
+// request's duplicate KV, points it at the cached nodes and caches the rest of the key.
+// Differs by design (see `PrefixCache::insert` and docs/reuse.md): one block per hash, so the
+// later copy stays private to its request, and the offer ends there: the blocks after it are
+// not cached either (the cache's holders always hold whole prefixes, which keeps every
+// evictable block reachable leaf first). The request's blocks go back with it.
+#[test]
+fn a_prefix_computed_twice_keeps_the_first_copy_and_ends_the_later_offer() {
+    let mut c = paged();
+    let key: Vec<u32> = (0..12).collect(); // 3 pages
+    let h = paged_hashes(&key);
+    // Two requests computed the first two pages at once; the first offers them.
+    let mut newly = Vec::new();
+    c.insert(&h[..2], &ids(0..2), 0, &mut newly).unwrap();
+    // The second offers its copies and its own third page.
+    newly.clear();
+    c.insert(&h, &[BlockId(5), BlockId(6), BlockId(7)], 1, &mut newly)
+        .unwrap();
+    assert!(newly.is_empty());
+    for b in [5, 6, 7] {
+        assert!(!c.is_cached(BlockId(b)), "block {b} stays private");
+    }
+    assert_eq!(c.hittable_blocks(), 2);
+    // Releasing the second request's table skips its private blocks.
+    c.release(&[BlockId(5), BlockId(6), BlockId(7)]).unwrap();
+    c.release(&ids(0..2)).unwrap();
+    let mut longer = key.clone();
+    longer.push(12);
+    let hit = c.lookup(&paged_hashes(&longer), longer.len(), 2);
+    assert_eq!(hit.blocks, ids(0..2), "the third page was never cached");
+}
