@@ -188,3 +188,20 @@ fn a_chunk_evicted_from_host_memory_is_served_from_disk_and_promoted() {
     assert_eq!(held(stack.host(), &[1, 2, 3]), [true, false, true]);
     assert_eq!(stack.lookup(&k).unwrap().len(), 3);
 }
+
+// LMCache's retrieval returns the prefix it could read: a chunk gone between the lookup and
+// the read (evicted or removed meanwhile) ends the loaded prefix there, and the chunks after
+// it are not used even though they were read.
+#[test]
+fn a_load_ends_at_a_chunk_gone_since_the_lookup() {
+    let stack = TierStack::new(host(8), None, None, OffloadMode::WriteBack);
+    let (k, src) = blocks([1, 2, 3]);
+    let _ = stack.offload(DeviceEvent::Evicted, &k, &src, 0).unwrap();
+    let tiers = stack.lookup(&k).unwrap();
+    assert_eq!(tiers.len(), 3);
+    assert_eq!(stack.host().remove(&keys(&[2])).unwrap(), 1);
+    let mut dst = vec![0; 3 * BLOCK];
+    let loaded = stack.load(&k, &tiers, &mut dst).unwrap();
+    assert_eq!((loaded.blocks, loaded.per_tier), (1, [1, 0, 0]));
+    assert_eq!(&dst[..BLOCK], payload(1).as_slice());
+}
