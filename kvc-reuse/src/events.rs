@@ -87,6 +87,36 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// The counts since `earlier` (a copy taken before), field by field: what happened in
+    /// between, for a windowed rate ([`RecentHitRate`](crate::RecentHitRate)). A field that
+    /// went down (the counters of another cache) gives 0.
+    ///
+    /// ```
+    /// use kvc_reuse::{PolicyKind, PrefixCache};
+    ///
+    /// let mut cache = PrefixCache::new(4, PolicyKind::Lru);
+    /// let before = cache.metrics();
+    /// let _ = cache.lookup(&[], 9, 0);
+    /// let step = cache.metrics().since(&before);
+    /// assert_eq!((step.queries, step.query_tokens, step.hit_tokens), (1, 9, 0));
+    /// ```
+    #[must_use]
+    pub const fn since(&self, earlier: &Metrics) -> Metrics {
+        Metrics {
+            queries: self.queries.saturating_sub(earlier.queries),
+            query_tokens: self.query_tokens.saturating_sub(earlier.query_tokens),
+            hit_tokens: self.hit_tokens.saturating_sub(earlier.hit_tokens),
+            hit_blocks: self.hit_blocks.saturating_sub(earlier.hit_blocks),
+            inserted_blocks: self.inserted_blocks.saturating_sub(earlier.inserted_blocks),
+            evicted_capacity: self
+                .evicted_capacity
+                .saturating_sub(earlier.evicted_capacity),
+            evicted_invalidated: self
+                .evicted_invalidated
+                .saturating_sub(earlier.evicted_invalidated),
+        }
+    }
+
     /// Hit tokens over queried tokens (0 before any query).
     #[must_use]
     pub fn hit_rate(&self) -> f64 {

@@ -10,7 +10,7 @@
 //!   leaf-first eviction through an [`EvictionPolicy`] ([`Lru`], [`S3Fifo`], ...), retention
 //!   priorities with expiry, conversation ends ([`PrefixCache::end_conversation`]: an
 //!   application's word that a chat is over demotes its own blocks), invalidation,
-//!   [`KvEvent`]s and [`Metrics`].
+//!   [`KvEvent`]s and [`Metrics`] ([`RecentHitRate`]: the hit rate over the last requests).
 //! - [`SessionCache`]: multi-turn contexts bound to a session id, with truncation and idle
 //!   expiry.
 //!
@@ -63,6 +63,7 @@ mod odds;
 pub mod policy;
 mod prefetch;
 mod recency;
+mod recent;
 mod session;
 mod table;
 #[cfg(test)]
@@ -84,6 +85,7 @@ pub use kvc_core::{
 };
 pub use odds::ReuseOdds;
 pub use policy::{Access, BlockInfo, Conversation, EvictionPolicy, Lru, PolicyKind, S3Fifo};
+pub use recent::RecentHitRate;
 pub use session::{
     SessionCache, SessionConfig, SessionConfigError, SessionError, Truncation, Turn,
 };

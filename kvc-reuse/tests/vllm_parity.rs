@@ -3,8 +3,8 @@
 //! listed in `docs/reuse.md`.
 
 use kvc_reuse::{
-    BlockHash, BlockHasher, BlockId, HashExtra, PolicyKind, PrefixCache, ReuseError, ReuseIndex,
-    ReuseScope, ScopedIndex, TenantId, Xxh3Hasher,
+    BlockHash, BlockHasher, BlockId, HashExtra, KvEvent, PolicyKind, PrefixCache, RecentHitRate,
+    ReuseError, ReuseIndex, ReuseScope, ScopedIndex, TenantId, Xxh3Hasher,
 };
 
 const BS: u32 = 4;
@@ -257,4 +257,157 @@ fn reset_is_refused_while_blocks_are_in_use() {
     // The dropped blocks come back from evict for the caller to free.
     let mut evicted = Vec::new();
     assert_eq!(idx.evict(10, 3, &mut evicted), 2);
+}
+
+fn chain_hashes(tokens: &[u32]) -> Vec<BlockHash> {
+    let mut h = Vec::new();
+    let root = Xxh3Hasher.root(&HashExtra::new("m", 1));
+    Xxh3Hasher.hash_blocks(root, tokens, BS as usize, &mut h);
+    h
+}
+
+fn events(c: &mut PrefixCache) -> Vec<KvEvent> {
+    let mut out = Vec::new();
+    c.drain_events(&mut out);
+    // Event ids increase by one.
+    for w in out.windows(2) {
+        assert_eq!(w[1].id, w[0].id + 1);
+    }
+    out.into_iter().map(|r| r.event).collect()
+}
+
+// vLLM `test_kv_cache_events` and `test_null_parent_block_hash`: caching a request's blocks
+// stores them in one event (no parent for a chain from its first block, the logical parent's
+// hash for a continuation); evicting removes them; a reset clears all. Differs by design:
+// one `BlockRemoved` per `evict` call lists every block it took (vLLM sends one per block),
+// and blocks handed back after a reset are not announced again.
+#[test]
+fn kv_events_store_remove_and_clear() {
+    let mut c = PrefixCache::new(BS, PolicyKind::Lru);
+    c.subscribe();
+    let tokens: Vec<u32> = (0..16).collect();
+    let h = chain_hashes(&tokens);
+    let mut newly = Vec::new();
+    c.insert(&h[..3], &ids(0..3), 0, &mut newly).unwrap();
+    assert_eq!(
+        events(&mut c),
+        [KvEvent::BlockStored {
+            parent: None,
+            hashes: h[..3].to_vec()
+        }]
+    );
+    // The request's next block: only it is stored, under its logical parent.
+    c.insert(&h, &ids(0..4), 1, &mut newly).unwrap();
+    assert_eq!(
+        events(&mut c),
+        [KvEvent::BlockStored {
+            parent: Some(h[2]),
+            hashes: vec![h[3]]
+        }]
+    );
+    // Offering what is cached already stores nothing.
+    c.insert(&h, &ids(0..4), 2, &mut newly).unwrap();
+    assert!(events(&mut c).is_empty());
+    c.release(&ids(0..4)).unwrap();
+    let mut out = Vec::new();
+    assert_eq!(c.evict(2, 3, &mut out), 2);
+    assert_eq!(
+        events(&mut c),
+        [KvEvent::BlockRemoved {
+            hashes: vec![h[3], h[2]]
+        }]
+    );
+    assert_eq!(c.clear(), Ok(2));
+    assert_eq!(events(&mut c), [KvEvent::AllCleared]);
+    assert_eq!(c.evict(10, 4, &mut out), 2);
+    assert!(events(&mut c).is_empty());
+}
+
+// vLLM `test_cache_blocks`: blocks are cached from the start of a request, and a later call
+// for the same request caches only the blocks after those cached before.
+#[test]
+fn caching_continues_after_the_blocks_cached_before() {
+    let mut c = PrefixCache::new(BS, PolicyKind::Lru);
+    let tokens: Vec<u32> = (0..14).collect(); // 3 full blocks and 2 tokens
+    let h = chain_hashes(&tokens);
+    assert_eq!(h.len(), 3);
+    let mut newly = Vec::new();
+    c.insert(&h[..2], &ids(0..2), 0, &mut newly).unwrap();
+    assert_eq!((newly.clone(), c.hittable_blocks()), (ids(0..2), 2));
+    newly.clear();
+    c.insert(&h, &ids(0..3), 1, &mut newly).unwrap();
+    assert_eq!((newly, c.hittable_blocks()), (ids(2..3), 3));
+    assert_eq!(c.use_count(BlockId(0)), Some(1), "offered once");
+    assert_eq!(c.use_count(BlockId(2)), Some(1));
+}
+
+fn window(r: &RecentHitRate) -> (u64, u64, u64) {
+    (r.requests(), r.query_tokens(), r.hit_tokens())
+}
+
+// vLLM `test_metrics`: the hit rate over the last 5 requests; a batch pushing the window past
+// 5 requests drops the oldest batch; a reset empties it.
+#[test]
+fn the_hit_rate_over_a_window_of_recent_requests() {
+    let mut r = RecentHitRate::new(5);
+    assert_eq!(r.hit_rate(), 0.0);
+    r.observe(1, 20, 9);
+    assert_eq!(r.hit_rate(), 0.45);
+    r.observe(4, 80, 16);
+    assert_eq!(r.hit_rate(), 0.25);
+    r.observe(1, 10, 2);
+    assert_eq!(window(&r), (5, 90, 18));
+    assert_eq!(r.hit_rate(), 0.2);
+    r.reset();
+    assert_eq!((window(&r), r.hit_rate()), ((0, 0, 0), 0.0));
+}
+
+// vLLM `test_metrics_empty_stats`: empty batches are ignored, and a batch larger than the
+// window is kept alone.
+#[test]
+fn the_window_ignores_empty_batches_and_keeps_the_latest_alone() {
+    let mut r = RecentHitRate::new(5);
+    for (req, q, h) in [
+        (0, 0, 0),
+        (1, 20, 9),
+        (0, 0, 0),
+        (4, 80, 16),
+        (0, 0, 0),
+        (1, 10, 2),
+    ] {
+        r.observe(req, q, h);
+    }
+    assert_eq!((window(&r), r.hit_rate()), ((5, 90, 18), 0.2));
+    r.observe(11, 20, 10);
+    assert_eq!((window(&r), r.hit_rate()), ((11, 20, 10), 0.5));
+    r.observe(22, 40, 30);
+    assert_eq!((window(&r), r.hit_rate()), ((22, 40, 30), 0.75));
+}
+
+// The window fed from the cache's own counters, step by step.
+#[test]
+fn the_window_follows_the_cache_counters() {
+    let mut idx = index();
+    let mut r = RecentHitRate::new(2);
+    let mut last = idx.cache().metrics();
+    let a: Vec<u32> = (0..9).collect();
+    // Step 1: a miss on 9 tokens, then cached.
+    assert_eq!(idx.lookup(&scope(1), &a, 0).tokens, 0);
+    offer(&mut idx, &a, &ids(0..2), 0);
+    idx.release(&ids(0..2)).unwrap();
+    let now = idx.cache().metrics();
+    r.observe_metrics(&now.since(&last));
+    last = now;
+    assert_eq!(window(&r), (1, 9, 0));
+    // Step 2: two hits of 8 tokens.
+    for t in 1..3 {
+        let hit = idx.lookup(&scope(1), &a, t);
+        assert_eq!(hit.tokens, 8);
+        idx.release(&hit.blocks).unwrap();
+    }
+    let now = idx.cache().metrics();
+    r.observe_metrics(&now.since(&last));
+    // The window holds 2 requests: step 1 left it.
+    assert_eq!(window(&r), (2, 18, 16));
+    assert_eq!(now.hit_rate(), 16.0 / 27.0, "the cumulative rate");
 }

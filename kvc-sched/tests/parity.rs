@@ -196,3 +196,38 @@ fn blocks_in_use_are_never_evicted() {
         assert_eq!(kv.allocator().refcount(b), Ok(2), "{b}: index and seq 2");
     }
 }
+
+// vLLM caches a request's full blocks as its prefill chunks are computed, so a request that
+// arrives while an earlier one with the same prefix is still in chunked prefill hits the
+// chunks done so far instead of computing them again.
+#[test]
+fn a_request_hits_the_completed_chunks_of_a_prefill_still_running() {
+    let cfg = SchedulerConfig {
+        block_size: BS,
+        max_batch_tokens: 16,
+        max_model_len: 256,
+        aging_ms: None,
+        ..SchedulerConfig::default()
+    };
+    let pool = BlockPool::new(PoolConfig::new(32)).unwrap();
+    let mut s = Scheduler::new(cfg, pool, DynamicOnly::default(), TestIndex::new(BS)).unwrap();
+    let prompt: Vec<u32> = (0..24).collect();
+    s.submit(request(1, prompt.clone(), 4)).unwrap();
+    let plan = s.step(0);
+    assert_eq!(plan.seqs[0].positions, 0..16);
+    assert!(!plan.seqs[0].samples, "a prefill chunk");
+    assert!(complete(&mut s, &plan).is_empty());
+    // The first chunk's 4 blocks are computed: a second request with the same prefix hits them
+    // while the first computes its last chunk in the same step.
+    let mut longer = prompt.clone();
+    longer.push(99);
+    s.submit(request(2, longer, 1)).unwrap();
+    let plan = s.step(1);
+    let a = plan.seqs.iter().find(|x| x.seq == SeqId(1)).unwrap();
+    assert_eq!(a.positions, 16..24);
+    let b = plan.seqs.iter().find(|x| x.seq == SeqId(2)).unwrap();
+    assert_eq!(b.positions, 16..24, "16 tokens reused");
+    let done = run(&mut s, 2);
+    let b = done.iter().find(|f| f.seq == SeqId(2)).unwrap();
+    assert_eq!(b.cached_tokens, 16);
+}

@@ -1004,9 +1004,13 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
     /// offers) with the tokens they were made from, and hashes only blocks past them or
     /// whose tokens differ (about 4 bytes per token per sequence). A call that does offer
     /// still hands the index the whole context from position 0, which walks the cached part
-    /// again (refreshing its recency), so offer at milestones (the prompt computed, the
-    /// request finished, before a preemption), as [`Scheduler`](crate::Scheduler) does,
-    /// rather than at every block that fills during a long decode.
+    /// again, so offer at milestones (each prefill chunk, the prompt computed, the request
+    /// finished, before a preemption), as [`Scheduler`](crate::Scheduler) does, rather than
+    /// at every block that fills during a long decode.
+    /// A newly cached block a live soft pin of the pin policy names
+    /// ([`PinPolicy::retention`](kvc_core::PinPolicy::retention)) takes the pin's retention at
+    /// once: a pin may be placed before its prompt is computed, and a pinned block evicted
+    /// anyway is ranked by its pin again when it is computed again.
     pub fn cache_blocks(
         &mut self,
         seq: SeqId,
@@ -1063,6 +1067,7 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
             for _ in 1..holders {
                 self.index_acquire(&[b])?;
             }
+            self.apply_pin(b, now_ms);
             self.note_cached(b, from_tiers);
         }
         self.stats.cached_blocks += n as u64;
@@ -1316,6 +1321,23 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
 
     /// The index just cached `b`: write it through in that mode (not a block just loaded
     /// from the tiers).
+    /// A block just cached under a hash a live soft pin already names (pinned ahead of its
+    /// prompt, or evicted anyway, since pins are soft, and computed or loaded again) takes
+    /// the pin's retention at once, as if it had been cached when the pin was placed: the
+    /// pin's own updates reached the index while the block was not cached, so they were
+    /// dropped there.
+    fn apply_pin(&mut self, b: BlockId, now_ms: u64) {
+        let Some(TierKey { key, .. }) = self.reuse.cached_key(b) else {
+            return;
+        };
+        // Pins name blocks by the low 64 bits of their key (`ReuseIndex::set_retention`).
+        let short = key.0 as u64;
+        let retention = self.pin.retention(short, now_ms);
+        if retention != Retention::DEFAULT {
+            self.reuse.set_retention(short, retention);
+        }
+    }
+
     fn note_cached(&mut self, b: BlockId, from_tiers: bool) {
         let Some(t) = self.tiers.as_mut() else {
             return;

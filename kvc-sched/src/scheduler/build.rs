@@ -9,6 +9,7 @@ use crate::plan::{ScheduledSeq, StepPlan};
 impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
     pub(super) fn build_plan(&mut self, scheduled: &[(SeqId, u64)], plan: &mut StepPlan) {
         let bs = u64::from(self.cfg.block_size);
+        self.chunked.clear();
         plan.qo_indptr.push(0);
         plan.kv_indptr.push(0);
         let mut pages_total = 0;
@@ -51,6 +52,10 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
             s.computed = end;
             let samples = end == s.tokens.len() as u64;
             s.awaiting_sample = samples;
+            if !samples {
+                // A prefill chunk: its full blocks are offered when the step completes.
+                self.chunked.push(id);
+            }
             plan.kv_indptr.push(plan.kv_indices.len() as u32);
             plan.qo_indptr.push(plan.slot_mapping.len() as u32);
             plan.seq_lens.push(end as u32);

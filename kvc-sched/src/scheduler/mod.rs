@@ -279,6 +279,9 @@ pub struct Scheduler<A, P, R> {
     last_kv_error: Option<KvError>,
     commands: Vec<Command>,
     scheduled: Vec<(SeqId, u64)>,
+    /// Sequences the last plan gave a prefill chunk that does not sample: their newly
+    /// computed full blocks are offered to the reuse index when the step completes.
+    chunked: Vec<SeqId>,
     host: HostPool,
     /// Loads in flight: the sequence, the step and the time each was issued.
     loads: HashMap<LoadId, (SeqId, u64, u64)>,
@@ -336,6 +339,7 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
             last_kv_error: None,
             commands: Vec::new(),
             scheduled: Vec::new(),
+            chunked: Vec::new(),
             loads: HashMap::new(),
             compute: None,
             gate: None,
@@ -717,7 +721,9 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
     }
 
     /// Takes the tokens sampled for the last plan's sampling sequences, finishes those that
-    /// are done, and offers newly computed blocks to the reuse index. All or nothing.
+    /// are done, and offers newly computed blocks to the reuse index (the prompt of a sequence
+    /// that sampled its first token, the blocks of finished sequences, and the full blocks of
+    /// the plan's prefill chunks). All or nothing.
     pub fn complete_step(
         &mut self,
         sampled: &[(SeqId, u32)],
@@ -774,6 +780,14 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
                     self.offer(&s);
                     self.seqs.insert(seq, s);
                 }
+            }
+        }
+        // Prefill chunks computed by the step: their full blocks are shared at once, so a
+        // request with the same prefix admitted while the prefill goes on reuses them.
+        for seq in std::mem::take(&mut self.chunked) {
+            if let Some(s) = self.seqs.remove(&seq) {
+                self.offer(&s);
+                self.seqs.insert(seq, s);
             }
         }
         Ok(finished)
