@@ -509,7 +509,25 @@ pub fn trace_replay(size: Size, trace: Option<&Path>) -> Result<ScenarioReport, 
             path.display()
         )));
     }
-    let variants = reuse_pair(&dep, sched_config(16, max_len, 8_192), &workload)?;
+    let cfg = sched_config(16, max_len, 8_192);
+    let mut variants = reuse_pair(&dep, cfg.clone(), &workload)?;
+    // The policy recommended for unknown traffic, through the same scheduler: it learns
+    // from each request's prompt, which the memory manager offers it once.
+    let adaptive = ScopedIndex::new(
+        PrefixCache::with_capacity(16, PolicyKind::Adaptive, dep.blocks(16)),
+        Xxh3Hasher,
+        HashExtra::new(dep.model.name, 1),
+    );
+    let learned = variant(
+        "reuse on (prefix cache, adaptive)",
+        &dep,
+        cfg,
+        0,
+        kvc_sched::DynamicOnly::default(),
+        adaptive,
+        &workload,
+    )?;
+    variants.push(learned);
     let (off, on) = (&variants[0].result, &variants[1].result);
     let goals = vec![ratio_goal(
         "reuse on serves part of the prompts from the cache and finishes sooner",
