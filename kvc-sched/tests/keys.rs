@@ -336,19 +336,22 @@ fn walks(told: &Told) -> Vec<usize> {
     walks
 }
 
-#[test]
-fn the_scheduler_shows_a_learning_policy_each_prompt_once() {
-    use kvc_sched::{Request, Scheduler, SchedulerConfig, StepPlan};
+/// An index over a cache whose policy records what it is told.
+fn recording_index() -> (ScopedIndex<Xxh3Hasher>, Told) {
     let told = Told::default();
     let policy = Recording {
         lru: Lru::default(),
         told: told.clone(),
     };
-    let index = ScopedIndex::new(
-        PrefixCache::with_policy(BS, Box::new(policy)),
-        Xxh3Hasher,
-        HashExtra::new("m", 1),
-    );
+    let cache = PrefixCache::with_policy(BS, Box::new(policy));
+    let index = ScopedIndex::new(cache, Xxh3Hasher, HashExtra::new("m", 1));
+    (index, told)
+}
+
+#[test]
+fn the_scheduler_shows_a_learning_policy_each_prompt_once() {
+    use kvc_sched::{Request, Scheduler, SchedulerConfig, StepPlan};
+    let (index, told) = recording_index();
     let cfg = SchedulerConfig {
         block_size: BS,
         max_running: 4,
@@ -410,16 +413,7 @@ fn the_scheduler_shows_a_learning_policy_each_prompt_once() {
 
 #[test]
 fn a_prefix_loaded_from_the_tiers_is_not_a_prompt_of_its_own() {
-    let told = Told::default();
-    let policy = Recording {
-        lru: Lru::default(),
-        told: told.clone(),
-    };
-    let index = ScopedIndex::new(
-        PrefixCache::with_policy(BS, Box::new(policy)),
-        Xxh3Hasher,
-        HashExtra::new("m", 1),
-    );
+    let (index, told) = recording_index();
     let cfg = KvManagerConfig {
         block_size: BS,
         ..KvManagerConfig::default()
