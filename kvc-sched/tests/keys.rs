@@ -459,3 +459,38 @@ fn a_prefix_loaded_from_the_tiers_is_not_a_prompt_of_its_own() {
         .count();
     assert_eq!(more, 4);
 }
+
+#[test]
+fn a_request_freed_and_opened_again_is_one_request_and_a_reused_id_another() {
+    let (index, told) = recording_index();
+    let cfg = KvManagerConfig {
+        block_size: BS,
+        ..KvManagerConfig::default()
+    };
+    let pool = BlockPool::new(PoolConfig::new(32)).unwrap();
+    let mut kv: KvManager<_, _, ScopedIndex<Xxh3Hasher>> =
+        KvManager::new(cfg, pool, DynamicOnly::default(), index).unwrap();
+    let ask = |new_tokens| SlotRequest {
+        new_tokens,
+        lookahead: 0,
+        admission: false,
+    };
+    let prompt: Vec<u32> = (0..18).collect();
+    let serve = |kv: &mut KvManager<_, _, _>, tokens: &[u32]| {
+        kv.open(SeqId(1), owner(0)).unwrap();
+        let hit = kv.lookup_prefix(SeqId(1), tokens, 0).unwrap();
+        let grant = kv.allocate_slots(SeqId(1), ask(tokens.len() as u64 - hit), 0, &mut Vec::new());
+        assert_eq!(grant.unwrap(), SlotGrant::Now);
+        kv.cache_blocks(SeqId(1), tokens, 0).unwrap();
+        kv.free(SeqId(1)).unwrap();
+    };
+    serve(&mut kv, &prompt);
+    assert_eq!(walks(&told), [4]);
+    // Preempted after its prompt was offered, readmitted under its id: the same request.
+    serve(&mut kv, &prompt);
+    assert_eq!(walks(&told), [4]);
+    // The id given to another request (other tokens): a request of its own.
+    let other: Vec<u32> = (100..110).collect();
+    serve(&mut kv, &other);
+    assert_eq!(walks(&told), [4, 2]);
+}

@@ -35,10 +35,9 @@ struct SeqKv {
     placed: RegionBlocks,
     /// The load from the tiers this sequence waits for, if any.
     loading: Option<LoadId>,
-    /// The keys of its blocks as far as they were computed, so each block is hashed once.
+    /// The keys of its blocks as far as they were computed, so each block is hashed once,
+    /// and what it offered.
     keys: KeyMemo,
-    /// What its offers are to the index ([`OfferRole`]): one offer is its prompt.
-    offers: SeqOffers,
 }
 
 /// What a sequence offered to the reuse index, so that its prompt is offered as such once
@@ -86,6 +85,10 @@ struct KeyMemo {
     /// The tokens of the keyed blocks: `keys.len()` × the block size.
     tokens: Vec<u32>,
     keys: Vec<StoreKey>,
+    /// What the request offered to the index ([`OfferRole`]): one offer is its prompt. Kept
+    /// with the tokens, so a request freed and opened again (preempted and readmitted) is
+    /// still one request, and forgotten with them when other tokens come under its id.
+    offers: SeqOffers,
 }
 
 /// A load from the tiers in flight.
@@ -475,7 +478,6 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
                 placed: RegionBlocks::default(),
                 loading: None,
                 keys,
-                offers: SeqOffers::default(),
             },
         );
         Ok(())
@@ -501,14 +503,13 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
         let owner = s.owner;
         let scope = scope(&owner);
         let bs = self.cfg.block_size as usize;
-        let memo = self.keys_of(seq, &scope, prompt)?;
+        let mut memo = self.keys_of(seq, &scope, prompt)?;
         let full = (prompt.len() / bs).min(memo.keys.len());
         let hit = self
             .reuse
             .lookup_keyed(&scope, prompt, &memo.keys[..full], now_ms);
-        let s = self.seq_mut(seq)?;
-        s.keys = memo;
-        s.offers.prompt_blocks = prompt.len() / bs;
+        memo.offers.prompt_blocks = prompt.len() / bs;
+        self.seq_mut(seq)?.keys = memo;
         let usable = (prompt.len() - 1) / bs;
         let mut keep = hit.blocks.len().min(usable);
         if !self.pin.may_hold_pinned(owner.class) {
@@ -1044,8 +1045,8 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
         let blocks: Vec<BlockId> = s.blocks[..full].to_vec();
         let mut newly = Vec::new();
         let tokens = &computed[..full * bs];
-        let role = s.offers.role(full);
-        let memo = self.keys_of(seq, &scope, tokens)?;
+        let mut memo = self.keys_of(seq, &scope, tokens)?;
+        let role = memo.offers.role(full);
         let offer = Offer {
             tokens,
             keys: &memo.keys[..full.min(memo.keys.len())],
@@ -1053,10 +1054,10 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
             role,
         };
         let result = self.index_offer(&scope, offer, now_ms, &mut newly);
+        memo.offers.made(full, role);
         let s = self.seq_mut(seq)?;
         s.keys = memo;
         s.offered = full;
-        s.offers.made(full, role);
         let n = newly.len();
         for b in newly {
             // Holders before the index: the offering sequence (counted by insert) and any
@@ -1096,10 +1097,9 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
             offered: p.offered,
             placed: RegionBlocks::default(),
             loading: None,
-            // The same leading tokens: the child's keys start as the parent's.
+            // The same leading tokens and the same request: the child's keys and offers
+            // start as the parent's.
             keys: p.keys.clone(),
-            // The same request: the parent's offers are the child's.
-            offers: p.offers,
         };
         for i in 0..kv.blocks.len() {
             let b = kv.blocks[i];
@@ -1393,8 +1393,10 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
         let mut memo = std::mem::take(&mut self.seq_mut(seq)?.keys);
         let root = self.reuse.chain_root(scope);
         if root.is_none() || memo.root != root {
+            // The same request: what it offered stays known.
             memo = KeyMemo {
                 root,
+                offers: memo.offers,
                 ..KeyMemo::default()
             };
         }
@@ -1412,6 +1414,10 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
                 .count();
             memo.keys.truncate(same);
             memo.tokens.truncate(same * bs);
+            if same < memo.offers.prompt_blocks.max(memo.offers.offered) {
+                // Other tokens than the request's: another request under its id.
+                memo.offers = SeqOffers::default();
+            }
         }
         let known = memo.keys.len();
         if known < full {
