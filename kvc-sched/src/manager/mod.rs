@@ -1319,8 +1319,6 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
         result.map(|()| freed)
     }
 
-    /// The index just cached `b`: write it through in that mode (not a block just loaded
-    /// from the tiers).
     /// A block just cached under a hash a live soft pin already names (pinned ahead of its
     /// prompt, or evicted anyway, since pins are soft, and computed or loaded again) takes
     /// the pin's retention at once, as if it had been cached when the pin was placed: the
@@ -1338,6 +1336,8 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
         }
     }
 
+    /// The index just cached `b`: write it through in that mode (not a block just loaded
+    /// from the tiers).
     fn note_cached(&mut self, b: BlockId, from_tiers: bool) {
         let Some(t) = self.tiers.as_mut() else {
             return;
