@@ -246,37 +246,15 @@ impl Nodes {
         self.slot_of(block).is_some()
     }
 
-    /// Makes room for nodes of `blocks` (the direct table grown to their largest direct id)
-    /// and returns a bound above every slot they can take.
+    /// Above every slot in use and every slot the next `more` new nodes with direct ids
+    /// the table already covers, or spilled ids, can take.
     #[inline]
-    fn make_room(&mut self, blocks: &[BlockId]) -> usize {
-        let top = blocks.iter().map(|b| b.index()).max().unwrap_or(0);
-        if top >= Self::DIRECT {
-            return self.make_room_spilled(blocks);
-        }
-        if top >= self.direct.len() {
-            self.grow(top);
-        }
+    fn slot_bound(&self, more: usize) -> usize {
         if self.spill.is_empty() {
             self.direct.len()
         } else {
-            Self::DIRECT + self.spill.len() + blocks.len()
+            Self::DIRECT + self.spill.len() + more
         }
-    }
-
-    /// [`Self::make_room`] when some of `blocks` are spilled.
-    #[cold]
-    #[inline(never)]
-    fn make_room_spilled(&mut self, blocks: &[BlockId]) -> usize {
-        let top = blocks
-            .iter()
-            .map(|b| b.index())
-            .filter(|&i| i < Self::DIRECT)
-            .max();
-        if let Some(top) = top.filter(|&t| t >= self.direct.len()) {
-            self.grow(top);
-        }
-        Self::DIRECT + self.spill.len() + blocks.len()
     }
 
     /// Grows the direct table to cover id `i` (below [`Self::DIRECT`]): to a power of two,
@@ -710,9 +688,9 @@ impl PrefixCache {
     }
 
     /// Drops the hash index's stale entries (see [`crate::table`]), making room for `more`
-    /// inserts: one pass over the nodes.
-    fn rebuild_index(&mut self, more: usize, slot_bound: usize) {
-        let count = self.by_hash.len();
+    /// inserts of slots below `slot_bound`: one pass over the nodes, `count` of them
+    /// hittable.
+    fn rebuild_index(&mut self, more: usize, slot_bound: usize, count: usize) {
         // The direct table in one tight pass, the few spilled nodes after it.
         let live = |(s, n): (usize, &Node)| (n.live && n.hittable).then_some((n.hash, s as u32));
         let direct = self.nodes.direct.iter().enumerate().filter_map(live);
@@ -884,9 +862,10 @@ impl PrefixCache {
             });
         }
         self.now_ms = now_ms;
-        let slot_bound = self.nodes.make_room(blocks);
+        // Slots at or above this do not fit the index yet (see `Self::index_new`).
+        let mut slot_bound = self.nodes.slot_bound(hashes.len());
         if self.by_hash.wants_rebuild(hashes.len(), slot_bound) {
-            self.rebuild_index(hashes.len(), slot_bound);
+            self.rebuild_index(hashes.len(), slot_bound, self.by_hash.len());
         }
         for &h in hashes.iter().take(Self::AHEAD) {
             self.by_hash.prefetch(h);
@@ -984,7 +963,7 @@ impl PrefixCache {
                 stamp,
                 i as u32,
             ));
-            self.by_hash.store_probed(probe, hash, slot);
+            self.index_new(probe, hash, slot, &mut slot_bound, hashes.len() - i);
             if self.recency.is_none() {
                 self.policy.on_insert(slot, &info(hash, i, stamp));
             }
@@ -1006,8 +985,15 @@ impl PrefixCache {
             parent_new = true;
             recent[i % Self::CHAIN_AHEAD] = slot;
             if runs {
-                let (end, last) =
-                    self.insert_new_run(hashes, blocks, next, slot, &mut recent, newly_cached);
+                let (end, last) = self.insert_new_run(
+                    hashes,
+                    blocks,
+                    next,
+                    slot,
+                    &mut recent,
+                    &mut slot_bound,
+                    newly_cached,
+                );
                 inserted += (end - next) as u64;
                 parent = Some(last);
                 next = end;
@@ -1024,6 +1010,38 @@ impl PrefixCache {
             });
         }
         result
+    }
+
+    /// Stores the hash of the node just cached at `slot` after a probe for it found nothing
+    /// (see [`HashIndex::store_probed`]). A slot at or above `slot_bound` (a block id past
+    /// the node table, which grew for it, or a new spilled slot) may not fit beside the
+    /// index's tags: the index is rebuilt instead, this node included, with room for `more`
+    /// inserts, and `slot_bound` raised. Checking the slot here, where it is known anyway,
+    /// spares every insert a pass over its blocks for their largest id.
+    #[inline(always)]
+    fn index_new(
+        &mut self,
+        probe: Probe,
+        hash: BlockHash,
+        slot: u32,
+        slot_bound: &mut usize,
+        more: usize,
+    ) {
+        if (slot as usize) < *slot_bound {
+            self.by_hash.store_probed(probe, hash, slot);
+        } else {
+            *slot_bound = self.reindex_grown(more);
+        }
+    }
+
+    /// [`Self::index_new`]'s rebuild; returns the new bound.
+    #[cold]
+    #[inline(never)]
+    fn reindex_grown(&mut self, more: usize) -> usize {
+        let bound = self.nodes.slot_bound(more);
+        // The node just cached is hittable and not in the index yet.
+        self.rebuild_index(more, bound, self.by_hash.len() + 1);
+        bound
     }
 
     /// Caches blocks `from..` of an insert while each one is new, as [`Self::insert`]'s loop
@@ -1044,6 +1062,7 @@ impl PrefixCache {
         from: usize,
         mut parent: u32,
         recent: &mut [u32; Self::CHAIN_AHEAD],
+        slot_bound: &mut usize,
         newly_cached: &mut Vec<BlockId>,
     ) -> (usize, u32) {
         let (hashes, blocks) = (&hashes[..blocks.len()], &blocks[..hashes.len()]);
@@ -1067,7 +1086,7 @@ impl PrefixCache {
                 stamp,
                 i as u32,
             ));
-            self.by_hash.store_probed(probe, hash, slot);
+            self.index_new(probe, hash, slot, slot_bound, hashes.len() - i);
             // The parent was cached by this call and its only child is this block: in use by
             // the offering request, in no lane, so nothing else about it changes.
             debug_assert_eq!(self.nodes[parent as usize].first_child, NIL);
