@@ -288,6 +288,42 @@ impl Nodes {
         self.insert_cold(node)
     }
 
+    /// [`Self::insert`] of [`Node::cached`], its fields written in place in the direct
+    /// table (no node built aside and copied).
+    #[inline(always)]
+    fn insert_cached(
+        &mut self,
+        hash: BlockHash,
+        block: BlockId,
+        parent: u32,
+        ancestor: u32,
+        stamp: u64,
+        depth: u32,
+    ) -> u32 {
+        let i = block.index();
+        if let Some(n) = self.direct.get_mut(i) {
+            debug_assert!(!n.live, "block {i} cached twice");
+            self.len += 1;
+            n.hash = hash;
+            n.block = block;
+            n.parent = parent;
+            n.ancestor = ancestor;
+            n.first_child = NIL;
+            n.next_sibling = NIL;
+            n.prev_sibling = NIL;
+            n.refs = 1;
+            n.retained = false;
+            n.hittable = true;
+            n.stamp = stamp;
+            n.depth = depth;
+            n.lane = Lane::None;
+            n.in_set = false;
+            n.live = true;
+            return i as u32;
+        }
+        self.insert(Node::cached(hash, block, parent, ancestor, stamp, depth))
+    }
+
     /// [`Self::insert`] of a spilled block, or of a direct one past the table.
     #[cold]
     #[inline(never)]
@@ -954,7 +990,7 @@ impl PrefixCache {
                 break;
             }
             let stamp = self.tick();
-            let slot = self.nodes.insert(Node::cached(
+            let slot = self.nodes.insert_cached(
                 hash,
                 block,
                 parent.unwrap_or(NIL),
@@ -962,7 +998,7 @@ impl PrefixCache {
                 recent[i % Self::CHAIN_AHEAD],
                 stamp,
                 i as u32,
-            ));
+            );
             self.index_new(probe, hash, slot, &mut slot_bound, hashes.len() - i);
             if self.recency.is_none() {
                 self.policy.on_insert(slot, &info(hash, i, stamp));
@@ -1078,14 +1114,14 @@ impl PrefixCache {
                 break;
             }
             let stamp = self.tick();
-            let slot = self.nodes.insert(Node::cached(
+            let slot = self.nodes.insert_cached(
                 hash,
                 block,
                 parent,
                 recent[i % Self::CHAIN_AHEAD],
                 stamp,
                 i as u32,
-            ));
+            );
             self.index_new(probe, hash, slot, slot_bound, hashes.len() - i);
             // The parent was cached by this call and its only child is this block: in use by
             // the offering request, in no lane, so nothing else about it changes.
