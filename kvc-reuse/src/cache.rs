@@ -898,8 +898,7 @@ impl PrefixCache {
             });
         }
         self.now_ms = now_ms;
-        // Slots at or above this do not fit the index yet (see `Self::index_new`).
-        let mut slot_bound = self.nodes.slot_bound(hashes.len());
+        let slot_bound = self.nodes.slot_bound(hashes.len());
         if self.by_hash.wants_rebuild(hashes.len(), slot_bound) {
             self.rebuild_index(hashes.len(), slot_bound, self.by_hash.len());
         }
@@ -999,7 +998,7 @@ impl PrefixCache {
                 stamp,
                 i as u32,
             );
-            self.index_new(probe, hash, slot, &mut slot_bound, hashes.len() - i);
+            self.index_new(probe, hash, slot, hashes.len() - i);
             if self.recency.is_none() {
                 self.policy.on_insert(slot, &info(hash, i, stamp));
             }
@@ -1021,15 +1020,8 @@ impl PrefixCache {
             parent_new = true;
             recent[i % Self::CHAIN_AHEAD] = slot;
             if runs {
-                let (end, last) = self.insert_new_run(
-                    hashes,
-                    blocks,
-                    next,
-                    slot,
-                    &mut recent,
-                    &mut slot_bound,
-                    newly_cached,
-                );
+                let (end, last) =
+                    self.insert_new_run(hashes, blocks, next, slot, &mut recent, newly_cached);
                 inserted += (end - next) as u64;
                 parent = Some(last);
                 next = end;
@@ -1049,35 +1041,27 @@ impl PrefixCache {
     }
 
     /// Stores the hash of the node just cached at `slot` after a probe for it found nothing
-    /// (see [`HashIndex::store_probed`]). A slot at or above `slot_bound` (a block id past
-    /// the node table, which grew for it, or a new spilled slot) may not fit beside the
-    /// index's tags: the index is rebuilt instead, this node included, with room for `more`
-    /// inserts, and `slot_bound` raised. Checking the slot here, where it is known anyway,
-    /// spares every insert a pass over its blocks for their largest id.
+    /// (see [`HashIndex::store_probed`]). A slot that does not fit beside the index's tags
+    /// (a block id past the node table, which grew for it, or a new spilled slot) rebuilds
+    /// the index instead, this node included, with room for `more` inserts. Checking the
+    /// slot here, where it is known anyway, spares every insert a pass over its blocks for
+    /// their largest id.
     #[inline(always)]
-    fn index_new(
-        &mut self,
-        probe: Probe,
-        hash: BlockHash,
-        slot: u32,
-        slot_bound: &mut usize,
-        more: usize,
-    ) {
-        if (slot as usize) < *slot_bound {
+    fn index_new(&mut self, probe: Probe, hash: BlockHash, slot: u32, more: usize) {
+        if self.by_hash.fits(slot) {
             self.by_hash.store_probed(probe, hash, slot);
         } else {
-            *slot_bound = self.reindex_grown(more);
+            self.reindex_grown(more);
         }
     }
 
-    /// [`Self::index_new`]'s rebuild; returns the new bound.
+    /// [`Self::index_new`]'s rebuild.
     #[cold]
     #[inline(never)]
-    fn reindex_grown(&mut self, more: usize) -> usize {
+    fn reindex_grown(&mut self, more: usize) {
         let bound = self.nodes.slot_bound(more);
         // The node just cached is hittable and not in the index yet.
         self.rebuild_index(more, bound, self.by_hash.len() + 1);
-        bound
     }
 
     /// Caches blocks `from..` of an insert while each one is new, as [`Self::insert`]'s loop
@@ -1098,7 +1082,6 @@ impl PrefixCache {
         from: usize,
         mut parent: u32,
         recent: &mut [u32; Self::CHAIN_AHEAD],
-        slot_bound: &mut usize,
         newly_cached: &mut Vec<BlockId>,
     ) -> (usize, u32) {
         let (hashes, blocks) = (&hashes[..blocks.len()], &blocks[..hashes.len()]);
@@ -1122,7 +1105,7 @@ impl PrefixCache {
                 stamp,
                 i as u32,
             );
-            self.index_new(probe, hash, slot, slot_bound, hashes.len() - i);
+            self.index_new(probe, hash, slot, hashes.len() - i);
             // The parent was cached by this call and its only child is this block: in use by
             // the offering request, in no lane, so nothing else about it changes.
             debug_assert_eq!(self.nodes[parent as usize].first_child, NIL);
