@@ -182,9 +182,18 @@ impl Node {
 /// slots from `DIRECT` up, found through a map and reused last freed first, so memory stays
 /// bounded by the direct table (at most `DIRECT` nodes, 256 MiB, reached only by an id just
 /// below it) plus one node per spilled block.
+///
+/// That is for a cache ordering its own LRU lane. A cache with a policy object keeps the
+/// earlier numbering instead (`by_id` false): slots handed out densely, freed ones reused
+/// last freed first, block ids mapped to slots by a [`BlockIndex`]. Policies see slots and
+/// may break ties between equal keys by slot, so their eviction order (and hit rate) would
+/// otherwise change with the ids the pool hands out.
 #[derive(Debug, Default)]
 struct Nodes {
-    /// Slot `i` holds the node of block `i` while `live`.
+    /// Whether slots are block ids (see above).
+    by_id: bool,
+    /// With `by_id`, slot `i` holds the node of block `i` while `live`; otherwise the nodes
+    /// by slot.
     direct: Vec<Node>,
     /// The nodes of spilled blocks: slot `DIRECT + k` is `spill[k]`.
     spill: Vec<Node>,
@@ -192,6 +201,12 @@ struct Nodes {
     spill_free: Vec<u32>,
     /// Spilled block id to slot.
     spill_slots: HashMap<BlockId, u32, KeyHash>,
+    /// Slots from here up are freed through [`Self::free_slot`]: spilled ones with `by_id`,
+    /// all of them without.
+    free_from: u32,
+    /// Without `by_id`: freed slots, and block id to slot.
+    free: Vec<u32>,
+    slots: BlockIndex,
     len: usize,
 }
 
@@ -210,6 +225,15 @@ impl Nodes {
     /// Block ids below this have their node at slot = id; the others are spilled.
     const DIRECT: usize = 1 << 22;
 
+    /// An empty table; `by_id`: slots are block ids (see [`Nodes`]).
+    fn new(by_id: bool) -> Self {
+        Self {
+            by_id,
+            free_from: if by_id { Self::DIRECT as u32 } else { 0 },
+            ..Self::default()
+        }
+    }
+
     fn len(&self) -> usize {
         self.len
     }
@@ -227,6 +251,17 @@ impl Nodes {
     /// The slot of `block`'s node, if the table holds one.
     #[inline]
     fn slot_of(&self, block: BlockId) -> Option<u32> {
+        if !self.by_id {
+            return self.slots.get(block);
+        }
+        self.slot_of_by_id(block)
+    }
+
+    /// [`Self::slot_of`] in a table whose slots are block ids (the caller knows it is one:
+    /// the cache orders its own LRU lane), without checking.
+    #[inline(always)]
+    fn slot_of_by_id(&self, block: BlockId) -> Option<u32> {
+        debug_assert!(self.by_id);
         let i = block.index();
         match self.direct.get(i) {
             Some(n) => n.live.then_some(i as u32),
@@ -250,6 +285,10 @@ impl Nodes {
     /// the table already covers, or spilled ids, can take.
     #[inline]
     fn slot_bound(&self, more: usize) -> usize {
+        if !self.by_id {
+            // Freed slots are reused, new ones appended.
+            return self.direct.len() + more;
+        }
         if self.spill.is_empty() {
             self.direct.len()
         } else {
@@ -278,6 +317,9 @@ impl Nodes {
     /// Stores the node of a block the table holds no node for, and returns its slot.
     #[inline(always)]
     fn insert(&mut self, node: Node) -> u32 {
+        if !self.by_id {
+            return self.insert_dense(node);
+        }
         let i = node.block.index();
         self.len += 1;
         if let Some(n) = self.direct.get_mut(i) {
@@ -288,10 +330,11 @@ impl Nodes {
         self.insert_cold(node)
     }
 
-    /// [`Self::insert`] of [`Node::cached`], its fields written in place in the direct
-    /// table (no node built aside and copied).
+    /// [`Self::insert`] of [`Node::cached`] in a table whose slots are block ids (the caller
+    /// knows it is one), its fields written in place in the direct table (no node built
+    /// aside and copied).
     #[inline(always)]
-    fn insert_cached(
+    fn insert_cached_by_id(
         &mut self,
         hash: BlockHash,
         block: BlockId,
@@ -300,6 +343,7 @@ impl Nodes {
         stamp: u64,
         depth: u32,
     ) -> u32 {
+        debug_assert!(self.by_id);
         let i = block.index();
         if let Some(n) = self.direct.get_mut(i) {
             debug_assert!(!n.live, "block {i} cached twice");
@@ -322,6 +366,31 @@ impl Nodes {
             return i as u32;
         }
         self.insert(Node::cached(hash, block, parent, ancestor, stamp, depth))
+    }
+
+    /// [`Self::insert`] without `by_id`: the last freed slot, or a new one.
+    fn insert_dense(&mut self, node: Node) -> u32 {
+        self.len += 1;
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.direct[slot as usize] = node;
+                slot
+            }
+            None => {
+                if self.direct.len() == self.direct.capacity() {
+                    // Grown by hand so the new table is advised to use huge pages before
+                    // anything is written to it (see `crate::prefetch::advise_huge_pages`).
+                    let mut grown = Vec::with_capacity((self.direct.capacity() * 2).max(64));
+                    crate::prefetch::advise_huge_pages(&grown);
+                    grown.extend_from_slice(&self.direct);
+                    self.direct = grown;
+                }
+                self.direct.push(node);
+                (self.direct.len() - 1) as u32
+            }
+        };
+        self.slots.insert(node.block, slot);
+        slot
     }
 
     /// [`Self::insert`] of a spilled block, or of a direct one past the table.
@@ -350,10 +419,16 @@ impl Nodes {
         slot
     }
 
-    /// Forgets the spilled `block` at `slot` once its node is dead.
+    /// Frees `slot` of `block` once its node is dead (a spilled one, or any slot without
+    /// `by_id`).
     #[cold]
     #[inline(never)]
-    fn free_spilled(&mut self, slot: u32, block: BlockId) {
+    fn free_slot(&mut self, slot: u32, block: BlockId) {
+        if !self.by_id {
+            self.free.push(slot);
+            self.slots.remove(block);
+            return;
+        }
         self.spill_free.push(slot - Self::DIRECT as u32);
         self.spill_slots.remove(&block);
     }
@@ -363,8 +438,8 @@ impl Nodes {
         let node = *n;
         debug_assert!(node.live, "slot {slot} removed twice");
         n.live = false;
-        if slot >= Self::DIRECT {
-            self.free_spilled(slot as u32, node.block);
+        if slot as u32 >= self.free_from {
+            self.free_slot(slot as u32, node.block);
         }
         self.len -= 1;
         node
@@ -388,6 +463,20 @@ impl Nodes {
     #[inline(always)]
     fn prefetch(&self, slot: usize) {
         crate::prefetch::prefetch_at(&self.direct, slot);
+    }
+
+    /// Hints the CPU to fetch the node of `block`: with `by_id` its slot is its id, so no
+    /// look-up comes before the fetch.
+    #[inline(always)]
+    fn prefetch_block(&self, block: BlockId) {
+        let slot = if self.by_id {
+            Some(block.0)
+        } else {
+            self.slots.get(block)
+        };
+        if let Some(slot) = slot {
+            self.prefetch(slot as usize);
+        }
     }
 
     /// Makes `child` the first child of `parent`.
@@ -457,8 +546,8 @@ impl Nodes {
             stamp: node.stamp,
             retained: node.retained,
         };
-        if slot as usize >= Self::DIRECT {
-            self.free_spilled(slot, victim.block);
+        if slot >= self.free_from {
+            self.free_slot(slot, victim.block);
         }
         self.len -= 1;
         if victim.parent != NIL {
@@ -533,6 +622,54 @@ struct Retained {
     /// Set by [`PrefixCache::end_conversation`]: the retention lasts until the block is used
     /// again, and its next use restores the default.
     until_used: bool,
+}
+
+/// Block id to node slot: a dense table for the small ids a block pool hands out, a map for
+/// any others.
+#[derive(Debug, Default)]
+struct BlockIndex {
+    dense: Vec<u32>,
+    sparse: HashMap<BlockId, u32, KeyHash>,
+}
+
+impl BlockIndex {
+    /// Ids below this use the dense table (at most 16 MiB).
+    const DENSE_LIMIT: usize = 1 << 22;
+    const NONE: u32 = u32::MAX;
+
+    fn get(&self, block: BlockId) -> Option<u32> {
+        let i = block.index();
+        match self.dense.get(i) {
+            // The dense table never reaches past `DENSE_LIMIT`.
+            Some(&s) => (s != Self::NONE).then_some(s),
+            None if i < Self::DENSE_LIMIT => None,
+            None => self.sparse.get(&block).copied(),
+        }
+    }
+
+    fn insert(&mut self, block: BlockId, slot: u32) {
+        let i = block.index();
+        if let Some(entry) = self.dense.get_mut(i) {
+            // Only ids below `DENSE_LIMIT` are ever given an entry.
+            *entry = slot;
+        } else if i < Self::DENSE_LIMIT {
+            self.dense.resize((i + 1).next_power_of_two(), Self::NONE);
+            self.dense[i] = slot;
+        } else {
+            self.sparse.insert(block, slot);
+        }
+    }
+
+    fn remove(&mut self, block: BlockId) {
+        let i = block.index();
+        match self.dense.get_mut(i) {
+            Some(s) => *s = Self::NONE,
+            None if i < Self::DENSE_LIMIT => {}
+            None => {
+                self.sparse.remove(&block);
+            }
+        }
+    }
 }
 
 /// The hash of the hittable node at a slot, if any: confirms a hash-index entry (see
@@ -642,7 +779,7 @@ impl PrefixCache {
     pub fn with_policy(block_size: u32, policy: Box<dyn EvictionPolicy>) -> Self {
         Self {
             block_size: block_size.max(1),
-            nodes: Nodes::default(),
+            nodes: Nodes::new(policy.is_plain_lru()),
             by_hash: HashIndex::default(),
             retained: HashMap::default(),
             recency: policy.is_plain_lru().then(Recency::default),
@@ -989,15 +1126,17 @@ impl PrefixCache {
                 break;
             }
             let stamp = self.tick();
-            let slot = self.nodes.insert_cached(
-                hash,
-                block,
-                parent.unwrap_or(NIL),
-                // Before this block's own slot replaces it: the block `CHAIN_AHEAD` up.
-                recent[i % Self::CHAIN_AHEAD],
-                stamp,
-                i as u32,
-            );
+            // Before this block's own slot replaces it: the block `CHAIN_AHEAD` up.
+            let ancestor = recent[i % Self::CHAIN_AHEAD];
+            let parent_slot = parent.unwrap_or(NIL);
+            let slot = if self.recency.is_some() {
+                // The cache's own LRU order: slots are block ids (see `Nodes`).
+                self.nodes
+                    .insert_cached_by_id(hash, block, parent_slot, ancestor, stamp, i as u32)
+            } else {
+                let node = Node::cached(hash, block, parent_slot, ancestor, stamp, i as u32);
+                self.nodes.insert(node)
+            };
             self.index_new(probe, hash, slot, hashes.len() - i);
             if self.recency.is_none() {
                 self.policy.on_insert(slot, &info(hash, i, stamp));
@@ -1093,11 +1232,12 @@ impl PrefixCache {
             let probe = self
                 .by_hash
                 .get_or_vacancy(hash, hittable_hash(&self.nodes));
-            if matches!(probe, Probe::Found(_)) || self.nodes.contains(block) {
+            // Runs are taken in the cache's own LRU order only, so slots are block ids.
+            if matches!(probe, Probe::Found(_)) || self.nodes.slot_of_by_id(block).is_some() {
                 break;
             }
             let stamp = self.tick();
-            let slot = self.nodes.insert_cached(
+            let slot = self.nodes.insert_cached_by_id(
                 hash,
                 block,
                 parent,
@@ -1158,9 +1298,20 @@ impl PrefixCache {
         // `AHEAD` positions on are fetched meanwhile, so their misses overlap.
         for (j, &block) in blocks.iter().enumerate().rev() {
             if let Some(&next) = j.checked_sub(Self::AHEAD).and_then(|k| blocks.get(k)) {
-                self.prefetch_block(next);
+                if own_order {
+                    // Slots are block ids: no look-up before the fetch.
+                    self.nodes.prefetch(next.index());
+                } else {
+                    self.prefetch_block(next);
+                }
             }
-            let Some(slot) = self.nodes.slot_of(block) else {
+            // The cache's own LRU order means slots are block ids (see `Nodes`).
+            let slot = if own_order {
+                self.nodes.slot_of_by_id(block)
+            } else {
+                self.nodes.slot_of(block)
+            };
+            let Some(slot) = slot else {
                 continue;
             };
             // The common cases in line: a block other holders still use, and a hittable
@@ -1227,8 +1378,7 @@ impl PrefixCache {
     /// Hints the CPU to fetch the node of `block` (see [`crate::prefetch`]).
     #[inline]
     fn prefetch_block(&self, block: BlockId) {
-        // A direct block's slot is its id (see `Nodes`): no look-up before the fetch.
-        self.nodes.prefetch(block.index());
+        self.nodes.prefetch_block(block);
     }
 
     /// Forgets up to `count` evictable blocks, appending their ids to `evicted` for the caller
@@ -1854,7 +2004,7 @@ mod tests {
         let ids = [0, 5, 1000, 70_000, limit, limit + 7, u32::MAX - 1, u32::MAX];
         let node =
             |id: u32| Node::cached(BlockHash(u128::from(id) + 1), BlockId(id), NIL, NIL, 0, 0);
-        let mut nodes = Nodes::default();
+        let mut nodes = Nodes::new(true);
         for &id in &ids {
             assert_eq!(nodes.slot_of(BlockId(id)), None, "{id} before any insert");
         }
@@ -1905,6 +2055,30 @@ mod tests {
         want.sort_unstable();
         assert_eq!(live, want);
         assert_eq!(nodes.len(), ids.len());
+    }
+
+    /// Without `by_id` (a cache with a policy object) slots are handed out densely whatever
+    /// the ids, freed ones reused last freed first, as policies have always seen them.
+    #[test]
+    fn nodes_not_by_id_hand_out_dense_slots() {
+        let node =
+            |id: u32| Node::cached(BlockHash(u128::from(id) + 1), BlockId(id), NIL, NIL, 0, 0);
+        let mut nodes = Nodes::new(false);
+        let ids = [70_000, 3, u32::MAX, 9];
+        let slots: Vec<u32> = ids.iter().map(|&id| nodes.insert(node(id))).collect();
+        assert_eq!(slots, [0, 1, 2, 3]);
+        for (&id, &slot) in ids.iter().zip(&slots) {
+            assert_eq!(nodes.slot_of(BlockId(id)), Some(slot));
+        }
+        assert_eq!(nodes.remove(2).block, BlockId(u32::MAX));
+        nodes.remove(0);
+        assert_eq!(nodes.slot_of(BlockId(u32::MAX)), None);
+        assert_eq!(nodes.slot_of(BlockId(70_000)), None);
+        assert_eq!(nodes.insert(node(5)), 0, "the last freed slot first");
+        assert_eq!(nodes.insert(node(6)), 2);
+        assert_eq!(nodes.insert(node(7)), 4);
+        assert_eq!(nodes.len(), 5);
+        assert!(nodes.spill.is_empty() && nodes.direct.len() == 5);
     }
 
     /// A cache whose block ids are spilled (at or above `Nodes::DIRECT`, mixed with direct
