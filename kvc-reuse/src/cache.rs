@@ -750,6 +750,8 @@ pub struct PrefixCache {
     peeked: Vec<u32>,
     /// Scratch for [`Self::lookup`]: the slots of the hit.
     hit_slots: Vec<u32>,
+    /// Scratch for [`Self::lookup_own_order`]: the blocks of the hit.
+    hit_blocks: Vec<BlockId>,
     /// Hittable nodes with use count 0 (evictable, possibly after their unused descendants).
     unused: usize,
     clock: u64,
@@ -791,6 +793,7 @@ impl PrefixCache {
             orphans: Vec::new(),
             peeked: Vec::new(),
             hit_slots: Vec::new(),
+            hit_blocks: Vec::new(),
             unused: 0,
             clock: 0,
             now_ms: 0,
@@ -968,6 +971,9 @@ impl PrefixCache {
             .query_tokens
             .saturating_add(prompt_tokens as u64);
         let usable = (prompt_tokens.saturating_sub(1) / self.block_size as usize).min(hashes.len());
+        if self.recency.is_some() {
+            return self.lookup_own_order(&hashes[..usable]);
+        }
         let mut slots = std::mem::take(&mut self.hit_slots);
         slots.clear();
         for h in &hashes[..usable] {
@@ -1006,6 +1012,39 @@ impl PrefixCache {
         self.metrics.hit_tokens = self.metrics.hit_tokens.saturating_add(tokens);
         self.hit_slots = slots;
         PrefixHit { blocks, tokens }
+    }
+
+    /// [`Self::lookup`] of the usable `hashes` in the cache's own LRU order, in one pass:
+    /// no policy is told the hit's length, so each block is held as soon as it is found
+    /// (holding changes nothing a later find reads: the index and which nodes are hittable).
+    #[inline]
+    fn lookup_own_order(&mut self, hashes: &[BlockHash]) -> PrefixHit {
+        let mut blocks = std::mem::take(&mut self.hit_blocks);
+        blocks.clear();
+        for h in hashes {
+            match self.find(*h) {
+                // A block with `u32::MAX` holders ends the hit (a shorter hit is always safe).
+                Some(slot) if self.nodes[slot as usize].refs < u32::MAX => {
+                    let stamp = self.tick();
+                    self.set_stamp(slot, stamp);
+                    let held = self.hold(slot);
+                    debug_assert!(held, "use count checked above");
+                    blocks.push(self.nodes[slot as usize].block);
+                    self.refresh(slot);
+                }
+                _ => break,
+            }
+        }
+        let hit = blocks.len() as u64;
+        let tokens = hit * u64::from(self.block_size);
+        self.metrics.hit_blocks = self.metrics.hit_blocks.saturating_add(hit);
+        self.metrics.hit_tokens = self.metrics.hit_tokens.saturating_add(tokens);
+        let hit = PrefixHit {
+            blocks: blocks.clone(),
+            tokens,
+        };
+        self.hit_blocks = blocks;
+        hit
     }
 
     /// Caches the full blocks of a request: `blocks[i]` holds the tokens hashed by
