@@ -113,6 +113,25 @@ const _: () = assert!(
 );
 
 impl Node {
+    /// An empty slot of the node table.
+    const DEAD: Self = Self {
+        hash: BlockHash(0),
+        block: BlockId(0),
+        parent: NIL,
+        ancestor: NIL,
+        first_child: NIL,
+        next_sibling: NIL,
+        prev_sibling: NIL,
+        refs: 0,
+        retained: false,
+        hittable: false,
+        stamp: 0,
+        depth: 0,
+        lane: Lane::None,
+        in_set: false,
+        live: false,
+    };
+
     /// A block just cached: in use by the request offering it, childless, in no lane.
     #[inline(always)]
     fn cached(
@@ -153,12 +172,41 @@ impl Node {
     }
 }
 
-/// The node table: nodes in one flat array of cache lines, freed slots reused last freed
-/// first (so a block cached right after an eviction lands on the line the eviction just read).
+/// The node table, addressed by block id. A block pool hands out small dense ids (`0..` its
+/// size) and a block is cached at most once, so the node of a block whose id is below
+/// [`Nodes::DIRECT`] lives at slot = its id, in one flat array of cache lines grown to the
+/// largest such id seen: finding a block's node (every release, hold and insert) reads the
+/// node itself and nothing else, and a block cached right after its eviction (the pool hands
+/// evicted blocks out again at once) lands on the line the eviction just read. Blocks with
+/// larger ids (any `u32` is a valid id) are *spilled*: their nodes sit in a second array at
+/// slots from `DIRECT` up, found through a map and reused last freed first, so memory stays
+/// bounded by the direct table (at most `DIRECT` nodes, 256 MiB, reached only by an id just
+/// below it) plus one node per spilled block.
+///
+/// That is for a cache ordering its own LRU lane. A cache with a policy object keeps the
+/// earlier numbering instead (`by_id` false): slots handed out densely, freed ones reused
+/// last freed first, block ids mapped to slots by a [`BlockIndex`]. Policies see slots and
+/// may break ties between equal keys by slot, so their eviction order (and hit rate) would
+/// otherwise change with the ids the pool hands out.
 #[derive(Debug, Default)]
 struct Nodes {
-    nodes: Vec<Node>,
+    /// Whether slots are block ids (see above).
+    by_id: bool,
+    /// With `by_id`, slot `i` holds the node of block `i` while `live`; otherwise the nodes
+    /// by slot.
+    direct: Vec<Node>,
+    /// The nodes of spilled blocks: slot `DIRECT + k` is `spill[k]`.
+    spill: Vec<Node>,
+    /// Freed positions of `spill`.
+    spill_free: Vec<u32>,
+    /// Spilled block id to slot.
+    spill_slots: HashMap<BlockId, u32, KeyHash>,
+    /// Slots from here up are freed through [`Self::free_slot`]: spilled ones with `by_id`,
+    /// all of them without.
+    free_from: u32,
+    /// Without `by_id`: freed slots, and block id to slot.
     free: Vec<u32>,
+    slots: BlockIndex,
     len: usize,
 }
 
@@ -174,61 +222,273 @@ struct Victim {
 }
 
 impl Nodes {
+    /// Block ids below this have their node at slot = id; the others are spilled.
+    const DIRECT: usize = 1 << 22;
+
+    /// An empty table; `by_id`: slots are block ids (see [`Nodes`]).
+    fn new(by_id: bool) -> Self {
+        Self {
+            by_id,
+            free_from: if by_id { Self::DIRECT as u32 } else { 0 },
+            ..Self::default()
+        }
+    }
+
     fn len(&self) -> usize {
         self.len
     }
 
+    /// The live node at `slot`.
     #[inline]
     fn get(&self, slot: usize) -> Option<&Node> {
-        self.nodes.get(slot).filter(|n| n.live)
+        match self.direct.get(slot) {
+            Some(n) => Some(n),
+            None => self.spill.get(slot.wrapping_sub(Self::DIRECT)),
+        }
+        .filter(|n| n.live)
     }
 
+    /// The slot of `block`'s node, if the table holds one.
+    #[inline]
+    fn slot_of(&self, block: BlockId) -> Option<u32> {
+        if !self.by_id {
+            return self.slots.get(block);
+        }
+        self.slot_of_by_id(block)
+    }
+
+    /// [`Self::slot_of`] in a table whose slots are block ids (the caller knows it is one:
+    /// the cache orders its own LRU lane), without checking.
     #[inline(always)]
-    fn insert(&mut self, node: Node) -> usize {
-        self.len += 1;
-        match self.free.pop() {
-            Some(slot) => {
-                self.nodes[slot as usize] = node;
-                slot as usize
-            }
-            None => {
-                if self.nodes.len() == self.nodes.capacity() {
-                    // Grown by hand so the new table is advised to use huge pages before
-                    // anything is written to it (see `crate::prefetch::advise_huge_pages`).
-                    let mut grown = Vec::with_capacity((self.nodes.capacity() * 2).max(64));
-                    crate::prefetch::advise_huge_pages(&grown);
-                    grown.extend_from_slice(&self.nodes);
-                    self.nodes = grown;
-                }
-                self.nodes.push(node);
-                self.nodes.len() - 1
-            }
+    fn slot_of_by_id(&self, block: BlockId) -> Option<u32> {
+        debug_assert!(self.by_id);
+        let i = block.index();
+        match self.direct.get(i) {
+            Some(n) => n.live.then_some(i as u32),
+            None if i < Self::DIRECT => None,
+            None => self.spilled_slot(block),
         }
     }
 
+    #[cold]
+    #[inline(never)]
+    fn spilled_slot(&self, block: BlockId) -> Option<u32> {
+        self.spill_slots.get(&block).copied()
+    }
+
+    #[inline]
+    fn contains(&self, block: BlockId) -> bool {
+        self.slot_of(block).is_some()
+    }
+
+    /// Above every slot in use and every slot the next `more` new nodes with direct ids
+    /// the table already covers, or spilled ids, can take.
+    #[inline]
+    fn slot_bound(&self, more: usize) -> usize {
+        if !self.by_id {
+            // Freed slots are reused, new ones appended.
+            return self.direct.len() + more;
+        }
+        if self.spill.is_empty() {
+            self.direct.len()
+        } else {
+            Self::DIRECT + self.spill.len() + more
+        }
+    }
+
+    /// Grows the direct table to cover id `i` (below [`Self::DIRECT`]): to a power of two,
+    /// so a pool's ids cost a few growths in all.
+    #[cold]
+    #[inline(never)]
+    fn grow(&mut self, i: usize) {
+        let len = (i + 1).next_power_of_two().clamp(64, Self::DIRECT);
+        if len <= self.direct.len() {
+            return;
+        }
+        // Grown by hand so the new table is advised to use huge pages before anything is
+        // written to it (see `crate::prefetch::advise_huge_pages`).
+        let mut grown = Vec::with_capacity(len);
+        crate::prefetch::advise_huge_pages(&grown);
+        grown.extend_from_slice(&self.direct);
+        grown.resize(len, Node::DEAD);
+        self.direct = grown;
+    }
+
+    /// Stores the node of a block the table holds no node for, and returns its slot.
+    #[inline(always)]
+    fn insert(&mut self, node: Node) -> u32 {
+        if !self.by_id {
+            return self.insert_dense(node);
+        }
+        let i = node.block.index();
+        self.len += 1;
+        if let Some(n) = self.direct.get_mut(i) {
+            debug_assert!(!n.live, "block {i} cached twice");
+            *n = node;
+            return i as u32;
+        }
+        self.insert_cold(node)
+    }
+
+    /// [`Self::insert`] of [`Node::cached`] in a table whose slots are block ids (the caller
+    /// knows it is one), its fields written in place in the direct table (no node built
+    /// aside and copied).
+    #[inline(always)]
+    fn insert_cached_by_id(
+        &mut self,
+        hash: BlockHash,
+        block: BlockId,
+        parent: u32,
+        ancestor: u32,
+        stamp: u64,
+        depth: u32,
+    ) -> u32 {
+        debug_assert!(self.by_id);
+        let i = block.index();
+        if let Some(n) = self.direct.get_mut(i) {
+            debug_assert!(!n.live, "block {i} cached twice");
+            self.len += 1;
+            n.hash = hash;
+            n.block = block;
+            n.parent = parent;
+            n.ancestor = ancestor;
+            n.first_child = NIL;
+            n.next_sibling = NIL;
+            n.prev_sibling = NIL;
+            n.refs = 1;
+            n.retained = false;
+            n.hittable = true;
+            n.stamp = stamp;
+            n.depth = depth;
+            n.lane = Lane::None;
+            n.in_set = false;
+            n.live = true;
+            return i as u32;
+        }
+        self.insert(Node::cached(hash, block, parent, ancestor, stamp, depth))
+    }
+
+    /// [`Self::insert`] without `by_id`: the last freed slot, or a new one.
+    fn insert_dense(&mut self, node: Node) -> u32 {
+        self.len += 1;
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.direct[slot as usize] = node;
+                slot
+            }
+            None => {
+                if self.direct.len() == self.direct.capacity() {
+                    // Grown by hand so the new table is advised to use huge pages before
+                    // anything is written to it (see `crate::prefetch::advise_huge_pages`).
+                    let mut grown = Vec::with_capacity((self.direct.capacity() * 2).max(64));
+                    crate::prefetch::advise_huge_pages(&grown);
+                    grown.extend_from_slice(&self.direct);
+                    self.direct = grown;
+                }
+                self.direct.push(node);
+                (self.direct.len() - 1) as u32
+            }
+        };
+        self.slots.insert(node.block, slot);
+        slot
+    }
+
+    /// [`Self::insert`] of a spilled block, or of a direct one past the table.
+    #[cold]
+    #[inline(never)]
+    fn insert_cold(&mut self, node: Node) -> u32 {
+        let i = node.block.index();
+        if i < Self::DIRECT {
+            self.grow(i);
+            self.direct[i] = node;
+            return i as u32;
+        }
+        let k = match self.spill_free.pop() {
+            Some(k) => {
+                self.spill[k as usize] = node;
+                k as usize
+            }
+            None => {
+                self.spill.push(node);
+                self.spill.len() - 1
+            }
+        };
+        // At most one node per id at or above `DIRECT`, so the slot stays below `NIL`.
+        let slot = (Self::DIRECT + k) as u32;
+        self.spill_slots.insert(node.block, slot);
+        slot
+    }
+
+    /// Frees `slot` of `block` once its node is dead (a spilled one, or any slot without
+    /// `by_id`).
+    #[cold]
+    #[inline(never)]
+    fn free_slot(&mut self, slot: u32, block: BlockId) {
+        if !self.by_id {
+            self.free.push(slot);
+            self.slots.remove(block);
+            return;
+        }
+        self.spill_free.push(slot - Self::DIRECT as u32);
+        self.spill_slots.remove(&block);
+    }
+
     fn remove(&mut self, slot: usize) -> Node {
-        let node = self.nodes[slot];
+        let n = &mut self[slot];
+        let node = *n;
         debug_assert!(node.live, "slot {slot} removed twice");
-        self.nodes[slot].live = false;
-        self.free.push(slot as u32);
+        n.live = false;
+        if slot as u32 >= self.free_from {
+            self.free_slot(slot as u32, node.block);
+        }
         self.len -= 1;
         node
     }
 
     fn iter(&self) -> impl Iterator<Item = (usize, &Node)> {
-        self.nodes.iter().enumerate().filter(|(_, n)| n.live)
+        self.direct
+            .iter()
+            .enumerate()
+            .chain(
+                self.spill
+                    .iter()
+                    .enumerate()
+                    .map(|(k, n)| (Self::DIRECT + k, n)),
+            )
+            .filter(|(_, n)| n.live)
+    }
+
+    /// Hints the CPU to fetch the node at `slot` (see [`crate::prefetch`]; spilled nodes
+    /// are not fetched ahead).
+    #[inline(always)]
+    fn prefetch(&self, slot: usize) {
+        crate::prefetch::prefetch_at(&self.direct, slot);
+    }
+
+    /// Hints the CPU to fetch the node of `block`: with `by_id` its slot is its id, so no
+    /// look-up comes before the fetch.
+    #[inline(always)]
+    fn prefetch_block(&self, block: BlockId) {
+        let slot = if self.by_id {
+            Some(block.0)
+        } else {
+            self.slots.get(block)
+        };
+        if let Some(slot) = slot {
+            self.prefetch(slot as usize);
+        }
     }
 
     /// Makes `child` the first child of `parent`.
     fn add_child(&mut self, parent: u32, child: u32) {
-        let first = self.nodes[parent as usize].first_child;
+        let first = self[parent as usize].first_child;
         if first != NIL {
-            self.nodes[first as usize].prev_sibling = child;
+            self[first as usize].prev_sibling = child;
         }
-        let c = &mut self.nodes[child as usize];
+        let c = &mut self[child as usize];
         c.next_sibling = first;
         c.prev_sibling = NIL;
-        self.nodes[parent as usize].first_child = child;
+        self[parent as usize].first_child = child;
     }
 
     /// Takes `child` out of the children of `parent`.
@@ -237,16 +497,16 @@ impl Nodes {
             prev_sibling: prev,
             next_sibling: next,
             ..
-        } = self.nodes[child as usize];
+        } = self[child as usize];
         if prev == NIL {
-            self.nodes[parent as usize].first_child = next;
+            self[parent as usize].first_child = next;
         } else {
-            self.nodes[prev as usize].next_sibling = next;
+            self[prev as usize].next_sibling = next;
         }
         if next != NIL {
-            self.nodes[next as usize].prev_sibling = prev;
+            self[next as usize].prev_sibling = prev;
         }
-        let c = &mut self.nodes[child as usize];
+        let c = &mut self[child as usize];
         c.next_sibling = NIL;
         c.prev_sibling = NIL;
     }
@@ -257,13 +517,8 @@ impl Nodes {
     /// eviction needs, where separate calls would each index the table again.
     #[inline]
     fn take_leaf(&mut self, slot: u32, lane: Lane) -> Option<Victim> {
-        let node = self.nodes.get_mut(slot as usize)?;
-        if !(node.live
-            && node.lane == lane
-            && node.hittable
-            && node.refs == 0
-            && !node.has_children())
-        {
+        let node = self.get(slot as usize)?;
+        if !(node.lane == lane && node.hittable && node.refs == 0 && !node.has_children()) {
             return None;
         }
         Some(self.take_evictable_leaf(slot))
@@ -273,7 +528,7 @@ impl Nodes {
     /// chain's parent the eviction named next, whose state it read a moment before).
     #[inline(always)]
     fn take_evictable_leaf(&mut self, slot: u32) -> Victim {
-        let node = &mut self.nodes[slot as usize];
+        let node = &mut self[slot as usize];
         debug_assert!(
             node.live && node.hittable && node.refs == 0 && !node.has_children(),
             "slot {slot} is not an evictable leaf"
@@ -291,16 +546,18 @@ impl Nodes {
             stamp: node.stamp,
             retained: node.retained,
         };
-        self.free.push(slot);
+        if slot >= self.free_from {
+            self.free_slot(slot, victim.block);
+        }
         self.len -= 1;
         if victim.parent != NIL {
             if next != NIL {
-                self.nodes[next as usize].prev_sibling = prev;
+                self[next as usize].prev_sibling = prev;
             }
             if prev == NIL {
-                self.nodes[victim.parent as usize].first_child = next;
+                self[victim.parent as usize].first_child = next;
             } else {
-                self.nodes[prev as usize].next_sibling = next;
+                self[prev as usize].next_sibling = next;
             }
         }
         victim
@@ -309,27 +566,48 @@ impl Nodes {
     /// Appends the children of `parent`, oldest first, to `out`, and forgets them.
     fn drain_children(&mut self, parent: u32, out: &mut Vec<u32>) {
         let from = out.len();
-        let mut c = std::mem::replace(&mut self.nodes[parent as usize].first_child, NIL);
+        let mut c = std::mem::replace(&mut self[parent as usize].first_child, NIL);
         while c != NIL {
             out.push(c);
-            c = self.nodes[c as usize].next_sibling;
+            c = self[c as usize].next_sibling;
         }
         out[from..].reverse();
+    }
+
+    /// The spilled node at `slot` (out of line: direct slots are the common case).
+    #[cold]
+    #[inline(never)]
+    fn spilled(&self, slot: usize) -> &Node {
+        &self.spill[slot.wrapping_sub(Self::DIRECT)]
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn spilled_mut(&mut self, slot: usize) -> &mut Node {
+        &mut self.spill[slot.wrapping_sub(Self::DIRECT)]
     }
 }
 
 impl std::ops::Index<usize> for Nodes {
     type Output = Node;
-    #[inline]
+    #[inline(always)]
     fn index(&self, slot: usize) -> &Node {
-        &self.nodes[slot]
+        match self.direct.get(slot) {
+            Some(n) => n,
+            None => self.spilled(slot),
+        }
     }
 }
 
 impl std::ops::IndexMut<usize> for Nodes {
-    #[inline]
+    #[inline(always)]
     fn index_mut(&mut self, slot: usize) -> &mut Node {
-        &mut self.nodes[slot]
+        // Checked apart from the access, so the borrow of `direct` ends before the fallback.
+        if slot < self.direct.len() {
+            &mut self.direct[slot]
+        } else {
+            self.spilled_mut(slot)
+        }
     }
 }
 
@@ -367,10 +645,6 @@ impl BlockIndex {
             None if i < Self::DENSE_LIMIT => None,
             None => self.sparse.get(&block).copied(),
         }
-    }
-
-    fn contains(&self, block: BlockId) -> bool {
-        self.get(block).is_some()
     }
 
     fn insert(&mut self, block: BlockId, slot: u32) {
@@ -462,7 +736,6 @@ pub struct PrefixCache {
     block_size: u32,
     nodes: Nodes,
     by_hash: HashIndex,
-    by_block: BlockIndex,
     retained: HashMap<u32, Retained, KeyHash>,
     policy: Box<dyn EvictionPolicy>,
     /// The cache's own LRU order, in place of `policy` when that is plain LRU
@@ -477,6 +750,8 @@ pub struct PrefixCache {
     peeked: Vec<u32>,
     /// Scratch for [`Self::lookup`]: the slots of the hit.
     hit_slots: Vec<u32>,
+    /// Scratch for [`Self::lookup_own_order`]: the blocks of the hit.
+    hit_blocks: Vec<BlockId>,
     /// Hittable nodes with use count 0 (evictable, possibly after their unused descendants).
     unused: usize,
     clock: u64,
@@ -528,9 +803,8 @@ impl PrefixCache {
     pub fn with_policy(block_size: u32, policy: Box<dyn EvictionPolicy>) -> Self {
         Self {
             block_size: block_size.max(1),
-            nodes: Nodes::default(),
+            nodes: Nodes::new(policy.is_plain_lru()),
             by_hash: HashIndex::default(),
-            by_block: BlockIndex::default(),
             retained: HashMap::default(),
             recency: policy.is_plain_lru().then(Recency::default),
             policy,
@@ -541,6 +815,7 @@ impl PrefixCache {
             orphans: Vec::new(),
             peeked: Vec::new(),
             hit_slots: Vec::new(),
+            hit_blocks: Vec::new(),
             unused: 0,
             clock: 0,
             now_ms: 0,
@@ -611,25 +886,18 @@ impl PrefixCache {
     }
 
     /// Drops the hash index's stale entries (see [`crate::table`]), making room for `more`
-    /// inserts: one pass over the nodes.
-    fn rebuild_index(&mut self, more: usize) {
-        let count = self.by_hash.len();
-        let slot_bound = self.slot_bound(more);
-        let live = self
-            .nodes
-            .nodes
-            .iter()
-            .enumerate()
-            .filter(|(_, n)| n.live && n.hittable)
-            .map(|(s, n)| (n.hash, s as u32));
-        self.by_hash.rebuild(live, count, more, slot_bound);
+    /// inserts of slots below `slot_bound`: one pass over the nodes, `count` of them
+    /// hittable.
+    fn rebuild_index(&mut self, more: usize, slot_bound: usize, count: usize) {
+        // The direct table in one tight pass, the few spilled nodes after it.
+        let live = |(s, n): (usize, &Node)| (n.live && n.hittable).then_some((n.hash, s as u32));
+        let direct = self.nodes.direct.iter().enumerate().filter_map(live);
+        self.by_hash.rebuild(direct, count, more, slot_bound);
+        let spilled = self.nodes.spill.iter().enumerate();
+        for (hash, slot) in spilled.filter_map(|(k, n)| live((Nodes::DIRECT + k, n))) {
+            self.by_hash.insert(hash, slot);
+        }
         debug_assert_eq!(self.by_hash.len(), count, "one entry per hittable node");
-    }
-
-    /// Above every slot the next `more` new nodes can take (freed slots are reused, new ones
-    /// are appended).
-    fn slot_bound(&self, more: usize) -> usize {
-        self.nodes.nodes.len() + more
     }
 
     fn tick(&mut self) -> u64 {
@@ -655,14 +923,14 @@ impl PrefixCache {
     /// acquiring any other block is a no-op (it is private to its holder).
     #[must_use]
     pub fn is_cached(&self, block: BlockId) -> bool {
-        self.by_block.contains(block)
+        self.nodes.contains(block)
     }
 
     /// The hash `block` is cached under, while lookups can hit it (`None` for a block the
     /// cache does not track or one invalidated and waiting to be handed back).
     #[must_use]
     pub fn block_hash(&self, block: BlockId) -> Option<BlockHash> {
-        let node = self.nodes.get(self.by_block.get(block)? as usize)?;
+        let node = self.nodes.get(self.nodes.slot_of(block)? as usize)?;
         node.hittable.then_some(node.hash)
     }
 
@@ -671,7 +939,7 @@ impl PrefixCache {
     /// expired), or `None` where [`block_hash`](Self::block_hash) is `None`.
     #[must_use]
     pub fn block_priority(&self, block: BlockId) -> Option<u8> {
-        let slot = self.by_block.get(block)?;
+        let slot = self.nodes.slot_of(block)?;
         let node = self.nodes.get(slot as usize)?;
         node.hittable.then(|| self.priority(slot))
     }
@@ -682,7 +950,7 @@ impl PrefixCache {
     /// `None`. What a tier below device memory needs to keep ranking the block the same way.
     #[must_use]
     pub fn block_retention(&self, block: BlockId) -> Option<Retention> {
-        let slot = self.by_block.get(block)?;
+        let slot = self.nodes.slot_of(block)?;
         let node = self.nodes.get(slot as usize)?;
         node.hittable.then(|| self.retention(slot))
     }
@@ -690,13 +958,13 @@ impl PrefixCache {
     /// The use count of a tracked block (`None` if the cache does not track it).
     #[must_use]
     pub fn use_count(&self, block: BlockId) -> Option<u32> {
-        self.by_block
-            .get(block)
+        self.nodes
+            .slot_of(block)
             .map(|slot| self.nodes[slot as usize].refs)
     }
 
     /// One more holder of the node at `slot`: false (nothing changed) if its count is full.
-    #[inline]
+    #[inline(always)]
     fn hold(&mut self, slot: u32) -> bool {
         let node = &mut self.nodes[slot as usize];
         let Some(refs) = node.refs.checked_add(1) else {
@@ -725,6 +993,9 @@ impl PrefixCache {
             .query_tokens
             .saturating_add(prompt_tokens as u64);
         let usable = (prompt_tokens.saturating_sub(1) / self.block_size as usize).min(hashes.len());
+        if self.recency.is_some() {
+            return self.lookup_own_order(&hashes[..usable]);
+        }
         let mut slots = std::mem::take(&mut self.hit_slots);
         slots.clear();
         for h in &hashes[..usable] {
@@ -763,6 +1034,39 @@ impl PrefixCache {
         self.metrics.hit_tokens = self.metrics.hit_tokens.saturating_add(tokens);
         self.hit_slots = slots;
         PrefixHit { blocks, tokens }
+    }
+
+    /// [`Self::lookup`] of the usable `hashes` in the cache's own LRU order, in one pass:
+    /// no policy is told the hit's length, so each block is held as soon as it is found
+    /// (holding changes nothing a later find reads: the index and which nodes are hittable).
+    #[inline]
+    fn lookup_own_order(&mut self, hashes: &[BlockHash]) -> PrefixHit {
+        let mut blocks = std::mem::take(&mut self.hit_blocks);
+        blocks.clear();
+        for h in hashes {
+            match self.find(*h) {
+                // A block with `u32::MAX` holders ends the hit (a shorter hit is always safe).
+                Some(slot) if self.nodes[slot as usize].refs < u32::MAX => {
+                    let stamp = self.tick();
+                    self.set_stamp(slot, stamp);
+                    let held = self.hold(slot);
+                    debug_assert!(held, "use count checked above");
+                    blocks.push(self.nodes[slot as usize].block);
+                    self.refresh(slot);
+                }
+                _ => break,
+            }
+        }
+        let hit = blocks.len() as u64;
+        let tokens = hit * u64::from(self.block_size);
+        self.metrics.hit_blocks = self.metrics.hit_blocks.saturating_add(hit);
+        self.metrics.hit_tokens = self.metrics.hit_tokens.saturating_add(tokens);
+        let hit = PrefixHit {
+            blocks: blocks.clone(),
+            tokens,
+        };
+        self.hit_blocks = blocks;
+        hit
     }
 
     /// Caches the full blocks of a request: `blocks[i]` holds the tokens hashed by
@@ -821,11 +1125,9 @@ impl PrefixCache {
             });
         }
         self.now_ms = now_ms;
-        if self
-            .by_hash
-            .wants_rebuild(hashes.len(), self.slot_bound(hashes.len()))
-        {
-            self.rebuild_index(hashes.len());
+        let slot_bound = self.nodes.slot_bound(hashes.len());
+        if self.by_hash.wants_rebuild(hashes.len(), slot_bound) {
+            self.rebuild_index(hashes.len(), slot_bound, self.by_hash.len());
         }
         for &h in hashes.iter().take(Self::AHEAD) {
             self.by_hash.prefetch(h);
@@ -913,7 +1215,7 @@ impl PrefixCache {
                 recent[i % Self::CHAIN_AHEAD] = slot;
                 continue;
             }
-            if let Some(slot) = self.by_block.get(block) {
+            if let Some(slot) = self.nodes.slot_of(block) {
                 if self.nodes[slot as usize].hittable {
                     result = Err(ReuseError::BlockAlreadyCached { block, index: i });
                 }
@@ -921,17 +1223,18 @@ impl PrefixCache {
                 break;
             }
             let stamp = self.tick();
-            let slot = self.nodes.insert(Node::cached(
-                hash,
-                block,
-                parent.unwrap_or(NIL),
-                // Before this block's own slot replaces it: the block `CHAIN_AHEAD` up.
-                recent[i % Self::CHAIN_AHEAD],
-                stamp,
-                i as u32,
-            )) as u32;
-            self.by_hash.store_probed(probe, hash, slot);
-            self.by_block.insert(block, slot);
+            // Before this block's own slot replaces it: the block `CHAIN_AHEAD` up.
+            let ancestor = recent[i % Self::CHAIN_AHEAD];
+            let parent_slot = parent.unwrap_or(NIL);
+            let slot = if self.recency.is_some() {
+                // The cache's own LRU order: slots are block ids (see `Nodes`).
+                self.nodes
+                    .insert_cached_by_id(hash, block, parent_slot, ancestor, stamp, i as u32)
+            } else {
+                let node = Node::cached(hash, block, parent_slot, ancestor, stamp, i as u32);
+                self.nodes.insert(node)
+            };
+            self.index_new(probe, hash, slot, hashes.len() - i);
             if self.recency.is_none() {
                 self.policy.on_insert(slot, &info(hash, i, stamp));
             }
@@ -973,6 +1276,30 @@ impl PrefixCache {
         result
     }
 
+    /// Stores the hash of the node just cached at `slot` after a probe for it found nothing
+    /// (see [`HashIndex::store_probed`]). A slot that does not fit beside the index's tags
+    /// (a block id past the node table, which grew for it, or a new spilled slot) rebuilds
+    /// the index instead, this node included, with room for `more` inserts. Checking the
+    /// slot here, where it is known anyway, spares every insert a pass over its blocks for
+    /// their largest id.
+    #[inline(always)]
+    fn index_new(&mut self, probe: Probe, hash: BlockHash, slot: u32, more: usize) {
+        if self.by_hash.fits(slot) {
+            self.by_hash.store_probed(probe, hash, slot);
+        } else {
+            self.reindex_grown(more);
+        }
+    }
+
+    /// [`Self::index_new`]'s rebuild.
+    #[cold]
+    #[inline(never)]
+    fn reindex_grown(&mut self, more: usize) {
+        let bound = self.nodes.slot_bound(more);
+        // The node just cached is hittable and not in the index yet.
+        self.rebuild_index(more, bound, self.by_hash.len() + 1);
+    }
+
     /// Caches blocks `from..` of an insert while each one is new, as [`Self::insert`]'s loop
     /// would with the cache's own LRU order and no events: `parent` is the slot of block
     /// `from - 1`, cached by this call (so it has no child yet). Returns where it stopped
@@ -1002,20 +1329,20 @@ impl PrefixCache {
             let probe = self
                 .by_hash
                 .get_or_vacancy(hash, hittable_hash(&self.nodes));
-            if matches!(probe, Probe::Found(_)) || self.by_block.contains(block) {
+            // Runs are taken in the cache's own LRU order only, so slots are block ids.
+            if matches!(probe, Probe::Found(_)) || self.nodes.slot_of_by_id(block).is_some() {
                 break;
             }
             let stamp = self.tick();
-            let slot = self.nodes.insert(Node::cached(
+            let slot = self.nodes.insert_cached_by_id(
                 hash,
                 block,
                 parent,
                 recent[i % Self::CHAIN_AHEAD],
                 stamp,
                 i as u32,
-            )) as u32;
-            self.by_hash.store_probed(probe, hash, slot);
-            self.by_block.insert(block, slot);
+            );
+            self.index_new(probe, hash, slot, hashes.len() - i);
             // The parent was cached by this call and its only child is this block: in use by
             // the offering request, in no lane, so nothing else about it changes.
             debug_assert_eq!(self.nodes[parent as usize].first_child, NIL);
@@ -1043,7 +1370,7 @@ impl PrefixCache {
     pub fn acquire(&mut self, blocks: &[BlockId]) -> Result<(), ReuseError> {
         let mut result = Ok(());
         for &block in blocks {
-            let Some(slot) = self.by_block.get(block) else {
+            let Some(slot) = self.nodes.slot_of(block) else {
                 continue;
             };
             if !self.hold(slot) {
@@ -1068,9 +1395,20 @@ impl PrefixCache {
         // `AHEAD` positions on are fetched meanwhile, so their misses overlap.
         for (j, &block) in blocks.iter().enumerate().rev() {
             if let Some(&next) = j.checked_sub(Self::AHEAD).and_then(|k| blocks.get(k)) {
-                self.prefetch_block(next);
+                if own_order {
+                    // Slots are block ids: no look-up before the fetch.
+                    self.nodes.prefetch(next.index());
+                } else {
+                    self.prefetch_block(next);
+                }
             }
-            let Some(slot) = self.by_block.get(block) else {
+            // The cache's own LRU order means slots are block ids (see `Nodes`).
+            let slot = if own_order {
+                self.nodes.slot_of_by_id(block)
+            } else {
+                self.nodes.slot_of(block)
+            };
+            let Some(slot) = slot else {
                 continue;
             };
             // The common cases in line: a block other holders still use, and a hittable
@@ -1102,7 +1440,7 @@ impl PrefixCache {
     }
 
     fn release_one(&mut self, block: BlockId) -> Result<(), ReuseError> {
-        let Some(slot) = self.by_block.get(block) else {
+        let Some(slot) = self.nodes.slot_of(block) else {
             return Ok(());
         };
         let node = &mut self.nodes[slot as usize];
@@ -1121,7 +1459,6 @@ impl PrefixCache {
                 self.refresh(slot);
             } else {
                 let node = self.nodes.remove(slot as usize);
-                self.by_block.remove(node.block);
                 self.retained.remove(&slot);
                 self.orphans.push(node.block);
             }
@@ -1138,9 +1475,7 @@ impl PrefixCache {
     /// Hints the CPU to fetch the node of `block` (see [`crate::prefetch`]).
     #[inline]
     fn prefetch_block(&self, block: BlockId) {
-        if let Some(slot) = self.by_block.get(block) {
-            crate::prefetch::prefetch_at(&self.nodes.nodes, slot as usize);
-        }
+        self.nodes.prefetch_block(block);
     }
 
     /// Forgets up to `count` evictable blocks, appending their ids to `evicted` for the caller
@@ -1291,7 +1626,7 @@ impl PrefixCache {
             None => self.policy.peek_victims(n, &mut next),
         }
         for &s in &next {
-            crate::prefetch::prefetch_at(&self.nodes.nodes, s as usize);
+            self.nodes.prefetch(s as usize);
         }
         self.peeked = next;
     }
@@ -1432,7 +1767,6 @@ impl PrefixCache {
             if refs == 0 {
                 self.unused -= 1;
                 self.nodes.remove(slot as usize);
-                self.by_block.remove(block);
                 self.retained.remove(&slot);
                 self.orphans.push(block);
             }
@@ -1459,11 +1793,10 @@ impl PrefixCache {
         if announced && self.recency.is_none() {
             self.policy.on_remove(slot);
         }
-        crate::prefetch::prefetch_at(&self.nodes.nodes, node.ancestor as usize);
+        self.nodes.prefetch(node.ancestor as usize);
         // Its hash-index entry is stale from here on (the slot holds no node), and stays
         // until an insert reuses it or the index is rebuilt (see `crate::table`).
         self.by_hash.mark_stale();
-        self.by_block.remove(node.block);
         if node.retained {
             self.retained.remove(&slot);
         }
@@ -1759,36 +2092,193 @@ mod tests {
         assert_eq!(a, b);
     }
 
-    /// Block ids on both sides of the dense table's limit, and ids the dense table has not
-    /// grown to yet: every look-up, insert and removal lands in the right table.
+    /// Block ids on both sides of the direct table's limit (`u32::MAX` included), ids past
+    /// the table's end, and ids reused after removal: every look-up, insert and removal finds
+    /// the right node, direct ids at slot = id, spilled ones in slots reused last freed first.
     #[test]
-    fn block_index_dense_and_sparse_ids() {
-        let mut index = BlockIndex::default();
-        let limit = BlockIndex::DENSE_LIMIT as u32;
-        let ids = [0, 5, 1000, limit - 1, limit, limit + 7, u32::MAX - 1];
+    fn nodes_direct_and_spilled_ids() {
+        let limit = Nodes::DIRECT as u32;
+        let ids = [0, 5, 1000, 70_000, limit, limit + 7, u32::MAX - 1, u32::MAX];
+        let node =
+            |id: u32| Node::cached(BlockHash(u128::from(id) + 1), BlockId(id), NIL, NIL, 0, 0);
+        let mut nodes = Nodes::new(true);
         for &id in &ids {
-            assert_eq!(index.get(BlockId(id)), None, "{id} before any insert");
+            assert_eq!(nodes.slot_of(BlockId(id)), None, "{id} before any insert");
         }
-        for (slot, &id) in ids.iter().enumerate() {
-            index.insert(BlockId(id), slot as u32);
+        let slots: Vec<u32> = ids.iter().map(|&id| nodes.insert(node(id))).collect();
+        assert_eq!(nodes.len(), ids.len());
+        assert_eq!(&slots[..4], &ids[..4], "direct ids sit at slot = id");
+        assert!(slots[4..].iter().all(|&s| s >= limit && s != NIL));
+        assert_eq!(
+            nodes.direct.len(),
+            1 << 17,
+            "grown to the largest direct id only"
+        );
+        assert_eq!(nodes.spill.len(), 4);
+        for (&id, &slot) in ids.iter().zip(&slots) {
+            assert_eq!(nodes.slot_of(BlockId(id)), Some(slot), "{id}");
+            assert_eq!(nodes[slot as usize].block, BlockId(id));
+            assert_eq!(
+                nodes.get(slot as usize).map(|n| n.hash),
+                Some(BlockHash(u128::from(id) + 1))
+            );
         }
-        assert!(index.dense.len() <= BlockIndex::DENSE_LIMIT);
-        assert_eq!(index.sparse.len(), 3);
-        for (slot, &id) in ids.iter().enumerate() {
-            assert_eq!(index.get(BlockId(id)), Some(slot as u32), "{id}");
+        // Known to neither table: below the limit (inside and past the table) and above it.
+        for id in [6, 1001, limit + 8] {
+            assert!(!nodes.contains(BlockId(id)), "{id}");
         }
-        // Known to neither table: below the limit but past the dense table, and beyond it.
-        assert!(!index.contains(BlockId(1001)));
-        assert!(!index.contains(BlockId(limit + 8)));
-        for &id in &[5, limit + 7] {
-            index.remove(BlockId(id));
-            assert_eq!(index.get(BlockId(id)), None, "{id} after removal");
+        for &k in &[1, 5] {
+            let removed = nodes.remove(slots[k] as usize);
+            assert_eq!(removed.block, BlockId(ids[k]));
+            assert_eq!(
+                nodes.slot_of(BlockId(ids[k])),
+                None,
+                "{} after removal",
+                ids[k]
+            );
+            assert!(nodes.get(slots[k] as usize).is_none());
         }
-        // Removing what is in neither table changes nothing.
-        index.remove(BlockId(1001));
-        index.remove(BlockId(limit + 9));
-        assert_eq!(index.get(BlockId(limit)), Some(4));
-        assert_eq!(index.get(BlockId(limit - 1)), Some(3));
-        assert_eq!(index.sparse.len(), 2);
+        // A new spilled id takes the freed spill slot; a direct id comes back to its own.
+        assert_eq!(nodes.insert(node(limit + 9)), slots[5]);
+        assert_eq!(nodes.insert(node(5)), 5);
+        assert_eq!(nodes.spill.len(), 4, "no spill slot added");
+        let mut live: Vec<(usize, u32)> = nodes.iter().map(|(s, n)| (s, n.block.0)).collect();
+        live.sort_unstable();
+        let mut want: Vec<(usize, u32)> = ids
+            .iter()
+            .zip(&slots)
+            .map(|(&id, &s)| (s as usize, if id == limit + 7 { limit + 9 } else { id }))
+            .collect();
+        want.sort_unstable();
+        assert_eq!(live, want);
+        assert_eq!(nodes.len(), ids.len());
+    }
+
+    /// Without `by_id` (a cache with a policy object) slots are handed out densely whatever
+    /// the ids, freed ones reused last freed first, as policies have always seen them.
+    #[test]
+    fn nodes_not_by_id_hand_out_dense_slots() {
+        let node =
+            |id: u32| Node::cached(BlockHash(u128::from(id) + 1), BlockId(id), NIL, NIL, 0, 0);
+        let mut nodes = Nodes::new(false);
+        let ids = [70_000, 3, u32::MAX, 9];
+        let slots: Vec<u32> = ids.iter().map(|&id| nodes.insert(node(id))).collect();
+        assert_eq!(slots, [0, 1, 2, 3]);
+        for (&id, &slot) in ids.iter().zip(&slots) {
+            assert_eq!(nodes.slot_of(BlockId(id)), Some(slot));
+        }
+        assert_eq!(nodes.remove(2).block, BlockId(u32::MAX));
+        nodes.remove(0);
+        assert_eq!(nodes.slot_of(BlockId(u32::MAX)), None);
+        assert_eq!(nodes.slot_of(BlockId(70_000)), None);
+        assert_eq!(nodes.insert(node(5)), 0, "the last freed slot first");
+        assert_eq!(nodes.insert(node(6)), 2);
+        assert_eq!(nodes.insert(node(7)), 4);
+        assert_eq!(nodes.len(), 5);
+        assert!(nodes.spill.is_empty() && nodes.direct.len() == 5);
+    }
+
+    /// A cache whose block ids are spilled (at or above `Nodes::DIRECT`, mixed with direct
+    /// ones) behaves exactly as one with small ids: an engine-like loop over a pool of ids
+    /// reused after eviction, with hits, inserts, releases, evictions and invalidations;
+    /// every result, hit, eviction and count agrees once ids are mapped back.
+    #[test]
+    fn spilled_block_ids_behave_as_direct_ones() {
+        const POOL: u32 = 96;
+        // Every other id far above the direct table (`u32::MAX` included), the rest small.
+        let far = |b: u32| if b % 2 == 1 { u32::MAX - b / 2 } else { b };
+        let back = |id: BlockId| {
+            if id.0 >= Nodes::DIRECT as u32 {
+                BlockId(2 * (u32::MAX - id.0) + 1)
+            } else {
+                id
+            }
+        };
+        let to_far = |v: &[BlockId]| v.iter().map(|b| BlockId(far(b.0))).collect::<Vec<_>>();
+        let mut near = PrefixCache::new(4, PolicyKind::Lru);
+        let mut wide = PrefixCache::new(4, PolicyKind::Lru);
+        let mut free: Vec<u32> = (0..POOL).rev().collect();
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rand = move |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        // Each request's blocks, and those of them the cache never took (freed when it ends).
+        let mut held: Vec<(Vec<BlockId>, Vec<u32>)> = Vec::new();
+        let mut evicted_total = 0;
+        for step in 0..3_000u64 {
+            // At most 6 requests alive at once (48 blocks of the pool's 96).
+            if held.len() >= 6 || (rand(4) == 0 && !held.is_empty()) {
+                let (blocks, private) = held.swap_remove(rand(held.len() as u64) as usize);
+                assert_eq!(
+                    near.release(&blocks),
+                    wide.release(&to_far(&blocks)),
+                    "{step}"
+                );
+                free.extend(private);
+                continue;
+            }
+            if rand(50) == 0 {
+                let h = BlockHash(u128::from(rand(30)) + 1);
+                assert_eq!(near.invalidate(h), wide.invalidate(h), "{step}");
+            }
+            // A prompt of up to 8 blocks from one of 30 chains.
+            let chain = rand(30);
+            let len = 1 + rand(8) as usize;
+            let hashes: Vec<BlockHash> = (0..len)
+                .map(|d| BlockHash(u128::from(chain + 1) + ((d as u128) << 64)))
+                .collect();
+            let hit = near.lookup(&hashes, len * 4 + 1, step);
+            let hit_w = wide.lookup(&hashes, len * 4 + 1, step);
+            assert_eq!(hit.tokens, hit_w.tokens, "{step}");
+            assert_eq!(to_far(&hit.blocks), hit_w.blocks, "{step}");
+            let mut blocks = hit.blocks.clone();
+            let need = len - blocks.len();
+            if free.len() < need {
+                let (mut a, mut b) = (Vec::new(), Vec::new());
+                let n = near.evict(need - free.len(), step, &mut a);
+                assert_eq!(n, wide.evict(need - free.len(), step, &mut b), "{step}");
+                assert_eq!(
+                    a,
+                    b.iter().map(|&id| back(id)).collect::<Vec<_>>(),
+                    "{step}"
+                );
+                evicted_total += n;
+                free.extend(a.iter().map(|b| b.0));
+            }
+            if free.len() < need {
+                near.release(&blocks).unwrap();
+                wide.release(&to_far(&blocks)).unwrap();
+                continue;
+            }
+            blocks.extend((0..need).filter_map(|_| free.pop()).map(BlockId));
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            assert_eq!(
+                near.insert(&hashes, &blocks, step, &mut a),
+                wide.insert(&hashes, &to_far(&blocks), step, &mut b),
+                "{step}"
+            );
+            assert_eq!(to_far(&a), b, "{step}");
+            let private = blocks[hit.blocks.len()..]
+                .iter()
+                .filter(|b| !a.contains(b))
+                .map(|b| b.0)
+                .collect();
+            held.push((blocks, private));
+            assert_eq!(near.metrics(), wide.metrics(), "{step}");
+            assert_eq!(near.len(), wide.len());
+            assert_eq!(near.evictable_blocks(), wide.evictable_blocks());
+            for b in 0..POOL {
+                assert_eq!(
+                    near.use_count(BlockId(b)),
+                    wide.use_count(BlockId(far(b))),
+                    "{step}: block {b}"
+                );
+            }
+        }
+        assert!(evicted_total > 500, "only {evicted_total} evictions");
+        assert!(!wide.nodes.spill.is_empty() && wide.nodes.direct.len() <= 128);
     }
 }

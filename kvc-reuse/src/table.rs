@@ -96,6 +96,12 @@ impl HashIndex {
         (u64::from((hash.0 >> 32) as u32) >> self.slot_bits) as u32
     }
 
+    /// Whether `slot` fits beside the tag (else [`Self::rebuild`] with a larger bound first).
+    #[inline]
+    pub(crate) fn fits(&self, slot: u32) -> bool {
+        u64::from(slot) < self.slot_limit()
+    }
+
     #[inline]
     fn tag_of(&self, e: u32) -> u32 {
         (u64::from(e) >> self.slot_bits) as u32
