@@ -262,7 +262,10 @@ pub trait ReuseIndex {
     /// [`lookup`](Self::lookup), given `keys`: the keys of the full blocks of `prompt` under
     /// `scope`, from [`block_keys`](Self::block_keys) or [`extend_keys`](Self::extend_keys),
     /// so the index does not hash the prompt again. Keys that do not cover every full block
-    /// of `prompt` are not used (the prompt is hashed as by `lookup`).
+    /// of `prompt` are not used (the prompt is hashed as by `lookup`). The index trusts the
+    /// keys: they carry the scope (its tenant's salt), so keys made under another scope reach
+    /// that scope's blocks. Take them only from the index, for this scope, as `KvManager`
+    /// does; never from a request.
     ///
     /// The default is `lookup`, which hashes the prompt.
     fn lookup_keyed(
@@ -338,7 +341,8 @@ pub struct Offer<'a> {
     pub tokens: &'a [u32],
     /// The keys of the full blocks of `tokens` under the request's scope, from
     /// [`ReuseIndex::block_keys`] or [`ReuseIndex::extend_keys`]; not used (the tokens are
-    /// hashed) unless there is one per full block.
+    /// hashed) unless there is one per full block. Trusted as for
+    /// [`ReuseIndex::lookup_keyed`]: keys of another scope cache the blocks in that scope.
     pub keys: &'a [StoreKey],
     /// The blocks, one per full block of `tokens`.
     pub blocks: &'a [BlockId],
