@@ -27,7 +27,7 @@
 //! granularity.
 
 use kvc_core::BlockId;
-use kvc_reuse::{BlockHash, EvictionPolicy, PolicyKind, PrefixCache};
+use kvc_reuse::{BlockHash, EvictionPolicy, OfferRole, PolicyKind, PrefixCache};
 use serde::Serialize;
 
 use crate::trace::{MOONCAKE_BLOCK_TOKENS, TraceRequest};
@@ -345,6 +345,32 @@ pub fn block_hit_rate_with(
     capacity_blocks: usize,
     policy: Box<dyn EvictionPolicy>,
 ) -> Option<BlockHitRate> {
+    block_hit_rate_offering(trace, capacity_blocks, policy, SecondOffer::None)
+}
+
+/// Whether [`block_hit_rate_offering`] offers each request's blocks a second time after its
+/// prompt, as a memory manager offers a request again when it finishes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SecondOffer {
+    /// Each request offered once.
+    None,
+    /// Offered again as another prompt (`PrefixCache::insert`): what a policy that learns
+    /// from requests sees as a second request reusing every block.
+    AsPrompt,
+    /// Offered again as more of the same request (`PrefixCache::insert_as` with
+    /// `OfferRole::More`, every block offered before).
+    AsMore,
+}
+
+/// [`block_hit_rate_with`], each request's blocks offered a second time as `again` says
+/// (see the `offer_twice` example).
+#[must_use]
+pub fn block_hit_rate_offering(
+    trace: &[TraceRequest],
+    capacity_blocks: usize,
+    policy: Box<dyn EvictionPolicy>,
+    again: SecondOffer,
+) -> Option<BlockHitRate> {
     if capacity_blocks == 0 {
         return None;
     }
@@ -379,6 +405,16 @@ pub fn block_hit_rate_with(
         newly.clear();
         // The request finishes at once: it stops using its hit blocks and those it cached.
         let _ = cache.insert(&hashes, &blocks, req.timestamp_ms, &mut newly);
+        let role = match again {
+            SecondOffer::None => None,
+            SecondOffer::AsPrompt => Some(OfferRole::Prompt),
+            SecondOffer::AsMore => Some(OfferRole::More {
+                offered_before: hashes.len(),
+            }),
+        };
+        if let Some(role) = role {
+            let _ = cache.insert_as(&hashes, &blocks, role, req.timestamp_ms, &mut Vec::new());
+        }
         let _ = cache.release(&hit.blocks);
         let _ = cache.release(&newly);
         let mut kept = newly.iter().peekable();
