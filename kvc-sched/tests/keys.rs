@@ -17,7 +17,8 @@ use kvc_reuse::{
     PrefixCache, ScopedIndex, Xxh3Hasher,
 };
 use kvc_sched::{
-    DynamicOnly, KvManager, KvManagerConfig, LoadResult, SeqOwner, SlotGrant, SlotRequest, TierMode,
+    DynamicOnly, Finished, KvManager, KvManagerConfig, LoadResult, Request, Scheduler,
+    SchedulerConfig, SeqOwner, SlotGrant, SlotRequest, StepPlan, TierMode,
 };
 
 const BS: u32 = 4;
@@ -47,20 +48,56 @@ impl BlockHasher for Counting {
 
 type Manager = KvManager<BlockPool, DynamicOnly, ScopedIndex<Counting>>;
 
-fn manager(blocks: u64) -> (Manager, Counting) {
+/// An LRU index whose hasher counts the blocks it hashes.
+fn counting_index() -> (ScopedIndex<Counting>, Counting) {
     let hasher = Counting::default();
-    let index = ScopedIndex::new(
-        PrefixCache::new(BS, PolicyKind::Lru),
-        hasher.clone(),
-        HashExtra::new("m", 1),
-    );
+    let cache = PrefixCache::new(BS, PolicyKind::Lru);
+    let index = ScopedIndex::new(cache, hasher.clone(), HashExtra::new("m", 1));
+    (index, hasher)
+}
+
+/// A manager of `blocks` pool blocks over `index`.
+fn manager_over<R: ReuseIndex>(index: R, blocks: u64) -> KvManager<BlockPool, DynamicOnly, R> {
     let cfg = KvManagerConfig {
         block_size: BS,
         ..KvManagerConfig::default()
     };
     let pool = BlockPool::new(PoolConfig::new(blocks)).unwrap();
-    let kv = KvManager::new(cfg, pool, DynamicOnly::default(), index).unwrap();
-    (kv, hasher)
+    KvManager::new(cfg, pool, DynamicOnly::default(), index).unwrap()
+}
+
+fn manager(blocks: u64) -> (Manager, Counting) {
+    let (index, hasher) = counting_index();
+    (manager_over(index, blocks), hasher)
+}
+
+/// A scheduler of `blocks` pool blocks over `index`.
+fn scheduler<R: ReuseIndex>(index: R, blocks: u64) -> Scheduler<BlockPool, DynamicOnly, R> {
+    let cfg = SchedulerConfig {
+        block_size: BS,
+        max_running: 4,
+        max_batch_tokens: 64,
+        max_model_len: 256,
+        ..SchedulerConfig::default()
+    };
+    let pool = BlockPool::new(PoolConfig::new(blocks)).unwrap();
+    Scheduler::new(cfg, pool, DynamicOnly::default(), index).unwrap()
+}
+
+/// One scheduler step at `now`: every sampling sequence samples `50 + its id`.
+fn step<R: ReuseIndex>(
+    sched: &mut Scheduler<BlockPool, DynamicOnly, R>,
+    now: u64,
+    plan: &mut StepPlan,
+) -> Vec<Finished> {
+    sched.step_into(now, plan);
+    let sampled: Vec<(SeqId, u32)> = plan
+        .seqs
+        .iter()
+        .filter(|s| s.samples)
+        .map(|s| (s.seq, 50 + s.seq.get() as u32))
+        .collect();
+    sched.complete_step(&sampled).unwrap()
 }
 
 fn owner(tenant: u32) -> SeqOwner {
@@ -71,7 +108,7 @@ fn owner(tenant: u32) -> SeqOwner {
     }
 }
 
-fn grow(kv: &mut Manager, seq: u64, tokens: u64) {
+fn grow<R: ReuseIndex>(kv: &mut KvManager<BlockPool, DynamicOnly, R>, seq: u64, tokens: u64) {
     let ask = SlotRequest {
         new_tokens: tokens,
         lookahead: 0,
@@ -82,7 +119,12 @@ fn grow(kv: &mut Manager, seq: u64, tokens: u64) {
 }
 
 /// Opens `seq` for `tenant`, looks `prompt` up and assigns slots for the rest of it.
-fn prefill(kv: &mut Manager, seq: u64, tenant: u32, prompt: &[u32]) -> u64 {
+fn prefill<R: ReuseIndex>(
+    kv: &mut KvManager<BlockPool, DynamicOnly, R>,
+    seq: u64,
+    tenant: u32,
+    prompt: &[u32],
+) -> u64 {
     kv.open(SeqId(seq), owner(tenant)).unwrap();
     let hit = kv.lookup_prefix(SeqId(seq), prompt, 0).unwrap();
     grow(kv, seq, prompt.len() as u64 - hit);
@@ -218,22 +260,8 @@ fn a_load_from_the_tiers_names_its_blocks_with_the_lookups_keys() {
 
 #[test]
 fn a_request_waiting_for_memory_is_not_hashed_again_at_every_try() {
-    use kvc_sched::{Request, Scheduler, SchedulerConfig, StepPlan};
-    let hasher = Counting::default();
-    let index = ScopedIndex::new(
-        PrefixCache::new(BS, PolicyKind::Lru),
-        hasher.clone(),
-        HashExtra::new("m", 1),
-    );
-    let cfg = SchedulerConfig {
-        block_size: BS,
-        max_running: 4,
-        max_batch_tokens: 64,
-        max_model_len: 256,
-        ..SchedulerConfig::default()
-    };
-    let pool = BlockPool::new(PoolConfig::new(16)).unwrap();
-    let mut sched = Scheduler::new(cfg, pool, DynamicOnly::default(), index).unwrap();
+    let (index, hasher) = counting_index();
+    let mut sched = scheduler(index, 16);
     let request = |id: u64, len: u32, new: u32| Request {
         id: SeqId(id),
         tenant: TenantId(0),
@@ -250,17 +278,11 @@ fn a_request_waiting_for_memory_is_not_hashed_again_at_every_try() {
     let mut finished = Vec::new();
     let mut tries = 0;
     for now in 0..200 {
-        sched.step_into(now, &mut plan);
+        let done = step(&mut sched, now, &mut plan);
         if !plan.seqs.iter().any(|s| s.seq == SeqId(2)) && finished.is_empty() {
             tries += 1;
         }
-        let sampled: Vec<(SeqId, u32)> = plan
-            .seqs
-            .iter()
-            .filter(|s| s.samples)
-            .map(|s| (s.seq, 7))
-            .collect();
-        finished.extend(sched.complete_step(&sampled).unwrap());
+        finished.extend(done);
         if finished.len() == 2 {
             break;
         }
@@ -317,6 +339,12 @@ impl EvictionPolicy for Recording {
     }
 }
 
+/// How many blocks the policy was told of as more of a request (`Access::More`).
+fn more_count(told: &Told) -> usize {
+    let told = told.lock().unwrap();
+    told.iter().filter(|t| t.2 == Access::More).count()
+}
+
 /// The lengths of the prompt walks the policy saw: runs of `Access::Insert` from depth 0.
 fn walks(told: &Told) -> Vec<usize> {
     let told = told.lock().unwrap();
@@ -350,17 +378,8 @@ fn recording_index() -> (ScopedIndex<Xxh3Hasher>, Told) {
 
 #[test]
 fn the_scheduler_shows_a_learning_policy_each_prompt_once() {
-    use kvc_sched::{Request, Scheduler, SchedulerConfig, StepPlan};
     let (index, told) = recording_index();
-    let cfg = SchedulerConfig {
-        block_size: BS,
-        max_running: 4,
-        max_batch_tokens: 64,
-        max_model_len: 256,
-        ..SchedulerConfig::default()
-    };
-    let pool = BlockPool::new(PoolConfig::new(64)).unwrap();
-    let mut sched = Scheduler::new(cfg, pool, DynamicOnly::default(), index).unwrap();
+    let mut sched = scheduler(index, 64);
     // A conversation's two turns: the second prompt is the first with its reply and more.
     let first: Vec<u32> = (0..22).collect();
     let turn = |id: u64, prompt: Vec<u32>| Request {
@@ -379,26 +398,14 @@ fn the_scheduler_shows_a_learning_policy_each_prompt_once() {
     let mut run = |sched: &mut Scheduler<_, _, _>, done: &mut Vec<_>| {
         while done.is_empty() {
             now += 1;
-            sched.step_into(now, &mut plan);
-            let sampled: Vec<(SeqId, u32)> = plan
-                .seqs
-                .iter()
-                .filter(|s| s.samples)
-                .map(|s| (s.seq, 50 + s.seq.get() as u32))
-                .collect();
-            done.extend(sched.complete_step(&sampled).unwrap());
+            done.extend(step(sched, now, &mut plan));
         }
     };
     run(&mut sched, &mut done);
     let reply = done[0].output.clone();
     assert_eq!(walks(&told), [5], "the first prompt's 5 full blocks, once");
     // Its reply's blocks were cached too, as more of the same request.
-    let more = told
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|t| t.2 == Access::More)
-        .count();
+    let more = more_count(&told);
     assert_eq!(more, 2, "blocks 5 and 6 of 30 computed tokens");
     let mut second = first;
     second.extend(&reply);
@@ -414,15 +421,8 @@ fn the_scheduler_shows_a_learning_policy_each_prompt_once() {
 #[test]
 fn a_prefix_loaded_from_the_tiers_is_not_a_prompt_of_its_own() {
     let (index, told) = recording_index();
-    let cfg = KvManagerConfig {
-        block_size: BS,
-        ..KvManagerConfig::default()
-    };
-    let pool = BlockPool::new(PoolConfig::new(32)).unwrap();
     let tiers = Arc::new(Held::default());
-    let mut kv = KvManager::new(cfg, pool, DynamicOnly::default(), index)
-        .unwrap()
-        .with_tiers(tiers.clone(), TierMode::WriteBack);
+    let mut kv = manager_over(index, 32).with_tiers(tiers.clone(), TierMode::WriteBack);
     let prompt: Vec<u32> = (0..26).collect();
     let scope = ReuseScope {
         tenant: TenantId(0),
@@ -441,46 +441,21 @@ fn a_prefix_loaded_from_the_tiers_is_not_a_prompt_of_its_own() {
     kv.complete_load(job.id, LoadResult::Loaded).unwrap();
     // The loaded blocks are cached as more of the request, not walked as a prompt.
     assert!(walks(&told).is_empty());
-    let ask = SlotRequest {
-        new_tokens: 10,
-        lookahead: 0,
-        admission: false,
-    };
-    let grant = kv.allocate_slots(SeqId(1), ask, 0, &mut Vec::new());
-    assert_eq!(grant.unwrap(), SlotGrant::Now);
+    grow(&mut kv, 1, 10);
     assert_eq!(kv.cache_blocks(SeqId(1), &prompt, 0).unwrap(), 2);
     // The prompt, once computed, is walked whole: the 4 loaded blocks and the 2 computed.
     assert_eq!(walks(&told), [6]);
-    let more = told
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|t| t.2 == Access::More)
-        .count();
+    let more = more_count(&told);
     assert_eq!(more, 4);
 }
 
 #[test]
 fn a_request_freed_and_opened_again_is_one_request_and_a_reused_id_another() {
     let (index, told) = recording_index();
-    let cfg = KvManagerConfig {
-        block_size: BS,
-        ..KvManagerConfig::default()
-    };
-    let pool = BlockPool::new(PoolConfig::new(32)).unwrap();
-    let mut kv: KvManager<_, _, ScopedIndex<Xxh3Hasher>> =
-        KvManager::new(cfg, pool, DynamicOnly::default(), index).unwrap();
-    let ask = |new_tokens| SlotRequest {
-        new_tokens,
-        lookahead: 0,
-        admission: false,
-    };
+    let mut kv = manager_over(index, 32);
     let prompt: Vec<u32> = (0..18).collect();
     let serve = |kv: &mut KvManager<_, _, _>, tokens: &[u32]| {
-        kv.open(SeqId(1), owner(0)).unwrap();
-        let hit = kv.lookup_prefix(SeqId(1), tokens, 0).unwrap();
-        let grant = kv.allocate_slots(SeqId(1), ask(tokens.len() as u64 - hit), 0, &mut Vec::new());
-        assert_eq!(grant.unwrap(), SlotGrant::Now);
+        prefill(kv, 1, 0, tokens);
         kv.cache_blocks(SeqId(1), tokens, 0).unwrap();
         kv.free(SeqId(1)).unwrap();
     };
