@@ -11,7 +11,7 @@ use kvc_core::{
 
 use super::{Scheduler, Seq, State};
 use crate::PrefixLoad;
-use crate::manager::{Pressure, SeqOwner, SlotGrant, SlotRequest};
+use crate::manager::{KvError, KvManager, Pressure, SeqOwner, SlotGrant, SlotRequest};
 use crate::plan::{Rejection, StepPlan, SwapPair};
 
 /// What a tier lookup at admission started.
@@ -35,7 +35,7 @@ pub(super) enum Grow {
 impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
     /// Opens a waiting sequence in the KV manager and takes its computed prefix (unless it
     /// is swapped out: its KV comes back from the host pool instead).
-    pub(super) fn open_kv(&mut self, id: SeqId) -> Result<(), crate::KvError> {
+    pub(super) fn open_kv(&mut self, id: SeqId) -> Result<(), KvError> {
         let Some(s) = self.seqs.get(&id) else {
             return Ok(());
         };
@@ -271,17 +271,19 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
         s.loading = None;
     }
 
-    /// Offers a sequence's computed full blocks to the reuse index.
+    /// Offers a sequence's computed full blocks to the reuse index (one taken out of `seqs`).
     pub(super) fn offer(&mut self, s: &Seq) {
-        let id = s.req.id;
-        if !self.kv.contains(id) {
+        let cached = offer_computed(&mut self.kv, s, self.now_ms);
+        self.note(cached);
+    }
+
+    /// [`offer`](Self::offer) for a sequence still in `seqs`, left there.
+    pub(super) fn offer_in_place(&mut self, id: SeqId) {
+        let Some(s) = self.seqs.get(&id) else {
             return;
-        }
-        let computed = usize::try_from(s.computed)
-            .unwrap_or(usize::MAX)
-            .min(s.tokens.len());
-        let cached = self.kv.cache_blocks(id, &s.tokens[..computed], self.now_ms);
-        self.note(cached.map(|_| ()));
+        };
+        let cached = offer_computed(&mut self.kv, s, self.now_ms);
+        self.note(cached);
     }
 
     /// Expired soft pins reach the reuse index; expired session contexts are released.
@@ -331,4 +333,21 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
             self.stats.resize_failures += 1;
         }
     }
+}
+
+/// Offers `s`'s computed full blocks through `kv`, if the manager holds the sequence.
+fn offer_computed<A: BlockAllocator, P: PinPolicy, R: ReuseIndex>(
+    kv: &mut KvManager<A, P, R>,
+    s: &Seq,
+    now_ms: u64,
+) -> Result<(), KvError> {
+    let id = s.req.id;
+    if !kv.contains(id) {
+        return Ok(());
+    }
+    let computed = usize::try_from(s.computed)
+        .unwrap_or(usize::MAX)
+        .min(s.tokens.len());
+    kv.cache_blocks(id, &s.tokens[..computed], now_ms)
+        .map(|_| ())
 }

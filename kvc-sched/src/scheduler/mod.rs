@@ -776,19 +776,13 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
                 }
             } else if first_token {
                 // The prompt's KV is complete: share it with requests that arrive meanwhile.
-                if let Some(s) = self.seqs.remove(&seq) {
-                    self.offer(&s);
-                    self.seqs.insert(seq, s);
-                }
+                self.offer_in_place(seq);
             }
         }
         // Prefill chunks computed by the step: their full blocks are shared at once, so a
         // request with the same prefix admitted while the prefill goes on reuses them.
         for seq in std::mem::take(&mut self.chunked) {
-            if let Some(s) = self.seqs.remove(&seq) {
-                self.offer(&s);
-                self.seqs.insert(seq, s);
-            }
+            self.offer_in_place(seq);
         }
         Ok(finished)
     }
