@@ -59,7 +59,7 @@ pub use pin::{
 };
 pub use qos::{QosClass, QosClasses, QosError};
 pub use reuse::{
-    NoReuse, Offer, OfferRole, PrefixHit, ReuseError, ReuseIndex, ReuseScope, TierKey,
+    Adopted, NoReuse, Offer, OfferRole, PrefixHit, ReuseError, ReuseIndex, ReuseScope, TierKey,
 };
 pub use store::{
     BlockStore, LowerTiers, NamespaceError, PutOutcome, StoreError, StoreKey, StoreNamespace,

@@ -141,7 +141,8 @@ pub trait ReuseIndex {
     /// - a hash already cached under the same block changes nothing (the request already holds
     ///   it, through its lookup or an earlier insert);
     /// - a hash already cached under another block ends the offer there: the request's block
-    ///   and every block after it stay private (uncached), and nothing changes for them.
+    ///   and every block after it stay private (uncached), and nothing changes for them
+    ///   ([`offer_adopting`](Self::offer_adopting) takes the cached copy instead and goes on).
     ///
     /// # Errors
     /// [`ReuseError::LengthMismatch`] (nothing cached) or [`ReuseError::BlockAlreadyCached`]
@@ -302,6 +303,38 @@ pub trait ReuseIndex {
         self.insert(scope, offer.tokens, offer.blocks, now_ms, newly_cached)
     }
 
+    /// [`offer`](Self::offer) for a caller that can put another block in the request's table:
+    /// where two requests computed the same blocks at once (both looked the prefix up before
+    /// either cached it), `offer` keeps the first copy cached and ends the later request's
+    /// offer at its copy, so none of that request's later blocks is ever cached. Here the
+    /// index instead counts the request as a user of the cached copy, reports it in `adopted`
+    /// (the request's own copy, which the index does not track, and the cached one), and
+    /// goes on caching the request's later blocks after the cached copy. For each entry the
+    /// caller takes one pool reference on [`Adopted::cached`] for the request, puts it in the
+    /// request's table at [`Adopted::index`] (the tokens are the same), and drops the
+    /// request's pool reference on [`Adopted::own`], which frees the duplicate. The request
+    /// then holds whole cached prefixes again, as the ownership rule asks.
+    ///
+    /// A request's own block the index tracks (invalidated while in use) or a cached copy at
+    /// the largest use count still ends the offer there, as in `offer`.
+    ///
+    /// The default is `offer`, which adopts nothing.
+    ///
+    /// # Errors
+    /// As [`insert`](Self::insert); entries appended before the error stand (the index counts
+    /// the request on those cached copies).
+    fn offer_adopting(
+        &mut self,
+        scope: &ReuseScope,
+        offer: Offer<'_>,
+        now_ms: u64,
+        newly_cached: &mut Vec<BlockId>,
+        adopted: &mut Vec<Adopted>,
+    ) -> Result<(), ReuseError> {
+        let _ = adopted;
+        self.offer(scope, offer, now_ms, newly_cached)
+    }
+
     /// The key the cached block `block` is cached under and its retention now, or
     /// `None` when the index does not cache it (private, invalidated, or evicted). A memory
     /// manager reads it when the block is cached (to write it through to the tiers).
@@ -348,6 +381,21 @@ pub struct Offer<'a> {
     pub blocks: &'a [BlockId],
     /// What the offer is to the request.
     pub role: OfferRole,
+}
+
+/// A block of an offer the index already caches under another block
+/// ([`ReuseIndex::offer_adopting`]): the offering request computed the same tokens as another
+/// request at the same time. The index now counts the request as a user of `cached`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Adopted {
+    /// Position of the block in the offer (and in the request's table).
+    pub index: usize,
+    /// The request's own copy, which the index does not track: drop the request's pool
+    /// reference on it.
+    pub own: BlockId,
+    /// The cached copy with the same tokens: take one pool reference on it for the request
+    /// and put it in the request's table at `index`.
+    pub cached: BlockId,
 }
 
 /// What an [`Offer`] is to the request making it: an eviction policy that learns from

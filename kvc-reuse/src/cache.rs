@@ -22,7 +22,7 @@ use std::collections::{BTreeSet, BinaryHeap};
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
-use kvc_core::{BlockId, OfferRole, PrefixHit, Retention, ReuseError};
+use kvc_core::{Adopted, BlockId, OfferRole, PrefixHit, Retention, ReuseError};
 
 use crate::BlockHash;
 use crate::events::{EventLog, EventRecord, KvEvent, Metrics};
@@ -1114,6 +1114,65 @@ impl PrefixCache {
         now_ms: u64,
         newly_cached: &mut Vec<BlockId>,
     ) -> Result<(), ReuseError> {
+        // Monomorphised without the adopting branch: the engine-like replay's hot loop.
+        self.insert_inner::<false>(hashes, blocks, role, now_ms, newly_cached, &mut Vec::new())
+    }
+
+    /// [`insert_as`](Self::insert_as) for a caller that can put another block in the
+    /// request's table (see [`kvc_core::ReuseIndex::offer_adopting`]): a hash already cached
+    /// under another block (two requests computed the same prefix at once) does not end the
+    /// insert. The request is counted as a user of the cached copy (its use count goes up by
+    /// one, as for a hit), the pair is appended to `adopted`, and the blocks after it are
+    /// cached after the cached copy. For each [`Adopted`] entry take one pool reference on
+    /// `cached` for the request, put it in the request's table at `index`, drop the
+    /// request's reference on `own`; release `cached`, not `own`, when the request ends.
+    ///
+    /// ```
+    /// use kvc_reuse::{BlockHasher, BlockId, HashExtra, OfferRole, PolicyKind, PrefixCache, Xxh3Hasher};
+    ///
+    /// let mut cache = PrefixCache::new(4, PolicyKind::Lru);
+    /// let prompt: Vec<u32> = (0..12).collect();
+    /// let mut hashes = Vec::new();
+    /// Xxh3Hasher.hash_blocks(Xxh3Hasher.root(&HashExtra::new("m", 1)), &prompt, 4, &mut hashes);
+    /// let (mut newly, mut adopted) = (Vec::new(), Vec::new());
+    /// // Two requests computed the first two blocks at once; the first cached them.
+    /// cache.insert(&hashes[..2], &[BlockId(0), BlockId(1)], 0, &mut newly)?;
+    /// newly.clear();
+    /// // The second offers its copies and its third block.
+    /// let second = [BlockId(5), BlockId(6), BlockId(7)];
+    /// cache.insert_adopting(&hashes, &second, OfferRole::Prompt, 1, &mut newly, &mut adopted)?;
+    /// assert_eq!(newly, [BlockId(7)]);
+    /// assert_eq!(adopted.iter().map(|a| (a.own, a.cached)).collect::<Vec<_>>(),
+    ///            [(BlockId(5), BlockId(0)), (BlockId(6), BlockId(1))]);
+    /// // The second request's table is now [0, 1, 7]; it releases that.
+    /// cache.release(&[BlockId(0), BlockId(1), BlockId(7)])?;
+    /// # Ok::<(), kvc_reuse::ReuseError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`insert`](Self::insert); entries appended before an error stand.
+    pub fn insert_adopting(
+        &mut self,
+        hashes: &[BlockHash],
+        blocks: &[BlockId],
+        role: OfferRole,
+        now_ms: u64,
+        newly_cached: &mut Vec<BlockId>,
+        adopted: &mut Vec<Adopted>,
+    ) -> Result<(), ReuseError> {
+        self.insert_inner::<true>(hashes, blocks, role, now_ms, newly_cached, adopted)
+    }
+
+    /// [`insert_as`](Self::insert_as); with `ADOPT`, adopting cached copies into `adopted`.
+    fn insert_inner<const ADOPT: bool>(
+        &mut self,
+        hashes: &[BlockHash],
+        blocks: &[BlockId],
+        role: OfferRole,
+        now_ms: u64,
+        newly_cached: &mut Vec<BlockId>,
+        adopted: &mut Vec<Adopted>,
+    ) -> Result<(), ReuseError> {
         let (access, offered_before) = match role {
             OfferRole::Prompt => (Access::Insert, 0),
             OfferRole::More { offered_before } => (Access::More, offered_before),
@@ -1191,8 +1250,30 @@ impl PrefixCache {
                 .get_or_vacancy(hash, hittable_hash(&self.nodes));
             if let Probe::Found(slot) = probe {
                 if self.nodes[slot as usize].block != block {
-                    // Computed twice: the cached copy stays, the request's block stays private.
-                    break;
+                    // Computed twice: the cached copy stays. Without `adopted` (or when the
+                    // request's block is tracked, or the copy cannot take another holder) the
+                    // request's block and the ones after it stay private.
+                    if !ADOPT || self.nodes.slot_of(block).is_some() || !self.hold(slot) {
+                        break;
+                    }
+                    adopted.push(Adopted {
+                        index: i,
+                        own: block,
+                        cached: self.nodes[slot as usize].block,
+                    });
+                    self.metrics.adopted_blocks = self.metrics.adopted_blocks.saturating_add(1);
+                    if i >= offered_before {
+                        let stamp = self.tick();
+                        self.set_stamp(slot, stamp);
+                        if self.recency.is_none() {
+                            self.policy.on_hit(slot, &info(hash, i, stamp));
+                        }
+                    }
+                    self.refresh(slot);
+                    parent = Some(slot);
+                    parent_new = false;
+                    recent[i % Self::CHAIN_AHEAD] = slot;
+                    continue;
                 }
                 if i < offered_before {
                     // Offered before by the same request, which still holds it: no access.
@@ -1310,7 +1391,7 @@ impl PrefixCache {
     /// a miss would need the missed hash cached. Hashes that are not a chain still work: a
     /// hash found cached, or a block the cache tracks, ends the run, and the general loop
     /// takes that block as before.
-    #[inline]
+    #[inline(always)]
     fn insert_new_run(
         &mut self,
         hashes: &[BlockHash],

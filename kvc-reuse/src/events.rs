@@ -80,6 +80,9 @@ pub struct Metrics {
     pub hit_blocks: u64,
     /// Blocks newly cached by inserts.
     pub inserted_blocks: u64,
+    /// Blocks an insert found cached under another block and counted the offering request
+    /// on instead (`PrefixCache::insert_adopting`: two requests computed them at once).
+    pub adopted_blocks: u64,
     /// Blocks evicted to make room (`evict`).
     pub evicted_capacity: u64,
     /// Blocks dropped because they were invalidated (document prefix, or `clear`).
@@ -108,6 +111,7 @@ impl Metrics {
             hit_tokens: self.hit_tokens.saturating_sub(earlier.hit_tokens),
             hit_blocks: self.hit_blocks.saturating_sub(earlier.hit_blocks),
             inserted_blocks: self.inserted_blocks.saturating_sub(earlier.inserted_blocks),
+            adopted_blocks: self.adopted_blocks.saturating_sub(earlier.adopted_blocks),
             evicted_capacity: self
                 .evicted_capacity
                 .saturating_sub(earlier.evicted_capacity),

@@ -9,8 +9,8 @@
 
 use ahash::AHashMap;
 use kvc_core::{
-    BlockId, Offer, OfferRole, PrefixHit, Retention, ReuseError, ReuseIndex, ReuseScope, StoreKey,
-    TenantId, TierKey,
+    Adopted, BlockId, Offer, OfferRole, PrefixHit, Retention, ReuseError, ReuseIndex, ReuseScope,
+    StoreKey, TenantId, TierKey,
 };
 
 use crate::{BlockHash, BlockHasher, EndError, HashExtra, PrefixCache};
@@ -135,6 +135,39 @@ impl<H: BlockHasher> ScopedIndex<H> {
     }
 }
 
+impl<H: BlockHasher> ScopedIndex<H> {
+    /// [`ReuseIndex::offer`], adopting cached copies into `adopted` when given
+    /// ([`ReuseIndex::offer_adopting`]).
+    fn offer_inner(
+        &mut self,
+        scope: &ReuseScope,
+        offer: Offer<'_>,
+        now_ms: u64,
+        newly_cached: &mut Vec<BlockId>,
+        adopted: Option<&mut Vec<Adopted>>,
+    ) -> Result<(), ReuseError> {
+        let full_blocks = offer.tokens.len() / self.cache.block_size() as usize;
+        if full_blocks != offer.blocks.len() {
+            return Err(ReuseError::LengthMismatch {
+                full_blocks,
+                blocks: offer.blocks.len(),
+            });
+        }
+        self.now_ms = now_ms;
+        self.hash_or_take(scope, offer.tokens, offer.keys);
+        let (hashes, blocks, role) = (&self.hashes, offer.blocks, offer.role);
+        match adopted {
+            Some(adopted) => {
+                self.cache
+                    .insert_adopting(hashes, blocks, role, now_ms, newly_cached, adopted)
+            }
+            None => self
+                .cache
+                .insert_as(hashes, blocks, role, now_ms, newly_cached),
+        }
+    }
+}
+
 impl<H: BlockHasher> ReuseIndex for ScopedIndex<H> {
     fn block_size(&self) -> u32 {
         self.cache.block_size()
@@ -184,17 +217,18 @@ impl<H: BlockHasher> ReuseIndex for ScopedIndex<H> {
         now_ms: u64,
         newly_cached: &mut Vec<BlockId>,
     ) -> Result<(), ReuseError> {
-        let full_blocks = offer.tokens.len() / self.cache.block_size() as usize;
-        if full_blocks != offer.blocks.len() {
-            return Err(ReuseError::LengthMismatch {
-                full_blocks,
-                blocks: offer.blocks.len(),
-            });
-        }
-        self.now_ms = now_ms;
-        self.hash_or_take(scope, offer.tokens, offer.keys);
-        self.cache
-            .insert_as(&self.hashes, offer.blocks, offer.role, now_ms, newly_cached)
+        self.offer_inner(scope, offer, now_ms, newly_cached, None)
+    }
+
+    fn offer_adopting(
+        &mut self,
+        scope: &ReuseScope,
+        offer: Offer<'_>,
+        now_ms: u64,
+        newly_cached: &mut Vec<BlockId>,
+        adopted: &mut Vec<Adopted>,
+    ) -> Result<(), ReuseError> {
+        self.offer_inner(scope, offer, now_ms, newly_cached, Some(adopted))
     }
 
     fn acquire(&mut self, blocks: &[BlockId]) -> Result<(), ReuseError> {

@@ -80,8 +80,8 @@ pub use index::ScopedIndex;
 /// The `kvc-core` types this crate's API takes and returns, so users need not depend on
 /// `kvc-core` directly.
 pub use kvc_core::{
-    BlockId, NoReuse, Offer, OfferRole, PrefixHit, Retention, ReuseError, ReuseIndex, ReuseScope,
-    SessionId, TenantId,
+    Adopted, BlockId, NoReuse, Offer, OfferRole, PrefixHit, Retention, ReuseError, ReuseIndex,
+    ReuseScope, SessionId, TenantId,
 };
 pub use odds::ReuseOdds;
 pub use policy::{Access, BlockInfo, Conversation, EvictionPolicy, Lru, PolicyKind, S3Fifo};

@@ -597,6 +597,17 @@ fn multi_turn(
     capacity: usize,
     offer_twice: bool,
 ) -> (Vec<usize>, Vec<BlockId>) {
+    multi_turn_with(&mut cache, capacity, offer_twice, false)
+}
+
+/// [`multi_turn`]; with `adopting`, each prompt is offered by `insert_adopting` (nothing is
+/// computed twice here, so nothing may be adopted).
+fn multi_turn_with(
+    cache: &mut PrefixCache,
+    capacity: usize,
+    offer_twice: bool,
+    adopting: bool,
+) -> (Vec<usize>, Vec<BlockId>) {
     let mut rng = 0x2545_f491_4f6c_dd1d_u64;
     let mut next = |n: u64| {
         rng ^= rng << 13;
@@ -631,7 +642,22 @@ fn multi_turn(
             }));
         }
         let mut newly = Vec::new();
-        cache.insert(&h, &blocks, now, &mut newly).unwrap();
+        if adopting {
+            let mut adopted = Vec::new();
+            cache
+                .insert_adopting(
+                    &h,
+                    &blocks,
+                    OfferRole::Prompt,
+                    now,
+                    &mut newly,
+                    &mut adopted,
+                )
+                .unwrap();
+            assert!(adopted.is_empty());
+        } else {
+            cache.insert(&h, &blocks, now, &mut newly).unwrap();
+        }
         if offer_twice {
             let again = OfferRole::More {
                 offered_before: h.len(),
@@ -668,6 +694,127 @@ fn a_request_offered_again_as_more_is_one_request_to_every_policy() {
         assert!(!once.1.is_empty(), "{policy:?}: and evicts");
         assert_eq!(multi_turn(cache(), 60, true), once, "{policy:?}");
     }
+}
+
+#[test]
+fn an_insert_adopting_nothing_is_an_insert_to_every_policy() {
+    for &policy in PolicyKind::ALL {
+        let cache = || PrefixCache::with_capacity(BS as u32, policy, 60);
+        let once = multi_turn(cache(), 60, false);
+        let mut adopting = cache();
+        assert_eq!(
+            multi_turn_with(&mut adopting, 60, false, true),
+            once,
+            "{policy:?}"
+        );
+        assert_eq!(adopting.metrics().adopted_blocks, 0);
+    }
+}
+
+#[test]
+fn a_prefix_computed_twice_is_adopted_under_every_policy() {
+    let prompt: Vec<u32> = (0..4 * BS as u32 + 1).collect();
+    let h = hashes(&extra(), &prompt);
+    for &policy in PolicyKind::ALL {
+        let mut cache = PrefixCache::with_capacity(BS as u32, policy, 16);
+        // Both requests looked the prompt up before either cached it, and computed it.
+        let (first, second) = (ids(0..4), ids(10..14));
+        let mut newly = Vec::new();
+        cache.insert(&h[..2], &first[..2], 0, &mut newly).unwrap();
+        let mut adopted = Vec::new();
+        let mut more = Vec::new();
+        cache
+            .insert_adopting(&h, &second, OfferRole::Prompt, 1, &mut more, &mut adopted)
+            .unwrap();
+        assert_eq!(more, ids(12..14), "{policy:?}");
+        assert_eq!(adopted.len(), 2, "{policy:?}");
+        let table = [BlockId(0), BlockId(1), BlockId(12), BlockId(13)];
+        for a in &adopted {
+            assert_eq!(table[a.index], a.cached, "{policy:?}");
+            assert_eq!(second[a.index], a.own, "{policy:?}");
+        }
+        // The first request's later blocks are a duplicate of the second's, found cached now:
+        // it ends its offer there without adopting (plain insert).
+        newly.clear();
+        cache.insert(&h, &first, 2, &mut newly).unwrap();
+        assert!(newly.is_empty(), "{policy:?}");
+        cache.release(&first[..2]).unwrap();
+        cache.release(&table).unwrap();
+        assert_eq!(cache.evictable_blocks(), 4, "{policy:?}");
+        let hit = cache.lookup(&h, prompt.len(), 3);
+        assert_eq!(hit.blocks, table, "{policy:?}");
+        cache.release(&hit.blocks).unwrap();
+        let mut all = evict_all(&mut cache, 4);
+        all.sort();
+        assert_eq!(all, table, "{policy:?}");
+        assert!(cache.is_empty(), "{policy:?}");
+    }
+}
+
+#[test]
+fn adopting_stops_at_a_block_the_cache_tracks_and_counts_each_copy_once() {
+    let prompt: Vec<u32> = (0..3 * BS as u32 + 1).collect();
+    let h = hashes(&extra(), &prompt);
+    let mut cache = PrefixCache::new(BS as u32, PolicyKind::Lru);
+    // A request caches its first block, which is then invalidated while it runs.
+    let mut newly = Vec::new();
+    cache.insert(&h[..1], &[BlockId(5)], 0, &mut newly).unwrap();
+    let _gone = cache.invalidate(h[0]);
+    // Another request caches the same tokens in block 0.
+    newly.clear();
+    cache.insert(&h[..1], &[BlockId(0)], 1, &mut newly).unwrap();
+    assert_eq!(newly, [BlockId(0)]);
+    // The first request offers more: its block 5 is tracked (invalidated, in use), so it
+    // is not given up for block 0, and the offer ends there.
+    let (mut more, mut adopted) = (Vec::new(), Vec::new());
+    let again = OfferRole::More { offered_before: 1 };
+    cache
+        .insert_adopting(
+            &h,
+            &[BlockId(5), BlockId(6), BlockId(7)],
+            again,
+            2,
+            &mut more,
+            &mut adopted,
+        )
+        .unwrap();
+    assert!(more.is_empty() && adopted.is_empty());
+    cache
+        .release(&[BlockId(5), BlockId(6), BlockId(7)])
+        .unwrap();
+    // A third request adopts block 0 once, then offers again as more of itself: the copy it
+    // now holds is the cached one, found as its own, so nothing is counted twice.
+    let (mut more, mut adopted) = (Vec::new(), Vec::new());
+    let third = [BlockId(20), BlockId(21)];
+    cache
+        .insert_adopting(
+            &h[..2],
+            &third,
+            OfferRole::Prompt,
+            3,
+            &mut more,
+            &mut adopted,
+        )
+        .unwrap();
+    assert_eq!(
+        (more.as_slice(), adopted.len()),
+        ([BlockId(21)].as_slice(), 1)
+    );
+    let table = [BlockId(0), BlockId(21), BlockId(22)];
+    let again = OfferRole::More { offered_before: 2 };
+    let (mut more, mut adopted) = (Vec::new(), Vec::new());
+    cache
+        .insert_adopting(&h, &table, again, 4, &mut more, &mut adopted)
+        .unwrap();
+    assert_eq!(more, [BlockId(22)]);
+    assert!(adopted.is_empty());
+    cache.release(&[BlockId(0)]).unwrap(); // the second request ends
+    cache.release(&table).unwrap();
+    assert_eq!(cache.evictable_blocks(), cache.len());
+    assert_eq!(
+        cache.release(&[BlockId(0)]),
+        Err(ReuseError::NotInUse { block: BlockId(0) })
+    );
 }
 
 #[test]

@@ -25,8 +25,8 @@ use std::collections::{BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
 
 use kvc_reuse::{
-    BlockHash, BlockHasher, BlockId, HashExtra, PolicyKind, PrefixCache, Retention, ReuseError,
-    SessionCache, SessionConfig, SessionError, SessionId, Truncation, Xxh3Hasher,
+    BlockHash, BlockHasher, BlockId, HashExtra, OfferRole, PolicyKind, PrefixCache, Retention,
+    ReuseError, SessionCache, SessionConfig, SessionError, SessionId, Truncation, Xxh3Hasher,
 };
 use proptest::prelude::*;
 
@@ -44,6 +44,14 @@ enum Op {
         t: usize,
         p: usize,
         finish: bool,
+    },
+    /// Tenant `t` runs prompts `p` and `q` at once: both are looked up before either is
+    /// offered, so blocks both compute are computed twice; each offer adopts the cached copy
+    /// of a block computed twice (`insert_adopting`).
+    Twin {
+        t: usize,
+        p: usize,
+        q: usize,
     },
     /// A running request finishes (the `i`-th, modulo).
     Finish(usize),
@@ -89,6 +97,7 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         5 => (0..TENANTS, 0..PROMPTS, any::<bool>())
             .prop_map(|(t, p, finish)| Op::Request { t, p, finish }),
+        2 => (0..TENANTS, 0..PROMPTS, 0..PROMPTS).prop_map(|(t, p, q)| Op::Twin { t, p, q }),
         3 => (0..8usize).prop_map(Op::Finish),
         1 => (0..8usize).prop_map(Op::Fork),
         3 => (1..6usize).prop_map(Op::Evict),
@@ -236,6 +245,85 @@ impl World {
         }
     }
 
+    /// A request's lookup, and its other blocks allocated and computed: its table.
+    fn lookup_and_compute(
+        &mut self,
+        t: usize,
+        tokens: &[u32],
+        now: u64,
+    ) -> Result<Vec<BlockId>, TestCaseError> {
+        let hashes = self.hashes(t, tokens);
+        let hit = self.cache.lookup(&hashes, tokens.len(), now);
+        self.check_blocks(t, tokens, &hit.blocks)?;
+        let mut blocks = hit.blocks;
+        for &b in &blocks {
+            self.retain(b)?;
+        }
+        for i in blocks.len()..tokens.len().div_ceil(BS) {
+            let end = ((i + 1) * BS).min(tokens.len());
+            let b = self.alloc(fingerprint(t, &tokens[..end]));
+            blocks.push(b);
+        }
+        Ok(blocks)
+    }
+
+    /// Two requests of tenant `t` computed at once, then offered one after the other with
+    /// adoption: a block the first cached is taken by the second in place of its own copy
+    /// (same tokens), which is freed; the second's later blocks are cached after it.
+    fn twin(&mut self, t: usize, a: &[u32], b: &[u32], now: u64) -> Check {
+        let mut tables = [
+            self.lookup_and_compute(t, a, now)?,
+            self.lookup_and_compute(t, b, now)?,
+        ];
+        for (tokens, table) in [a, b].into_iter().zip(&mut tables) {
+            let hashes = self.hashes(t, tokens);
+            let full = tokens.len() / BS;
+            let (mut newly, mut adopted) = (Vec::new(), Vec::new());
+            self.cache
+                .insert_adopting(
+                    &hashes,
+                    &table[..full],
+                    OfferRole::Prompt,
+                    now,
+                    &mut newly,
+                    &mut adopted,
+                )
+                .map_err(|e| TestCaseError::fail(format!("insert_adopting: {e}")))?;
+            self.take_newly(&newly)?;
+            for x in adopted {
+                prop_assert_eq!(table[x.index], x.own);
+                prop_assert!(
+                    !self.cache.is_cached(x.own),
+                    "{} adopted away but tracked",
+                    x.own
+                );
+                prop_assert!(
+                    self.cached.contains(&x.cached),
+                    "{} adopted but not cached",
+                    x.cached
+                );
+                prop_assert_eq!(
+                    self.content.get(&x.cached),
+                    self.content.get(&x.own),
+                    "the cached copy holds the same tokens"
+                );
+                self.retain(x.cached)?;
+                self.drop_ref(x.own)?;
+                table[x.index] = x.cached;
+            }
+            self.check_blocks(t, tokens, &table[..full])?;
+            // Every full block is cached now, so the whole prompt but its last token hits.
+            let hit = self.cache.lookup(&hashes, tokens.len(), now);
+            self.check_blocks(t, tokens, &hit.blocks)?;
+            prop_assert_eq!(hit.blocks.len(), full.min((tokens.len() - 1) / BS));
+            prop_assert_eq!(self.cache.release(&hit.blocks), Ok(()));
+        }
+        let [ta, tb] = tables;
+        self.running.push(ta);
+        self.running.push(tb);
+        Ok(())
+    }
+
     fn finish(&mut self, blocks: Vec<BlockId>) -> Check {
         prop_assert_eq!(self.cache.release(&blocks), Ok(()));
         for b in blocks {
@@ -343,6 +431,7 @@ fn run(policy: PolicyKind, prompts: &[Vec<u32>], truncation: Truncation, ops: Ve
         let now = now as u64;
         match op {
             Op::Request { t, p, finish } => w.request(t, &prompts[p], finish, now)?,
+            Op::Twin { t, p, q } => w.twin(t, &prompts[p], &prompts[q], now)?,
             Op::Finish(i) => {
                 if !w.running.is_empty() {
                     let blocks = w.running.swap_remove(i % w.running.len());

@@ -10,7 +10,8 @@
 //! then recomputes the last token; `lookup` never covers the last prompt token itself.
 
 use kvc_reuse::{
-    BlockHash, BlockHasher, BlockId, HashExtra, KvEvent, PolicyKind, PrefixCache, Xxh3Hasher,
+    BlockHash, BlockHasher, BlockId, HashExtra, KvEvent, OfferRole, PolicyKind, PrefixCache,
+    Xxh3Hasher,
 };
 
 fn hashes(tokens: &[u32]) -> Vec<BlockHash> {
@@ -432,4 +433,56 @@ fn a_prefix_computed_twice_keeps_the_first_copy_and_ends_the_later_offer() {
     longer.push(12);
     let hit = c.lookup(&paged_hashes(&longer), longer.len(), 2);
     assert_eq!(hit.blocks, ids(0..2), "the third page was never cached");
+}
+
+// SGLang's `cache_unfinished_req` / `cache_finished_req`: the radix insert matches the pages
+// already cached, caches the request's later pages under them, and the request's duplicates
+// are freed and its table re-pointed at the cached pages. `insert_adopting` is that.
+#[test]
+fn a_prefix_computed_twice_is_adopted_and_the_later_pages_cached() {
+    let mut c = paged();
+    let key: Vec<u32> = (0..12).collect(); // 3 pages
+    let h = paged_hashes(&key);
+    let mut newly = Vec::new();
+    c.insert(&h[..2], &ids(0..2), 0, &mut newly).unwrap();
+    newly.clear();
+    let mut table = vec![BlockId(5), BlockId(6), BlockId(7)];
+    let mut adopted = Vec::new();
+    c.insert_adopting(&h, &table, OfferRole::Prompt, 1, &mut newly, &mut adopted)
+        .unwrap();
+    assert_eq!(
+        newly,
+        [BlockId(7)],
+        "the third page is cached after the first copy"
+    );
+    let pairs: Vec<(usize, BlockId, BlockId)> =
+        adopted.iter().map(|a| (a.index, a.own, a.cached)).collect();
+    assert_eq!(
+        pairs,
+        [(0, BlockId(5), BlockId(0)), (1, BlockId(6), BlockId(1))]
+    );
+    for a in &adopted {
+        table[a.index] = a.cached;
+    }
+    assert!(!c.is_cached(BlockId(5)) && !c.is_cached(BlockId(6)));
+    assert_eq!(c.hittable_blocks(), 3);
+    assert_eq!(c.metrics().adopted_blocks, 2);
+    // Both requests use the first two pages: the first one's end leaves them in use.
+    c.release(&ids(0..2)).unwrap();
+    assert_eq!(
+        c.evictable_blocks(),
+        0,
+        "the second request holds all three"
+    );
+    c.release(&table).unwrap();
+    assert_eq!(c.evictable_blocks(), 3);
+    let mut longer = key.clone();
+    longer.push(12);
+    let hit = c.lookup(&paged_hashes(&longer), longer.len(), 2);
+    assert_eq!(hit.blocks, [BlockId(0), BlockId(1), BlockId(7)]);
+    c.release(&hit.blocks).unwrap();
+    // Leaf first: the adopted chain drains in one pass.
+    let mut evicted = Vec::new();
+    assert_eq!(c.evict(3, 3, &mut evicted), 3);
+    assert_eq!(evicted, [BlockId(7), BlockId(1), BlockId(0)]);
 }
