@@ -84,7 +84,7 @@ mod scheduler;
 mod tier;
 
 pub use kvc_core::{
-    BlockAllocator, BlockCopy, BlockId, HostBlockId, KvLayout, LowerTiers, NoReuse, Offer,
+    Adopted, BlockAllocator, BlockCopy, BlockId, HostBlockId, KvLayout, LowerTiers, NoReuse, Offer,
     OfferRole, PageTable, PageTableError, PagedLayout, PagedLayoutError, PinPolicy, QosClass,
     QosClasses, RegionId, Retention, ReuseError, ReuseIndex, ReuseScope, SeqId, SessionId,
     SlotMapping, SlotMappingError, StoreKey, TenantId,

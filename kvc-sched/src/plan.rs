@@ -48,6 +48,12 @@ pub struct SwapPair {
 /// `kv_indices[kv_indptr[i]..kv_indptr[i + 1]]`, and it attends to `seq_lens[i]` tokens
 /// (everything up to and including this step's tokens). `slot_mapping[t]` is the flat slot
 /// (`block × block_size + offset`) where new token `t` of the batch writes its K and V.
+///
+/// Read each sequence's pages from every plan, never from an earlier one: a sequence's
+/// earlier pages can change between plans. Where two requests computed the same prefix at
+/// once, the later one takes the first one's cached blocks once its own are computed and
+/// offered, and its duplicates are freed and may be handed to another sequence
+/// (`KvManager::cache_blocks_adopting`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct StepPlan {
     /// Step number, from 0.

@@ -180,6 +180,13 @@ enum Op {
         pick: u8,
         n: u8,
     },
+    /// Two requests of one tenant with the same prefix, both looked up before either is
+    /// offered, so both compute it; offered with adoption (or without).
+    Twin {
+        prefix: u8,
+        tenant: u8,
+        adopt: bool,
+    },
     Fork {
         pick: u8,
     },
@@ -214,6 +221,8 @@ fn op() -> impl Strategy<Value = Op> {
         4 => (0u8..3, 0u8..12, 0u8..2, 0u8..3)
             .prop_map(|(prefix, extra, tenant, class)| Op::New { prefix, extra, tenant, class }),
         6 => (any::<u8>(), 1u8..6).prop_map(|(pick, n)| Op::Decode { pick, n }),
+        2 => (0u8..3, 0u8..2, any::<bool>())
+            .prop_map(|(prefix, tenant, adopt)| Op::Twin { prefix, tenant, adopt }),
         1 => any::<u8>().prop_map(|pick| Op::Fork { pick }),
         1 => any::<u8>().prop_map(|pick| Op::Preempt { pick }),
         2 => any::<u8>().prop_map(|pick| Op::Free { pick }),
@@ -330,6 +339,75 @@ fn run_manager(
                     }
                     l.written = l.tokens.len();
                     kv.cache_blocks(id, &l.tokens, now).unwrap();
+                }
+            }
+            Op::Twin {
+                prefix,
+                tenant,
+                adopt,
+            } => {
+                let tenant = TenantId(u32::from(tenant));
+                let owner = SeqOwner {
+                    tenant,
+                    class: QosClass(1),
+                    session: None,
+                };
+                let mut admitted = Vec::new();
+                for extra in [2u8, 5] {
+                    next += 1;
+                    let id = SeqId(next);
+                    let tokens = prompt(prefix, extra, next);
+                    kv.open(id, owner).unwrap();
+                    let hit = kv.lookup_prefix(id, &tokens, now).unwrap() as usize;
+                    let fps = fingerprints(tenant, &tokens);
+                    check_reads(&model, kv.blocks(id).unwrap(), &fps, hit, "a twin's hit")?;
+                    let ask = SlotRequest {
+                        new_tokens: (tokens.len() - hit) as u64,
+                        lookahead: 0,
+                        admission: true,
+                    };
+                    copies.clear();
+                    match kv.allocate_slots(id, ask, now, &mut copies).unwrap() {
+                        SlotGrant::Now => {
+                            model.copy(&copies);
+                            for (p, &fp) in fps.iter().enumerate().skip(hit) {
+                                model.write(kv.slot(id, p as u64).unwrap(), fp);
+                            }
+                            admitted.push((next, tokens));
+                        }
+                        SlotGrant::Later(_) | SlotGrant::Never(_) => kv.free(id).unwrap(),
+                    }
+                }
+                // Both computed before either offers.
+                for (key, tokens) in admitted {
+                    let id = SeqId(key);
+                    if adopt {
+                        let before: Vec<BlockId> = kv.blocks(id).unwrap().to_vec();
+                        let mut adopted = Vec::new();
+                        kv.cache_blocks_adopting(id, &tokens, now, &mut adopted)
+                            .unwrap();
+                        let after = kv.blocks(id).unwrap();
+                        for (i, (b, a)) in before.iter().zip(after).enumerate() {
+                            let listed = adopted.iter().find(|x| x.index == i);
+                            prop_assert_eq!(
+                                listed.map_or(*b, |x| x.cached),
+                                *a,
+                                "only adopted positions change"
+                            );
+                        }
+                    } else {
+                        kv.cache_blocks(id, &tokens, now).unwrap();
+                    }
+                    let written = tokens.len();
+                    live.insert(
+                        key,
+                        Live {
+                            tenant,
+                            class: QosClass(1),
+                            tokens,
+                            written,
+                        },
+                    );
                 }
             }
             Op::Fork { pick: k } => {
@@ -565,7 +643,7 @@ fn run_scheduler(
     host_blocks: usize,
     invalidate_at: Option<u64>,
     tiers: Option<TierSetup>,
-) -> Result<kvc_sched::SchedStats, TestCaseError> {
+) -> Result<(kvc_sched::SchedStats, kvc_sched::KvStats), TestCaseError> {
     let cfg = SchedulerConfig {
         block_size: BS,
         max_running: 6,
@@ -736,7 +814,7 @@ fn run_scheduler(
     }
     prop_assert_eq!(s.kv_manager().usage().total().in_use, 0);
     prop_assert_eq!(s.host_free_blocks(), host_blocks);
-    Ok(s.stats())
+    Ok((s.stats(), s.kv_manager().stats()))
 }
 
 fn policy() -> impl Strategy<Value = PolicyKind> {
@@ -773,10 +851,18 @@ fn the_fixed_streams_exercise_reuse_forks_eviction_and_preemption() {
         if i % 5 == 0 {
             ops.push(Op::Preempt { pick: i });
         }
+        if i % 6 == 1 {
+            ops.push(Op::Invalidate);
+            ops.push(Op::Twin {
+                prefix: i % 3,
+                tenant: i % 2,
+                adopt: i % 4 == 1,
+            });
+        }
     }
     let kv = run_manager(&ops, PolicyKind::Lru, 24).unwrap();
     assert!(
-        kv.hit_blocks > 0 && kv.cow_copies > 0 && kv.evicted_blocks > 0,
+        kv.hit_blocks > 0 && kv.cow_copies > 0 && kv.evicted_blocks > 0 && kv.adopted_blocks > 0,
         "{kv:?}"
     );
 
@@ -791,17 +877,18 @@ fn the_fixed_streams_exercise_reuse_forks_eviction_and_preemption() {
             cancel_at: None,
         })
         .collect();
-    let recompute = run_scheduler(&specs, PolicyKind::Lru, 20, 0, None, None).unwrap();
+    let (recompute, kv) = run_scheduler(&specs, PolicyKind::Lru, 20, 0, None, None).unwrap();
     assert!(
         recompute.cached_tokens > 0 && recompute.preempted > 0,
         "{recompute:?}"
     );
-    let swap = run_scheduler(&specs, PolicyKind::Lru, 20, 24, None, None).unwrap();
+    assert!(kv.adopted_blocks > 0, "prefixes computed at once: {kv:?}");
+    let (swap, _) = run_scheduler(&specs, PolicyKind::Lru, 20, 24, None, None).unwrap();
     assert!(swap.swapped_out > 0 && swap.swapped_in > 0, "{swap:?}");
     for mode in [TierMode::WriteBack, TierMode::WriteThrough] {
         for delay in [0, 2] {
             let tiers = Some(TierSetup { mode, delay });
-            let t = run_scheduler(&specs, PolicyKind::Lru, 20, 0, None, tiers).unwrap();
+            let (t, _) = run_scheduler(&specs, PolicyKind::Lru, 20, 0, None, tiers).unwrap();
             assert!(
                 t.offloaded_blocks > 0
                     && t.loads_issued > 0

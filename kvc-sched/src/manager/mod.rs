@@ -7,9 +7,9 @@ use std::sync::Arc;
 
 use ahash::AHashMap as HashMap;
 use kvc_core::{
-    Admission, BlockAllocator, BlockCopy, BlockId, LowerTiers, Offer, OfferRole, PinPolicy,
-    PlaceRequest, Placement, PoolView, RegionBlocks, RegionId, Released, Retention, ReuseIndex,
-    ReuseScope, SeqId, SessionId, StoreKey, TierKey,
+    Admission, Adopted, BlockAllocator, BlockCopy, BlockId, LowerTiers, Offer, OfferRole,
+    PinPolicy, PlaceRequest, Placement, PoolView, RegionBlocks, RegionId, Released, Retention,
+    ReuseIndex, ReuseScope, SeqId, SessionId, StoreKey, TierKey,
 };
 
 use crate::tier::{
@@ -763,7 +763,7 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
         s.loading = None;
         s.tokens = (end * bs) as u64;
         let computed = s.tokens;
-        self.cache_prefix(seq, &load.tokens[..end * bs], load.issued_ms, true)
+        self.cache_prefix(seq, &load.tokens[..end * bs], load.issued_ms, true, None)
             .map_err(memory)?;
         Ok(LoadDone {
             seq,
@@ -1021,17 +1021,49 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
         if self.is_loading(seq) {
             return Err(KvError::Loading { seq });
         }
-        self.cache_prefix(seq, computed, now_ms, false)
+        self.cache_prefix(seq, computed, now_ms, false, None)
+    }
+
+    /// [`cache_blocks`](Self::cache_blocks) for an engine that reads the sequence's block
+    /// table again after the call ([`blocks`](Self::blocks), or a [`Scheduler`](crate::Scheduler)
+    /// plan, which carries whole tables every step): where another sequence cached the same
+    /// tokens under other blocks first (both looked the prefix up before either had cached
+    /// it), `cache_blocks` keeps the sequence's copies private and caches none of its later
+    /// blocks, so its next turn misses everything past the shared part. Here the sequence
+    /// takes the cached copies instead (see [`ReuseIndex::offer_adopting`]): its table holds
+    /// them from now on, its own copies are freed, and its later blocks are cached after
+    /// them. Each replacement is appended to `adopted`; positions not listed are unchanged.
+    ///
+    /// Call it between steps, as [`Scheduler`](crate::Scheduler) does, never while a step
+    /// that reads the sequence's old blocks may still run: a freed copy can be handed to
+    /// another sequence. With an index that does not adopt (the default of
+    /// [`ReuseIndex::offer_adopting`]) it is `cache_blocks`.
+    ///
+    /// # Errors
+    /// As [`cache_blocks`](Self::cache_blocks).
+    pub fn cache_blocks_adopting(
+        &mut self,
+        seq: SeqId,
+        computed: &[u32],
+        now_ms: u64,
+        adopted: &mut Vec<Adopted>,
+    ) -> Result<usize, KvError> {
+        if self.is_loading(seq) {
+            return Err(KvError::Loading { seq });
+        }
+        self.cache_prefix(seq, computed, now_ms, false, Some(adopted))
     }
 
     /// [`cache_blocks`](Self::cache_blocks); `from_tiers`: the blocks were just loaded from
-    /// the tiers, so write-through does not copy them back down.
+    /// the tiers, so write-through does not copy them back down; `adopted`: as
+    /// [`cache_blocks_adopting`](Self::cache_blocks_adopting).
     fn cache_prefix(
         &mut self,
         seq: SeqId,
         computed: &[u32],
         now_ms: u64,
         from_tiers: bool,
+        adopted: Option<&mut Vec<Adopted>>,
     ) -> Result<usize, KvError> {
         let bs = self.cfg.block_size as usize;
         let s = self.seq(seq)?;
@@ -1053,11 +1085,22 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
             blocks: &blocks,
             role,
         };
-        let result = self.index_offer(&scope, offer, now_ms, &mut newly);
+        let mut taken = Vec::new();
+        let result = if adopted.is_some() {
+            self.index_offer_adopting(&scope, offer, now_ms, &mut newly, &mut taken)
+        } else {
+            self.index_offer(&scope, offer, now_ms, &mut newly)
+        };
         memo.offers.made(full, role);
         let s = self.seq_mut(seq)?;
         s.keys = memo;
         s.offered = full;
+        for &a in &taken {
+            self.adopt(seq, a)?;
+        }
+        if let Some(adopted) = adopted {
+            adopted.extend_from_slice(&taken);
+        }
         let n = newly.len();
         for b in newly {
             // Holders before the index: the offering sequence (counted by insert) and any
@@ -1073,6 +1116,46 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
         }
         self.stats.cached_blocks += n as u64;
         result.map(|()| n)
+    }
+
+    /// Puts the index's cached copy in `seq`'s table in place of the sequence's own copy
+    /// ([`ReuseIndex::offer_adopting`]; the index already counts the sequence on it).
+    fn adopt(&mut self, seq: SeqId, a: Adopted) -> Result<(), KvError> {
+        if self.seq(seq)?.blocks.get(a.index) != Some(&a.own) {
+            // The index named a block the sequence does not hold there: it broke its
+            // contract. Its count on the cached copy is given back.
+            self.index_release(&[a.cached])?;
+            return Err(KvError::AdoptMismatch {
+                seq,
+                index: a.index,
+                block: a.own,
+            });
+        }
+        self.take_ref(a.cached)?;
+        let region = self.alloc.region_of(a.own);
+        let freed = self.alloc.refcount(a.own) == Ok(1);
+        self.drop_ref(a.own)?;
+        let s = self.seq_mut(seq)?;
+        s.blocks[a.index] = a.cached;
+        // The copy was the sequence's alone: give its placement back to the pin policy (a
+        // copy shared with a fork stays placed until the sequences let it go).
+        let mut back = RegionBlocks::default();
+        match region {
+            Ok(RegionId::PINNED) if freed && s.placed.pinned > 0 => {
+                s.placed.pinned -= 1;
+                back.pinned = 1;
+            }
+            Ok(RegionId::DYNAMIC) if freed && s.placed.dynamic > 0 => {
+                s.placed.dynamic -= 1;
+                back.dynamic = 1;
+            }
+            _ => {}
+        }
+        self.stats.adopted_blocks += 1;
+        if back.total() > 0 {
+            self.pin.release(seq, back)?;
+        }
+        Ok(())
     }
 
     /// Forks `parent` into a new sequence `child` (parallel sampling, beam search): the child
@@ -1567,6 +1650,19 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
         newly: &mut Vec<BlockId>,
     ) -> Result<(), KvError> {
         Ok(self.reuse.offer(scope, offer, now_ms, newly)?)
+    }
+
+    fn index_offer_adopting(
+        &mut self,
+        scope: &ReuseScope,
+        offer: Offer<'_>,
+        now_ms: u64,
+        newly: &mut Vec<BlockId>,
+        adopted: &mut Vec<Adopted>,
+    ) -> Result<(), KvError> {
+        Ok(self
+            .reuse
+            .offer_adopting(scope, offer, now_ms, newly, adopted)?)
     }
 
     fn index_acquire(&mut self, blocks: &[BlockId]) -> Result<(), KvError> {

@@ -2,8 +2,8 @@
 //! sequence asks for, the answer to an allocation, usage figures and errors.
 
 use kvc_core::{
-    AllocError, PinReleaseError, QosClass, RefError, Refusal, ReuseError, SeqId, SessionId,
-    TenantId, WaitReason,
+    AllocError, BlockId, PinReleaseError, QosClass, RefError, Refusal, ReuseError, SeqId,
+    SessionId, TenantId, WaitReason,
 };
 use thiserror::Error;
 
@@ -161,6 +161,10 @@ pub struct KvStats {
     pub cached_blocks: u64,
     /// Cached blocks evicted (each one freed a block).
     pub evicted_blocks: u64,
+    /// Blocks a sequence gave up for the index's cached copy of the same tokens
+    /// ([`KvManager::cache_blocks_adopting`](super::KvManager::cache_blocks_adopting)): each
+    /// freed a duplicate.
+    pub adopted_blocks: u64,
     /// Copy-on-write copies of a shared partial block.
     pub cow_copies: u64,
     /// Sessions ended by their TTL.
@@ -256,6 +260,21 @@ pub enum KvError {
     NotAtPrefix {
         /// The sequence.
         seq: SeqId,
+    },
+    /// The reuse index said it counted the sequence on a cached copy of its block at
+    /// `index`, but the sequence does not hold `block` there
+    /// ([`ReuseIndex::offer_adopting`](kvc_core::ReuseIndex::offer_adopting)): the index's
+    /// count was given back, the table is unchanged.
+    #[error(
+        "the reuse index adopted a cached copy for {block} at {index} of {seq}, which holds another block there"
+    )]
+    AdoptMismatch {
+        /// The sequence.
+        seq: SeqId,
+        /// Position in its table.
+        index: usize,
+        /// The block the index named.
+        block: BlockId,
     },
     /// The pool refused a reference operation.
     #[error(transparent)]

@@ -335,7 +335,10 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> Scheduler<A, P, R> {
     }
 }
 
-/// Offers `s`'s computed full blocks through `kv`, if the manager holds the sequence.
+/// Offers `s`'s computed full blocks through `kv`, if the manager holds the sequence. A
+/// block another sequence cached first is replaced by the cached copy
+/// ([`KvManager::cache_blocks_adopting`]): offers happen between steps and every plan
+/// carries whole block tables, so the next plan reads the new table.
 fn offer_computed<A: BlockAllocator, P: PinPolicy, R: ReuseIndex>(
     kv: &mut KvManager<A, P, R>,
     s: &Seq,
@@ -348,6 +351,7 @@ fn offer_computed<A: BlockAllocator, P: PinPolicy, R: ReuseIndex>(
     let computed = usize::try_from(s.computed)
         .unwrap_or(usize::MAX)
         .min(s.tokens.len());
-    kv.cache_blocks(id, &s.tokens[..computed], now_ms)
+    let mut adopted = Vec::new();
+    kv.cache_blocks_adopting(id, &s.tokens[..computed], now_ms, &mut adopted)
         .map(|_| ())
 }
