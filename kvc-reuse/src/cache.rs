@@ -1188,7 +1188,14 @@ impl PrefixCache {
         if self.by_hash.wants_rebuild(hashes.len(), slot_bound) {
             self.rebuild_index(hashes.len(), slot_bound, self.by_hash.len());
         }
-        for &h in hashes.iter().take(Self::AHEAD) {
+        // The blocks offered before are no access. When the last of them is still cached as
+        // the request's own block under its hash, every block before it is cached too (a
+        // cached block's ancestors are), as the request's own or as a copy it adopted, and
+        // the walk starts after it: an offer per prefill chunk walks each chunk once, not
+        // every earlier chunk again.
+        let skip = self.offered_chain_end(hashes, blocks, offered_before);
+        let start = if skip.is_some() { offered_before } else { 0 };
+        for &h in hashes.iter().skip(start).take(Self::AHEAD) {
             self.by_hash.prefetch(h);
         }
         // The blocks already cached, for the policy's `BlockInfo` (the cache's own LRU order
@@ -1236,7 +1243,18 @@ impl PrefixCache {
         // that is not new; it needs the cache's own LRU order and no events, whose per-block
         // work it leaves out.
         let runs = self.recency.is_some() && !self.events.enabled();
-        let mut next = 0;
+        let mut next = start;
+        if let Some(last) = skip {
+            parent = Some(last);
+            let mut up = last;
+            for depth in (0..offered_before).rev().take(Self::CHAIN_AHEAD) {
+                recent[depth % Self::CHAIN_AHEAD] = up;
+                up = self.nodes[up as usize].parent;
+                if up == NIL {
+                    break;
+                }
+            }
+        }
         while let (Some(&hash), Some(&block)) = (hashes.get(next), blocks.get(next)) {
             let i = next;
             next += 1;
@@ -1355,6 +1373,23 @@ impl PrefixCache {
             });
         }
         result
+    }
+
+    /// The slot of block `offered_before - 1` of an offer when it is cached, hittable, under
+    /// its hash: the end of the chain the request offered before (see
+    /// [`Self::insert_inner`]).
+    #[inline]
+    fn offered_chain_end(
+        &self,
+        hashes: &[BlockHash],
+        blocks: &[BlockId],
+        offered_before: usize,
+    ) -> Option<u32> {
+        let i = offered_before.checked_sub(1)?;
+        let (&hash, &block) = (hashes.get(i)?, blocks.get(i)?);
+        let slot = self.nodes.slot_of(block)?;
+        let node = &self.nodes[slot as usize];
+        (node.hittable && node.hash == hash).then_some(slot)
     }
 
     /// Stores the hash of the node just cached at `slot` after a probe for it found nothing

@@ -712,6 +712,64 @@ fn an_insert_adopting_nothing_is_an_insert_to_every_policy() {
 }
 
 #[test]
+fn an_offer_in_chunks_caches_what_one_offer_caches() {
+    let prompt: Vec<u32> = (0..12 * BS as u32).collect();
+    let h = hashes(&extra(), &prompt);
+    let blocks = ids(0..12);
+    for &policy in PolicyKind::ALL {
+        let mut whole = PrefixCache::with_capacity(BS as u32, policy, 16);
+        let mut chunked = PrefixCache::with_capacity(BS as u32, policy, 16);
+        let mut newly = Vec::new();
+        whole.insert(&h, &blocks, 0, &mut newly).unwrap();
+        // The prompt in chunks of 4 blocks: the first chunk is the prompt offer, each later
+        // one more of the same request, offering everything from the first block.
+        let mut chunks = Vec::new();
+        chunked
+            .insert(&h[..4], &blocks[..4], 0, &mut chunks)
+            .unwrap();
+        for end in [8, 12] {
+            let more = OfferRole::More {
+                offered_before: end - 4,
+            };
+            chunked
+                .insert_as(&h[..end], &blocks[..end], more, 0, &mut chunks)
+                .unwrap();
+        }
+        assert_eq!(chunks, newly, "{policy:?}");
+        for c in [&mut whole, &mut chunked] {
+            c.release(&blocks).unwrap();
+        }
+        assert_eq!(
+            evict_all(&mut chunked, 1),
+            evict_all(&mut whole, 1),
+            "{policy:?}"
+        );
+    }
+}
+
+#[test]
+fn a_more_offer_stops_where_its_chain_was_invalidated() {
+    let prompt: Vec<u32> = (0..6 * BS as u32).collect();
+    let h = hashes(&extra(), &prompt);
+    let blocks = ids(0..6);
+    let mut cache = PrefixCache::new(BS as u32, PolicyKind::Lru);
+    let mut newly = Vec::new();
+    cache.insert(&h[..4], &blocks[..4], 0, &mut newly).unwrap();
+    // A document update invalidates the chain from its third block while the request runs.
+    assert_eq!(cache.invalidate(h[2]), 2);
+    newly.clear();
+    let more = OfferRole::More { offered_before: 4 };
+    cache.insert_as(&h, &blocks, more, 1, &mut newly).unwrap();
+    assert!(
+        newly.is_empty(),
+        "nothing is cached after an invalidated block"
+    );
+    assert_eq!(cache.hittable_blocks(), 2);
+    cache.release(&blocks).unwrap();
+    assert_eq!(evict_all(&mut cache, 2).len(), 4);
+}
+
+#[test]
 fn a_prefix_computed_twice_is_adopted_under_every_policy() {
     let prompt: Vec<u32> = (0..4 * BS as u32 + 1).collect();
     let h = hashes(&extra(), &prompt);
