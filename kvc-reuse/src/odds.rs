@@ -29,6 +29,9 @@ struct Slot {
     evictable: bool,
     /// Evictable but out of the order until its request's walk ends.
     pending: bool,
+    /// Cached outside any prompt's walk ([`Access::More`]: a prefill chunk, a reply) and not
+    /// yet released by the request that cached it.
+    fresh_more: bool,
     hash: BlockHash,
 }
 
@@ -95,6 +98,15 @@ impl ReuseOdds {
     const USE_CLASSES: u32 = 8;
     const POSITION_CLASSES: u32 = 8;
     const UNCLASSED: u16 = u16::MAX;
+    /// The class of blocks cached outside any prompt's walk ([`Access::More`]: a request's
+    /// reply, a prefix loaded from the tiers): one event when the request that cached it
+    /// releases it, reused when a later prompt's walk passes it. Its odds are learned like
+    /// the others', so replies the next turn reads (chat) are kept and replies nothing reads
+    /// are evicted before the prompts' blocks. A block a prompt's walk passes before its
+    /// request released it (a prefill chunk of that very request) is new to that walk.
+    const MORE: u16 =
+        (Self::TURN_CLASSES * Self::GROWTH_CLASSES * Self::USE_CLASSES * Self::POSITION_CLASSES)
+            as u16;
     /// The `kappa` of the policy's model: if gaps between a block's uses were exponential,
     /// the logit of the probability that a block is used again would fall by one per mean
     /// gap, and the mean of an exponential is its median over ln 2.
@@ -135,13 +147,8 @@ impl ReuseOdds {
             credited: Credits::new(memory),
             requests: 0,
             all: (0, 0),
-            stats: vec![
-                (0, 0);
-                (Self::TURN_CLASSES
-                    * Self::GROWTH_CLASSES
-                    * Self::USE_CLASSES
-                    * Self::POSITION_CLASSES) as usize
-            ],
+            // The prompt walks' classes, then `MORE`.
+            stats: vec![(0, 0); Self::MORE as usize + 1],
             gaps: GapMedian::default(),
         }
     }
@@ -195,7 +202,9 @@ impl ReuseOdds {
     fn reused(&mut self, class: u16) {
         if let Some(s) = self.stats.get_mut(class as usize) {
             s.1 += 1;
-            self.all.1 += 1;
+            if class != Self::MORE {
+                self.all.1 += 1;
+            }
         }
     }
 
@@ -321,10 +330,25 @@ impl EvictionPolicy for ReuseOdds {
             class: Self::UNCLASSED,
             evictable: false,
             pending: false,
+            fresh_more: false,
             hash: info.hash,
         };
-        if info.access == Access::Insert {
-            self.walk_step(slot, info, true);
+        match info.access {
+            Access::Insert => self.walk_step(slot, info, true),
+            Access::More => {
+                let s = &mut self.slots[i];
+                s.class = Self::MORE;
+                s.fresh_more = true;
+                let logit = {
+                    let p = self.odds(Self::MORE);
+                    (p / (1.0 - p)).ln()
+                };
+                let gap = self.gaps.get() as f64;
+                for (k, order) in self.orders.iter().enumerate() {
+                    self.shifts[i * n + k] = (order.kappa * gap * logit) as i64;
+                }
+            }
+            Access::Lookup => {}
         }
     }
     fn on_hit(&mut self, slot: u32, info: &BlockInfo) {
@@ -339,15 +363,27 @@ impl EvictionPolicy for ReuseOdds {
             // Every request's insert walk passes each of its blocks once: the block's previous
             // access was followed by a reuse. Its class is counted once; the walk's end gives
             // it a new one.
-            self.reused(s.class);
-            self.slots[slot as usize].class = Self::UNCLASSED;
-            self.walk_step(slot, info, false);
+            // A block cached outside any walk and not released since (a prefill chunk of this
+            // very request, offered as more of it) is new to this walk, not a reuse.
+            let fresh = s.class == Self::UNCLASSED || s.fresh_more;
+            if !fresh {
+                self.reused(s.class);
+            }
+            let s = &mut self.slots[slot as usize];
+            s.class = Self::UNCLASSED;
+            s.fresh_more = false;
+            self.walk_step(slot, info, fresh);
         } else {
             self.flush_pending();
         }
     }
     fn on_release(&mut self, slot: u32, stamp: u64) {
         let s = self.slots[slot as usize];
+        if s.fresh_more {
+            // Its request is done with it: whether another uses it is the `MORE` event.
+            self.slots[slot as usize].fresh_more = false;
+            self.stats[Self::MORE as usize].0 += 1;
+        }
         let ordered = s.evictable && !s.pending;
         if ordered {
             self.leave(slot, None);

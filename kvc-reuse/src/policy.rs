@@ -183,6 +183,9 @@ struct S3Slot {
     /// Accesses since it entered its queue, capped at 3.
     freq: u8,
     evictable: bool,
+    /// Cached outside any prompt's walk ([`Access::More`]) and not yet released: its own
+    /// request's prompt walk passing it (after a prefill chunk) is not another access.
+    fresh: bool,
     hash: BlockHash,
 }
 
@@ -276,12 +279,20 @@ impl EvictionPolicy for S3Fifo {
             seq,
             freq: 0,
             evictable: false,
+            fresh: info.access == Access::More,
             hash: info.hash,
         };
     }
-    fn on_hit(&mut self, slot: u32, _: &BlockInfo) {
+    fn on_hit(&mut self, slot: u32, info: &BlockInfo) {
         let s = &mut self.slots[slot as usize];
+        if s.fresh && info.access == Access::Insert {
+            s.fresh = false;
+            return;
+        }
         s.freq = (s.freq + 1).min(3);
+    }
+    fn on_release(&mut self, slot: u32, _stamp: u64) {
+        self.slots[slot as usize].fresh = false;
     }
     fn on_evictable(&mut self, slot: u32) {
         let s = &mut self.slots[slot as usize];
@@ -371,6 +382,9 @@ struct ConvSlot {
     evictable: bool,
     /// Evictable but out of the order while its request's walk is in progress.
     pending: bool,
+    /// Cached outside any prompt's walk ([`Access::More`]) and not yet released: a prompt
+    /// walk passing it (its own request's, after a prefill chunk) finds it new.
+    fresh: bool,
 }
 
 /// Conversation-aware eviction: LRU order shifted by each request's learned probability of
@@ -590,6 +604,7 @@ impl EvictionPolicy for Conversation {
             shift: 0,
             evictable: false,
             pending: false,
+            fresh: info.access == Access::More,
         };
         if info.access == Access::Insert {
             self.walk_step(slot, info, true);
@@ -604,10 +619,14 @@ impl EvictionPolicy for Conversation {
         }
         self.slots[slot as usize].stamp = info.stamp;
         if info.access == Access::Insert {
-            self.walk_step(slot, info, false);
+            self.slots[slot as usize].fresh = false;
+            self.walk_step(slot, info, s.fresh);
         } else {
             self.flush_pending();
         }
+    }
+    fn on_release(&mut self, slot: u32, _stamp: u64) {
+        self.slots[slot as usize].fresh = false;
     }
     fn on_evictable(&mut self, slot: u32) {
         let s = &mut self.slots[slot as usize];
