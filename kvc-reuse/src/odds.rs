@@ -50,6 +50,11 @@ struct Slot {
 /// - the block's own history: how many earlier requests used it (0, 1, 2, 3 or more),
 ///   remembered after the block is evicted.
 ///
+/// Blocks cached after their request's prompt (its reply: [`Access::More`]) are one more
+/// class, whose event is counted when their request releases them: a reply the next turn
+/// reads is kept like the prompt, one nothing reads goes first. A block cached as more of a
+/// request before its prompt's walk (a prefill chunk) is new to that walk.
+///
 /// Every access of a block is an event of its class at that time; when the block is accessed
 /// again (cached or not: the class is remembered in a ghost list of evicted hashes), that event
 /// counts as reused. A class's probability is `(reused + 1) / (events + 2)`. A block's eviction
