@@ -252,3 +252,46 @@ fn through_the_scheduler_the_next_turn_hits_the_whole_context() {
     assert_eq!(cached, 44, "the prompt and the reply's written full blocks");
     assert_eq!(sched.kv_manager().usage().total().in_use, 0);
 }
+
+#[test]
+fn a_class_kept_out_of_the_pinned_region_does_not_adopt_while_it_has_blocks() {
+    // (With no pinned region it adopts: the other tests' standard sequences do.)
+    use kvc_pin::StaticReserve;
+    // A pool with a pinned region reserved for critical traffic.
+    let cfg = KvManagerConfig {
+        block_size: BS,
+        ..KvManagerConfig::default()
+    };
+    let pool = BlockPool::new(PoolConfig::new(64).pinned(16)).unwrap();
+    let soft = SoftPinConfig::new(64, 64, 0.25).unwrap();
+    let reserve = Reserve::Static(StaticReserve::blocks(16));
+    let pin = PinningPolicy::new(PolicyConfig::new(reserve, soft)).unwrap();
+    let mut kv = KvManager::new(cfg, pool, pin, index()).unwrap();
+    let (a, b) = (prompt(1), prompt(2));
+    for (seq, tokens) in [(1, &a), (2, &b)] {
+        kv.open(SeqId(seq), owner()).unwrap();
+        assert_eq!(kv.lookup_prefix(SeqId(seq), tokens, 0).unwrap(), 0);
+        let ask = SlotRequest {
+            new_tokens: tokens.len() as u64,
+            lookahead: 0,
+            admission: true,
+        };
+        let grant = kv.allocate_slots(SeqId(seq), ask, 0, &mut Vec::new());
+        assert_eq!(grant.unwrap(), SlotGrant::Now);
+    }
+    kv.cache_blocks(SeqId(1), &a, 1).unwrap();
+    // Standard traffic may not hold pinned blocks: it offers as `cache_blocks` does.
+    let mut adopted = Vec::new();
+    let own = kv.blocks(SeqId(2)).unwrap().to_vec();
+    assert_eq!(
+        kv.cache_blocks_adopting(SeqId(2), &b, 1, &mut adopted)
+            .unwrap(),
+        0
+    );
+    assert!(adopted.is_empty());
+    assert_eq!(kv.blocks(SeqId(2)).unwrap(), &own[..]);
+    for seq in [1, 2] {
+        kv.free(SeqId(seq)).unwrap();
+    }
+    assert_eq!(kv.usage().total().in_use, 0);
+}

@@ -185,6 +185,7 @@ enum Op {
     Twin {
         prefix: u8,
         tenant: u8,
+        class: u8,
         adopt: bool,
     },
     Fork {
@@ -221,8 +222,8 @@ fn op() -> impl Strategy<Value = Op> {
         4 => (0u8..3, 0u8..12, 0u8..2, 0u8..3)
             .prop_map(|(prefix, extra, tenant, class)| Op::New { prefix, extra, tenant, class }),
         6 => (any::<u8>(), 1u8..6).prop_map(|(pick, n)| Op::Decode { pick, n }),
-        2 => (0u8..3, 0u8..2, any::<bool>())
-            .prop_map(|(prefix, tenant, adopt)| Op::Twin { prefix, tenant, adopt }),
+        2 => (0u8..3, 0u8..2, 0u8..3, any::<bool>())
+            .prop_map(|(prefix, tenant, class, adopt)| Op::Twin { prefix, tenant, class, adopt }),
         1 => any::<u8>().prop_map(|pick| Op::Fork { pick }),
         1 => any::<u8>().prop_map(|pick| Op::Preempt { pick }),
         2 => any::<u8>().prop_map(|pick| Op::Free { pick }),
@@ -344,12 +345,13 @@ fn run_manager(
             Op::Twin {
                 prefix,
                 tenant,
+                class,
                 adopt,
             } => {
                 let tenant = TenantId(u32::from(tenant));
                 let owner = SeqOwner {
                     tenant,
-                    class: QosClass(1),
+                    class: QosClass(class),
                     session: None,
                 };
                 let mut admitted = Vec::new();
@@ -403,7 +405,7 @@ fn run_manager(
                         key,
                         Live {
                             tenant,
-                            class: QosClass(1),
+                            class: QosClass(class),
                             tokens,
                             written,
                         },
@@ -853,9 +855,12 @@ fn the_fixed_streams_exercise_reuse_forks_eviction_and_preemption() {
         }
         if i % 6 == 1 {
             ops.push(Op::Invalidate);
+            // Class 0 is the reserved one: the others may not hold pinned blocks, so they
+            // offer without adopting while the pinned region has blocks.
             ops.push(Op::Twin {
                 prefix: i % 3,
                 tenant: i % 2,
+                class: u8::from(i % 4 != 1),
                 adopt: i % 4 == 1,
             });
         }

@@ -1037,7 +1037,10 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
     /// Call it between steps, as [`Scheduler`](crate::Scheduler) does, never while a step
     /// that reads the sequence's old blocks may still run: a freed copy can be handed to
     /// another sequence. With an index that does not adopt (the default of
-    /// [`ReuseIndex::offer_adopting`]) it is `cache_blocks`.
+    /// [`ReuseIndex::offer_adopting`]) it is `cache_blocks`; so it is for a sequence whose
+    /// class the pin policy keeps out of the pinned region
+    /// ([`PinPolicy::may_hold_pinned`](kvc_core::PinPolicy::may_hold_pinned)) while that
+    /// region has blocks, since the cached copy could be one of them.
     ///
     /// # Errors
     /// As [`cache_blocks`](Self::cache_blocks).
@@ -1074,6 +1077,7 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
             return Ok(0);
         }
         let scope = scope(&s.owner);
+        let class = s.owner.class;
         let blocks: Vec<BlockId> = s.blocks[..full].to_vec();
         let mut newly = Vec::new();
         let tokens = &computed[..full * bs];
@@ -1086,7 +1090,11 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
             role,
         };
         let mut taken = Vec::new();
-        let result = if adopted.is_some() {
+        // A class kept out of the pinned region adopts only while that region holds no
+        // block: the cached copy could lie there, and its lookups stop at such blocks too.
+        let may_adopt = self.pin.may_hold_pinned(class)
+            || self.alloc.capacity(RegionId::PINNED).is_ok_and(|c| c == 0);
+        let result = if adopted.is_some() && may_adopt {
             self.index_offer_adopting(&scope, offer, now_ms, &mut newly, &mut taken)
         } else {
             self.index_offer(&scope, offer, now_ms, &mut newly)
@@ -1095,11 +1103,20 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
         let s = self.seq_mut(seq)?;
         s.keys = memo;
         s.offered = full;
+        // Every adoption is carried out (the index counts the sequence on each copy), and the
+        // newly cached blocks below get their references, whatever fails on the way.
+        let mut result = result;
         for &a in &taken {
-            self.adopt(seq, a)?;
+            if let Err(err) = self.adopt(seq, a) {
+                result = result.and(Err(err));
+            }
         }
         if let Some(adopted) = adopted {
-            adopted.extend_from_slice(&taken);
+            adopted.extend(taken.iter().filter(|a| {
+                self.seqs
+                    .get(&seq)
+                    .is_some_and(|s| s.blocks.get(a.index) == Some(&a.cached))
+            }));
         }
         let n = newly.len();
         for b in newly {
