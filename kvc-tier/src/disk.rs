@@ -204,6 +204,20 @@ impl std::fmt::Debug for DiskTier {
 const PAGE_EXT: &str = "kvcpage";
 const TMP_EXT: &str = "tmp";
 
+/// The id of a page file named `stem`, when the tier could have written that name: exactly the
+/// 16 lowercase hex digits `page_path` writes, below `u64::MAX` (the tier numbers its
+/// pages from one past the highest found). Any other name is not a page of the tier's and is
+/// left alone: a `1.kvcpage` beside `0000000000000001.kvcpage` must not be taken for it.
+fn page_id(stem: &str) -> Option<u64> {
+    let digits = stem.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    if stem.len() != 16 || !digits {
+        return None;
+    }
+    u64::from_str_radix(stem, 16)
+        .ok()
+        .filter(|&id| id < u64::MAX)
+}
+
 fn io_err(op: &'static str, e: &io::Error) -> StoreError {
     StoreError::Io {
         op,
@@ -254,10 +268,7 @@ impl DiskTier {
         let mut ids = Vec::new();
         for entry in fs::read_dir(&dir).map_err(dir_err)? {
             let path = entry.map_err(dir_err)?.path();
-            let id = path
-                .file_stem()
-                .and_then(|s| s.to_str())
-                .and_then(|s| u64::from_str_radix(s, 16).ok());
+            let id = path.file_stem().and_then(|s| s.to_str()).and_then(page_id);
             match (path.extension().and_then(|e| e.to_str()), id) {
                 (Some(PAGE_EXT), Some(id)) => ids.push(id),
                 (Some(TMP_EXT), _) => {
