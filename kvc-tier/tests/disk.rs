@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use common::{BLOCK, TempDir, blocks, ns, payload};
 use kvc_core::{BlockStore, Retention, StoreKey};
-use kvc_tier::{DiskConfig, DiskTier};
+use kvc_tier::{DiskConfig, DiskOpenError, DiskTier};
 
 fn pages(tier: &DiskTier) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = fs::read_dir(tier.dir())
@@ -125,6 +125,31 @@ fn truncated_and_damaged_pages_are_dropped_at_open_and_on_read() {
     let (n, _, _) = get_all(&disk, &keys);
     assert_eq!(n, 0);
     assert_eq!(disk.stats().corrupt_pages, 1);
+}
+
+#[test]
+fn a_folder_serves_one_open_tier_at_a_time() {
+    let tmp = TempDir::new("in-use");
+    let cfg = DiskConfig::new(&tmp.0, 1 << 20, 2);
+    let (keys, src) = blocks(1..=4);
+    let first = DiskTier::open(ns("m"), &cfg).unwrap();
+    let _ = first.put(&keys, &src, 0).unwrap();
+    // A second engine given the same folder would number its pages from the same id and
+    // overwrite the first one's pages: it is refused, and the first tier keeps its blocks.
+    let second = DiskTier::open(ns("m"), &cfg);
+    assert!(
+        matches!(second, Err(DiskOpenError::InUse { .. })),
+        "{second:?}"
+    );
+    let (n, _, dst) = get_all(&first, &keys);
+    assert_eq!(n, 4);
+    assert_eq!(dst, src);
+    // Another namespace has its own folder; and once the first tier is dropped, the folder
+    // opens again with its pages.
+    assert!(DiskTier::open(ns("other"), &cfg).is_ok());
+    drop(first);
+    let again = DiskTier::open(ns("m"), &cfg).unwrap();
+    assert_eq!(get_all(&again, &keys).2, src);
 }
 
 #[test]
