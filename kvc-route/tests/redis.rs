@@ -231,6 +231,46 @@ fn an_event_subscribers_would_drop_is_refused_at_publish_and_leaves_no_gap() {
 }
 
 #[test]
+fn a_publish_that_timed_out_is_never_lost_to_a_router() {
+    let Some(url) = redis_url() else { return };
+    let p = prefix("timeout");
+    let mut cfg = PublisherConfig::new(16);
+    cfg.prefix = p.clone();
+    cfg.timeout = std::time::Duration::from_millis(100);
+    let mut publ = Publisher::connect(&url, EngineId(1), cfg).expect("publisher connects");
+    let first = publ.publish(stored(Tier::Device, 0..4), 1).unwrap();
+    // The server holds writes back: the next publish times out, and the server carries it
+    // out once writes resume. Its outcome is unknown to the engine.
+    let mut admin = redis::Client::open(url.as_str())
+        .and_then(|c| c.get_connection())
+        .expect("admin connection");
+    let _: redis::Value = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(10_000)
+        .arg("WRITE")
+        .query(&mut admin)
+        .expect("pause");
+    let timed_out = publ.publish(stored(Tier::Device, 4..6), 2);
+    let _: redis::Value = redis::cmd("CLIENT")
+        .arg("UNPAUSE")
+        .query(&mut admin)
+        .expect("unpause");
+    assert!(timed_out.is_err(), "{timed_out:?}");
+    assert_eq!(
+        publ.seq(),
+        first + 1,
+        "the number is used: the event may be out"
+    );
+    // The next event must reach every router, whether or not the one before did.
+    publ.publish(stored(Tier::Host, 10..12), 3).unwrap();
+    let mut index = KvIndex::new(16);
+    let mut sub = subscriber(&url, &p);
+    poll_until_quiet(&mut sub, &mut index, 10);
+    assert_eq!(index.engine(EngineId(1)).unwrap().blocks, [6, 2, 0]);
+    assert_eq!(sub.stats().duplicates, 0, "{:?}", sub.stats());
+}
+
+#[test]
 fn a_restarted_engine_continues_its_sequence_and_a_silent_one_is_dropped() {
     let Some(url) = redis_url() else { return };
     let p = prefix("restart");
