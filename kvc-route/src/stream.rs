@@ -18,7 +18,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
-use redis::{Connection, Value};
+use redis::{Connection, ConnectionLike, Value};
 use thiserror::Error;
 
 use crate::event::{
@@ -135,6 +135,8 @@ fn outcome_unknown(e: &StreamError) -> bool {
 /// Publishes one engine's events.
 pub struct Publisher {
     con: Connection,
+    /// The server, for reconnecting after the connection was lost.
+    url: String,
     engine: EngineId,
     cfg: PublisherConfig,
     seq: u64,
@@ -180,6 +182,39 @@ fn items(v: &Value) -> Option<Vec<&Value>> {
     }
 }
 
+/// Registers `engine` in the set of publishing engines and returns the last sequence number it
+/// published there (in its stream or its snapshot; 0 for none).
+fn register(con: &mut Connection, prefix: &str, engine: EngineId) -> Result<u64, StreamError> {
+    let last: Value = redis::cmd("XREVRANGE")
+        .arg(events_key(prefix, engine))
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query(con)?;
+    let mut seq = 0;
+    if let Some(entries) = items(&last) {
+        for entry in entries {
+            if let Some(frame) = entry_frame(entry)
+                && let Ok(e) = decode_event(frame)
+            {
+                seq = seq.max(e.seq);
+            }
+        }
+    }
+    let snap: Option<Vec<u8>> = redis::cmd("GET")
+        .arg(snapshot_key(prefix, engine))
+        .query(con)?;
+    if let Some(s) = snap.and_then(|b| decode_snapshot(&b).ok()) {
+        seq = seq.max(s.seq);
+    }
+    let _: Value = redis::cmd("SADD")
+        .arg(engines_key(prefix))
+        .arg(engine.0)
+        .query(con)?;
+    Ok(seq)
+}
+
 impl Publisher {
     /// Connects to `url` (`redis://host:port/`), registers the engine, continues its sequence
     /// after whatever an earlier incarnation published, and publishes `Cleared` (a new
@@ -200,35 +235,10 @@ impl Publisher {
             });
         }
         let mut con = connect_with_timeout(url, cfg.timeout, Duration::ZERO)?;
-        let last: Value = redis::cmd("XREVRANGE")
-            .arg(events_key(&cfg.prefix, engine))
-            .arg("+")
-            .arg("-")
-            .arg("COUNT")
-            .arg(1)
-            .query(&mut con)?;
-        let mut seq = 0;
-        if let Some(entries) = items(&last) {
-            for entry in entries {
-                if let Some(frame) = entry_frame(entry)
-                    && let Ok(e) = decode_event(frame)
-                {
-                    seq = seq.max(e.seq);
-                }
-            }
-        }
-        let snap: Option<Vec<u8>> = redis::cmd("GET")
-            .arg(snapshot_key(&cfg.prefix, engine))
-            .query(&mut con)?;
-        if let Some(s) = snap.and_then(|b| decode_snapshot(&b).ok()) {
-            seq = seq.max(s.seq);
-        }
-        let _: Value = redis::cmd("SADD")
-            .arg(engines_key(&cfg.prefix))
-            .arg(engine.0)
-            .query(&mut con)?;
+        let seq = register(&mut con, &cfg.prefix, engine)?;
         let mut p = Self {
             con,
+            url: url.to_owned(),
             engine,
             cfg,
             seq,
@@ -268,8 +278,15 @@ impl Publisher {
     ///   that got the event skip the next one as a duplicate. Do not publish it again.
     /// - A failure writing the periodic snapshot after the event was added: the event is
     ///   published and counted; the snapshot is written again before the next event.
+    ///
+    /// A call that finds the connection dead (the server restarted, the network dropped it)
+    /// fails; the next one connects again, registers the engine again, continues the
+    /// sequence and rewrites the snapshot from everything the engine has published as held,
+    /// so routers that missed events meanwhile resync from it. The engine never has to
+    /// rebuild its publisher.
     pub fn publish(&mut self, body: EventBody, now_ms: u64) -> Result<u64, StreamError> {
         check_publishable(self.cfg.block_size, &body)?;
+        self.reconnect_if_lost()?;
         if self.snapshot_due {
             self.write_snapshot(now_ms)?;
         }
@@ -349,6 +366,7 @@ impl Publisher {
     /// # Errors
     /// A server error.
     pub fn write_snapshot(&mut self, now_ms: u64) -> Result<(), StreamError> {
+        self.reconnect_if_lost()?;
         let frame = encode_snapshot(&self.snapshot(now_ms));
         // Until one is written, the next publish writes it first.
         self.snapshot_due = true;
@@ -357,6 +375,23 @@ impl Publisher {
             .arg(frame)
             .query(&mut self.con)?;
         self.snapshot_due = false;
+        Ok(())
+    }
+
+    /// After a call found the connection dead (the server restarted or the network dropped
+    /// it), connects again, registers the engine again (a restarted server lost the set),
+    /// continues after the highest sequence number the server or this publisher knows, and
+    /// has the snapshot rewritten before the next event: a router that missed events while
+    /// the server was away resyncs from it, with everything the engine holds.
+    fn reconnect_if_lost(&mut self) -> Result<(), StreamError> {
+        if self.con.is_open() {
+            return Ok(());
+        }
+        let mut con = connect_with_timeout(&self.url, self.cfg.timeout, Duration::ZERO)?;
+        let seq = register(&mut con, &self.cfg.prefix, self.engine)?;
+        self.con = con;
+        self.seq = self.seq.max(seq);
+        self.snapshot_due = true;
         Ok(())
     }
 
@@ -444,6 +479,8 @@ pub struct PollReport {
 /// Reads every engine's stream into an index.
 pub struct Subscriber {
     con: Connection,
+    /// The server, for reconnecting after the connection was lost.
+    url: String,
     cfg: SubscriberConfig,
     cursors: BTreeMap<EngineId, String>,
     ingest: Ingest,
@@ -473,6 +510,7 @@ impl Subscriber {
         let con = connect_with_timeout(url, cfg.timeout, Duration::from_millis(cfg.block_ms))?;
         Ok(Self {
             con,
+            url: url.to_owned(),
             cfg,
             cursors: BTreeMap::new(),
             ingest: Ingest::new(),
@@ -491,8 +529,18 @@ impl Subscriber {
     ///
     /// # Errors
     /// A server error, a timeout ([`SubscriberConfig::timeout`]) or a reply of the wrong
-    /// shape; what was applied before it stays applied, and the next poll goes on from there.
+    /// shape; what was applied before it stays applied, and the next poll goes on from there
+    /// (connecting again first when the connection was found dead).
     pub fn poll(&mut self, index: &mut KvIndex, now_ms: u64) -> Result<PollReport, StreamError> {
+        if !self.con.is_open() {
+            // The last call found the connection dead: connect again, keeping every cursor
+            // (a restarted server's new entries sort after them).
+            self.con = connect_with_timeout(
+                &self.url,
+                self.cfg.timeout,
+                Duration::from_millis(self.cfg.block_ms),
+            )?;
+        }
         let mut report = PollReport::default();
         let members: Value = redis::cmd("SMEMBERS")
             .arg(engines_key(&self.cfg.prefix))
