@@ -270,8 +270,9 @@ impl Publisher {
     ///   not the publisher's or whose `token_count` does not match its hashes (subscribers
     ///   would drop it), [`StreamError::Reply`] or a server's error reply: nothing is
     ///   published and the sequence number is not used, so the next publish reuses it.
-    /// - A connection failure or a timeout ([`PublisherConfig::timeout`]): the server may or
-    ///   may not have taken the event, so it counts as published (its sequence number is
+    /// - A connection failure, a server out of reach or a timeout
+    ///   ([`PublisherConfig::timeout`]): the server may or may not have taken the event, so it
+    ///   counts as published (its sequence number is
     ///   used, the publisher's view of the engine's holdings includes it) and the snapshot is
     ///   rewritten before the next event: a router that got it goes on, one that did not sees
     ///   a gap and resyncs from that snapshot. Reusing the number instead would make a router
@@ -286,17 +287,13 @@ impl Publisher {
     /// rebuild its publisher.
     pub fn publish(&mut self, body: EventBody, now_ms: u64) -> Result<u64, StreamError> {
         check_publishable(self.cfg.block_size, &body)?;
-        self.reconnect_if_lost()?;
-        if self.snapshot_due {
-            self.write_snapshot(now_ms)?;
-        }
         let event = Event {
             engine: self.engine,
             seq: self.seq + 1,
             time_ms: now_ms,
             body,
         };
-        if let Err(e) = self.xadd(&encode_event(&event)) {
+        if let Err(e) = self.send(&event, now_ms) {
             if outcome_unknown(&e) {
                 self.seq = event.seq;
                 self.mirror_apply(&event.body);
@@ -310,6 +307,16 @@ impl Publisher {
             self.write_snapshot(now_ms)?;
         }
         Ok(self.seq)
+    }
+
+    /// Reconnects if the connection was lost, writes a snapshot that is due, then adds the
+    /// event to the stream.
+    fn send(&mut self, event: &Event, now_ms: u64) -> Result<(), StreamError> {
+        self.reconnect_if_lost()?;
+        if self.snapshot_due {
+            self.write_snapshot(now_ms)?;
+        }
+        self.xadd(&encode_event(event))
     }
 
     /// Adds a raw frame to the engine's stream without taking a sequence number (for tests of
