@@ -238,11 +238,15 @@ fn corrupt_disk_page_degrades_to_recompute(background_loads: bool) {
     tiers.background_loads = background_loads;
     let mut e = engine(tiers);
     serve_then_evict(&mut e, 3, 4);
-    // Flip a byte near the end of every page file (inside the last block's payload).
+    // Flip a byte near the end of every page file (inside the last block's payload); the
+    // folder also holds the tier's lock file.
     let mut damaged = 0;
     for ns_dir in std::fs::read_dir(&dir.0).unwrap() {
         for page in std::fs::read_dir(ns_dir.unwrap().path()).unwrap() {
             let path = page.unwrap().path();
+            if path.extension().is_none_or(|e| e != "kvcpage") {
+                continue;
+            }
             let mut bytes = std::fs::read(&path).unwrap();
             let at = bytes.len() - 9;
             bytes[at] ^= 0x5a;

@@ -33,10 +33,11 @@ pub struct PoolView {
 }
 
 impl PoolView {
-    /// Blocks in both regions.
+    /// Blocks in both regions (saturating: a view no allocator could report, with regions of
+    /// `usize::MAX` blocks, is not a reason to panic).
     #[must_use]
     pub const fn total(&self) -> usize {
-        self.pinned_capacity + self.dynamic_capacity
+        self.pinned_capacity.saturating_add(self.dynamic_capacity)
     }
 }
 
@@ -50,10 +51,10 @@ pub struct RegionBlocks {
 }
 
 impl RegionBlocks {
-    /// Blocks in both regions.
+    /// Blocks in both regions (saturating, like [`PoolView::total`]).
     #[must_use]
     pub const fn total(&self) -> usize {
-        self.pinned + self.dynamic
+        self.pinned.saturating_add(self.dynamic)
     }
 }
 

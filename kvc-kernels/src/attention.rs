@@ -622,9 +622,10 @@ pub fn paged_decode<T: KvElem>(
     let d = layout.head_dim() as usize;
     let qh = params.q_heads as usize;
     let kvh = layout.kv_heads() as usize;
-    let rows = (batch * qh) as u64;
-    check_len("q", q.len(), rows * d as u64)?;
-    check_len("out", out.len(), rows * d as u64)?;
+    // Saturating: absurd head counts ask for more elements than any buffer has, not a panic.
+    let rows = (batch as u64).saturating_mul(qh as u64);
+    check_len("q", q.len(), rows.saturating_mul(d as u64))?;
+    check_len("out", out.len(), rows.saturating_mul(d as u64))?;
     check_len("lse", lse.len(), rows)?;
     if batch == 0 {
         return Ok(());
@@ -743,9 +744,9 @@ pub fn paged_prefill<T: KvElem>(
     let d = layout.head_dim() as usize;
     let qh = params.q_heads as usize;
     let kvh = layout.kv_heads();
-    let rows = (table.total_queries() * qh) as u64;
-    check_len("q", q.len(), rows * d as u64)?;
-    check_len("out", out.len(), rows * d as u64)?;
+    let rows = (table.total_queries() as u64).saturating_mul(qh as u64);
+    check_len("q", q.len(), rows.saturating_mul(d as u64))?;
+    check_len("out", out.len(), rows.saturating_mul(d as u64))?;
     check_len("lse", lse.len(), rows)?;
     if !params.scale.is_finite() {
         out.fill(f32::NAN);

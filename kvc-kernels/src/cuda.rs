@@ -516,9 +516,9 @@ impl CudaKernels {
         }
         let group = params.q_heads / kvh;
         let d = layout.head_dim();
-        let rows = host.total_queries() as u64 * u64::from(params.q_heads);
-        check_len("q", q.len(), rows * u64::from(d))?;
-        check_len("out", out.len(), rows * u64::from(d))?;
+        let rows = (host.total_queries() as u64).saturating_mul(u64::from(params.q_heads));
+        check_len("q", q.len(), rows.saturating_mul(u64::from(d)))?;
+        check_len("out", out.len(), rows.saturating_mul(u64::from(d)))?;
         check_len("lse", lse.len(), rows)?;
         if !HEAD_DIMS.contains(&d) {
             return Err(CudaError::UnsupportedHeadDim { head_dim: d });

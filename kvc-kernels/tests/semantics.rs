@@ -393,3 +393,54 @@ fn the_api_is_usable_from_this_crate_alone_and_split_zero_is_split_one() {
     let whole64: Vec<f64> = whole.0.iter().map(|&x| f64::from(x)).collect();
     assert!(max_err(&zero.0, &whole64) < 1e-5);
 }
+
+#[test]
+fn absurd_head_counts_are_a_buffer_error_not_an_overflow() {
+    // u32::MAX query heads over one KV head of 65,536 elements, for 65,552 one-token
+    // sequences on one block: the query's element count overflowed u64 while being checked.
+    let d = 1u32 << 16;
+    let layout = PagedLayout::hnd(1, 1, 1, d).unwrap();
+    let cache = vec![0f32; layout.len() as usize];
+    let batch = (1u32 << 16) + 16;
+    let params = AttnParams::new(u32::MAX, d);
+    let (mut out, mut lse) = (Vec::new(), Vec::new());
+    let decode_table = PageTable::for_decode(
+        (0..=batch).collect(),
+        vec![BlockId(0); batch as usize],
+        vec![1; batch as usize],
+        &layout,
+    )
+    .unwrap();
+    let args = DecodeArgs {
+        layout: &layout,
+        cache: cache.as_slice(),
+        table: &decode_table,
+        q: &[][..],
+        params,
+        options: DecodeOptions::default(),
+    };
+    assert!(matches!(
+        paged_decode(&args, &mut out, &mut lse),
+        Err(ShapeError::BufferLength { buffer: "q", .. })
+    ));
+    let prefill_table = PageTable::new(
+        (0..=batch).collect(),
+        (0..=batch).collect(),
+        vec![BlockId(0); batch as usize],
+        vec![1; batch as usize],
+        &layout,
+    )
+    .unwrap();
+    assert!(matches!(
+        paged_prefill(
+            &layout,
+            &cache,
+            &prefill_table,
+            &[],
+            params,
+            &mut out,
+            &mut lse
+        ),
+        Err(ShapeError::BufferLength { buffer: "q", .. })
+    ));
+}

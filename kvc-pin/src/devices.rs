@@ -84,14 +84,13 @@ impl DevicePlan {
             .map(|a| a.device)
     }
 
-    /// Blocks reserved on a device.
+    /// Blocks reserved on a device (saturating at `usize::MAX` in a plan built by hand).
     #[must_use]
     pub fn used(&self, device: DeviceId) -> usize {
         self.assigned
             .iter()
             .filter(|a| a.device == device)
-            .map(|a| a.blocks)
-            .sum()
+            .fold(0, |sum, a| sum.saturating_add(a.blocks))
     }
 }
 
@@ -261,14 +260,15 @@ pub fn rebalance(
     let mut free = Vec::with_capacity(devices.len());
     for (i, device) in devices.iter().enumerate() {
         let on = &mut kept[i];
-        let mut used: usize = on.iter().map(|d| d.blocks).sum();
-        while used > device.capacity {
-            let excess = used - device.capacity;
+        // Summed wide: demands of up to `usize::MAX` blocks each must not overflow.
+        let mut used: u128 = on.iter().map(|d| d.blocks as u128).sum();
+        while used > device.capacity as u128 {
+            let excess = used - device.capacity as u128;
             // The smallest tenant that alone covers the excess, else the largest.
             let pick = on
                 .iter()
                 .enumerate()
-                .filter(|(_, d)| d.blocks >= excess)
+                .filter(|(_, d)| d.blocks as u128 >= excess)
                 .min_by_key(|(_, d)| (d.blocks, d.tenant))
                 .or_else(|| {
                     on.iter()
@@ -278,10 +278,11 @@ pub fn rebalance(
                 .map(|(j, _)| j);
             let Some(j) = pick else { break };
             let evicted = on.swap_remove(j);
-            used -= evicted.blocks;
+            used -= evicted.blocks as u128;
             pending.push(evicted);
         }
-        free.push(device.capacity - used);
+        // At most the capacity now (or nothing is left on the device).
+        free.push(device.capacity - used.min(device.capacity as u128) as usize);
     }
 
     let mut plan = DevicePlan::default();

@@ -128,3 +128,45 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn demands_of_usize_max_blocks_are_unplaced_not_a_panic() {
+    let devices = [
+        Device {
+            id: DeviceId(0),
+            capacity: 100,
+        },
+        Device {
+            id: DeviceId(1),
+            capacity: 50,
+        },
+    ];
+    let small: Vec<Demand> = (1..=3)
+        .map(|t| Demand {
+            tenant: TenantId(t),
+            blocks: 10,
+        })
+        .collect();
+    let plan = place_tenants(&devices, &small).unwrap();
+    // Every tenant's estimate explodes: summing a device's tenants overflowed.
+    let huge: Vec<Demand> = small
+        .iter()
+        .map(|d| Demand {
+            blocks: usize::MAX,
+            ..*d
+        })
+        .collect();
+    let r = rebalance(&plan, &devices, &huge).unwrap();
+    assert!(r.plan.assigned.is_empty());
+    assert_eq!(r.plan.unplaced, huge);
+    assert_eq!(r.moves.len(), 3);
+    assert!(r.moves.iter().all(|m| m.to.is_none()));
+    // A hand-built plan whose reservations sum past usize::MAX saturates.
+    assert_eq!(r.plan.used(DeviceId(0)), 0);
+    let mut stacked = plan.clone();
+    for a in &mut stacked.assigned {
+        a.device = DeviceId(0);
+        a.blocks = usize::MAX;
+    }
+    assert_eq!(stacked.used(DeviceId(0)), usize::MAX);
+}

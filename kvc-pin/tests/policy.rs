@@ -343,6 +343,34 @@ fn release_is_checked_against_what_was_placed() {
 }
 
 #[test]
+fn a_pool_view_of_absurd_sizes_is_answered_not_a_panic() {
+    // Plain data from the caller: regions of usize::MAX blocks overflowed the view's total.
+    let huge = view(usize::MAX, usize::MAX, usize::MAX, usize::MAX);
+    for reserve in [
+        Reserve::Static(StaticReserve::fraction(0.5).unwrap()),
+        Reserve::Adaptive(Box::new(
+            AdaptiveReserve::new(AdaptiveConfig::new(100)).unwrap(),
+        )),
+    ] {
+        let mut p = PinningPolicy::new(PolicyConfig::new(reserve, soft())).unwrap();
+        assert_eq!(
+            p.place(&req(1, 1, CRIT, 5), &huge),
+            alloc(5, 0, Route::Normal)
+        );
+        assert_eq!(
+            p.place(&req(2, 1, BE, 5), &huge),
+            alloc(0, 5, Route::Normal)
+        );
+        let _ = p.tick(&LoadSample {
+            now_ms: 0,
+            pool: huge,
+            waiting: &[],
+        });
+        assert_eq!(p.class_blocks(CRIT).total(), 5);
+    }
+}
+
+#[test]
 fn configuration_errors_are_typed() {
     let mut c = PolicyConfig::new(Reserve::None, soft());
     c.tenant_pinned_share = 1.5;

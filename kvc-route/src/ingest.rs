@@ -10,7 +10,9 @@
 //! - a malformed or truncated frame is counted and dropped before it reaches the index.
 //!
 //! An engine the ingest has never seen starts at sequence 1; one that joins later (or whose
-//! early events were trimmed) shows a gap at once and is loaded from its snapshot.
+//! early events were trimmed) shows a gap at once and is loaded from its snapshot. So does an
+//! engine the index dropped since its last event (silent too long, [`KvIndex::expire`]): its
+//! holdings are gone from the index, so its next event is a gap unless it starts afresh at 1.
 
 use std::collections::HashMap;
 
@@ -107,7 +109,13 @@ impl Ingest {
                 return Offer::Malformed(e);
             }
         };
-        let last = self.last.get(&event.engine).copied().unwrap_or(0);
+        let mut last = self.last.get(&event.engine).copied().unwrap_or(0);
+        if last > 0 && index.engine(event.engine).is_none() {
+            // The index dropped the engine and what it held (`KvIndex::expire`,
+            // `remove_engine`) since its last event here: only a snapshot restores it.
+            self.last.remove(&event.engine);
+            last = 0;
+        }
         if event.seq <= last {
             self.stats.duplicates += 1;
             index.touch(event.engine, now_ms);
@@ -154,6 +162,7 @@ impl Ingest {
     }
 
     /// Forgets an engine (dropped from the index): its next event must start from a snapshot.
+    /// [`offer`](Self::offer) also notices by itself an engine its index no longer holds.
     pub fn forget(&mut self, engine: EngineId) {
         self.last.remove(&engine);
     }
@@ -225,6 +234,53 @@ mod tests {
         assert_eq!(ix.len(), 3);
         let s = ing.stats();
         assert_eq!((s.applied, s.duplicates, s.gaps, s.resyncs), (2, 1, 1, 1));
+    }
+
+    #[test]
+    fn an_engine_the_index_dropped_continues_only_from_a_snapshot() {
+        let mut ix = KvIndex::new(16);
+        let mut ing = Ingest::new();
+        assert_eq!(
+            ing.offer(&mut ix, &frame(1, 10), 0),
+            Offer::Applied(EngineId(1))
+        );
+        // Silent too long: the index drops it and its block; nobody tells the ingest.
+        let mut dropped = Vec::new();
+        ix.expire(20_000, 10_000, &mut dropped);
+        assert_eq!(dropped, [EngineId(1)]);
+        // Its next event would leave the index believing it holds block 20 alone: a gap.
+        assert_eq!(
+            ing.offer(&mut ix, &frame(2, 20), 20_000),
+            Offer::Gap {
+                engine: EngineId(1),
+                expected: 1,
+                got: 2
+            }
+        );
+        assert!(ix.is_empty() && ix.engine(EngineId(1)).is_none());
+        // A replay of an old event is no heartbeat of a dropped engine either.
+        assert!(matches!(
+            ing.offer(&mut ix, &frame(2, 20), 20_000),
+            Offer::Gap { .. }
+        ));
+        assert!(ix.engine(EngineId(1)).is_none());
+        let snap = Snapshot {
+            engine: EngineId(1),
+            seq: 2,
+            time_ms: 0,
+            block_size: 16,
+            groups: vec![SnapshotGroup {
+                tier: Tier::Device,
+                scope: Scope::default(),
+                hashes: vec![ChainHash(10), ChainHash(20)],
+            }],
+        };
+        assert_eq!(ing.resync(&mut ix, &snap, 20_000), Ok(true));
+        assert_eq!(
+            ing.offer(&mut ix, &frame(3, 30), 20_000),
+            Offer::Applied(EngineId(1))
+        );
+        assert_eq!(ix.len(), 3);
     }
 
     #[test]

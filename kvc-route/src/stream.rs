@@ -16,8 +16,9 @@
 //! A restarted publisher continues its engine's sequence and first publishes `Cleared`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::time::Duration;
 
-use redis::{Connection, Value};
+use redis::{Connection, ConnectionLike, Value};
 use thiserror::Error;
 
 use crate::event::{
@@ -84,10 +85,14 @@ pub struct PublisherConfig {
     pub max_len: u64,
     /// Events between snapshots.
     pub snapshot_every: u64,
+    /// Connect, read and write timeout of every call: a server that stops answering fails a
+    /// publish after this long instead of stalling the engine.
+    pub timeout: Duration,
 }
 
 impl PublisherConfig {
-    /// Defaults: prefix `kvc`, 10,000 entries kept, a snapshot every 1,000 events.
+    /// Defaults: prefix `kvc`, 10,000 entries kept, a snapshot every 1,000 events, a
+    /// one-second timeout.
     #[must_use]
     pub fn new(block_size: u32) -> Self {
         Self {
@@ -95,17 +100,50 @@ impl PublisherConfig {
             block_size,
             max_len: 10_000,
             snapshot_every: 1_000,
+            timeout: DEFAULT_TIMEOUT,
         }
     }
+}
+
+/// The default connect, read and write timeout of publishers and subscribers.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Connects to `url` with `timeout` on the connect and on every read and write after it
+/// (`read_extra` more on reads: a blocking `XREAD` waits that long by itself).
+fn connect_with_timeout(
+    url: &str,
+    timeout: Duration,
+    read_extra: Duration,
+) -> Result<Connection, StreamError> {
+    if timeout.is_zero() {
+        return Err(StreamError::Config {
+            reason: "timeout must be positive",
+        });
+    }
+    let con = redis::Client::open(url)?.get_connection_with_timeout(timeout)?;
+    con.set_read_timeout(Some(timeout.saturating_add(read_extra)))?;
+    con.set_write_timeout(Some(timeout))?;
+    Ok(con)
+}
+
+/// Whether a failed command may still have been carried out: the connection failed or timed
+/// out after the command may have reached the server (a server's error reply says it was not).
+fn outcome_unknown(e: &StreamError) -> bool {
+    matches!(e, StreamError::Redis(e) if e.is_io_error() || e.is_connection_dropped())
 }
 
 /// Publishes one engine's events.
 pub struct Publisher {
     con: Connection,
+    /// The server, for reconnecting after the connection was lost.
+    url: String,
     engine: EngineId,
     cfg: PublisherConfig,
     seq: u64,
     mirror: HashMap<(Tier, Scope), HashSet<ChainHash>>,
+    /// An event's publish failed with its outcome unknown: the snapshot is rewritten before
+    /// the next event, so a router that never got that event resyncs past it.
+    snapshot_due: bool,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -144,13 +182,47 @@ fn items(v: &Value) -> Option<Vec<&Value>> {
     }
 }
 
+/// Registers `engine` in the set of publishing engines and returns the last sequence number it
+/// published there (in its stream or its snapshot; 0 for none).
+fn register(con: &mut Connection, prefix: &str, engine: EngineId) -> Result<u64, StreamError> {
+    let last: Value = redis::cmd("XREVRANGE")
+        .arg(events_key(prefix, engine))
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query(con)?;
+    let mut seq = 0;
+    if let Some(entries) = items(&last) {
+        for entry in entries {
+            if let Some(frame) = entry_frame(entry)
+                && let Ok(e) = decode_event(frame)
+            {
+                seq = seq.max(e.seq);
+            }
+        }
+    }
+    let snap: Option<Vec<u8>> = redis::cmd("GET")
+        .arg(snapshot_key(prefix, engine))
+        .query(con)?;
+    if let Some(s) = snap.and_then(|b| decode_snapshot(&b).ok()) {
+        seq = seq.max(s.seq);
+    }
+    let _: Value = redis::cmd("SADD")
+        .arg(engines_key(prefix))
+        .arg(engine.0)
+        .query(con)?;
+    Ok(seq)
+}
+
 impl Publisher {
     /// Connects to `url` (`redis://host:port/`), registers the engine, continues its sequence
     /// after whatever an earlier incarnation published, and publishes `Cleared` (a new
     /// process starts with an empty cache) and an empty snapshot.
     ///
     /// # Errors
-    /// A connection or server error, or an impossible configuration.
+    /// A connection or server error, a timeout ([`PublisherConfig::timeout`]), or an
+    /// impossible configuration.
     pub fn connect(url: &str, engine: EngineId, cfg: PublisherConfig) -> Result<Self, StreamError> {
         if cfg.snapshot_every == 0 || cfg.max_len < 2 * cfg.snapshot_every {
             return Err(StreamError::Config {
@@ -162,40 +234,16 @@ impl Publisher {
                 reason: "block_size must be positive",
             });
         }
-        let mut con = redis::Client::open(url)?.get_connection()?;
-        let last: Value = redis::cmd("XREVRANGE")
-            .arg(events_key(&cfg.prefix, engine))
-            .arg("+")
-            .arg("-")
-            .arg("COUNT")
-            .arg(1)
-            .query(&mut con)?;
-        let mut seq = 0;
-        if let Some(entries) = items(&last) {
-            for entry in entries {
-                if let Some(frame) = entry_frame(entry)
-                    && let Ok(e) = decode_event(frame)
-                {
-                    seq = seq.max(e.seq);
-                }
-            }
-        }
-        let snap: Option<Vec<u8>> = redis::cmd("GET")
-            .arg(snapshot_key(&cfg.prefix, engine))
-            .query(&mut con)?;
-        if let Some(s) = snap.and_then(|b| decode_snapshot(&b).ok()) {
-            seq = seq.max(s.seq);
-        }
-        let _: Value = redis::cmd("SADD")
-            .arg(engines_key(&cfg.prefix))
-            .arg(engine.0)
-            .query(&mut con)?;
+        let mut con = connect_with_timeout(url, cfg.timeout, Duration::ZERO)?;
+        let seq = register(&mut con, &cfg.prefix, engine)?;
         let mut p = Self {
             con,
+            url: url.to_owned(),
             engine,
             cfg,
             seq,
             mirror: HashMap::new(),
+            snapshot_due: false,
         };
         p.publish(EventBody::Cleared { tier: None }, 0)?;
         p.write_snapshot(0)?;
@@ -218,10 +266,25 @@ impl Publisher {
     /// snapshot is rewritten.
     ///
     /// # Errors
-    /// [`StreamError::BadEvent`] for a [`Stored`](crate::Stored) event whose `block_size` is
-    /// not the publisher's or whose `token_count` does not match its hashes (subscribers would
-    /// drop it); a server error. Either way nothing is published and the sequence number is not
-    /// used, so the next publish reuses it.
+    /// - [`StreamError::BadEvent`] for a [`Stored`](crate::Stored) event whose `block_size` is
+    ///   not the publisher's or whose `token_count` does not match its hashes (subscribers
+    ///   would drop it), [`StreamError::Reply`] or a server's error reply: nothing is
+    ///   published and the sequence number is not used, so the next publish reuses it.
+    /// - A connection failure, a server out of reach or a timeout
+    ///   ([`PublisherConfig::timeout`]): the server may or may not have taken the event, so it
+    ///   counts as published (its sequence number is
+    ///   used, the publisher's view of the engine's holdings includes it) and the snapshot is
+    ///   rewritten before the next event: a router that got it goes on, one that did not sees
+    ///   a gap and resyncs from that snapshot. Reusing the number instead would make a router
+    ///   that got the event skip the next one as a duplicate. Do not publish it again.
+    /// - A failure writing the periodic snapshot after the event was added: the event is
+    ///   published and counted; the snapshot is written again before the next event.
+    ///
+    /// A call that finds the connection dead (the server restarted, the network dropped it)
+    /// fails; the next one connects again, registers the engine again, continues the
+    /// sequence and rewrites the snapshot from everything the engine has published as held,
+    /// so routers that missed events meanwhile resync from it. The engine never has to
+    /// rebuild its publisher.
     pub fn publish(&mut self, body: EventBody, now_ms: u64) -> Result<u64, StreamError> {
         check_publishable(self.cfg.block_size, &body)?;
         let event = Event {
@@ -230,13 +293,30 @@ impl Publisher {
             time_ms: now_ms,
             body,
         };
-        self.xadd(&encode_event(&event))?;
+        if let Err(e) = self.send(&event, now_ms) {
+            if outcome_unknown(&e) {
+                self.seq = event.seq;
+                self.mirror_apply(&event.body);
+                self.snapshot_due = true;
+            }
+            return Err(e);
+        }
         self.seq = event.seq;
         self.mirror_apply(&event.body);
         if self.seq.is_multiple_of(self.cfg.snapshot_every) {
             self.write_snapshot(now_ms)?;
         }
         Ok(self.seq)
+    }
+
+    /// Reconnects if the connection was lost, writes a snapshot that is due, then adds the
+    /// event to the stream.
+    fn send(&mut self, event: &Event, now_ms: u64) -> Result<(), StreamError> {
+        self.reconnect_if_lost()?;
+        if self.snapshot_due {
+            self.write_snapshot(now_ms)?;
+        }
+        self.xadd(&encode_event(event))
     }
 
     /// Adds a raw frame to the engine's stream without taking a sequence number (for tests of
@@ -293,11 +373,32 @@ impl Publisher {
     /// # Errors
     /// A server error.
     pub fn write_snapshot(&mut self, now_ms: u64) -> Result<(), StreamError> {
+        self.reconnect_if_lost()?;
         let frame = encode_snapshot(&self.snapshot(now_ms));
+        // Until one is written, the next publish writes it first.
+        self.snapshot_due = true;
         let _: Value = redis::cmd("SET")
             .arg(snapshot_key(&self.cfg.prefix, self.engine))
             .arg(frame)
             .query(&mut self.con)?;
+        self.snapshot_due = false;
+        Ok(())
+    }
+
+    /// After a call found the connection dead (the server restarted or the network dropped
+    /// it), connects again, registers the engine again (a restarted server lost the set),
+    /// continues after the highest sequence number the server or this publisher knows, and
+    /// has the snapshot rewritten before the next event: a router that missed events while
+    /// the server was away resyncs from it, with everything the engine holds.
+    fn reconnect_if_lost(&mut self) -> Result<(), StreamError> {
+        if self.con.is_open() {
+            return Ok(());
+        }
+        let mut con = connect_with_timeout(&self.url, self.cfg.timeout, Duration::ZERO)?;
+        let seq = register(&mut con, &self.cfg.prefix, self.engine)?;
+        self.con = con;
+        self.seq = self.seq.max(seq);
+        self.snapshot_due = true;
         Ok(())
     }
 
@@ -345,10 +446,14 @@ pub struct SubscriberConfig {
     pub block_ms: u64,
     /// Engines not heard from (events or load reports) for this long are dropped.
     pub engine_timeout_ms: u64,
+    /// Connect, read and write timeout of every call (reads wait `block_ms` more): a server
+    /// that stops answering fails a poll after this long instead of stalling the router.
+    pub timeout: Duration,
 }
 
 impl SubscriberConfig {
-    /// Defaults: prefix `kvc`, 1,000 entries per poll, no waiting, engines dropped after 10 s.
+    /// Defaults: prefix `kvc`, 1,000 entries per poll, no waiting, engines dropped after 10 s,
+    /// a one-second timeout.
     #[must_use]
     pub fn new() -> Self {
         Self {
@@ -356,6 +461,7 @@ impl SubscriberConfig {
             count: 1_000,
             block_ms: 0,
             engine_timeout_ms: 10_000,
+            timeout: DEFAULT_TIMEOUT,
         }
     }
 }
@@ -380,6 +486,8 @@ pub struct PollReport {
 /// Reads every engine's stream into an index.
 pub struct Subscriber {
     con: Connection,
+    /// The server, for reconnecting after the connection was lost.
+    url: String,
     cfg: SubscriberConfig,
     cursors: BTreeMap<EngineId, String>,
     ingest: Ingest,
@@ -399,16 +507,17 @@ impl Subscriber {
     /// Connects to `url`.
     ///
     /// # Errors
-    /// A connection error, or a zero `count`.
+    /// A connection error or timeout, or a zero `count` or `timeout`.
     pub fn connect(url: &str, cfg: SubscriberConfig) -> Result<Self, StreamError> {
         if cfg.count == 0 {
             return Err(StreamError::Config {
                 reason: "count must be positive",
             });
         }
-        let con = redis::Client::open(url)?.get_connection()?;
+        let con = connect_with_timeout(url, cfg.timeout, Duration::from_millis(cfg.block_ms))?;
         Ok(Self {
             con,
+            url: url.to_owned(),
             cfg,
             cursors: BTreeMap::new(),
             ingest: Ingest::new(),
@@ -426,8 +535,19 @@ impl Subscriber {
     /// gaps from their snapshots, and drops silent engines.
     ///
     /// # Errors
-    /// A server error or a reply of the wrong shape; what was applied before it stays applied.
+    /// A server error, a timeout ([`SubscriberConfig::timeout`]) or a reply of the wrong
+    /// shape; what was applied before it stays applied, and the next poll goes on from there
+    /// (connecting again first when the connection was found dead).
     pub fn poll(&mut self, index: &mut KvIndex, now_ms: u64) -> Result<PollReport, StreamError> {
+        if !self.con.is_open() {
+            // The last call found the connection dead: connect again, keeping every cursor
+            // (a restarted server's new entries sort after them).
+            self.con = connect_with_timeout(
+                &self.url,
+                self.cfg.timeout,
+                Duration::from_millis(self.cfg.block_ms),
+            )?;
+        }
         let mut report = PollReport::default();
         let members: Value = redis::cmd("SMEMBERS")
             .arg(engines_key(&self.cfg.prefix))
@@ -562,6 +682,49 @@ mod tests {
             token_count,
             hashes: (0..blocks).map(ChainHash).collect(),
         })
+    }
+
+    /// A server that accepts connections and never answers (a hung or stopped Redis).
+    fn silent_server() -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let url = format!("redis://{}/", listener.local_addr().expect("address"));
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for c in listener.incoming() {
+                held.push(c);
+            }
+        });
+        url
+    }
+
+    #[test]
+    fn a_server_that_stops_answering_fails_calls_instead_of_stalling_them() {
+        let url = silent_server();
+        let mut cfg = PublisherConfig::new(16);
+        cfg.timeout = Duration::from_millis(50);
+        let err = Publisher::connect(&url, EngineId(1), cfg.clone()).expect_err("no answer");
+        assert!(
+            matches!(&err, StreamError::Redis(e) if e.is_timeout()),
+            "{err}"
+        );
+        cfg.timeout = Duration::ZERO;
+        assert!(matches!(
+            Publisher::connect(&url, EngineId(1), cfg),
+            Err(StreamError::Config { .. })
+        ));
+        let mut cfg = SubscriberConfig::new();
+        cfg.timeout = Duration::from_millis(50);
+        cfg.block_ms = 10;
+        let mut index = KvIndex::new(16);
+        // Connecting sends nothing; the first poll waits for an answer that never comes.
+        if let Ok(mut sub) = Subscriber::connect(&url, cfg) {
+            let err = sub.poll(&mut index, 0).expect_err("no answer");
+            assert!(
+                matches!(&err, StreamError::Redis(e) if e.is_timeout()),
+                "{err}"
+            );
+        }
+        assert!(index.is_empty());
     }
 
     #[test]

@@ -231,6 +231,141 @@ fn an_event_subscribers_would_drop_is_refused_at_publish_and_leaves_no_gap() {
 }
 
 #[test]
+fn a_publish_that_timed_out_is_never_lost_to_a_router() {
+    let Some(url) = redis_url() else { return };
+    let p = prefix("timeout");
+    let mut cfg = PublisherConfig::new(16);
+    cfg.prefix = p.clone();
+    cfg.timeout = std::time::Duration::from_millis(100);
+    let mut publ = Publisher::connect(&url, EngineId(1), cfg).expect("publisher connects");
+    let first = publ.publish(stored(Tier::Device, 0..4), 1).unwrap();
+    // The server holds writes back: the next publish times out, and the server carries it
+    // out once writes resume. Its outcome is unknown to the engine.
+    let mut admin = redis::Client::open(url.as_str())
+        .and_then(|c| c.get_connection())
+        .expect("admin connection");
+    let _: redis::Value = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(10_000)
+        .arg("WRITE")
+        .query(&mut admin)
+        .expect("pause");
+    let timed_out = publ.publish(stored(Tier::Device, 4..6), 2);
+    let _: redis::Value = redis::cmd("CLIENT")
+        .arg("UNPAUSE")
+        .query(&mut admin)
+        .expect("unpause");
+    assert!(timed_out.is_err(), "{timed_out:?}");
+    assert_eq!(
+        publ.seq(),
+        first + 1,
+        "the number is used: the event may be out"
+    );
+    // The next event must reach every router, whether or not the one before did.
+    publ.publish(stored(Tier::Host, 10..12), 3).unwrap();
+    let mut index = KvIndex::new(16);
+    let mut sub = subscriber(&url, &p);
+    poll_until_quiet(&mut sub, &mut index, 10);
+    assert_eq!(index.engine(EngineId(1)).unwrap().blocks, [6, 2, 0]);
+    assert_eq!(sub.stats().duplicates, 0, "{:?}", sub.stats());
+}
+
+/// A redis-server of this test's own on a free loopback port, to kill and restart; `None`
+/// when there is none on PATH (skipped, or a failure under `CI=true`).
+struct OwnServer {
+    port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl OwnServer {
+    fn start() -> Option<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .ok()?
+            .local_addr()
+            .ok()?
+            .port();
+        let mut s = Self { port, child: None };
+        if s.restart() {
+            Some(s)
+        } else {
+            assert!(
+                !std::env::var("CI").is_ok_and(|v| v == "true"),
+                "no redis-server on PATH under CI"
+            );
+            eprintln!("skipped: no redis-server on PATH");
+            None
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Starts the server (empty: no persistence) and waits until it accepts connections.
+    fn restart(&mut self) -> bool {
+        let Ok(child) = std::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+        else {
+            return false;
+        };
+        self.child = Some(child);
+        for _ in 0..500 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        false
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for OwnServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[test]
+fn publisher_and_subscriber_carry_on_across_a_server_restart() {
+    let Some(mut server) = OwnServer::start() else {
+        return;
+    };
+    let url = server.url();
+    let p = prefix("server-restart");
+    let mut publ = publisher(&url, &p, 1, 1_000, 100);
+    publ.publish(stored(Tier::Device, 0..4), 1).unwrap();
+    let mut index = KvIndex::new(16);
+    let mut sub = subscriber(&url, &p);
+    poll_until_quiet(&mut sub, &mut index, 10);
+    assert_eq!(index.engine(EngineId(1)).unwrap().blocks, [4, 0, 0]);
+
+    // The server dies: the next publish fails (maybe out, maybe not), and so does a poll.
+    server.kill();
+    assert!(publ.publish(stored(Tier::Device, 4..6), 2).is_err());
+    assert!(sub.poll(&mut index, 20).is_err());
+    // While it is away, events still count: the engine does hold these blocks.
+    assert!(publ.publish(stored(Tier::Device, 6..8), 2).is_err());
+    // It comes back empty. The same publisher and subscriber carry on: the engine's holdings,
+    // the event whose publish failed included, reach the router through the snapshot.
+    assert!(server.restart(), "redis-server restarts");
+    publ.publish(stored(Tier::Host, 10..12), 3).unwrap();
+    poll_until_quiet(&mut sub, &mut index, 30);
+    assert_eq!(index.engine(EngineId(1)).unwrap().blocks, [8, 2, 0]);
+    assert_eq!(device_prefix(&index, 1, 0..10), 8);
+}
+
+#[test]
 fn a_restarted_engine_continues_its_sequence_and_a_silent_one_is_dropped() {
     let Some(url) = redis_url() else { return };
     let p = prefix("restart");

@@ -17,6 +17,10 @@
 //! deleted; a block whose checksum does not match when it is read is a miss, and its whole page
 //! is deleted. A read that races the eviction of its page finds the file gone: a miss.
 //!
+//! A namespace's folder serves one open tier at a time: [`DiskTier::open`] locks its `lock`
+//! file, and a second open of the folder (another engine given the same folder, in this
+//! process or another) is [`DiskOpenError::InUse`].
+//!
 //! Eviction is by page, in the device's order: lowest retention priority first, and least
 //! recently used among pages of one priority (a hit touches the page). A page ranks at the
 //! retention it was written with ([`BlockStore::put_retained`]; the host tier passes on each
@@ -27,7 +31,7 @@
 //! survive a restart) and count as used in the order they were written.
 
 use std::collections::BTreeSet;
-use std::fs::{self, File};
+use std::fs::{self, File, TryLockError};
 use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
@@ -84,6 +88,14 @@ pub enum DiskOpenError {
         /// The I/O error.
         #[source]
         source: io::Error,
+    },
+    /// Another disk tier (in this process or another) has this namespace's folder open: two
+    /// tiers numbering pages in one folder would overwrite each other's pages. Give each
+    /// engine its own [`DiskConfig::dir`], or share blocks through the shared tier.
+    #[error("disk tier: {path} is in use by another disk tier")]
+    InUse {
+        /// The namespace's folder.
+        path: PathBuf,
     },
 }
 
@@ -190,6 +202,8 @@ pub struct DiskTier {
     budget: u64,
     sync: bool,
     inner: Mutex<Inner>,
+    /// The namespace folder's lock file, locked exclusively for the tier's lifetime.
+    _lock: File,
 }
 
 impl std::fmt::Debug for DiskTier {
@@ -203,6 +217,22 @@ impl std::fmt::Debug for DiskTier {
 
 const PAGE_EXT: &str = "kvcpage";
 const TMP_EXT: &str = "tmp";
+/// The lock file a tier holds in its namespace folder while open.
+const LOCK_FILE: &str = "lock";
+
+/// The id of a page file named `stem`, when the tier could have written that name: exactly the
+/// 16 lowercase hex digits `page_path` writes, below `u64::MAX` (the tier numbers its
+/// pages from one past the highest found). Any other name is not a page of the tier's and is
+/// left alone: a `1.kvcpage` beside `0000000000000001.kvcpage` must not be taken for it.
+fn page_id(stem: &str) -> Option<u64> {
+    let digits = stem.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    if stem.len() != 16 || !digits {
+        return None;
+    }
+    u64::from_str_radix(stem, 16)
+        .ok()
+        .filter(|&id| id < u64::MAX)
+}
 
 fn io_err(op: &'static str, e: &io::Error) -> StoreError {
     StoreError::Io {
@@ -219,9 +249,14 @@ impl DiskTier {
     /// discards KV on disk. A budget smaller than one page file opens, but stores nothing
     /// (every put is declined as [`PutOutcome::skipped`](kvc_core::PutOutcome::skipped)).
     ///
+    /// A namespace's folder serves one tier at a time: the tier holds a lock on its `lock`
+    /// file until it is dropped (where the file system has locks), so a second open of the
+    /// same folder and namespace, in this process or another, is refused rather than left to
+    /// overwrite the first tier's pages.
+    ///
     /// # Errors
-    /// [`DiskOpenError::ZeroBlocksPerPage`], or [`DiskOpenError::Dir`] when the folder cannot
-    /// be created or listed.
+    /// [`DiskOpenError::ZeroBlocksPerPage`]; [`DiskOpenError::Dir`] when the folder cannot
+    /// be created or listed; [`DiskOpenError::InUse`] when another open tier holds it.
     pub fn open(ns: StoreNamespace, cfg: &DiskConfig) -> Result<Self, DiskOpenError> {
         if cfg.blocks_per_page == 0 {
             return Err(DiskOpenError::ZeroBlocksPerPage);
@@ -232,6 +267,21 @@ impl DiskTier {
             source,
         };
         fs::create_dir_all(&dir).map_err(dir_err)?;
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(LOCK_FILE))
+            .map_err(dir_err)?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                return Err(DiskOpenError::InUse { path: dir.clone() });
+            }
+            // A file system without locks: open as before, unguarded.
+            Err(TryLockError::Error(e)) if e.kind() == io::ErrorKind::Unsupported => {}
+            Err(TryLockError::Error(e)) => return Err(dir_err(e)),
+        }
         let tier = Self {
             ns_bytes: ns.encode(),
             block_bytes: ns.block_bytes(),
@@ -240,6 +290,7 @@ impl DiskTier {
             blocks_per_page: cfg.blocks_per_page,
             budget: cfg.budget_bytes,
             sync: cfg.sync,
+            _lock: lock,
             inner: Mutex::new(Inner {
                 pages: AHashMap::new(),
                 map: AHashMap::new(),
@@ -254,10 +305,7 @@ impl DiskTier {
         let mut ids = Vec::new();
         for entry in fs::read_dir(&dir).map_err(dir_err)? {
             let path = entry.map_err(dir_err)?.path();
-            let id = path
-                .file_stem()
-                .and_then(|s| s.to_str())
-                .and_then(|s| u64::from_str_radix(s, 16).ok());
+            let id = path.file_stem().and_then(|s| s.to_str()).and_then(page_id);
             match (path.extension().and_then(|e| e.to_str()), id) {
                 (Some(PAGE_EXT), Some(id)) => ids.push(id),
                 (Some(TMP_EXT), _) => {

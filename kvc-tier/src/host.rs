@@ -459,6 +459,10 @@ impl HostTier {
     /// `now_ms` is the caller's clock for the pins' expiries; the tier keeps the latest clock
     /// it was given, so an older one (or 0, from [`BlockStore::put`]) changes nothing. A block
     /// already held takes the new retention (the latest offer is the device's latest word).
+    ///
+    /// A batch larger than the pages it may take evicts its own earliest pages as it fills:
+    /// those blocks count in both [`PutOutcome::stored`] and [`PutOutcome::evicted`], are
+    /// not held afterwards, and go to `spill` like any other evicted block.
     pub fn put_spilling(
         &self,
         keys: &[StoreKey],

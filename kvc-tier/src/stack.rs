@@ -358,6 +358,12 @@ impl TierStack {
 
     /// Loads the blocks of `keys` from the tiers `tiers` (a [`lookup`](Self::lookup)) into
     /// `dst`, promoting lower-tier blocks into the host tier.
+    ///
+    /// The first `min(keys.len(), tiers.len())` blocks are asked for, so `dst` must hold at
+    /// least that many blocks of the namespace's `block_bytes()`; a shorter buffer is
+    /// [`StoreError::BufferSize`] and nothing is read. The loaded prefix fills the buffer's
+    /// leading slots ([`LoadOutcome::blocks`]); it stops at the first block gone since the
+    /// lookup or named by a tier the stack does not have.
     pub fn load(
         &self,
         keys: &[StoreKey],

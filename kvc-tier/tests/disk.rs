@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use common::{BLOCK, TempDir, blocks, ns, payload};
 use kvc_core::{BlockStore, Retention, StoreKey};
-use kvc_tier::{DiskConfig, DiskTier};
+use kvc_tier::{DiskConfig, DiskOpenError, DiskTier};
 
 fn pages(tier: &DiskTier) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = fs::read_dir(tier.dir())
@@ -125,6 +125,66 @@ fn truncated_and_damaged_pages_are_dropped_at_open_and_on_read() {
     let (n, _, _) = get_all(&disk, &keys);
     assert_eq!(n, 0);
     assert_eq!(disk.stats().corrupt_pages, 1);
+}
+
+#[test]
+fn a_folder_serves_one_open_tier_at_a_time() {
+    let tmp = TempDir::new("in-use");
+    let cfg = DiskConfig::new(&tmp.0, 1 << 20, 2);
+    let (keys, src) = blocks(1..=4);
+    let first = DiskTier::open(ns("m"), &cfg).unwrap();
+    let _ = first.put(&keys, &src, 0).unwrap();
+    // A second engine given the same folder would number its pages from the same id and
+    // overwrite the first one's pages: it is refused, and the first tier keeps its blocks.
+    let second = DiskTier::open(ns("m"), &cfg);
+    assert!(
+        matches!(second, Err(DiskOpenError::InUse { .. })),
+        "{second:?}"
+    );
+    let (n, _, dst) = get_all(&first, &keys);
+    assert_eq!(n, 4);
+    assert_eq!(dst, src);
+    // Another namespace has its own folder; and once the first tier is dropped, the folder
+    // opens again with its pages.
+    assert!(DiskTier::open(ns("other"), &cfg).is_ok());
+    drop(first);
+    let again = DiskTier::open(ns("m"), &cfg).unwrap();
+    assert_eq!(get_all(&again, &keys).2, src);
+}
+
+#[test]
+fn files_named_like_no_page_of_the_tier_are_left_alone_at_open() {
+    let tmp = TempDir::new("names");
+    let cfg = DiskConfig::new(&tmp.0, 1 << 20, 2);
+    let (keys, src) = blocks(1..=4);
+    let files = {
+        let disk = DiskTier::open(ns("m"), &cfg).unwrap();
+        let _ = disk.put(&keys, &src, 0).unwrap();
+        pages(&disk)
+    };
+    let dir = files[0].parent().unwrap().to_path_buf();
+    // The highest id a name can hold (the next page's id would overflow), and short or signed
+    // names that parse as the id of a real page (taking one for the page, open deleted the
+    // real file as a duplicate).
+    fs::write(dir.join("ffffffffffffffff.kvcpage"), b"not a page").unwrap();
+    let first = files[0].file_stem().unwrap().to_str().unwrap();
+    let short = first.trim_start_matches('0');
+    let short = if short.is_empty() { "0" } else { short };
+    for alias in [short.to_string(), format!("+{short}")] {
+        fs::copy(&files[0], dir.join(format!("{alias}.kvcpage"))).unwrap();
+    }
+    let disk = DiskTier::open(ns("m"), &cfg).unwrap();
+    let s = disk.stats();
+    assert_eq!((s.recovered_pages, s.dropped_at_open), (2, 0));
+    assert!(files.iter().all(|f| f.exists()));
+    let (n, _, dst) = get_all(&disk, &keys);
+    assert_eq!(n, 4);
+    assert_eq!(dst, src);
+    // New pages get fresh ids beside them.
+    let (more, more_src) = blocks(5..=6);
+    assert_eq!(disk.put(&more, &more_src, 0).unwrap().stored, 2);
+    assert_eq!(get_all(&disk, &more).2, more_src);
+    assert_eq!(get_all(&disk, &keys).2, src);
 }
 
 #[test]
