@@ -215,22 +215,7 @@ impl World {
 
     fn request(&mut self, t: usize, tokens: &[u32], finish: bool, now: u64) -> Check {
         let hashes = self.hashes(t, tokens);
-        let hit = self.cache.lookup(&hashes, tokens.len(), now);
-        prop_assert!(
-            hit.tokens < tokens.len() as u64,
-            "the last token is never a hit"
-        );
-        prop_assert_eq!(hit.tokens, (hit.blocks.len() * BS) as u64);
-        self.check_blocks(t, tokens, &hit.blocks)?;
-        let mut blocks = hit.blocks;
-        for &b in &blocks {
-            self.retain(b)?;
-        }
-        for i in blocks.len()..tokens.len().div_ceil(BS) {
-            let end = ((i + 1) * BS).min(tokens.len());
-            let b = self.alloc(fingerprint(t, &tokens[..end]));
-            blocks.push(b);
-        }
+        let blocks = self.lookup_and_compute(t, tokens, now)?;
         let full = tokens.len() / BS;
         let mut newly = Vec::new();
         self.cache
@@ -254,6 +239,11 @@ impl World {
     ) -> Result<Vec<BlockId>, TestCaseError> {
         let hashes = self.hashes(t, tokens);
         let hit = self.cache.lookup(&hashes, tokens.len(), now);
+        prop_assert!(
+            hit.tokens < tokens.len() as u64,
+            "the last token is never a hit"
+        );
+        prop_assert_eq!(hit.tokens, (hit.blocks.len() * BS) as u64);
         self.check_blocks(t, tokens, &hit.blocks)?;
         let mut blocks = hit.blocks;
         for &b in &blocks {

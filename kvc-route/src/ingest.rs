@@ -191,6 +191,21 @@ mod tests {
         })
     }
 
+    /// Engine 1's snapshot after its events 1 and 2 (hashes 10 and 20 on the device).
+    fn snapshot_at_2() -> Snapshot {
+        Snapshot {
+            engine: EngineId(1),
+            seq: 2,
+            time_ms: 0,
+            block_size: 16,
+            groups: vec![SnapshotGroup {
+                tier: Tier::Device,
+                scope: Scope::default(),
+                hashes: vec![ChainHash(10), ChainHash(20)],
+            }],
+        }
+    }
+
     #[test]
     fn in_order_applies_replays_skip_gaps_wait_for_a_snapshot() {
         let mut ix = KvIndex::new(16);
@@ -212,17 +227,7 @@ mod tests {
             }
         );
         assert_eq!(ix.len(), 1);
-        let snap = Snapshot {
-            engine: EngineId(1),
-            seq: 2,
-            time_ms: 0,
-            block_size: 16,
-            groups: vec![SnapshotGroup {
-                tier: Tier::Device,
-                scope: Scope::default(),
-                hashes: vec![ChainHash(10), ChainHash(20)],
-            }],
-        };
+        let snap = snapshot_at_2();
         assert_eq!(ing.resync(&mut ix, &snap, 0), Ok(true));
         assert_eq!(
             ing.offer(&mut ix, &frame(3, 30), 0),
@@ -264,17 +269,7 @@ mod tests {
             Offer::Gap { .. }
         ));
         assert!(ix.engine(EngineId(1)).is_none());
-        let snap = Snapshot {
-            engine: EngineId(1),
-            seq: 2,
-            time_ms: 0,
-            block_size: 16,
-            groups: vec![SnapshotGroup {
-                tier: Tier::Device,
-                scope: Scope::default(),
-                hashes: vec![ChainHash(10), ChainHash(20)],
-            }],
-        };
+        let snap = snapshot_at_2();
         assert_eq!(ing.resync(&mut ix, &snap, 20_000), Ok(true));
         assert_eq!(
             ing.offer(&mut ix, &frame(3, 30), 20_000),
