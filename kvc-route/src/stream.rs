@@ -16,7 +16,7 @@
 //! A restarted publisher continues its engine's sequence and first publishes `Cleared`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use redis::{Connection, ConnectionLike, Value};
 use thiserror::Error;
@@ -55,6 +55,14 @@ pub enum StreamError {
         /// What is wrong.
         reason: &'static str,
     },
+    /// The connection was lost and the last attempt to connect again failed: the next one
+    /// is made once `retry_in` has passed (`retry_after` of the configuration), so a server
+    /// that stopped answering costs one timeout per `retry_after`, not one per call.
+    #[error("the server was unreachable at the last attempt; next attempt in {retry_in:?}")]
+    Unreachable {
+        /// Time until the next attempt.
+        retry_in: Duration,
+    },
 }
 
 /// Checks that subscribers will apply `body` from a publisher of `block_size`-token blocks.
@@ -88,11 +96,15 @@ pub struct PublisherConfig {
     /// Connect, read and write timeout of every call: a server that stops answering fails a
     /// publish after this long instead of stalling the engine.
     pub timeout: Duration,
+    /// After a failed attempt to connect again, calls fail at once
+    /// ([`StreamError::Unreachable`]) for this long before the next attempt (0: every call
+    /// tries).
+    pub retry_after: Duration,
 }
 
 impl PublisherConfig {
     /// Defaults: prefix `kvc`, 10,000 entries kept, a snapshot every 1,000 events, a
-    /// one-second timeout.
+    /// one-second timeout, one second between attempts to connect again.
     #[must_use]
     pub fn new(block_size: u32) -> Self {
         Self {
@@ -101,12 +113,49 @@ impl PublisherConfig {
             max_len: 10_000,
             snapshot_every: 1_000,
             timeout: DEFAULT_TIMEOUT,
+            retry_after: DEFAULT_RETRY_AFTER,
         }
     }
 }
 
 /// The default connect, read and write timeout of publishers and subscribers.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The default wait after a failed attempt to connect again.
+const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// When the next attempt to connect again may be made: none after a success, `retry_after`
+/// after a failure.
+#[derive(Clone, Copy, Debug, Default)]
+struct Backoff {
+    next_try: Option<Instant>,
+}
+
+impl Backoff {
+    /// [`StreamError::Unreachable`] while the wait after the last failure lasts.
+    fn check(&self) -> Result<(), StreamError> {
+        match self.next_try {
+            Some(at) => match at.checked_duration_since(Instant::now()) {
+                Some(retry_in) if !retry_in.is_zero() => Err(StreamError::Unreachable { retry_in }),
+                _ => Ok(()),
+            },
+            None => Ok(()),
+        }
+    }
+
+    /// The outcome of an attempt.
+    fn record<T>(
+        &mut self,
+        attempt: Result<T, StreamError>,
+        retry_after: Duration,
+    ) -> Result<T, StreamError> {
+        self.next_try = match &attempt {
+            Ok(_) => None,
+            Err(_) => Instant::now().checked_add(retry_after),
+        };
+        attempt
+    }
+}
 
 /// Connects to `url` with `timeout` on the connect and on every read and write after it
 /// (`read_extra` more on reads: a blocking `XREAD` waits that long by itself).
@@ -129,7 +178,13 @@ fn connect_with_timeout(
 /// Whether a failed command may still have been carried out: the connection failed or timed
 /// out after the command may have reached the server (a server's error reply says it was not).
 fn outcome_unknown(e: &StreamError) -> bool {
-    matches!(e, StreamError::Redis(e) if e.is_io_error() || e.is_connection_dropped())
+    match e {
+        StreamError::Redis(e) => e.is_io_error() || e.is_connection_dropped(),
+        // Not sent, but counted as published all the same: the snapshot written once the
+        // server is back carries it (see `Publisher::publish`).
+        StreamError::Unreachable { .. } => true,
+        _ => false,
+    }
 }
 
 /// Publishes one engine's events.
@@ -144,6 +199,7 @@ pub struct Publisher {
     /// An event's publish failed with its outcome unknown: the snapshot is rewritten before
     /// the next event, so a router that never got that event resyncs past it.
     snapshot_due: bool,
+    backoff: Backoff,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -244,6 +300,7 @@ impl Publisher {
             seq,
             mirror: HashMap::new(),
             snapshot_due: false,
+            backoff: Backoff::default(),
         };
         p.publish(EventBody::Cleared { tier: None }, 0)?;
         p.write_snapshot(0)?;
@@ -284,7 +341,10 @@ impl Publisher {
     /// fails; the next one connects again, registers the engine again, continues the
     /// sequence and rewrites the snapshot from everything the engine has published as held,
     /// so routers that missed events meanwhile resync from it. The engine never has to
-    /// rebuild its publisher.
+    /// rebuild its publisher. When that attempt fails, calls fail at once with
+    /// [`StreamError::Unreachable`] until [`PublisherConfig::retry_after`] has passed (their
+    /// events count as published, as above), so a server that stopped answering costs the
+    /// engine one timeout per `retry_after`, not one per event.
     pub fn publish(&mut self, body: EventBody, now_ms: u64) -> Result<u64, StreamError> {
         check_publishable(self.cfg.block_size, &body)?;
         let event = Event {
@@ -394,8 +454,11 @@ impl Publisher {
         if self.con.is_open() {
             return Ok(());
         }
-        let mut con = connect_with_timeout(&self.url, self.cfg.timeout, Duration::ZERO)?;
-        let seq = register(&mut con, &self.cfg.prefix, self.engine)?;
+        self.backoff.check()?;
+        let attempt = connect_with_timeout(&self.url, self.cfg.timeout, Duration::ZERO).and_then(
+            |mut con| register(&mut con, &self.cfg.prefix, self.engine).map(|s| (con, s)),
+        );
+        let (con, seq) = self.backoff.record(attempt, self.cfg.retry_after)?;
         self.con = con;
         self.seq = self.seq.max(seq);
         self.snapshot_due = true;
@@ -449,11 +512,15 @@ pub struct SubscriberConfig {
     /// Connect, read and write timeout of every call (reads wait `block_ms` more): a server
     /// that stops answering fails a poll after this long instead of stalling the router.
     pub timeout: Duration,
+    /// After a failed attempt to connect again, polls fail at once
+    /// ([`StreamError::Unreachable`]) for this long before the next attempt (0: every poll
+    /// tries).
+    pub retry_after: Duration,
 }
 
 impl SubscriberConfig {
     /// Defaults: prefix `kvc`, 1,000 entries per poll, no waiting, engines dropped after 10 s,
-    /// a one-second timeout.
+    /// a one-second timeout, one second between attempts to connect again.
     #[must_use]
     pub fn new() -> Self {
         Self {
@@ -462,6 +529,7 @@ impl SubscriberConfig {
             block_ms: 0,
             engine_timeout_ms: 10_000,
             timeout: DEFAULT_TIMEOUT,
+            retry_after: DEFAULT_RETRY_AFTER,
         }
     }
 }
@@ -492,6 +560,7 @@ pub struct Subscriber {
     cursors: BTreeMap<EngineId, String>,
     ingest: Ingest,
     resync: BTreeSet<EngineId>,
+    backoff: Backoff,
 }
 
 impl std::fmt::Debug for Subscriber {
@@ -522,6 +591,7 @@ impl Subscriber {
             cursors: BTreeMap::new(),
             ingest: Ingest::new(),
             resync: BTreeSet::new(),
+            backoff: Backoff::default(),
         })
     }
 
@@ -537,16 +607,19 @@ impl Subscriber {
     /// # Errors
     /// A server error, a timeout ([`SubscriberConfig::timeout`]) or a reply of the wrong
     /// shape; what was applied before it stays applied, and the next poll goes on from there
-    /// (connecting again first when the connection was found dead).
+    /// (connecting again first when the connection was found dead; after a failed attempt,
+    /// [`StreamError::Unreachable`] until [`SubscriberConfig::retry_after`] has passed).
     pub fn poll(&mut self, index: &mut KvIndex, now_ms: u64) -> Result<PollReport, StreamError> {
         if !self.con.is_open() {
             // The last call found the connection dead: connect again, keeping every cursor
             // (a restarted server's new entries sort after them).
-            self.con = connect_with_timeout(
+            self.backoff.check()?;
+            let attempt = connect_with_timeout(
                 &self.url,
                 self.cfg.timeout,
                 Duration::from_millis(self.cfg.block_ms),
-            )?;
+            );
+            self.con = self.backoff.record(attempt, self.cfg.retry_after)?;
         }
         let mut report = PollReport::default();
         let members: Value = redis::cmd("SMEMBERS")

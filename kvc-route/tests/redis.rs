@@ -343,7 +343,11 @@ fn publisher_and_subscriber_carry_on_across_a_server_restart() {
     };
     let url = server.url();
     let p = prefix("server-restart");
-    let mut publ = publisher(&url, &p, 1, 1_000, 100);
+    // Every publish tries to connect again (the wait between attempts has its own test).
+    let mut cfg = PublisherConfig::new(16);
+    cfg.prefix = p.clone();
+    cfg.retry_after = std::time::Duration::ZERO;
+    let mut publ = Publisher::connect(&url, EngineId(1), cfg).expect("publisher connects");
     publ.publish(stored(Tier::Device, 0..4), 1).unwrap();
     let mut index = KvIndex::new(16);
     let mut sub = subscriber(&url, &p);
@@ -398,4 +402,111 @@ fn a_restarted_engine_continues_its_sequence_and_a_silent_one_is_dropped() {
     );
     assert!(index.engine(EngineId(1)).is_some());
     assert_eq!(device_prefix(&index, 2, 0..4), 0);
+}
+
+/// Something on a port that accepts connections and never answers (a server that stopped
+/// answering, or a network that drops its packets), counting the connections.
+struct BlackHole {
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl BlackHole {
+    fn bind(port: u16) -> Self {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, AtomicUsize};
+        let listener = (0..100)
+            .find_map(|_| {
+                let l = std::net::TcpListener::bind(("127.0.0.1", port));
+                if l.is_err() {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                l.ok()
+            })
+            .expect("the port is free again");
+        listener.set_nonblocking(true).expect("non-blocking");
+        let (accepted, stop) = (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let (a, st) = (Arc::clone(&accepted), Arc::clone(&stop));
+        let thread = std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while !st.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        a.fetch_add(1, Ordering::Relaxed);
+                        held.push(stream);
+                    }
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
+                }
+            }
+        });
+        Self {
+            accepted,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for BlackHole {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn a_server_that_stops_answering_costs_one_timeout_per_retry_after() {
+    let Some(mut server) = OwnServer::start() else {
+        return;
+    };
+    let url = server.url();
+    let p = prefix("black-hole");
+    let mut cfg = PublisherConfig::new(16);
+    cfg.prefix = p.clone();
+    cfg.timeout = std::time::Duration::from_millis(200);
+    cfg.retry_after = std::time::Duration::from_secs(2);
+    let mut publ = Publisher::connect(&url, EngineId(1), cfg).expect("publisher connects");
+    publ.publish(stored(Tier::Device, 0..4), 1).unwrap();
+    // The server goes; something on its port accepts connections and never answers.
+    server.kill();
+    let hole = BlackHole::bind(server.port);
+    // The first publish finds the connection dead, the second connects and times out.
+    assert!(publ.publish(stored(Tier::Device, 4..6), 2).is_err());
+    assert!(publ.publish(stored(Tier::Device, 6..8), 3).is_err());
+    let failed_at = std::time::Instant::now();
+    // Until `retry_after` has passed, publishes fail at once without trying; their events
+    // still count as published.
+    for i in 0..5u128 {
+        let r = publ.publish(stored(Tier::Device, 8 + i..9 + i), 4);
+        assert!(
+            matches!(r, Err(kvc_route::StreamError::Unreachable { .. })),
+            "{r:?}"
+        );
+    }
+    assert_eq!(
+        hole.accepted(),
+        1,
+        "one attempt to connect while the wait lasts"
+    );
+    drop(hole);
+    // The server is back; once the wait is over the publisher connects again, and every
+    // event counted while it was away reaches routers through the snapshot.
+    assert!(server.restart(), "redis-server restarts");
+    let wait = std::time::Duration::from_millis(2_100).saturating_sub(failed_at.elapsed());
+    std::thread::sleep(wait);
+    publ.publish(stored(Tier::Host, 20..22), 5).unwrap();
+    let mut index = KvIndex::new(16);
+    let mut sub = subscriber(&url, &p);
+    poll_until_quiet(&mut sub, &mut index, 30);
+    assert_eq!(index.engine(EngineId(1)).unwrap().blocks, [13, 2, 0]);
 }
