@@ -73,6 +73,10 @@ pub struct StackStats {
     pub uploaded: u64,
     /// Blocks the host tier evicted and the disk tier took.
     pub demoted: u64,
+    /// Blocks the host tier evicted that a failed disk write dropped: in no tier any more.
+    pub lost: u64,
+    /// Disk writes of evicted blocks that failed (each dropped a run of blocks).
+    pub disk_write_errors: u64,
     /// Blocks loaded from disk or shared and copied into the host tier.
     pub promoted: u64,
     /// Blocks loaded, per tier: host, disk, shared.
@@ -81,6 +85,27 @@ pub struct StackStats {
     pub loaded_bytes: [u64; 3],
     /// Wall time spent in loads, in seconds.
     pub load_seconds: f64,
+}
+
+/// What a demotion to the disk tier did.
+#[derive(Debug, Default)]
+struct Demoted {
+    /// Blocks the disk tier took.
+    stored: usize,
+    /// Blocks of failed writes.
+    lost: usize,
+    /// Failed writes.
+    failed_writes: u64,
+    /// The first failure.
+    error: Option<StoreError>,
+}
+
+impl StackStats {
+    fn count(&mut self, d: &Demoted) {
+        self.demoted += d.stored as u64;
+        self.lost += d.lost as u64;
+        self.disk_write_errors += d.failed_writes;
+    }
 }
 
 /// The result of a [`TierStack::load`].
@@ -181,6 +206,12 @@ impl TierStack {
     /// Offers device blocks after `event`: with the matching mode they are copied to the host
     /// tier (and uploaded to the shared tier), and blocks the host evicts for them are demoted
     /// to disk. Returns the host tier's outcome (all zero when the mode ignores `event`).
+    ///
+    /// # Errors
+    /// The host tier's refusal (nothing changed), or the first failure of a disk write or of
+    /// the shared tier's upload: the host tier holds the new blocks all the same, the shared
+    /// tier got them unless its own upload failed, and blocks the host evicted that a failed
+    /// disk write dropped are counted in [`StackStats::lost`].
     pub fn offload(
         &self,
         event: DeviceEvent,
@@ -219,19 +250,25 @@ impl TierStack {
             now_ms,
             self.disk.as_ref().map(|_| &mut spill),
         )?;
-        let demoted = self.demote(&spill)?;
+        // A failed disk write does not stop the rest: the host already holds the new blocks,
+        // the shared tier still gets them, and what the disk could not take is counted.
+        let demoted = self.demote(&spill);
         let uploaded = match &self.shared {
             // Blocks below the host's retention floor are not shared either.
-            Some(shared) if out.skipped < keys.len() => {
-                shared.put_retained(keys, src, retention, now_ms)?.stored
-            }
-            _ => 0,
+            Some(shared) if out.skipped < keys.len() => shared
+                .put_retained(keys, src, retention, now_ms)
+                .map(|o| o.stored),
+            _ => Ok(0),
         };
         let mut s = self.lock();
         s.offloaded += keys.len() as u64;
-        s.demoted += demoted as u64;
-        s.uploaded += uploaded as u64;
-        Ok(out)
+        s.count(&demoted);
+        s.uploaded += *uploaded.as_ref().unwrap_or(&0) as u64;
+        drop(s);
+        match (demoted.error, uploaded) {
+            (Some(e), _) | (None, Err(e)) => Err(e),
+            (None, Ok(_)) => Ok(out),
+        }
     }
 
     /// Writes every block the host tier holds and the disk tier does not down to the disk
@@ -285,21 +322,28 @@ impl TierStack {
                     out.gone += 1;
                 }
             }
-            let written = self.demote(&spill)?;
-            out.written += written;
-            out.skipped += spill.keys.len() - written;
+            let demoted = self.demote(&spill);
+            self.lock().disk_write_errors += demoted.failed_writes;
+            if let Some(e) = demoted.error {
+                // The host tier keeps every block: nothing is lost.
+                return Err(e);
+            }
+            out.written += demoted.stored;
+            out.skipped += spill.keys.len() - demoted.stored;
         }
         Ok(out)
     }
 
     /// Writes what the host tier evicted to the disk tier, each run of blocks with the
     /// retention it had in the host tier (so a pinned block stays pinned on disk).
-    fn demote(&self, spill: &Spill) -> Result<usize, StoreError> {
+    /// Every run is tried: a failed write drops its run's blocks (counted in
+    /// [`Demoted::lost`]) and the others are still written.
+    fn demote(&self, spill: &Spill) -> Demoted {
+        let mut out = Demoted::default();
         let Some(disk) = &self.disk else {
-            return Ok(0);
+            return out;
         };
         let bb = self.host.block_bytes() as usize;
-        let mut stored = 0;
         let mut start = 0;
         while start < spill.keys.len() {
             let retention = spill.retentions[start];
@@ -307,17 +351,22 @@ impl TierStack {
                 .iter()
                 .position(|&r| r != retention)
                 .map_or(spill.keys.len(), |n| start + n);
-            stored += disk
-                .put_retained(
-                    &spill.keys[start..end],
-                    &spill.bytes[start * bb..end * bb],
-                    retention,
-                    spill.now_ms,
-                )?
-                .stored;
+            match disk.put_retained(
+                &spill.keys[start..end],
+                &spill.bytes[start * bb..end * bb],
+                retention,
+                spill.now_ms,
+            ) {
+                Ok(put) => out.stored += put.stored,
+                Err(e) => {
+                    out.lost += end - start;
+                    out.failed_writes += 1;
+                    out.error.get_or_insert(e);
+                }
+            }
             start = end;
         }
-        Ok(stored)
+        out
     }
 
     /// The longest prefix of `keys` held by some tier, as the tier of each of its blocks.
@@ -417,10 +466,12 @@ impl TierStack {
                     &promote_bytes,
                     self.disk.as_ref().map(|_| &mut spill),
                 )?;
-                let demoted = self.demote(&spill)?;
+                // The load itself succeeded: a failed demotion of what the promotion evicted
+                // is counted, not returned.
+                let demoted = self.demote(&spill);
                 let mut s = self.lock();
                 s.promoted += out.stored as u64;
-                s.demoted += demoted as u64;
+                s.count(&demoted);
             }
         }
         let blocks = ok.iter().take_while(|&&o| o).count();

@@ -398,3 +398,38 @@ fn the_stack_as_lower_tiers_agrees_with_lookup_and_a_lost_server_is_a_miss() {
     assert_eq!(lower.longest_prefix(&cases[3]), 1);
     assert_eq!(lower.longest_prefix(&cases[4]), 0);
 }
+
+#[test]
+fn a_failed_disk_write_loses_only_what_it_was_writing_and_says_so() {
+    let tmp = TempDir::new("stack-disk-fails");
+    let disk = DiskTier::open(ns("m"), &DiskConfig::new(&tmp.0, 1 << 20, 2)).unwrap();
+    // Two host pages of two blocks: the third page's blocks push the first page to disk.
+    let stack = TierStack::new(host(2), Some(disk), None, OffloadMode::WriteBack);
+    let (chain, src) = blocks(1..=6);
+    let offload = |r: std::ops::Range<usize>| {
+        stack.offload(
+            DeviceEvent::Evicted,
+            &chain[r.clone()],
+            &src[r.start * BLOCK..r.end * BLOCK],
+            0,
+        )
+    };
+    for r in [0..2, 2..4] {
+        assert_eq!(offload(r).unwrap().stored, 2);
+    }
+    // The disk's folder goes away (a file stands in its place): its writes fail.
+    std::fs::remove_dir_all(&tmp.0).unwrap();
+    std::fs::write(&tmp.0, b"not a folder").unwrap();
+    assert!(offload(4..6).is_err(), "the failed write is reported");
+    let s = stack.stats();
+    assert_eq!(
+        (s.offloaded, s.demoted, s.lost, s.disk_write_errors),
+        (6, 0, 2, 1)
+    );
+    // The new blocks are in host memory all the same; the two the host evicted are gone.
+    assert_eq!(stack.host().contains_prefix(&chain[4..6]).unwrap(), 2);
+    assert_eq!(stack.lookup(&chain).unwrap().len(), 0);
+    let (tiers, n, _) = load(&stack, &chain[2..]);
+    assert_eq!((n, tiers.len()), (4, 4));
+    std::fs::remove_file(&tmp.0).unwrap();
+}
