@@ -46,6 +46,38 @@ fn a_prefix_hit_gives_the_same_logits() {
 }
 
 #[test]
+fn a_prefix_computed_twice_and_adopted_gives_the_same_logits() {
+    // Two requests with 5 shared blocks, prefilled in the same step: both compute the
+    // shared blocks; the second takes the first one's copies when it offers, its own are
+    // freed (and handed to other sequences), and its later blocks are cached after them.
+    let mut e = Engine::new(&config(64), DynamicOnly::default(), index()).unwrap();
+    let shared = prompt(3, 20);
+    let (mut a, mut b) = (shared.clone(), shared);
+    a.extend([5, 6, 7, 8, 9]);
+    b.extend([9, 8, 7, 6, 5]);
+    e.submit(request(a, 4)).unwrap();
+    let second = e.submit(request(b.clone(), 6)).unwrap();
+    let first = e.run_until_idle(1_000).unwrap();
+    assert_eq!(first.len(), 2);
+    assert!(first.iter().all(|c| c.cached_tokens == 0));
+    assert_eq!(e.scheduler().kv_manager().stats().adopted_blocks, 5);
+    check(&e, &first);
+    // The second conversation's next turn reads its whole context from the cache: the
+    // adopted copies and its own blocks cached after them.
+    let done = first.iter().find(|c| c.id == second).unwrap();
+    let mut next = b;
+    next.extend(&done.output);
+    next.extend([1, 2, 3]);
+    e.submit(request(next, 5)).unwrap();
+    let again = e.run_until_idle(1_000).unwrap();
+    assert_eq!(
+        again[0].cached_tokens, 28,
+        "7 full blocks: the prompt's 6, the reply's 1"
+    );
+    check(&e, &again);
+}
+
+#[test]
 fn a_session_continuation_gives_the_same_logits() {
     let mut e = Engine::new(&config(64), DynamicOnly::default(), index()).unwrap();
     let mut turn = request(prompt(5, 14), 5);
