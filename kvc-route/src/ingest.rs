@@ -13,6 +13,9 @@
 //! early events were trimmed) shows a gap at once and is loaded from its snapshot. So does an
 //! engine the index dropped since its last event (silent too long, [`KvIndex::expire`]): its
 //! holdings are gone from the index, so its next event is a gap unless it starts afresh at 1.
+//! An engine whose events the index has refused from the start (another block size) was
+//! never in it: its later events are refused in turn, not gaps waiting for a snapshot the
+//! index would refuse as well.
 
 use std::collections::HashMap;
 
@@ -62,9 +65,18 @@ pub struct IngestStats {
 /// Per-engine sequence tracking in front of an index.
 #[derive(Clone, Debug, Default)]
 pub struct Ingest {
-    /// Last applied sequence number per engine.
-    last: HashMap<EngineId, u64>,
+    /// Last sequence number taken per engine, and whether the index has held the engine
+    /// since (an event or a snapshot of it applied): an engine it held and no longer does
+    /// was dropped, one whose every event was refused never got in.
+    last: HashMap<EngineId, Seen>,
     stats: IngestStats,
+}
+
+/// What the ingest knows of one engine.
+#[derive(Clone, Copy, Debug, Default)]
+struct Seen {
+    seq: u64,
+    admitted: bool,
 }
 
 impl Ingest {
@@ -83,7 +95,7 @@ impl Ingest {
     /// The last sequence number applied for `engine`.
     #[must_use]
     pub fn last_seq(&self, engine: EngineId) -> Option<u64> {
-        self.last.get(&engine).copied()
+        self.last.get(&engine).map(|s| s.seq)
     }
 
     /// Decodes one frame and applies it in order; counts the outcome in
@@ -109,8 +121,9 @@ impl Ingest {
                 return Offer::Malformed(e);
             }
         };
-        let mut last = self.last.get(&event.engine).copied().unwrap_or(0);
-        if last > 0 && index.engine(event.engine).is_none() {
+        let seen = self.last.get(&event.engine).copied().unwrap_or_default();
+        let mut last = seen.seq;
+        if seen.admitted && index.engine(event.engine).is_none() {
             // The index dropped the engine and what it held (`KvIndex::expire`,
             // `remove_engine`) since its last event here: only a snapshot restores it.
             self.last.remove(&event.engine);
@@ -131,11 +144,25 @@ impl Ingest {
         }
         if let Err(e) = index.apply(&event, now_ms) {
             self.stats.refused += 1;
-            // The sequence moves on: the engine's later events are still in order.
-            self.last.insert(event.engine, event.seq);
+            // The sequence moves on: the engine's later events are still in order. An engine
+            // never admitted stays so (its later events are refused too, not gaps).
+            let admitted = seen.admitted && last > 0;
+            self.last.insert(
+                event.engine,
+                Seen {
+                    seq: event.seq,
+                    admitted,
+                },
+            );
             return Offer::Refused(e);
         }
-        self.last.insert(event.engine, event.seq);
+        self.last.insert(
+            event.engine,
+            Seen {
+                seq: event.seq,
+                admitted: true,
+            },
+        );
         self.stats.applied += 1;
         Offer::Applied(event.engine)
     }
@@ -151,11 +178,21 @@ impl Ingest {
         snap: &Snapshot,
         now_ms: u64,
     ) -> Result<bool, ApplyError> {
-        if self.last.get(&snap.engine).is_some_and(|&l| l > snap.seq) {
+        if self
+            .last
+            .get(&snap.engine)
+            .is_some_and(|s| s.seq > snap.seq)
+        {
             return Ok(false);
         }
         index.load_snapshot(snap, now_ms)?;
-        self.last.insert(snap.engine, snap.seq);
+        self.last.insert(
+            snap.engine,
+            Seen {
+                seq: snap.seq,
+                admitted: true,
+            },
+        );
         self.stats.resyncs += 1;
         metrics::counter!("kvc_route_events_total", "outcome" => "resync").increment(1);
         Ok(true)
@@ -276,6 +313,24 @@ mod tests {
             Offer::Applied(EngineId(1))
         );
         assert_eq!(ix.len(), 3);
+    }
+
+    #[test]
+    fn an_engine_of_another_block_size_is_refused_event_after_event_not_a_gap() {
+        let mut ix = KvIndex::new(32);
+        let mut ing = Ingest::new();
+        // `frame` makes 16-token events: the index of 32-token blocks refuses each of them,
+        // and the engine's sequence still moves on (its later events are in order).
+        for seq in 1..=3 {
+            assert!(matches!(
+                ing.offer(&mut ix, &frame(seq, u128::from(seq) * 10), 0),
+                Offer::Refused(_)
+            ));
+        }
+        let s = ing.stats();
+        assert_eq!((s.refused, s.gaps, s.applied), (3, 0, 0));
+        assert!(ix.engine(EngineId(1)).is_none());
+        assert_eq!(ing.last_seq(EngineId(1)), Some(3));
     }
 
     #[test]
