@@ -985,9 +985,18 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
         fresh.clear();
         self.scratch = fresh;
         if let Some(src) = cow_src {
-            // Shared (refcount >= 2): this drops the sequence's reference only.
+            // Shared (refcount >= 2): this drops the sequence's reference only. A cached
+            // block (a fork rewound into a block its parent cached since) also counted the
+            // sequence as a user in the index: it stops being one.
             self.stats.cow_copies += 1;
-            self.drop_ref(src)?;
+            let index = if self.is_cached(src) {
+                self.index_release(&[src])
+            } else {
+                Ok(())
+            };
+            let pool = self.drop_ref(src);
+            index?;
+            pool?;
         }
         Ok(SlotGrant::Now)
     }
