@@ -298,3 +298,46 @@ fn replay_help_lists_policies_and_hashers_and_bad_names_are_one_line() {
         &["'mru'", "lru, s3fifo, conversation"],
     );
 }
+
+#[test]
+fn huge_or_zero_counts_for_shapes_cluster_and_analyze_are_one_line_errors() {
+    // Each of these three once panicked with a capacity overflow.
+    let out = kvc(&["shapes", "--requests", "18446744073709551615"]);
+    one_line_error(&out, &["--requests", "limit"]);
+    let out = kvc(&["shapes", "--requests", "0"]);
+    one_line_error(&out, &["--requests", "at least 1"]);
+    let trace = file("cluster.jsonl", TRACE.as_bytes());
+    let t = trace.to_str().unwrap();
+    let out = kvc(&[
+        "scenario",
+        "cluster",
+        "--size",
+        "small",
+        "--trace",
+        t,
+        "--engines",
+        "18446744073709551615",
+    ]);
+    one_line_error(&out, &["--engines", "limit"]);
+    let out = kvc(&["analyze", "--trace", t, "--points", "18446744073709551615"]);
+    one_line_error(&out, &["--points", "limit"]);
+    // Zero was taken silently as something else.
+    let out = kvc(&["analyze", "--trace", t, "--points", "0"]);
+    one_line_error(&out, &["--points", "at least 1"]);
+    let out = kvc(&["analyze", "--trace", t, "--block-size", "0"]);
+    one_line_error(&out, &["block size", "at least 1"]);
+}
+
+#[test]
+fn an_unknown_scenario_lists_every_scenario() {
+    let out = kvc(&["scenario", "nope"]);
+    one_line_error(&out, &["`nope`", "cluster", "tiers", "memory", "trace"]);
+}
+
+#[test]
+fn a_bad_trace_line_names_the_file_in_every_subcommand() {
+    let trace = file("bad-line.jsonl", b"{\"timestamp\": 0, \"input_length\": 1000, \"output_length\": 10, \"hash_ids\": [1, 2]}\n{oops\n");
+    let t = trace.to_str().unwrap();
+    let out = kvc(&["scenario", "trace", "--size", "small", "--trace", t]);
+    one_line_error(&out, &["bad-line.jsonl", "line 2"]);
+}
