@@ -216,13 +216,13 @@ struct ScenarioArgs {
     #[arg(long)]
     json: bool,
     /// `tiers`: device prefix-cache capacity in tokens.
-    #[arg(long, default_value_t = kvc_bench::tiers::DEFAULT_DEVICE_TOKENS)]
+    #[arg(long, default_value_t = kvc_bench::tiers::DEFAULT_DEVICE_TOKENS, value_parser = count)]
     device_tokens: u64,
     /// `tiers`: host tier capacity in tokens.
-    #[arg(long, default_value_t = kvc_bench::tiers::DEFAULT_HOST_TOKENS)]
+    #[arg(long, default_value_t = kvc_bench::tiers::DEFAULT_HOST_TOKENS, value_parser = count)]
     host_tokens: u64,
     /// `tiers`: add a disk tier of this many tokens (in a temporary folder, or --disk-dir).
-    #[arg(long)]
+    #[arg(long, value_parser = count)]
     disk_tokens: Option<u64>,
     /// `tiers`: folder for the disk tier.
     #[arg(long)]
@@ -1154,6 +1154,13 @@ fn run_tiers(args: &ScenarioArgs, size: Size) -> Result<(), String> {
     use kvc_bench::profiles::{gpu, model};
     use kvc_bench::tiers::{Links, PromoteConfig, TiersConfig, scenario};
     use kvc_tier::OffloadMode;
+
+    if !(0.0..=1.0).contains(&args.promote_min_odds) {
+        return Err(format!(
+            "--promote-min-odds must be between 0 and 1, not {}",
+            args.promote_min_odds
+        ));
+    }
 
     let path = kvc_bench::report::locate_trace(args.trace.as_deref(), scenarios::DEFAULT_TRACE)
         .ok_or_else(|| {

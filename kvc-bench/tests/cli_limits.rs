@@ -341,3 +341,23 @@ fn a_bad_trace_line_names_the_file_in_every_subcommand() {
     let out = kvc(&["scenario", "trace", "--size", "small", "--trace", t]);
     one_line_error(&out, &["bad-line.jsonl", "line 2"]);
 }
+
+#[test]
+fn the_tiers_scenario_takes_token_counts_with_suffixes_and_refuses_odds_outside_0_to_1() {
+    let trace = file("tiers.jsonl", TRACE.as_bytes());
+    let t = trace.to_str().unwrap();
+    let tiers = |extra: &[&str]| {
+        let mut args = vec!["scenario", "tiers", "--size", "small", "--trace", t];
+        args.extend_from_slice(extra);
+        kvc(&args)
+    };
+    // `100k` was refused as "invalid digit", unlike every other token count of the CLI.
+    let out = tiers(&["--device-tokens", "1M", "--host-tokens", "100k", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&succeeds(&out)).unwrap();
+    assert!(v["runs"].as_array().is_some_and(|r| !r.is_empty()), "{v}");
+    // NaN odds ran as if no promotion could ever be planned.
+    for odds in ["NaN", "1.5"] {
+        let out = tiers(&["--promote", "--promote-min-odds", odds]);
+        one_line_error(&out, &["--promote-min-odds", "between 0 and 1"]);
+    }
+}
