@@ -1232,6 +1232,12 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
 
     /// Sets the sequence's assigned slots back to `tokens` (rejected speculative tokens, or a
     /// step whose results never came). Its blocks stay held. Refused below its cached blocks.
+    ///
+    /// A fork rewound below blocks it shares with its parent keeps holding them: if the
+    /// parent caches them, the fork's next write copies the first one, and until the fork
+    /// frees (or writes past) the later ones, that first cached block counts as evictable
+    /// but [`evict`](Self::evict) cannot take it (a block is evicted only after the blocks
+    /// cached after it), so an allocation may answer [`SlotGrant::Later`] meanwhile.
     pub fn rewind(&mut self, seq: SeqId, tokens: u64) -> Result<(), KvError> {
         let bs = u64::from(self.cfg.block_size);
         if self.is_loading(seq) {
