@@ -203,6 +203,40 @@ fn a_fork_rewound_into_a_cached_block_gives_the_index_its_use_back_when_it_copie
 }
 
 #[test]
+fn a_fork_rewound_below_shared_blocks_lets_them_go_so_every_evictable_block_can_be_evicted() {
+    let mut kv = manager(8, None);
+    let prompt: Vec<u32> = (0..13).collect();
+    assert_eq!(prefill(&mut kv, 1, &prompt).1, SlotGrant::Now); // 3 full blocks and 1 token
+    kv.fork(SeqId(1), SeqId(2)).unwrap();
+    let shared = kv.blocks(SeqId(1)).unwrap().to_vec();
+    kv.rewind(SeqId(2), 5).unwrap(); // the child keeps 1 full block and 1 token of the next
+    assert_eq!(
+        kv.blocks(SeqId(2)).unwrap(),
+        &shared[..2],
+        "blocks past its end let go"
+    );
+    kv.cache_blocks(SeqId(1), &prompt, 0).unwrap(); // the parent caches its 3 full blocks
+    let mut copies = Vec::new();
+    assert_eq!(
+        kv.allocate_slots(SeqId(2), ask(1), 0, &mut copies).unwrap(),
+        SlotGrant::Now
+    );
+    assert_eq!(
+        copies.len(),
+        1,
+        "the child copies the shared block it writes into"
+    );
+    kv.free(SeqId(1)).unwrap();
+    check_usage(&kv);
+    // The child holds the first cached block only: the other two can be evicted.
+    assert_eq!(kv.evictable_blocks(), 2);
+    assert_eq!(kv.evict(8, 0).unwrap(), 2);
+    kv.free(SeqId(2)).unwrap();
+    assert_eq!(kv.evict(8, 0).unwrap(), 1);
+    assert_eq!(kv.usage().total().free, 8);
+}
+
+#[test]
 fn a_session_context_stays_pinned_until_the_session_ends_or_expires() {
     let mut kv = manager(8, Some(100));
     let prompt: Vec<u32> = (0..9).collect();
