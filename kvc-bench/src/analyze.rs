@@ -44,7 +44,8 @@ pub struct AnalyzeConfig {
     pub block_size: u32,
     /// Share of GPU memory the engine may use.
     pub utilisation: f64,
-    /// Capacities on the hit-rate curve (geometric, halving from the footprint).
+    /// Capacities on the hit-rate curve (geometric, halving from the footprint; 1 to 64,
+    /// anything outside taken as the nearest).
     pub capacity_points: usize,
 }
 
@@ -328,7 +329,8 @@ pub fn analyze(trace: &[TraceRequest], cfg: &AnalyzeConfig) -> Result<Analysis, 
     let footprint_tokens = distinct_blocks(trace, bs) * u64::from(bs);
     let pinned = running_kv.p99.div_ceil(u64::from(bs)) * u64::from(bs);
     let device_cache = sized.tokens.saturating_sub(pinned);
-    let mut caps: Vec<u64> = (0..cfg.capacity_points.max(1))
+    // Each point halves the capacity: past 64 halvings of a u64 nothing is left.
+    let mut caps: Vec<u64> = (0..cfg.capacity_points.clamp(1, 64))
         .map(|k| (footprint_tokens >> k).max(u64::from(bs)))
         .collect();
     if device_cache >= u64::from(bs) {
@@ -656,5 +658,21 @@ mod tests {
         }
         assert!(a.capacity.iter().all(|r| r.optimal + 1e-9 >= r.lru));
         assert!(matches!(analyze(&[], &cfg), Err(AnalyzeError::EmptyTrace)));
+    }
+
+    #[test]
+    fn any_number_of_capacity_points_gives_a_curve_of_at_most_65_capacities() {
+        let t = [req(0, 1000, 10, &[1, 2]), req(5, 1500, 10, &[1, 3, 4])];
+        for points in [0, 1, 64, 65, usize::MAX] {
+            let mut cfg = AnalyzeConfig::new();
+            cfg.capacity_points = points;
+            let a = analyze(&t, &cfg).unwrap();
+            assert!(!a.capacity.is_empty(), "{points} points");
+            assert!(
+                a.capacity.len() <= 65,
+                "{points} points: {}",
+                a.capacity.len()
+            );
+        }
     }
 }

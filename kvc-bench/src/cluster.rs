@@ -515,14 +515,24 @@ fn simulate(
     })
 }
 
+/// The most engines [`run`] simulates (each keeps its own prefix cache).
+pub const MAX_ENGINES: usize = 1024;
+
 /// Runs every policy without and with the shared tier.
 ///
 /// # Errors
-/// An empty trace, no engine, an unknown model or GPU, or a router error.
+/// An empty trace, no engine or more than [`MAX_ENGINES`], an unknown model or GPU, or a
+/// router error.
 pub fn run(trace: &[TraceRequest], cfg: &ClusterConfig) -> Result<ClusterReport, ClusterError> {
     let trace = &trace[..cfg.limit.min(trace.len())];
     if trace.is_empty() || cfg.engines == 0 {
         return Err(ClusterError::Setup("no request or no engine".into()));
+    }
+    if cfg.engines > MAX_ENGINES {
+        return Err(ClusterError::Setup(format!(
+            "{} engines; at most {MAX_ENGINES}",
+            cfg.engines
+        )));
     }
     if !(cfg.target_utilisation > 0.0 && cfg.target_utilisation.is_finite()) {
         return Err(ClusterError::Setup(

@@ -216,13 +216,13 @@ struct ScenarioArgs {
     #[arg(long)]
     json: bool,
     /// `tiers`: device prefix-cache capacity in tokens.
-    #[arg(long, default_value_t = kvc_bench::tiers::DEFAULT_DEVICE_TOKENS)]
+    #[arg(long, default_value_t = kvc_bench::tiers::DEFAULT_DEVICE_TOKENS, value_parser = count)]
     device_tokens: u64,
     /// `tiers`: host tier capacity in tokens.
-    #[arg(long, default_value_t = kvc_bench::tiers::DEFAULT_HOST_TOKENS)]
+    #[arg(long, default_value_t = kvc_bench::tiers::DEFAULT_HOST_TOKENS, value_parser = count)]
     host_tokens: u64,
     /// `tiers`: add a disk tier of this many tokens (in a temporary folder, or --disk-dir).
-    #[arg(long)]
+    #[arg(long, value_parser = count)]
     disk_tokens: Option<u64>,
     /// `tiers`: folder for the disk tier.
     #[arg(long)]
@@ -580,7 +580,16 @@ fn run_replay(args: &ReplayArgs) -> Result<(), String> {
 }
 
 fn run_shapes(args: &ShapesArgs) -> Result<(), String> {
-    let rows = kvc_bench::workload::compare(args.requests, args.seed, &[0.05, 0.15, 0.4]);
+    if args.requests == 0 {
+        return Err("--requests must be at least 1".into());
+    }
+    let requests = at_most(
+        "--requests",
+        args.requests as u64,
+        kvc_bench::trace::MAX_REQUESTS as u64,
+        " (requests generated per shape)",
+    )? as usize;
+    let rows = kvc_bench::workload::compare(requests, args.seed, &[0.05, 0.15, 0.4]);
     if args.json {
         println!(
             "{}",
@@ -664,8 +673,13 @@ fn run_scenario(args: &ScenarioArgs) -> Result<(), String> {
     if args.name == "tiers" {
         return run_tiers(args, size);
     }
-    let report =
-        scenarios::run(&args.name, size, args.trace.as_deref()).map_err(|e| e.to_string())?;
+    let report = scenarios::run(&args.name, size, args.trace.as_deref()).map_err(|e| match e {
+        // `cluster` and `tiers` run from here, not from the simulator's list.
+        scenarios::ScenarioError::Unknown { name, known } => {
+            format!("unknown scenario `{name}` (known: {known}, cluster, tiers)")
+        }
+        other => other.to_string(),
+    })?;
     if args.json {
         let json = serde_json::to_string(&report).map_err(|e| e.to_string())?;
         println!("{json}");
@@ -983,6 +997,15 @@ fn run_engine(args: &EngineArgs) -> Result<(), String> {
 fn run_analyze(args: &AnalyzeArgs) -> Result<(), String> {
     use kvc_bench::analyze::{AnalyzeConfig, Distribution, analyze};
 
+    if args.block_size == 0 {
+        return Err("the block size must be at least 1 token".into());
+    }
+    at_most("--block-size", u64::from(args.block_size), 1 << 16, "")?;
+    if args.points == 0 {
+        return Err("--points must be at least 1".into());
+    }
+    // Each point halves the capacity: past 64 halvings of a u64 nothing is left.
+    at_most("--points", args.points as u64, 64, "")?;
     let trace = load_trace(&args.trace)?;
     let mut cfg = AnalyzeConfig::new();
     cfg.model.clone_from(&args.model);
@@ -1064,7 +1087,12 @@ fn run_cluster(args: &ScenarioArgs, size: Size) -> Result<(), String> {
     })?;
     let trace = load_trace(&path)?;
     let mut cfg = ClusterConfig::new();
-    cfg.engines = args.engines;
+    cfg.engines = at_most(
+        "--engines",
+        args.engines as u64,
+        kvc_bench::cluster::MAX_ENGINES as u64,
+        "",
+    )? as usize;
     cfg.limit = match size {
         Size::Small => 2_000,
         _ => usize::MAX,
@@ -1126,6 +1154,13 @@ fn run_tiers(args: &ScenarioArgs, size: Size) -> Result<(), String> {
     use kvc_bench::profiles::{gpu, model};
     use kvc_bench::tiers::{Links, PromoteConfig, TiersConfig, scenario};
     use kvc_tier::OffloadMode;
+
+    if !(0.0..=1.0).contains(&args.promote_min_odds) {
+        return Err(format!(
+            "--promote-min-odds must be between 0 and 1, not {}",
+            args.promote_min_odds
+        ));
+    }
 
     let path = kvc_bench::report::locate_trace(args.trace.as_deref(), scenarios::DEFAULT_TRACE)
         .ok_or_else(|| {

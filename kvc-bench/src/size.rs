@@ -245,7 +245,8 @@ impl ModelShape {
 
     /// Reads the fields that set the KV size from a Hugging Face `config.json`:
     /// `num_hidden_layers`, `num_attention_heads`, `num_key_value_heads` (absent: MHA;
-    /// Falcon's `multi_query`: 1), `head_dim` (absent: `hidden_size / num_attention_heads`),
+    /// Falcon's `multi_query`: 1; it must divide `num_attention_heads`), `head_dim` (absent:
+    /// `hidden_size / num_attention_heads`, which must then divide evenly),
     /// `kv_lora_rank` and `qk_rope_head_dim` (MLA), `sliding_window` with `layer_types`,
     /// `use_sliding_window` and `max_window_layers` (which layers use it; Gemma 2: every
     /// other layer). Parameters are estimated from `hidden_size`, `intermediate_size` (and
@@ -294,6 +295,12 @@ impl ModelShape {
             Some(d) => small("head_dim", d)?,
             None => {
                 let h = hidden.ok_or_else(|| bad("missing `head_dim` and `hidden_size`".into()))?;
+                if h % u64::from(heads) != 0 {
+                    return Err(bad(format!(
+                        "`hidden_size` {h} is not a multiple of `num_attention_heads` {heads}; \
+                         give `head_dim`"
+                    )));
+                }
                 small("head_dim", h / u64::from(heads))?
             }
         };
@@ -314,6 +321,11 @@ impl ModelShape {
                     None if multi_query => 1,
                     None => heads,
                 };
+                if heads % kv != 0 {
+                    return Err(bad(format!(
+                        "`num_key_value_heads` {kv} does not divide `num_attention_heads` {heads}"
+                    )));
+                }
                 KvAttention::Heads {
                     kv_heads: kv,
                     head_dim,
@@ -1136,6 +1148,30 @@ mod tests {
         assert!(msg.contains("not one 1000000-token sequence"), "{msg}");
         assert!(
             msg.contains("--kv-dtype fp8") && msg.contains("--tokens "),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_config_whose_heads_do_not_divide_is_refused() {
+        // These were read as 64 KV heads of "GQA" under 32 query heads, and as a head size
+        // of 127 (4095 / 32 rounded down).
+        let more_kv = r#"{"num_hidden_layers": 32, "num_attention_heads": 32,
+            "num_key_value_heads": 64, "hidden_size": 4096}"#;
+        let msg = ModelShape::from_hf_config("m", more_kv, Some(8_000_000_000))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("`num_key_value_heads` 64 does not divide"),
+            "{msg}"
+        );
+        let uneven = r#"{"num_hidden_layers": 32, "num_attention_heads": 32,
+            "hidden_size": 4095}"#;
+        let msg = ModelShape::from_hf_config("m", uneven, Some(8_000_000_000))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("not a multiple") && msg.contains("head_dim"),
             "{msg}"
         );
     }

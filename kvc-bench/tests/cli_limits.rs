@@ -298,3 +298,66 @@ fn replay_help_lists_policies_and_hashers_and_bad_names_are_one_line() {
         &["'mru'", "lru, s3fifo, conversation"],
     );
 }
+
+#[test]
+fn huge_or_zero_counts_for_shapes_cluster_and_analyze_are_one_line_errors() {
+    // Each of these three once panicked with a capacity overflow.
+    let out = kvc(&["shapes", "--requests", "18446744073709551615"]);
+    one_line_error(&out, &["--requests", "limit"]);
+    let out = kvc(&["shapes", "--requests", "0"]);
+    one_line_error(&out, &["--requests", "at least 1"]);
+    let trace = file("cluster.jsonl", TRACE.as_bytes());
+    let t = trace.to_str().unwrap();
+    let out = kvc(&[
+        "scenario",
+        "cluster",
+        "--size",
+        "small",
+        "--trace",
+        t,
+        "--engines",
+        "18446744073709551615",
+    ]);
+    one_line_error(&out, &["--engines", "limit"]);
+    let out = kvc(&["analyze", "--trace", t, "--points", "18446744073709551615"]);
+    one_line_error(&out, &["--points", "limit"]);
+    // Zero was taken silently as something else.
+    let out = kvc(&["analyze", "--trace", t, "--points", "0"]);
+    one_line_error(&out, &["--points", "at least 1"]);
+    let out = kvc(&["analyze", "--trace", t, "--block-size", "0"]);
+    one_line_error(&out, &["block size", "at least 1"]);
+}
+
+#[test]
+fn an_unknown_scenario_lists_every_scenario() {
+    let out = kvc(&["scenario", "nope"]);
+    one_line_error(&out, &["`nope`", "cluster", "tiers", "memory", "trace"]);
+}
+
+#[test]
+fn a_bad_trace_line_names_the_file_in_every_subcommand() {
+    let trace = file("bad-line.jsonl", b"{\"timestamp\": 0, \"input_length\": 1000, \"output_length\": 10, \"hash_ids\": [1, 2]}\n{oops\n");
+    let t = trace.to_str().unwrap();
+    let out = kvc(&["scenario", "trace", "--size", "small", "--trace", t]);
+    one_line_error(&out, &["bad-line.jsonl", "line 2"]);
+}
+
+#[test]
+fn the_tiers_scenario_takes_token_counts_with_suffixes_and_refuses_odds_outside_0_to_1() {
+    let trace = file("tiers.jsonl", TRACE.as_bytes());
+    let t = trace.to_str().unwrap();
+    let tiers = |extra: &[&str]| {
+        let mut args = vec!["scenario", "tiers", "--size", "small", "--trace", t];
+        args.extend_from_slice(extra);
+        kvc(&args)
+    };
+    // `100k` was refused as "invalid digit", unlike every other token count of the CLI.
+    let out = tiers(&["--device-tokens", "1M", "--host-tokens", "100k", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&succeeds(&out)).unwrap();
+    assert!(v["runs"].as_array().is_some_and(|r| !r.is_empty()), "{v}");
+    // NaN odds ran as if no promotion could ever be planned.
+    for odds in ["NaN", "1.5"] {
+        let out = tiers(&["--promote", "--promote-min-odds", odds]);
+        one_line_error(&out, &["--promote-min-odds", "between 0 and 1"]);
+    }
+}

@@ -133,8 +133,9 @@ pub trait ReuseIndex {
 
     /// Offers the computed full blocks of a request: `blocks[i]` holds
     /// `tokens[i × block_size..(i + 1) × block_size]` (`tokens.len()` is a multiple of the
-    /// block size, or its partial tail is ignored). The blocks are in use by the offering
-    /// request, and stay so until it releases them:
+    /// block size, or its partial tail is ignored: pass one block per full block, without the
+    /// tail's block, or the offer is a [`ReuseError::LengthMismatch`]). The blocks are in use
+    /// by the offering request, and stay so until it releases them:
     ///
     /// - a block newly cached by this call starts with use count 1 (the request) and is
     ///   appended to `newly_cached`: the caller takes one pool reference on it for the index;

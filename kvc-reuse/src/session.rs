@@ -41,7 +41,8 @@ pub enum Truncation {
         /// Turns kept.
         turns: usize,
     },
-    /// Keep the last `tokens` tokens (at most the maximum), system prompt included or not.
+    /// Keep the last `tokens` tokens (at most the maximum, at least 1), system prompt
+    /// included or not: a turn longer than that keeps only its own last tokens.
     LastTokens {
         /// Tokens kept.
         tokens: usize,

@@ -176,6 +176,67 @@ fn a_fork_of_cached_blocks_keeps_them_unevictable_until_both_free() {
 }
 
 #[test]
+fn a_fork_rewound_into_a_cached_block_gives_the_index_its_use_back_when_it_copies_it() {
+    let mut kv = manager(8, None);
+    let prompt: Vec<u32> = (0..9).collect();
+    assert_eq!(prefill(&mut kv, 1, &prompt).1, SlotGrant::Now);
+    kv.fork(SeqId(1), SeqId(2)).unwrap();
+    kv.cache_blocks(SeqId(1), &prompt, 0).unwrap(); // caches the 2 full blocks, counting both
+    // The child rejects its last 4 tokens: its second block is partial again, and cached.
+    kv.rewind(SeqId(2), 5).unwrap();
+    let cached = kv.blocks(SeqId(2)).unwrap()[1];
+    let mut copies = Vec::new();
+    assert_eq!(
+        kv.allocate_slots(SeqId(2), ask(1), 0, &mut copies).unwrap(),
+        SlotGrant::Now
+    );
+    assert_eq!(copies.len(), 1);
+    assert_eq!(copies[0].src, cached, "the child writes into its own copy");
+    kv.free(SeqId(1)).unwrap();
+    kv.free(SeqId(2)).unwrap();
+    check_usage(&kv);
+    assert_eq!(kv.usage().total().in_use, 0);
+    // Nothing holds the cached blocks any more: the index must agree and give them back.
+    assert_eq!(kv.evictable_blocks(), 2);
+    assert_eq!(kv.evict(8, 0).unwrap(), 2);
+    assert_eq!(kv.usage().total().free, 8);
+}
+
+#[test]
+fn a_fork_rewound_below_shared_blocks_lets_them_go_so_every_evictable_block_can_be_evicted() {
+    let mut kv = manager(8, None);
+    let prompt: Vec<u32> = (0..13).collect();
+    assert_eq!(prefill(&mut kv, 1, &prompt).1, SlotGrant::Now); // 3 full blocks and 1 token
+    kv.fork(SeqId(1), SeqId(2)).unwrap();
+    let shared = kv.blocks(SeqId(1)).unwrap().to_vec();
+    kv.rewind(SeqId(2), 5).unwrap(); // the child keeps 1 full block and 1 token of the next
+    assert_eq!(
+        kv.blocks(SeqId(2)).unwrap(),
+        &shared[..2],
+        "blocks past its end let go"
+    );
+    kv.cache_blocks(SeqId(1), &prompt, 0).unwrap(); // the parent caches its 3 full blocks
+    let mut copies = Vec::new();
+    assert_eq!(
+        kv.allocate_slots(SeqId(2), ask(1), 0, &mut copies).unwrap(),
+        SlotGrant::Now
+    );
+    assert_eq!(
+        copies.len(),
+        1,
+        "the child copies the shared block it writes into"
+    );
+    kv.free(SeqId(1)).unwrap();
+    check_usage(&kv);
+    // The child holds the first cached block only: the other two can be evicted.
+    assert_eq!(kv.evictable_blocks(), 2);
+    assert_eq!(kv.evict(8, 0).unwrap(), 2);
+    kv.free(SeqId(2)).unwrap();
+    assert_eq!(kv.evict(8, 0).unwrap(), 1);
+    assert_eq!(kv.usage().total().free, 8);
+}
+
+#[test]
 fn a_session_context_stays_pinned_until_the_session_ends_or_expires() {
     let mut kv = manager(8, Some(100));
     let prompt: Vec<u32> = (0..9).collect();

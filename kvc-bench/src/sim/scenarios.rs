@@ -23,7 +23,7 @@ use super::qos::{QosCounters, qos_degradation, qos_finance, qos_overload};
 use super::workload::{self, SimRequest};
 use crate::profiles::{self, GpuProfile, ModelProfile};
 use crate::replay::synth_prompt;
-use crate::trace::read_trace;
+use crate::trace::{TraceError, read_trace};
 
 /// How big a run is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -474,7 +474,13 @@ pub const TRACE_TIME_SCALE: f64 = 6.0;
 /// the hash ids, so equal ids share a prefix), reuse off and on.
 pub fn trace_replay(size: Size, trace: Option<&Path>) -> Result<ScenarioReport, ScenarioError> {
     let path = locate_trace(trace)?;
-    let requests = read_trace(&path).map_err(|e| ScenarioError::Trace(e.to_string()))?;
+    let requests = read_trace(&path).map_err(|e| {
+        ScenarioError::Trace(match e {
+            // Its message already names the file.
+            TraceError::Io { .. } => e.to_string(),
+            other => format!("{}: {other}", path.display()),
+        })
+    })?;
     let n = match size {
         Size::Small => 100,
         Size::Default => 1_500,

@@ -985,9 +985,18 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
         fresh.clear();
         self.scratch = fresh;
         if let Some(src) = cow_src {
-            // Shared (refcount >= 2): this drops the sequence's reference only.
+            // Shared (refcount >= 2): this drops the sequence's reference only. A cached
+            // block (a fork rewound into a block its parent cached since) also counted the
+            // sequence as a user in the index: it stops being one.
             self.stats.cow_copies += 1;
-            self.drop_ref(src)?;
+            let index = if self.is_cached(src) {
+                self.index_release(&[src])
+            } else {
+                Ok(())
+            };
+            let pool = self.drop_ref(src);
+            index?;
+            pool?;
         }
         Ok(SlotGrant::Now)
     }
@@ -1222,7 +1231,10 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
     }
 
     /// Sets the sequence's assigned slots back to `tokens` (rejected speculative tokens, or a
-    /// step whose results never came). Its blocks stay held. Refused below its cached blocks.
+    /// step whose results never came). Its blocks stay held (lookahead included), except
+    /// that a fork lets go of the blocks past its new end that it shares with another
+    /// sequence, and of every block after the first of them: it would have copied each
+    /// before writing into it. Refused below its cached blocks.
     pub fn rewind(&mut self, seq: SeqId, tokens: u64) -> Result<(), KvError> {
         let bs = u64::from(self.cfg.block_size);
         if self.is_loading(seq) {
@@ -1247,7 +1259,53 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
             });
         }
         s.tokens = s.tokens.min(tokens);
-        Ok(())
+        // A fork rewound below blocks it shares lets them go, with every block after them:
+        // it would copy each before writing into it, and held meanwhile, a shared block its
+        // parent caches would sit after a block the fork copied, so that block, evictable,
+        // could not be evicted before the fork freed them.
+        let keep = usize::try_from(s.tokens.div_ceil(bs)).unwrap_or(usize::MAX);
+        let blocks = std::mem::take(&mut s.blocks);
+        let cut = blocks
+            .iter()
+            .enumerate()
+            .skip(keep)
+            .find(|(_, b)| self.alloc.refcount(**b).is_ok_and(|r| r > 1))
+            .map(|(i, _)| i);
+        let s = self.seq_mut(seq)?;
+        s.blocks = blocks;
+        let Some(cut) = cut else {
+            return Ok(());
+        };
+        let dropped = s.blocks.split_off(cut);
+        let cached: Vec<BlockId> = dropped
+            .iter()
+            .copied()
+            .filter(|b| self.is_cached(*b))
+            .collect();
+        let mut result = self.index_release(&cached);
+        // Blocks the fork allocated itself go back to the pin policy as they are freed.
+        let mut back = RegionBlocks::default();
+        for &b in &dropped {
+            let region = self.alloc.region_of(b);
+            let freed = self.alloc.refcount(b) == Ok(1);
+            if let Err(e) = self.drop_ref(b) {
+                result = result.and(Err(e.into()));
+            }
+            match region {
+                Ok(RegionId::PINNED) if freed => back.pinned += 1,
+                Ok(RegionId::DYNAMIC) if freed => back.dynamic += 1,
+                _ => {}
+            }
+        }
+        let s = self.seq_mut(seq)?;
+        back.pinned = back.pinned.min(s.placed.pinned);
+        back.dynamic = back.dynamic.min(s.placed.dynamic);
+        s.placed.pinned -= back.pinned;
+        s.placed.dynamic -= back.dynamic;
+        if back.total() > 0 {
+            result = result.and(self.pin.release(seq, back).map_err(KvError::from));
+        }
+        result
     }
 
     /// Closes a sequence, dropping its references (cached blocks become evictable when it
