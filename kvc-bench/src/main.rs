@@ -382,13 +382,17 @@ fn bytes(text: &str) -> Result<u64, String> {
     parse_bytes(text).map_err(|e| e.to_string())
 }
 
-/// A parameter count: a count, where a trailing `B` means billions (`8B`, `70.6B`).
+/// A parameter count: a count, where a trailing `B` means billions (`8B`, `70.6B`); never 0.
 fn params(text: &str) -> Result<u64, String> {
     let t = text.trim();
-    match t.strip_suffix('B') {
+    let n = match t.strip_suffix('B') {
         Some(n) if !n.ends_with(['K', 'M', 'G', 'T', 'i', 'k']) => count(&format!("{n}G")),
         _ => count(t),
+    }?;
+    if n == 0 {
+        return Err("a model has at least one parameter".into());
     }
+    Ok(n)
 }
 
 fn kv_dtype(text: &str) -> Result<KvDtype, String> {
@@ -667,6 +671,12 @@ fn run_scenario(args: &ScenarioArgs) -> Result<(), String> {
             ));
         }
     };
+    if args.trace.is_some() && !matches!(args.name.as_str(), "trace" | "tiers" | "cluster") {
+        return Err(format!(
+            "--trace applies to the trace, tiers and cluster scenarios, not `{}`",
+            args.name
+        ));
+    }
     if args.name == "cluster" {
         return run_cluster(args, size);
     }

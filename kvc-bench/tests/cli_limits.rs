@@ -361,3 +361,20 @@ fn the_tiers_scenario_takes_token_counts_with_suffixes_and_refuses_odds_outside_
         one_line_error(&out, &["--promote-min-odds", "between 0 and 1"]);
     }
 }
+
+#[test]
+fn a_zero_parameter_model_and_a_trace_for_a_scenario_without_one_are_refused() {
+    let out = kvc(&[
+        "size",
+        "--model",
+        "Llama-3-8B",
+        "--gpu",
+        "H100",
+        "--params",
+        "0",
+    ]);
+    one_line_error(&out, &["at least one parameter"]);
+    let trace = file("scenario.jsonl", TRACE.as_bytes());
+    let out = kvc(&["scenario", "memory", "--trace", trace.to_str().unwrap()]);
+    one_line_error(&out, &["--trace", "`memory`"]);
+}
