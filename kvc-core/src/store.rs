@@ -252,9 +252,10 @@ impl PutOutcome {
 /// How full a store is.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StoreUsage {
-    /// Blocks held.
+    /// Blocks held. A store whose server expires or evicts entries on its own, out of its
+    /// sight, reports an upper bound instead (`kvc_tier::SharedTier`: the blocks it stored).
     pub blocks: u64,
-    /// Bytes held (payload and headers).
+    /// Bytes held (payload and headers); an upper bound where `blocks` is one.
     pub bytes: u64,
     /// The byte budget, if the store has one it can see (a shared server's is its own).
     pub capacity_bytes: Option<u64>,
@@ -309,7 +310,8 @@ pub trait BlockStore {
     /// Forgets `keys`; returns how many were held.
     fn remove(&self, keys: &[StoreKey]) -> Result<usize, StoreError>;
 
-    /// How full the store is.
+    /// How full the store is (see [`StoreUsage`]: an upper bound for a store whose server
+    /// drops entries on its own).
     fn usage(&self) -> StoreUsage;
 
     /// How many leading keys the store holds (the longest stored prefix of a chain).

@@ -91,7 +91,10 @@ pub enum DiskOpenError {
     },
     /// Another disk tier (in this process or another) has this namespace's folder open: two
     /// tiers numbering pages in one folder would overwrite each other's pages. Give each
-    /// engine its own [`DiskConfig::dir`], or share blocks through the shared tier.
+    /// engine its own [`DiskConfig::dir`], or share blocks through the shared tier. The lock
+    /// goes with the last handle on the tier: an engine dropped while a background load
+    /// still reads from it keeps the folder until that load ends, so a restart on the same
+    /// folder at once may see this and should try again shortly.
     #[error("disk tier: {path} is in use by another disk tier")]
     InUse {
         /// The namespace's folder.
