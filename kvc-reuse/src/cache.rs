@@ -1200,7 +1200,9 @@ impl PrefixCache {
         }
         // The blocks already cached, for the policy's `BlockInfo` (the cache's own LRU order
         // needs no count, so it skips this pass over the index).
-        let existing = if self.recency.is_some() {
+        // Only a prompt's walk reports it: blocks offered as more of a request would make
+        // this pass walk everything the request offered before, every time.
+        let existing = if self.recency.is_some() || access != Access::Insert {
             0
         } else {
             hashes

@@ -25,7 +25,8 @@ pub struct BlockInfo {
     /// descendants touched in the same request always get later stamps.
     pub stamp: u64,
     /// Blocks of the touching request that were already cached when it was looked up (its
-    /// hit length); 0 for an insert that followed no lookup.
+    /// hit length); 0 for an insert that followed no lookup, and for blocks offered as more
+    /// of a request ([`Access::More`]).
     pub request_hit_blocks: u32,
     /// Full blocks of the touching request.
     pub request_blocks: u32,
