@@ -1158,26 +1158,43 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
             });
         }
         self.take_ref(a.cached)?;
-        let region = self.alloc.region_of(a.own);
-        let freed = self.alloc.refcount(a.own) == Ok(1);
-        self.drop_ref(a.own)?;
-        let s = self.seq_mut(seq)?;
-        s.blocks[a.index] = a.cached;
-        // The copy was the sequence's alone: give its placement back to the pin policy (a
-        // copy shared with a fork stays placed until the sequences let it go).
-        let mut back = RegionBlocks::default();
-        match region {
-            Ok(RegionId::PINNED) if freed && s.placed.pinned > 0 => {
-                s.placed.pinned -= 1;
-                back.pinned = 1;
-            }
-            Ok(RegionId::DYNAMIC) if freed && s.placed.dynamic > 0 => {
-                s.placed.dynamic -= 1;
-                back.dynamic = 1;
-            }
-            _ => {}
-        }
+        let mut freed = RegionBlocks::default();
+        self.drop_counting(a.own, &mut freed)?;
+        self.seq_mut(seq)?.blocks[a.index] = a.cached;
         self.stats.adopted_blocks += 1;
+        // The copy was the sequence's alone: its placement goes back to the pin policy (a
+        // copy shared with a fork stays placed until the sequences let it go).
+        self.give_back_placement(seq, freed)
+    }
+
+    /// Drops one holder's reference on `b` ([`Self::drop_ref`]); when it was the last, adds
+    /// the block's region to `freed`, the placement a sequence can give back.
+    fn drop_counting(
+        &mut self,
+        b: BlockId,
+        freed: &mut RegionBlocks,
+    ) -> Result<(), kvc_core::RefError> {
+        let region = self.alloc.region_of(b);
+        if self.alloc.refcount(b) == Ok(1) {
+            match region {
+                Ok(RegionId::PINNED) => freed.pinned += 1,
+                Ok(RegionId::DYNAMIC) => freed.dynamic += 1,
+                _ => {}
+            }
+        }
+        self.drop_ref(b)
+    }
+
+    /// Gives the pin policy back the placement of blocks `seq` freed before it ends, as far
+    /// as the sequence placed them itself (a fork's shared blocks were its parent's).
+    fn give_back_placement(&mut self, seq: SeqId, freed: RegionBlocks) -> Result<(), KvError> {
+        let s = self.seq_mut(seq)?;
+        let back = RegionBlocks {
+            pinned: freed.pinned.min(s.placed.pinned),
+            dynamic: freed.dynamic.min(s.placed.dynamic),
+        };
+        s.placed.pinned -= back.pinned;
+        s.placed.dynamic -= back.dynamic;
         if back.total() > 0 {
             self.pin.release(seq, back)?;
         }
@@ -1284,28 +1301,13 @@ impl<A: BlockAllocator, P: PinPolicy, R: ReuseIndex> KvManager<A, P, R> {
             .collect();
         let mut result = self.index_release(&cached);
         // Blocks the fork allocated itself go back to the pin policy as they are freed.
-        let mut back = RegionBlocks::default();
+        let mut freed = RegionBlocks::default();
         for &b in &dropped {
-            let region = self.alloc.region_of(b);
-            let freed = self.alloc.refcount(b) == Ok(1);
-            if let Err(e) = self.drop_ref(b) {
+            if let Err(e) = self.drop_counting(b, &mut freed) {
                 result = result.and(Err(e.into()));
             }
-            match region {
-                Ok(RegionId::PINNED) if freed => back.pinned += 1,
-                Ok(RegionId::DYNAMIC) if freed => back.dynamic += 1,
-                _ => {}
-            }
         }
-        let s = self.seq_mut(seq)?;
-        back.pinned = back.pinned.min(s.placed.pinned);
-        back.dynamic = back.dynamic.min(s.placed.dynamic);
-        s.placed.pinned -= back.pinned;
-        s.placed.dynamic -= back.dynamic;
-        if back.total() > 0 {
-            result = result.and(self.pin.release(seq, back).map_err(KvError::from));
-        }
-        result
+        result.and(self.give_back_placement(seq, freed))
     }
 
     /// Closes a sequence, dropping its references (cached blocks become evictable when it
