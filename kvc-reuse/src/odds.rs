@@ -165,6 +165,17 @@ impl ReuseOdds {
         (reused.min(events) as f64 + 2.0 * prior) / (events as f64 + 2.0)
     }
 
+    /// Sets the slot's shift in every order from `class`'s odds: `kappa × gap × logit(p)`
+    /// (the slot is out of every order).
+    fn shift_by_odds(&mut self, slot: u32, class: u16, gap: f64) {
+        let p = self.odds(class);
+        let logit = (p / (1.0 - p)).ln();
+        let n = self.orders.len();
+        for (k, order) in self.orders.iter().enumerate() {
+            self.shifts[slot as usize * n + k] = (order.kappa * gap * logit) as i64;
+        }
+    }
+
     /// The slot's key in order `k`.
     #[inline]
     fn key(&self, slot: u32, k: usize) -> (i64, u32) {
@@ -231,7 +242,6 @@ impl ReuseOdds {
         let growth = (growth_tokens / 512).ilog2().min(Self::GROWTH_CLASSES - 1);
         let request_class = turn.min(Self::TURN_CLASSES - 1) * Self::GROWTH_CLASSES + growth;
         let gap = self.gaps.get() as f64;
-        let n = self.orders.len();
         for i in 0..self.walk.len() {
             let (slot, _) = self.walk[i];
             let uses = u32::from(self.slots[slot as usize].uses).min(Self::USE_CLASSES - 1);
@@ -241,8 +251,6 @@ impl ReuseOdds {
                 + position) as u16;
             self.stats[class as usize].0 += 1;
             self.all.0 += 1;
-            let p = self.odds(class);
-            let logit = (p / (1.0 - p)).ln();
             let s = self.slots[slot as usize];
             let ordered = s.evictable && !s.pending;
             if ordered {
@@ -251,9 +259,7 @@ impl ReuseOdds {
             let s = &mut self.slots[slot as usize];
             s.class = class;
             s.uses = s.uses.saturating_add(1).min(Self::USE_CLASSES as u8);
-            for (k, order) in self.orders.iter().enumerate() {
-                self.shifts[slot as usize * n + k] = (order.kappa * gap * logit) as i64;
-            }
+            self.shift_by_odds(slot, class, gap);
             if ordered {
                 self.enter(slot);
             }
@@ -344,14 +350,7 @@ impl EvictionPolicy for ReuseOdds {
                 let s = &mut self.slots[i];
                 s.class = Self::MORE;
                 s.fresh_more = true;
-                let logit = {
-                    let p = self.odds(Self::MORE);
-                    (p / (1.0 - p)).ln()
-                };
-                let gap = self.gaps.get() as f64;
-                for (k, order) in self.orders.iter().enumerate() {
-                    self.shifts[i * n + k] = (order.kappa * gap * logit) as i64;
-                }
+                self.shift_by_odds(slot, Self::MORE, self.gaps.get() as f64);
             }
             Access::Lookup => {}
         }
