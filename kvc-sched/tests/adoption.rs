@@ -269,15 +269,7 @@ fn a_class_kept_out_of_the_pinned_region_does_not_adopt_while_it_has_blocks() {
     let mut kv = KvManager::new(cfg, pool, pin, index()).unwrap();
     let (a, b) = (prompt(1), prompt(2));
     for (seq, tokens) in [(1, &a), (2, &b)] {
-        kv.open(SeqId(seq), owner()).unwrap();
-        assert_eq!(kv.lookup_prefix(SeqId(seq), tokens, 0).unwrap(), 0);
-        let ask = SlotRequest {
-            new_tokens: tokens.len() as u64,
-            lookahead: 0,
-            admission: true,
-        };
-        let grant = kv.allocate_slots(SeqId(seq), ask, 0, &mut Vec::new());
-        assert_eq!(grant.unwrap(), SlotGrant::Now);
+        assert_eq!(admit(&mut kv, seq, tokens), 0);
     }
     kv.cache_blocks(SeqId(1), &a, 1).unwrap();
     // Standard traffic may not hold pinned blocks: it offers as `cache_blocks` does.

@@ -250,6 +250,43 @@ fn prompt(prefix: u8, extra: u8, salt: u64) -> Vec<u32> {
     p
 }
 
+/// Opens `id` for `owner`, looks `tokens` up (the hit must hold their KV and never cover the
+/// last token) and computes the rest into `model`. Returns whether it was admitted; a
+/// sequence the pool cannot take now is freed.
+fn admit<P: PinPolicy, R: ReuseIndex>(
+    kv: &mut KvManager<BlockPool, P, R>,
+    model: &mut Kv,
+    id: SeqId,
+    owner: SeqOwner,
+    tokens: &[u32],
+    now: u64,
+) -> Result<bool, TestCaseError> {
+    kv.open(id, owner).unwrap();
+    let hit = kv.lookup_prefix(id, tokens, now).unwrap() as usize;
+    prop_assert!(hit < tokens.len(), "the last prompt token is computed");
+    let fps = fingerprints(owner.tenant, tokens);
+    check_reads(model, kv.blocks(id).unwrap(), &fps, hit, "a prefix hit")?;
+    let ask = SlotRequest {
+        new_tokens: (tokens.len() - hit) as u64,
+        lookahead: 0,
+        admission: true,
+    };
+    let mut copies = Vec::new();
+    match kv.allocate_slots(id, ask, now, &mut copies).unwrap() {
+        SlotGrant::Now => {
+            model.copy(&copies);
+            for (p, &fp) in fps.iter().enumerate().skip(hit) {
+                model.write(kv.slot(id, p as u64).unwrap(), fp);
+            }
+            Ok(true)
+        }
+        SlotGrant::Later(_) | SlotGrant::Never(_) => {
+            kv.free(id).unwrap();
+            Ok(false)
+        }
+    }
+}
+
 fn run_manager(
     ops: &[Op],
     policy: PolicyKind,
@@ -291,31 +328,13 @@ fn run_manager(
                     class: l.class,
                     session: None,
                 };
-                kv.open(id, owner).unwrap();
-                let hit = kv.lookup_prefix(id, &l.tokens, now).unwrap() as usize;
-                prop_assert!(hit < l.tokens.len(), "the last prompt token is computed");
-                let fps = fingerprints(l.tenant, &l.tokens);
-                check_reads(&model, kv.blocks(id).unwrap(), &fps, hit, "a prefix hit")?;
-                let ask = SlotRequest {
-                    new_tokens: (l.tokens.len() - hit) as u64,
-                    lookahead: 0,
-                    admission: true,
-                };
-                copies.clear();
-                match kv.allocate_slots(id, ask, now, &mut copies).unwrap() {
-                    SlotGrant::Now => {
-                        model.copy(&copies);
-                        for (p, &fp) in fps.iter().enumerate().skip(hit) {
-                            model.write(kv.slot(id, p as u64).unwrap(), fp);
-                        }
-                        let l = Live {
-                            written: l.tokens.len(),
-                            ..l
-                        };
-                        kv.cache_blocks(id, &l.tokens, now).unwrap();
-                        live.insert(next, l);
-                    }
-                    SlotGrant::Later(_) | SlotGrant::Never(_) => kv.free(id).unwrap(),
+                if admit(&mut kv, &mut model, id, owner, &l.tokens, now)? {
+                    let l = Live {
+                        written: l.tokens.len(),
+                        ..l
+                    };
+                    kv.cache_blocks(id, &l.tokens, now).unwrap();
+                    live.insert(next, l);
                 }
             }
             Op::Decode { pick: k, n } => {
@@ -359,25 +378,8 @@ fn run_manager(
                     next += 1;
                     let id = SeqId(next);
                     let tokens = prompt(prefix, extra, next);
-                    kv.open(id, owner).unwrap();
-                    let hit = kv.lookup_prefix(id, &tokens, now).unwrap() as usize;
-                    let fps = fingerprints(tenant, &tokens);
-                    check_reads(&model, kv.blocks(id).unwrap(), &fps, hit, "a twin's hit")?;
-                    let ask = SlotRequest {
-                        new_tokens: (tokens.len() - hit) as u64,
-                        lookahead: 0,
-                        admission: true,
-                    };
-                    copies.clear();
-                    match kv.allocate_slots(id, ask, now, &mut copies).unwrap() {
-                        SlotGrant::Now => {
-                            model.copy(&copies);
-                            for (p, &fp) in fps.iter().enumerate().skip(hit) {
-                                model.write(kv.slot(id, p as u64).unwrap(), fp);
-                            }
-                            admitted.push((next, tokens));
-                        }
-                        SlotGrant::Later(_) | SlotGrant::Never(_) => kv.free(id).unwrap(),
+                    if admit(&mut kv, &mut model, id, owner, &tokens, now)? {
+                        admitted.push((next, tokens));
                     }
                 }
                 // Both computed before either offers.
