@@ -47,7 +47,10 @@ pub enum Access {
     /// An insert of more blocks of a request whose prompt is offered apart (a prefix loaded
     /// from the tiers before it, its reply after it) cached it or found it cached. Not part of
     /// a prompt's walk; blocks the request offered before are not reported at all
-    /// (see [`PrefixCache::insert_as`](crate::PrefixCache::insert_as)).
+    /// (see [`PrefixCache::insert_as`](crate::PrefixCache::insert_as)). A block cached
+    /// this way and passed by a prompt's walk ([`Access::Insert`]) before its request
+    /// released it is that request's own (a prefill chunk offered ahead of the prompt): the
+    /// shipped policies treat it as new to the walk, not as a reuse.
     More,
 }
 
