@@ -49,6 +49,17 @@ pub enum ConfigError {
         /// Blocks in the dynamic region.
         dynamic: u64,
     },
+    /// The pool's bookkeeping (16 bytes a block, allocated when the pool is built) could not
+    /// be allocated: the block count is far larger than the machine's memory allows.
+    #[error(
+        "a pool of {blocks} blocks needs {bytes} bytes of bookkeeping, which could not be allocated"
+    )]
+    OutOfMemory {
+        /// Blocks asked for.
+        blocks: u64,
+        /// Bytes the bookkeeping needs.
+        bytes: u64,
+    },
 }
 
 /// The shape of a [`BlockPool`](crate::BlockPool).

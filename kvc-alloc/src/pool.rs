@@ -69,28 +69,24 @@ impl BlockPool {
     pub fn new(config: PoolConfig) -> Result<Self, ConfigError> {
         let sizes = config.region_sizes()?;
         let total: u32 = sizes.iter().sum();
-        let mut meta = vec![
-            Meta {
-                prev: NIL,
-                next: NIL,
-                refcount: 0,
-                region: 0,
-            };
-            total as usize
-        ]
-        .into_boxed_slice();
+        // The metadata (16 bytes a block) is reserved fallibly: a pool of billions of blocks
+        // is a typed error where memory cannot hold it, not an aborted process.
+        let mut meta: Vec<Meta> = Vec::new();
+        meta.try_reserve_exact(total as usize)
+            .map_err(|_| ConfigError::OutOfMemory {
+                blocks: u64::from(total),
+                bytes: u64::from(total).saturating_mul(std::mem::size_of::<Meta>() as u64),
+            })?;
         let mut regions = Vec::with_capacity(sizes.len());
         let mut start = 0u32;
         for (index, &size) in sizes.iter().enumerate() {
             let end = start + size;
-            for id in start..end {
-                meta[id as usize] = Meta {
-                    prev: if id == start { NIL } else { id - 1 },
-                    next: if id + 1 == end { NIL } else { id + 1 },
-                    refcount: 0,
-                    region: index as u8,
-                };
-            }
+            meta.extend((start..end).map(|id| Meta {
+                prev: if id == start { NIL } else { id - 1 },
+                next: if id + 1 == end { NIL } else { id + 1 },
+                refcount: 0,
+                region: index as u8,
+            }));
             regions.push(Region {
                 head: if size == 0 { NIL } else { start },
                 tail: if size == 0 { NIL } else { end - 1 },
@@ -101,7 +97,7 @@ impl BlockPool {
         }
         let watermark = u32::try_from(config.watermark).unwrap_or(u32::MAX);
         Ok(Self {
-            meta,
+            meta: meta.into_boxed_slice(),
             regions: regions.into_boxed_slice(),
             watermark,
             allocations: 0,

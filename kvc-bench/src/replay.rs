@@ -48,7 +48,7 @@ pub enum ReplayError {
     #[error("the block size must be at least 1 token")]
     ZeroBlockSize,
     /// The capacity holds no block.
-    #[error("a capacity of {capacity_tokens} tokens holds no {block_size}-token block")]
+    #[error("a capacity of {capacity_tokens} token(s) is less than one {block_size}-token block")]
     ZeroCapacity {
         /// Capacity asked.
         capacity_tokens: u64,
