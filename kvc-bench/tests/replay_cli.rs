@@ -237,11 +237,30 @@ fn empty_trace_zero_capacity_and_unknown_names_are_errors() {
     assert_fails(&run(&path, &["--capacity-tokens", "0"]), &["capacity"]);
     assert_fails(
         &run(&path, &["--capacity-tokens", "10", "--block-size", "16"]),
-        &["capacity of 10 tokens"],
+        &["capacity of 10 token(s)"],
     );
     assert_fails(
         &run(&path, &["--capacity-tokens", "1000", "--policy", "mru"]),
         &["'mru'", "lru"],
+    );
+    assert_fails(
+        &run(
+            &path,
+            &[
+                "--capacity-tokens",
+                "1000",
+                "--engine-like",
+                "--cache",
+                "radix",
+                "--policy",
+                "s3fifo",
+            ],
+        ),
+        &["radix cache evicts by LRU only, not s3fifo"],
+    );
+    assert_fails(
+        &run(&path, &["--capacity-tokens", "1000", "--cache", "radix"]),
+        &["--engine-like"],
     );
     let missing = Path::new(env!("CARGO_TARGET_TMPDIR")).join("no-such-trace.jsonl");
     assert_fails(
