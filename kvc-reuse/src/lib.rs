@@ -11,6 +11,9 @@
 //!   priorities with expiry, conversation ends ([`PrefixCache::end_conversation`]: an
 //!   application's word that a chat is over demotes its own blocks), invalidation,
 //!   [`KvEvent`]s and [`Metrics`] ([`RecentHitRate`]: the hit rate over the last requests).
+//! - [`RadixCache`]: the same lookups and leaf-first LRU eviction over runs of blocks instead
+//!   of single blocks (a radix tree of block hashes): several times less work per block, for
+//!   engines that want plain LRU and none of the rest.
 //! - [`SessionCache`]: multi-turn contexts bound to a session id, with truncation and idle
 //!   expiry.
 //!
@@ -62,6 +65,7 @@ mod lru;
 mod odds;
 pub mod policy;
 mod prefetch;
+mod radix;
 mod recency;
 mod recent;
 mod session;
@@ -85,6 +89,7 @@ pub use kvc_core::{
 };
 pub use odds::ReuseOdds;
 pub use policy::{Access, BlockInfo, Conversation, EvictionPolicy, Lru, PolicyKind, S3Fifo};
+pub use radix::{RadixCache, RadixError, RadixHold, RadixStats};
 pub use recent::RecentHitRate;
 pub use session::{
     SessionCache, SessionConfig, SessionConfigError, SessionError, Truncation, Turn,
