@@ -13,7 +13,9 @@ use std::time::Instant;
 
 use kvc_alloc::{AllocError, BlockAllocator, BlockPool, BlockTable, PoolConfig, RegionId};
 use kvc_core::BlockId;
-use kvc_reuse::{BlockHash, BlockHasher, HashExtra, HasherKind, PolicyKind, PrefixCache};
+use kvc_reuse::{
+    BlockHash, BlockHasher, HashExtra, HasherKind, PolicyKind, PrefixCache, RadixCache, RadixHold,
+};
 use serde::Serialize;
 use thiserror::Error;
 
@@ -31,6 +33,9 @@ pub struct BlockReplayConfig {
     pub alive: usize,
     /// The prefix cache's eviction policy.
     pub policy: PolicyKind,
+    /// How the cache keeps blocks: one by one ([`PrefixCache`], any policy) or in runs
+    /// ([`RadixCache`], LRU only).
+    pub cache: CacheKind,
     /// The block hasher.
     pub hasher: HasherKind,
     /// Admission control: cache a block only when its hash was already seen once, among the
@@ -38,6 +43,36 @@ pub struct BlockReplayConfig {
     /// never repeated are then never cached, so they are never evicted either; the first
     /// reuse of every block is lost.
     pub admission: bool,
+}
+
+/// Which prefix cache the replay drives.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CacheKind {
+    /// [`PrefixCache`]: a node and an index entry per block; every eviction policy.
+    #[default]
+    Prefix,
+    /// [`RadixCache`]: runs of blocks as radix-tree edges; LRU only.
+    Radix,
+}
+
+impl CacheKind {
+    /// Both, in the report's order.
+    pub const ALL: [Self; 2] = [Self::Prefix, Self::Radix];
+
+    /// The name the command line takes (`prefix`, `radix`).
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Prefix => "prefix",
+            Self::Radix => "radix",
+        }
+    }
+
+    /// The kind named `name`.
+    #[must_use]
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.name() == name)
+    }
 }
 
 /// Why the replay could not run.
@@ -52,6 +87,12 @@ pub enum BlockReplayError {
     Zero {
         /// The setting.
         name: &'static str,
+    },
+    /// The radix cache evicts by LRU only.
+    #[error("the radix cache evicts by LRU only, not {policy}")]
+    RadixNeedsLru {
+        /// The policy asked for.
+        policy: &'static str,
     },
     /// The pool is too large for block ids.
     #[error(transparent)]
@@ -113,6 +154,8 @@ pub struct BlockReplayReport {
     pub alive: usize,
     /// Policy name.
     pub policy: &'static str,
+    /// Cache name (`prefix` or `radix`).
+    pub cache: &'static str,
     /// Hasher name.
     pub hasher: &'static str,
     /// Whether admission control was on.
@@ -121,12 +164,31 @@ pub struct BlockReplayReport {
 
 struct Live {
     table: BlockTable,
+    /// Its hold on the radix cache's blocks (nothing with the prefix cache, which counts
+    /// holders per block).
+    hold: RadixHold,
     remaining: u32,
+}
+
+/// The cache the replay drives (one value per replay, so its size does not matter).
+#[allow(clippy::large_enum_variant)]
+enum Cache {
+    Prefix(PrefixCache),
+    Radix(RadixCache),
+}
+
+impl Cache {
+    fn len(&self) -> usize {
+        match self {
+            Self::Prefix(c) => c.len(),
+            Self::Radix(c) => c.len(),
+        }
+    }
 }
 
 struct Replay {
     pool: BlockPool,
-    cache: PrefixCache,
+    cache: Cache,
     evicted: Vec<BlockId>,
     /// Scratch for [`Replay::append`]: blocks just allocated.
     fresh: Vec<BlockId>,
@@ -197,7 +259,10 @@ impl Replay {
     /// frees it: the cache only evicts blocks no request uses).
     fn evict(&mut self, count: usize, now: u64) -> usize {
         self.evicted.clear();
-        let n = self.cache.evict(count, now, &mut self.evicted);
+        let n = match &mut self.cache {
+            Cache::Prefix(c) => c.evict(count, now, &mut self.evicted),
+            Cache::Radix(c) => c.evict(count, &mut self.evicted),
+        };
         // One batch: the cache only evicts blocks no request uses, so each one's last
         // reference goes and it is freed.
         match self.pool.release_many(&self.evicted) {
@@ -218,7 +283,11 @@ impl Replay {
     /// A request is done: it stops using every block of its table in the cache (its hit
     /// blocks and those it cached) and drops its pool references.
     fn retire(&mut self, mut live: Live) {
-        if let Err(e) = self.cache.release(live.table.blocks()) {
+        let released = match &mut self.cache {
+            Cache::Prefix(c) => c.release(live.table.blocks()).map_err(|e| e.to_string()),
+            Cache::Radix(c) => c.release(live.hold).map_err(|e| e.to_string()),
+        };
+        if let Err(e) = released {
             self.broken.get_or_insert(format!("release: {e}"));
         }
         if let Err(e) = live.table.release_all(&mut self.pool) {
@@ -315,11 +384,22 @@ pub fn block_replay(
                 .div_ceil(u64::from(cfg.block_size))
         })
         .sum();
+    if cfg.cache == CacheKind::Radix && cfg.policy != PolicyKind::Lru {
+        return Err(BlockReplayError::RadixNeedsLru {
+            policy: cfg.policy.name(),
+        });
+    }
     let blocks = (cfg.capacity_tokens / u64::from(cfg.block_size)).min(demand);
     let bs = cfg.block_size as usize;
     let mut r = Replay {
         pool: BlockPool::new(PoolConfig::new(blocks))?,
-        cache: PrefixCache::with_policy(cfg.block_size, cfg.policy.build(blocks as usize)),
+        cache: match cfg.cache {
+            CacheKind::Prefix => Cache::Prefix(PrefixCache::with_policy(
+                cfg.block_size,
+                cfg.policy.build(blocks as usize),
+            )),
+            CacheKind::Radix => Cache::Radix(RadixCache::new(cfg.block_size)),
+        },
         evicted: Vec::new(),
         fresh: Vec::new(),
         evicted_blocks: 0,
@@ -331,6 +411,7 @@ pub fn block_replay(
         .admission
         .then(|| Doorkeeper::new(2 * usize::try_from(blocks).unwrap_or(usize::MAX >> 1)));
     let (mut tokens, mut hashes, mut newly) = (Vec::new(), Vec::new(), Vec::new());
+    let mut hit_blocks: Vec<BlockId> = Vec::new();
     let mut alive: VecDeque<Live> = VecDeque::with_capacity(cfg.alive.min(trace.len()));
     let (mut input_tokens, mut hit_tokens, mut decode_tokens) = (0u64, 0u64, 0u64);
     let (mut synth_s, mut synth_cpu_s) = (0.0, 0.0);
@@ -364,15 +445,23 @@ pub fn block_replay(
         }
         hashes.clear();
         cfg.hasher.hash_blocks(root, &tokens, bs, &mut hashes);
-        let hit = r.cache.lookup(&hashes, tokens.len(), now);
+        let mut hold = RadixHold::NOTHING;
+        match &mut r.cache {
+            Cache::Prefix(c) => hit_blocks = c.lookup(&hashes, tokens.len(), now).blocks,
+            Cache::Radix(c) => {
+                hit_blocks.clear();
+                hold = c.lookup(&hashes, tokens.len(), &mut hit_blocks);
+            }
+        }
+        let hit_len = (hit_blocks.len() * bs) as u64;
         input_tokens += tokens.len() as u64;
-        hit_tokens += hit.tokens;
+        hit_tokens += hit_len;
         let mut table = r
             .spare
             .pop()
             .unwrap_or_else(|| BlockTable::new(cfg.block_size));
         let ownership = |what: String| BlockReplayError::Ownership { index, what };
-        for &b in &hit.blocks {
+        for &b in &hit_blocks {
             // The request's own reference on each hit block (the cache holds another).
             r.pool
                 .retain(b)
@@ -380,9 +469,9 @@ pub fn block_replay(
             table.push_block(b);
         }
         table
-            .advance(hit.tokens)
+            .advance(hit_len)
             .map_err(|e| ownership(format!("advance: {e}")))?;
-        let rest = tokens.len() as u64 - hit.tokens;
+        let rest = tokens.len() as u64 - hit_len;
         if let Err(source) = r.append(&mut table, rest, now) {
             return Err(BlockReplayError::DoesNotFit { index, source });
         }
@@ -400,9 +489,19 @@ pub fn block_replay(
             full = seen;
         }
         newly.clear();
-        r.cache
-            .insert(&hashes[..full], &table.blocks()[..full], now, &mut newly)
-            .map_err(|e| ownership(format!("insert: {e}")))?;
+        match &mut r.cache {
+            Cache::Prefix(c) => c
+                .insert(&hashes[..full], &table.blocks()[..full], now, &mut newly)
+                .map_err(|e| ownership(format!("insert: {e}")))?,
+            Cache::Radix(c) => c
+                .insert(
+                    &mut hold,
+                    &hashes[..full],
+                    &table.blocks()[..full],
+                    &mut newly,
+                )
+                .map_err(|e| ownership(format!("insert: {e}")))?,
+        }
         for &b in &newly {
             // The cache's reference.
             r.pool
@@ -411,6 +510,7 @@ pub fn block_replay(
         }
         alive.push_back(Live {
             table,
+            hold,
             remaining: req.output_length.max(1),
         });
     }
@@ -446,6 +546,7 @@ pub fn block_replay(
         block_size: cfg.block_size,
         alive: cfg.alive,
         policy: cfg.policy.name(),
+        cache: cfg.cache.name(),
         hasher: cfg.hasher.name(),
         admission: cfg.admission,
     })
@@ -470,6 +571,7 @@ mod tests {
             block_size: 16,
             alive,
             policy: PolicyKind::Lru,
+            cache: CacheKind::Prefix,
             hasher: HasherKind::Xxh3,
             admission: false,
         }
@@ -481,7 +583,7 @@ mod tests {
     fn append_takes_the_blocks_the_table_would() {
         let replay = || Replay {
             pool: BlockPool::new(PoolConfig::new(96)).unwrap(),
-            cache: PrefixCache::new(4, PolicyKind::Lru),
+            cache: Cache::Prefix(PrefixCache::new(4, PolicyKind::Lru)),
             evicted: Vec::new(),
             fresh: Vec::new(),
             evicted_blocks: 0,
@@ -536,6 +638,54 @@ mod tests {
         assert_eq!(r.requests, 3);
         assert_eq!(r.blocks_in_use_at_end, r.cached_blocks_at_end);
         assert!(r.cached_blocks_at_end > 0);
+    }
+
+    /// The radix cache evicts in the prefix cache's LRU order: on a real trace under memory
+    /// pressure (with and without admission control) the two replay alike to the last block.
+    #[test]
+    fn radix_and_prefix_caches_replay_alike() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data/mooncake-synthetic.jsonl");
+        let trace = crate::trace::read_trace(&path).unwrap();
+        let trace = &trace[..400];
+        for (capacity, admission) in [(400_000, false), (400_000, true), (2_000_000, false)] {
+            let mut c = cfg(capacity, 16);
+            c.admission = admission;
+            let a = block_replay(trace, &c).unwrap();
+            c.cache = CacheKind::Radix;
+            let b = block_replay(trace, &c).unwrap();
+            // Memory pressure: every run but admission control's (which caches little)
+            // evicts.
+            assert!(admission || a.evicted_blocks > 0, "capacity {capacity}");
+            assert!(a.hit_tokens > 0);
+            assert_eq!(
+                (
+                    a.hit_tokens,
+                    a.evicted_blocks,
+                    a.cached_blocks_at_end,
+                    a.blocks_in_use_at_end
+                ),
+                (
+                    b.hit_tokens,
+                    b.evicted_blocks,
+                    b.cached_blocks_at_end,
+                    b.blocks_in_use_at_end
+                ),
+                "capacity {capacity}, admission {admission}"
+            );
+            assert_eq!((a.cache, b.cache), ("prefix", "radix"));
+        }
+        c_radix_needs_lru();
+    }
+
+    fn c_radix_needs_lru() {
+        let mut c = cfg(100_000, 2);
+        c.cache = CacheKind::Radix;
+        c.policy = PolicyKind::S3Fifo;
+        assert_eq!(
+            block_replay(&[req(0, &[1], 100, 1)], &c),
+            Err(BlockReplayError::RadixNeedsLru { policy: "s3fifo" })
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::{Args, Parser, Subcommand};
-use kvc_bench::block_replay::{BlockReplayConfig, block_replay};
+use kvc_bench::block_replay::{BlockReplayConfig, CacheKind, block_replay};
 use kvc_bench::replay::{
     EndSignal, ReplayConfig, ReplayReport, SharedPrefix, replay, replay_with_end_signal,
     reuse_oracle_hit_rate,
@@ -324,6 +324,10 @@ struct ReplayArgs {
     /// (admission control; reports its hit rate beside LRU's).
     #[arg(long, requires = "engine_like")]
     admission: bool,
+    /// With `--engine-like`: the prefix cache, `prefix` (a node per block, every policy) or
+    /// `radix` (runs of blocks, LRU only; the same evictions, less work per block).
+    #[arg(long, default_value = "prefix", requires = "engine_like", value_parser = cache_parser())]
+    cache: CacheKind,
     /// Requests alive at once, with `--engine-like` (more than the trace holds means all).
     #[arg(long, default_value = "64", value_parser = count)]
     alive: u64,
@@ -429,6 +433,18 @@ fn shared_prefix_parser() -> impl TypedValueParser<Value = SharedPrefix> {
     .map(|name| SharedPrefix::from_name(&name).unwrap_or(SharedPrefix::Hindsight))
 }
 
+fn cache_parser() -> impl TypedValueParser<Value = CacheKind> {
+    let values = CacheKind::ALL.iter().map(|&k| {
+        let help = match k {
+            CacheKind::Prefix => "PrefixCache: a node per block, every policy (default)",
+            CacheKind::Radix => "RadixCache: runs of blocks, LRU only, less work per block",
+        };
+        PossibleValue::new(k.name()).help(help)
+    });
+    PossibleValuesParser::new(values.collect::<Vec<_>>())
+        .map(|name| CacheKind::from_name(&name).unwrap_or_default())
+}
+
 fn hasher_parser() -> impl TypedValueParser<Value = HasherKind> {
     let values = HasherKind::ALL.iter().map(|&k| {
         let help = match k {
@@ -518,6 +534,7 @@ fn run_replay(args: &ReplayArgs) -> Result<(), String> {
             // More alive requests than the trace holds is the same as all of them.
             alive: usize::try_from(args.alive.min(trace.len() as u64)).unwrap_or(usize::MAX),
             policy,
+            cache: args.cache,
             hasher,
             admission: args.admission,
         };
@@ -527,13 +544,14 @@ fn run_replay(args: &ReplayArgs) -> Result<(), String> {
         } else {
             println!(
                 "{} requests, {} alive at once, pool {} tokens ({}-token blocks), policy {}, \
-                 hasher {}{}: {:.1} us of block management per request ({:.2} s; CPU time {:.1} \
+                 {} cache, hasher {}{}: {:.1} us of block management per request ({:.2} s; CPU time {:.1} \
                  us per request), hit rate {:.2}%, {} decode tokens, {} blocks evicted",
                 r.requests,
                 r.alive,
                 r.capacity_tokens,
                 r.block_size,
                 r.policy,
+                r.cache,
                 r.hasher,
                 if r.admission { ", admission" } else { "" },
                 r.us_per_request,

@@ -10,7 +10,7 @@ use kvc_reuse::{BlockHasher, HasherKind, PolicyKind};
 use serde::Serialize;
 
 use super::{Mode, ReportData, ReportError};
-use crate::block_replay::{BlockReplayConfig, BlockReplayReport, block_replay};
+use crate::block_replay::{BlockReplayConfig, BlockReplayReport, CacheKind, block_replay};
 use crate::trace::TraceRequest;
 
 /// The section's heading in `index.md`.
@@ -21,7 +21,8 @@ pub const HEADING: &str = "## Engine-like replay (block management per request)"
 pub struct EngineReplayResult {
     /// The trace file.
     pub trace: PathBuf,
-    /// One replay per hasher, in [`HasherKind::ALL`] order.
+    /// One replay per cache and hasher: [`CacheKind::ALL`] order, then [`HasherKind::ALL`]
+    /// order within each.
     pub runs: Vec<BlockReplayReport>,
 }
 
@@ -34,7 +35,7 @@ fn plan(mode: Mode) -> (usize, u64, usize) {
     }
 }
 
-/// Replays the trace as an engine would, once per hasher, with LRU eviction.
+/// Replays the trace as an engine would, once per cache and hasher, with LRU eviction.
 pub(crate) fn run(
     path: &Path,
     trace: &[TraceRequest],
@@ -43,11 +44,15 @@ pub(crate) fn run(
 ) -> Result<EngineReplayResult, ReportError> {
     let (limit, capacity_tokens, alive) = plan(mode);
     let requests = &trace[..limit.min(trace.len())];
-    let mut runs = Vec::with_capacity(HasherKind::ALL.len());
-    for hasher in HasherKind::ALL {
+    let mut runs = Vec::with_capacity(CacheKind::ALL.len() * HasherKind::ALL.len());
+    for (cache, hasher) in CacheKind::ALL
+        .into_iter()
+        .flat_map(|c| HasherKind::ALL.map(|h| (c, h)))
+    {
         progress(format!(
-            "engine-like replay: {} requests, hasher {}",
+            "engine-like replay: {} requests, {} cache, hasher {}",
             requests.len(),
+            cache.name(),
             hasher.name()
         ));
         let cfg = BlockReplayConfig {
@@ -55,6 +60,7 @@ pub(crate) fn run(
             block_size: 16,
             alive,
             policy: PolicyKind::Lru,
+            cache,
             hasher,
             admission: false,
         };
@@ -87,8 +93,11 @@ pub(crate) fn render(md: &mut String, d: &ReportData) {
          request hashes its prompt, looks up its cached prefix, allocates the rest, caches its \
          full blocks, decodes its output one token at a time and is freed. Timed: that block \
          management (prompt token synthesis excluded). Wall time counts waiting for a core on \
-         a busy machine; CPU time does not. Targets: 40 us per request with xxh3, 80 us with \
-         a collision-resistant hasher. Machine: {}; measured {}; command `{}`.\n",
+         a busy machine; CPU time does not. `prefix` is `PrefixCache` (a node per block, \
+         every policy), `radix` is `RadixCache` (runs of blocks, LRU only); both evict in the \
+         same order, so their hit rates and evictions agree. Targets: 40 us per request with \
+         xxh3, 80 us with a collision-resistant hasher. Machine: {}; measured {}; command \
+         `{}`.\n",
         first.requests,
         e.trace.display(),
         first.alive,
@@ -100,13 +109,14 @@ pub(crate) fn render(md: &mut String, d: &ReportData) {
     );
     let _ = writeln!(
         md,
-        "| hasher | wall us / request | CPU us / request | hit rate | blocks evicted |\n\
-         |---|---:|---:|---:|---:|"
+        "| cache | hasher | wall us / request | CPU us / request | hit rate | blocks evicted |\n\
+         |---|---|---:|---:|---:|---:|"
     );
     for r in &e.runs {
         let _ = writeln!(
             md,
-            "| {} | {:.1} | {:.1} | {:.2}% | {} |",
+            "| {} | {} | {:.1} | {:.1} | {:.2}% | {} |",
+            r.cache,
             r.hasher,
             r.us_per_request,
             r.cpu_us_per_request,
