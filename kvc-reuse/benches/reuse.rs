@@ -3,13 +3,16 @@
 //! hashing plus lookup of a fully cached 32k-token prompt (16-token blocks) with each hasher,
 //! inserting the same prompt into an empty cache, evicting 1,024 blocks, and setting the
 //! retention of one block by its short hash (what `ReuseIndex::set_retention` does) in a
-//! cache of 131,072 blocks.
+//! cache of 131,072 blocks. The lookup, insert and eviction benches run `RadixCache` beside
+//! `PrefixCache` (LRU), on the same blocks.
 
 use std::hint::black_box;
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use kvc_core::BlockId;
-use kvc_reuse::{BlockHasher, HashExtra, HasherKind, PolicyKind, PrefixCache};
+use kvc_reuse::{
+    BlockHasher, HashExtra, HasherKind, PolicyKind, PrefixCache, RadixCache, RadixHold,
+};
 
 const TOKENS: usize = 32 * 1024;
 const BS: u32 = 16;
@@ -74,6 +77,22 @@ fn lookup(c: &mut Criterion) {
             black_box(hit.tokens)
         })
     });
+    let mut radix = RadixCache::new(BS);
+    let blocks: Vec<BlockId> = (0..hashes.len() as u32).map(BlockId).collect();
+    let mut hold = RadixHold::NOTHING;
+    radix
+        .insert(&mut hold, &hashes, &blocks, &mut Vec::new())
+        .expect("fresh blocks");
+    radix.release(hold).expect("held by the insert");
+    let mut hit = Vec::with_capacity(blocks.len());
+    c.bench_function("reuse/lookup only, 2048 cached blocks (radix)", |b| {
+        b.iter(|| {
+            hit.clear();
+            let hold = radix.lookup(black_box(&hashes), tokens.len(), &mut hit);
+            radix.release(hold).expect("held by the lookup");
+            black_box(hit.len())
+        })
+    });
 }
 
 fn insert(c: &mut Criterion) {
@@ -102,6 +121,27 @@ fn insert(c: &mut Criterion) {
             },
         );
     }
+    let hasher = HasherKind::Xxh3;
+    let root = hasher.root(&HashExtra::new("bench", 1));
+    let blocks: Vec<BlockId> = (0..(TOKENS / BS as usize) as u32).map(BlockId).collect();
+    let mut hashes = Vec::with_capacity(blocks.len());
+    let mut newly = Vec::with_capacity(blocks.len());
+    c.bench_function("reuse/hash+insert 32k-token prompt (xxh3, radix)", |b| {
+        b.iter_batched(
+            || RadixCache::new(BS),
+            |mut cache| {
+                hashes.clear();
+                newly.clear();
+                hasher.hash_blocks(root, black_box(&tokens), BS as usize, &mut hashes);
+                let mut hold = RadixHold::NOTHING;
+                cache
+                    .insert(&mut hold, &hashes, &blocks, &mut newly)
+                    .expect("fresh blocks");
+                (cache, hold)
+            },
+            BatchSize::LargeInput,
+        )
+    });
 }
 
 fn evict(c: &mut Criterion) {
@@ -148,6 +188,35 @@ fn evict(c: &mut Criterion) {
             },
         );
     }
+    let mut out = Vec::with_capacity(1024);
+    c.bench_function("reuse/evict 1024 blocks (lru, radix)", |b| {
+        b.iter_batched(
+            || {
+                let mut cache = RadixCache::new(BS);
+                let mut next = 0u32;
+                for hashes in &chains {
+                    let blocks: Vec<BlockId> =
+                        (next..next + hashes.len() as u32).map(BlockId).collect();
+                    next += hashes.len() as u32;
+                    let mut hit = Vec::new();
+                    let mut hold = cache.lookup(hashes, hashes.len() * BS as usize, &mut hit);
+                    let mut table = hit;
+                    table.extend_from_slice(&blocks[table.len()..]);
+                    cache
+                        .insert(&mut hold, hashes, &table, &mut Vec::new())
+                        .expect("fresh blocks");
+                    cache.release(hold).expect("held by the insert");
+                }
+                cache
+            },
+            |mut cache| {
+                out.clear();
+                black_box(cache.evict(1024, &mut out));
+                cache
+            },
+            BatchSize::LargeInput,
+        )
+    });
 }
 
 /// A pin update through `ReuseIndex::set_retention`: one block named by its short hash, in a

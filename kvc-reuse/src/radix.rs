@@ -197,6 +197,9 @@ pub struct RadixCache {
 }
 
 impl RadixCache {
+    /// Blocks a freed edge's arrays keep room for.
+    const KEEP_CAPACITY: usize = 64;
+
     /// An empty cache of `block_size`-token blocks (a block size of 0 is taken as 1).
     #[must_use]
     pub fn new(block_size: u32) -> Self {
@@ -508,6 +511,11 @@ impl RadixCache {
             let parent = edge.parent;
             edge.generation = edge.generation.wrapping_add(1);
             edge.parent = NONE;
+            if edge.blocks.capacity() > Self::KEEP_CAPACITY {
+                // A free slot keeps small arrays for the next edge, not a long prompt's.
+                edge.blocks = Vec::new();
+                edge.hashes = Vec::new();
+            }
             self.free_edges.push(e);
             if self.by_first.get(&first) == Some(&e) {
                 self.by_first.remove(&first);
