@@ -381,9 +381,9 @@ impl RadixCache {
     /// the prompt's, from its first block (the first [`RadixHold::blocks`] of them the held
     /// hit). The newly cached blocks are appended to `newly_cached` (take one pool reference
     /// on each for the cache) and the hold grows to cover them; an insert no longer than the
-    /// hold caches nothing. If the block after the hold
-    /// is cached already (another request cached the same continuation first), nothing is
-    /// cached and the request's blocks stay its own.
+    /// hold caches nothing. If the block after the hold is cached already (another request
+    /// cached the same continuation first), nothing is cached and the request's blocks stay
+    /// its own.
     ///
     /// # Errors
     /// [`RadixError::UnknownHold`], [`RadixError::LengthMismatch`], or
@@ -416,9 +416,7 @@ impl RadixCache {
                 return Err(RadixError::NotTheHeldPrefix { index: pos - 1 });
             }
         }
-        let Some(&first) = hashes.get(pos) else {
-            return Ok(());
-        };
+        let first = hashes[pos];
         if self.by_first.contains_key(&first) {
             return Ok(());
         }
@@ -462,6 +460,7 @@ impl RadixCache {
         let mut e = hold.edge;
         while e != NONE {
             let edge = &mut self.edges[e as usize];
+            debug_assert!(edge.holders > 0, "a hold covers every edge above its deepest");
             edge.holders -= 1;
             if edge.holders == 0 {
                 self.clock += 1;
