@@ -408,7 +408,7 @@ fn policy_parser() -> impl TypedValueParser<Value = PolicyKind> {
                 "keeps the blocks a conversation's next turn is likely to reuse"
             }
             PolicyKind::Adaptive => {
-                "follows whichever expert (LRU, S3-FIFO, LFU, reuse odds) would hit most on this traffic"
+                "follows whichever expert (LRU, S3-FIFO, reuse odds at two shifts) would hit most on this traffic"
             }
             PolicyKind::ReuseOdds => "LRU shifted by each block's learned odds of reuse",
             _ => "",
