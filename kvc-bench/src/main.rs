@@ -32,9 +32,9 @@ struct Cli {
 enum Command {
     /// Replay a Mooncake-format trace through the prefix cache and report the hit rate.
     Replay(ReplayArgs),
-    /// Run a serving scenario in the simulator: memory, qos-overload, shared-prefix,
-    /// multi-turn, trace, cluster; or `tiers`, the trace through a device cache with the host,
-    /// disk and shared tiers below it.
+    /// Run a serving scenario in the simulator: memory, qos-overload, qos-finance,
+    /// qos-degradation, shared-prefix, multi-turn, trace, cluster; or `tiers`, the trace through
+    /// a device cache with the host, disk and shared tiers below it.
     Scenario(ScenarioArgs),
     /// KV bytes per token and per block of a model, and how much fits on a GPU.
     Size(SizeArgs),
@@ -200,7 +200,8 @@ struct ReportArgs {
 
 #[derive(Args)]
 struct ScenarioArgs {
-    /// The scenario: memory, qos-overload, shared-prefix, multi-turn, trace, cluster, tiers.
+    /// The scenario: memory, qos-overload, qos-finance, qos-degradation, shared-prefix,
+    /// multi-turn, trace, cluster, tiers.
     name: String,
     /// Run size: small (seconds), default, or full (long).
     #[arg(long, default_value = "default")]
