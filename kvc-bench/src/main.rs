@@ -594,7 +594,8 @@ fn run_shapes(args: &ShapesArgs) -> Result<(), String> {
         kvc_bench::trace::MAX_REQUESTS as u64,
         " (requests generated per shape)",
     )? as usize;
-    let rows = kvc_bench::workload::compare(requests, args.seed, &[0.05, 0.15, 0.4]);
+    let rows = kvc_bench::workload::compare(requests, args.seed, &[0.05, 0.15, 0.4])
+        .map_err(|e| e.to_string())?;
     if args.json {
         println!(
             "{}",
