@@ -197,6 +197,20 @@ fn a_model_shape_that_cannot_run_is_refused_before_serving() {
             "{field} = 0: {got:?}"
         );
     }
+    // This one was refused, but only by the kernels at the first step.
+    let mut cfg = config(64);
+    cfg.model.q_heads = 3;
+    let got = Engine::new(&cfg, DynamicOnly::default(), NoReuse { block_size: 4 }).err();
+    assert!(
+        matches!(
+            got,
+            Some(EngineError::Model(ModelError::Grouping {
+                q_heads: 3,
+                kv_heads: 2
+            }))
+        ),
+        "{got:?}"
+    );
     let mut cfg = config(64);
     cfg.model.vocab = usize::MAX / 2;
     let got = Engine::new(&cfg, DynamicOnly::default(), NoReuse { block_size: 4 }).err();

@@ -20,6 +20,14 @@ pub enum ModelError {
         /// The field of [`ModelConfig`].
         field: &'static str,
     },
+    /// The query heads do not split evenly over the KV heads (grouped-query attention).
+    #[error("{q_heads} query heads do not split evenly over {kv_heads} KV heads")]
+    Grouping {
+        /// Query heads.
+        q_heads: usize,
+        /// KV heads.
+        kv_heads: usize,
+    },
     /// The weights would hold more than [`Model::MAX_WEIGHTS`] values (or overflow).
     #[error("the model's weights would take more than {max} values", max = Model::MAX_WEIGHTS)]
     TooLarge,
@@ -94,8 +102,8 @@ impl ModelConfig {
         )
     }
 
-    /// Whether the config can be built: every dimension at least 1 and the weights within
-    /// [`Model::MAX_WEIGHTS`] values.
+    /// Whether the config can be built: every dimension at least 1, query heads a multiple
+    /// of KV heads, and the weights within [`Model::MAX_WEIGHTS`] values.
     pub fn check(&self) -> Result<(), ModelError> {
         for (value, field) in [
             (self.layers, "layers"),
@@ -109,6 +117,12 @@ impl ModelConfig {
             if value == 0 {
                 return Err(ModelError::ZeroDimension { field });
             }
+        }
+        if !self.q_heads.is_multiple_of(self.kv_heads) {
+            return Err(ModelError::Grouping {
+                q_heads: self.q_heads,
+                kv_heads: self.kv_heads,
+            });
         }
         let d = self.d_model;
         let per_layer = || {
