@@ -32,9 +32,9 @@ struct Cli {
 enum Command {
     /// Replay a Mooncake-format trace through the prefix cache and report the hit rate.
     Replay(ReplayArgs),
-    /// Run a serving scenario in the simulator: memory, qos-overload, shared-prefix,
-    /// multi-turn, trace, cluster; or `tiers`, the trace through a device cache with the host,
-    /// disk and shared tiers below it.
+    /// Run a serving scenario in the simulator: memory, qos-overload, qos-finance,
+    /// qos-degradation, shared-prefix, multi-turn, trace, cluster; or `tiers`, the trace through
+    /// a device cache with the host, disk and shared tiers below it.
     Scenario(ScenarioArgs),
     /// KV bytes per token and per block of a model, and how much fits on a GPU.
     Size(SizeArgs),
@@ -200,7 +200,8 @@ struct ReportArgs {
 
 #[derive(Args)]
 struct ScenarioArgs {
-    /// The scenario: memory, qos-overload, shared-prefix, multi-turn, trace, cluster, tiers.
+    /// The scenario: memory, qos-overload, qos-finance, qos-degradation, shared-prefix,
+    /// multi-turn, trace, cluster, tiers.
     name: String,
     /// Run size: small (seconds), default, or full (long).
     #[arg(long, default_value = "default")]
@@ -412,7 +413,7 @@ fn policy_parser() -> impl TypedValueParser<Value = PolicyKind> {
                 "keeps the blocks a conversation's next turn is likely to reuse"
             }
             PolicyKind::Adaptive => {
-                "follows whichever expert (LRU, S3-FIFO, LFU, reuse odds) would hit most on this traffic"
+                "follows whichever expert (LRU, S3-FIFO, reuse odds at two shifts) would hit most on this traffic"
             }
             PolicyKind::ReuseOdds => "LRU shifted by each block's learned odds of reuse",
             _ => "",
@@ -611,7 +612,8 @@ fn run_shapes(args: &ShapesArgs) -> Result<(), String> {
         kvc_bench::trace::MAX_REQUESTS as u64,
         " (requests generated per shape)",
     )? as usize;
-    let rows = kvc_bench::workload::compare(requests, args.seed, &[0.05, 0.15, 0.4]);
+    let rows = kvc_bench::workload::compare(requests, args.seed, &[0.05, 0.15, 0.4])
+        .map_err(|e| e.to_string())?;
     if args.json {
         println!(
             "{}",

@@ -29,8 +29,23 @@
 use kvc_core::BlockId;
 use kvc_reuse::{BlockHash, EvictionPolicy, OfferRole, PolicyKind, PrefixCache};
 use serde::Serialize;
+use thiserror::Error;
 
-use crate::trace::{MOONCAKE_BLOCK_TOKENS, TraceRequest};
+use crate::trace::{MAX_REQUESTS, MOONCAKE_BLOCK_TOKENS, TraceRequest};
+
+/// Why a workload could not be generated.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum WorkloadError {
+    /// More requests than a trace may hold ([`MAX_REQUESTS`]).
+    #[error("{requests} requests is over the limit of {max} per trace")]
+    TooManyRequests {
+        /// Requests asked for.
+        requests: usize,
+        /// The limit.
+        max: usize,
+    },
+}
 
 /// A workload shape; see the module docs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
@@ -158,9 +173,19 @@ impl Builder {
     }
 }
 
-/// A trace of `requests` requests of `shape`, the same for the same `seed` on every platform.
-#[must_use]
-pub fn generate(shape: Shape, requests: usize, seed: u64) -> Vec<TraceRequest> {
+/// A trace of `requests` requests of `shape`, the same for the same `seed` on every platform;
+/// at most [`MAX_REQUESTS`], as a trace read from a file.
+pub fn generate(
+    shape: Shape,
+    requests: usize,
+    seed: u64,
+) -> Result<Vec<TraceRequest>, WorkloadError> {
+    if requests > MAX_REQUESTS {
+        return Err(WorkloadError::TooManyRequests {
+            requests,
+            max: MAX_REQUESTS,
+        });
+    }
     let mut b = Builder::new(seed, requests);
     match shape {
         Shape::DocQa => doc_qa(&mut b, requests),
@@ -177,7 +202,7 @@ pub fn generate(shape: Shape, requests: usize, seed: u64) -> Vec<TraceRequest> {
         Shape::Abandoned => abandoned(&mut b, requests),
     }
     b.out.truncate(requests);
-    b.out
+    Ok(b.out)
 }
 
 /// A shared 2-block system prompt, then one of 60 documents (4 to 32 blocks; Zipf popularity,
@@ -454,13 +479,17 @@ pub struct ShapeRow {
     pub infinite: f64,
 }
 
-/// Every shipped policy on every shape (`requests` requests generated from `seed`) at caches
-/// holding each of `fractions` of the blocks an unbounded cache would hold.
-#[must_use]
-pub fn compare(requests: usize, seed: u64, fractions: &[f64]) -> Vec<ShapeRow> {
+/// Every shipped policy on every shape (`requests` requests generated from `seed`, at most
+/// [`MAX_REQUESTS`]) at caches holding each of `fractions` of the blocks an unbounded cache
+/// would hold.
+pub fn compare(
+    requests: usize,
+    seed: u64,
+    fractions: &[f64],
+) -> Result<Vec<ShapeRow>, WorkloadError> {
     let mut rows = Vec::new();
     for shape in Shape::ALL {
-        let trace = generate(shape, requests, seed);
+        let trace = generate(shape, requests, seed)?;
         let Some(inf) = block_hit_rate(&trace, usize::MAX >> 1, PolicyKind::Lru) else {
             continue;
         };
@@ -481,7 +510,7 @@ pub fn compare(requests: usize, seed: u64, fractions: &[f64]) -> Vec<ShapeRow> {
             });
         }
     }
-    rows
+    Ok(rows)
 }
 
 #[cfg(test)]
@@ -491,16 +520,16 @@ mod tests {
     #[test]
     fn generation_is_seeded_and_shapes_differ() {
         for shape in Shape::ALL {
-            let a = generate(shape, 300, 7);
+            let a = generate(shape, 300, 7).unwrap();
             assert_eq!(a.len(), 300, "{shape:?}");
             assert_eq!(
                 a,
-                generate(shape, 300, 7),
+                generate(shape, 300, 7).unwrap(),
                 "{shape:?}: same seed, same trace"
             );
             assert_ne!(
                 a,
-                generate(shape, 300, 8),
+                generate(shape, 300, 8).unwrap(),
                 "{shape:?}: another seed differs"
             );
             for r in &a {
@@ -514,7 +543,7 @@ mod tests {
     #[test]
     fn reuse_is_where_each_shape_puts_it() {
         let infinite = |shape| {
-            let t = generate(shape, 2000, 1);
+            let t = generate(shape, 2000, 1).unwrap();
             block_hit_rate(&t, 1 << 20, PolicyKind::Lru)
                 .unwrap()
                 .hit_rate
@@ -530,12 +559,26 @@ mod tests {
             assert!(infinite(shape) > 0.15, "{shape:?} reuses its prefixes");
         }
         // A scan flushes an LRU smaller than the scan burst: the hot set is lost every time.
-        let t = generate(Shape::Scan, 2000, 1);
+        let t = generate(Shape::Scan, 2000, 1).unwrap();
         let small = block_hit_rate(&t, 200, PolicyKind::Lru).unwrap();
         let large = block_hit_rate(&t, 1 << 20, PolicyKind::Lru).unwrap();
         assert!(small.hit_rate < large.hit_rate);
         assert!(small.evicted_blocks > 0);
         assert_eq!(large.evicted_blocks, 0);
         assert!(block_hit_rate(&t, 0, PolicyKind::Lru).is_none());
+    }
+
+    #[test]
+    fn more_requests_than_a_trace_holds_is_an_error() {
+        // It used to panic reserving room for them (capacity overflow).
+        for requests in [MAX_REQUESTS + 1, usize::MAX] {
+            let err = WorkloadError::TooManyRequests {
+                requests,
+                max: MAX_REQUESTS,
+            };
+            assert_eq!(generate(Shape::OneShot, requests, 1), Err(err.clone()));
+            assert_eq!(compare(requests, 1, &[0.1]), Err(err));
+        }
+        assert_eq!(generate(Shape::Agents, 0, 1), Ok(Vec::new()));
     }
 }

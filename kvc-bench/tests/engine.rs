@@ -175,3 +175,47 @@ fn serve_reports_real_throughput() {
     assert_eq!(report.computed_tokens, 4 * 8 + 4 * 3);
     assert!(report.tokens_per_s > 0.0);
 }
+
+#[test]
+fn a_model_shape_that_cannot_run_is_refused_before_serving() {
+    use kvc_bench::engine::EngineError;
+    use kvc_bench::engine::model::ModelError;
+    // Each of these used to build an engine that panicked at its first step (a remainder by a
+    // zero vocabulary, chunks of a zero width or feed-forward size).
+    for field in ["vocab", "d_model", "ffn", "layers", "q_heads"] {
+        let mut cfg = config(64);
+        match field {
+            "vocab" => cfg.model.vocab = 0,
+            "d_model" => cfg.model.d_model = 0,
+            "ffn" => cfg.model.ffn = 0,
+            "layers" => cfg.model.layers = 0,
+            _ => cfg.model.q_heads = 0,
+        }
+        let got = Engine::new(&cfg, DynamicOnly::default(), NoReuse { block_size: 4 }).err();
+        assert!(
+            matches!(got, Some(EngineError::Model(ModelError::ZeroDimension { field: f })) if f == field),
+            "{field} = 0: {got:?}"
+        );
+    }
+    // This one was refused, but only by the kernels at the first step.
+    let mut cfg = config(64);
+    cfg.model.q_heads = 3;
+    let got = Engine::new(&cfg, DynamicOnly::default(), NoReuse { block_size: 4 }).err();
+    assert!(
+        matches!(
+            got,
+            Some(EngineError::Model(ModelError::Grouping {
+                q_heads: 3,
+                kv_heads: 2
+            }))
+        ),
+        "{got:?}"
+    );
+    let mut cfg = config(64);
+    cfg.model.vocab = usize::MAX / 2;
+    let got = Engine::new(&cfg, DynamicOnly::default(), NoReuse { block_size: 4 }).err();
+    assert!(
+        matches!(got, Some(EngineError::Model(ModelError::TooLarge))),
+        "{got:?}"
+    );
+}

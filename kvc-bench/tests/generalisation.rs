@@ -17,7 +17,7 @@ fn adaptive_is_never_more_than_half_a_point_below_lru() {
     let mut failures = Vec::new();
     let mut compared = 0;
     for shape in Shape::ALL {
-        let trace = generate(shape, REQUESTS, 2026);
+        let trace = generate(shape, REQUESTS, 2026).unwrap();
         let distinct = block_hit_rate(&trace, usize::MAX >> 1, PolicyKind::Lru)
             .map_or(0, |r| r.distinct_blocks);
         for fraction in FRACTIONS {

@@ -9,10 +9,11 @@ use std::process::ExitCode;
 
 use cudarc::driver::CudaSlice;
 use cudarc::driver::sys::CUevent_flags;
-use half::bf16;
-use kvc_core::{BlockCopy, BlockId, PageTable, PagedLayout, SlotMapping};
 use kvc_kernels::cuda::{CudaError, CudaKernels};
-use kvc_kernels::{AttnParams, DecodeArgs, DecodeOptions};
+use kvc_kernels::{
+    AttnParams, BlockCopy, BlockId, DecodeArgs, DecodeOptions, PageTable, PagedLayout, SlotMapping,
+    bf16,
+};
 
 /// Timed runs per measurement (the median is reported).
 const RUNS: usize = 7;

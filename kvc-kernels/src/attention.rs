@@ -543,8 +543,7 @@ fn scaled_query<T: KvElem>(q: &[T], scale: f32) -> Vec<f32> {
 /// the queries, `P` the page table's.
 ///
 /// ```
-/// # use kvc_core::{BlockId, PageTable, PagedLayout};
-/// # use kvc_kernels::{AttnParams, DecodeArgs, DecodeOptions};
+/// # use kvc_kernels::{AttnParams, BlockId, DecodeArgs, DecodeOptions, PageTable, PagedLayout};
 /// # let layout = PagedLayout::hnd(1, 1, 4, 8)?;
 /// # let table = PageTable::for_decode(vec![0, 1], vec![BlockId(0)], vec![2], &layout)?;
 /// let (cache, q) = (vec![0f32; layout.len() as usize], vec![0f32; 8]);

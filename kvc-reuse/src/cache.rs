@@ -703,8 +703,7 @@ fn queued(nodes: &Nodes) -> impl Fn(Entry) -> bool + '_ {
 /// (leaf first). Ownership follows the rule of [`kvc_core::ReuseIndex`].
 ///
 /// ```
-/// use kvc_core::BlockId;
-/// use kvc_reuse::{BlockHasher, HashExtra, PolicyKind, PrefixCache, Xxh3Hasher};
+/// use kvc_reuse::{BlockHasher, BlockId, HashExtra, PolicyKind, PrefixCache, Xxh3Hasher};
 ///
 /// let mut cache = PrefixCache::new(4, PolicyKind::Lru);
 /// let hasher = Xxh3Hasher;

@@ -23,8 +23,10 @@ use crate::{BlockHash, BlockHasher, EndError, HashExtra, PrefixCache};
 /// [`SessionCache`](crate::SessionCache).
 ///
 /// ```
-/// use kvc_core::{BlockId, ReuseIndex, ReuseScope, TenantId};
-/// use kvc_reuse::{HashExtra, PolicyKind, PrefixCache, ScopedIndex, Xxh3Hasher};
+/// use kvc_reuse::{
+///     BlockId, HashExtra, PolicyKind, PrefixCache, ReuseIndex, ReuseScope, ScopedIndex, TenantId,
+///     Xxh3Hasher,
+/// };
 ///
 /// let cache = PrefixCache::new(4, PolicyKind::Lru);
 /// let mut index = ScopedIndex::new(cache, Xxh3Hasher, HashExtra::new("llama-3-8b", 1));

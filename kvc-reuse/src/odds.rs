@@ -368,8 +368,10 @@ impl EvictionPolicy for ReuseOdds {
             // access was followed by a reuse. Its class is counted once; the walk's end gives
             // it a new one.
             // A block cached outside any walk and not released since (a prefill chunk of this
-            // very request, offered as more of it) is new to this walk, not a reuse.
-            let fresh = s.class == Self::UNCLASSED || s.fresh_more;
+            // very request, offered as more of it) is new to this walk, not a reuse. A block
+            // left unclassed by a walk cut short is neither: not a reuse (it has no class to
+            // count), and not new, so no checkpoint of this request lands on it.
+            let fresh = s.fresh_more;
             if !fresh {
                 self.reused(s.class);
             }
@@ -465,6 +467,58 @@ mod tests {
             Box::new(ReuseOdds::new(40, ReuseOdds::MODEL_KAPPA)),
         );
         assert!(odds > lru + 200, "reuse odds {odds} hits, lru {lru}");
+    }
+
+    #[test]
+    fn a_walk_passing_blocks_of_a_walk_cut_short_leaves_no_checkpoint_on_them() {
+        // Request A caches 3 blocks of a 4-block prompt and its walk stops there (its offer
+        // ended at a block another request had cached): they stay unclassed. Request B's walk
+        // passes them and caches the 4th. B newly cached only the 4th, so only it may carry
+        // B's checkpoint; the others were cached by A.
+        let info = |s: u32| BlockInfo {
+            hash: BlockHash(u128::from(s) + 1),
+            depth: s,
+            stamp: u64::from(s),
+            request_hit_blocks: 0,
+            request_blocks: 4,
+            block_size: 16,
+            access: Access::Insert,
+        };
+        let mut p = ReuseOdds::new(8, ReuseOdds::MODEL_KAPPA);
+        for s in 0..3u32 {
+            p.on_insert(s, &info(s));
+        }
+        for s in 0..3u32 {
+            p.on_release(s, u64::from(s));
+        }
+        for s in 0..3u32 {
+            p.on_hit(
+                s,
+                &BlockInfo {
+                    stamp: 10 + u64::from(s),
+                    request_hit_blocks: 3,
+                    ..info(s)
+                },
+            );
+        }
+        p.on_insert(
+            3,
+            &BlockInfo {
+                stamp: 13,
+                request_hit_blocks: 3,
+                ..info(3)
+            },
+        );
+        assert!(
+            p.tips.get(&BlockHash(4)).is_some(),
+            "B's newly cached block"
+        );
+        for s in 0..3u128 {
+            assert!(
+                p.tips.get(&BlockHash(s + 1)).is_none(),
+                "block {s} was cached by A"
+            );
+        }
     }
 
     #[test]

@@ -187,10 +187,9 @@ impl Session {
 /// Multi-turn contexts bound to session ids.
 ///
 /// ```
-/// use kvc_core::{BlockId, ReuseError, SessionId};
 /// use kvc_reuse::{
-///     BlockHasher, HashExtra, PolicyKind, PrefixCache, SessionCache, SessionConfig, Truncation,
-///     Xxh3Hasher,
+///     BlockHasher, BlockId, HashExtra, PolicyKind, PrefixCache, ReuseError, SessionCache,
+///     SessionConfig, SessionId, Truncation, Xxh3Hasher,
 /// };
 ///
 /// let cfg = SessionConfig {

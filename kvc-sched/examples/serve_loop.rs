@@ -5,10 +5,11 @@
 #![allow(clippy::print_stdout)]
 
 use kvc_alloc::{BlockPool, PoolConfig};
-use kvc_core::{PagedLayout, QosClass, SeqId, TenantId};
 use kvc_pin::{PinningPolicy, PolicyConfig, Reserve, SoftPinConfig, StaticReserve};
 use kvc_reuse::{HashExtra, PolicyKind, PrefixCache, ScopedIndex, Xxh3Hasher};
-use kvc_sched::{Request, Scheduler, SchedulerConfig, StepPlan};
+use kvc_sched::{
+    PagedLayout, QosClass, Request, Scheduler, SchedulerConfig, SeqId, StepPlan, TenantId,
+};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     const BLOCK: u32 = 16;

@@ -20,6 +20,8 @@
 
 mod gpu;
 mod kernels;
+#[cfg(test)]
+mod layering;
 mod redis;
 
 use std::env;

@@ -74,6 +74,9 @@ pub enum EngineError {
     /// The scheduler refused a load's completion (an engine bug).
     #[error(transparent)]
     Load(#[from] LoadError),
+    /// The model's shape was refused.
+    #[error(transparent)]
+    Model(#[from] model::ModelError),
     /// A background load thread panicked (an engine bug); its loads were not reported.
     #[error("engine: a background load thread panicked")]
     LoadThread,
@@ -253,6 +256,7 @@ impl<P: PinPolicy, R: ReuseIndex> Engine<P, R> {
     /// Builds the engine: random weights, zeroed caches, a pool of `cfg.blocks`.
     pub fn new(cfg: &EngineConfig, pin: P, reuse: R) -> Result<Self, EngineError> {
         let m = cfg.model;
+        let model = Model::new(m)?;
         let layout = PagedLayout::hnd(
             cfg.blocks,
             m.kv_heads as u32,
@@ -306,7 +310,7 @@ impl<P: PinPolicy, R: ReuseIndex> Engine<P, R> {
                 .map_or_else(Vec::new, |h| vec![vec![0.0; h.len() as usize]; m.layers]),
             host_layout,
             layout,
-            model: Model::new(m),
+            model,
             sched,
             tokens: HashMap::new(),
             prompts: HashMap::new(),

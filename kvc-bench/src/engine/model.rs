@@ -6,8 +6,32 @@
 //! K/V, so the two can be compared.
 
 use rayon::prelude::*;
+use thiserror::Error;
 
 use crate::sim::rng::Rng;
+
+/// Why a [`ModelConfig`] cannot be built into a [`Model`].
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum ModelError {
+    /// A dimension the model divides by or indexes with is 0.
+    #[error("model dimension `{field}` must be at least 1")]
+    ZeroDimension {
+        /// The field of [`ModelConfig`].
+        field: &'static str,
+    },
+    /// The query heads do not split evenly over the KV heads (grouped-query attention).
+    #[error("{q_heads} query heads do not split evenly over {kv_heads} KV heads")]
+    Grouping {
+        /// Query heads.
+        q_heads: usize,
+        /// KV heads.
+        kv_heads: usize,
+    },
+    /// The weights would hold more than [`Model::MAX_WEIGHTS`] values (or overflow).
+    #[error("the model's weights would take more than {max} values", max = Model::MAX_WEIGHTS)]
+    TooLarge,
+}
 
 /// The shape of the model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,6 +100,47 @@ impl ModelConfig {
             self.vocab,
             self.seed
         )
+    }
+
+    /// Whether the config can be built: every dimension at least 1, query heads a multiple
+    /// of KV heads, and the weights within [`Model::MAX_WEIGHTS`] values.
+    pub fn check(&self) -> Result<(), ModelError> {
+        for (value, field) in [
+            (self.layers, "layers"),
+            (self.d_model, "d_model"),
+            (self.q_heads, "q_heads"),
+            (self.kv_heads, "kv_heads"),
+            (self.head_dim, "head_dim"),
+            (self.ffn, "ffn"),
+            (self.vocab, "vocab"),
+        ] {
+            if value == 0 {
+                return Err(ModelError::ZeroDimension { field });
+            }
+        }
+        if !self.q_heads.is_multiple_of(self.kv_heads) {
+            return Err(ModelError::Grouping {
+                q_heads: self.q_heads,
+                kv_heads: self.kv_heads,
+            });
+        }
+        let d = self.d_model;
+        let per_layer = || {
+            let qd = self.q_heads.checked_mul(self.head_dim)?;
+            let kvd = self.kv_heads.checked_mul(self.head_dim)?;
+            // wq and wo, wk and wv, the three feed-forward matrices, two norms.
+            let attn = d.checked_mul(qd)?.checked_mul(2)?;
+            let kv = d.checked_mul(kvd)?.checked_mul(2)?;
+            let ffn = d.checked_mul(self.ffn)?.checked_mul(3)?;
+            attn.checked_add(kv)?.checked_add(ffn)?.checked_add(2 * d)
+        };
+        let total = per_layer()
+            .and_then(|l| l.checked_mul(self.layers))
+            .and_then(|w| w.checked_add(self.vocab.checked_mul(d)?));
+        match total {
+            Some(w) if w <= Model::MAX_WEIGHTS => Ok(()),
+            _ => Err(ModelError::TooLarge),
+        }
     }
 }
 
@@ -161,9 +226,14 @@ pub struct Qkv {
 }
 
 impl Model {
-    /// Random weights from the config's seed.
-    #[must_use]
-    pub fn new(cfg: ModelConfig) -> Self {
+    /// The most weight values a model may hold: 2^30 (4 GiB of f32), far above any model a
+    /// CPU engine serves in reasonable time.
+    pub const MAX_WEIGHTS: usize = 1 << 30;
+
+    /// Random weights from the config's seed; a config that fails [`ModelConfig::check`] is
+    /// refused.
+    pub fn new(cfg: ModelConfig) -> Result<Self, ModelError> {
+        cfg.check()?;
         let mut rng = Rng::new(cfg.seed);
         let d = cfg.d_model;
         let (qd, kvd) = (cfg.q_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim);
@@ -181,12 +251,12 @@ impl Model {
                 w_down: random(&mut rng, cfg.ffn * d, 1.0 / (cfg.ffn as f32).sqrt()),
             })
             .collect();
-        Self {
+        Ok(Self {
             embed: random(&mut rng, cfg.vocab * d, 1.0),
             layers,
             final_norm: vec![1.0; d],
             cfg,
-        }
+        })
     }
 
     /// The embeddings of `tokens`, `[n × d_model]` (token ids wrap around the vocabulary).

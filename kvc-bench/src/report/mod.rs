@@ -77,7 +77,7 @@ pub enum Mode {
     Tiny,
     /// Smoke runs: under a minute on 2 cores (44 s in the test profile).
     Quick,
-    /// The default: about 140 s in release on 2 cores (docs/benchmarks.md).
+    /// The default: about 170 s in release on 2 cores (docs/benchmarks.md).
     Default,
     /// The long versions of everything.
     Full,
