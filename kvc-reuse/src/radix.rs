@@ -460,7 +460,10 @@ impl RadixCache {
         let mut e = hold.edge;
         while e != NONE {
             let edge = &mut self.edges[e as usize];
-            debug_assert!(edge.holders > 0, "a hold covers every edge above its deepest");
+            debug_assert!(
+                edge.holders > 0,
+                "a hold covers every edge above its deepest"
+            );
             edge.holders -= 1;
             if edge.holders == 0 {
                 self.clock += 1;

@@ -77,6 +77,13 @@ pub enum EngineError {
     /// The model's shape was refused.
     #[error(transparent)]
     Model(#[from] model::ModelError),
+    /// The KV caches (f32, every layer) could not be allocated: more blocks, or larger ones,
+    /// than this machine's memory holds.
+    #[error("engine: {bytes} bytes of KV cache could not be allocated (lower the block count)")]
+    OutOfMemory {
+        /// Bytes one layer's cache (device or host) needed.
+        bytes: u64,
+    },
     /// A background load thread panicked (an engine bug); its loads were not reported.
     #[error("engine: a background load thread panicked")]
     LoadThread,
@@ -124,6 +131,18 @@ impl EngineConfig {
             tiers: None,
         }
     }
+}
+
+/// A zeroed f32 buffer of `len` values, or [`EngineError::OutOfMemory`] where memory cannot
+/// hold it (a typed error, not an aborted process).
+fn zeroed(len: u64) -> Result<Vec<f32>, EngineError> {
+    let bytes = len.saturating_mul(4);
+    let n = usize::try_from(len).map_err(|_| EngineError::OutOfMemory { bytes })?;
+    let mut v = Vec::new();
+    v.try_reserve_exact(n)
+        .map_err(|_| EngineError::OutOfMemory { bytes })?;
+    v.resize(n, 0.0);
+    Ok(v)
 }
 
 /// A request to the engine.
@@ -304,10 +323,18 @@ impl<P: PinPolicy, R: ReuseIndex> Engine<P, R> {
             }
             None => None,
         };
+        let caches = (0..m.layers)
+            .map(|_| zeroed(layout.len()))
+            .collect::<Result<_, _>>()?;
+        let host = match &host_layout {
+            Some(h) => (0..m.layers)
+                .map(|_| zeroed(h.len()))
+                .collect::<Result<_, _>>()?,
+            None => Vec::new(),
+        };
         Ok(Self {
-            caches: vec![vec![0.0; layout.len() as usize]; m.layers],
-            host: host_layout
-                .map_or_else(Vec::new, |h| vec![vec![0.0; h.len() as usize]; m.layers]),
+            caches,
+            host,
             host_layout,
             layout,
             model,
