@@ -1048,8 +1048,10 @@ fn run_analyze(args: &AnalyzeArgs) -> Result<(), String> {
         return Ok(());
     }
     let dist = |name: &str, d: &Distribution| {
+        // Small means (turns per conversation) keep their decimals: 1.16 is not 1.
+        let digits = if d.mean < 100.0 { 2 } else { 0 };
         println!(
-            "{name}: mean {:.0}, min {}, p50 {}, p90 {}, p99 {}, max {}",
+            "{name}: mean {:.digits$}, min {}, p50 {}, p90 {}, p99 {}, max {}",
             d.mean, d.min, d.p50, d.p90, d.p99, d.max
         );
     };
