@@ -25,6 +25,7 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use kvc_core::BlockId;
 use thiserror::Error;
@@ -33,6 +34,9 @@ use crate::BlockHash;
 
 /// No edge.
 const NONE: u32 = u32::MAX;
+
+/// The next cache's id (0 is no cache's: [`RadixHold::NOTHING`]'s).
+static NEXT_CACHE_ID: AtomicU32 = AtomicU32::new(1);
 
 /// A block hash is already uniformly random: the index uses its bits as they are.
 #[derive(Default)]
@@ -81,6 +85,8 @@ struct Edge {
 #[derive(Debug, PartialEq, Eq)]
 #[must_use = "a hold keeps its blocks from eviction until it is released"]
 pub struct RadixHold {
+    /// The id of the cache that handed it out.
+    cache: u32,
     edge: u32,
     generation: u32,
     blocks: u32,
@@ -89,6 +95,7 @@ pub struct RadixHold {
 impl RadixHold {
     /// A hold of nothing (what a miss returns).
     pub const NOTHING: Self = Self {
+        cache: 0,
         edge: NONE,
         generation: 0,
         blocks: 0,
@@ -184,6 +191,8 @@ pub struct RadixStats {
 /// ```
 #[derive(Debug)]
 pub struct RadixCache {
+    /// Told apart from other caches' holds.
+    id: u32,
     block_size: u32,
     edges: Vec<Edge>,
     free_edges: Vec<u32>,
@@ -203,7 +212,10 @@ impl RadixCache {
     /// An empty cache of `block_size`-token blocks (a block size of 0 is taken as 1).
     #[must_use]
     pub fn new(block_size: u32) -> Self {
+        // Ids wrap after 2^32 caches; 0 stays no cache's.
+        let id = NEXT_CACHE_ID.fetch_add(1, Ordering::Relaxed).max(1);
         Self {
+            id,
             block_size: block_size.max(1),
             edges: Vec::new(),
             free_edges: Vec::new(),
@@ -311,6 +323,7 @@ impl RadixCache {
             e = edge.parent;
         }
         RadixHold {
+            cache: self.id,
             edge: at,
             generation: self.edges[at as usize].generation,
             blocks: pos as u32,
@@ -364,6 +377,9 @@ impl RadixCache {
             } else {
                 Err(RadixError::UnknownHold)
             };
+        }
+        if hold.cache != self.id {
+            return Err(RadixError::UnknownHold);
         }
         match self.edges.get(hold.edge as usize) {
             Some(edge)
@@ -444,6 +460,7 @@ impl RadixCache {
         // The hold's deepest edge is now the new one; the edges above it count the hold
         // already, and its release walks each once.
         *hold = RadixHold {
+            cache: self.id,
             edge: n,
             generation,
             blocks: hashes.len() as u32,

@@ -285,6 +285,37 @@ fn errors_change_nothing() {
     assert!(cache.is_empty());
 }
 
+/// Two caches fed the same requests lay out the same edges: a hold from one is still not
+/// the other's, and giving it to the other changes nothing there.
+#[test]
+fn a_hold_from_a_cache_of_the_same_shape_is_refused() {
+    let (tokens, hashes) = prompt(4 * BS + 1, 4);
+    let ids = [BlockId(0), BlockId(1), BlockId(2), BlockId(3)];
+    let fill = || {
+        let mut c = RadixCache::new(BS as u32);
+        let mut hold = c.lookup(&hashes, tokens.len(), &mut Vec::new());
+        c.insert(&mut hold, &hashes, &ids, &mut Vec::new()).unwrap();
+        c.release(hold).unwrap();
+        c
+    };
+    let (mut a, mut b) = (fill(), fill());
+    let from_a = a.lookup(&hashes, tokens.len(), &mut Vec::new());
+    let from_b = b.lookup(&hashes, tokens.len(), &mut Vec::new());
+    let before = counts(&b);
+    assert_eq!(b.release(from_a), Err(RadixError::UnknownHold));
+    assert_eq!(counts(&b), before, "b's blocks stay held by b's request");
+    let mut extra = Vec::new();
+    let mut from_a = a.lookup(&hashes, tokens.len(), &mut Vec::new());
+    assert_eq!(
+        b.insert(&mut from_a, &hashes, &ids, &mut extra),
+        Err(RadixError::UnknownHold)
+    );
+    assert_eq!(counts(&b), before);
+    b.release(from_b).unwrap();
+    assert_eq!(counts(&b), (4, 4, 0));
+    a.release(from_a).unwrap();
+}
+
 #[test]
 fn a_continuation_cached_first_by_another_request_stays_private() {
     let mut cache = RadixCache::new(BS as u32);
