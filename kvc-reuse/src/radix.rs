@@ -124,11 +124,13 @@ pub enum RadixError {
         /// Blocks given.
         blocks: usize,
     },
-    /// An insert whose first blocks are not the ones its hold covers (the hold of another
-    /// prompt).
-    #[error("the insert's block {index} is not the block its hold covers there")]
+    /// An insert that is not of the held prompt: at the held prefix's last position, its
+    /// block or its hash is not the one the hold covers there (the hold of another prompt, or
+    /// another request's blocks). Only that position is compared: with chained hashes, the
+    /// same hash there means the same prefix, and the insert reads no block before it.
+    #[error("the insert's block or hash {index} is not the one its hold covers there")]
     NotTheHeldPrefix {
-        /// The first position that differs.
+        /// The held prefix's last position (`RadixHold::blocks() - 1`).
         index: usize,
     },
 }
@@ -403,8 +405,8 @@ impl RadixCache {
     ///
     /// # Errors
     /// [`RadixError::UnknownHold`], [`RadixError::LengthMismatch`], or
-    /// [`RadixError::NotTheHeldPrefix`] when `blocks` does not start with the held blocks;
-    /// nothing changed.
+    /// [`RadixError::NotTheHeldPrefix`] when the block or the hash at the held prefix's last
+    /// position is not the hold's (the insert is not of the held prompt); nothing changed.
     pub fn insert(
         &mut self,
         hold: &mut RadixHold,
@@ -425,10 +427,14 @@ impl RadixCache {
             return Ok(());
         }
         if pos > 0 {
-            // The held prefix's last block must be the prompt's there (a cheap check that the
-            // insert is the held prompt's).
+            // The held prefix's last block and hash must be the prompt's there (a cheap check
+            // that the insert is the held prompt's: chained hashes that agree there agree on
+            // the whole prefix). Another prompt's hashes would hang its blocks under this
+            // path, where no lookup reaches them, and can keep that prompt from caching them.
             let edge = &self.edges[hold.edge as usize];
-            if blocks.get(pos - 1) != edge.blocks.last() {
+            if blocks.get(pos - 1) != edge.blocks.last()
+                || hashes.get(pos - 1) != edge.hashes.last()
+            {
                 return Err(RadixError::NotTheHeldPrefix { index: pos - 1 });
             }
         }
