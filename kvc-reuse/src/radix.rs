@@ -201,6 +201,9 @@ pub struct RadixCache {
     by_first: ByFirstHash,
     /// Evictable leaf edges by stamp; entries that no longer are one are skipped.
     queue: BinaryHeap<Reverse<(u64, u32, u32)>>,
+    /// The queue's length past which a release drops its stale entries (which only an
+    /// eviction would pop otherwise: a cache that never evicts would grow it forever).
+    queue_limit: usize,
     clock: u64,
     cached: usize,
     evictable: usize,
@@ -210,6 +213,9 @@ pub struct RadixCache {
 impl RadixCache {
     /// Blocks a freed edge's arrays keep room for.
     const KEEP_CAPACITY: usize = 64;
+
+    /// Queue entries past twice the live ones before the stale ones are dropped.
+    const QUEUE_SLACK: usize = 64;
 
     /// An empty cache of `block_size`-token blocks (a block size of 0 is taken as 1).
     #[must_use]
@@ -223,6 +229,7 @@ impl RadixCache {
             free_edges: Vec::new(),
             by_first: ByFirstHash::default(),
             queue: BinaryHeap::new(),
+            queue_limit: Self::QUEUE_SLACK,
             clock: 0,
             cached: 0,
             evictable: 0,
@@ -496,7 +503,27 @@ impl RadixCache {
             }
             e = edge.parent;
         }
+        if self.queue.len() > self.queue_limit {
+            self.drop_stale_queue_entries();
+        }
         Ok(())
+    }
+
+    /// Drops the queue entries that no longer name an evictable leaf edge with that stamp
+    /// (what [`evict`](Self::evict) would skip): the order of the rest is unchanged. O(queue
+    /// length), once the queue has at least doubled since the last time: O(1) per release.
+    fn drop_stale_queue_entries(&mut self) {
+        let edges = &self.edges;
+        self.queue.retain(|&Reverse((stamp, e, generation))| {
+            edges.get(e as usize).is_some_and(|edge| {
+                edge.generation == generation
+                    && edge.holders == 0
+                    && edge.children == 0
+                    && edge.stamp == stamp
+                    && !edge.blocks.is_empty()
+            })
+        });
+        self.queue_limit = (2 * self.queue.len()).max(self.edges.len()) + Self::QUEUE_SLACK;
     }
 
     /// Forgets up to `count` blocks no hold covers, least recently used first and each
@@ -555,5 +582,39 @@ impl RadixCache {
         self.evictable -= n;
         self.stats.evicted_blocks = self.stats.evicted_blocks.saturating_add(n as u64);
         n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cache that never has to evict (a pool larger than its working set) keeps a bounded
+    /// eviction queue however many requests it serves: each release of a leaf edge queues
+    /// an entry, and only an eviction would pop the stale ones.
+    #[test]
+    fn the_eviction_queue_stays_bounded_without_evictions() {
+        let mut cache = RadixCache::new(1);
+        let hashes = [BlockHash(1), BlockHash(2), BlockHash(3)];
+        let blocks = [BlockId(0), BlockId(1), BlockId(2)];
+        for _ in 0..10_000 {
+            let mut hit = Vec::new();
+            let mut hold = cache.lookup(&hashes, 4, &mut hit);
+            cache
+                .insert(&mut hold, &hashes, &blocks, &mut Vec::new())
+                .unwrap();
+            cache.release(hold).unwrap();
+        }
+        assert_eq!(cache.len(), 3);
+        assert!(
+            cache.queue.len() <= 2 * cache.edges.len() + RadixCache::QUEUE_SLACK,
+            "{} queue entries for {} edges",
+            cache.queue.len(),
+            cache.edges.len()
+        );
+        // The order is unchanged: the whole run still goes, tail first.
+        let mut evicted = Vec::new();
+        assert_eq!(cache.evict(usize::MAX, &mut evicted), 3);
+        assert_eq!(evicted, [BlockId(2), BlockId(1), BlockId(0)]);
     }
 }
