@@ -81,7 +81,10 @@ struct Edge {
 /// A request's hold on the cached prefix it uses: its blocks cannot be evicted until the
 /// hold is given back with [`RadixCache::release`].
 ///
-/// Holds are not `Clone`: each one is released once.
+/// Holds are not `Clone`: each one is released once. Release every hold, a miss's too: an
+/// [`insert`](RadixCache::insert) under a miss's [`NOTHING`](Self::NOTHING) makes it hold
+/// the blocks it cached. A hold dropped without a release keeps its blocks cached and out of
+/// eviction's reach for as long as the cache lives.
 #[derive(Debug, PartialEq, Eq)]
 #[must_use = "a hold keeps its blocks from eviction until it is released"]
 pub struct RadixHold {
@@ -154,12 +157,15 @@ pub struct RadixStats {
 /// it trades for speed.
 ///
 /// The flow per request: [`lookup`](Self::lookup) the prompt's block hashes (the hit's blocks
-/// come back, held), compute the rest into blocks the caller allocates,
+/// come back, held: take a pool reference on each for the request, as on the blocks it
+/// allocates), compute the rest into blocks the caller allocates,
 /// [`insert`](Self::insert) the prompt's full blocks under the same hold (the newly cached
 /// ones come back: take a pool reference on each for the cache), and
-/// [`release`](Self::release) the hold when the request ends. When memory runs short,
-/// [`evict`](Self::evict) hands back blocks no hold covers, least recently used first, for the
-/// caller to free.
+/// [`release`](Self::release) the hold when the request ends, with the request's pool
+/// reference on each of its blocks. When memory runs short, [`evict`](Self::evict) hands back
+/// blocks no hold covers, least recently used first: releasing the cache's reference on each
+/// frees it. The cache never touches the pool; with that rule, the pool's used blocks are the
+/// cached ones ([`len`](Self::len)) plus those running requests hold privately.
 ///
 /// ```
 /// use kvc_reuse::{BlockHasher, BlockId, HashExtra, RadixCache, Xxh3Hasher};
