@@ -412,9 +412,11 @@ impl RadixCache {
     /// the prompt's, from its first block (the first [`RadixHold::blocks`] of them the held
     /// hit). The newly cached blocks are appended to `newly_cached` (take one pool reference
     /// on each for the cache) and the hold grows to cover them; an insert no longer than the
-    /// hold caches nothing. If the block after the hold
-    /// is cached already (another request cached the same continuation first), nothing is
-    /// cached and the request's blocks stay its own.
+    /// hold caches nothing. A request may insert again under the same hold, a longer prefix
+    /// of the same sequence (its prompt and output when it ends, say): the blocks past the
+    /// hold are cached the same way. If the block after the hold is cached already (another
+    /// request cached the same continuation first), nothing is cached and the request's
+    /// blocks stay its own.
     ///
     /// # Errors
     /// [`RadixError::UnknownHold`], [`RadixError::LengthMismatch`], or
