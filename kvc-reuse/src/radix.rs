@@ -25,6 +25,7 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use kvc_core::BlockId;
 use thiserror::Error;
@@ -33,6 +34,9 @@ use crate::BlockHash;
 
 /// No edge.
 const NONE: u32 = u32::MAX;
+
+/// The next cache's id (0 is no cache's: [`RadixHold::NOTHING`]'s).
+static NEXT_CACHE_ID: AtomicU32 = AtomicU32::new(1);
 
 /// A block hash is already uniformly random: the index uses its bits as they are.
 #[derive(Default)]
@@ -77,10 +81,15 @@ struct Edge {
 /// A request's hold on the cached prefix it uses: its blocks cannot be evicted until the
 /// hold is given back with [`RadixCache::release`].
 ///
-/// Holds are not `Clone`: each one is released once.
+/// Holds are not `Clone`: each one is released once. Release every hold, a miss's too: an
+/// [`insert`](RadixCache::insert) under a miss's [`NOTHING`](Self::NOTHING) makes it hold
+/// the blocks it cached. A hold dropped without a release keeps its blocks cached and out of
+/// eviction's reach for as long as the cache lives.
 #[derive(Debug, PartialEq, Eq)]
 #[must_use = "a hold keeps its blocks from eviction until it is released"]
 pub struct RadixHold {
+    /// The id of the cache that handed it out.
+    cache: u32,
     edge: u32,
     generation: u32,
     blocks: u32,
@@ -89,6 +98,7 @@ pub struct RadixHold {
 impl RadixHold {
     /// A hold of nothing (what a miss returns).
     pub const NOTHING: Self = Self {
+        cache: 0,
         edge: NONE,
         generation: 0,
         blocks: 0,
@@ -117,17 +127,20 @@ pub enum RadixError {
         /// Blocks given.
         blocks: usize,
     },
-    /// An insert whose first blocks are not the ones its hold covers (the hold of another
-    /// prompt).
-    #[error("the insert's block {index} is not the block its hold covers there")]
+    /// An insert that is not of the held prompt: at the held prefix's last position, its
+    /// block or its hash is not the one the hold covers there (the hold of another prompt, or
+    /// another request's blocks). Only that position is compared: with chained hashes, the
+    /// same hash there means the same prefix, and the insert reads no block before it.
+    #[error("the insert's block or hash {index} is not the one its hold covers there")]
     NotTheHeldPrefix {
-        /// The first position that differs.
+        /// The held prefix's last position (`RadixHold::blocks() - 1`).
         index: usize,
     },
 }
 
 /// Counters since the cache was built.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RadixStats {
     /// Lookups.
     pub lookups: u64,
@@ -145,12 +158,15 @@ pub struct RadixStats {
 /// it trades for speed.
 ///
 /// The flow per request: [`lookup`](Self::lookup) the prompt's block hashes (the hit's blocks
-/// come back, held), compute the rest into blocks the caller allocates,
+/// come back, held: take a pool reference on each for the request, as on the blocks it
+/// allocates), compute the rest into blocks the caller allocates,
 /// [`insert`](Self::insert) the prompt's full blocks under the same hold (the newly cached
 /// ones come back: take a pool reference on each for the cache), and
-/// [`release`](Self::release) the hold when the request ends. When memory runs short,
-/// [`evict`](Self::evict) hands back blocks no hold covers, least recently used first, for the
-/// caller to free.
+/// [`release`](Self::release) the hold when the request ends, with the request's pool
+/// reference on each of its blocks. When memory runs short, [`evict`](Self::evict) hands back
+/// blocks no hold covers, least recently used first: releasing the cache's reference on each
+/// frees it. The cache never touches the pool; with that rule, the pool's used blocks are the
+/// cached ones ([`len`](Self::len)) plus those running requests hold privately.
 ///
 /// ```
 /// use kvc_reuse::{BlockHasher, BlockId, HashExtra, RadixCache, Xxh3Hasher};
@@ -184,12 +200,17 @@ pub struct RadixStats {
 /// ```
 #[derive(Debug)]
 pub struct RadixCache {
+    /// Told apart from other caches' holds.
+    id: u32,
     block_size: u32,
     edges: Vec<Edge>,
     free_edges: Vec<u32>,
     by_first: ByFirstHash,
     /// Evictable leaf edges by stamp; entries that no longer are one are skipped.
     queue: BinaryHeap<Reverse<(u64, u32, u32)>>,
+    /// The queue's length past which a release drops its stale entries (which only an
+    /// eviction would pop otherwise: a cache that never evicts would grow it forever).
+    queue_limit: usize,
     clock: u64,
     cached: usize,
     evictable: usize,
@@ -200,15 +221,22 @@ impl RadixCache {
     /// Blocks a freed edge's arrays keep room for.
     const KEEP_CAPACITY: usize = 64;
 
+    /// Queue entries past twice the live ones before the stale ones are dropped.
+    const QUEUE_SLACK: usize = 64;
+
     /// An empty cache of `block_size`-token blocks (a block size of 0 is taken as 1).
     #[must_use]
     pub fn new(block_size: u32) -> Self {
+        // Ids wrap after 2^32 caches; 0 stays no cache's.
+        let id = NEXT_CACHE_ID.fetch_add(1, Ordering::Relaxed).max(1);
         Self {
+            id,
             block_size: block_size.max(1),
             edges: Vec::new(),
             free_edges: Vec::new(),
             by_first: ByFirstHash::default(),
             queue: BinaryHeap::new(),
+            queue_limit: Self::QUEUE_SLACK,
             clock: 0,
             cached: 0,
             evictable: 0,
@@ -311,6 +339,7 @@ impl RadixCache {
             e = edge.parent;
         }
         RadixHold {
+            cache: self.id,
             edge: at,
             generation: self.edges[at as usize].generation,
             blocks: pos as u32,
@@ -365,6 +394,9 @@ impl RadixCache {
                 Err(RadixError::UnknownHold)
             };
         }
+        if hold.cache != self.id {
+            return Err(RadixError::UnknownHold);
+        }
         match self.edges.get(hold.edge as usize) {
             Some(edge)
                 if edge.generation == hold.generation
@@ -381,14 +413,16 @@ impl RadixCache {
     /// the prompt's, from its first block (the first [`RadixHold::blocks`] of them the held
     /// hit). The newly cached blocks are appended to `newly_cached` (take one pool reference
     /// on each for the cache) and the hold grows to cover them; an insert no longer than the
-    /// hold caches nothing. If the block after the hold is cached already (another request
-    /// cached the same continuation first), nothing is cached and the request's blocks stay
-    /// its own.
+    /// hold caches nothing. A request may insert again under the same hold, a longer prefix
+    /// of the same sequence (its prompt and output when it ends, say): the blocks past the
+    /// hold are cached the same way. If the block after the hold is cached already (another
+    /// request cached the same continuation first), nothing is cached and the request's
+    /// blocks stay its own.
     ///
     /// # Errors
     /// [`RadixError::UnknownHold`], [`RadixError::LengthMismatch`], or
-    /// [`RadixError::NotTheHeldPrefix`] when `blocks` does not start with the held blocks;
-    /// nothing changed.
+    /// [`RadixError::NotTheHeldPrefix`] when the block or the hash at the held prefix's last
+    /// position is not the hold's (the insert is not of the held prompt); nothing changed.
     pub fn insert(
         &mut self,
         hold: &mut RadixHold,
@@ -409,10 +443,14 @@ impl RadixCache {
             return Ok(());
         }
         if pos > 0 {
-            // The held prefix's last block must be the prompt's there (a cheap check that the
-            // insert is the held prompt's).
+            // The held prefix's last block and hash must be the prompt's there (a cheap check
+            // that the insert is the held prompt's: chained hashes that agree there agree on
+            // the whole prefix). Another prompt's hashes would hang its blocks under this
+            // path, where no lookup reaches them, and can keep that prompt from caching them.
             let edge = &self.edges[hold.edge as usize];
-            if blocks.get(pos - 1) != edge.blocks.last() {
+            if blocks.get(pos - 1) != edge.blocks.last()
+                || hashes.get(pos - 1) != edge.hashes.last()
+            {
                 return Err(RadixError::NotTheHeldPrefix { index: pos - 1 });
             }
         }
@@ -442,6 +480,7 @@ impl RadixCache {
         // The hold's deepest edge is now the new one; the edges above it count the hold
         // already, and its release walks each once.
         *hold = RadixHold {
+            cache: self.id,
             edge: n,
             generation,
             blocks: hashes.len() as u32,
@@ -475,7 +514,27 @@ impl RadixCache {
             }
             e = edge.parent;
         }
+        if self.queue.len() > self.queue_limit {
+            self.drop_stale_queue_entries();
+        }
         Ok(())
+    }
+
+    /// Drops the queue entries that no longer name an evictable leaf edge with that stamp
+    /// (what [`evict`](Self::evict) would skip): the order of the rest is unchanged. O(queue
+    /// length), once the queue has at least doubled since the last time: O(1) per release.
+    fn drop_stale_queue_entries(&mut self) {
+        let edges = &self.edges;
+        self.queue.retain(|&Reverse((stamp, e, generation))| {
+            edges.get(e as usize).is_some_and(|edge| {
+                edge.generation == generation
+                    && edge.holders == 0
+                    && edge.children == 0
+                    && edge.stamp == stamp
+                    && !edge.blocks.is_empty()
+            })
+        });
+        self.queue_limit = (2 * self.queue.len()).max(self.edges.len()) + Self::QUEUE_SLACK;
     }
 
     /// Forgets up to `count` blocks no hold covers, least recently used first and each
@@ -534,5 +593,39 @@ impl RadixCache {
         self.evictable -= n;
         self.stats.evicted_blocks = self.stats.evicted_blocks.saturating_add(n as u64);
         n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cache that never has to evict (a pool larger than its working set) keeps a bounded
+    /// eviction queue however many requests it serves: each release of a leaf edge queues
+    /// an entry, and only an eviction would pop the stale ones.
+    #[test]
+    fn the_eviction_queue_stays_bounded_without_evictions() {
+        let mut cache = RadixCache::new(1);
+        let hashes = [BlockHash(1), BlockHash(2), BlockHash(3)];
+        let blocks = [BlockId(0), BlockId(1), BlockId(2)];
+        for _ in 0..10_000 {
+            let mut hit = Vec::new();
+            let mut hold = cache.lookup(&hashes, 4, &mut hit);
+            cache
+                .insert(&mut hold, &hashes, &blocks, &mut Vec::new())
+                .unwrap();
+            cache.release(hold).unwrap();
+        }
+        assert_eq!(cache.len(), 3);
+        assert!(
+            cache.queue.len() <= 2 * cache.edges.len() + RadixCache::QUEUE_SLACK,
+            "{} queue entries for {} edges",
+            cache.queue.len(),
+            cache.edges.len()
+        );
+        // The order is unchanged: the whole run still goes, tail first.
+        let mut evicted = Vec::new();
+        assert_eq!(cache.evict(usize::MAX, &mut evicted), 3);
+        assert_eq!(evicted, [BlockId(2), BlockId(1), BlockId(0)]);
     }
 }

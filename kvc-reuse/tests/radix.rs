@@ -285,6 +285,72 @@ fn errors_change_nothing() {
     assert!(cache.is_empty());
 }
 
+/// Two caches fed the same requests lay out the same edges: a hold from one is still not
+/// the other's, and giving it to the other changes nothing there.
+#[test]
+fn a_hold_from_a_cache_of_the_same_shape_is_refused() {
+    let (tokens, hashes) = prompt(4 * BS + 1, 4);
+    let ids = [BlockId(0), BlockId(1), BlockId(2), BlockId(3)];
+    let fill = || {
+        let mut c = RadixCache::new(BS as u32);
+        let mut hold = c.lookup(&hashes, tokens.len(), &mut Vec::new());
+        c.insert(&mut hold, &hashes, &ids, &mut Vec::new()).unwrap();
+        c.release(hold).unwrap();
+        c
+    };
+    let (mut a, mut b) = (fill(), fill());
+    let from_a = a.lookup(&hashes, tokens.len(), &mut Vec::new());
+    let from_b = b.lookup(&hashes, tokens.len(), &mut Vec::new());
+    let before = counts(&b);
+    assert_eq!(b.release(from_a), Err(RadixError::UnknownHold));
+    assert_eq!(counts(&b), before, "b's blocks stay held by b's request");
+    let mut extra = Vec::new();
+    let mut from_a = a.lookup(&hashes, tokens.len(), &mut Vec::new());
+    assert_eq!(
+        b.insert(&mut from_a, &hashes, &ids, &mut extra),
+        Err(RadixError::UnknownHold)
+    );
+    assert_eq!(counts(&b), before);
+    b.release(from_b).unwrap();
+    assert_eq!(counts(&b), (4, 4, 0));
+    a.release(from_a).unwrap();
+}
+
+/// An insert under a hold with the held blocks but another prompt's hashes is refused: it
+/// would cache that prompt's blocks under this prompt's path, out of any lookup's reach, and
+/// can keep that prompt from caching them under its own.
+#[test]
+fn an_insert_of_another_prompts_hashes_under_a_hold_is_refused() {
+    let mut cache = RadixCache::new(BS as u32);
+    let (tokens, hashes) = prompt(2 * BS + 1, 5);
+    let (other_tokens, other) = prompt(4 * BS + 1, 6);
+    let mut hold = cache.lookup(&hashes, tokens.len(), &mut Vec::new());
+    cache
+        .insert(
+            &mut hold,
+            &hashes,
+            &[BlockId(0), BlockId(1)],
+            &mut Vec::new(),
+        )
+        .unwrap();
+    let before = counts(&cache);
+    let table = [BlockId(0), BlockId(1), BlockId(2), BlockId(3)];
+    let mut newly = Vec::new();
+    assert_eq!(
+        cache.insert(&mut hold, &other, &table, &mut newly),
+        Err(RadixError::NotTheHeldPrefix { index: 1 })
+    );
+    assert!(newly.is_empty());
+    assert_eq!(counts(&cache), before);
+    cache.release(hold).unwrap();
+    // The other prompt caches all of its blocks under its own path.
+    let mut hold = cache.lookup(&other, other_tokens.len(), &mut Vec::new());
+    let table = [BlockId(4), BlockId(5), BlockId(6), BlockId(7)];
+    cache.insert(&mut hold, &other, &table, &mut newly).unwrap();
+    assert_eq!(newly, table);
+    cache.release(hold).unwrap();
+}
+
 #[test]
 fn a_continuation_cached_first_by_another_request_stays_private() {
     let mut cache = RadixCache::new(BS as u32);
