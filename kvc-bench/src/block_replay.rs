@@ -372,11 +372,11 @@ pub fn block_replay(
             .pop()
             .unwrap_or_else(|| BlockTable::new(cfg.block_size));
         let ownership = |what: String| BlockReplayError::Ownership { index, what };
+        // The request's own reference on each hit block (the cache holds another).
+        r.pool
+            .retain_many(&hit.blocks)
+            .map_err(|e| ownership(format!("retain: {e}")))?;
         for &b in &hit.blocks {
-            // The request's own reference on each hit block (the cache holds another).
-            r.pool
-                .retain(b)
-                .map_err(|e| ownership(format!("retain {b}: {e}")))?;
             table.push_block(b);
         }
         table
@@ -403,12 +403,10 @@ pub fn block_replay(
         r.cache
             .insert(&hashes[..full], &table.blocks()[..full], now, &mut newly)
             .map_err(|e| ownership(format!("insert: {e}")))?;
-        for &b in &newly {
-            // The cache's reference.
-            r.pool
-                .retain(b)
-                .map_err(|e| ownership(format!("retain {b}: {e}")))?;
-        }
+        // The cache's reference on each block it took.
+        r.pool
+            .retain_many(&newly)
+            .map_err(|e| ownership(format!("retain: {e}")))?;
         alive.push_back(Live {
             table,
             remaining: req.output_length.max(1),
