@@ -184,9 +184,7 @@ impl Replay {
         let seeded = self.fresh.len();
         self.pool
             .allocate_many(RegionId::DYNAMIC, needed, &mut self.fresh)?;
-        for &b in &self.fresh[seeded..] {
-            table.push_block(b);
-        }
+        table.push_blocks(&self.fresh[seeded..]);
         table.advance(n).map_err(|_| AllocError::TooManyTokens {
             tokens: table.num_tokens(),
             extra: n,
@@ -376,9 +374,7 @@ pub fn block_replay(
         r.pool
             .retain_many(&hit.blocks)
             .map_err(|e| ownership(format!("retain: {e}")))?;
-        for &b in &hit.blocks {
-            table.push_block(b);
-        }
+        table.push_blocks(&hit.blocks);
         table
             .advance(hit.tokens)
             .map_err(|e| ownership(format!("advance: {e}")))?;
