@@ -476,10 +476,17 @@ impl BlockAllocator for BlockPool {
         let mut prev = out.last().map_or(NIL, |b| b.0);
         out.extend((0..count).map(|_| {
             let succ = prev.wrapping_add(1);
-            let id = match meta.get(succ as usize) {
+            // Each branch sets the taken block's metadata while it holds it.
+            let id = match meta.get_mut(succ as usize) {
                 Some(m) if prev != NIL && m.refcount == 0 && m.region == region.0 => {
                     // The physical successor, from anywhere in the free list.
                     let Meta { prev: p, next, .. } = *m;
+                    *m = Meta {
+                        prev: NIL,
+                        next: NIL,
+                        refcount: 1,
+                        region: m.region,
+                    };
                     if p == NIL {
                         r.head = next;
                     } else {
@@ -495,7 +502,14 @@ impl BlockAllocator for BlockPool {
                 _ => {
                     // The head (the caller checked `count` blocks are free).
                     let head = r.head;
-                    let next = meta[head as usize].next;
+                    let m = &mut meta[head as usize];
+                    let next = m.next;
+                    *m = Meta {
+                        prev: NIL,
+                        next: NIL,
+                        refcount: 1,
+                        region: m.region,
+                    };
                     r.head = next;
                     if next == NIL {
                         r.tail = NIL;
@@ -505,10 +519,6 @@ impl BlockAllocator for BlockPool {
                     head
                 }
             };
-            let m = &mut meta[id as usize];
-            m.prev = NIL;
-            m.next = NIL;
-            m.refcount = 1;
             prev = id;
             BlockId(id)
         }));
