@@ -332,6 +332,15 @@ impl BlockPool {
         }
     }
 
+    /// Takes back the retains [`BlockAllocator::retain_many`] applied to `done` (all valid:
+    /// each count was raised from at least 1, so lowering it frees nothing).
+    #[cold]
+    fn undo_retains(&mut self, done: &[BlockId]) {
+        for &block in done {
+            self.meta[block.index()].refcount -= 1;
+        }
+    }
+
     fn region(&self, region: RegionId) -> Result<&Region, AllocError> {
         self.regions
             .get(region.index())
@@ -463,10 +472,17 @@ impl BlockAllocator for BlockPool {
         let mut prev = out.last().map_or(NIL, |b| b.0);
         out.extend((0..count).map(|_| {
             let succ = prev.wrapping_add(1);
-            let id = match meta.get(succ as usize) {
+            // Each branch sets the taken block's metadata while it holds it.
+            let id = match meta.get_mut(succ as usize) {
                 Some(m) if prev != NIL && m.refcount == 0 && m.region == region.0 => {
                     // The physical successor, from anywhere in the free list.
                     let Meta { prev: p, next, .. } = *m;
+                    *m = Meta {
+                        prev: NIL,
+                        next: NIL,
+                        refcount: 1,
+                        region: m.region,
+                    };
                     if p == NIL {
                         r.head = next;
                     } else {
@@ -482,7 +498,14 @@ impl BlockAllocator for BlockPool {
                 _ => {
                     // The head (the caller checked `count` blocks are free).
                     let head = r.head;
-                    let next = meta[head as usize].next;
+                    let m = &mut meta[head as usize];
+                    let next = m.next;
+                    *m = Meta {
+                        prev: NIL,
+                        next: NIL,
+                        refcount: 1,
+                        region: m.region,
+                    };
                     r.head = next;
                     if next == NIL {
                         r.tail = NIL;
@@ -492,10 +515,6 @@ impl BlockAllocator for BlockPool {
                     head
                 }
             };
-            let m = &mut meta[id as usize];
-            m.prev = NIL;
-            m.next = NIL;
-            m.refcount = 1;
             prev = id;
             BlockId(id)
         }));
@@ -512,6 +531,31 @@ impl BlockAllocator for BlockPool {
             .checked_add(1)
             .ok_or(RefError::RefcountOverflow { block })?;
         Ok(m.refcount)
+    }
+
+    /// One pass over the batch, without a call and a `Result` per block. On an error the
+    /// counts this call raised are lowered again, so the pool is exactly as before the call
+    /// (the trait's default gives them back through `release`, which also counts those
+    /// releases in [`BlockPool::stats`]).
+    fn retain_many(&mut self, blocks: &[BlockId]) -> Result<(), RefError> {
+        for (done, &block) in blocks.iter().enumerate() {
+            let err = match self.meta.get_mut(block.index()) {
+                // Allocated, and one more owner fits.
+                Some(m) if m.refcount.wrapping_sub(1) < u32::MAX - 1 => {
+                    m.refcount += 1;
+                    continue;
+                }
+                Some(m) if m.refcount == 0 => RefError::NotAllocated { block },
+                Some(_) => RefError::RefcountOverflow { block },
+                None => RefError::UnknownBlock {
+                    block,
+                    num_blocks: self.meta.len(),
+                },
+            };
+            self.undo_retains(&blocks[..done]);
+            return Err(err);
+        }
+        Ok(())
     }
 
     /// One pass of [`BlockPool::release_many`] for a valid batch; a batch with an error
@@ -747,6 +791,58 @@ mod tests {
             Ok(8),
             "every block released"
         );
+        p.audit().unwrap();
+    }
+
+    /// `retain_many` gives each block of a valid batch one more owner exactly as one `retain`
+    /// per block does; on a batch with an error it returns the error the per-block path meets
+    /// first and leaves the pool as before the call. The trait's default (through
+    /// `&SharedBlockPool`, which does not override it) agrees on every result and leaves the
+    /// same blocks, counts and free list (it only counts its give-backs as releases).
+    #[test]
+    fn retain_many_is_retain_per_block_all_or_nothing() {
+        let mut p = pool(8);
+        let mut blocks = Vec::new();
+        p.allocate_many(RegionId::DYNAMIC, 6, &mut blocks).unwrap();
+        let _ = p.release(blocks[4]).unwrap(); // free again
+        p.meta[blocks[3].index()].refcount = u32::MAX - 2; // two owners short of the limit
+        let per_block = |p: &mut BlockPool, batch: &[BlockId]| {
+            batch.iter().try_for_each(|&b| p.retain(b).map(|_| ()))
+        };
+        for batch in [
+            // Valid, a block named twice.
+            vec![blocks[0], blocks[1], blocks[0]],
+            // Errors after valid blocks: an unknown id, a free block, the limit reached by
+            // the second naming of a block, and the limit reached by a block named three
+            // times (valid up to the third).
+            vec![blocks[2], BlockId(99), blocks[1]],
+            vec![blocks[1], blocks[0], blocks[4], blocks[2]],
+            vec![blocks[3], blocks[5], blocks[3], blocks[3]],
+            vec![BlockId(8)],
+            // Valid: the block reaches its limit exactly.
+            vec![blocks[5], blocks[3], blocks[3]],
+            vec![blocks[3]],
+            vec![],
+        ] {
+            let before = p.clone();
+            let mut want = p.clone();
+            let expected = per_block(&mut want, &batch);
+            let shared = crate::SharedBlockPool::new(p.clone());
+            let default = (&shared).retain_many(&batch);
+            let got = p.retain_many(&batch);
+            assert_eq!(got, expected, "{batch:?}");
+            assert_eq!(default, expected, "{batch:?}");
+            let settled = if expected.is_ok() { &want } else { &before };
+            assert_eq!(format!("{p:?}"), format!("{settled:?}"), "{batch:?}");
+            let by_default = shared.into_inner();
+            assert_eq!(
+                format!("{:?}", (&by_default.meta, &by_default.regions)),
+                format!("{:?}", (&p.meta, &p.regions)),
+                "{batch:?}"
+            );
+        }
+        assert_eq!(p.refcount(blocks[0]), Ok(3));
+        assert_eq!(p.refcount(blocks[3]), Ok(u32::MAX));
         p.audit().unwrap();
     }
 

@@ -195,3 +195,29 @@ fn release_all_releases_past_an_error_through_the_pool_and_the_default() {
     shared_pool.allocate_many(D, 7, &mut next_b).unwrap();
     assert_eq!(next_a, next_b);
 }
+
+/// `push_blocks` leaves a table as one `push_block` per block does, past the table's inline
+/// capacity and from an empty slice: the same blocks, the same room for tokens, and the same
+/// releases.
+#[test]
+fn push_blocks_is_push_block_per_block() {
+    let mut pool = BlockPool::new(PoolConfig::new(32)).unwrap();
+    let mut blocks = Vec::new();
+    pool.allocate_many(D, 20, &mut blocks).unwrap();
+    pool.retain_many(&blocks).unwrap(); // a reference for each table
+    let (mut one_by_one, mut batched) = (BlockTable::new(4), BlockTable::new(4));
+    for chunk in [&blocks[..3], &blocks[3..3], &blocks[3..12], &blocks[12..]] {
+        for &b in chunk {
+            one_by_one.push_block(b);
+        }
+        batched.push_blocks(chunk);
+        assert_eq!(batched, one_by_one);
+        let tokens = 4 * batched.num_blocks() as u64 - batched.num_tokens();
+        assert_eq!(batched.advance(tokens), one_by_one.advance(tokens));
+        assert_eq!(batched, one_by_one);
+    }
+    assert_eq!(batched.blocks(), &blocks[..]);
+    assert_eq!(batched.release_all(&mut pool), Ok(()));
+    assert_eq!(one_by_one.release_all(&mut pool), Ok(()));
+    assert_eq!(pool.free_blocks(D), Ok(32));
+}

@@ -246,9 +246,7 @@ impl Replay {
         let seeded = self.fresh.len();
         self.pool
             .allocate_many(RegionId::DYNAMIC, needed, &mut self.fresh)?;
-        for &b in &self.fresh[seeded..] {
-            table.push_block(b);
-        }
+        table.push_blocks(&self.fresh[seeded..]);
         table.advance(n).map_err(|_| AllocError::TooManyTokens {
             tokens: table.num_tokens(),
             extra: n,
@@ -461,13 +459,11 @@ pub fn block_replay(
             .pop()
             .unwrap_or_else(|| BlockTable::new(cfg.block_size));
         let ownership = |what: String| BlockReplayError::Ownership { index, what };
-        for &b in &hit_blocks {
-            // The request's own reference on each hit block (the cache holds another).
-            r.pool
-                .retain(b)
-                .map_err(|e| ownership(format!("retain {b}: {e}")))?;
-            table.push_block(b);
-        }
+        // The request's own reference on each hit block (the cache holds another).
+        r.pool
+            .retain_many(&hit_blocks)
+            .map_err(|e| ownership(format!("retain: {e}")))?;
+        table.push_blocks(&hit_blocks);
         table
             .advance(hit_len)
             .map_err(|e| ownership(format!("advance: {e}")))?;
@@ -502,12 +498,10 @@ pub fn block_replay(
                 )
                 .map_err(|e| ownership(format!("insert: {e}")))?,
         }
-        for &b in &newly {
-            // The cache's reference.
-            r.pool
-                .retain(b)
-                .map_err(|e| ownership(format!("retain {b}: {e}")))?;
-        }
+        // The cache's reference on each block it took.
+        r.pool
+            .retain_many(&newly)
+            .map_err(|e| ownership(format!("retain: {e}")))?;
         alive.push_back(Live {
             table,
             hold,

@@ -203,6 +203,32 @@ pub trait BlockAllocator {
     /// Adds an owner to an allocated block (sharing). Returns the new reference count.
     fn retain(&mut self, block: BlockId) -> Result<u32, RefError>;
 
+    /// Adds an owner to each block in `blocks`, in order, as one [`retain`](Self::retain) per
+    /// block would (a block named twice gains two owners). All or nothing.
+    ///
+    /// The default retains block by block and, on an error, gives back the references it took
+    /// through [`release`](Self::release); an allocator may override it to take the whole
+    /// batch in one pass, with the same result.
+    ///
+    /// # Errors
+    /// The first [`RefError`] of the batch (an unknown id, a free block, or a reference count
+    /// at its limit); no block keeps a reference from this call.
+    fn retain_many(&mut self, blocks: &[BlockId]) -> Result<(), RefError> {
+        for (i, &block) in blocks.iter().enumerate() {
+            if let Err(err) = self.retain(block) {
+                for &taken in &blocks[..i] {
+                    // Taken just above: giving it back cannot fail unless the allocator is
+                    // broken.
+                    if let Err(e) = self.release(taken) {
+                        debug_assert!(false, "undoing a retain of {taken}: {e}");
+                    }
+                }
+                return Err(err);
+            }
+        }
+        Ok(())
+    }
+
     /// Drops one owner of a block; the last release returns it to its region's free list.
     fn release(&mut self, block: BlockId) -> Result<Released, RefError>;
 

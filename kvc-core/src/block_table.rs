@@ -120,6 +120,15 @@ impl BlockTable {
         self.blocks.push(block);
     }
 
+    /// Adds blocks the caller already owns a reference on, in order, as one
+    /// [`push_block`](Self::push_block) per block would (for example a prefix-cache hit
+    /// retained with [`BlockAllocator::retain_many`]), in one copy. The table takes over those
+    /// references. Only valid when the table is full to a block boundary.
+    #[inline]
+    pub fn push_blocks(&mut self, blocks: &[BlockId]) {
+        self.blocks.extend_from_slice(blocks);
+    }
+
     /// Marks `n` more tokens as written into already-held blocks.
     ///
     /// Returns the tokens that did not fit (0 on success); nothing changes if any would not fit.

@@ -148,10 +148,11 @@ pub trait BlockHasher {
             return;
         }
         let mut parent = root;
-        for block in tokens.chunks_exact(block_size) {
+        // An exact-size iterator: `out` grows once, not a capacity check per block.
+        out.extend(tokens.chunks_exact(block_size).map(|block| {
             parent = self.chain(parent, block);
-            out.push(parent);
-        }
+            parent
+        }));
     }
 }
 
