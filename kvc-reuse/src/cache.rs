@@ -38,7 +38,7 @@ pub use ending::{ConversationEnd, EndError};
 /// ids): a multiply-fold instead of a keyed hash, which showed up in replay profiles. Block
 /// hashes come from a cryptographic or high-quality hash, so no further mixing is needed.
 #[derive(Default)]
-struct KeyHasher(u64);
+pub(crate) struct KeyHasher(u64);
 
 impl Hasher for KeyHasher {
     fn finish(&self) -> u64 {
@@ -57,7 +57,7 @@ impl Hasher for KeyHasher {
     }
 }
 
-type KeyHash = BuildHasherDefault<KeyHasher>;
+pub(crate) type KeyHash = BuildHasherDefault<KeyHasher>;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Lane {

@@ -24,13 +24,13 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use kvc_core::BlockId;
 use thiserror::Error;
 
 use crate::BlockHash;
+use crate::cache::KeyHash;
 
 /// No edge.
 const NONE: u32 = u32::MAX;
@@ -38,27 +38,9 @@ const NONE: u32 = u32::MAX;
 /// The next cache's id (0 is no cache's: [`RadixHold::NOTHING`]'s).
 static NEXT_CACHE_ID: AtomicU32 = AtomicU32::new(1);
 
-/// A block hash is already uniformly random: the index uses its bits as they are.
-#[derive(Default)]
-struct FoldHasher(u64);
-
-impl Hasher for FoldHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-
-    fn write_u128(&mut self, v: u128) {
-        self.0 ^= (v as u64) ^ ((v >> 64) as u64);
-    }
-}
-
-type ByFirstHash = HashMap<BlockHash, u32, BuildHasherDefault<FoldHasher>>;
+/// Edges by their first hash (block hashes are already random: the cache's key hasher folds
+/// their bits instead of hashing them again).
+type ByFirstHash = HashMap<BlockHash, u32, KeyHash>;
 
 /// A run of cached blocks with the same holders: the blocks at prompt positions
 /// `start..start + len`, the first one a child of the parent edge's last block.
