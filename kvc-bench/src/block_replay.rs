@@ -1,9 +1,10 @@
 //! The engine-like replay of the design guide (§4): the block management an inference engine
 //! does for a trace, with everything but the model. A fixed number of requests are alive at
 //! once; each one hashes its prompt, looks up its cached prefix, allocates blocks for the rest
-//! from a real [`BlockPool`], offers its full prompt blocks to the [`PrefixCache`], appends its
-//! output one decode token at a time (a block every `block_size` tokens), and is freed. When
-//! the pool runs out, cached blocks are evicted.
+//! from a real [`BlockPool`], offers its full prompt blocks to the prefix cache
+//! ([`PrefixCache`], or [`RadixCache`] with [`CacheKind::Radix`]), appends its output one
+//! decode token at a time (a block every `block_size` tokens), and is freed. When the pool runs
+//! out, cached blocks are evicted.
 //!
 //! It reports the wall time of that block management per request, next to the hit rate. Prompt
 //! token synthesis (the stand-in for a tokenizer) is timed apart and not counted.
