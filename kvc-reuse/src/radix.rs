@@ -60,6 +60,19 @@ struct Edge {
     blocks: Vec<BlockId>,
 }
 
+impl Edge {
+    /// Whether a queue entry `(stamp, generation)` for this slot still names it as an
+    /// evictable leaf: the same edge (not a later one in the slot), no holder, no child, last
+    /// released at that stamp.
+    fn queued_as(&self, stamp: u64, generation: u32) -> bool {
+        self.generation == generation
+            && self.holders == 0
+            && self.children == 0
+            && self.stamp == stamp
+            && !self.blocks.is_empty()
+    }
+}
+
 /// A request's hold on the cached prefix it uses: its blocks cannot be evicted until the
 /// hold is given back with [`RadixCache::release`].
 ///
@@ -508,13 +521,9 @@ impl RadixCache {
     fn drop_stale_queue_entries(&mut self) {
         let edges = &self.edges;
         self.queue.retain(|&Reverse((stamp, e, generation))| {
-            edges.get(e as usize).is_some_and(|edge| {
-                edge.generation == generation
-                    && edge.holders == 0
-                    && edge.children == 0
-                    && edge.stamp == stamp
-                    && !edge.blocks.is_empty()
-            })
+            edges
+                .get(e as usize)
+                .is_some_and(|edge| edge.queued_as(stamp, generation))
         });
         self.queue_limit = (2 * self.queue.len()).max(self.edges.len()) + Self::QUEUE_SLACK;
     }
@@ -529,12 +538,7 @@ impl RadixCache {
                 break;
             };
             let edge = &mut self.edges[e as usize];
-            if edge.generation != generation
-                || edge.holders != 0
-                || edge.children != 0
-                || edge.stamp != stamp
-                || edge.blocks.is_empty()
-            {
+            if !edge.queued_as(stamp, generation) {
                 // No longer an evictable leaf with that stamp.
                 self.queue.pop();
                 continue;
